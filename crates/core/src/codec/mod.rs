@@ -1,0 +1,3 @@
+//! Encodings: the strict MessagePack subset used for canonical bytes.
+
+pub mod mp;

@@ -1,0 +1,200 @@
+//! Identifiers: nodes, authors, rooms, entries, and the signature type.
+
+use std::fmt;
+
+use thiserror::Error;
+
+use crate::limits::MAX_ROOM_ID_BYTES;
+
+fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+    for b in bytes {
+        write!(f, "{b:02x}")?;
+    }
+    Ok(())
+}
+
+/// Lower-case hexadecimal of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// Parses lower- or upper-case hexadecimal into exactly `N` bytes.
+pub fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != N * 2 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let pair = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(out)
+}
+
+macro_rules! byte_id {
+    ($(#[$doc:meta])* $name:ident, $len:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub [u8; $len]);
+
+        impl $name {
+            /// The raw bytes.
+            pub fn as_bytes(&self) -> &[u8; $len] {
+                &self.0
+            }
+
+            /// Parses the hexadecimal form printed by `Display`.
+            pub fn from_hex(s: &str) -> Option<Self> {
+                from_hex::<$len>(s).map(Self)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write_hex(f, &self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}(", stringify!($name))?;
+                // Eight hex digits identify a value in logs without drowning them.
+                write_hex(f, &self.0[..4])?;
+                write!(f, "…)")
+            }
+        }
+    };
+}
+
+byte_id!(
+    /// BLAKE3-256 of a node's canonical encoding.
+    NodeId,
+    32
+);
+byte_id!(
+    /// An author (device or user identity): an Ed25519 public key.
+    AuthorId,
+    32
+);
+byte_id!(
+    /// An entry of the document tree. Path-created entries derive it from
+    /// (parent, name); unique entries from (node id, op index).
+    EntryId,
+    32
+);
+byte_id!(
+    /// An Ed25519 signature.
+    Signature,
+    64
+);
+
+impl EntryId {
+    /// The root of every room's tree.
+    pub const ROOT: EntryId = EntryId([0; 32]);
+    /// Where deleted entries are moved (Kleppmann's trash): never visible.
+    pub const TRASH: EntryId = EntryId([0xff; 32]);
+
+    /// The id of the entry named `name` under `parent` when created by path,
+    /// so that replicas creating the same path concurrently agree.
+    pub fn derived(parent: &EntryId, name: &str) -> EntryId {
+        let mut h = blake3::Hasher::new_derive_key("syncline 2026 entry by path");
+        h.update(&parent.0);
+        h.update(name.as_bytes());
+        EntryId(*h.finalize().as_bytes())
+    }
+
+    /// The id of the entry created by op `op_index` of node `node`.
+    pub fn unique(node: &NodeId, op_index: u32) -> EntryId {
+        let mut h = blake3::Hasher::new_derive_key("syncline 2026 unique entry");
+        h.update(&node.0);
+        h.update(&op_index.to_be_bytes());
+        EntryId(*h.finalize().as_bytes())
+    }
+}
+
+/// Why a room id was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum RoomIdError {
+    /// Empty or longer than [`MAX_ROOM_ID_BYTES`].
+    #[error("room id must be 1 to {MAX_ROOM_ID_BYTES} bytes")]
+    Length,
+    /// A character outside `[A-Za-z0-9._:/-]`.
+    #[error("room id may only contain letters, digits and . _ : / -")]
+    Character,
+}
+
+/// A room: a document or namespace with its own history DAG.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomId(String);
+
+impl RoomId {
+    /// Validates and wraps a room name. The alphabet is restricted so that a
+    /// room id is safe in a URL, a file name and a log line.
+    pub fn new(name: &str) -> Result<RoomId, RoomIdError> {
+        if name.is_empty() || name.len() > MAX_ROOM_ID_BYTES {
+            return Err(RoomIdError::Length);
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b))
+        {
+            return Err(RoomIdError::Character);
+        }
+        Ok(RoomId(name.to_owned()))
+    }
+
+    /// The room name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RoomId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for RoomId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RoomId({})", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_roundtrip() {
+        let id = NodeId([0xab; 32]);
+        assert_eq!(NodeId::from_hex(&id.to_string()), Some(id));
+        assert_eq!(NodeId::from_hex("zz"), None);
+        assert_eq!(to_hex(&[0, 255]), "00ff");
+    }
+
+    #[test]
+    fn room_ids_are_validated() {
+        assert!(RoomId::new("projects/alpha-1").is_ok());
+        assert_eq!(RoomId::new(""), Err(RoomIdError::Length));
+        assert_eq!(RoomId::new("a b"), Err(RoomIdError::Character));
+        assert_eq!(
+            RoomId::new(&"a".repeat(MAX_ROOM_ID_BYTES + 1)),
+            Err(RoomIdError::Length)
+        );
+    }
+
+    #[test]
+    fn derived_entries_depend_on_parent_and_name() {
+        let a = EntryId::derived(&EntryId::ROOT, "notes");
+        assert_eq!(a, EntryId::derived(&EntryId::ROOT, "notes"));
+        assert_ne!(a, EntryId::derived(&a, "notes"));
+        assert_ne!(a, EntryId::unique(&NodeId([0; 32]), 0));
+    }
+}

@@ -1,0 +1,23 @@
+//! Sans-IO core of Syncline: the history model (ids, keys, the hybrid logical
+//! clock, the canonical node encoding, compact packs, validation and the DAG)
+//! and the document CRDT materialized from it.
+//!
+//! **Architecture Invariant:** nothing in this crate performs I/O, reads the
+//! clock or reads the OS random number generator. Time and key material are
+//! arguments.
+
+pub mod codec;
+pub mod hlc;
+pub mod ids;
+pub mod keys;
+pub mod limits;
+pub mod node;
+pub mod op;
+pub mod value;
+
+pub use hlc::{Hlc, HlcClock};
+pub use ids::{AuthorId, EntryId, NodeId, RoomId, Signature};
+pub use keys::Keypair;
+pub use node::Node;
+pub use op::{CharRef, CharSpan, EntryKind, Op};
+pub use value::{BlobRef, Value, Vector};

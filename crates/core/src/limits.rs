@@ -1,0 +1,33 @@
+//! Named bounds. Every length that comes off the wire or the disk is checked
+//! against one of these before anything is sized from it.
+
+/// Largest room id, in bytes.
+pub const MAX_ROOM_ID_BYTES: usize = 128;
+/// Largest canonical node encoding, in bytes.
+pub const MAX_NODE_BYTES: usize = 256 * 1024;
+/// Most operations in one node.
+pub const MAX_OPS_PER_NODE: usize = 4096;
+/// Most parents of one node (a merge of this many concurrent heads).
+pub const MAX_PARENTS: usize = 64;
+/// Longest entry name or field name, in bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+/// Longest string, byte string or text insert inside a node.
+pub const MAX_STRING_BYTES: usize = 128 * 1024;
+/// Deepest nesting of arrays and maps in a value.
+pub const MAX_VALUE_DEPTH: usize = 16;
+/// Most elements in one array or map value.
+pub const MAX_COLLECTION_LEN: usize = 16 * 1024;
+/// Most dimensions of a vector value.
+pub const MAX_VECTOR_DIMS: usize = 8192;
+/// Longest fractional-index position key.
+pub const MAX_POSITION_BYTES: usize = 64;
+/// Longest MIME type of a blob reference.
+pub const MAX_MIME_BYTES: usize = 255;
+/// Most spans in one text delete.
+pub const MAX_DELETE_SPANS: usize = 4096;
+/// Most nodes in one pack.
+pub const MAX_NODES_PER_PACK: usize = 1 << 20;
+/// Largest pack body once decompressed.
+pub const MAX_PACK_BYTES: usize = 64 * 1024 * 1024;
+/// Most nodes held while waiting for their parents, per room.
+pub const MAX_PENDING_NODES: usize = 100_000;

@@ -1,0 +1,245 @@
+//! The node: one atomic transaction by one author, and its canonical bytes.
+//!
+//! A node's id is the BLAKE3-256 hash of its canonical encoding (every field
+//! but the signature). The decoder accepts only canonical bytes, so bytes and
+//! nodes are in bijection and an id can be recomputed from any other encoding
+//! of the same node (the compact pack rebuilds nodes and hashes them again).
+
+use thiserror::Error;
+
+use crate::codec::mp::{DecodeError, Reader, Writer};
+use crate::hlc::Hlc;
+use crate::ids::{AuthorId, NodeId, RoomId};
+use crate::limits::{MAX_NODE_BYTES, MAX_OPS_PER_NODE, MAX_PARENTS, MAX_ROOM_ID_BYTES};
+use crate::op::Op;
+
+/// One transaction of one author in one room.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    /// The room; binds the node to it (no cross-room replay).
+    pub room: RoomId,
+    /// Who wrote it.
+    pub author: AuthorId,
+    /// The author's counter in this room: 1, 2, 3, ...
+    pub seq: u64,
+    /// Sorted, distinct ids of the heads the author had; include the author's
+    /// `seq - 1` node.
+    pub parents: Vec<NodeId>,
+    /// 1 + the largest lamport of the parents (1 for a root).
+    pub lamport: u64,
+    /// The timestamp of last-writer-wins rules.
+    pub hlc: Hlc,
+    /// What the transaction does.
+    pub ops: Vec<Op>,
+}
+
+/// Why node bytes were refused.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum NodeDecodeError {
+    /// The bytes exceed [`MAX_NODE_BYTES`].
+    #[error("node of {0} bytes exceeds the {MAX_NODE_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// Not canonical MessagePack of the node grammar.
+    #[error("malformed node: {0}")]
+    Malformed(#[from] DecodeError),
+    /// Canonical, but breaks a structural rule.
+    #[error("invalid node: {0}")]
+    Invalid(&'static str),
+}
+
+impl Node {
+    /// The canonical encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_buffer(Vec::with_capacity(96));
+        self.encode_into(&mut w);
+        w.into_bytes()
+    }
+
+    /// Appends the canonical encoding to `w`.
+    pub fn encode_into(&self, w: &mut Writer) {
+        w.array(7);
+        w.str(self.room.as_str());
+        w.bin(&self.author.0);
+        w.uint(self.seq);
+        w.array(self.parents.len());
+        for p in &self.parents {
+            w.bin(&p.0);
+        }
+        w.uint(self.lamport);
+        w.array(2);
+        w.uint(self.hlc.wall_ms);
+        w.uint(self.hlc.counter as u64);
+        w.array(self.ops.len());
+        for op in &self.ops {
+            op.encode(w);
+        }
+    }
+
+    /// The id of canonical bytes.
+    pub fn id_of(bytes: &[u8]) -> NodeId {
+        NodeId(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// Checks the rules that need no other node: seq and lamport positive,
+    /// parents sorted and distinct, bounded counts, and a non-root node must
+    /// have parents.
+    pub fn check_structure(&self) -> Result<(), NodeDecodeError> {
+        if self.seq == 0 {
+            return Err(NodeDecodeError::Invalid("seq must start at 1"));
+        }
+        if self.lamport == 0 {
+            return Err(NodeDecodeError::Invalid("lamport must be at least 1"));
+        }
+        if self.parents.len() > MAX_PARENTS {
+            return Err(NodeDecodeError::Invalid("too many parents"));
+        }
+        if self.ops.len() > MAX_OPS_PER_NODE {
+            return Err(NodeDecodeError::Invalid("too many operations"));
+        }
+        if self.parents.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(NodeDecodeError::Invalid("parents not sorted and distinct"));
+        }
+        if self.seq > 1 && self.parents.is_empty() {
+            return Err(NodeDecodeError::Invalid(
+                "a later node must cite its predecessor",
+            ));
+        }
+        if self.parents.is_empty() != (self.lamport == 1) {
+            return Err(NodeDecodeError::Invalid(
+                "lamport 1 exactly for nodes without parents",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decodes canonical bytes, refusing anything else.
+    pub fn decode(bytes: &[u8]) -> Result<Node, NodeDecodeError> {
+        if bytes.len() > MAX_NODE_BYTES {
+            return Err(NodeDecodeError::TooLarge(bytes.len()));
+        }
+        let mut r = Reader::new(bytes);
+        r.array_exact(7)?;
+        let room_at = r.position();
+        let room = RoomId::new(r.str(MAX_ROOM_ID_BYTES)?).map_err(|_| DecodeError::Invalid {
+            at: room_at,
+            what: "invalid room id",
+        })?;
+        let author = AuthorId(r.bin_array()?);
+        let seq = r.uint()?;
+        let n = r.array(MAX_PARENTS)?;
+        let mut parents = Vec::with_capacity(n);
+        for _ in 0..n {
+            parents.push(NodeId(r.bin_array()?));
+        }
+        let lamport = r.uint()?;
+        r.array_exact(2)?;
+        let hlc = Hlc {
+            wall_ms: r.uint()?,
+            counter: r.u32()?,
+        };
+        let n = r.array(MAX_OPS_PER_NODE)?;
+        let mut ops = Vec::with_capacity(n);
+        for _ in 0..n {
+            ops.push(Op::decode(&mut r)?);
+        }
+        r.finish()?;
+        let node = Node {
+            room,
+            author,
+            seq,
+            parents,
+            lamport,
+            hlc,
+            ops,
+        };
+        node.check_structure()?;
+        Ok(node)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::op::tests::arb_op;
+    use proptest::prelude::*;
+
+    pub(crate) fn arb_node() -> impl Strategy<Value = Node> {
+        (
+            any::<[u8; 32]>(),
+            1u64..1_000_000,
+            proptest::collection::btree_set(any::<[u8; 32]>(), 1..4),
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec(arb_op(), 0..5),
+        )
+            .prop_map(|(author, seq, parents, wall_ms, counter, ops)| Node {
+                room: RoomId::new("room-1").unwrap(),
+                author: AuthorId(author),
+                seq,
+                parents: parents.into_iter().map(NodeId).collect(),
+                lamport: seq + 1,
+                hlc: Hlc { wall_ms, counter },
+                ops,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn nodes_roundtrip_and_ids_are_stable(node in arb_node()) {
+            let bytes = node.encode();
+            let back = Node::decode(&bytes).unwrap();
+            prop_assert_eq!(&back, &node);
+            prop_assert_eq!(Node::id_of(&back.encode()), Node::id_of(&bytes));
+        }
+
+        #[test]
+        fn every_truncation_is_refused(node in arb_node()) {
+            let bytes = node.encode();
+            for cut in 0..bytes.len() {
+                prop_assert!(Node::decode(&bytes[..cut]).is_err());
+            }
+        }
+
+        #[test]
+        fn bit_flips_never_panic_and_never_alias(node in arb_node(), flip in any::<proptest::sample::Index>(), bit in 0u8..8) {
+            let mut bytes = node.encode();
+            let i = flip.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+            // Either refused, or a different node whose own encoding is these bytes.
+            if let Ok(other) = Node::decode(&bytes) {
+                prop_assert_eq!(other.encode(), bytes);
+            }
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(node) = Node::decode(&bytes) {
+                prop_assert_eq!(node.encode(), bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_and_oversize_are_refused() {
+        let node = Node {
+            room: RoomId::new("r").unwrap(),
+            author: AuthorId([1; 32]),
+            seq: 1,
+            parents: vec![],
+            lamport: 1,
+            hlc: Hlc::default(),
+            ops: vec![],
+        };
+        let mut bytes = node.encode();
+        assert_eq!(Node::decode(&bytes).unwrap(), node);
+        bytes.push(0);
+        assert_eq!(
+            Node::decode(&bytes),
+            Err(NodeDecodeError::Malformed(DecodeError::TrailingBytes(1)))
+        );
+        assert_eq!(
+            Node::decode(&vec![0; MAX_NODE_BYTES + 1]),
+            Err(NodeDecodeError::TooLarge(MAX_NODE_BYTES + 1))
+        );
+    }
+}

@@ -1,0 +1,545 @@
+//! Document operations: what one node does to the room's tree of entries.
+//! See DESIGN.md section 3 for the semantics under concurrency; this module
+//! only defines them and their canonical encoding.
+
+use crate::codec::mp::{DecodeError, Reader, Writer};
+use crate::ids::{EntryId, NodeId};
+use crate::limits::{MAX_DELETE_SPANS, MAX_NAME_BYTES, MAX_POSITION_BYTES, MAX_STRING_BYTES};
+use crate::value::Value;
+
+/// What an entry holds besides fields and children.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EntryKind {
+    /// Fields and children only.
+    Map,
+    /// Also a collaborative text.
+    Text,
+}
+
+impl EntryKind {
+    fn code(self) -> u64 {
+        match self {
+            EntryKind::Map => 0,
+            EntryKind::Text => 1,
+        }
+    }
+
+    fn from_code(code: u64) -> Option<EntryKind> {
+        match code {
+            0 => Some(EntryKind::Map),
+            1 => Some(EntryKind::Text),
+            _ => None,
+        }
+    }
+
+    /// The name used in exports and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Map => "map",
+            EntryKind::Text => "text",
+        }
+    }
+}
+
+/// A character of a collaborative text: the node that inserted it and the
+/// character's index among all characters that node inserted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CharRef {
+    /// `None` means the node that carries this reference (its own id cannot
+    /// appear inside it).
+    pub node: Option<NodeId>,
+    /// Index among the characters inserted by that node.
+    pub index: u32,
+}
+
+/// `len` consecutive characters starting at `start` (same node, consecutive
+/// indices).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CharSpan {
+    /// First character.
+    pub start: CharRef,
+    /// Number of characters (at least 1).
+    pub len: u32,
+}
+
+/// A fractional-index key ordering siblings (outlines, lists).
+pub type Position = Vec<u8>;
+
+/// One operation of a node.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Creates (or, by path, re-creates) an entry. With `unique == false` the
+    /// entry id is derived from (parent, name), so concurrent creates of one
+    /// path merge; with `unique == true` it is derived from (node id, op
+    /// index) and is always new.
+    Create {
+        /// Parent entry.
+        parent: EntryId,
+        /// Name under the parent (no `/`).
+        name: String,
+        /// What the entry holds.
+        kind: EntryKind,
+        /// Optional sibling order key.
+        position: Option<Position>,
+        /// Unique (outline items) or by path.
+        unique: bool,
+    },
+    /// Writes a field (last writer wins; concurrent losers stay visible as
+    /// conflicts).
+    Set {
+        /// Target entry.
+        entry: EntryId,
+        /// Field name.
+        field: String,
+        /// New value.
+        value: Value,
+    },
+    /// Removes a field (a write of "absent").
+    Unset {
+        /// Target entry.
+        entry: EntryId,
+        /// Field name.
+        field: String,
+    },
+    /// Moves an entry under a new parent and/or name.
+    Move {
+        /// Entry to move.
+        entry: EntryId,
+        /// New parent.
+        parent: EntryId,
+        /// New name.
+        name: String,
+        /// Optional new sibling order key.
+        position: Option<Position>,
+    },
+    /// Deletes an entry and, from the view, its subtree.
+    Delete {
+        /// Entry to delete.
+        entry: EntryId,
+    },
+    /// Inserts text between two characters (by id, not position).
+    TextInsert {
+        /// The text entry.
+        entry: EntryId,
+        /// The character the text goes after (`None`: the start).
+        left: Option<CharRef>,
+        /// The character that was right of the insertion point (`None`: the end).
+        right: Option<CharRef>,
+        /// The text; its characters get indices continuing the node's count.
+        text: String,
+    },
+    /// Deletes characters by id.
+    TextDelete {
+        /// The text entry.
+        entry: EntryId,
+        /// Runs of characters to delete.
+        spans: Vec<CharSpan>,
+    },
+}
+
+const TAG_CREATE: u64 = 0;
+const TAG_SET: u64 = 1;
+const TAG_UNSET: u64 = 2;
+const TAG_MOVE: u64 = 3;
+const TAG_DELETE: u64 = 4;
+const TAG_TEXT_INSERT: u64 = 5;
+const TAG_TEXT_DELETE: u64 = 6;
+
+impl Op {
+    /// The entry this operation is about (for a create: its parent).
+    pub fn target(&self) -> &EntryId {
+        match self {
+            Op::Create { parent, .. } => parent,
+            Op::Set { entry, .. }
+            | Op::Unset { entry, .. }
+            | Op::Move { entry, .. }
+            | Op::Delete { entry }
+            | Op::TextInsert { entry, .. }
+            | Op::TextDelete { entry, .. } => entry,
+        }
+    }
+
+    /// Characters this operation inserts (each takes one char index).
+    pub fn inserted_chars(&self) -> u32 {
+        match self {
+            Op::TextInsert { text, .. } => text.chars().count() as u32,
+            _ => 0,
+        }
+    }
+
+    /// Appends the canonical encoding.
+    pub fn encode(&self, w: &mut Writer) {
+        match self {
+            Op::Create {
+                parent,
+                name,
+                kind,
+                position,
+                unique,
+            } => {
+                w.array(6);
+                w.uint(TAG_CREATE);
+                w.bin(&parent.0);
+                w.str(name);
+                w.uint(kind.code());
+                encode_position(w, position.as_deref());
+                w.bool(*unique);
+            }
+            Op::Set {
+                entry,
+                field,
+                value,
+            } => {
+                w.array(4);
+                w.uint(TAG_SET);
+                w.bin(&entry.0);
+                w.str(field);
+                value.encode(w);
+            }
+            Op::Unset { entry, field } => {
+                w.array(3);
+                w.uint(TAG_UNSET);
+                w.bin(&entry.0);
+                w.str(field);
+            }
+            Op::Move {
+                entry,
+                parent,
+                name,
+                position,
+            } => {
+                w.array(5);
+                w.uint(TAG_MOVE);
+                w.bin(&entry.0);
+                w.bin(&parent.0);
+                w.str(name);
+                encode_position(w, position.as_deref());
+            }
+            Op::Delete { entry } => {
+                w.array(2);
+                w.uint(TAG_DELETE);
+                w.bin(&entry.0);
+            }
+            Op::TextInsert {
+                entry,
+                left,
+                right,
+                text,
+            } => {
+                w.array(5);
+                w.uint(TAG_TEXT_INSERT);
+                w.bin(&entry.0);
+                encode_char_ref(w, left.as_ref());
+                encode_char_ref(w, right.as_ref());
+                w.str(text);
+            }
+            Op::TextDelete { entry, spans } => {
+                w.array(3);
+                w.uint(TAG_TEXT_DELETE);
+                w.bin(&entry.0);
+                w.array(spans.len());
+                for span in spans {
+                    w.array(2);
+                    encode_char_ref(w, Some(&span.start));
+                    w.uint(span.len as u64);
+                }
+            }
+        }
+    }
+
+    /// Reads one canonical operation.
+    pub fn decode(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
+        let at = r.position();
+        let arity = r.array(6)?;
+        let tag = r.uint()?;
+        let expected = match tag {
+            TAG_CREATE => 6,
+            TAG_SET => 4,
+            TAG_UNSET => 3,
+            TAG_MOVE => 5,
+            TAG_DELETE => 2,
+            TAG_TEXT_INSERT => 5,
+            TAG_TEXT_DELETE => 3,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    at,
+                    what: "unknown operation",
+                });
+            }
+        };
+        if arity != expected {
+            return Err(DecodeError::Invalid {
+                at,
+                what: "operation of the wrong arity",
+            });
+        }
+        Ok(match tag {
+            TAG_CREATE => {
+                let parent = EntryId(r.bin_array()?);
+                let name = decode_name(r)?;
+                let kind_at = r.position();
+                let kind = EntryKind::from_code(r.uint()?).ok_or(DecodeError::Invalid {
+                    at: kind_at,
+                    what: "unknown entry kind",
+                })?;
+                let position = decode_position(r)?;
+                let unique = r.bool()?;
+                Op::Create {
+                    parent,
+                    name,
+                    kind,
+                    position,
+                    unique,
+                }
+            }
+            TAG_SET => Op::Set {
+                entry: EntryId(r.bin_array()?),
+                field: decode_field(r)?,
+                value: Value::decode(r)?,
+            },
+            TAG_UNSET => Op::Unset {
+                entry: EntryId(r.bin_array()?),
+                field: decode_field(r)?,
+            },
+            TAG_MOVE => Op::Move {
+                entry: EntryId(r.bin_array()?),
+                parent: EntryId(r.bin_array()?),
+                name: decode_name(r)?,
+                position: decode_position(r)?,
+            },
+            TAG_DELETE => Op::Delete {
+                entry: EntryId(r.bin_array()?),
+            },
+            TAG_TEXT_INSERT => {
+                let entry = EntryId(r.bin_array()?);
+                let left = decode_char_ref(r)?;
+                let right = decode_char_ref(r)?;
+                let text_at = r.position();
+                let text = r.str(MAX_STRING_BYTES)?;
+                if text.is_empty() {
+                    return Err(DecodeError::Invalid {
+                        at: text_at,
+                        what: "empty text insert",
+                    });
+                }
+                Op::TextInsert {
+                    entry,
+                    left,
+                    right,
+                    text: text.to_owned(),
+                }
+            }
+            _ => {
+                let entry = EntryId(r.bin_array()?);
+                let n = r.array(MAX_DELETE_SPANS)?;
+                let mut spans = Vec::with_capacity(n);
+                for _ in 0..n {
+                    r.array_exact(2)?;
+                    let span_at = r.position();
+                    let start = decode_char_ref(r)?.ok_or(DecodeError::Invalid {
+                        at: span_at,
+                        what: "delete span without a start",
+                    })?;
+                    let len = r.u32()?;
+                    if len == 0 {
+                        return Err(DecodeError::Invalid {
+                            at: span_at,
+                            what: "empty delete span",
+                        });
+                    }
+                    spans.push(CharSpan { start, len });
+                }
+                Op::TextDelete { entry, spans }
+            }
+        })
+    }
+}
+
+fn encode_position(w: &mut Writer, position: Option<&[u8]>) {
+    match position {
+        Some(p) => w.bin(p),
+        None => w.nil(),
+    }
+}
+
+fn decode_position(r: &mut Reader<'_>) -> Result<Option<Position>, DecodeError> {
+    if r.peek()? == 0xc0 {
+        r.nil()?;
+        return Ok(None);
+    }
+    Ok(Some(r.bin(MAX_POSITION_BYTES)?.to_vec()))
+}
+
+fn encode_char_ref(w: &mut Writer, c: Option<&CharRef>) {
+    match c {
+        None => w.nil(),
+        Some(c) => {
+            w.array(2);
+            match &c.node {
+                Some(id) => w.bin(&id.0),
+                None => w.nil(),
+            }
+            w.uint(c.index as u64);
+        }
+    }
+}
+
+fn decode_char_ref(r: &mut Reader<'_>) -> Result<Option<CharRef>, DecodeError> {
+    if r.peek()? == 0xc0 {
+        r.nil()?;
+        return Ok(None);
+    }
+    r.array_exact(2)?;
+    let node = if r.peek()? == 0xc0 {
+        r.nil()?;
+        None
+    } else {
+        Some(NodeId(r.bin_array()?))
+    };
+    Ok(Some(CharRef {
+        node,
+        index: r.u32()?,
+    }))
+}
+
+/// Whether `name` may name an entry: non-empty, bounded, and free of the
+/// path separator (so every entry has a path).
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME_BYTES && !name.contains('/')
+}
+
+fn decode_name(r: &mut Reader<'_>) -> Result<String, DecodeError> {
+    let at = r.position();
+    let name = r.str(MAX_NAME_BYTES)?;
+    if !is_valid_name(name) {
+        return Err(DecodeError::Invalid {
+            at,
+            what: "entry name empty or containing '/'",
+        });
+    }
+    Ok(name.to_owned())
+}
+
+fn decode_field(r: &mut Reader<'_>) -> Result<String, DecodeError> {
+    let at = r.position();
+    let field = r.str(MAX_NAME_BYTES)?;
+    if field.is_empty() {
+        return Err(DecodeError::Invalid {
+            at,
+            what: "empty field name",
+        });
+    }
+    Ok(field.to_owned())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::value::tests::arb_value;
+    use proptest::prelude::*;
+
+    fn arb_entry() -> impl Strategy<Value = EntryId> {
+        prop_oneof![Just(EntryId::ROOT), any::<[u8; 32]>().prop_map(EntryId)]
+    }
+
+    fn arb_char_ref() -> impl Strategy<Value = CharRef> {
+        (
+            proptest::option::of(any::<[u8; 32]>().prop_map(NodeId)),
+            any::<u32>(),
+        )
+            .prop_map(|(node, index)| CharRef { node, index })
+    }
+
+    /// Arbitrary well-formed operations.
+    pub(crate) fn arb_op() -> impl Strategy<Value = Op> {
+        let name = "[a-z0-9 ._-]{1,12}";
+        let position = proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8));
+        prop_oneof![
+            (
+                arb_entry(),
+                name,
+                any::<bool>(),
+                position.clone(),
+                any::<bool>()
+            )
+                .prop_map(|(parent, name, text, position, unique)| Op::Create {
+                    parent,
+                    name,
+                    kind: if text {
+                        EntryKind::Text
+                    } else {
+                        EntryKind::Map
+                    },
+                    position,
+                    unique,
+                }),
+            (arb_entry(), name, arb_value()).prop_map(|(entry, field, value)| Op::Set {
+                entry,
+                field,
+                value
+            }),
+            (arb_entry(), name).prop_map(|(entry, field)| Op::Unset { entry, field }),
+            (arb_entry(), arb_entry(), name, position).prop_map(
+                |(entry, parent, name, position)| Op::Move {
+                    entry,
+                    parent,
+                    name,
+                    position
+                }
+            ),
+            arb_entry().prop_map(|entry| Op::Delete { entry }),
+            (
+                arb_entry(),
+                proptest::option::of(arb_char_ref()),
+                proptest::option::of(arb_char_ref()),
+                ".{1,12}"
+            )
+                .prop_map(|(entry, left, right, text)| Op::TextInsert {
+                    entry,
+                    left,
+                    right,
+                    text
+                }),
+            (
+                arb_entry(),
+                proptest::collection::vec((arb_char_ref(), 1u32..100), 0..4)
+            )
+                .prop_map(|(entry, spans)| Op::TextDelete {
+                    entry,
+                    spans: spans
+                        .into_iter()
+                        .map(|(start, len)| CharSpan { start, len })
+                        .collect()
+                }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn ops_roundtrip_canonically(op in arb_op()) {
+            let mut w = Writer::new();
+            op.encode(&mut w);
+            let mut r = Reader::new(w.as_bytes());
+            let back = Op::decode(&mut r).unwrap();
+            r.finish().unwrap();
+            prop_assert_eq!(back, op);
+        }
+    }
+
+    #[test]
+    fn names_with_slashes_are_refused() {
+        let op = Op::Create {
+            parent: EntryId::ROOT,
+            name: "a/b".into(),
+            kind: EntryKind::Map,
+            position: None,
+            unique: false,
+        };
+        let mut w = Writer::new();
+        op.encode(&mut w);
+        assert!(matches!(
+            Op::decode(&mut Reader::new(w.as_bytes())),
+            Err(DecodeError::Invalid { .. })
+        ));
+    }
+}
