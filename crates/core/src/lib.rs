@@ -7,6 +7,7 @@
 //! arguments.
 
 pub mod codec;
+pub mod dag;
 pub mod hlc;
 pub mod ids;
 pub mod keys;

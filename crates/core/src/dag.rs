@@ -1,0 +1,605 @@
+//! The history DAG of one room: validated insertion, the pending queue for
+//! nodes that arrive before their parents, heads, version vectors, causal
+//! order, and what a peer with given heads or version vector lacks.
+//!
+//! Nodes are interned as dense [`NodeIdx`] numbers in insertion order, which
+//! is always a causal order (a node is inserted only after its parents). The
+//! document layer uses the same numbers to refer to nodes cheaply.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use thiserror::Error;
+
+use crate::hlc::Hlc;
+use crate::ids::{AuthorId, NodeId, RoomId, Signature};
+use crate::limits::MAX_PENDING_NODES;
+use crate::node::Node;
+
+/// Dense, per-room number of an inserted node (insertion order).
+pub type NodeIdx = u32;
+
+/// A per-author summary of a causally complete history: author -> highest seq.
+pub type VersionVector = BTreeMap<AuthorId, u64>;
+
+/// A node whose id matches its canonical bytes and whose authorship has been
+/// established (by a signature over it or over a later node of the same
+/// author chain, or because this replica wrote it).
+#[derive(Clone, Debug)]
+pub struct VerifiedNode {
+    /// Id of `bytes`.
+    pub id: NodeId,
+    /// The decoded node.
+    pub node: Node,
+    /// Its canonical encoding.
+    pub bytes: Vec<u8>,
+    /// A signature by the author over `id`, when one came with it.
+    pub sig: Option<Signature>,
+}
+
+/// Why a node was refused by the DAG.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum DagError {
+    /// The node names another room.
+    #[error("node {id:?} belongs to room {found}, not {expected}")]
+    WrongRoom {
+        /// The node.
+        id: NodeId,
+        /// This DAG's room.
+        expected: RoomId,
+        /// The node's room.
+        found: RoomId,
+    },
+    /// Two different nodes with one (author, seq).
+    #[error("equivocation by {author:?} at seq {seq}: {existing:?} and {conflicting:?}")]
+    Equivocation {
+        /// The author who signed both.
+        author: AuthorId,
+        /// The contested seq.
+        seq: u64,
+        /// The node already held.
+        existing: NodeId,
+        /// The node refused.
+        conflicting: NodeId,
+    },
+    /// The node breaks a rule that needs its parents to check.
+    #[error("invalid node {id:?}: {reason}")]
+    Invalid {
+        /// The node.
+        id: NodeId,
+        /// The broken rule.
+        reason: &'static str,
+    },
+    /// The pending queue is full; the node was not kept.
+    #[error("pending queue full ({0} nodes waiting for parents)")]
+    PendingFull(usize),
+}
+
+/// What became of one inserted node.
+#[derive(Debug, Default)]
+pub struct Insertion {
+    /// Nodes added to the DAG by this call, in causal order: the node itself
+    /// and any pending nodes it released. Each is handed back for
+    /// materialization.
+    pub accepted: Vec<(NodeIdx, Node)>,
+    /// The node was already known (or already pending).
+    pub duplicate: bool,
+    /// The node waits in the pending queue for missing parents.
+    pub pending: bool,
+    /// Pending nodes released by this call but refused by validation.
+    pub released_errors: Vec<DagError>,
+}
+
+#[derive(Clone, Debug)]
+struct Meta {
+    id: NodeId,
+    author: u32,
+    seq: u64,
+    lamport: u64,
+    hlc: Hlc,
+    parents_start: u32,
+    parents_len: u16,
+}
+
+/// The history of one room.
+#[derive(Debug)]
+pub struct Dag {
+    room: RoomId,
+    metas: Vec<Meta>,
+    bytes: Vec<Box<[u8]>>,
+    parent_arena: Vec<NodeIdx>,
+    index: HashMap<NodeId, NodeIdx>,
+    authors: Vec<AuthorId>,
+    author_index: HashMap<AuthorId, u32>,
+    /// Per author: chain[seq - 1] is the node with that seq.
+    chains: Vec<Vec<NodeIdx>>,
+    heads: HashSet<NodeIdx>,
+    signatures: HashMap<NodeIdx, Signature>,
+    pending: Pending,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Missing parent -> nodes waiting for it.
+    waiting: HashMap<NodeId, Vec<VerifiedNode>>,
+    ids: HashSet<NodeId>,
+    limit: usize,
+}
+
+impl Dag {
+    /// An empty history for `room`.
+    pub fn new(room: RoomId) -> Dag {
+        Dag::with_pending_limit(room, MAX_PENDING_NODES)
+    }
+
+    /// An empty history whose pending queue holds at most `limit` nodes.
+    pub fn with_pending_limit(room: RoomId, limit: usize) -> Dag {
+        Dag {
+            room,
+            metas: Vec::new(),
+            bytes: Vec::new(),
+            parent_arena: Vec::new(),
+            index: HashMap::new(),
+            authors: Vec::new(),
+            author_index: HashMap::new(),
+            chains: Vec::new(),
+            heads: HashSet::new(),
+            signatures: HashMap::new(),
+            pending: Pending {
+                limit,
+                ..Pending::default()
+            },
+        }
+    }
+
+    /// The room.
+    pub fn room(&self) -> &RoomId {
+        &self.room
+    }
+
+    /// Number of nodes in the DAG (pending ones excluded).
+    pub fn len(&self) -> usize {
+        self.metas.len()
+    }
+
+    /// Whether no node was inserted yet.
+    pub fn is_empty(&self) -> bool {
+        self.metas.is_empty()
+    }
+
+    /// Number of nodes waiting for parents.
+    pub fn pending_len(&self) -> usize {
+        self.pending.ids.len()
+    }
+
+    /// The number of a known node.
+    pub fn idx(&self, id: &NodeId) -> Option<NodeIdx> {
+        self.index.get(id).copied()
+    }
+
+    /// Whether a node is in the DAG (not merely pending).
+    pub fn contains(&self, id: &NodeId) -> bool {
+        self.index.contains_key(id)
+    }
+
+    /// The id of node `idx`.
+    pub fn id(&self, idx: NodeIdx) -> &NodeId {
+        &self.metas[idx as usize].id
+    }
+
+    /// The canonical bytes of node `idx`.
+    pub fn bytes(&self, idx: NodeIdx) -> &[u8] {
+        &self.bytes[idx as usize]
+    }
+
+    /// The author of node `idx`.
+    pub fn author(&self, idx: NodeIdx) -> &AuthorId {
+        &self.authors[self.metas[idx as usize].author as usize]
+    }
+
+    /// The seq of node `idx`.
+    pub fn seq(&self, idx: NodeIdx) -> u64 {
+        self.metas[idx as usize].seq
+    }
+
+    /// The lamport of node `idx`.
+    pub fn lamport(&self, idx: NodeIdx) -> u64 {
+        self.metas[idx as usize].lamport
+    }
+
+    /// The timestamp of node `idx`.
+    pub fn hlc(&self, idx: NodeIdx) -> Hlc {
+        self.metas[idx as usize].hlc
+    }
+
+    /// The parents of node `idx`.
+    pub fn parents(&self, idx: NodeIdx) -> &[NodeIdx] {
+        let m = &self.metas[idx as usize];
+        let start = m.parents_start as usize;
+        &self.parent_arena[start..start + m.parents_len as usize]
+    }
+
+    /// A stored signature by the author over node `idx`, if one arrived.
+    pub fn signature(&self, idx: NodeIdx) -> Option<&Signature> {
+        self.signatures.get(&idx)
+    }
+
+    /// Records a signature over node `idx` (e.g. one made locally on export).
+    pub fn set_signature(&mut self, idx: NodeIdx, sig: Signature) {
+        self.signatures.insert(idx, sig);
+    }
+
+    /// The node with (author, seq), if held.
+    pub fn by_author_seq(&self, author: &AuthorId, seq: u64) -> Option<NodeIdx> {
+        let a = *self.author_index.get(author)?;
+        let chain = &self.chains[a as usize];
+        seq.checked_sub(1)
+            .and_then(|i| chain.get(i as usize))
+            .copied()
+    }
+
+    /// The highest seq held of `author` (0 if none).
+    pub fn author_seq(&self, author: &AuthorId) -> u64 {
+        self.author_index
+            .get(author)
+            .map_or(0, |&a| self.chains[a as usize].len() as u64)
+    }
+
+    /// Nodes without children, sorted by id.
+    pub fn heads(&self) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = self.heads.iter().map(|&i| *self.id(i)).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Author -> highest seq held. Exact for a causally complete history.
+    pub fn version_vector(&self) -> VersionVector {
+        self.authors
+            .iter()
+            .zip(&self.chains)
+            .map(|(a, c)| (*a, c.len() as u64))
+            .collect()
+    }
+
+    /// The lamport a node with these parents must carry.
+    pub fn next_lamport(&self, parents: &[NodeIdx]) -> u64 {
+        1 + parents.iter().map(|&p| self.lamport(p)).max().unwrap_or(0)
+    }
+
+    /// The index the next inserted node will get.
+    pub fn next_idx(&self) -> NodeIdx {
+        self.metas.len() as NodeIdx
+    }
+
+    /// Inserts a verified node. Idempotent: a node already held (or already
+    /// pending) is a no-op. A node whose parents are not all held waits in the
+    /// pending queue and is inserted, with the checks below, when they arrive.
+    pub fn insert(&mut self, v: VerifiedNode) -> Result<Insertion, DagError> {
+        let mut out = Insertion::default();
+        if v.node.room != self.room {
+            return Err(DagError::WrongRoom {
+                id: v.id,
+                expected: self.room.clone(),
+                found: v.node.room.clone(),
+            });
+        }
+        if self.index.contains_key(&v.id) || self.pending.ids.contains(&v.id) {
+            out.duplicate = true;
+            return Ok(out);
+        }
+        if let Some(missing) = self.first_missing_parent(&v.node) {
+            self.park(missing, v)?;
+            out.pending = true;
+            return Ok(out);
+        }
+        let id = v.id;
+        self.insert_ready(v, &mut out.accepted)?;
+        self.release_waiters(id, &mut out);
+        Ok(out)
+    }
+
+    fn first_missing_parent(&self, node: &Node) -> Option<NodeId> {
+        node.parents
+            .iter()
+            .find(|p| !self.index.contains_key(*p))
+            .copied()
+    }
+
+    fn park(&mut self, missing: NodeId, v: VerifiedNode) -> Result<(), DagError> {
+        if self.pending.ids.len() >= self.pending.limit {
+            return Err(DagError::PendingFull(self.pending.ids.len()));
+        }
+        self.pending.ids.insert(v.id);
+        self.pending.waiting.entry(missing).or_default().push(v);
+        Ok(())
+    }
+
+    fn release_waiters(&mut self, first: NodeId, out: &mut Insertion) {
+        let mut ready = vec![first];
+        while let Some(id) = ready.pop() {
+            let Some(waiters) = self.pending.waiting.remove(&id) else {
+                continue;
+            };
+            for w in waiters {
+                self.pending.ids.remove(&w.id);
+                if let Some(missing) = self.first_missing_parent(&w.node) {
+                    // Re-parking cannot exceed the limit: this node was counted.
+                    self.pending.ids.insert(w.id);
+                    self.pending.waiting.entry(missing).or_default().push(w);
+                    continue;
+                }
+                let wid = w.id;
+                match self.insert_ready(w, &mut out.accepted) {
+                    Ok(()) => ready.push(wid),
+                    Err(e) => out.released_errors.push(e),
+                }
+            }
+        }
+    }
+
+    /// Validates a node whose parents are all held, then inserts it.
+    fn insert_ready(
+        &mut self,
+        v: VerifiedNode,
+        accepted: &mut Vec<(NodeIdx, Node)>,
+    ) -> Result<(), DagError> {
+        let node = &v.node;
+        let parents: Vec<NodeIdx> = node.parents.iter().map(|p| self.index[p]).collect();
+        let invalid = |reason| DagError::Invalid { id: v.id, reason };
+        if node.lamport != self.next_lamport(&parents) {
+            return Err(invalid("lamport is not 1 + the largest parent lamport"));
+        }
+        let author = self.author_index.get(&node.author).copied();
+        let held = author.map_or(0, |a| self.chains[a as usize].len() as u64);
+        if node.seq <= held {
+            let existing = self.chains[author.expect("held > 0") as usize][node.seq as usize - 1];
+            return Err(DagError::Equivocation {
+                author: node.author,
+                seq: node.seq,
+                existing: *self.id(existing),
+                conflicting: v.id,
+            });
+        }
+        if node.seq != held + 1 {
+            return Err(invalid("seq skips ahead of the author's chain"));
+        }
+        if node.seq > 1 {
+            let prev = self.chains[author.expect("seq > 1 and held") as usize][held as usize - 1];
+            if !parents.contains(&prev) {
+                return Err(invalid("does not cite the author's previous node"));
+            }
+        }
+        let author = author.unwrap_or_else(|| {
+            let a = self.authors.len() as u32;
+            self.authors.push(node.author);
+            self.author_index.insert(node.author, a);
+            self.chains.push(Vec::new());
+            a
+        });
+        let idx = self.next_idx();
+        for p in &parents {
+            self.heads.remove(p);
+        }
+        self.heads.insert(idx);
+        self.metas.push(Meta {
+            id: v.id,
+            author,
+            seq: node.seq,
+            lamport: node.lamport,
+            hlc: node.hlc,
+            parents_start: self.parent_arena.len() as u32,
+            parents_len: parents.len() as u16,
+        });
+        self.parent_arena.extend_from_slice(&parents);
+        self.bytes.push(v.bytes.into_boxed_slice());
+        self.index.insert(v.id, idx);
+        self.chains[author as usize].push(idx);
+        if let Some(sig) = v.sig {
+            self.signatures.insert(idx, sig);
+        }
+        accepted.push((idx, v.node));
+        Ok(())
+    }
+
+    /// Whether `a` is a strict ancestor of `b`. Walks back from `b`, pruning
+    /// by lamport, so the cost is the part of history between them.
+    pub fn is_ancestor(&self, a: NodeIdx, b: NodeIdx) -> bool {
+        if a == b {
+            return false;
+        }
+        let target = self.lamport(a);
+        if target >= self.lamport(b) {
+            return false;
+        }
+        if self.parents(b).contains(&a) {
+            return true;
+        }
+        // The author chain gives a quick answer for one author's own history.
+        let (ma, mb) = (&self.metas[a as usize], &self.metas[b as usize]);
+        if ma.author == mb.author {
+            return ma.seq < mb.seq;
+        }
+        let mut seen = HashSet::new();
+        let mut stack = vec![b];
+        while let Some(n) = stack.pop() {
+            for &p in self.parents(n) {
+                if p == a {
+                    return true;
+                }
+                if self.lamport(p) > target && seen.insert(p) {
+                    stack.push(p);
+                }
+            }
+        }
+        false
+    }
+
+    /// Sorts node numbers into the deterministic replay order: by (lamport,
+    /// id), which is topological because lamport grows along every edge.
+    pub fn sort_causal(&self, nodes: &mut [NodeIdx]) {
+        nodes.sort_unstable_by_key(|&i| (self.lamport(i), *self.id(i)));
+    }
+
+    /// Every node, in deterministic causal order.
+    pub fn causal_order(&self) -> Vec<NodeIdx> {
+        let mut all: Vec<NodeIdx> = (0..self.next_idx()).collect();
+        self.sort_causal(&mut all);
+        all
+    }
+
+    /// What a peer whose history is summarized by `vv` lacks, in causal order.
+    pub fn missing_for_version_vector(&self, vv: &VersionVector) -> Vec<NodeIdx> {
+        let mut out = Vec::new();
+        for (author, chain) in self.authors.iter().zip(&self.chains) {
+            let has = vv.get(author).copied().unwrap_or(0) as usize;
+            if has < chain.len() {
+                out.extend_from_slice(&chain[has..]);
+            }
+        }
+        self.sort_causal(&mut out);
+        out
+    }
+
+    /// What a peer with these heads lacks, in causal order. Heads unknown here
+    /// are ignored (the peer has history this replica lacks).
+    pub fn missing_for_heads(&self, heads: &[NodeId]) -> Vec<NodeIdx> {
+        let mut has = vec![false; self.len()];
+        let mut stack: Vec<NodeIdx> = heads.iter().filter_map(|h| self.idx(h)).collect();
+        while let Some(n) = stack.pop() {
+            if std::mem::replace(&mut has[n as usize], true) {
+                continue;
+            }
+            stack.extend_from_slice(self.parents(n));
+        }
+        let mut out: Vec<NodeIdx> = (0..self.next_idx()).filter(|&i| !has[i as usize]).collect();
+        self.sort_causal(&mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Keypair;
+
+    fn room() -> RoomId {
+        RoomId::new("dag-test").unwrap()
+    }
+
+    fn make(author: &Keypair, seq: u64, parents: &[&VerifiedNode], lamport: u64) -> VerifiedNode {
+        let mut p: Vec<NodeId> = parents.iter().map(|v| v.id).collect();
+        p.sort_unstable();
+        let node = Node {
+            room: room(),
+            author: author.author(),
+            seq,
+            parents: p,
+            lamport,
+            hlc: Hlc {
+                wall_ms: seq,
+                counter: 0,
+            },
+            ops: vec![],
+        };
+        let bytes = node.encode();
+        VerifiedNode {
+            id: Node::id_of(&bytes),
+            node,
+            bytes,
+            sig: None,
+        }
+    }
+
+    #[test]
+    fn out_of_order_nodes_wait_and_are_released_in_causal_order() {
+        let a = Keypair::from_seed([1; 32]);
+        let b = Keypair::from_seed([2; 32]);
+        let a1 = make(&a, 1, &[], 1);
+        let b1 = make(&b, 1, &[&a1], 2);
+        let a2 = make(&a, 2, &[&a1, &b1], 3);
+        let mut dag = Dag::new(room());
+        assert!(dag.insert(a2.clone()).unwrap().pending);
+        assert!(dag.insert(b1.clone()).unwrap().pending);
+        assert!(dag.insert(b1.clone()).unwrap().duplicate);
+        assert_eq!(dag.pending_len(), 2);
+        let ins = dag.insert(a1.clone()).unwrap();
+        let order: Vec<NodeId> = ins.accepted.iter().map(|(i, _)| *dag.id(*i)).collect();
+        assert_eq!(order, vec![a1.id, b1.id, a2.id]);
+        assert_eq!(dag.pending_len(), 0);
+        assert_eq!(dag.heads(), vec![a2.id]);
+        assert!(dag.insert(a2).unwrap().duplicate);
+        assert_eq!(
+            dag.version_vector()
+                .values()
+                .copied()
+                .collect::<Vec<_>>()
+                .len(),
+            2
+        );
+        assert!(dag.is_ancestor(0, 2));
+        assert!(!dag.is_ancestor(2, 0));
+    }
+
+    #[test]
+    fn equivocation_and_bad_chains_are_refused() {
+        let a = Keypair::from_seed([1; 32]);
+        let a1 = make(&a, 1, &[], 1);
+        let mut dag = Dag::new(room());
+        dag.insert(a1.clone()).unwrap();
+        let mut fork = make(&a, 1, &[], 1);
+        fork.node.hlc.wall_ms = 99;
+        fork.bytes = fork.node.encode();
+        fork.id = Node::id_of(&fork.bytes);
+        assert!(matches!(
+            dag.insert(fork),
+            Err(DagError::Equivocation { seq: 1, .. })
+        ));
+        let bad_lamport = make(&a, 2, &[&a1], 5);
+        assert!(matches!(
+            dag.insert(bad_lamport),
+            Err(DagError::Invalid { .. })
+        ));
+        let skip = make(&a, 3, &[&a1], 2);
+        assert!(matches!(dag.insert(skip), Err(DagError::Invalid { .. })));
+        assert_eq!(dag.len(), 1);
+    }
+
+    #[test]
+    fn pending_queue_is_bounded() {
+        let a = Keypair::from_seed([1; 32]);
+        let a1 = make(&a, 1, &[], 1);
+        let a2 = make(&a, 2, &[&a1], 2);
+        let a3 = make(&a, 3, &[&a2], 3);
+        let mut dag = Dag::with_pending_limit(room(), 1);
+        assert!(dag.insert(a2).unwrap().pending);
+        assert!(matches!(dag.insert(a3), Err(DagError::PendingFull(1))));
+    }
+
+    #[test]
+    fn missing_sets_match_version_vectors_and_heads() {
+        let a = Keypair::from_seed([1; 32]);
+        let b = Keypair::from_seed([2; 32]);
+        let a1 = make(&a, 1, &[], 1);
+        let b1 = make(&b, 1, &[], 1);
+        let a2 = make(&a, 2, &[&a1, &b1], 2);
+        let mut dag = Dag::new(room());
+        for v in [&a1, &b1, &a2] {
+            dag.insert(v.clone()).unwrap();
+        }
+        let vv: VersionVector = [(a.author(), 1)].into_iter().collect();
+        let missing: Vec<NodeId> = dag
+            .missing_for_version_vector(&vv)
+            .iter()
+            .map(|&i| *dag.id(i))
+            .collect();
+        let mut expect = vec![b1.id, a2.id];
+        expect.sort_by_key(|id| (if *id == a2.id { 2 } else { 1 }, *id));
+        assert_eq!(missing, expect);
+        let from_heads: Vec<NodeId> = dag
+            .missing_for_heads(&[a1.id])
+            .iter()
+            .map(|&i| *dag.id(i))
+            .collect();
+        assert_eq!(from_heads, expect);
+        assert!(dag.missing_for_heads(&dag.heads()).is_empty());
+    }
+}
