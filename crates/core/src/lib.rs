@@ -14,6 +14,7 @@ pub mod keys;
 pub mod limits;
 pub mod node;
 pub mod op;
+pub mod pack;
 pub mod value;
 
 pub use hlc::{Hlc, HlcClock};

@@ -1,3 +1,5 @@
-//! Encodings: the strict MessagePack subset used for canonical bytes.
+//! Encodings: the strict MessagePack subset used for canonical bytes, and
+//! the varints of compact packs.
 
 pub mod mp;
+pub mod varint;
