@@ -367,6 +367,11 @@ impl Dag {
             if !parents.contains(&prev) {
                 return Err(invalid("does not cite the author's previous node"));
             }
+            // Strictly increasing clocks along a chain make (hlc, author)
+            // unique per node, so last-writer-wins stamps need no node id.
+            if node.hlc <= self.hlc(prev) {
+                return Err(invalid("hlc does not increase along the author's chain"));
+            }
         }
         let author = author.unwrap_or_else(|| {
             let a = self.authors.len() as u32;

@@ -109,10 +109,14 @@ impl EntryId {
         EntryId(*h.finalize().as_bytes())
     }
 
-    /// The id of the entry created by op `op_index` of node `node`.
-    pub fn unique(node: &NodeId, op_index: u32) -> EntryId {
+    /// The id of the entry created by op `op_index` of the node with
+    /// (`author`, `seq`). That pair names exactly one node (equivocation is
+    /// refused), and unlike the node id it is known while the node is still
+    /// being built, so a transaction can use the entry it just created.
+    pub fn unique(author: &AuthorId, seq: u64, op_index: u32) -> EntryId {
         let mut h = blake3::Hasher::new_derive_key("syncline 2026 unique entry");
-        h.update(&node.0);
+        h.update(&author.0);
+        h.update(&seq.to_be_bytes());
         h.update(&op_index.to_be_bytes());
         EntryId(*h.finalize().as_bytes())
     }
@@ -195,6 +199,6 @@ mod tests {
         let a = EntryId::derived(&EntryId::ROOT, "notes");
         assert_eq!(a, EntryId::derived(&EntryId::ROOT, "notes"));
         assert_ne!(a, EntryId::derived(&a, "notes"));
-        assert_ne!(a, EntryId::unique(&NodeId([0; 32]), 0));
+        assert_ne!(a, EntryId::unique(&AuthorId([0; 32]), 1, 0));
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod codec;
 pub mod dag;
+pub mod doc;
 pub mod hlc;
 pub mod ids;
 pub mod keys;
@@ -15,11 +16,15 @@ pub mod limits;
 pub mod node;
 pub mod op;
 pub mod pack;
+pub mod room;
 pub mod value;
 
+pub use dag::{Dag, NodeIdx, VerifiedNode};
+pub use doc::Doc;
 pub use hlc::{Hlc, HlcClock};
 pub use ids::{AuthorId, EntryId, NodeId, RoomId, Signature};
 pub use keys::Keypair;
 pub use node::Node;
 pub use op::{CharRef, CharSpan, EntryKind, Op};
+pub use room::{Room, Transaction};
 pub use value::{BlobRef, Value, Vector};

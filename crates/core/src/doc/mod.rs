@@ -1,0 +1,793 @@
+//! The document: the materialized state of a room, built incrementally from
+//! its history (DESIGN.md section 3).
+//!
+//! Applying a node is incremental (work proportional to its operations) and
+//! gives exactly the state a replay from scratch gives, in any causal
+//! delivery order: the tree follows the replicated move algorithm, fields are
+//! multi-value registers, text is a FugueMax sequence whose insertions wait
+//! (deterministically) for the characters they reference.
+
+mod fields;
+pub mod seq;
+mod tree;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use thiserror::Error;
+
+use crate::codec::mp::Writer;
+use crate::dag::{Dag, NodeIdx};
+use crate::hlc::Hlc;
+use crate::ids::{AuthorId, EntryId, NodeId};
+use crate::node::Node;
+use crate::op::{CharRef, EntryKind, Op, is_valid_name};
+use crate::value::Value;
+
+use fields::{Register, Write};
+use seq::{ItemId, SeqError, Sequence};
+use tree::{Placement, Tree};
+
+/// The order of last-writer-wins rules: (hlc, author, op index). The DAG
+/// requires clocks to increase along each author's chain, so (hlc, author)
+/// names one node and no node id is needed to break ties.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Stamp {
+    pub(crate) hlc: Hlc,
+    pub(crate) author: AuthorId,
+    pub(crate) op: u32,
+}
+
+/// Why a path could not be used.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum PathError {
+    /// Not of the form `/a/b/c`.
+    #[error("invalid path {0:?}: paths look like /a/b, with non-empty names")]
+    Invalid(String),
+    /// No live entry at the path.
+    #[error("no entry at {0}")]
+    NotFound(String),
+}
+
+/// Splits `/a/b` into names. `/` is the root (no names).
+pub fn split_path(path: &str) -> Result<Vec<&str>, PathError> {
+    let trimmed = path.strip_suffix('/').unwrap_or(path);
+    if trimmed.is_empty() && path.starts_with('/') {
+        return Ok(Vec::new());
+    }
+    let Some(rest) = trimmed.strip_prefix('/') else {
+        return Err(PathError::Invalid(path.to_owned()));
+    };
+    let names: Vec<&str> = rest.split('/').collect();
+    if names.iter().any(|n| !is_valid_name(n)) {
+        return Err(PathError::Invalid(path.to_owned()));
+    }
+    Ok(names)
+}
+
+/// A write as shown by the conflicts API.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldWrite {
+    /// The value (`None`: unset).
+    pub value: Option<Value>,
+    /// Who wrote it.
+    pub author: AuthorId,
+    /// When.
+    pub hlc: Hlc,
+    /// In which node.
+    pub node: NodeId,
+}
+
+/// Something concurrent edits left for the app (or user) to look at.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Conflict {
+    /// Concurrent writes to one field: the winner is the value; the losers
+    /// stay listed until a write that has seen them supersedes them.
+    Field {
+        /// Path of the entry.
+        path: String,
+        /// The field.
+        field: String,
+        /// The value in effect.
+        winner: FieldWrite,
+        /// Concurrent writes that lost.
+        losers: Vec<FieldWrite>,
+    },
+    /// Several live siblings share a name; the path resolves to the first.
+    Name {
+        /// The contested path.
+        path: String,
+        /// The entry the path resolves to.
+        winner: EntryId,
+        /// The other entries with that name.
+        others: Vec<EntryId>,
+    },
+    /// An entry was deleted while other nodes, concurrently, edited it.
+    Delete {
+        /// The deleted entry.
+        entry: EntryId,
+        /// The node that deleted it.
+        deleted_by: NodeId,
+        /// Nodes that edited it without having seen the delete.
+        edits: Vec<NodeId>,
+    },
+    /// Concurrent moves of one entry: one placement won.
+    Move {
+        /// Path of the entry now.
+        path: String,
+        /// The entry.
+        entry: EntryId,
+        /// Nodes whose concurrent moves lost (or were skipped as cycles).
+        losers: Vec<NodeId>,
+    },
+}
+
+/// One child as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Child {
+    /// Its name.
+    pub name: String,
+    /// Its id.
+    pub id: EntryId,
+    /// What it holds.
+    pub kind: EntryKind,
+}
+
+/// A character a text op refers to: by dense number when its node is in
+/// the DAG (or is the node being applied), else by id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Known(ItemId),
+    Unknown(NodeId, u32),
+}
+
+/// A text insert waiting for a character it references.
+#[derive(Clone, Debug)]
+struct Parked {
+    node: NodeIdx,
+    first: u32,
+    left: Option<Target>,
+    right: Option<Target>,
+    text: String,
+}
+
+#[derive(Clone, Debug, Default)]
+struct TextState {
+    seq: Sequence,
+    /// Inserts whose origin is not integrated yet, by the missing character.
+    parked: HashMap<(NodeId, u32), Vec<Parked>>,
+    /// Deletes of characters not integrated yet (applied when they are).
+    deleted_early: HashSet<(NodeId, u32)>,
+    /// Per author, the newest node that edited this text.
+    editors: HashMap<AuthorId, NodeIdx>,
+}
+
+/// The node being applied.
+#[derive(Clone, Copy)]
+pub(crate) struct Ctx<'a> {
+    pub(crate) dag: &'a Dag,
+    pub(crate) node: NodeIdx,
+    pub(crate) author: AuthorId,
+    pub(crate) seq: u64,
+    pub(crate) hlc: Hlc,
+}
+
+impl Ctx<'_> {
+    fn node_id(&self, idx: NodeIdx) -> Option<NodeId> {
+        (idx < self.dag.next_idx()).then(|| *self.dag.id(idx))
+    }
+
+    /// Whether node `a` is a strict causal ancestor of node `b`.
+    fn before(&self, a: NodeIdx, b: NodeIdx) -> bool {
+        let next = self.dag.next_idx();
+        if b >= next {
+            return a < next;
+        }
+        a < next && self.dag.is_ancestor(a, b)
+    }
+
+    fn stamp(&self, op: u32) -> Stamp {
+        Stamp {
+            hlc: self.hlc,
+            author: self.author,
+            op,
+        }
+    }
+}
+
+/// Which entries a node changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Entries whose fields, text or placement changed (and, for
+    /// placements, the old and new parents).
+    pub entries: Vec<EntryId>,
+}
+
+/// The materialized state of one room.
+#[derive(Clone, Debug, Default)]
+pub struct Doc {
+    tree: Tree,
+    fields: HashMap<EntryId, BTreeMap<String, Register>>,
+    texts: HashMap<EntryId, TextState>,
+}
+
+impl Doc {
+    /// An empty document.
+    pub fn new() -> Doc {
+        Doc::default()
+    }
+
+    /// Rebuilds the state from scratch by replaying `dag` in causal order.
+    pub fn replay(dag: &Dag) -> Doc {
+        let mut doc = Doc::new();
+        for idx in dag.causal_order() {
+            let node = Node::decode(dag.bytes(idx)).expect("the DAG holds only valid nodes");
+            doc.apply(dag, idx, &node);
+        }
+        doc
+    }
+
+    /// Applies node `idx` (already inserted in `dag`).
+    pub fn apply(&mut self, dag: &Dag, idx: NodeIdx, node: &Node) -> Changes {
+        let ctx = Ctx {
+            dag,
+            node: idx,
+            author: node.author,
+            seq: node.seq,
+            hlc: node.hlc,
+        };
+        let mut changes = Changes::default();
+        let mut chars = 0u32;
+        for (i, op) in node.ops.iter().enumerate() {
+            self.apply_op(&ctx, i as u32, op, chars, &mut changes);
+            chars += op.inserted_chars();
+        }
+        changes.entries.sort_unstable();
+        changes.entries.dedup();
+        changes
+    }
+
+    /// Applies one op of a node; `chars` counts the characters the node's
+    /// earlier ops inserted (the first index of this op's characters).
+    pub(crate) fn apply_op(
+        &mut self,
+        ctx: &Ctx<'_>,
+        op_index: u32,
+        op: &Op,
+        chars: u32,
+        changes: &mut Changes,
+    ) {
+        let stamp = ctx.stamp(op_index);
+        match op {
+            Op::Create {
+                parent,
+                name,
+                kind,
+                position,
+                unique,
+            } => {
+                let id = if *unique {
+                    EntryId::unique(&ctx.author, ctx.seq, op_index)
+                } else {
+                    EntryId::derived(parent, name)
+                };
+                self.tree.set_kind(id, &stamp, *kind);
+                let to = Placement {
+                    parent: *parent,
+                    name: name.clone(),
+                    position: position.clone(),
+                };
+                self.tree.place(stamp, ctx.node, id, to);
+                changes.entries.extend([id, *parent]);
+            }
+            Op::Set {
+                entry,
+                field,
+                value,
+            } => self.write_field(ctx, stamp, *entry, field, Some(value.clone()), changes),
+            Op::Unset { entry, field } => {
+                self.write_field(ctx, stamp, *entry, field, None, changes)
+            }
+            Op::Move {
+                entry,
+                parent,
+                name,
+                position,
+            } => {
+                let old = self.parent_of(entry);
+                let to = Placement {
+                    parent: *parent,
+                    name: name.clone(),
+                    position: position.clone(),
+                };
+                self.tree.place(stamp, ctx.node, *entry, to);
+                changes.entries.extend([*entry, *parent]);
+                changes.entries.extend(old);
+            }
+            Op::Delete { entry } => {
+                let old = self.parent_of(entry);
+                let to = Placement {
+                    parent: EntryId::TRASH,
+                    name: String::new(),
+                    position: None,
+                };
+                self.tree.place(stamp, ctx.node, *entry, to);
+                changes.entries.push(*entry);
+                changes.entries.extend(old);
+            }
+            Op::TextInsert {
+                entry,
+                left,
+                right,
+                text,
+            } => {
+                let t = self.texts.entry(*entry).or_default();
+                t.editors.insert(ctx.author, ctx.node);
+                let parked = Parked {
+                    node: ctx.node,
+                    first: chars,
+                    left: left.map(|c| resolve_ref(ctx, c)),
+                    right: right.map(|c| resolve_ref(ctx, c)),
+                    text: text.clone(),
+                };
+                integrate(ctx, t, parked);
+                changes.entries.push(*entry);
+            }
+            Op::TextDelete { entry, spans } => {
+                let t = self.texts.entry(*entry).or_default();
+                t.editors.insert(ctx.author, ctx.node);
+                for span in spans {
+                    let target = resolve_ref(ctx, span.start);
+                    let start = span.start.index;
+                    for index in start..start.saturating_add(span.len) {
+                        let deleted = match target {
+                            Target::Known(i) => t
+                                .seq
+                                .delete(ItemId {
+                                    node: i.node,
+                                    index,
+                                })
+                                .is_ok(),
+                            Target::Unknown(..) => false,
+                        };
+                        if !deleted {
+                            let (node, _) = wait_key(ctx, target);
+                            t.deleted_early.insert((node, index));
+                        }
+                    }
+                }
+                changes.entries.push(*entry);
+            }
+        }
+    }
+
+    /// The parent an entry currently has (trash for deleted entries).
+    pub fn parent(&self, entry: &EntryId) -> Option<EntryId> {
+        self.parent_of(entry)
+    }
+
+    fn parent_of(&self, entry: &EntryId) -> Option<EntryId> {
+        self.tree
+            .get(entry)
+            .and_then(|e| e.placed.as_ref())
+            .map(|(p, _, _)| p.parent)
+    }
+
+    fn write_field(
+        &mut self,
+        ctx: &Ctx<'_>,
+        stamp: Stamp,
+        entry: EntryId,
+        field: &str,
+        value: Option<Value>,
+        changes: &mut Changes,
+    ) {
+        let reg = self
+            .fields
+            .entry(entry)
+            .or_default()
+            .entry(field.to_owned())
+            .or_default();
+        let w = Write {
+            stamp,
+            node: ctx.node,
+            value,
+        };
+        reg.write(w, &|a, b| ctx.before(a, b));
+        changes.entries.push(entry);
+    }
+
+    // ----- reads -----
+
+    /// The live entry at `path`.
+    pub fn resolve(&self, path: &str) -> Result<EntryId, PathError> {
+        let mut cur = EntryId::ROOT;
+        for name in split_path(path)? {
+            cur = *self
+                .tree
+                .named(&cur, name)
+                .first()
+                .ok_or_else(|| PathError::NotFound(path.to_owned()))?;
+        }
+        Ok(cur)
+    }
+
+    /// Whether `id` is reachable from the root.
+    pub fn is_live(&self, id: &EntryId) -> bool {
+        self.tree.is_live(id)
+    }
+
+    /// The path of a live entry.
+    pub fn path_of(&self, id: &EntryId) -> Option<String> {
+        self.tree.path_of(id)
+    }
+
+    /// The kind of an entry (map if never created with a kind).
+    pub fn kind(&self, id: &EntryId) -> EntryKind {
+        self.tree
+            .get(id)
+            .and_then(|e| e.kind.as_ref())
+            .map_or(EntryKind::Map, |(_, k)| *k)
+    }
+
+    /// The value of one field of entry `id`.
+    pub fn field(&self, id: &EntryId, field: &str) -> Option<&Value> {
+        self.fields.get(id)?.get(field)?.winner()?.value.as_ref()
+    }
+
+    /// Every set field of entry `id`.
+    pub fn fields(&self, id: &EntryId) -> BTreeMap<&str, &Value> {
+        self.fields
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, r)| Some((k.as_str(), r.winner()?.value.as_ref()?)))
+            .collect()
+    }
+
+    /// Live children of `id`, in display order.
+    pub fn children(&self, id: &EntryId) -> Vec<Child> {
+        self.tree
+            .children(id)
+            .into_iter()
+            .map(|(c, p)| Child {
+                name: p.name.clone(),
+                id: c,
+                kind: self.kind(&c),
+            })
+            .collect()
+    }
+
+    /// The text of entry `id` (empty if it has none).
+    pub fn text(&self, id: &EntryId) -> String {
+        self.texts.get(id).map(|t| t.seq.text()).unwrap_or_default()
+    }
+
+    /// Visible characters in the text of `id`.
+    pub fn text_len(&self, id: &EntryId) -> usize {
+        self.texts.get(id).map_or(0, |t| t.seq.len())
+    }
+
+    pub(crate) fn sequence(&self, id: &EntryId) -> Option<&Sequence> {
+        self.texts.get(id).map(|t| &t.seq)
+    }
+
+    fn field_write(dag: &Dag, w: &Write) -> FieldWrite {
+        FieldWrite {
+            value: w.value.clone(),
+            author: w.stamp.author,
+            hlc: w.stamp.hlc,
+            node: *dag.id(w.node),
+        }
+    }
+
+    /// Open conflicts at or under `path` (all of them for `/`).
+    pub fn conflicts(&self, dag: &Dag, path: &str) -> Result<Vec<Conflict>, PathError> {
+        let top = self.resolve(path)?;
+        let mut deleted: HashMap<EntryId, Vec<(EntryId, NodeIdx)>> = HashMap::new();
+        for (entry, former, by) in self.tree.deletions() {
+            if let Some(parent) = former {
+                deleted.entry(parent).or_default().push((entry, by));
+            }
+        }
+        for list in deleted.values_mut() {
+            list.sort_unstable();
+        }
+        let mut out = Vec::new();
+        let mut stack = vec![top];
+        while let Some(id) = stack.pop() {
+            let here = self.path_of(&id).unwrap_or_default();
+            for (field, reg) in self.fields.get(&id).into_iter().flatten() {
+                if let (Some(w), false) = (reg.winner(), reg.losers().is_empty()) {
+                    out.push(Conflict::Field {
+                        path: here.clone(),
+                        field: field.clone(),
+                        winner: Self::field_write(dag, w),
+                        losers: reg
+                            .losers()
+                            .iter()
+                            .map(|l| Self::field_write(dag, l))
+                            .collect(),
+                    });
+                }
+            }
+            if let Some(losers) = self.tree.move_losers(&id, &|a, b| dag.is_ancestor(a, b)) {
+                out.push(Conflict::Move {
+                    path: here.clone(),
+                    entry: id,
+                    losers: losers.iter().map(|&n| *dag.id(n)).collect(),
+                });
+            }
+            let children = self.tree.children(&id);
+            let mut seen = HashSet::new();
+            for (_, p) in &children {
+                if !seen.insert(p.name.as_str()) {
+                    continue;
+                }
+                let named = self.tree.named(&id, &p.name);
+                if named.len() > 1 {
+                    out.push(Conflict::Name {
+                        path: child_path(&here, &p.name),
+                        winner: named[0],
+                        others: named[1..].to_vec(),
+                    });
+                }
+            }
+            stack.extend(children.iter().rev().map(|(c, _)| *c));
+            // Deleted children whose deletion raced with edits.
+            for &(c, deleted_by) in deleted.get(&id).into_iter().flatten() {
+                let edits = self.edits_concurrent_with(dag, &c, deleted_by);
+                if !edits.is_empty() {
+                    out.push(Conflict::Delete {
+                        entry: c,
+                        deleted_by: *dag.id(deleted_by),
+                        edits,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn edits_concurrent_with(&self, dag: &Dag, entry: &EntryId, delete: NodeIdx) -> Vec<NodeId> {
+        let field_nodes = self
+            .fields
+            .get(entry)
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, r)| r.nodes());
+        let text_nodes = self
+            .texts
+            .get(entry)
+            .into_iter()
+            .flat_map(|t| t.editors.values().copied());
+        let mut out: Vec<NodeId> = field_nodes
+            .chain(text_nodes)
+            .chain(self.tree.placement_nodes(entry))
+            .filter(|&n| n != delete && !dag.is_ancestor(n, delete))
+            .map(|n| *dag.id(n))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The whole visible state as a value: for each entry its kind, fields,
+    /// text and children (by name; a colliding loser is keyed `name~id8`).
+    pub fn export(&self) -> Value {
+        self.export_entry(&EntryId::ROOT)
+    }
+
+    fn export_entry(&self, id: &EntryId) -> Value {
+        let mut m = BTreeMap::new();
+        m.insert("kind".to_owned(), Value::Str(self.kind(id).as_str().into()));
+        let fields: BTreeMap<String, Value> = self
+            .fields(id)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.clone()))
+            .collect();
+        if !fields.is_empty() {
+            m.insert("fields".to_owned(), Value::Map(fields));
+        }
+        if let Some(t) = self.texts.get(id) {
+            m.insert("text".to_owned(), Value::Str(t.seq.text()));
+        }
+        let mut children = BTreeMap::new();
+        for (c, p) in self.tree.children(id) {
+            let key = if self.tree.named(id, &p.name).first() == Some(&c) {
+                p.name.clone()
+            } else {
+                format!("{}~{}", p.name, &c.to_string()[..8])
+            };
+            children.insert(key, self.export_entry(&c));
+        }
+        if !children.is_empty() {
+            m.insert("children".to_owned(), Value::Map(children));
+        }
+        Value::Map(m)
+    }
+
+    /// The canonical hash of the visible state (entries, kinds, positions,
+    /// fields with their open conflicts, text, and delete and move
+    /// conflicts). Equal on every replica holding the same nodes.
+    pub fn state_hash(&self, dag: &Dag) -> [u8; 32] {
+        let mut w = Writer::new();
+        self.hash_entry(dag, &EntryId::ROOT, &mut w);
+        let conflicts = self.conflicts(dag, "/").unwrap_or_default();
+        let mut extra = Vec::new();
+        for c in conflicts {
+            match c {
+                Conflict::Delete {
+                    entry,
+                    deleted_by,
+                    edits,
+                } => {
+                    extra.push((0u8, entry, deleted_by, edits));
+                }
+                Conflict::Move { entry, losers, .. } => {
+                    extra.push((1u8, entry, NodeId([0; 32]), losers));
+                }
+                // Field and name conflicts are already in the tree walk.
+                Conflict::Field { .. } | Conflict::Name { .. } => {}
+            }
+        }
+        extra.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        w.array(extra.len());
+        for (kind, entry, by, nodes) in &extra {
+            w.array(4);
+            w.uint(*kind as u64);
+            w.bin(&entry.0);
+            w.bin(&by.0);
+            w.array(nodes.len());
+            for n in nodes {
+                w.bin(&n.0);
+            }
+        }
+        *blake3::hash(w.as_bytes()).as_bytes()
+    }
+
+    fn hash_entry(&self, dag: &Dag, id: &EntryId, w: &mut Writer) {
+        w.array(5);
+        w.bin(&id.0);
+        w.uint(self.kind(id) as u64);
+        let regs = self.fields.get(id);
+        let live: Vec<(&String, &Register)> = regs
+            .into_iter()
+            .flatten()
+            .filter(|(_, r)| r.winner().is_some())
+            .collect();
+        w.array(live.len());
+        for (field, reg) in live {
+            w.array(2);
+            w.str(field);
+            let writes = reg.winner().into_iter().chain(reg.losers());
+            w.array(1 + reg.losers().len());
+            for wr in writes {
+                w.array(3);
+                match &wr.value {
+                    Some(v) => v.encode(w),
+                    None => w.nil(),
+                }
+                w.bin(&wr.stamp.author.0);
+                w.bin(&dag.id(wr.node).0);
+            }
+        }
+        match self.texts.get(id) {
+            Some(t) => w.str(&t.seq.text()),
+            None => w.nil(),
+        }
+        let children = self.tree.children(id);
+        w.array(children.len());
+        for (c, p) in children {
+            w.array(3);
+            w.str(&p.name);
+            match &p.position {
+                Some(pos) => w.bin(pos),
+                None => w.nil(),
+            }
+            self.hash_entry(dag, &c, w);
+        }
+    }
+}
+
+fn child_path(parent: &str, name: &str) -> String {
+    if parent == "/" {
+        format!("/{name}")
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+fn resolve_ref(ctx: &Ctx<'_>, c: CharRef) -> Target {
+    match c.node {
+        None => Target::Known(ItemId {
+            node: ctx.node,
+            index: c.index,
+        }),
+        Some(id) => match ctx.dag.idx(&id) {
+            Some(node) => Target::Known(ItemId {
+                node,
+                index: c.index,
+            }),
+            None => Target::Unknown(id, c.index),
+        },
+    }
+}
+
+/// The key a parked insert waits under. A reference into the node being
+/// built by a local transaction is always to an earlier op of it, so the
+/// placeholder id is never waited on.
+fn wait_key(ctx: &Ctx<'_>, t: Target) -> (NodeId, u32) {
+    match t {
+        Target::Known(i) => (ctx.node_id(i.node).unwrap_or(NodeId([0; 32])), i.index),
+        Target::Unknown(id, index) => (id, index),
+    }
+}
+
+/// Integrates a text insert, or parks it until the characters it references
+/// exist; then releases whatever it unblocked. The outcome is the same in any
+/// delivery order: an insert goes in exactly when both its origins are in.
+fn integrate(ctx: &Ctx<'_>, t: &mut TextState, first: Parked) {
+    let mut work = vec![first];
+    while let Some(p) = work.pop() {
+        let present = |r: Option<Target>| match r {
+            None => Ok(None),
+            Some(Target::Known(i)) if t.seq.contains(i) => Ok(Some(i)),
+            Some(other) => Err(other),
+        };
+        let (left, right) = match (present(p.left), present(p.right)) {
+            (Ok(l), Ok(r)) => (l, r),
+            (Err(missing), _) | (_, Err(missing)) => {
+                t.parked.entry(wait_key(ctx, missing)).or_default().push(p);
+                continue;
+            }
+        };
+        let first = ItemId {
+            node: p.node,
+            index: p.first,
+        };
+        let dag = ctx.dag;
+        match t
+            .seq
+            .integrate(first, left, right, &p.text, &|a, b| order_nodes(dag, a, b))
+        {
+            Ok(()) => {}
+            // A replayed insert, or origins checked above: nothing to do.
+            // An id past u32 (only a hostile node can claim one): dropped on
+            // every replica alike.
+            Err(
+                SeqError::DuplicateItem(_) | SeqError::UnknownOrigin(_) | SeqError::IdOverflow(_),
+            ) => {
+                continue;
+            }
+        }
+        if t.parked.is_empty() && t.deleted_early.is_empty() {
+            continue;
+        }
+        let Some(node_id) = ctx.node_id(p.node) else {
+            continue;
+        };
+        let n = p.text.chars().count() as u32;
+        for index in p.first..p.first + n {
+            let key = (node_id, index);
+            if let Some(waiting) = t.parked.remove(&key) {
+                work.extend(waiting);
+            }
+            if t.deleted_early.remove(&key) {
+                let _ = t.seq.delete(ItemId {
+                    node: p.node,
+                    index,
+                });
+            }
+        }
+    }
+}
+
+/// Total order of nodes for text tie-breaks: by node id (a node still being
+/// built sorts last; it never meets a tie, see `Ctx::provisional`).
+fn order_nodes(dag: &Dag, a: u32, b: u32) -> std::cmp::Ordering {
+    let next = dag.next_idx();
+    match (a < next, b < next) {
+        (true, true) => dag.id(a).cmp(dag.id(b)),
+        (x, y) => y.cmp(&x),
+    }
+}

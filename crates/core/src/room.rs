@@ -1,0 +1,547 @@
+//! A room replica without I/O: its DAG, its document and its clock, and the
+//! transaction API apps write with.
+//!
+//! A transaction applies each change to the document as it is made (so later
+//! changes in it see earlier ones), then commits them all as one node.
+//! Dropping an uncommitted transaction rolls the document back by replaying
+//! the history (rare, and correct by construction).
+
+use thiserror::Error;
+
+use crate::dag::{Dag, DagError, NodeIdx, VerifiedNode};
+use crate::doc::{Changes, Ctx, Doc, PathError, split_path};
+use crate::hlc::{Hlc, HlcClock};
+use crate::ids::{AuthorId, EntryId, NodeId, RoomId, Signature};
+use crate::keys::Keypair;
+use crate::limits::{MAX_NODE_BYTES, MAX_OPS_PER_NODE};
+use crate::node::Node;
+use crate::op::{CharRef, CharSpan, EntryKind, Op, Position};
+use crate::pack::{self, PackError};
+use crate::value::Value;
+
+/// Why a transaction step was refused (nothing was changed by it).
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum TxnError {
+    /// The path is malformed or names no live entry.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// A text position or range past the end of the text.
+    #[error("text range {pos}..{end} is past the end ({len} characters)")]
+    OutOfRange {
+        /// Start asked for.
+        pos: usize,
+        /// End asked for.
+        end: usize,
+        /// Characters in the text.
+        len: usize,
+    },
+    /// The root cannot be moved, deleted or given a text.
+    #[error("the root entry cannot be changed this way")]
+    Root,
+    /// A move under the entry itself or one of its descendants.
+    #[error("cannot move an entry under itself")]
+    Cycle,
+    /// A field name that is empty or too long.
+    #[error("invalid field name {0:?}")]
+    Field(String),
+    /// The transaction exceeds the node limits.
+    #[error("transaction too large for one node")]
+    TooLarge,
+}
+
+/// A committed local node.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    /// Its number in the DAG.
+    pub idx: NodeIdx,
+    /// Its id.
+    pub id: NodeId,
+    /// Its canonical bytes (what the store persists).
+    pub bytes: Vec<u8>,
+    /// What it changed.
+    pub changes: Changes,
+}
+
+/// What receiving nodes did.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Nodes inserted and materialized, with what each changed.
+    pub accepted: Vec<(NodeIdx, Changes)>,
+    /// Nodes that already were here.
+    pub duplicates: usize,
+    /// Nodes now waiting for parents.
+    pub pending: usize,
+}
+
+/// Why a pack could not be exported.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum ExportError {
+    /// Another author's node with no signature held on it or on any later
+    /// node of its chain (it could not be vouched for).
+    #[error("no signature held for {0:?}'s nodes")]
+    Unsigned(AuthorId),
+}
+
+/// One room's replica state.
+#[derive(Debug)]
+pub struct Room {
+    dag: Dag,
+    doc: Doc,
+    clock: HlcClock,
+}
+
+impl Room {
+    /// An empty room.
+    pub fn new(id: RoomId) -> Room {
+        Room::with_dag(Dag::new(id))
+    }
+
+    /// A room over an existing (possibly empty) DAG; the document is
+    /// rebuilt from it.
+    pub fn with_dag(dag: Dag) -> Room {
+        let doc = Doc::replay(&dag);
+        let mut clock = HlcClock::new();
+        for i in 0..dag.next_idx() {
+            clock.observe(dag.hlc(i));
+        }
+        Room { dag, doc, clock }
+    }
+
+    /// The room id.
+    pub fn id(&self) -> &RoomId {
+        self.dag.room()
+    }
+
+    /// The history.
+    pub fn dag(&self) -> &Dag {
+        &self.dag
+    }
+
+    /// The materialized document.
+    pub fn doc(&self) -> &Doc {
+        &self.doc
+    }
+
+    /// The latest timestamp issued or seen.
+    pub fn clock(&self) -> Hlc {
+        self.clock.last()
+    }
+
+    /// The canonical hash of the visible state.
+    pub fn state_hash(&self) -> [u8; 32] {
+        self.doc.state_hash(&self.dag)
+    }
+
+    /// Inserts a verified node (idempotent; out-of-order nodes wait) and
+    /// materializes everything that became insertable.
+    pub fn receive(&mut self, v: VerifiedNode) -> Result<Received, DagError> {
+        let ins = self.dag.insert(v)?;
+        let mut out = Received {
+            duplicates: ins.duplicate as usize,
+            pending: ins.pending as usize,
+            ..Received::default()
+        };
+        for (idx, node) in ins.accepted {
+            self.clock.observe(node.hlc);
+            let changes = self.doc.apply(&self.dag, idx, &node);
+            out.accepted.push((idx, changes));
+        }
+        match ins.released_errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// Decodes, verifies and receives a pack. A malformed or forged pack
+    /// changes nothing; a node refused by the DAG stops the pack there (the
+    /// nodes before it stay accepted) and its error is returned.
+    pub fn receive_pack(&mut self, bytes: &[u8]) -> Result<Received, ReceiveError> {
+        let decoded = pack::decode(bytes, self.id())?;
+        let mut total = Received::default();
+        for v in decoded.nodes {
+            let r = self.receive(v).map_err(|error| ReceiveError::Node {
+                error,
+                accepted: total.accepted.len(),
+            })?;
+            total.accepted.extend(r.accepted);
+            total.duplicates += r.duplicates;
+            total.pending += r.pending;
+        }
+        Ok(total)
+    }
+
+    /// Encodes `nodes` (any order; sorted causally here) as a pack. Each
+    /// author's newest node must be signed: a stored signature is used, the
+    /// `local` key signs its own author's nodes, and another author's run
+    /// without one is extended along its chain to a node that has one.
+    /// Signatures made here are recorded and returned (to be persisted).
+    pub fn export_pack(
+        &mut self,
+        nodes: &[NodeIdx],
+        local: Option<&Keypair>,
+        zstd_level: i32,
+    ) -> Result<(Vec<u8>, Vec<(NodeId, Signature)>), ExportError> {
+        use std::collections::BTreeMap;
+        let mut set: Vec<NodeIdx> = nodes.to_vec();
+        let mut newest: BTreeMap<AuthorId, NodeIdx> = BTreeMap::new();
+        for &i in nodes {
+            let e = newest.entry(*self.dag.author(i)).or_insert(i);
+            if self.dag.seq(i) > self.dag.seq(*e) {
+                *e = i;
+            }
+        }
+        let mut signatures = Vec::new();
+        let mut made = Vec::new();
+        for (author, mut last) in newest {
+            let sig = loop {
+                if let Some(s) = self.dag.signature(last) {
+                    break *s;
+                }
+                if let Some(k) = local.filter(|k| k.author() == author) {
+                    let s = k.sign(self.dag.id(last));
+                    self.dag.set_signature(last, s);
+                    made.push((*self.dag.id(last), s));
+                    break s;
+                }
+                let next = self.dag.by_author_seq(&author, self.dag.seq(last) + 1);
+                last = next.ok_or(ExportError::Unsigned(author))?;
+                set.push(last);
+            };
+            signatures.push((author, sig));
+        }
+        set.sort_unstable();
+        set.dedup();
+        self.dag.sort_causal(&mut set);
+        let decoded: Vec<(NodeId, Node)> = set
+            .iter()
+            .map(|&i| {
+                let node = Node::decode(self.dag.bytes(i)).expect("the DAG holds valid nodes");
+                (*self.dag.id(i), node)
+            })
+            .collect();
+        let refs: Vec<(NodeId, &Node)> = decoded.iter().map(|(id, n)| (*id, n)).collect();
+        Ok((
+            pack::encode(self.id(), &refs, &signatures, zstd_level),
+            made,
+        ))
+    }
+
+    /// Starts a transaction by `author` at wall time `now_ms`.
+    pub fn begin(&mut self, author: AuthorId, now_ms: u64) -> Transaction<'_> {
+        let heads = self.dag.heads();
+        let head_idx: Vec<NodeIdx> = heads.iter().filter_map(|h| self.dag.idx(h)).collect();
+        let lamport = self.dag.next_lamport(&head_idx);
+        let hlc = self.clock.tick(now_ms);
+        let seq = self.dag.author_seq(&author) + 1;
+        let node = self.dag.next_idx();
+        Transaction {
+            room: self,
+            author,
+            seq,
+            hlc,
+            lamport,
+            parents: heads,
+            node,
+            ops: Vec::new(),
+            chars: 0,
+            changes: Changes::default(),
+            done: false,
+        }
+    }
+}
+
+/// Why receiving a pack stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum ReceiveError {
+    /// The pack itself was refused; nothing was applied.
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    /// A node was refused; the `accepted` nodes before it were applied.
+    #[error("{error} (after {accepted} accepted nodes)")]
+    Node {
+        /// Why.
+        error: DagError,
+        /// Nodes applied before it.
+        accepted: usize,
+    },
+}
+
+/// Changes being gathered into one node. Commit with [`Transaction::commit`];
+/// dropping it uncommitted undoes its changes.
+#[derive(Debug)]
+pub struct Transaction<'r> {
+    room: &'r mut Room,
+    author: AuthorId,
+    seq: u64,
+    hlc: Hlc,
+    lamport: u64,
+    parents: Vec<NodeId>,
+    node: NodeIdx,
+    ops: Vec<Op>,
+    chars: u32,
+    changes: Changes,
+    done: bool,
+}
+
+impl Transaction<'_> {
+    /// The document as changed so far by this transaction.
+    pub fn doc(&self) -> &Doc {
+        &self.room.doc
+    }
+
+    fn push(&mut self, op: Op) -> Result<(), TxnError> {
+        if self.ops.len() >= MAX_OPS_PER_NODE {
+            return Err(TxnError::TooLarge);
+        }
+        let ctx = Ctx {
+            dag: &self.room.dag,
+            node: self.node,
+            author: self.author,
+            seq: self.seq,
+            hlc: self.hlc,
+        };
+        let index = self.ops.len() as u32;
+        self.room
+            .doc
+            .apply_op(&ctx, index, &op, self.chars, &mut self.changes);
+        self.chars += op.inserted_chars();
+        self.ops.push(op);
+        Ok(())
+    }
+
+    /// The entry at `path`, creating missing entries on the way by path
+    /// (so concurrent creators of one path meet); the last one gets `kind`.
+    pub fn ensure(&mut self, path: &str, kind: EntryKind) -> Result<EntryId, TxnError> {
+        let names = split_path(path)?;
+        let mut cur = EntryId::ROOT;
+        for (i, name) in names.iter().enumerate() {
+            let parent_path = parent_path_of(&names[..=i]);
+            cur = match self.room.doc.resolve(&parent_path) {
+                Ok(id) => id,
+                Err(_) => {
+                    let k = if i + 1 == names.len() {
+                        kind
+                    } else {
+                        EntryKind::Map
+                    };
+                    self.push(Op::Create {
+                        parent: cur,
+                        name: (*name).to_owned(),
+                        kind: k,
+                        position: None,
+                        unique: false,
+                    })?;
+                    EntryId::derived(&cur, name)
+                }
+            };
+        }
+        Ok(cur)
+    }
+
+    /// Creates a new, distinct entry `name` under `parent_path` (outline
+    /// items, list elements), optionally with a position key.
+    pub fn create_unique(
+        &mut self,
+        parent_path: &str,
+        name: &str,
+        kind: EntryKind,
+        position: Option<Position>,
+    ) -> Result<EntryId, TxnError> {
+        let parent = self.room.doc.resolve(parent_path)?;
+        let full = format!("{}/{name}", parent_path.trim_end_matches('/'));
+        split_path(&full)?;
+        let index = self.ops.len() as u32;
+        self.push(Op::Create {
+            parent,
+            name: name.to_owned(),
+            kind,
+            position,
+            unique: true,
+        })?;
+        Ok(EntryId::unique(&self.author, self.seq, index))
+    }
+
+    /// Sets a field, creating the entry by path if needed.
+    pub fn set(&mut self, path: &str, field: &str, value: Value) -> Result<(), TxnError> {
+        check_field(field)?;
+        let entry = self.ensure(path, EntryKind::Map)?;
+        self.push(Op::Set {
+            entry,
+            field: field.to_owned(),
+            value,
+        })
+    }
+
+    /// Removes a field.
+    pub fn unset(&mut self, path: &str, field: &str) -> Result<(), TxnError> {
+        check_field(field)?;
+        let entry = self.room.doc.resolve(path)?;
+        self.push(Op::Unset {
+            entry,
+            field: field.to_owned(),
+        })
+    }
+
+    /// Moves the entry at `path` to `new_path` (whose parent must exist).
+    pub fn mv(&mut self, path: &str, new_path: &str) -> Result<(), TxnError> {
+        let entry = self.room.doc.resolve(path)?;
+        if entry == EntryId::ROOT {
+            return Err(TxnError::Root);
+        }
+        let names = split_path(new_path)?;
+        let Some((name, parents)) = names.split_last() else {
+            return Err(TxnError::Root);
+        };
+        let parent = self.room.doc.resolve(&parent_path_of(parents))?;
+        let mut cur = Some(parent);
+        while let Some(c) = cur {
+            if c == entry {
+                return Err(TxnError::Cycle);
+            }
+            cur = self.room.doc.parent(&c);
+        }
+        self.push(Op::Move {
+            entry,
+            parent,
+            name: (*name).to_owned(),
+            position: None,
+        })
+    }
+
+    /// Deletes the entry at `path` (and, from the view, its subtree).
+    pub fn delete(&mut self, path: &str) -> Result<(), TxnError> {
+        let entry = self.room.doc.resolve(path)?;
+        if entry == EntryId::ROOT {
+            return Err(TxnError::Root);
+        }
+        self.push(Op::Delete { entry })
+    }
+
+    /// Inserts `text` at character `pos` of the text at `path` (created as
+    /// a text entry if missing).
+    pub fn text_insert(&mut self, path: &str, pos: usize, text: &str) -> Result<(), TxnError> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let entry = self.ensure(path, EntryKind::Text)?;
+        let entry_len = self.room.doc.text_len(&entry);
+        let (left, right) = match self.room.doc.sequence(&entry) {
+            Some(s) => s.origins_at(pos),
+            None => (pos == 0).then_some((None, None)),
+        }
+        .ok_or(TxnError::OutOfRange {
+            pos,
+            end: pos,
+            len: entry_len,
+        })?;
+        let dag = &self.room.dag;
+        let node = self.node;
+        let to_ref = |i: crate::doc::seq::ItemId| CharRef {
+            node: (i.node != node).then(|| *dag.id(i.node)),
+            index: i.index,
+        };
+        self.push(Op::TextInsert {
+            entry,
+            left: left.map(to_ref),
+            right: right.map(to_ref),
+            text: text.to_owned(),
+        })
+    }
+
+    /// Deletes `len` characters from `pos` of the text at `path`.
+    pub fn text_delete(&mut self, path: &str, pos: usize, len: usize) -> Result<(), TxnError> {
+        let entry = self.room.doc.resolve(path)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let out_of_range = TxnError::OutOfRange {
+            pos,
+            end: pos + len,
+            len: self.room.doc.text_len(&entry),
+        };
+        let runs = self
+            .room
+            .doc
+            .sequence(&entry)
+            .and_then(|s| s.visible_runs(pos, len))
+            .ok_or(out_of_range)?;
+        let dag = &self.room.dag;
+        let spans = runs
+            .into_iter()
+            .map(|(first, n)| CharSpan {
+                start: CharRef {
+                    node: (first.node != self.node).then(|| *dag.id(first.node)),
+                    index: first.index,
+                },
+                len: n,
+            })
+            .collect();
+        self.push(Op::TextDelete { entry, spans })
+    }
+
+    /// Commits the changes as one node (`None` if there were none). The
+    /// node is in the room's DAG when this returns; persisting it is the
+    /// caller's job (a durable replica does it before acknowledging).
+    pub fn commit(mut self) -> Result<Option<Committed>, TxnError> {
+        self.done = true;
+        if self.ops.is_empty() {
+            return Ok(None);
+        }
+        let node = Node {
+            room: self.room.id().clone(),
+            author: self.author,
+            seq: self.seq,
+            parents: std::mem::take(&mut self.parents),
+            lamport: self.lamport,
+            hlc: self.hlc,
+            ops: std::mem::take(&mut self.ops),
+        };
+        let bytes = node.encode();
+        if bytes.len() > MAX_NODE_BYTES {
+            self.room.doc = Doc::replay(&self.room.dag);
+            return Err(TxnError::TooLarge);
+        }
+        let id = Node::id_of(&bytes);
+        let v = VerifiedNode {
+            id,
+            node,
+            bytes: bytes.clone(),
+            sig: None,
+        };
+        let ins = self
+            .room
+            .dag
+            .insert(v)
+            .expect("a local node built on the current heads is valid");
+        debug_assert_eq!(ins.accepted.first().map(|(i, _)| *i), Some(self.node));
+        Ok(Some(Committed {
+            idx: self.node,
+            id,
+            bytes,
+            changes: std::mem::take(&mut self.changes),
+        }))
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if !self.done && !self.ops.is_empty() {
+            self.room.doc = Doc::replay(&self.room.dag);
+        }
+    }
+}
+
+fn check_field(field: &str) -> Result<(), TxnError> {
+    if field.is_empty() || field.len() > crate::limits::MAX_NAME_BYTES {
+        return Err(TxnError::Field(field.to_owned()));
+    }
+    Ok(())
+}
+
+fn parent_path_of(names: &[&str]) -> String {
+    if names.is_empty() {
+        "/".to_owned()
+    } else {
+        names.iter().fold(String::new(), |s, n| s + "/" + n)
+    }
+}
