@@ -423,14 +423,21 @@ impl Dag {
         if ma.author == mb.author {
             return ma.seq < mb.seq;
         }
+        // Walk back from `b`. Reaching any node of `a`'s author settles that
+        // branch through the chain: at or after `a`'s seq, `a` is an
+        // ancestor; before it, `a` cannot be behind that node.
         let mut seen = HashSet::new();
         let mut stack = vec![b];
         while let Some(n) = stack.pop() {
             for &p in self.parents(n) {
-                if p == a {
-                    return true;
+                let mp = &self.metas[p as usize];
+                if mp.author == ma.author {
+                    if mp.seq >= ma.seq {
+                        return true;
+                    }
+                    continue;
                 }
-                if self.lamport(p) > target && seen.insert(p) {
+                if mp.lamport > target && seen.insert(p) {
                     stack.push(p);
                 }
             }

@@ -228,11 +228,19 @@ impl Room {
 
     /// Starts a transaction by `author` at wall time `now_ms`.
     pub fn begin(&mut self, author: AuthorId, now_ms: u64) -> Transaction<'_> {
-        let heads = self.dag.heads();
-        let head_idx: Vec<NodeIdx> = heads.iter().filter_map(|h| self.dag.idx(h)).collect();
-        let lamport = self.dag.next_lamport(&head_idx);
-        let hlc = self.clock.tick(now_ms);
+        // Parents: every head, plus the author's own previous node, which
+        // the chain rule requires even when others have built on it.
+        let mut parents = self.dag.heads();
         let seq = self.dag.author_seq(&author) + 1;
+        if let Some(prev) = self.dag.by_author_seq(&author, seq - 1) {
+            let prev = *self.dag.id(prev);
+            if let Err(at) = parents.binary_search(&prev) {
+                parents.insert(at, prev);
+            }
+        }
+        let parent_idx: Vec<NodeIdx> = parents.iter().filter_map(|h| self.dag.idx(h)).collect();
+        let lamport = self.dag.next_lamport(&parent_idx);
+        let hlc = self.clock.tick(now_ms);
         let node = self.dag.next_idx();
         Transaction {
             room: self,
@@ -240,7 +248,7 @@ impl Room {
             seq,
             hlc,
             lamport,
-            parents: heads,
+            parents,
             node,
             ops: Vec::new(),
             chars: 0,

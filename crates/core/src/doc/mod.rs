@@ -276,7 +276,8 @@ impl Doc {
                     name: name.clone(),
                     position: position.clone(),
                 };
-                self.tree.place(stamp, ctx.node, id, to);
+                self.tree
+                    .place(stamp, ctx.node, id, to, &|a, b| ctx.before(a, b));
                 changes.entries.extend([id, *parent]);
             }
             Op::Set {
@@ -299,7 +300,8 @@ impl Doc {
                     name: name.clone(),
                     position: position.clone(),
                 };
-                self.tree.place(stamp, ctx.node, *entry, to);
+                self.tree
+                    .place(stamp, ctx.node, *entry, to, &|a, b| ctx.before(a, b));
                 changes.entries.extend([*entry, *parent]);
                 changes.entries.extend(old);
             }
@@ -310,7 +312,8 @@ impl Doc {
                     name: String::new(),
                     position: None,
                 };
-                self.tree.place(stamp, ctx.node, *entry, to);
+                self.tree
+                    .place(stamp, ctx.node, *entry, to, &|a, b| ctx.before(a, b));
                 changes.entries.push(*entry);
                 changes.entries.extend(old);
             }
@@ -510,11 +513,15 @@ impl Doc {
                     });
                 }
             }
-            if let Some(losers) = self.tree.move_losers(&id, &|a, b| dag.is_ancestor(a, b)) {
+            if let Some(losers) = self.tree.move_losers(&id) {
+                // Node numbers are local to a replica; ids are not.
+                let mut losers: Vec<NodeId> = losers.iter().map(|&n| *dag.id(n)).collect();
+                losers.sort_unstable();
+                losers.dedup();
                 out.push(Conflict::Move {
                     path: here.clone(),
                     entry: id,
-                    losers: losers.iter().map(|&n| *dag.id(n)).collect(),
+                    losers,
                 });
             }
             let children = self.tree.children(&id);

@@ -46,8 +46,9 @@ pub(crate) struct EntryState {
     pub(crate) kind: Option<(Stamp, EntryKind)>,
     /// Children by name (several when names collide).
     pub(crate) children: BTreeMap<String, Vec<EntryId>>,
-    /// Every placement of this entry: stamp, node and target.
-    history: Vec<(Stamp, NodeIdx, Placement)>,
+    /// The placements of this entry that no later placement of it has
+    /// superseded causally (a frontier, like a field register's writes).
+    frontier: Vec<(Stamp, NodeIdx, Placement)>,
 }
 
 impl EntryState {
@@ -56,7 +57,7 @@ impl EntryState {
             placed: None,
             kind: None,
             children: BTreeMap::new(),
-            history: Vec::new(),
+            frontier: Vec::new(),
         }
     }
 }
@@ -83,16 +84,39 @@ impl Tree {
 
     /// Applies a placement of `entry`, in timestamp order relative to all
     /// others (undoing and redoing newer ones if it arrives late).
-    pub(crate) fn place(&mut self, stamp: Stamp, node: NodeIdx, entry: EntryId, to: Placement) {
+    /// `before(a, b)`: node `a` is a strict causal ancestor of node `b`.
+    pub(crate) fn place(
+        &mut self,
+        stamp: Stamp,
+        node: NodeIdx,
+        entry: EntryId,
+        to: Placement,
+        before: &dyn Fn(NodeIdx, NodeIdx) -> bool,
+    ) {
         let at = self.log.partition_point(|r| r.stamp < stamp);
         if self.log.get(at).is_some_and(|r| r.stamp == stamp) {
             return; // The same op again: idempotent.
         }
-        self.entries
+        let frontier = &mut self
+            .entries
             .entry(entry)
             .or_insert_with(EntryState::new)
-            .history
-            .push((stamp.clone(), node, to.clone()));
+            .frontier;
+        let supersedes = |old: &(Stamp, NodeIdx, Placement), new: &(Stamp, NodeIdx)| {
+            if old.1 == new.1 {
+                old.0 < new.0
+            } else {
+                before(old.1, new.1)
+            }
+        };
+        let new = (stamp.clone(), node);
+        if !frontier
+            .iter()
+            .any(|f| f.1 != node && before(node, f.1) || f.1 == node && f.0 > stamp)
+        {
+            frontier.retain(|f| !supersedes(f, &new));
+            frontier.push((stamp.clone(), node, to.clone()));
+        }
         for i in (at..self.log.len()).rev() {
             self.undo(i);
         }
@@ -179,25 +203,15 @@ impl Tree {
     /// Nodes whose placements of `id` did not take effect although nobody
     /// who saw them placed the entry again: overridden by a concurrent
     /// placement, or skipped because it would have made a cycle.
-    /// `before(a, b)`: node `a` is a strict ancestor of node `b`.
-    pub(crate) fn move_losers(
-        &self,
-        id: &EntryId,
-        before: &dyn Fn(NodeIdx, NodeIdx) -> bool,
-    ) -> Option<Vec<NodeIdx>> {
+    pub(crate) fn move_losers(&self, id: &EntryId) -> Option<Vec<NodeIdx>> {
         let e = self.entries.get(id)?;
         let (won, stamp, _) = e.placed.as_ref()?;
         let mut losers: Vec<NodeIdx> = e
-            .history
+            .frontier
             .iter()
-            .filter(|(s, n, to)| {
-                s != stamp
-                    && to != won
-                    && !e.history.iter().any(|(_, m, _)| m != n && before(*n, *m))
-            })
+            .filter(|(s, _, to)| s != stamp && to != won)
             .map(|(_, n, _)| *n)
             .collect();
-        losers.sort_unstable();
         losers.dedup();
         (!losers.is_empty()).then_some(losers)
     }
@@ -220,12 +234,12 @@ impl Tree {
             .collect()
     }
 
-    /// Nodes that placed (created or moved) `id`.
+    /// Nodes whose placements of `id` no later placement superseded.
     pub(crate) fn placement_nodes(&self, id: &EntryId) -> impl Iterator<Item = NodeIdx> + '_ {
         self.entries
             .get(id)
             .into_iter()
-            .flat_map(|e| e.history.iter().map(|(_, n, _)| *n))
+            .flat_map(|e| e.frontier.iter().map(|(_, n, _)| *n))
     }
 
     /// Whether the entry is reachable from the root (not deleted, not under
@@ -307,7 +321,7 @@ impl Tree {
 mod tests {
     use super::*;
     use crate::hlc::Hlc;
-    use crate::ids::{AuthorId, NodeId};
+    use crate::ids::AuthorId;
 
     fn stamp(t: u64) -> Stamp {
         Stamp {
@@ -316,7 +330,6 @@ mod tests {
                 counter: 0,
             },
             author: AuthorId([0; 32]),
-            node: NodeId([t as u8; 32]),
             op: 0,
         }
     }
@@ -348,7 +361,7 @@ mod tests {
             let mut t = Tree::default();
             for i in order {
                 let (s, id, p) = ops[i].clone();
-                t.place(s, 0, id, p);
+                t.place(s, 0, id, p, &|_, _| false);
             }
             assert!(t.is_live(&e(1)) && t.is_live(&e(2)));
             results.push((t.path_of(&e(1)), t.path_of(&e(2))));
@@ -361,22 +374,22 @@ mod tests {
     #[test]
     fn delete_is_a_move_to_trash_and_a_later_create_revives() {
         let mut t = Tree::default();
-        t.place(stamp(1), 0, e(1), at(EntryId::ROOT, "a"));
-        t.place(stamp(2), 0, e(2), at(e(1), "child"));
-        t.place(stamp(3), 0, e(1), at(EntryId::TRASH, "a"));
+        t.place(stamp(1), 0, e(1), at(EntryId::ROOT, "a"), &|_, _| false);
+        t.place(stamp(2), 0, e(2), at(e(1), "child"), &|_, _| false);
+        t.place(stamp(3), 0, e(1), at(EntryId::TRASH, "a"), &|_, _| false);
         assert!(!t.is_live(&e(1)) && !t.is_live(&e(2)));
-        t.place(stamp(4), 0, e(1), at(EntryId::ROOT, "a"));
+        t.place(stamp(4), 0, e(1), at(EntryId::ROOT, "a"), &|_, _| false);
         assert_eq!(t.path_of(&e(2)).as_deref(), Some("/a/child"));
         // Replaying the same placement is a no-op.
-        t.place(stamp(3), 0, e(1), at(EntryId::TRASH, "a"));
+        t.place(stamp(3), 0, e(1), at(EntryId::TRASH, "a"), &|_, _| false);
         assert!(t.is_live(&e(2)));
     }
 
     #[test]
     fn name_collisions_keep_both_and_pick_the_earliest() {
         let mut t = Tree::default();
-        t.place(stamp(5), 0, e(2), at(EntryId::ROOT, "x"));
-        t.place(stamp(3), 0, e(1), at(EntryId::ROOT, "x"));
+        t.place(stamp(5), 0, e(2), at(EntryId::ROOT, "x"), &|_, _| false);
+        t.place(stamp(3), 0, e(1), at(EntryId::ROOT, "x"), &|_, _| false);
         assert_eq!(t.named(&EntryId::ROOT, "x"), vec![e(1), e(2)]);
         assert_eq!(t.children(&EntryId::ROOT).len(), 2);
     }
