@@ -6,12 +6,12 @@
 //! is always a causal order (a node is inserted only after its parents). The
 //! document layer uses the same numbers to refer to nodes cheaply.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 
 use thiserror::Error;
 
 use crate::hlc::Hlc;
-use crate::ids::{AuthorId, NodeId, RoomId, Signature};
+use crate::ids::{AuthorId, IdMap, IdSet, NodeId, RoomId, Signature};
 use crate::limits::MAX_PENDING_NODES;
 use crate::node::Node;
 
@@ -105,23 +105,26 @@ struct Meta {
 pub struct Dag {
     room: RoomId,
     metas: Vec<Meta>,
-    bytes: Vec<Box<[u8]>>,
+    /// Canonical bytes of every node, back to back (one allocation for the
+    /// history instead of one per node); `byte_ends[i]` ends node `i`.
+    byte_arena: Vec<u8>,
+    byte_ends: Vec<usize>,
     parent_arena: Vec<NodeIdx>,
-    index: HashMap<NodeId, NodeIdx>,
+    index: IdMap<NodeId, NodeIdx>,
     authors: Vec<AuthorId>,
-    author_index: HashMap<AuthorId, u32>,
+    author_index: IdMap<AuthorId, u32>,
     /// Per author: chain[seq - 1] is the node with that seq.
     chains: Vec<Vec<NodeIdx>>,
-    heads: HashSet<NodeIdx>,
-    signatures: HashMap<NodeIdx, Signature>,
+    heads: IdSet<NodeIdx>,
+    signatures: IdMap<NodeIdx, Signature>,
     pending: Pending,
 }
 
 #[derive(Debug, Default)]
 struct Pending {
     /// Missing parent -> nodes waiting for it.
-    waiting: HashMap<NodeId, Vec<VerifiedNode>>,
-    ids: HashSet<NodeId>,
+    waiting: IdMap<NodeId, Vec<VerifiedNode>>,
+    ids: IdSet<NodeId>,
     limit: usize,
 }
 
@@ -136,14 +139,15 @@ impl Dag {
         Dag {
             room,
             metas: Vec::new(),
-            bytes: Vec::new(),
+            byte_arena: Vec::new(),
+            byte_ends: Vec::new(),
             parent_arena: Vec::new(),
-            index: HashMap::new(),
+            index: IdMap::default(),
             authors: Vec::new(),
-            author_index: HashMap::new(),
+            author_index: IdMap::default(),
             chains: Vec::new(),
-            heads: HashSet::new(),
-            signatures: HashMap::new(),
+            heads: IdSet::default(),
+            signatures: IdMap::default(),
             pending: Pending {
                 limit,
                 ..Pending::default()
@@ -188,7 +192,9 @@ impl Dag {
 
     /// The canonical bytes of node `idx`.
     pub fn bytes(&self, idx: NodeIdx) -> &[u8] {
-        &self.bytes[idx as usize]
+        let i = idx as usize;
+        let start = if i == 0 { 0 } else { self.byte_ends[i - 1] };
+        &self.byte_arena[start..self.byte_ends[i]]
     }
 
     /// The author of node `idx`.
@@ -395,7 +401,8 @@ impl Dag {
             parents_len: parents.len() as u16,
         });
         self.parent_arena.extend_from_slice(&parents);
-        self.bytes.push(v.bytes.into_boxed_slice());
+        self.byte_arena.extend_from_slice(&v.bytes);
+        self.byte_ends.push(self.byte_arena.len());
         self.index.insert(v.id, idx);
         self.chains[author as usize].push(idx);
         if let Some(sig) = v.sig {
@@ -426,7 +433,7 @@ impl Dag {
         // Walk back from `b`. Reaching any node of `a`'s author settles that
         // branch through the chain: at or after `a`'s seq, `a` is an
         // ancestor; before it, `a` cannot be behind that node.
-        let mut seen = HashSet::new();
+        let mut seen = IdSet::default();
         let mut stack = vec![b];
         while let Some(n) = stack.pop() {
             for &p in self.parents(n) {

@@ -13,6 +13,53 @@ fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
     Ok(())
 }
 
+/// A hasher for maps keyed by ids (and small tuples of ids and integers).
+///
+/// Ids are BLAKE3 output or public keys, so their bits are already uniform;
+/// this hasher only folds words together. It has a fixed key: core code
+/// never reads the OS random number generator, and the same inputs give the
+/// same table layout on every run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // FxHash's step: cheap, and a bijection of the previous state.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+/// Builds [`IdHasher`]s.
+pub type IdBuildHasher = std::hash::BuildHasherDefault<IdHasher>;
+/// A hash map keyed by ids.
+pub type IdMap<K, V> = std::collections::HashMap<K, V, IdBuildHasher>;
+/// A hash set of ids.
+pub type IdSet<K> = std::collections::HashSet<K, IdBuildHasher>;
+
 /// Lower-case hexadecimal of `bytes`.
 pub fn to_hex(bytes: &[u8]) -> String {
     use fmt::Write;
@@ -40,8 +87,18 @@ pub fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
 macro_rules! byte_id {
     ($(#[$doc:meta])* $name:ident, $len:expr) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
         pub struct $name(pub [u8; $len]);
+
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                // The bytes are a hash or a public key: any eight are
+                // already uniform, so hashing more would only cost time.
+                let mut word = [0u8; 8];
+                word.copy_from_slice(&self.0[..8]);
+                state.write_u64(u64::from_le_bytes(word));
+            }
+        }
 
         impl $name {
             /// The raw bytes.

@@ -50,7 +50,7 @@ pub enum NodeDecodeError {
 impl Node {
     /// The canonical encoding.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::with_buffer(Vec::with_capacity(96));
+        let mut w = Writer::with_buffer(Vec::with_capacity(256));
         self.encode_into(&mut w);
         w.into_bytes()
     }

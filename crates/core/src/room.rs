@@ -9,7 +9,7 @@
 use thiserror::Error;
 
 use crate::dag::{Dag, DagError, NodeIdx, VerifiedNode};
-use crate::doc::{Changes, Ctx, Doc, PathError, split_path};
+use crate::doc::{Changes, Ctx, Doc, PathError, path_names, split_path};
 use crate::hlc::{Hlc, HlcClock};
 use crate::ids::{AuthorId, EntryId, NodeId, RoomId, Signature};
 use crate::keys::Keypair;
@@ -54,10 +54,8 @@ pub enum TxnError {
 pub struct Committed {
     /// Its number in the DAG.
     pub idx: NodeIdx,
-    /// Its id.
+    /// Its id (its canonical bytes are `room.dag().bytes(idx)`).
     pub id: NodeId,
-    /// Its canonical bytes (what the store persists).
-    pub bytes: Vec<u8>,
     /// What it changed.
     pub changes: Changes,
 }
@@ -72,6 +70,9 @@ pub struct Received {
     /// Nodes now waiting for parents.
     pub pending: usize,
 }
+
+/// An exported pack and the signatures made for it (to be persisted).
+pub type ExportedPack = (Vec<u8>, Vec<(NodeId, Signature)>);
 
 /// Why a pack could not be exported.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
@@ -180,7 +181,7 @@ impl Room {
         nodes: &[NodeIdx],
         local: Option<&Keypair>,
         zstd_level: i32,
-    ) -> Result<(Vec<u8>, Vec<(NodeId, Signature)>), ExportError> {
+    ) -> Result<ExportedPack, ExportError> {
         use std::collections::BTreeMap;
         let mut set: Vec<NodeIdx> = nodes.to_vec();
         let mut newest: BTreeMap<AuthorId, NodeIdx> = BTreeMap::new();
@@ -320,21 +321,21 @@ impl Transaction<'_> {
     /// The entry at `path`, creating missing entries on the way by path
     /// (so concurrent creators of one path meet); the last one gets `kind`.
     pub fn ensure(&mut self, path: &str, kind: EntryKind) -> Result<EntryId, TxnError> {
-        let names = split_path(path)?;
+        let mut names = path_names(path)?.peekable();
         let mut cur = EntryId::ROOT;
-        for (i, name) in names.iter().enumerate() {
-            let parent_path = parent_path_of(&names[..=i]);
-            cur = match self.room.doc.resolve(&parent_path) {
-                Ok(id) => id,
-                Err(_) => {
-                    let k = if i + 1 == names.len() {
+        while let Some(name) = names.next() {
+            let name = name?;
+            cur = match self.room.doc.child_named(&cur, name) {
+                Some(id) => id,
+                None => {
+                    let k = if names.peek().is_none() {
                         kind
                     } else {
                         EntryKind::Map
                     };
                     self.push(Op::Create {
                         parent: cur,
-                        name: (*name).to_owned(),
+                        name: name.to_owned(),
                         kind: k,
                         position: None,
                         unique: false,
@@ -458,10 +459,10 @@ impl Transaction<'_> {
 
     /// Deletes `len` characters from `pos` of the text at `path`.
     pub fn text_delete(&mut self, path: &str, pos: usize, len: usize) -> Result<(), TxnError> {
-        let entry = self.room.doc.resolve(path)?;
         if len == 0 {
             return Ok(());
         }
+        let entry = self.room.doc.resolve(path)?;
         let out_of_range = TxnError::OutOfRange {
             pos,
             end: pos + len,
@@ -513,7 +514,7 @@ impl Transaction<'_> {
         let v = VerifiedNode {
             id,
             node,
-            bytes: bytes.clone(),
+            bytes,
             sig: None,
         };
         let ins = self
@@ -525,7 +526,6 @@ impl Transaction<'_> {
         Ok(Some(Committed {
             idx: self.node,
             id,
-            bytes,
             changes: std::mem::take(&mut self.changes),
         }))
     }

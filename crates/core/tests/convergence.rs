@@ -244,7 +244,7 @@ fn replicas_converge_over_many_seeds() {
     for seed in 0..seeds {
         run_seed(seed, ops);
     }
-    println!("convergence: {seeds} seeds x {ops} operations, all replicas converged");
+    eprintln!("convergence: {seeds} seeds x {ops} operations, all replicas converged");
 }
 
 #[test]

@@ -530,7 +530,7 @@ impl<'a> Reader<'a> {
             _ => return Err(self.unexpected(at, m, "extension")),
         };
         // Sizes with a fixext form must use it.
-        if n < min || (m >= 0xc7 && m <= 0xc9 && matches!(n, 1 | 2 | 4 | 8 | 16)) {
+        if n < min || ((0xc7..=0xc9).contains(&m) && matches!(n, 1 | 2 | 4 | 8 | 16)) {
             return Err(DecodeError::NonCanonical(at));
         }
         let tag = self.byte()? as i8;

@@ -11,14 +11,14 @@ mod fields;
 pub mod seq;
 mod tree;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use thiserror::Error;
 
 use crate::codec::mp::Writer;
 use crate::dag::{Dag, NodeIdx};
 use crate::hlc::Hlc;
-use crate::ids::{AuthorId, EntryId, NodeId};
+use crate::ids::{AuthorId, EntryId, IdMap, IdSet, NodeId};
 use crate::node::Node;
 use crate::op::{CharRef, EntryKind, Op, is_valid_name};
 use crate::value::Value;
@@ -48,20 +48,31 @@ pub enum PathError {
     NotFound(String),
 }
 
-/// Splits `/a/b` into names. `/` is the root (no names).
-pub fn split_path(path: &str) -> Result<Vec<&str>, PathError> {
+/// The names of `/a/b`, each checked as it is reached (no allocation). `/`
+/// is the root (no names); a trailing `/` is allowed.
+pub fn path_names(path: &str) -> Result<impl Iterator<Item = Result<&str, PathError>>, PathError> {
     let trimmed = path.strip_suffix('/').unwrap_or(path);
-    if trimmed.is_empty() && path.starts_with('/') {
-        return Ok(Vec::new());
-    }
-    let Some(rest) = trimmed.strip_prefix('/') else {
+    let Some(rest) = trimmed
+        .strip_prefix('/')
+        .or((trimmed.is_empty() && !path.is_empty()).then_some(""))
+    else {
         return Err(PathError::Invalid(path.to_owned()));
     };
-    let names: Vec<&str> = rest.split('/').collect();
-    if names.iter().any(|n| !is_valid_name(n)) {
-        return Err(PathError::Invalid(path.to_owned()));
-    }
-    Ok(names)
+    Ok(rest
+        .split('/')
+        .filter(move |_| !rest.is_empty())
+        .map(move |n| {
+            if is_valid_name(n) {
+                Ok(n)
+            } else {
+                Err(PathError::Invalid(path.to_owned()))
+            }
+        }))
+}
+
+/// Splits `/a/b` into names. `/` is the root (no names).
+pub fn split_path(path: &str) -> Result<Vec<&str>, PathError> {
+    path_names(path)?.collect()
 }
 
 /// A write as shown by the conflicts API.
@@ -140,13 +151,19 @@ enum Target {
     Unknown(NodeId, u32),
 }
 
-/// A text insert waiting for a character it references.
-#[derive(Clone, Debug)]
-struct Parked {
+/// Where a text insert goes and which characters it gets.
+#[derive(Clone, Copy, Debug)]
+struct Insert {
     node: NodeIdx,
     first: u32,
     left: Option<Target>,
     right: Option<Target>,
+}
+
+/// A text insert waiting for a character it references.
+#[derive(Clone, Debug)]
+struct Parked {
+    insert: Insert,
     text: String,
 }
 
@@ -154,11 +171,11 @@ struct Parked {
 struct TextState {
     seq: Sequence,
     /// Inserts whose origin is not integrated yet, by the missing character.
-    parked: HashMap<(NodeId, u32), Vec<Parked>>,
+    parked: IdMap<(NodeId, u32), Vec<Parked>>,
     /// Deletes of characters not integrated yet (applied when they are).
-    deleted_early: HashSet<(NodeId, u32)>,
+    deleted_early: IdSet<(NodeId, u32)>,
     /// Per author, the newest node that edited this text.
-    editors: HashMap<AuthorId, NodeIdx>,
+    editors: IdMap<AuthorId, NodeIdx>,
 }
 
 /// The node being applied.
@@ -206,8 +223,8 @@ pub struct Changes {
 #[derive(Clone, Debug, Default)]
 pub struct Doc {
     tree: Tree,
-    fields: HashMap<EntryId, BTreeMap<String, Register>>,
-    texts: HashMap<EntryId, TextState>,
+    fields: IdMap<EntryId, BTreeMap<String, Register>>,
+    texts: IdMap<EntryId, TextState>,
 }
 
 impl Doc {
@@ -325,14 +342,13 @@ impl Doc {
             } => {
                 let t = self.texts.entry(*entry).or_default();
                 t.editors.insert(ctx.author, ctx.node);
-                let parked = Parked {
+                let insert = Insert {
                     node: ctx.node,
                     first: chars,
                     left: left.map(|c| resolve_ref(ctx, c)),
                     right: right.map(|c| resolve_ref(ctx, c)),
-                    text: text.clone(),
                 };
-                integrate(ctx, t, parked);
+                integrate(ctx, t, insert, text);
                 changes.entries.push(*entry);
             }
             Op::TextDelete { entry, spans } => {
@@ -404,14 +420,18 @@ impl Doc {
     /// The live entry at `path`.
     pub fn resolve(&self, path: &str) -> Result<EntryId, PathError> {
         let mut cur = EntryId::ROOT;
-        for name in split_path(path)? {
-            cur = *self
-                .tree
-                .named(&cur, name)
-                .first()
+        for name in path_names(path)? {
+            cur = self
+                .child_named(&cur, name?)
                 .ok_or_else(|| PathError::NotFound(path.to_owned()))?;
         }
         Ok(cur)
+    }
+
+    /// The live child of `parent` that `name` resolves to (the earliest
+    /// placed, when names collide).
+    pub fn child_named(&self, parent: &EntryId, name: &str) -> Option<EntryId> {
+        self.tree.winner_named(parent, name)
     }
 
     /// Whether `id` is reachable from the root.
@@ -486,7 +506,7 @@ impl Doc {
     /// Open conflicts at or under `path` (all of them for `/`).
     pub fn conflicts(&self, dag: &Dag, path: &str) -> Result<Vec<Conflict>, PathError> {
         let top = self.resolve(path)?;
-        let mut deleted: HashMap<EntryId, Vec<(EntryId, NodeIdx)>> = HashMap::new();
+        let mut deleted: IdMap<EntryId, Vec<(EntryId, NodeIdx)>> = IdMap::default();
         for (entry, former, by) in self.tree.deletions() {
             if let Some(parent) = former {
                 deleted.entry(parent).or_default().push((entry, by));
@@ -637,7 +657,7 @@ impl Doc {
                 Conflict::Field { .. } | Conflict::Name { .. } => {}
             }
         }
-        extra.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        extra.sort_by_key(|e| (e.0, e.1));
         w.array(extra.len());
         for (kind, entry, by, nodes) in &extra {
             w.array(4);
@@ -733,60 +753,78 @@ fn wait_key(ctx: &Ctx<'_>, t: Target) -> (NodeId, u32) {
 /// Integrates a text insert, or parks it until the characters it references
 /// exist; then releases whatever it unblocked. The outcome is the same in any
 /// delivery order: an insert goes in exactly when both its origins are in.
-fn integrate(ctx: &Ctx<'_>, t: &mut TextState, first: Parked) {
-    let mut work = vec![first];
+fn integrate(ctx: &Ctx<'_>, t: &mut TextState, first: Insert, text: &str) {
+    // The common case (origins present, nothing waiting) runs without
+    // copying the text.
+    let Some(p) = try_integrate(ctx, t, first, text) else {
+        return;
+    };
+    let mut work = vec![Parked {
+        insert: p,
+        text: text.to_owned(),
+    }];
     while let Some(p) = work.pop() {
-        let present = |r: Option<Target>| match r {
-            None => Ok(None),
-            Some(Target::Known(i)) if t.seq.contains(i) => Ok(Some(i)),
-            Some(other) => Err(other),
-        };
-        let (left, right) = match (present(p.left), present(p.right)) {
-            (Ok(l), Ok(r)) => (l, r),
-            (Err(missing), _) | (_, Err(missing)) => {
-                t.parked.entry(wait_key(ctx, missing)).or_default().push(p);
-                continue;
-            }
-        };
-        let first = ItemId {
-            node: p.node,
-            index: p.first,
-        };
-        let dag = ctx.dag;
-        match t
-            .seq
-            .integrate(first, left, right, &p.text, &|a, b| order_nodes(dag, a, b))
-        {
-            Ok(()) => {}
-            // A replayed insert, or origins checked above: nothing to do.
-            // An id past u32 (only a hostile node can claim one): dropped on
-            // every replica alike.
-            Err(
-                SeqError::DuplicateItem(_) | SeqError::UnknownOrigin(_) | SeqError::IdOverflow(_),
-            ) => {
-                continue;
-            }
-        }
-        if t.parked.is_empty() && t.deleted_early.is_empty() {
+        let Some(done) = try_integrate(ctx, t, p.insert, &p.text) else {
             continue;
-        }
-        let Some(node_id) = ctx.node_id(p.node) else {
+        };
+        let Some(node_id) = ctx.node_id(done.node) else {
             continue;
         };
         let n = p.text.chars().count() as u32;
-        for index in p.first..p.first + n {
+        for index in done.first..done.first + n {
             let key = (node_id, index);
             if let Some(waiting) = t.parked.remove(&key) {
                 work.extend(waiting);
             }
             if t.deleted_early.remove(&key) {
                 let _ = t.seq.delete(ItemId {
-                    node: p.node,
+                    node: done.node,
                     index,
                 });
             }
         }
     }
+}
+
+/// Integrates `ins` if its origins are present, else parks it. Returns the
+/// insert when it went in and others may wait on its characters.
+fn try_integrate(ctx: &Ctx<'_>, t: &mut TextState, ins: Insert, text: &str) -> Option<Insert> {
+    let present = |r: Option<Target>| match r {
+        None => Ok(None),
+        Some(Target::Known(i)) if t.seq.contains(i) => Ok(Some(i)),
+        Some(other) => Err(other),
+    };
+    let (left, right) = match (present(ins.left), present(ins.right)) {
+        (Ok(l), Ok(r)) => (l, r),
+        (Err(missing), _) | (_, Err(missing)) => {
+            let parked = Parked {
+                insert: ins,
+                text: text.to_owned(),
+            };
+            t.parked
+                .entry(wait_key(ctx, missing))
+                .or_default()
+                .push(parked);
+            return None;
+        }
+    };
+    let first = ItemId {
+        node: ins.node,
+        index: ins.first,
+    };
+    let dag = ctx.dag;
+    match t
+        .seq
+        .integrate(first, left, right, text, &|a, b| order_nodes(dag, a, b))
+    {
+        Ok(()) => {}
+        // A replayed insert, origins checked above, or an id past u32 (only
+        // a hostile node can claim one): nothing changes, on every replica.
+        Err(SeqError::DuplicateItem(_) | SeqError::UnknownOrigin(_) | SeqError::IdOverflow(_)) => {
+            return None;
+        }
+    }
+    (!t.parked.is_empty() || !t.deleted_early.is_empty()).then_some(ins)
 }
 
 /// Total order of nodes for text tie-breaks: by node id (a node still being

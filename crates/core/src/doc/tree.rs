@@ -10,10 +10,10 @@
 //! Delete is a move into [`EntryId::TRASH`], so a later create by path (or a
 //! later move) brings an entry back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::dag::NodeIdx;
-use crate::ids::EntryId;
+use crate::ids::{EntryId, IdMap};
 use crate::op::{EntryKind, Position};
 
 use super::Stamp;
@@ -65,7 +65,7 @@ impl EntryState {
 /// All entries and the placement log.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Tree {
-    entries: HashMap<EntryId, EntryState>,
+    entries: IdMap<EntryId, EntryState>,
     log: Vec<LogRecord>,
 }
 
@@ -179,14 +179,13 @@ impl Tree {
     fn set_placement(&mut self, entry: EntryId, placed: Option<(Placement, Stamp, NodeIdx)>) {
         let state = self.entries.entry(entry).or_insert_with(EntryState::new);
         let old = std::mem::replace(&mut state.placed, placed.clone());
-        if let Some((p, _, _)) = old {
-            if let Some(parent) = self.entries.get_mut(&p.parent) {
-                if let Some(ids) = parent.children.get_mut(&p.name) {
-                    ids.retain(|c| *c != entry);
-                    if ids.is_empty() {
-                        parent.children.remove(&p.name);
-                    }
-                }
+        if let Some((p, _, _)) = old
+            && let Some(parent) = self.entries.get_mut(&p.parent)
+            && let Some(ids) = parent.children.get_mut(&p.name)
+        {
+            ids.retain(|c| *c != entry);
+            if ids.is_empty() {
+                parent.children.remove(&p.name);
             }
         }
         if let Some((p, _, _)) = placed {
@@ -256,6 +255,19 @@ impl Tree {
             }
         }
         false
+    }
+
+    /// The child of `id` that `name` resolves to: of the entries placed
+    /// there with that name, the one placed earliest.
+    pub(crate) fn winner_named(&self, id: &EntryId, name: &str) -> Option<EntryId> {
+        let ids = self.entries.get(id)?.children.get(name)?;
+        if let [only] = ids.as_slice() {
+            return Some(*only);
+        }
+        ids.iter()
+            .filter_map(|c| Some((&self.entries.get(c)?.placed.as_ref()?.1, *c)))
+            .min()
+            .map(|(_, c)| c)
     }
 
     /// Live children of `id` named `name`, winner first: the entry that
@@ -349,7 +361,7 @@ mod tests {
     #[test]
     fn concurrent_moves_never_make_cycles_in_any_order() {
         // a and b under root; concurrently a -> under b and b -> under a.
-        let ops = vec![
+        let ops = [
             (stamp(1), e(1), at(EntryId::ROOT, "a")),
             (stamp(2), e(2), at(EntryId::ROOT, "b")),
             (stamp(3), e(1), at(e(2), "a")),
