@@ -61,6 +61,14 @@ pub enum DagError {
         /// The node refused.
         conflicting: NodeId,
     },
+    /// The node breaks a structural rule (see [`Node::check_structure`]).
+    #[error("invalid node {id:?}: {source}")]
+    Structure {
+        /// The node.
+        id: NodeId,
+        /// The broken rule.
+        source: crate::node::NodeDecodeError,
+    },
     /// The node breaks a rule that needs its parents to check.
     #[error("invalid node {id:?}: {reason}")]
     Invalid {
@@ -288,6 +296,9 @@ impl Dag {
                 found: v.node.room.clone(),
             });
         }
+        v.node
+            .check_structure()
+            .map_err(|source| DagError::Structure { id: v.id, source })?;
         if self.index.contains_key(&v.id) || self.pending.ids.contains(&v.id) {
             out.duplicate = true;
             return Ok(out);

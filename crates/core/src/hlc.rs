@@ -54,7 +54,9 @@ impl HlcClock {
         self.last
     }
 
-    /// Records a remote timestamp so later local events order after it.
+    /// Records a remote timestamp so later local events order after it
+    /// (validated nodes carry at most `MAX_HLC_WALL_MS`, so ticking after
+    /// one cannot overflow).
     pub fn observe(&mut self, remote: Hlc) {
         self.last = self.last.max(remote);
     }

@@ -190,9 +190,10 @@ pub enum RoomIdError {
     Character,
 }
 
-/// A room: a document or namespace with its own history DAG.
+/// A room: a document or namespace with its own history DAG. Cheap to
+/// clone (every node carries one).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RoomId(String);
+pub struct RoomId(std::sync::Arc<str>);
 
 impl RoomId {
     /// Validates and wraps a room name. The alphabet is restricted so that a
@@ -207,7 +208,7 @@ impl RoomId {
         {
             return Err(RoomIdError::Character);
         }
-        Ok(RoomId(name.to_owned()))
+        Ok(RoomId(name.into()))
     }
 
     /// The room name.

@@ -25,6 +25,12 @@ pub const MAX_POSITION_BYTES: usize = 64;
 pub const MAX_MIME_BYTES: usize = 255;
 /// Most spans in one text delete.
 pub const MAX_DELETE_SPANS: usize = 4096;
+/// Most characters one node may delete (across all its spans): bounds the
+/// work a single node can ask for. Larger deletions take several nodes.
+pub const MAX_DELETED_CHARS_PER_NODE: u64 = 1 << 20;
+/// Latest wall time a clock may carry (about the year 10889): keeps every
+/// clock step far from overflow, whatever a peer sends.
+pub const MAX_HLC_WALL_MS: u64 = 1 << 48;
 /// Most nodes in one pack.
 pub const MAX_NODES_PER_PACK: usize = 1 << 20;
 /// Largest pack body once decompressed.

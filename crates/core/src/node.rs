@@ -10,7 +10,10 @@ use thiserror::Error;
 use crate::codec::mp::{DecodeError, Reader, Writer};
 use crate::hlc::Hlc;
 use crate::ids::{AuthorId, NodeId, RoomId};
-use crate::limits::{MAX_NODE_BYTES, MAX_OPS_PER_NODE, MAX_PARENTS, MAX_ROOM_ID_BYTES};
+use crate::limits::{
+    MAX_DELETED_CHARS_PER_NODE, MAX_HLC_WALL_MS, MAX_NODE_BYTES, MAX_OPS_PER_NODE, MAX_PARENTS,
+    MAX_ROOM_ID_BYTES,
+};
 use crate::op::Op;
 
 /// One transaction of one author in one room.
@@ -96,6 +99,20 @@ impl Node {
         if self.ops.len() > MAX_OPS_PER_NODE {
             return Err(NodeDecodeError::Invalid("too many operations"));
         }
+        if self.hlc.wall_ms > MAX_HLC_WALL_MS {
+            return Err(NodeDecodeError::Invalid("clock beyond the year 10889"));
+        }
+        let deleted: u64 = self
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::TextDelete { spans, .. } => spans.iter().map(|s| s.len as u64).sum(),
+                _ => 0,
+            })
+            .sum();
+        if deleted > MAX_DELETED_CHARS_PER_NODE {
+            return Err(NodeDecodeError::Invalid("deletes too many characters"));
+        }
         if self.parents.windows(2).any(|w| w[0] >= w[1]) {
             return Err(NodeDecodeError::Invalid("parents not sorted and distinct"));
         }
@@ -168,7 +185,7 @@ pub(crate) mod tests {
             any::<[u8; 32]>(),
             1u64..1_000_000,
             proptest::collection::btree_set(any::<[u8; 32]>(), 1..4),
-            any::<u64>(),
+            0..=MAX_HLC_WALL_MS,
             any::<u32>(),
             proptest::collection::vec(arb_op(), 0..5),
         )
@@ -217,6 +234,40 @@ pub(crate) mod tests {
                 prop_assert_eq!(node.encode(), bytes);
             }
         }
+    }
+
+    #[test]
+    fn work_and_clock_bounds_are_enforced() {
+        use crate::ids::EntryId;
+        use crate::op::{CharRef, CharSpan};
+        let mut node = Node {
+            room: RoomId::new("r").unwrap(),
+            author: AuthorId([1; 32]),
+            seq: 1,
+            parents: vec![],
+            lamport: 1,
+            hlc: Hlc::default(),
+            ops: vec![Op::TextDelete {
+                entry: EntryId::ROOT,
+                spans: vec![CharSpan {
+                    start: CharRef {
+                        node: None,
+                        index: 0,
+                    },
+                    len: u32::MAX,
+                }],
+            }],
+        };
+        assert_eq!(
+            Node::decode(&node.encode()),
+            Err(NodeDecodeError::Invalid("deletes too many characters"))
+        );
+        node.ops.clear();
+        node.hlc.wall_ms = u64::MAX;
+        assert_eq!(
+            Node::decode(&node.encode()),
+            Err(NodeDecodeError::Invalid("clock beyond the year 10889"))
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use thiserror::Error;
 use crate::codec::mp::Writer;
 use crate::dag::{Dag, NodeIdx};
 use crate::hlc::Hlc;
-use crate::ids::{AuthorId, EntryId, IdMap, IdSet, NodeId};
+use crate::ids::{AuthorId, EntryId, IdMap, NodeId};
 use crate::node::Node;
 use crate::op::{CharRef, EntryKind, Op, is_valid_name};
 use crate::value::Value;
@@ -172,8 +172,11 @@ struct TextState {
     seq: Sequence,
     /// Inserts whose origin is not integrated yet, by the missing character.
     parked: IdMap<(NodeId, u32), Vec<Parked>>,
-    /// Deletes of characters not integrated yet (applied when they are).
-    deleted_early: IdSet<(NodeId, u32)>,
+    /// Deletes of characters not integrated yet, as (first index, count)
+    /// spans per node, applied when the characters arrive. Spans, not
+    /// characters, so memory follows the ops rather than the lengths they
+    /// claim.
+    deleted_early: IdMap<NodeId, Vec<(u32, u32)>>,
     /// Per author, the newest node that edited this text.
     editors: IdMap<AuthorId, NodeIdx>,
 }
@@ -357,21 +360,27 @@ impl Doc {
                 for span in spans {
                     let target = resolve_ref(ctx, span.start);
                     let start = span.start.index;
-                    for index in start..start.saturating_add(span.len) {
-                        let deleted = match target {
-                            Target::Known(i) => t
+                    let end = start.saturating_add(span.len);
+                    let mut missing = false;
+                    if let Target::Known(i) = target {
+                        for index in start..end {
+                            missing |= t
                                 .seq
                                 .delete(ItemId {
                                     node: i.node,
                                     index,
                                 })
-                                .is_ok(),
-                            Target::Unknown(..) => false,
-                        };
-                        if !deleted {
-                            let (node, _) = wait_key(ctx, target);
-                            t.deleted_early.insert((node, index));
+                                .is_err();
                         }
+                    }
+                    if missing || matches!(target, Target::Unknown(..)) {
+                        // Some characters are not here yet (their insert
+                        // waits): delete them when they arrive.
+                        let (node, _) = wait_key(ctx, target);
+                        t.deleted_early
+                            .entry(node)
+                            .or_default()
+                            .push((start, end - start));
                     }
                 }
                 changes.entries.push(*entry);
@@ -771,16 +780,22 @@ fn integrate(ctx: &Ctx<'_>, t: &mut TextState, first: Insert, text: &str) {
             continue;
         };
         let n = p.text.chars().count() as u32;
-        for index in done.first..done.first + n {
-            let key = (node_id, index);
-            if let Some(waiting) = t.parked.remove(&key) {
-                work.extend(waiting);
+        let run = done.first..done.first + n;
+        if !t.parked.is_empty() {
+            for index in run.clone() {
+                if let Some(waiting) = t.parked.remove(&(node_id, index)) {
+                    work.extend(waiting);
+                }
             }
-            if t.deleted_early.remove(&key) {
-                let _ = t.seq.delete(ItemId {
-                    node: done.node,
-                    index,
-                });
+        }
+        if let Some(spans) = t.deleted_early.get(&node_id) {
+            for &(start, len) in spans {
+                for index in start.max(run.start)..(start + len).min(run.end) {
+                    let _ = t.seq.delete(ItemId {
+                        node: done.node,
+                        index,
+                    });
+                }
             }
         }
     }
