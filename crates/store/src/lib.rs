@@ -5,7 +5,8 @@
 //! every backend. Backends: [`MemoryStore`] (tests, ephemeral replicas),
 //! [`SqliteStore`] (the embedded default: WAL, group commit, acknowledged
 //! only once durable) and [`FaultyStore`] (injects I/O failures and crashes
-//! for tests and the simulator).
+//! for tests and the simulator). [`Replica`] builds the durable replica on
+//! top: rooms whose changes are acknowledged only once stored.
 //!
 //! **Architecture Invariant:** a call that returns `Ok` from a write method
 //! has put the write on stable storage (for [`MemoryStore`], on the
@@ -18,11 +19,13 @@ use thiserror::Error;
 pub mod conformance;
 mod faulty;
 mod memory;
+pub mod replica;
 mod sqlite;
 
 pub use faulty::{FaultPlan, FaultyStore};
 pub use memory::MemoryStore;
-pub use sqlite::{SqliteOptions, SqliteStore};
+pub use replica::{DurableRoom, Replica, ReplicaError};
+pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore};
 
 /// One node as stored: its id, canonical bytes and, when one is held, a
 /// signature by its author over the id.

@@ -1,0 +1,1280 @@
+//! [`SqliteStore`]: the embedded default backend, on SQLite in WAL mode.
+//!
+//! **Group commit.** One writer thread owns the only write connection.
+//! [`Store::commit`] and [`Store::put_meta`] send their write over a channel
+//! and block until the writer answers. The writer takes every write queued
+//! at that moment (up to `MAX_GROUP_WRITES` writes or `MAX_GROUP_NODES`
+//! nodes) into one transaction, so one fsync acknowledges them all. If that
+//! transaction fails, the writer retries each write of the group alone in
+//! its own transaction, so one bad write fails only its own caller; an I/O
+//! failure then fails each caller in turn, and none of them is acknowledged.
+//!
+//! **Reads** use a small pool of read-only connections: WAL lets them read
+//! the last committed state while the writer writes, and a read that starts
+//! after a commit was acknowledged sees it.
+//!
+//! **Schema.** `PRAGMA user_version` is the schema version; `MIGRATIONS`
+//! are applied in order, in one transaction, at open. Tables carry the
+//! version that introduced their layout (`nodes_v1`), so a later migration
+//! that changes a layout creates `nodes_v2` and copies, and an older
+//! replica's file opens in a newer build. A file from a newer build is
+//! refused rather than misread.
+//!
+//! - `rooms_v1(key, name, node_count)`: a small integer key per room name;
+//!   `node_count` makes counting and listing rooms cheap.
+//! - `nodes_v1(pos, id, bytes, sig)`: `pos`, the rowid, is
+//!   `room key << 32 | seq` where `seq` counts the room's nodes from 0. A
+//!   room's nodes are one contiguous rowid range in append order, so
+//!   loading a room is one sequential scan and appending writes only the
+//!   end of that range (no other index to update).
+//! - `outbox_v1(pos, room, id)`: `pos` (the rowid) only grows, giving the
+//!   order added; unique `(room, id)`.
+//! - `meta_v1(key, value)`.
+//!
+//! **Dedup** happens in the writer, against an in-memory map of each
+//! written room's ids (keyed by their first 8 bytes, loaded by one scan at
+//! the room's first write), not through a unique index: BLAKE3 ids are
+//! random, and a B-tree index on them turns every batch into random page
+//! writes all over the index (appending 10^6 nodes in batches of 10^4 ran
+//! about ten times slower with one). The maps' total size is bounded by
+//! [`SqliteOptions::dedup_cache_nodes`]. This needs the writer to be the
+//! file's only writer, which a lock file (`<path>-lock`) enforces.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fs::{File, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, Row, TransactionBehavior, params};
+use syncline_core::{NodeId, RoomId, Signature};
+
+use crate::{Batch, Store, StoreError, StoredNode};
+
+/// Schema migrations: entry `i` takes a database from version `i` to
+/// `i + 1`. Append only; never edit a shipped entry.
+const MIGRATIONS: &[&str] = &[MIGRATION_1];
+
+const MIGRATION_1: &str = "
+CREATE TABLE rooms_v1 (
+    key INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    node_count INTEGER NOT NULL
+);
+CREATE TABLE nodes_v1 (
+    pos INTEGER PRIMARY KEY,
+    id BLOB NOT NULL,
+    bytes BLOB NOT NULL,
+    sig BLOB
+);
+CREATE TABLE outbox_v1 (
+    pos INTEGER PRIMARY KEY,
+    room INTEGER NOT NULL,
+    id BLOB NOT NULL,
+    UNIQUE (room, id)
+);
+CREATE TABLE meta_v1 (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+";
+
+/// `PRAGMA application_id` of a Syncline store ("SYNC"), so that another
+/// application's SQLite file is refused instead of migrated.
+const APPLICATION_ID: i32 = 0x5359_4e43;
+
+/// Bits of a node's `pos` that hold its index in its room.
+const SEQ_BITS: u32 = 32;
+
+/// Most nodes one room can hold: the `seq` part of `pos`.
+const MAX_ROOM_NODES: i64 = 1 << SEQ_BITS;
+
+/// Most rooms: room keys must leave `pos` a positive `i64`.
+const MAX_ROOM_KEY: i64 = (1 << (63 - SEQ_BITS)) - 1;
+
+/// At most this many writes share one transaction: bounds the work (and the
+/// latency) of a group.
+const MAX_GROUP_WRITES: usize = 1024;
+
+/// A group stops taking writes once it holds this many nodes: past it, one
+/// fsync is already a small part of the cost and merging more only delays
+/// the first callers.
+const MAX_GROUP_NODES: usize = 100_000;
+
+/// Idle read connections kept for reuse; more are opened under load.
+const MAX_IDLE_READERS: usize = 4;
+
+/// Rooms whose key and count the writer caches; past it the cache restarts.
+/// Their ids are bounded separately (`SqliteOptions::dedup_cache_nodes`).
+const MAX_CACHED_ROOMS: usize = 1 << 16;
+
+/// How to open a [`SqliteStore`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// `synchronous=FULL` (the default): every acknowledged commit has been
+    /// fsynced. `false` sets `synchronous=NORMAL`: a commit survives a crash
+    /// of the process but not a power loss, which breaks the crate's
+    /// durability invariant; for benchmarks and throwaway replicas only.
+    pub synchronous_full: bool,
+    /// How long a connection waits for a lock held by another connection
+    /// before failing with [`StoreError::Io`].
+    pub busy_timeout: Duration,
+    /// Soft bound on the node ids the writer keeps in memory for dedup
+    /// (about 20 to 40 bytes each). A room written after its ids were
+    /// dropped is scanned again. One room larger than the bound is still
+    /// cached whole.
+    pub dedup_cache_nodes: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> SqliteOptions {
+        SqliteOptions {
+            synchronous_full: true,
+            busy_timeout: Duration::from_secs(5),
+            dedup_cache_nodes: 1 << 22,
+        }
+    }
+}
+
+/// Counters of the writer since the store was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SqliteStats {
+    /// Write transactions committed: with `synchronous_full`, one fsync of
+    /// the log each.
+    pub transactions: u64,
+    /// Writes (commits and metadata puts) acknowledged.
+    pub batches: u64,
+}
+
+/// The SQLite [`Store`]. Dropping it stops and joins the writer thread.
+#[derive(Debug)]
+pub struct SqliteStore {
+    path: PathBuf,
+    busy_timeout: Duration,
+    /// `None` only while dropping: closing the channel stops the writer.
+    requests: Option<Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+    readers: Mutex<Vec<Connection>>,
+    stats: Arc<Counters>,
+    /// Held (locked) for the store's life; declared last so it is released
+    /// after every connection has closed.
+    _lock: File,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    transactions: AtomicU64,
+    batches: AtomicU64,
+}
+
+/// A write sent to the writer thread, with where to send its outcome.
+struct Request {
+    write: Write,
+    reply: SyncSender<Result<(), StoreError>>,
+}
+
+enum Write {
+    Commit { room: RoomId, batch: Batch },
+    Meta { key: String, value: Vec<u8> },
+}
+
+impl Write {
+    fn node_count(&self) -> usize {
+        match self {
+            Write::Commit { batch, .. } => batch.nodes.len(),
+            Write::Meta { .. } => 0,
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path`, migrating its schema
+    /// to the current version.
+    ///
+    /// Fails with [`StoreError::Corrupt`] if the file is not a Syncline
+    /// store or was written by a newer version of this crate, and with
+    /// [`StoreError::Io`] if another `SqliteStore` has it open.
+    pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
+        let lock = lock_file(path)?;
+        let mut conn = Connection::open(path).map_err(sql)?;
+        conn.busy_timeout(options.busy_timeout).map_err(sql)?;
+        // Before anything writes: a foreign or newer file is left untouched.
+        check_version(&conn, MIGRATIONS.len())?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0))
+            .map_err(sql)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Io(format!(
+                "{}: SQLite refused WAL mode (journal_mode is {mode})",
+                path.display()
+            )));
+        }
+        let synchronous = if options.synchronous_full {
+            "FULL"
+        } else {
+            "NORMAL"
+        };
+        conn.pragma_update(None, "synchronous", synchronous)
+            .map_err(sql)?;
+        migrate(&mut conn, MIGRATIONS)?;
+
+        let stats = Arc::new(Counters::default());
+        let (requests, queue) = mpsc::channel();
+        let writer = Writer {
+            conn,
+            cache: Cache {
+                rooms: HashMap::new(),
+                budget: options.dedup_cache_nodes,
+            },
+            stats: Arc::clone(&stats),
+        };
+        let writer = std::thread::Builder::new()
+            .name("syncline-store-writer".to_owned())
+            .spawn(move || writer.run(queue))
+            .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            busy_timeout: options.busy_timeout,
+            requests: Some(requests),
+            writer: Some(writer),
+            readers: Mutex::new(Vec::new()),
+            stats,
+            _lock: lock,
+        })
+    }
+
+    /// Counters of the writer since the store was opened.
+    pub fn stats(&self) -> SqliteStats {
+        SqliteStats {
+            transactions: self.stats.transactions.load(Ordering::Relaxed),
+            batches: self.stats.batches.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sends a write to the writer thread and waits until it is durable (or
+    /// failed).
+    fn write(&self, write: Write) -> Result<(), StoreError> {
+        let Some(requests) = &self.requests else {
+            return Err(StoreError::Closed);
+        };
+        let (reply, answer) = mpsc::sync_channel(1);
+        // Either side hanging up means the writer thread is gone (it
+        // panicked): nothing more can be written.
+        requests
+            .send(Request { write, reply })
+            .map_err(|_| StoreError::Closed)?;
+        answer.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a pooled read connection.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = self.lock_readers().pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => self.open_reader()?,
+        };
+        let result = f(&conn);
+        // A connection whose call failed is dropped rather than reused, in
+        // case the failure left it in a bad state.
+        if result.is_ok() {
+            let mut idle = self.lock_readers();
+            if idle.len() < MAX_IDLE_READERS {
+                idle.push(conn);
+            }
+        }
+        result
+    }
+
+    /// Locks the idle reader pool.
+    ///
+    /// Panics if the mutex is poisoned, which only a panic while pushing or
+    /// popping a connection could cause.
+    fn lock_readers(&self) -> MutexGuard<'_, Vec<Connection>> {
+        self.readers
+            .lock()
+            .expect("SqliteStore reader pool mutex poisoned")
+    }
+
+    fn open_reader(&self) -> Result<Connection, StoreError> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql)?;
+        conn.busy_timeout(self.busy_timeout).map_err(sql)?;
+        Ok(conn)
+    }
+}
+
+/// Takes the exclusive lock that makes this process the file's only writer.
+/// A separate file, because SQLite's own locks live on the database file
+/// and, on some platforms, would collide with a whole-file lock.
+fn lock_file(path: &Path) -> Result<File, StoreError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push("-lock");
+    let lock_path = PathBuf::from(lock_path);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Io(format!("{}: {e}", lock_path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(StoreError::Io(format!(
+            "{} is already open in another SqliteStore",
+            path.display()
+        ))),
+        Err(TryLockError::Error(e)) => Err(StoreError::Io(format!("{}: {e}", lock_path.display()))),
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Readers close first so that the writer's connection is the last
+        // one: closing it checkpoints the log into the file and removes it.
+        self.readers
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        // Closing the channel ends the writer's loop once it has answered
+        // every queued write; joining makes the close synchronous, so the
+        // file can be reopened right away.
+        drop(self.requests.take());
+        if let Some(writer) = self.writer.take() {
+            // A panic of the writer was already reported to its callers as
+            // `Closed`; there is no one left to tell.
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn commit(&self, room: &RoomId, batch: Batch) -> Result<(), StoreError> {
+        self.write(Write::Commit {
+            room: room.clone(),
+            batch,
+        })
+    }
+
+    fn load_nodes(&self, room: &RoomId) -> Result<Vec<StoredNode>, StoreError> {
+        self.read(|conn| {
+            let Some(row) = lookup_room(conn, room)? else {
+                return Ok(Vec::new());
+            };
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id, bytes, sig FROM nodes_v1 WHERE pos >= ?1 AND pos < ?2 ORDER BY pos",
+                )
+                .map_err(sql)?;
+            let (first, end) = pos_range(row.key);
+            let mut rows = stmt.query([first, end]).map_err(sql)?;
+            // The count was read in an earlier snapshot: a capacity hint
+            // only, bounded so a corrupt count cannot make us allocate wildly.
+            let mut nodes = Vec::with_capacity(row.nodes.clamp(0, 1 << 22) as usize);
+            while let Some(row) = rows.next().map_err(sql)? {
+                nodes.push(stored_node(row)?);
+            }
+            Ok(nodes)
+        })
+    }
+
+    fn node_count(&self, room: &RoomId) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            let nodes = lookup_room(conn, room)?.map_or(0, |row| row.nodes);
+            u64::try_from(nodes)
+                .map_err(|_| StoreError::Corrupt(format!("room {room} counts {nodes} nodes")))
+        })
+    }
+
+    fn outbox(&self, room: &RoomId) -> Result<Vec<NodeId>, StoreError> {
+        self.read(|conn| {
+            let Some(row) = lookup_room(conn, room)? else {
+                return Ok(Vec::new());
+            };
+            let mut stmt = conn
+                .prepare_cached("SELECT id FROM outbox_v1 WHERE room = ?1 ORDER BY pos")
+                .map_err(sql)?;
+            let mut rows = stmt.query([row.key]).map_err(sql)?;
+            let mut ids = Vec::new();
+            while let Some(row) = rows.next().map_err(sql)? {
+                ids.push(NodeId(blob_array(row, 0, "outbox id")?));
+            }
+            Ok(ids)
+        })
+    }
+
+    fn rooms(&self) -> Result<Vec<RoomId>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT name FROM rooms_v1 WHERE node_count > 0 ORDER BY name")
+                .map_err(sql)?;
+            let mut rows = stmt.query([]).map_err(sql)?;
+            let mut rooms = Vec::new();
+            while let Some(row) = rows.next().map_err(sql)? {
+                let name = row.get_ref(0).and_then(|v| Ok(v.as_str()?)).map_err(sql)?;
+                let room = RoomId::new(name).map_err(|e| {
+                    StoreError::Corrupt(format!("stored room name {name:?} is invalid: {e}"))
+                })?;
+                rooms.push(room);
+            }
+            Ok(rooms)
+        })
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT value FROM meta_v1 WHERE key = ?1")
+                .map_err(sql)?;
+            let mut rows = stmt.query([key]).map_err(sql)?;
+            match rows.next().map_err(sql)? {
+                Some(row) => Ok(Some(row.get(0).map_err(sql)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write(Write::Meta {
+            key: key.to_owned(),
+            value: value.to_vec(),
+        })
+    }
+}
+
+/// A room's key and node count, as stored.
+#[derive(Clone, Copy, Debug)]
+struct RoomRow {
+    key: i64,
+    nodes: i64,
+}
+
+fn lookup_room(conn: &Connection, room: &RoomId) -> Result<Option<RoomRow>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT key, node_count FROM rooms_v1 WHERE name = ?1")
+        .map_err(sql)?;
+    let mut rows = stmt.query([room.as_str()]).map_err(sql)?;
+    let Some(row) = rows.next().map_err(sql)? else {
+        return Ok(None);
+    };
+    let found = RoomRow {
+        key: row.get(0).map_err(sql)?,
+        nodes: row.get(1).map_err(sql)?,
+    };
+    if !(1..=MAX_ROOM_KEY).contains(&found.key) || !(0..=MAX_ROOM_NODES).contains(&found.nodes) {
+        return Err(StoreError::Corrupt(format!(
+            "room {room} has key {} and {} nodes",
+            found.key, found.nodes
+        )));
+    }
+    Ok(Some(found))
+}
+
+/// The `pos` range of a room's nodes: `first..end`.
+fn pos_range(key: i64) -> (i64, i64) {
+    (key << SEQ_BITS, (key + 1) << SEQ_BITS)
+}
+
+fn stored_node(row: &Row<'_>) -> Result<StoredNode, StoreError> {
+    let id = NodeId(blob_array(row, 0, "node id")?);
+    let bytes = row
+        .get_ref(1)
+        .and_then(|v| Ok(v.as_blob()?.to_vec()))
+        .map_err(sql)?;
+    let sig = row
+        .get_ref(2)
+        .and_then(|v| Ok(v.as_blob_or_null()?))
+        .map_err(sql)?
+        .map(|blob| {
+            <[u8; 64]>::try_from(blob)
+                .map(Signature)
+                .map_err(|_| StoreError::Corrupt(format!("signature of {} bytes", blob.len())))
+        })
+        .transpose()?;
+    Ok(StoredNode { id, bytes, sig })
+}
+
+fn blob_array<const N: usize>(
+    row: &Row<'_>,
+    column: usize,
+    what: &str,
+) -> Result<[u8; N], StoreError> {
+    let blob = row
+        .get_ref(column)
+        .and_then(|v| Ok(v.as_blob()?))
+        .map_err(sql)?;
+    <[u8; N]>::try_from(blob)
+        .map_err(|_| StoreError::Corrupt(format!("{what} of {} bytes, not {N}", blob.len())))
+}
+
+/// Maps a SQLite error: damaged files and unexpected stored values are
+/// [`StoreError::Corrupt`], everything else [`StoreError::Io`].
+fn sql(e: rusqlite::Error) -> StoreError {
+    let corrupt = matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    ) || matches!(
+        e,
+        rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+    );
+    if corrupt {
+        StoreError::Corrupt(e.to_string())
+    } else {
+        StoreError::Io(e.to_string())
+    }
+}
+
+/// Reads the file's schema version, refusing a file that is not a Syncline
+/// store or is newer than `known`.
+fn check_version(conn: &Connection, known: usize) -> Result<usize, StoreError> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(sql)?;
+    let version = usize::try_from(version)
+        .ok()
+        .filter(|&v| v <= known)
+        .ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "schema version {version} is newer than this build of syncline-store \
+                 supports (up to {known}); open the file with a newer version"
+            ))
+        })?;
+    if version == 0 {
+        let objects: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))
+            .map_err(sql)?;
+        if objects > 0 {
+            return Err(StoreError::Corrupt(
+                "not a Syncline store: the file has tables but no schema version".to_owned(),
+            ));
+        }
+    } else {
+        let app: i32 = conn
+            .pragma_query_value(None, "application_id", |row| row.get(0))
+            .map_err(sql)?;
+        if app != APPLICATION_ID {
+            return Err(StoreError::Corrupt(format!(
+                "not a Syncline store: application_id is {app:#x}"
+            )));
+        }
+    }
+    Ok(version)
+}
+
+/// Brings the schema to `migrations.len()`, applying the missing
+/// migrations in order in one transaction (all or none).
+fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql)?;
+    // Checked again inside the transaction: the version must not change
+    // between the check and the migrations.
+    let version = check_version(&tx, migrations.len())?;
+    if version == migrations.len() {
+        return Ok(());
+    }
+    for migration in &migrations[version..] {
+        tx.execute_batch(migration).map_err(sql)?;
+    }
+    tx.pragma_update(None, "user_version", migrations.len())
+        .map_err(sql)?;
+    tx.pragma_update(None, "application_id", APPLICATION_ID)
+        .map_err(sql)?;
+    tx.commit().map_err(sql)
+}
+
+/// The writer thread's state: the write connection and what it caches.
+struct Writer {
+    conn: Connection,
+    cache: Cache,
+    stats: Arc<Counters>,
+}
+
+/// What the writer knows of the rooms it wrote. Valid only for committed
+/// state: cleared whenever a transaction fails.
+struct Cache {
+    rooms: HashMap<RoomId, RoomState>,
+    /// Soft bound on the ids held in all `RoomState::ids`.
+    budget: usize,
+}
+
+struct RoomState {
+    key: i64,
+    /// Nodes stored: the next node's `seq`.
+    nodes: i64,
+    /// Every stored id of the room; loaded on the first write that needs
+    /// it.
+    ids: Option<RoomIds>,
+}
+
+/// The stored ids of one room, each with its `seq`.
+///
+/// Keyed by the id's first 8 bytes, which halves the memory and the time of
+/// a full 32-byte key; a prefix hit is confirmed by reading the stored id
+/// (a rowid lookup, paid only for duplicates). Distinct ids with one prefix
+/// (by chance about n^2 / 2^65, or by an attacker's 2^32 work) go to
+/// `clashes` under their full id.
+struct RoomIds {
+    by_prefix: HashMap<u64, u32>,
+    clashes: HashMap<NodeId, u32>,
+}
+
+impl RoomIds {
+    fn prefix(id: &NodeId) -> u64 {
+        let mut prefix = [0; 8];
+        prefix.copy_from_slice(&id.0[..8]);
+        u64::from_le_bytes(prefix)
+    }
+
+    fn len(&self) -> usize {
+        self.by_prefix.len() + self.clashes.len()
+    }
+
+    /// The `seq` of `id` if the room holds it. `first` is the room's first
+    /// `pos`.
+    fn find(&self, tx: &Connection, first: i64, id: &NodeId) -> Result<Option<u32>, StoreError> {
+        // Almost always empty: skip hashing the full id.
+        if !self.clashes.is_empty()
+            && let Some(&seq) = self.clashes.get(id)
+        {
+            return Ok(Some(seq));
+        }
+        let Some(&seq) = self.by_prefix.get(&Self::prefix(id)) else {
+            return Ok(None);
+        };
+        let mut stmt = tx
+            .prepare_cached("SELECT id FROM nodes_v1 WHERE pos = ?1")
+            .map_err(sql)?;
+        let mut rows = stmt.query([first + i64::from(seq)]).map_err(sql)?;
+        let Some(row) = rows.next().map_err(sql)? else {
+            return Err(StoreError::Corrupt(format!(
+                "node at pos {} is missing",
+                first + i64::from(seq)
+            )));
+        };
+        let stored = NodeId(blob_array(row, 0, "node id")?);
+        Ok((stored == *id).then_some(seq))
+    }
+
+    /// Records `id`, which the room does not hold yet, at `seq`.
+    fn insert(&mut self, id: NodeId, seq: u32) {
+        match self.by_prefix.entry(Self::prefix(&id)) {
+            Entry::Vacant(slot) => {
+                slot.insert(seq);
+            }
+            Entry::Occupied(_) => {
+                self.clashes.insert(id, seq);
+            }
+        }
+    }
+}
+
+impl Writer {
+    fn run(mut self, queue: Receiver<Request>) {
+        while let Ok(first) = queue.recv() {
+            let mut nodes = first.write.node_count();
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP_WRITES && nodes < MAX_GROUP_NODES {
+                match queue.try_recv() {
+                    Ok(request) => {
+                        nodes += request.write.node_count();
+                        group.push(request);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+    }
+
+    /// Commits `group` in one transaction and answers its callers. If that
+    /// fails, retries each write alone, so a write that cannot be applied
+    /// fails only its own caller.
+    fn commit_group(&mut self, group: Vec<Request>) {
+        if group.len() > 1 && self.transaction(&group).is_ok() {
+            for request in group {
+                // A caller that stopped waiting has nothing left to tell.
+                let _ = request.reply.send(Ok(()));
+            }
+            return;
+        }
+        for request in group {
+            let alone = self.transaction(std::slice::from_ref(&request));
+            let _ = request.reply.send(alone);
+        }
+    }
+
+    fn transaction(&mut self, group: &[Request]) -> Result<(), StoreError> {
+        let result = self.try_transaction(group);
+        match &result {
+            Ok(()) => {
+                self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .batches
+                    .fetch_add(group.len() as u64, Ordering::Relaxed);
+            }
+            // The rolled-back transaction may have created rooms or added
+            // ids that the cache now holds.
+            Err(_) => self.cache.clear(),
+        }
+        result
+    }
+
+    fn try_transaction(&mut self, group: &[Request]) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        for request in group {
+            match &request.write {
+                Write::Commit { room, batch } => apply_batch(&tx, &mut self.cache, room, batch)?,
+                Write::Meta { key, value } => {
+                    tx.prepare_cached(
+                        "INSERT INTO meta_v1 (key, value) VALUES (?1, ?2) \
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    )
+                    .and_then(|mut stmt| stmt.execute(params![key, value]))
+                    .map_err(sql)?;
+                }
+            }
+        }
+        tx.commit().map_err(sql)
+    }
+}
+
+impl Cache {
+    fn clear(&mut self) {
+        self.rooms.clear();
+    }
+
+    /// The state of `room`, read or created inside the transaction, with
+    /// its ids loaded if `with_ids`.
+    fn room(
+        &mut self,
+        tx: &Connection,
+        room: &RoomId,
+        with_ids: bool,
+    ) -> Result<&mut RoomState, StoreError> {
+        if !self.rooms.contains_key(room) {
+            if self.rooms.len() >= MAX_CACHED_ROOMS {
+                self.clear();
+            }
+            let row = match lookup_room(tx, room)? {
+                Some(row) => row,
+                None => create_room(tx, room)?,
+            };
+            let state = RoomState {
+                key: row.key,
+                nodes: row.nodes,
+                ids: None,
+            };
+            self.rooms.insert(room.clone(), state);
+        }
+        let load = with_ids && self.rooms.get(room).is_some_and(|s| s.ids.is_none());
+        if load {
+            let wanted = self.rooms.get(room).map_or(0, |s| s.nodes as usize);
+            let mut held: usize = self
+                .rooms
+                .values()
+                .filter_map(|s| s.ids.as_ref().map(RoomIds::len))
+                .sum();
+            // Make room by forgetting other rooms' ids, in no particular
+            // order: a forgotten room costs one scan when next written.
+            for (name, other) in &mut self.rooms {
+                if held + wanted <= self.budget {
+                    break;
+                }
+                if name != room
+                    && let Some(ids) = other.ids.take()
+                {
+                    held -= ids.len();
+                }
+            }
+        }
+        let state = self
+            .rooms
+            .get_mut(room)
+            .ok_or_else(|| StoreError::Io(format!("writer cache lost room {room}")))?;
+        if load {
+            state.ids = Some(load_ids(tx, state)?);
+        }
+        Ok(state)
+    }
+}
+
+fn create_room(tx: &Connection, room: &RoomId) -> Result<RoomRow, StoreError> {
+    tx.prepare_cached("INSERT INTO rooms_v1 (name, node_count) VALUES (?1, 0)")
+        .and_then(|mut stmt| stmt.execute([room.as_str()]))
+        .map_err(sql)?;
+    let key = tx.last_insert_rowid();
+    if key > MAX_ROOM_KEY {
+        return Err(StoreError::Io(format!(
+            "cannot create room {room}: the store holds the most rooms it supports"
+        )));
+    }
+    Ok(RoomRow { key, nodes: 0 })
+}
+
+/// Reads every id of a room, checking that the seqs are `0..nodes`.
+fn load_ids(tx: &Connection, state: &RoomState) -> Result<RoomIds, StoreError> {
+    let mut stmt = tx
+        .prepare_cached("SELECT pos, id FROM nodes_v1 WHERE pos >= ?1 AND pos < ?2 ORDER BY pos")
+        .map_err(sql)?;
+    let (first, end) = pos_range(state.key);
+    let mut rows = stmt.query([first, end]).map_err(sql)?;
+    let mut ids = RoomIds {
+        by_prefix: HashMap::with_capacity(state.nodes as usize),
+        clashes: HashMap::new(),
+    };
+    let mut seq = 0u32;
+    while let Some(row) = rows.next().map_err(sql)? {
+        let pos: i64 = row.get(0).map_err(sql)?;
+        if pos != first + i64::from(seq) {
+            return Err(StoreError::Corrupt(format!(
+                "room key {}: node at pos {pos}, expected seq {seq}",
+                state.key
+            )));
+        }
+        ids.insert(NodeId(blob_array(row, 1, "node id")?), seq);
+        seq = seq.wrapping_add(1);
+    }
+    if i64::try_from(ids.len()).ok() != Some(state.nodes) {
+        return Err(StoreError::Corrupt(format!(
+            "room key {} counts {} nodes but holds {}",
+            state.key,
+            state.nodes,
+            ids.len()
+        )));
+    }
+    Ok(ids)
+}
+
+/// Applies one batch inside the group's transaction, in the order every
+/// backend uses: nodes, signatures, outbox additions, outbox removals.
+fn apply_batch(
+    tx: &Connection,
+    cache: &mut Cache,
+    room: &RoomId,
+    batch: &Batch,
+) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let with_ids = !batch.nodes.is_empty() || !batch.signatures.is_empty();
+    let state = cache.room(tx, room, with_ids)?;
+    let (first, _) = pos_range(state.key);
+    let before = state.nodes;
+    if let Some(ids) = &mut state.ids {
+        if !batch.nodes.is_empty() {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO nodes_v1 (pos, id, bytes, sig) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(sql)?;
+            for node in &batch.nodes {
+                if ids.find(tx, first, &node.id)?.is_some() {
+                    continue;
+                }
+                if state.nodes >= MAX_ROOM_NODES {
+                    return Err(StoreError::Io(format!(
+                        "room {room} holds the most nodes a store supports"
+                    )));
+                }
+                let sig = node.sig.as_ref().map(|s| &s.0[..]);
+                insert
+                    .execute(params![
+                        first + state.nodes,
+                        &node.id.0[..],
+                        &node.bytes,
+                        sig
+                    ])
+                    .map_err(sql)?;
+                // In range: `nodes < MAX_ROOM_NODES = 2^32`.
+                ids.insert(node.id, state.nodes as u32);
+                state.nodes += 1;
+            }
+        }
+        if !batch.signatures.is_empty() {
+            let mut sign = tx
+                .prepare_cached("UPDATE nodes_v1 SET sig = ?2 WHERE pos = ?1 AND sig IS NULL")
+                .map_err(sql)?;
+            for (id, sig) in &batch.signatures {
+                if let Some(seq) = ids.find(tx, first, id)? {
+                    sign.execute(params![first + i64::from(seq), &sig.0[..]])
+                        .map_err(sql)?;
+                }
+            }
+        }
+    }
+    if !batch.outbox_add.is_empty() {
+        let mut add = tx
+            .prepare_cached(
+                "INSERT INTO outbox_v1 (room, id) VALUES (?1, ?2) ON CONFLICT (room, id) DO NOTHING",
+            )
+            .map_err(sql)?;
+        for id in &batch.outbox_add {
+            add.execute(params![state.key, &id.0[..]]).map_err(sql)?;
+        }
+    }
+    if !batch.outbox_remove.is_empty() {
+        let mut remove = tx
+            .prepare_cached("DELETE FROM outbox_v1 WHERE room = ?1 AND id = ?2")
+            .map_err(sql)?;
+        for id in &batch.outbox_remove {
+            remove.execute(params![state.key, &id.0[..]]).map_err(sql)?;
+        }
+    }
+    if state.nodes != before {
+        tx.prepare_cached("UPDATE rooms_v1 SET node_count = ?2 WHERE key = ?1")
+            .and_then(|mut stmt| stmt.execute([state.key, state.nodes]))
+            .map_err(sql)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::thread;
+
+    use super::*;
+    use crate::conformance::{test_node, test_signature};
+
+    fn room(name: &str) -> RoomId {
+        RoomId::new(name).unwrap()
+    }
+
+    fn nodes_batch(tag: u8, range: std::ops::Range<u64>) -> Batch {
+        Batch {
+            nodes: range.map(|n| test_node(tag, n)).collect(),
+            ..Batch::default()
+        }
+    }
+
+    /// Version 1 exactly as shipped, frozen here on purpose: if migration 1
+    /// is ever edited, files written by the shipped version must still
+    /// open, and this copy keeps testing that.
+    const SHIPPED_V1: &str = "
+        CREATE TABLE rooms_v1 (key INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+                               node_count INTEGER NOT NULL);
+        CREATE TABLE nodes_v1 (pos INTEGER PRIMARY KEY, id BLOB NOT NULL,
+                               bytes BLOB NOT NULL, sig BLOB);
+        CREATE TABLE outbox_v1 (pos INTEGER PRIMARY KEY, room INTEGER NOT NULL,
+                                id BLOB NOT NULL, UNIQUE (room, id));
+        CREATE TABLE meta_v1 (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+        PRAGMA application_id = 1398361667;
+        PRAGMA user_version = 1;
+    ";
+
+    #[test]
+    fn opens_a_hand_made_version_1_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        let (a, b) = (test_node(1, 0), test_node(1, 1));
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SHIPPED_V1).unwrap();
+            conn.execute("INSERT INTO rooms_v1 VALUES (1, 'notes', 2)", [])
+                .unwrap();
+            for (seq, node) in [&a, &b].into_iter().enumerate() {
+                conn.execute(
+                    "INSERT INTO nodes_v1 VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        (1i64 << 32) + seq as i64,
+                        &node.id.0[..],
+                        &node.bytes,
+                        (seq == 1).then_some(&test_signature(1).0[..])
+                    ],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO outbox_v1 (room, id) VALUES (1, ?1)",
+                [&b.id.0[..]],
+            )
+            .unwrap();
+            conn.execute("INSERT INTO meta_v1 VALUES ('identity', x'0102')", [])
+                .unwrap();
+        }
+
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let notes = room("notes");
+        let mut signed_b = b.clone();
+        signed_b.sig = Some(test_signature(1));
+        assert_eq!(
+            store.load_nodes(&notes).unwrap(),
+            vec![a.clone(), signed_b.clone()]
+        );
+        assert_eq!(store.outbox(&notes).unwrap(), vec![b.id]);
+        assert_eq!(store.rooms().unwrap(), vec![notes.clone()]);
+        assert_eq!(store.get_meta("identity").unwrap(), Some(vec![1, 2]));
+        // New writes continue the room and dedup against the old rows.
+        let c = test_node(1, 2);
+        store
+            .commit(
+                &notes,
+                Batch {
+                    nodes: vec![b.clone(), c.clone(), a.clone()],
+                    signatures: vec![(a.id, test_signature(0))],
+                    ..Batch::default()
+                },
+            )
+            .unwrap();
+        let mut signed_a = a;
+        signed_a.sig = Some(test_signature(0));
+        assert_eq!(
+            store.load_nodes(&notes).unwrap(),
+            vec![signed_a, signed_b, c]
+        );
+        assert_eq!(store.node_count(&notes).unwrap(), 3);
+    }
+
+    #[test]
+    fn refuses_a_file_from_a_newer_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("future.db");
+        drop(SqliteStore::open(&path, SqliteOptions::default()).unwrap());
+        let future = MIGRATIONS.len() + 1;
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", future)
+            .unwrap();
+        match SqliteStore::open(&path, SqliteOptions::default()) {
+            Err(StoreError::Corrupt(message)) => {
+                assert!(
+                    message.contains(&format!("schema version {future} is newer")),
+                    "unclear message: {message}"
+                );
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_a_foreign_sqlite_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("foreign.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x); PRAGMA user_version = 1;")
+            .unwrap();
+        assert!(matches!(
+            SqliteStore::open(&path, SqliteOptions::default()),
+            Err(StoreError::Corrupt(_))
+        ));
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, [0x5a; 8192]).unwrap();
+        assert!(matches!(
+            SqliteStore::open(&garbage, SqliteOptions::default()),
+            Err(StoreError::Corrupt(_))
+        ));
+        let unversioned = dir.path().join("unversioned.db");
+        Connection::open(&unversioned)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x);")
+            .unwrap();
+        assert!(matches!(
+            SqliteStore::open(&unversioned, SqliteOptions::default()),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn migrations_apply_in_order_from_the_files_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("m.db")).unwrap();
+        let steps = [
+            "CREATE TABLE log (step INTEGER);",
+            "INSERT INTO log VALUES (2);",
+            "INSERT INTO log VALUES (3);",
+        ];
+        migrate(&mut conn, &steps[..1]).unwrap();
+        conn.execute("INSERT INTO log VALUES (1)", []).unwrap();
+        migrate(&mut conn, &steps).unwrap();
+        // Already current: nothing runs again.
+        migrate(&mut conn, &steps).unwrap();
+        let log: Vec<i64> = conn
+            .prepare("SELECT step FROM log ORDER BY rowid")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(log, [1, 2, 3]);
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, 3);
+        // A failing migration leaves the file at its old version.
+        let broken = [
+            steps[0],
+            steps[1],
+            steps[2],
+            "INSERT INTO missing VALUES (4);",
+        ];
+        assert!(migrate(&mut conn, &broken).is_err());
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, 3);
+    }
+
+    #[test]
+    fn one_store_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        assert!(matches!(
+            SqliteStore::open(&path, SqliteOptions::default()),
+            Err(StoreError::Io(_))
+        ));
+        drop(store);
+        SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    }
+
+    #[test]
+    fn dedup_holds_when_the_id_cache_is_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteOptions {
+            dedup_cache_nodes: 10,
+            ..SqliteOptions::default()
+        };
+        let store = SqliteStore::open(&dir.path().join("store.db"), options).unwrap();
+        let (r1, r2) = (room("one"), room("two"));
+        for round in 0..4 {
+            // Each room alone exceeds the budget: every write reloads.
+            store.commit(&r1, nodes_batch(1, 0..8 + round)).unwrap();
+            store.commit(&r2, nodes_batch(2, 0..8 + round)).unwrap();
+        }
+        assert_eq!(store.node_count(&r1).unwrap(), 11);
+        assert_eq!(store.load_nodes(&r2).unwrap(), nodes_batch(2, 0..11).nodes);
+    }
+
+    /// Holds the database's write lock from another connection, so the
+    /// writer thread blocks in `BEGIN` while callers queue up behind it.
+    fn block_writer(path: &Path) -> Connection {
+        let blocker = Connection::open(path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        blocker
+    }
+
+    #[test]
+    fn concurrent_commits_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SqliteStore::open(&dir.path().join("store.db"), SqliteOptions::default()).unwrap();
+        let shared = room("shared");
+        thread::scope(|scope| {
+            for t in 0..16u8 {
+                let (store, shared) = (&store, &shared);
+                scope.spawn(move || {
+                    for c in 0..20 {
+                        store.commit(shared, nodes_batch(t, c..c + 1)).unwrap();
+                    }
+                });
+            }
+        });
+        let loaded = store.load_nodes(&shared).unwrap();
+        assert_eq!(loaded.len(), 16 * 20);
+        for t in 0..16u8 {
+            // Byte 8 of a test id is its tag.
+            let own: Vec<_> = loaded.iter().filter(|n| n.id.0[8] == t).cloned().collect();
+            assert_eq!(own, nodes_batch(t, 0..20).nodes, "thread {t} in its order");
+        }
+        let stats = store.stats();
+        assert_eq!(stats.batches, 16 * 20);
+        assert!(stats.transactions <= stats.batches);
+    }
+
+    #[test]
+    fn queued_commits_share_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let r = room("grouped");
+        let blocker = block_writer(&path);
+        thread::scope(|scope| {
+            for t in 0..8u8 {
+                let (store, r) = (&store, &r);
+                scope.spawn(move || store.commit(r, nodes_batch(t, 0..3)).unwrap());
+            }
+            // Let every commit reach the queue (or the blocked writer).
+            thread::sleep(Duration::from_millis(300));
+            blocker.execute_batch("COMMIT").unwrap();
+        });
+        assert_eq!(store.node_count(&r).unwrap(), 24);
+        let stats = store.stats();
+        assert_eq!(stats.batches, 8);
+        // The writer took the commits queued when it woke (at least one)
+        // and blocked; all the others queued behind it and share the next
+        // transaction: at most two transactions, two fsyncs.
+        assert!(stats.transactions <= 2, "{stats:?}");
+    }
+
+    #[test]
+    fn a_failing_write_fails_alone_in_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        // A write that SQLite refuses, as a full disk or a broken row would.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER poison BEFORE INSERT ON meta_v1 WHEN NEW.key = 'poison'
+                 BEGIN SELECT RAISE(ABORT, 'poisoned write'); END;",
+            )
+            .unwrap();
+        let r = room("mixed");
+        let blocker = block_writer(&path);
+        let results = thread::scope(|scope| {
+            let store = &store;
+            let first = scope.spawn(move || store.put_meta("first", b"1"));
+            thread::sleep(Duration::from_millis(100));
+            let good = scope.spawn(|| store.commit(&r, nodes_batch(1, 0..5)));
+            let poison = scope.spawn(move || store.put_meta("poison", b"x"));
+            let also_good = scope.spawn(move || store.put_meta("second", b"2"));
+            thread::sleep(Duration::from_millis(300));
+            blocker.execute_batch("COMMIT").unwrap();
+            [first, good, poison, also_good].map(|h| h.join().unwrap())
+        });
+        assert!(results[0].is_ok() && results[1].is_ok() && results[3].is_ok());
+        match &results[2] {
+            Err(StoreError::Io(message)) => assert!(message.contains("poisoned write")),
+            other => panic!("expected the poisoned write to fail, got {other:?}"),
+        }
+        assert_eq!(store.node_count(&r).unwrap(), 5);
+        assert_eq!(store.get_meta("second").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(store.get_meta("poison").unwrap(), None);
+        assert_eq!(store.stats().batches, 3);
+    }
+
+    #[test]
+    fn dropping_the_store_stops_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        store.commit(&room("r"), nodes_batch(1, 0..3)).unwrap();
+        assert_eq!(store.node_count(&room("r")).unwrap(), 3);
+        drop(store);
+        // Every connection closed: the last one checkpointed and removed the
+        // log, and the file is no longer locked.
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        assert!(!Path::new(&wal).exists(), "the WAL outlived the store");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE; COMMIT;").unwrap();
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM nodes_v1", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(rows, 3);
+    }
+}
