@@ -15,6 +15,9 @@ use crate::ids::{AuthorId, IdMap, IdSet, NodeId, RoomId, Signature};
 use crate::limits::MAX_PENDING_NODES;
 use crate::node::Node;
 
+/// Size of one chunk of the node byte arena.
+const BYTE_CHUNK: usize = 1 << 20;
+
 /// Dense, per-room number of an inserted node (insertion order).
 pub type NodeIdx = u32;
 
@@ -113,10 +116,11 @@ struct Meta {
 pub struct Dag {
     room: RoomId,
     metas: Vec<Meta>,
-    /// Canonical bytes of every node, back to back (one allocation for the
-    /// history instead of one per node); `byte_ends[i]` ends node `i`.
-    byte_arena: Vec<u8>,
-    byte_ends: Vec<usize>,
+    /// Canonical bytes of every node, back to back in fixed-size chunks
+    /// (no allocation per node, and growth never copies old history);
+    /// `byte_spans[i]` = (chunk, start, end) of node `i`.
+    byte_chunks: Vec<Vec<u8>>,
+    byte_spans: Vec<(u32, u32, u32)>,
     parent_arena: Vec<NodeIdx>,
     index: IdMap<NodeId, NodeIdx>,
     authors: Vec<AuthorId>,
@@ -126,6 +130,8 @@ pub struct Dag {
     heads: IdSet<NodeIdx>,
     signatures: IdMap<NodeIdx, Signature>,
     pending: Pending,
+    /// Reused for each insertion's parent numbers.
+    scratch_parents: Vec<NodeIdx>,
 }
 
 #[derive(Debug, Default)]
@@ -147,8 +153,8 @@ impl Dag {
         Dag {
             room,
             metas: Vec::new(),
-            byte_arena: Vec::new(),
-            byte_ends: Vec::new(),
+            byte_chunks: Vec::new(),
+            byte_spans: Vec::new(),
             parent_arena: Vec::new(),
             index: IdMap::default(),
             authors: Vec::new(),
@@ -160,6 +166,7 @@ impl Dag {
                 limit,
                 ..Pending::default()
             },
+            scratch_parents: Vec::new(),
         }
     }
 
@@ -200,9 +207,26 @@ impl Dag {
 
     /// The canonical bytes of node `idx`.
     pub fn bytes(&self, idx: NodeIdx) -> &[u8] {
-        let i = idx as usize;
-        let start = if i == 0 { 0 } else { self.byte_ends[i - 1] };
-        &self.byte_arena[start..self.byte_ends[i]]
+        let (chunk, start, end) = self.byte_spans[idx as usize];
+        &self.byte_chunks[chunk as usize][start as usize..end as usize]
+    }
+
+    fn store_bytes(&mut self, bytes: &[u8]) {
+        let fits = self
+            .byte_chunks
+            .last()
+            .is_some_and(|c| c.capacity() - c.len() >= bytes.len());
+        if !fits {
+            // Nodes are at most MAX_NODE_BYTES, so one always fits a chunk.
+            self.byte_chunks
+                .push(Vec::with_capacity(BYTE_CHUNK.max(bytes.len())));
+        }
+        let chunk = self.byte_chunks.len() - 1;
+        let c = &mut self.byte_chunks[chunk];
+        let start = c.len();
+        c.extend_from_slice(bytes);
+        self.byte_spans
+            .push((chunk as u32, start as u32, c.len() as u32));
     }
 
     /// The author of node `idx`.
@@ -263,6 +287,16 @@ impl Dag {
         let mut ids: Vec<NodeId> = self.heads.iter().map(|&i| *self.id(i)).collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// The lamport a node citing every head would carry.
+    pub fn lamport_after_heads(&self) -> u64 {
+        1 + self
+            .heads
+            .iter()
+            .map(|&h| self.lamport(h))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Author -> highest seq held. Exact for a causally complete history.
@@ -359,10 +393,58 @@ impl Dag {
         v: VerifiedNode,
         accepted: &mut Vec<(NodeIdx, Node)>,
     ) -> Result<(), DagError> {
-        let node = &v.node;
-        let parents: Vec<NodeIdx> = node.parents.iter().map(|p| self.index[p]).collect();
-        let invalid = |reason| DagError::Invalid { id: v.id, reason };
-        if node.lamport != self.next_lamport(&parents) {
+        let idx = self.validate_and_record(&v.id, &v.node, &v.bytes, v.sig)?;
+        accepted.push((idx, v.node));
+        Ok(())
+    }
+
+    /// Inserts a node this replica just built on its current heads (the
+    /// transaction has already materialized it): the same checks as
+    /// [`Dag::insert`], without handing the node back.
+    pub(crate) fn insert_local(
+        &mut self,
+        id: &NodeId,
+        node: &Node,
+        bytes: &[u8],
+    ) -> Result<NodeIdx, DagError> {
+        node.check_structure()
+            .map_err(|source| DagError::Structure { id: *id, source })?;
+        if node.room != self.room || self.first_missing_parent(node).is_some() {
+            return Err(DagError::Invalid {
+                id: *id,
+                reason: "a local node must extend this room's held history",
+            });
+        }
+        self.validate_and_record(id, node, bytes, None)
+    }
+
+    /// The checks that need the parents (lamport, author chain, clock
+    /// order, equivocation), then the insertion itself.
+    fn validate_and_record(
+        &mut self,
+        id: &NodeId,
+        node: &Node,
+        bytes: &[u8],
+        sig: Option<Signature>,
+    ) -> Result<NodeIdx, DagError> {
+        let mut parents = std::mem::take(&mut self.scratch_parents);
+        parents.clear();
+        parents.extend(node.parents.iter().map(|p| self.index[p]));
+        let checked = self.validate(id, node, &parents);
+        let result = checked.map(|author| self.record(id, node, bytes, sig, author, &parents));
+        self.scratch_parents = parents;
+        result
+    }
+
+    /// Returns the author's number (`None`: a new author).
+    fn validate(
+        &self,
+        id: &NodeId,
+        node: &Node,
+        parents: &[NodeIdx],
+    ) -> Result<Option<u32>, DagError> {
+        let invalid = |reason| DagError::Invalid { id: *id, reason };
+        if node.lamport != self.next_lamport(parents) {
             return Err(invalid("lamport is not 1 + the largest parent lamport"));
         }
         let author = self.author_index.get(&node.author).copied();
@@ -373,7 +455,7 @@ impl Dag {
                 author: node.author,
                 seq: node.seq,
                 existing: *self.id(existing),
-                conflicting: v.id,
+                conflicting: *id,
             });
         }
         if node.seq != held + 1 {
@@ -390,6 +472,18 @@ impl Dag {
                 return Err(invalid("hlc does not increase along the author's chain"));
             }
         }
+        Ok(author)
+    }
+
+    fn record(
+        &mut self,
+        id: &NodeId,
+        node: &Node,
+        bytes: &[u8],
+        sig: Option<Signature>,
+        author: Option<u32>,
+        parents: &[NodeIdx],
+    ) -> NodeIdx {
         let author = author.unwrap_or_else(|| {
             let a = self.authors.len() as u32;
             self.authors.push(node.author);
@@ -398,12 +492,12 @@ impl Dag {
             a
         });
         let idx = self.next_idx();
-        for p in &parents {
+        for p in parents {
             self.heads.remove(p);
         }
         self.heads.insert(idx);
         self.metas.push(Meta {
-            id: v.id,
+            id: *id,
             author,
             seq: node.seq,
             lamport: node.lamport,
@@ -411,16 +505,14 @@ impl Dag {
             parents_start: self.parent_arena.len() as u32,
             parents_len: parents.len() as u16,
         });
-        self.parent_arena.extend_from_slice(&parents);
-        self.byte_arena.extend_from_slice(&v.bytes);
-        self.byte_ends.push(self.byte_arena.len());
-        self.index.insert(v.id, idx);
+        self.parent_arena.extend_from_slice(parents);
+        self.store_bytes(bytes);
+        self.index.insert(*id, idx);
         self.chains[author as usize].push(idx);
-        if let Some(sig) = v.sig {
+        if let Some(sig) = sig {
             self.signatures.insert(idx, sig);
         }
-        accepted.push((idx, v.node));
-        Ok(())
+        idx
     }
 
     /// Whether `a` is a strict ancestor of `b`. Walks back from `b`, pruning

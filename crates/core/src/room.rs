@@ -239,8 +239,9 @@ impl Room {
                 parents.insert(at, prev);
             }
         }
-        let parent_idx: Vec<NodeIdx> = parents.iter().filter_map(|h| self.dag.idx(h)).collect();
-        let lamport = self.dag.next_lamport(&parent_idx);
+        // The author's previous node is an ancestor of a head, so it never
+        // raises the lamport above what the heads give.
+        let lamport = self.dag.lamport_after_heads();
         let hlc = self.clock.tick(now_ms);
         let node = self.dag.next_idx();
         Transaction {
@@ -511,18 +512,12 @@ impl Transaction<'_> {
             return Err(TxnError::TooLarge);
         }
         let id = Node::id_of(&bytes);
-        let v = VerifiedNode {
-            id,
-            node,
-            bytes,
-            sig: None,
-        };
-        let ins = self
+        let idx = self
             .room
             .dag
-            .insert(v)
+            .insert_local(&id, &node, &bytes)
             .expect("a local node built on the current heads is valid");
-        debug_assert_eq!(ins.accepted.first().map(|(i, _)| *i), Some(self.node));
+        debug_assert_eq!(idx, self.node);
         Ok(Some(Committed {
             idx: self.node,
             id,
