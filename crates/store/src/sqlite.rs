@@ -41,6 +41,7 @@
 //! file's only writer, which a lock file (`<path>-lock`) enforces.
 
 use std::collections::HashMap;
+
 use std::collections::hash_map::Entry;
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
@@ -49,6 +50,7 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use syncline_core::ids::IdMap;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, Row, TransactionBehavior, params};
 use syncline_core::{NodeId, RoomId, Signature};
@@ -625,8 +627,8 @@ struct RoomState {
 /// (by chance about n^2 / 2^65, or by an attacker's 2^32 work) go to
 /// `clashes` under their full id.
 struct RoomIds {
-    by_prefix: HashMap<u64, u32>,
-    clashes: HashMap<NodeId, u32>,
+    by_prefix: IdMap<u64, u32>,
+    clashes: IdMap<NodeId, u32>,
 }
 
 impl RoomIds {
@@ -833,8 +835,8 @@ fn load_ids(tx: &Connection, state: &RoomState) -> Result<RoomIds, StoreError> {
     let (first, end) = pos_range(state.key);
     let mut rows = stmt.query([first, end]).map_err(sql)?;
     let mut ids = RoomIds {
-        by_prefix: HashMap::with_capacity(state.nodes as usize),
-        clashes: HashMap::new(),
+        by_prefix: IdMap::with_capacity_and_hasher(state.nodes as usize, Default::default()),
+        clashes: IdMap::default(),
     };
     let mut seq = 0u32;
     while let Some(row) = rows.next().map_err(sql)? {
