@@ -143,6 +143,62 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// loro on the same trace: time to apply it and its snapshot size. With
+/// `commit_each`, one loro change per edit (the same unit of work as one
+/// Syncline node per edit); without, one change for the whole trace.
+#[cfg(feature = "loro")]
+fn loro_trace(patches: &[Patch], end: &str, commit_each: bool) -> Result<(Duration, usize)> {
+    let doc = loro::LoroDoc::new();
+    doc.set_peer_id(1)?;
+    let text = doc.get_text("paper");
+    let start = Instant::now();
+    for (pos, del, ins) in patches {
+        if *del > 0 {
+            text.delete(*pos, *del)?;
+        }
+        if !ins.is_empty() {
+            text.insert(*pos, ins)?;
+        }
+        if commit_each {
+            doc.commit();
+        }
+    }
+    doc.commit();
+    let took = start.elapsed();
+    anyhow::ensure!(text.to_string() == end, "loro did not produce endContent");
+    Ok((took, doc.export(loro::ExportMode::Snapshot)?.len()))
+}
+
+/// Emits loro's figures next to ours, as ratios.
+#[cfg(feature = "loro")]
+fn loro_reference(
+    args: &Args,
+    report: &Report,
+    patches: &[Patch],
+    end: &str,
+    ours: Duration,
+) -> Result<()> {
+    for commit_each in [false, true] {
+        let (took, size) = best(args.runs, || loro_trace(patches, end, commit_each))?;
+        let mode = if commit_each {
+            "one change per edit"
+        } else {
+            "one change in all"
+        };
+        report.emit(
+            "trace-loro",
+            &[
+                ("loro mode", mode.into()),
+                ("loro apply", format!("{:.1} ms", ms(took))),
+                ("syncline / loro time", format!("{:.2} x", ours.as_secs_f64() / took.as_secs_f64())),
+                ("loro snapshot", format!("{size} bytes")),
+            ],
+            json!({"commit_each": commit_each, "loro_apply_ms": ms(took), "ratio": ours.as_secs_f64() / took.as_secs_f64(), "loro_snapshot_bytes": size}),
+        );
+    }
+    Ok(())
+}
+
 fn bench_trace(args: &Args, report: &Report) -> Result<()> {
     let (patches, end) = load_trace(&args.trace)?;
     let key = Keypair::from_seed([7; 32]);
@@ -188,6 +244,8 @@ fn bench_trace(args: &Args, report: &Report) -> Result<()> {
             "text_chars": text.chars().count(),
         }),
     );
+    #[cfg(feature = "loro")]
+    loro_reference(args, report, &patches, &end, apply)?;
     Ok(())
 }
 
