@@ -1,0 +1,12 @@
+//! Pack decoding: never panics, whatever the bytes (truncated, flipped,
+//! forged, decompression bombs within the declared limits).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use syncline_core::RoomId;
+use syncline_core::pack;
+
+fuzz_target!(|data: &[u8]| {
+    let room = RoomId::new("fuzz").expect("valid room id");
+    let _ = pack::decode(data, &room);
+});
