@@ -300,12 +300,9 @@ fn fake_node(i: u64) -> StoredNode {
     }
 }
 
-/// Durable nodes/s of `commits` commits of `batch` nodes through the store.
-fn durable_store_round(batch: usize, commits: usize, next: &mut u64) -> Result<f64> {
-    let dir = tempfile::tempdir()?;
-    let store = SqliteStore::open(&dir.path().join("store.db"), SqliteOptions::default())?;
-    let room = room_id();
-    let batches: Vec<Vec<StoredNode>> = (0..commits)
+/// `commits` batches of `batch` fresh nodes, built before any timing starts.
+fn fake_batches(batch: usize, commits: usize, next: &mut u64) -> Vec<Vec<StoredNode>> {
+    (0..commits)
         .map(|_| {
             (0..batch)
                 .map(|_| {
@@ -314,7 +311,15 @@ fn durable_store_round(batch: usize, commits: usize, next: &mut u64) -> Result<f
                 })
                 .collect()
         })
-        .collect();
+        .collect()
+}
+
+/// Durable nodes/s of `commits` commits of `batch` nodes through the store.
+fn durable_store_round(batch: usize, commits: usize, next: &mut u64) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(&dir.path().join("store.db"), SqliteOptions::default())?;
+    let room = room_id();
+    let batches = fake_batches(batch, commits, next);
     let start = Instant::now();
     for nodes in batches {
         store.commit(
@@ -337,16 +342,7 @@ fn durable_raw_round(batch: usize, commits: usize, next: &mut u64) -> Result<f64
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.execute_batch("CREATE TABLE nodes (id BLOB NOT NULL, bytes BLOB NOT NULL)")?;
-    let batches: Vec<Vec<StoredNode>> = (0..commits)
-        .map(|_| {
-            (0..batch)
-                .map(|_| {
-                    *next += 1;
-                    fake_node(*next)
-                })
-                .collect()
-        })
-        .collect();
+    let batches = fake_batches(batch, commits, next);
     let start = Instant::now();
     for nodes in batches {
         let tx = conn.unchecked_transaction()?;
