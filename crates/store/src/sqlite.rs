@@ -1,16 +1,27 @@
 //! [`SqliteStore`]: the embedded default backend, on SQLite in WAL mode.
 //!
-//! **Group commit.** One writer thread owns the only write connection.
-//! [`Store::commit`] and [`Store::put_meta`] send their write over a channel
-//! and block until the writer answers. The writer takes every write queued
-//! at that moment (up to `MAX_GROUP_WRITES` writes or `MAX_GROUP_NODES`
-//! nodes) into one transaction, so one fsync acknowledges them all. If that
-//! transaction fails, the writer retries each write of the group alone in
-//! its own transaction, so one bad write fails only its own caller; an I/O
-//! failure then fails each caller in turn, and none of them is acknowledged.
+//! **Group commit, leader and followers** (LevelDB's writer queue). There
+//! is one write connection and no writer thread: [`Store::commit`] and
+//! [`Store::put_meta`] queue their write, and a caller that finds no
+//! leader becomes the leader and writes on its own thread. It takes every
+//! write queued at that moment (its own first; up to `MAX_GROUP_WRITES`
+//! writes or `MAX_GROUP_NODES` nodes) into one transaction, so one fsync
+//! acknowledges them all, and tells each of those callers (its followers)
+//! their outcome. Writes that queued meanwhile form the next group, which
+//! the oldest of their callers leads: each leader commits only the group
+//! holding its own write, so no caller waits on writes queued after its
+//! own. A lone writer commits on its own thread with no thread handoff;
+//! concurrent writers still share fsyncs.
+//!
+//! If a group's transaction fails, the leader retries each write of the
+//! group alone in its own transaction, so one bad write fails only its own
+//! caller; an I/O failure then fails each caller in turn, and none of them
+//! is acknowledged. A panic while writing fails the group with
+//! [`StoreError::Closed`] and poisons the write connection: every later
+//! write fails the same way until the store is reopened (reads go on).
 //!
 //! **Reads** use a small pool of read-only connections: WAL lets them read
-//! the last committed state while the writer writes, and a read that starts
+//! the last committed state while the leader writes, and a read that starts
 //! after a commit was acknowledged sees it.
 //!
 //! **Schema.** `PRAGMA user_version` is the schema version; `MIGRATIONS`
@@ -31,24 +42,24 @@
 //!   order added; unique `(room, id)`.
 //! - `meta_v1(key, value)`.
 //!
-//! **Dedup** happens in the writer, against an in-memory map of each
+//! **Dedup** happens in the leader, against an in-memory map of each
 //! written room's ids (keyed by their first 8 bytes, loaded by one scan at
 //! the room's first write), not through a unique index: BLAKE3 ids are
 //! random, and a B-tree index on them turns every batch into random page
 //! writes all over the index (appending 10^6 nodes in batches of 10^4 ran
 //! about ten times slower with one). The maps' total size is bounded by
-//! [`SqliteOptions::dedup_cache_nodes`]. This needs the writer to be the
-//! file's only writer, which a lock file (`<path>-lock`) enforces.
-
-use std::collections::HashMap;
+//! [`SqliteOptions::dedup_cache_nodes`]. This needs the write connection
+//! to be the file's only writer, which a lock file (`<path>-lock`)
+//! enforces.
 
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::fs::{File, TryLockError};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use syncline_core::ids::IdMap;
 
@@ -125,7 +136,7 @@ pub struct SqliteOptions {
     /// How long a connection waits for a lock held by another connection
     /// before failing with [`StoreError::Io`].
     pub busy_timeout: Duration,
-    /// Soft bound on the node ids the writer keeps in memory for dedup
+    /// Soft bound on the node ids the store keeps in memory for dedup
     /// (about 20 to 40 bytes each). A room written after its ids were
     /// dropped is scanned again. One room larger than the bound is still
     /// cached whole.
@@ -142,7 +153,7 @@ impl Default for SqliteOptions {
     }
 }
 
-/// Counters of the writer since the store was opened.
+/// Write counters since the store was opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SqliteStats {
     /// Write transactions committed: with `synchronous_full`, one fsync of
@@ -152,19 +163,32 @@ pub struct SqliteStats {
     pub batches: u64,
 }
 
-/// The SQLite [`Store`]. Dropping it stops and joins the writer thread.
-#[derive(Debug)]
+/// The SQLite [`Store`]. Dropping it closes its connections, which
+/// checkpoints the log into the file.
 pub struct SqliteStore {
     path: PathBuf,
     busy_timeout: Duration,
-    /// `None` only while dropping: closing the channel stops the writer.
-    requests: Option<Sender<Request>>,
-    writer: Option<JoinHandle<()>>,
+    /// Writes waiting for a leader, and who leads.
+    queue: Mutex<Queue>,
     readers: Mutex<Vec<Connection>>,
+    /// The write connection, used only by the current leader (the mutex
+    /// makes that visible to the compiler and records a panic while
+    /// writing). Dropped after `readers`, which `drop` empties, so its
+    /// connection is the last to close.
+    writer: Mutex<Writer>,
     stats: Arc<Counters>,
     /// Held (locked) for the store's life; declared last so it is released
     /// after every connection has closed.
     _lock: File,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -173,10 +197,61 @@ struct Counters {
     batches: AtomicU64,
 }
 
-/// A write sent to the writer thread, with where to send its outcome.
-struct Request {
+/// The write queue. Nothing that can panic runs while it is locked; were it
+/// poisoned anyway, `closed` fails every write instead of hanging.
+#[derive(Default)]
+struct Queue {
+    /// Writes no leader has taken yet, oldest first.
+    waiting: VecDeque<Ticket>,
+    /// Whether a caller leads or has been chosen to. While it is false,
+    /// `waiting` is empty.
+    leading: bool,
+}
+
+/// A caller's queued write.
+struct Ticket {
     write: Write,
-    reply: SyncSender<Result<(), StoreError>>,
+    /// Where its caller waits.
+    slot: Arc<Slot>,
+}
+
+/// Where one queued caller waits for the leader's word: its own lock and
+/// condition variable, so that a leader wakes exactly its group, and the
+/// woken callers do not all contend for the queue's lock.
+#[derive(Default)]
+struct Slot {
+    word: Mutex<Option<Word>>,
+    wake: Condvar,
+}
+
+/// What a leader tells a queued caller.
+enum Word {
+    /// The write's outcome.
+    Done(Result<(), StoreError>),
+    /// Lead: the caller's write is the oldest queued one.
+    Lead,
+}
+
+impl Slot {
+    // Nothing can panic while a slot is locked (it only moves a `Word`
+    // in or out), so its lock is never poisoned in a way that matters and
+    // both sides go on past poison.
+
+    fn tell(&self, word: Word) {
+        *self.word.lock().unwrap_or_else(PoisonError::into_inner) = Some(word);
+        self.wake.notify_one();
+    }
+
+    fn wait(&self) -> Word {
+        let mut word = self.word.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(word) = word.take() {
+                return word;
+            }
+            // Spurious wakeups loop back here.
+            word = self.wake.wait(word).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
 }
 
 enum Write {
@@ -225,7 +300,6 @@ impl SqliteStore {
         migrate(&mut conn, MIGRATIONS)?;
 
         let stats = Arc::new(Counters::default());
-        let (requests, queue) = mpsc::channel();
         let writer = Writer {
             conn,
             cache: Cache {
@@ -233,23 +307,21 @@ impl SqliteStore {
                 budget: options.dedup_cache_nodes,
             },
             stats: Arc::clone(&stats),
+            #[cfg(test)]
+            panic_on: None,
         };
-        let writer = std::thread::Builder::new()
-            .name("syncline-store-writer".to_owned())
-            .spawn(move || writer.run(queue))
-            .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             path: path.to_owned(),
             busy_timeout: options.busy_timeout,
-            requests: Some(requests),
-            writer: Some(writer),
+            queue: Mutex::new(Queue::default()),
             readers: Mutex::new(Vec::new()),
+            writer: Mutex::new(writer),
             stats,
             _lock: lock,
         })
     }
 
-    /// Counters of the writer since the store was opened.
+    /// Write counters since the store was opened.
     pub fn stats(&self) -> SqliteStats {
         SqliteStats {
             transactions: self.stats.transactions.load(Ordering::Relaxed),
@@ -257,19 +329,84 @@ impl SqliteStore {
         }
     }
 
-    /// Sends a write to the writer thread and waits until it is durable (or
-    /// failed).
+    /// Queues a write and returns once it is durable (or failed): as the
+    /// leader that commits it, or as a follower told its outcome.
     fn write(&self, write: Write) -> Result<(), StoreError> {
-        let Some(requests) = &self.requests else {
-            return Err(StoreError::Closed);
-        };
-        let (reply, answer) = mpsc::sync_channel(1);
-        // Either side hanging up means the writer thread is gone (it
-        // panicked): nothing more can be written.
-        requests
-            .send(Request { write, reply })
-            .map_err(|_| StoreError::Closed)?;
-        answer.recv().map_err(|_| StoreError::Closed)?
+        let slot = Arc::new(Slot::default());
+        let mut queue = self.queue.lock().map_err(closed)?;
+        queue.waiting.push_back(Ticket {
+            write,
+            slot: Arc::clone(&slot),
+        });
+        if queue.leading {
+            drop(queue);
+            match slot.wait() {
+                Word::Done(outcome) => return outcome,
+                Word::Lead => queue = self.queue.lock().map_err(closed)?,
+            }
+        } else {
+            queue.leading = true;
+        }
+        self.lead(queue, &slot)
+    }
+
+    /// Commits the group at the front of the queue as its leader, then
+    /// passes leadership to the oldest write still queued, if any. `me` is
+    /// the caller's own write, at the front (a new leader found the queue
+    /// empty; a chosen one held its oldest write); returns its outcome.
+    fn lead<'a>(
+        &'a self,
+        mut queue: MutexGuard<'a, Queue>,
+        me: &Arc<Slot>,
+    ) -> Result<(), StoreError> {
+        let group = take_group(&mut queue.waiting);
+        drop(queue);
+        let outcomes = self.commit_group(&group);
+        let mut mine = None;
+        // Followers first: woken before the next leader, they have a
+        // chance to queue their next write in time for its group.
+        for (ticket, outcome) in group.into_iter().zip(outcomes) {
+            if Arc::ptr_eq(&ticket.slot, me) {
+                mine = Some(outcome);
+            } else {
+                ticket.slot.tell(Word::Done(outcome));
+            }
+        }
+        let mut queue = self.queue.lock().map_err(closed)?;
+        match queue.waiting.front() {
+            Some(next) => {
+                // `leading` stays set: leadership passes without a gap in
+                // which a new caller could claim it too.
+                let next = Arc::clone(&next.slot);
+                drop(queue);
+                next.tell(Word::Lead);
+            }
+            None => queue.leading = false,
+        }
+        mine.unwrap_or_else(|| {
+            Err(StoreError::Io(
+                "write queue: the leader's write was not in its group".to_owned(),
+            ))
+        })
+    }
+
+    /// Commits `group` on the write connection: one outcome per write, in
+    /// order.
+    ///
+    /// A panic is caught here so that it fails only this group, as
+    /// [`StoreError::Closed`], instead of unwinding through the leader's
+    /// caller and leaving the followers waiting forever. It poisons the
+    /// writer mutex (the connection and the cache may be mid-change), and
+    /// a poisoned writer fails every later group the same way.
+    fn commit_group(&self, group: &[Ticket]) -> Vec<Result<(), StoreError>> {
+        let committed = catch_unwind(AssertUnwindSafe(|| {
+            let mut writer = self.writer.lock().ok()?;
+            Some(writer.commit_group(group))
+        }));
+        match committed {
+            Ok(Some(outcomes)) => outcomes,
+            Ok(None) | Err(_) => group.iter().map(|_| Err(StoreError::Closed)).collect(),
+        }
     }
 
     /// Runs `f` on a pooled read connection.
@@ -340,22 +477,40 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        // Readers close first so that the writer's connection is the last
-        // one: closing it checkpoints the log into the file and removes it.
+        // Readers close first so that the write connection, dropped next
+        // with its field, is the last one: closing it checkpoints the log
+        // into the file and removes it. No write is in flight: every
+        // caller borrows the store.
         self.readers
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
-        // Closing the channel ends the writer's loop once it has answered
-        // every queued write; joining makes the close synchronous, so the
-        // file can be reopened right away.
-        drop(self.requests.take());
-        if let Some(writer) = self.writer.take() {
-            // A panic of the writer was already reported to its callers as
-            // `Closed`; there is no one left to tell.
-            let _ = writer.join();
-        }
     }
+}
+
+/// Maps a poisoned write queue to [`StoreError::Closed`] for every caller:
+/// whoever finds it poisoned fails every queued write, rather than leave
+/// their callers waiting for a leader.
+fn closed(poisoned: PoisonError<MutexGuard<'_, Queue>>) -> StoreError {
+    for ticket in poisoned.into_inner().waiting.drain(..) {
+        ticket.slot.tell(Word::Done(Err(StoreError::Closed)));
+    }
+    StoreError::Closed
+}
+
+/// Takes the next group from the front of the queue: at least one write,
+/// then more while the group is under its bounds.
+fn take_group(waiting: &mut VecDeque<Ticket>) -> Vec<Ticket> {
+    let mut group = Vec::new();
+    let mut nodes = 0;
+    while group.len() < MAX_GROUP_WRITES && nodes < MAX_GROUP_NODES {
+        let Some(ticket) = waiting.pop_front() else {
+            break;
+        };
+        nodes += ticket.write.node_count();
+        group.push(ticket);
+    }
+    group
 }
 
 impl Store for SqliteStore {
@@ -595,11 +750,14 @@ fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), StoreError>
     tx.commit().map_err(sql)
 }
 
-/// The writer thread's state: the write connection and what it caches.
+/// The write connection and what it caches, used by the current leader.
 struct Writer {
     conn: Connection,
     cache: Cache,
     stats: Arc<Counters>,
+    /// Tests only: writing metadata under this key panics mid-transaction.
+    #[cfg(test)]
+    panic_on: Option<String>,
 }
 
 /// What the writer knows of the rooms it wrote. Valid only for committed
@@ -642,6 +800,13 @@ impl RoomIds {
         self.by_prefix.len() + self.clashes.len()
     }
 
+    /// Whether the room may hold `id`: false is certain, true needs
+    /// [`RoomIds::find`] to confirm. No I/O.
+    fn may_hold(&self, id: &NodeId) -> bool {
+        // An id in `clashes` shares its prefix with one in `by_prefix`.
+        self.by_prefix.contains_key(&Self::prefix(id))
+    }
+
     /// The `seq` of `id` if the room holds it. `first` is the room's first
     /// `pos`.
     fn find(&self, tx: &Connection, first: i64, id: &NodeId) -> Result<Option<u32>, StoreError> {
@@ -682,41 +847,20 @@ impl RoomIds {
 }
 
 impl Writer {
-    fn run(mut self, queue: Receiver<Request>) {
-        while let Ok(first) = queue.recv() {
-            let mut nodes = first.write.node_count();
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP_WRITES && nodes < MAX_GROUP_NODES {
-                match queue.try_recv() {
-                    Ok(request) => {
-                        nodes += request.write.node_count();
-                        group.push(request);
-                    }
-                    Err(_) => break,
-                }
-            }
-            self.commit_group(group);
+    /// Commits `group` in one transaction: one outcome per write, in order.
+    /// If that fails, retries each write alone, so a write that cannot be
+    /// applied fails only its own caller.
+    fn commit_group(&mut self, group: &[Ticket]) -> Vec<Result<(), StoreError>> {
+        if group.len() > 1 && self.transaction(group).is_ok() {
+            return group.iter().map(|_| Ok(())).collect();
         }
+        group
+            .iter()
+            .map(|ticket| self.transaction(std::slice::from_ref(ticket)))
+            .collect()
     }
 
-    /// Commits `group` in one transaction and answers its callers. If that
-    /// fails, retries each write alone, so a write that cannot be applied
-    /// fails only its own caller.
-    fn commit_group(&mut self, group: Vec<Request>) {
-        if group.len() > 1 && self.transaction(&group).is_ok() {
-            for request in group {
-                // A caller that stopped waiting has nothing left to tell.
-                let _ = request.reply.send(Ok(()));
-            }
-            return;
-        }
-        for request in group {
-            let alone = self.transaction(std::slice::from_ref(&request));
-            let _ = request.reply.send(alone);
-        }
-    }
-
-    fn transaction(&mut self, group: &[Request]) -> Result<(), StoreError> {
+    fn transaction(&mut self, group: &[Ticket]) -> Result<(), StoreError> {
         let result = self.try_transaction(group);
         match &result {
             Ok(()) => {
@@ -732,15 +876,19 @@ impl Writer {
         result
     }
 
-    fn try_transaction(&mut self, group: &[Request]) -> Result<(), StoreError> {
+    fn try_transaction(&mut self, group: &[Ticket]) -> Result<(), StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql)?;
-        for request in group {
-            match &request.write {
+        for ticket in group {
+            match &ticket.write {
                 Write::Commit { room, batch } => apply_batch(&tx, &mut self.cache, room, batch)?,
                 Write::Meta { key, value } => {
+                    #[cfg(test)]
+                    if self.panic_on.as_ref() == Some(key) {
+                        panic!("injected panic while writing {key}");
+                    }
                     tx.prepare_cached(
                         "INSERT INTO meta_v1 (key, value) VALUES (?1, ?2) \
                          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -861,6 +1009,47 @@ fn load_ids(tx: &Connection, state: &RoomState) -> Result<RoomIds, StoreError> {
     Ok(ids)
 }
 
+/// Sizes of the multi-row `INSERT`s that `insert_nodes` uses, largest
+/// first, and their SQL.
+static INSERT_NODES: LazyLock<[(usize, String); 3]> = LazyLock::new(|| {
+    [64, 8, 1].map(|rows| {
+        let values = vec!["(?, ?, ?, ?)"; rows].join(", ");
+        let sql = format!("INSERT INTO nodes_v1 (pos, id, bytes, sig) VALUES {values}");
+        (rows, sql)
+    })
+});
+
+/// Inserts `nodes` (each with its `pos`, ascending) with as few statement
+/// runs as the chunk sizes allow. Each run of a statement pays a fixed cost
+/// (opening the table's cursor, stepping, resetting, counting changes) that
+/// a multi-row `INSERT` pays once per chunk instead of once per node. Each
+/// row still costs a B-tree descent from the root, in which SQLite checks
+/// that the explicit `pos` is free.
+fn insert_nodes(tx: &Connection, nodes: &[(i64, &StoredNode)]) -> Result<(), StoreError> {
+    let mut rest = nodes;
+    for (rows, text) in INSERT_NODES.iter() {
+        if rest.len() < *rows {
+            continue;
+        }
+        let mut stmt = tx.prepare_cached(text).map_err(sql)?;
+        while rest.len() >= *rows {
+            let (chunk, tail) = rest.split_at(*rows);
+            for (i, (pos, node)) in chunk.iter().enumerate() {
+                let sig = node.sig.as_ref().map(|s| &s.0[..]);
+                let column = 4 * i;
+                stmt.raw_bind_parameter(column + 1, pos)
+                    .and_then(|()| stmt.raw_bind_parameter(column + 2, &node.id.0[..]))
+                    .and_then(|()| stmt.raw_bind_parameter(column + 3, &node.bytes[..]))
+                    .and_then(|()| stmt.raw_bind_parameter(column + 4, sig))
+                    .map_err(sql)?;
+            }
+            stmt.raw_execute().map_err(sql)?;
+            rest = tail;
+        }
+    }
+    Ok(())
+}
+
 /// Applies one batch inside the group's transaction, in the order every
 /// backend uses: nodes, signatures, outbox additions, outbox removals.
 fn apply_batch(
@@ -878,33 +1067,29 @@ fn apply_batch(
     let before = state.nodes;
     if let Some(ids) = &mut state.ids {
         if !batch.nodes.is_empty() {
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO nodes_v1 (pos, id, bytes, sig) VALUES (?1, ?2, ?3, ?4)",
-                )
-                .map_err(sql)?;
+            // New nodes with their pos, inserted in chunks by `insert_nodes`.
+            let mut new = Vec::with_capacity(batch.nodes.len());
             for node in &batch.nodes {
-                if ids.find(tx, first, &node.id)?.is_some() {
-                    continue;
+                if ids.may_hold(&node.id) {
+                    // Confirming a duplicate reads the stored row, which
+                    // may be one of `new` (an id twice in one batch).
+                    insert_nodes(tx, &new)?;
+                    new.clear();
+                    if ids.find(tx, first, &node.id)?.is_some() {
+                        continue;
+                    }
                 }
                 if state.nodes >= MAX_ROOM_NODES {
                     return Err(StoreError::Io(format!(
                         "room {room} holds the most nodes a store supports"
                     )));
                 }
-                let sig = node.sig.as_ref().map(|s| &s.0[..]);
-                insert
-                    .execute(params![
-                        first + state.nodes,
-                        &node.id.0[..],
-                        &node.bytes,
-                        sig
-                    ])
-                    .map_err(sql)?;
+                new.push((first + state.nodes, node));
                 // In range: `nodes < MAX_ROOM_NODES = 2^32`.
                 ids.insert(node.id, state.nodes as u32);
                 state.nodes += 1;
             }
+            insert_nodes(tx, &new)?;
         }
         if !batch.signatures.is_empty() {
             let mut sign = tx
@@ -1162,7 +1347,7 @@ mod tests {
     }
 
     /// Holds the database's write lock from another connection, so the
-    /// writer thread blocks in `BEGIN` while callers queue up behind it.
+    /// leader blocks in `BEGIN` while callers queue up behind it.
     fn block_writer(path: &Path) -> Connection {
         let blocker = Connection::open(path).unwrap();
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
@@ -1195,6 +1380,10 @@ mod tests {
         let stats = store.stats();
         assert_eq!(stats.batches, 16 * 20);
         assert!(stats.transactions <= stats.batches);
+        // Every leader passed leadership on or gave it up: the next writer
+        // leads at once.
+        let queue = store.queue.lock().unwrap();
+        assert!(queue.waiting.is_empty() && !queue.leading);
     }
 
     #[test]
@@ -1216,9 +1405,10 @@ mod tests {
         assert_eq!(store.node_count(&r).unwrap(), 24);
         let stats = store.stats();
         assert_eq!(stats.batches, 8);
-        // The writer took the commits queued when it woke (at least one)
-        // and blocked; all the others queued behind it and share the next
-        // transaction: at most two transactions, two fsyncs.
+        // The first caller found the queue empty, led a group of its own
+        // commit and blocked; all the others queued behind it and share
+        // the next group, which the oldest of them leads: at most two
+        // transactions, two fsyncs.
         assert!(stats.transactions <= 2, "{stats:?}");
     }
 
@@ -1260,7 +1450,106 @@ mod tests {
     }
 
     #[test]
-    fn dropping_the_store_stops_the_writer() {
+    fn a_panic_while_writing_fails_its_group_and_later_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let r = room("panicky");
+        store.commit(&r, nodes_batch(1, 0..3)).unwrap();
+        store.writer.lock().unwrap().panic_on = Some("panic".to_owned());
+        let blocker = block_writer(&path);
+        let results = thread::scope(|scope| {
+            let store = &store;
+            let first = scope.spawn(move || store.put_meta("first", b"1"));
+            thread::sleep(Duration::from_millis(100));
+            // Queued behind `first`: one group, whose leader panics while
+            // writing `panic`.
+            let group = [
+                scope.spawn(|| store.commit(&r, nodes_batch(1, 3..5))),
+                scope.spawn(move || store.put_meta("panic", b"x")),
+                scope.spawn(move || store.put_meta("second", b"2")),
+            ];
+            thread::sleep(Duration::from_millis(300));
+            blocker.execute_batch("COMMIT").unwrap();
+            let first = first.join().unwrap();
+            (first, group.map(|h| h.join().unwrap()))
+        });
+        assert!(results.0.is_ok(), "{:?}", results.0);
+        for result in &results.1 {
+            assert!(matches!(result, Err(StoreError::Closed)), "{result:?}");
+        }
+        // The write connection is poisoned: later writes fail at once, and
+        // concurrent ones do not wait for a leader that never comes.
+        thread::scope(|scope| {
+            for t in 0..4 {
+                let (store, r) = (&store, &r);
+                scope.spawn(move || {
+                    let result = store.commit(r, nodes_batch(2, t..t + 1));
+                    assert!(matches!(result, Err(StoreError::Closed)), "{result:?}");
+                });
+            }
+        });
+        // Reads go on, and see only what was acknowledged.
+        assert_eq!(store.node_count(&r).unwrap(), 3);
+        assert_eq!(store.get_meta("first").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(store.get_meta("second").unwrap(), None);
+        drop(store);
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        assert_eq!(store.load_nodes(&r).unwrap(), nodes_batch(1, 0..3).nodes);
+        store.put_meta("second", b"2").unwrap();
+    }
+
+    #[test]
+    fn large_batches_dedup_across_insert_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let r = room("chunks");
+        store.commit(&r, nodes_batch(1, 0..30)).unwrap();
+        // Long enough for every chunk size, with duplicates of stored
+        // nodes, of nodes earlier in the batch (near and far: pending or
+        // already inserted), and an id sharing the prefix of the node just
+        // before it.
+        let fresh = nodes_batch(1, 30..200).nodes;
+        let mut clash = fresh[70].clone();
+        clash.id.0[31] ^= 0xff;
+        let mut batch = Vec::new();
+        let mut expected = nodes_batch(1, 0..30).nodes;
+        for (i, node) in fresh.iter().enumerate() {
+            batch.push(node.clone());
+            expected.push(node.clone());
+            if i % 37 == 5 {
+                batch.push(test_node(1, (i % 30) as u64));
+            }
+            if i % 23 == 7 {
+                batch.push(fresh[i / 2].clone());
+                batch.push(node.clone());
+            }
+            if i == 70 {
+                batch.push(clash.clone());
+                expected.push(clash.clone());
+            }
+            if i == 150 {
+                batch.push(clash.clone());
+            }
+        }
+        let nodes_batch = |nodes: &[StoredNode]| Batch {
+            nodes: nodes.to_vec(),
+            ..Batch::default()
+        };
+        store.commit(&r, nodes_batch(&batch)).unwrap();
+        assert_eq!(store.load_nodes(&r).unwrap(), expected);
+        assert_eq!(store.node_count(&r).unwrap(), 201);
+        // Again, and after a reopen (dedup from a fresh scan): no change.
+        store.commit(&r, nodes_batch(&batch)).unwrap();
+        drop(store);
+        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        store.commit(&r, nodes_batch(&expected)).unwrap();
+        assert_eq!(store.load_nodes(&r).unwrap(), expected);
+    }
+
+    #[test]
+    fn dropping_the_store_closes_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
         let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
