@@ -9,6 +9,7 @@
 use thiserror::Error;
 
 use crate::dag::{Dag, DagError, NodeIdx, VerifiedNode};
+use crate::doc::seq::ItemId;
 use crate::doc::{Changes, Ctx, Doc, PathError, path_names, split_path};
 use crate::hlc::{Hlc, HlcClock};
 use crate::ids::{AuthorId, EntryId, NodeId, RoomId, Signature};
@@ -319,6 +320,16 @@ impl Transaction<'_> {
         Ok(())
     }
 
+    /// How an op of this transaction names character `i`: by node id, or as
+    /// "this node" for characters this transaction inserted (its id is not
+    /// known until commit).
+    fn char_ref(&self, i: ItemId) -> CharRef {
+        CharRef {
+            node: (i.node != self.node).then(|| *self.room.dag.id(i.node)),
+            index: i.index,
+        }
+    }
+
     /// The entry at `path`, creating missing entries on the way by path
     /// (so concurrent creators of one path meet); the last one gets `kind`.
     pub fn ensure(&mut self, path: &str, kind: EntryKind) -> Result<EntryId, TxnError> {
@@ -444,16 +455,10 @@ impl Transaction<'_> {
             end: pos,
             len: entry_len,
         })?;
-        let dag = &self.room.dag;
-        let node = self.node;
-        let to_ref = |i: crate::doc::seq::ItemId| CharRef {
-            node: (i.node != node).then(|| *dag.id(i.node)),
-            index: i.index,
-        };
         self.push(Op::TextInsert {
             entry,
-            left: left.map(to_ref),
-            right: right.map(to_ref),
+            left: left.map(|i| self.char_ref(i)),
+            right: right.map(|i| self.char_ref(i)),
             text: text.to_owned(),
         })
     }
@@ -475,15 +480,11 @@ impl Transaction<'_> {
             .sequence(&entry)
             .and_then(|s| s.visible_runs(pos, len))
             .ok_or(out_of_range)?;
-        let dag = &self.room.dag;
         let spans = runs
             .into_iter()
-            .map(|(first, n)| CharSpan {
-                start: CharRef {
-                    node: (first.node != self.node).then(|| *dag.id(first.node)),
-                    index: first.index,
-                },
-                len: n,
+            .map(|(first, len)| CharSpan {
+                start: self.char_ref(first),
+                len,
             })
             .collect();
         self.push(Op::TextDelete { entry, spans })
