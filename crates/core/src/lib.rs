@@ -16,6 +16,7 @@ pub mod limits;
 pub mod node;
 pub mod op;
 pub mod pack;
+pub mod proto;
 pub mod room;
 pub mod value;
 

@@ -514,6 +514,49 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    /// Skips one value of any type (for fields a newer peer added), nested at
+    /// most `max_depth` deep.
+    pub fn skip_value(&mut self, max_depth: usize) -> Result<(), DecodeError> {
+        let at = self.pos;
+        let m = self.peek()?;
+        match m {
+            0xc0 => self.nil(),
+            0xc2 | 0xc3 => self.bool().map(drop),
+            0x00..=0x7f | 0xcc..=0xcf => self.uint().map(drop),
+            0xd0..=0xd3 | 0xe0..=0xff => self.int().map(drop),
+            0xca => {
+                self.pos += 1;
+                self.take(4).map(drop)
+            }
+            0xcb => {
+                self.pos += 1;
+                self.take(8).map(drop)
+            }
+            0xa0..=0xbf | 0xd9..=0xdb => self.str(usize::MAX).map(drop),
+            0xc4..=0xc6 => self.bin(usize::MAX).map(drop),
+            0xd4..=0xd8 | 0xc7..=0xc9 => self.ext(usize::MAX).map(drop),
+            0x90..=0x9f | 0xdc | 0xdd | 0x80..=0x8f | 0xde | 0xdf => {
+                if max_depth == 0 {
+                    return Err(DecodeError::Invalid {
+                        at,
+                        what: "value nested too deeply",
+                    });
+                }
+                let is_map = matches!(m, 0x80..=0x8f | 0xde | 0xdf);
+                let n = if is_map {
+                    self.map(usize::MAX)? * 2
+                } else {
+                    self.array(usize::MAX)?
+                };
+                for _ in 0..n {
+                    self.skip_value(max_depth - 1)?;
+                }
+                Ok(())
+            }
+            _ => Err(self.unexpected(at, m, "value")),
+        }
+    }
+
     /// An extension value: (tag, payload) of at most `max` bytes.
     pub fn ext(&mut self, max: usize) -> Result<(i8, &'a [u8]), DecodeError> {
         let at = self.pos;
@@ -601,6 +644,27 @@ mod tests {
             let _ = r.clone().f64();
             let _ = r.array(usize::MAX);
         }
+    }
+
+    #[test]
+    fn skip_value_skips_exactly_one_value() {
+        let mut w = Writer::new();
+        w.map(2);
+        w.str("a");
+        w.array(3);
+        w.uint(1);
+        w.str("x");
+        w.bin(&[1, 2]);
+        w.str("b");
+        w.f64(1.5);
+        w.uint(7);
+        let bytes = w.into_bytes();
+        let mut r = Reader::new(&bytes);
+        r.skip_value(4).unwrap();
+        assert_eq!(r.uint().unwrap(), 7);
+        r.finish().unwrap();
+        let deep = [0x91; 8];
+        assert!(Reader::new(&deep).skip_value(3).is_err());
     }
 
     #[test]

@@ -1,0 +1,911 @@
+//! The envelope and the messages of the sync protocol (`docs/protocol.md`,
+//! sections 1 and 3), with their encoding.
+//!
+//! Frames use the same strict MessagePack reader as nodes: every length is
+//! checked against the bytes that remain and a named limit before anything
+//! is sized from it. Bodies are maps with string keys so that a newer peer
+//! can add fields: unknown keys are skipped, duplicated keys are refused.
+
+use std::collections::BTreeMap;
+
+use thiserror::Error;
+
+use crate::codec::mp::{DecodeError, Reader, Writer};
+use crate::dag::VersionVector;
+use crate::ids::{AuthorId, NodeId, RoomId};
+use crate::limits::MAX_ROOM_ID_BYTES;
+
+/// The protocol version this code speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame accepted or sent.
+pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
+/// Most heads listed in a `hello` or `welcome`.
+pub const MAX_HEADS: usize = 4096;
+/// Most authors in a version vector on the wire.
+pub const MAX_VV_ENTRIES: usize = 65_536;
+/// Most capabilities, subscriptions or peers listed.
+pub const MAX_LIST: usize = 256;
+/// Most node ids (or keys) in one `ack`, `request` or `ibf-done`.
+pub const MAX_IDS: usize = 65_536;
+/// Longest capability, pattern, reason or message string.
+pub const MAX_TEXT_BYTES: usize = 1024;
+/// Longest token or presence payload.
+pub const MAX_BLOB_FIELD_BYTES: usize = 64 * 1024;
+/// Deepest value a newer peer's unknown field may nest.
+const MAX_SKIP_DEPTH: usize = 8;
+/// Message types at or above this are optional: unknown ones are ignored.
+pub const FIRST_OPTIONAL_TYPE: u64 = 64;
+
+/// Why a frame was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum FrameError {
+    /// Larger than [`MAX_FRAME_BYTES`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// Not the envelope or body grammar.
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] DecodeError),
+    /// A required message type this version does not know.
+    #[error("unknown required message type {0}")]
+    UnknownType(u64),
+    /// A required body field is absent.
+    #[error("message lacks field {0:?}")]
+    Missing(&'static str),
+    /// A body field appears twice.
+    #[error("field {0:?} appears twice")]
+    Duplicate(String),
+    /// A field that decodes but is not valid (a bad room id, a bad phase).
+    #[error("invalid field {0:?}")]
+    Invalid(&'static str),
+}
+
+/// Typed reasons for `reject`, `error` and `close` (`docs/protocol.md` §6).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// No common protocol version.
+    VersionMismatch,
+    /// A frame or body that does not decode.
+    Malformed,
+    /// No right to read, or to write these paths.
+    Unauthorized,
+    /// The token expired.
+    TokenExpired,
+    /// A locked room and no token.
+    RoomLocked,
+    /// Ingress above the peer's rate.
+    RateLimited,
+    /// The outbound queue overflowed: reconnect and catch up.
+    Lagging,
+    /// The server sheds load.
+    Overloaded,
+    /// A frame or pack over its limit.
+    TooLarge,
+    /// A node failed validation.
+    InvalidNode,
+    /// Two nodes with one (author, seq).
+    Equivocation,
+    /// Handshake or idle timeout.
+    Timeout,
+    /// The server is stopping.
+    ShuttingDown,
+    /// A reason from a newer peer.
+    Other(String),
+}
+
+impl Reason {
+    const NAMES: [(Reason, &'static str); 13] = [
+        (Reason::VersionMismatch, "version_mismatch"),
+        (Reason::Malformed, "malformed"),
+        (Reason::Unauthorized, "unauthorized"),
+        (Reason::TokenExpired, "token_expired"),
+        (Reason::RoomLocked, "room_locked"),
+        (Reason::RateLimited, "rate_limited"),
+        (Reason::Lagging, "lagging"),
+        (Reason::Overloaded, "overloaded"),
+        (Reason::TooLarge, "too_large"),
+        (Reason::InvalidNode, "invalid_node"),
+        (Reason::Equivocation, "equivocation"),
+        (Reason::Timeout, "timeout"),
+        (Reason::ShuttingDown, "shutting_down"),
+    ];
+
+    /// The wire name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Reason::Other(s) => s,
+            known => {
+                Self::NAMES
+                    .iter()
+                    .find(|(r, _)| r == known)
+                    .expect("every known reason is named")
+                    .1
+            }
+        }
+    }
+
+    /// The reason for a wire name (unknown names are kept as `Other`).
+    pub fn from_wire(s: &str) -> Reason {
+        Self::NAMES
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map_or_else(|| Reason::Other(s.to_owned()), |(r, _)| r.clone())
+    }
+}
+
+/// Limits a server announces in `welcome`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame the server accepts.
+    pub max_frame: u64,
+    /// Most nodes per pack the server sends or accepts.
+    pub max_pack_nodes: u64,
+}
+
+/// Whether a pack is part of a catch-up or a live update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Missing history after the handshake.
+    Catchup,
+    /// New nodes in steady state.
+    Live,
+}
+
+/// One protocol message.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    /// Opens a session (client to server).
+    Hello {
+        /// Lowest and highest protocol versions the client speaks.
+        versions: (u32, u32),
+        /// The client's author key.
+        peer: AuthorId,
+        /// The room.
+        room: RoomId,
+        /// A signed access token for locked rooms.
+        token: Option<Vec<u8>>,
+        /// Capabilities the client supports.
+        caps: Vec<String>,
+        /// The client's heads.
+        heads: Vec<NodeId>,
+        /// The client's version vector.
+        vv: VersionVector,
+        /// Nodes the client holds.
+        nodes: u64,
+        /// The client's state hash (a hint).
+        state_hash: [u8; 32],
+        /// Path globs the client subscribes to (empty: everything).
+        subscriptions: Vec<String>,
+    },
+    /// Accepts a session (server to client).
+    Welcome {
+        /// The protocol version chosen.
+        version: u32,
+        /// The capabilities chosen.
+        caps: Vec<String>,
+        /// The server's heads.
+        heads: Vec<NodeId>,
+        /// The server's version vector (sent with the baseline strategy).
+        vv: Option<VersionVector>,
+        /// Nodes the server holds.
+        nodes: u64,
+        /// The difference strategy chosen (a capability name).
+        diff: String,
+        /// The server's limits.
+        limits: Limits,
+        /// Authors present in the room.
+        peers: Vec<AuthorId>,
+    },
+    /// Refuses a session.
+    Reject {
+        /// Why.
+        reason: Reason,
+        /// For people.
+        message: String,
+    },
+    /// Nodes, as a compact pack.
+    Pack {
+        /// The pack bytes.
+        pack: Vec<u8>,
+        /// BLAKE3 of `pack`.
+        checksum: [u8; 32],
+        /// Catch-up or live.
+        phase: Phase,
+        /// The last pack of a catch-up.
+        last: bool,
+    },
+    /// Nodes accepted and durable.
+    Ack {
+        /// Their ids.
+        nodes: Vec<NodeId>,
+    },
+    /// Asks for specific nodes.
+    Request {
+        /// Their ids.
+        ids: Vec<NodeId>,
+    },
+    /// RIBLT coded symbols of the server's sketch.
+    IbfSymbols {
+        /// Index of the first symbol.
+        start: u64,
+        /// 25 bytes per symbol.
+        symbols: Vec<u8>,
+    },
+    /// Asks for more coded symbols.
+    IbfMore {
+        /// How many.
+        count: u64,
+    },
+    /// The client decoded the difference.
+    IbfDone {
+        /// 16-byte keys of nodes the client lacks.
+        need: Vec<[u8; 16]>,
+        /// Nodes the client will upload.
+        has: u64,
+    },
+    /// Narrows what is relayed and caught up.
+    Subscribe {
+        /// Path globs.
+        patterns: Vec<String>,
+    },
+    /// Confirms subscriptions.
+    Subscribed {
+        /// Path globs in effect.
+        patterns: Vec<String>,
+    },
+    /// Keeps an idle session alive.
+    Heartbeat,
+    /// Reports a problem with one message.
+    Error {
+        /// What kind.
+        code: Reason,
+        /// For people.
+        message: String,
+        /// The correlation id of the message concerned.
+        related: u64,
+    },
+    /// Ends a session.
+    Close {
+        /// Why.
+        reason: Reason,
+        /// For people.
+        message: String,
+    },
+    /// Ephemeral presence (never in history).
+    Presence {
+        /// Whose.
+        peer: AuthorId,
+        /// App-defined bytes.
+        data: Vec<u8>,
+    },
+    /// An optional message type from a newer peer (ignored).
+    Unknown(u64),
+}
+
+/// One frame: a message with its session and correlation id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Envelope {
+    /// Protocol version of the encoding.
+    pub version: u32,
+    /// The session (one per room on a connection).
+    pub session: u64,
+    /// Correlation id (0: none).
+    pub corr: u64,
+    /// The message.
+    pub message: Message,
+}
+
+impl Message {
+    /// The wire type number.
+    pub fn type_code(&self) -> u64 {
+        match self {
+            Message::Hello { .. } => 1,
+            Message::Welcome { .. } => 2,
+            Message::Reject { .. } => 3,
+            Message::Pack { .. } => 4,
+            Message::Ack { .. } => 5,
+            Message::Request { .. } => 6,
+            Message::IbfSymbols { .. } => 7,
+            Message::IbfMore { .. } => 8,
+            Message::IbfDone { .. } => 9,
+            Message::Subscribe { .. } => 13,
+            Message::Subscribed { .. } => 14,
+            Message::Heartbeat => 15,
+            Message::Error { .. } => 16,
+            Message::Close { .. } => 17,
+            Message::Presence { .. } => 64,
+            Message::Unknown(t) => *t,
+        }
+    }
+}
+
+fn put_ids(w: &mut Writer, ids: &[NodeId]) {
+    w.array(ids.len());
+    for id in ids {
+        w.bin(&id.0);
+    }
+}
+
+fn put_strs(w: &mut Writer, items: &[String]) {
+    w.array(items.len());
+    for s in items {
+        w.str(s);
+    }
+}
+
+fn put_vv(w: &mut Writer, vv: &VersionVector) {
+    w.array(vv.len());
+    for (author, seq) in vv {
+        w.array(2);
+        w.bin(&author.0);
+        w.uint(*seq);
+    }
+}
+
+impl Envelope {
+    /// The frame bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.array(5);
+        w.uint(self.version as u64);
+        w.uint(self.message.type_code());
+        w.uint(self.session);
+        w.uint(self.corr);
+        encode_body(&self.message, &mut w);
+        w.into_bytes()
+    }
+
+    /// Decodes one frame, refusing anything over [`MAX_FRAME_BYTES`] first.
+    pub fn decode(frame: &[u8]) -> Result<Envelope, FrameError> {
+        if frame.len() > MAX_FRAME_BYTES {
+            return Err(FrameError::TooLarge(frame.len()));
+        }
+        let mut r = Reader::new(frame);
+        r.array_exact(5)?;
+        let version = r.u32()?;
+        let kind = r.uint()?;
+        let session = r.uint()?;
+        let corr = r.uint()?;
+        let message = decode_body(kind, &mut r)?;
+        r.finish()?;
+        Ok(Envelope {
+            version,
+            session,
+            corr,
+            message,
+        })
+    }
+}
+
+/// Writes a body map; fields are written in sorted key order.
+fn encode_body(m: &Message, w: &mut Writer) {
+    match m {
+        Message::Hello {
+            versions,
+            peer,
+            room,
+            token,
+            caps,
+            heads,
+            vv,
+            nodes,
+            state_hash,
+            subscriptions,
+        } => {
+            w.map(9 + token.is_some() as usize);
+            w.str("caps");
+            put_strs(w, caps);
+            w.str("heads");
+            put_ids(w, heads);
+            w.str("nodes");
+            w.uint(*nodes);
+            w.str("peer");
+            w.bin(&peer.0);
+            w.str("room");
+            w.str(room.as_str());
+            w.str("state_hash");
+            w.bin(state_hash);
+            w.str("subscriptions");
+            put_strs(w, subscriptions);
+            if let Some(t) = token {
+                w.str("token");
+                w.bin(t);
+            }
+            w.str("versions");
+            w.array(2);
+            w.uint(versions.0 as u64);
+            w.uint(versions.1 as u64);
+            w.str("vv");
+            put_vv(w, vv);
+        }
+        Message::Welcome {
+            version,
+            caps,
+            heads,
+            vv,
+            nodes,
+            diff,
+            limits,
+            peers,
+        } => {
+            w.map(7 + vv.is_some() as usize);
+            w.str("caps");
+            put_strs(w, caps);
+            w.str("diff");
+            w.str(diff);
+            w.str("heads");
+            put_ids(w, heads);
+            w.str("limits");
+            w.map(2);
+            w.str("max_frame");
+            w.uint(limits.max_frame);
+            w.str("max_pack_nodes");
+            w.uint(limits.max_pack_nodes);
+            w.str("nodes");
+            w.uint(*nodes);
+            w.str("peers");
+            w.array(peers.len());
+            for p in peers {
+                w.bin(&p.0);
+            }
+            w.str("version");
+            w.uint(*version as u64);
+            if let Some(vv) = vv {
+                w.str("vv");
+                put_vv(w, vv);
+            }
+        }
+        Message::Reject { reason, message } | Message::Close { reason, message } => {
+            w.map(2);
+            w.str("message");
+            w.str(message);
+            w.str("reason");
+            w.str(reason.as_str());
+        }
+        Message::Pack {
+            pack,
+            checksum,
+            phase,
+            last,
+        } => {
+            w.map(4);
+            w.str("checksum");
+            w.bin(checksum);
+            w.str("last");
+            w.bool(*last);
+            w.str("pack");
+            w.bin(pack);
+            w.str("phase");
+            w.str(match phase {
+                Phase::Catchup => "catchup",
+                Phase::Live => "live",
+            });
+        }
+        Message::Ack { nodes } => {
+            w.map(1);
+            w.str("nodes");
+            put_ids(w, nodes);
+        }
+        Message::Request { ids } => {
+            w.map(1);
+            w.str("ids");
+            put_ids(w, ids);
+        }
+        Message::IbfSymbols { start, symbols } => {
+            w.map(2);
+            w.str("start");
+            w.uint(*start);
+            w.str("symbols");
+            w.bin(symbols);
+        }
+        Message::IbfMore { count } => {
+            w.map(1);
+            w.str("count");
+            w.uint(*count);
+        }
+        Message::IbfDone { need, has } => {
+            w.map(2);
+            w.str("has");
+            w.uint(*has);
+            w.str("need");
+            w.array(need.len());
+            for k in need {
+                w.bin(k);
+            }
+        }
+        Message::Subscribe { patterns } | Message::Subscribed { patterns } => {
+            w.map(1);
+            w.str("patterns");
+            put_strs(w, patterns);
+        }
+        Message::Heartbeat | Message::Unknown(_) => w.map(0),
+        Message::Error {
+            code,
+            message,
+            related,
+        } => {
+            w.map(3);
+            w.str("code");
+            w.str(code.as_str());
+            w.str("message");
+            w.str(message);
+            w.str("related");
+            w.uint(*related);
+        }
+        Message::Presence { peer, data } => {
+            w.map(2);
+            w.str("data");
+            w.bin(data);
+            w.str("peer");
+            w.bin(&peer.0);
+        }
+    }
+}
+
+/// The fields of one body, read in any order; unknown keys are skipped.
+struct Fields<'a> {
+    values: BTreeMap<&'a str, Reader<'a>>,
+}
+
+impl<'a> Fields<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Fields<'a>, FrameError> {
+        let n = r.map(MAX_LIST)?;
+        let mut values = BTreeMap::new();
+        for _ in 0..n {
+            let key = r.str(MAX_TEXT_BYTES)?;
+            let start = r.clone();
+            r.skip_value(MAX_SKIP_DEPTH)?;
+            if values.insert(key, start).is_some() {
+                return Err(FrameError::Duplicate(key.to_owned()));
+            }
+        }
+        Ok(Fields { values })
+    }
+
+    fn get(&self, key: &'static str) -> Result<Reader<'a>, FrameError> {
+        self.values
+            .get(key)
+            .cloned()
+            .ok_or(FrameError::Missing(key))
+    }
+
+    fn opt(&self, key: &'static str) -> Option<Reader<'a>> {
+        self.values.get(key).cloned()
+    }
+
+    fn uint(&self, key: &'static str) -> Result<u64, FrameError> {
+        Ok(self.get(key)?.uint()?)
+    }
+
+    fn text(&self, key: &'static str) -> Result<String, FrameError> {
+        Ok(self.get(key)?.str(MAX_TEXT_BYTES)?.to_owned())
+    }
+
+    fn texts(&self, key: &'static str) -> Result<Vec<String>, FrameError> {
+        let mut r = self.get(key)?;
+        let n = r.array(MAX_LIST)?;
+        (0..n)
+            .map(|_| Ok(r.str(MAX_TEXT_BYTES)?.to_owned()))
+            .collect()
+    }
+
+    fn ids(&self, key: &'static str, max: usize) -> Result<Vec<NodeId>, FrameError> {
+        let mut r = self.get(key)?;
+        let n = r.array(max)?;
+        (0..n).map(|_| Ok(NodeId(r.bin_array()?))).collect()
+    }
+
+    fn bytes(&self, key: &'static str, max: usize) -> Result<Vec<u8>, FrameError> {
+        Ok(self.get(key)?.bin(max)?.to_vec())
+    }
+
+    fn vv(mut r: Reader<'a>) -> Result<VersionVector, FrameError> {
+        let n = r.array(MAX_VV_ENTRIES)?;
+        let mut vv = VersionVector::new();
+        for _ in 0..n {
+            r.array_exact(2)?;
+            let author = AuthorId(r.bin_array()?);
+            if vv.insert(author, r.uint()?).is_some() {
+                return Err(FrameError::Invalid("vv"));
+            }
+        }
+        Ok(vv)
+    }
+}
+
+fn decode_body(kind: u64, r: &mut Reader<'_>) -> Result<Message, FrameError> {
+    let f = Fields::read(r)?;
+    Ok(match kind {
+        1 => {
+            let mut v = f.get("versions")?;
+            v.array_exact(2)?;
+            let versions = (v.u32()?, v.u32()?);
+            let room = f.get("room")?.str(MAX_ROOM_ID_BYTES)?;
+            Message::Hello {
+                versions,
+                peer: AuthorId(f.get("peer")?.bin_array()?),
+                room: RoomId::new(room).map_err(|_| FrameError::Invalid("room"))?,
+                token: f
+                    .opt("token")
+                    .map(|mut t| t.bin(MAX_BLOB_FIELD_BYTES).map(<[u8]>::to_vec))
+                    .transpose()?,
+                caps: f.texts("caps")?,
+                heads: f.ids("heads", MAX_HEADS)?,
+                vv: Fields::vv(f.get("vv")?)?,
+                nodes: f.uint("nodes")?,
+                state_hash: f.get("state_hash")?.bin_array()?,
+                subscriptions: f.texts("subscriptions")?,
+            }
+        }
+        2 => {
+            let mut l = f.get("limits")?;
+            let limits = Fields::read(&mut l)?;
+            let mut p = f.get("peers")?;
+            let n = p.array(MAX_LIST)?;
+            let peers = (0..n)
+                .map(|_| Ok(AuthorId(p.bin_array()?)))
+                .collect::<Result<_, FrameError>>()?;
+            Message::Welcome {
+                version: f.get("version")?.u32()?,
+                caps: f.texts("caps")?,
+                heads: f.ids("heads", MAX_HEADS)?,
+                vv: f.opt("vv").map(Fields::vv).transpose()?,
+                nodes: f.uint("nodes")?,
+                diff: f.text("diff")?,
+                limits: Limits {
+                    max_frame: limits.uint("max_frame")?,
+                    max_pack_nodes: limits.uint("max_pack_nodes")?,
+                },
+                peers,
+            }
+        }
+        3 | 17 => {
+            let reason = Reason::from_wire(&f.text("reason")?);
+            let message = f.text("message")?;
+            if kind == 3 {
+                Message::Reject { reason, message }
+            } else {
+                Message::Close { reason, message }
+            }
+        }
+        4 => Message::Pack {
+            pack: f.bytes("pack", MAX_FRAME_BYTES)?,
+            checksum: f.get("checksum")?.bin_array()?,
+            phase: match f.text("phase")?.as_str() {
+                "catchup" => Phase::Catchup,
+                "live" => Phase::Live,
+                _ => return Err(FrameError::Invalid("phase")),
+            },
+            last: f.get("last")?.bool()?,
+        },
+        5 => Message::Ack {
+            nodes: f.ids("nodes", MAX_IDS)?,
+        },
+        6 => Message::Request {
+            ids: f.ids("ids", MAX_IDS)?,
+        },
+        7 => Message::IbfSymbols {
+            start: f.uint("start")?,
+            symbols: f.bytes("symbols", MAX_FRAME_BYTES)?,
+        },
+        8 => Message::IbfMore {
+            count: f.uint("count")?,
+        },
+        9 => {
+            let mut n = f.get("need")?;
+            let len = n.array(MAX_IDS)?;
+            let need = (0..len)
+                .map(|_| Ok(n.bin_array::<16>()?))
+                .collect::<Result<_, FrameError>>()?;
+            Message::IbfDone {
+                need,
+                has: f.uint("has")?,
+            }
+        }
+        13 => Message::Subscribe {
+            patterns: f.texts("patterns")?,
+        },
+        14 => Message::Subscribed {
+            patterns: f.texts("patterns")?,
+        },
+        15 => Message::Heartbeat,
+        16 => Message::Error {
+            code: Reason::from_wire(&f.text("code")?),
+            message: f.text("message")?,
+            related: f.uint("related")?,
+        },
+        64 => Message::Presence {
+            peer: AuthorId(f.get("peer")?.bin_array()?),
+            data: f.bytes("data", MAX_BLOB_FIELD_BYTES)?,
+        },
+        t if t >= FIRST_OPTIONAL_TYPE => Message::Unknown(t),
+        t => return Err(FrameError::UnknownType(t)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Message> {
+        let vv: VersionVector = [(AuthorId([1; 32]), 7), (AuthorId([2; 32]), 1)].into();
+        vec![
+            Message::Hello {
+                versions: (1, 1),
+                peer: AuthorId([3; 32]),
+                room: RoomId::new("projects/alpha").unwrap(),
+                token: Some(vec![1, 2, 3]),
+                caps: vec!["diff/heads@1".into(), "diff/ibf@1".into()],
+                heads: vec![NodeId([4; 32])],
+                vv: vv.clone(),
+                nodes: 8,
+                state_hash: [5; 32],
+                subscriptions: vec!["/projects/alpha/**".into()],
+            },
+            Message::Welcome {
+                version: 1,
+                caps: vec!["diff/heads@1".into()],
+                heads: vec![],
+                vv: Some(vv),
+                nodes: 0,
+                diff: "diff/heads@1".into(),
+                limits: Limits {
+                    max_frame: 4 << 20,
+                    max_pack_nodes: 50_000,
+                },
+                peers: vec![AuthorId([9; 32])],
+            },
+            Message::Reject {
+                reason: Reason::RoomLocked,
+                message: "token required".into(),
+            },
+            Message::Pack {
+                pack: vec![1; 40],
+                checksum: [6; 32],
+                phase: Phase::Catchup,
+                last: true,
+            },
+            Message::Ack {
+                nodes: vec![NodeId([7; 32])],
+            },
+            Message::Request { ids: vec![] },
+            Message::IbfSymbols {
+                start: 64,
+                symbols: vec![0; 50],
+            },
+            Message::IbfMore { count: 32 },
+            Message::IbfDone {
+                need: vec![[8; 16]],
+                has: 3,
+            },
+            Message::Subscribe {
+                patterns: vec!["/a/**".into()],
+            },
+            Message::Subscribed { patterns: vec![] },
+            Message::Heartbeat,
+            Message::Error {
+                code: Reason::Other("future_reason".into()),
+                message: "?".into(),
+                related: 12,
+            },
+            Message::Close {
+                reason: Reason::Lagging,
+                message: String::new(),
+            },
+            Message::Presence {
+                peer: AuthorId([1; 32]),
+                data: vec![42],
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_roundtrips() {
+        for (i, message) in samples().into_iter().enumerate() {
+            let env = Envelope {
+                version: PROTOCOL_VERSION,
+                session: 3,
+                corr: i as u64,
+                message,
+            };
+            let bytes = env.encode();
+            assert_eq!(Envelope::decode(&bytes).unwrap(), env);
+            for cut in 0..bytes.len() {
+                assert!(Envelope::decode(&bytes[..cut]).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn reasons_have_stable_names() {
+        for (r, name) in Reason::NAMES {
+            assert_eq!(Reason::from_wire(name), r);
+            assert_eq!(r.as_str(), name);
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_optional_types_are_tolerated() {
+        let mut w = Writer::new();
+        w.array(5);
+        w.uint(1);
+        w.uint(8); // ibf-more
+        w.uint(0);
+        w.uint(0);
+        w.map(2);
+        w.str("count");
+        w.uint(5);
+        w.str("added_later");
+        w.array(2);
+        w.str("x");
+        w.map(0);
+        let env = Envelope::decode(w.as_bytes()).unwrap();
+        assert_eq!(env.message, Message::IbfMore { count: 5 });
+
+        let mut w = Writer::new();
+        w.array(5);
+        w.uint(1);
+        w.uint(99);
+        w.uint(0);
+        w.uint(0);
+        w.map(0);
+        assert_eq!(
+            Envelope::decode(w.as_bytes()).unwrap().message,
+            Message::Unknown(99)
+        );
+    }
+
+    #[test]
+    fn hostile_frames_get_typed_errors() {
+        let mut w = Writer::new();
+        w.array(5);
+        w.uint(1);
+        w.uint(40); // required range, unknown
+        w.uint(0);
+        w.uint(0);
+        w.map(0);
+        assert_eq!(
+            Envelope::decode(w.as_bytes()),
+            Err(FrameError::UnknownType(40))
+        );
+
+        let mut w = Writer::new();
+        w.array(5);
+        w.uint(1);
+        w.uint(8);
+        w.uint(0);
+        w.uint(0);
+        w.map(2);
+        w.str("count");
+        w.uint(1);
+        w.str("count");
+        w.uint(2);
+        assert_eq!(
+            Envelope::decode(w.as_bytes()),
+            Err(FrameError::Duplicate("count".into()))
+        );
+
+        let mut w = Writer::new();
+        w.array(5);
+        w.uint(1);
+        w.uint(8);
+        w.uint(0);
+        w.uint(0);
+        w.map(0);
+        assert_eq!(
+            Envelope::decode(w.as_bytes()),
+            Err(FrameError::Missing("count"))
+        );
+
+        assert_eq!(
+            Envelope::decode(&vec![0; MAX_FRAME_BYTES + 1]),
+            Err(FrameError::TooLarge(MAX_FRAME_BYTES + 1))
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_frames_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = Envelope::decode(&bytes);
+        }
+    }
+}
