@@ -17,6 +17,7 @@ pub mod node;
 pub mod op;
 pub mod pack;
 pub mod proto;
+pub mod recon;
 pub mod room;
 pub mod value;
 
