@@ -3,4 +3,5 @@
 //! lives on the DAG; this module holds the set-difference structures used
 //! when version vectors would cost more than the difference itself.
 
+pub mod mst;
 pub mod riblt;
