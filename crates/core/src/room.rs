@@ -18,6 +18,7 @@ use crate::limits::{MAX_NODE_BYTES, MAX_OPS_PER_NODE};
 use crate::node::Node;
 use crate::op::{CharRef, CharSpan, EntryKind, Op, Position};
 use crate::pack::{self, PackError};
+use crate::recon::ReconIndex;
 use crate::value::Value;
 
 /// Why a transaction step was refused (nothing was changed by it).
@@ -90,6 +91,7 @@ pub struct Room {
     dag: Dag,
     doc: Doc,
     clock: HlcClock,
+    recon: ReconIndex,
 }
 
 impl Room {
@@ -106,7 +108,12 @@ impl Room {
         for i in 0..dag.next_idx() {
             clock.observe(dag.hlc(i));
         }
-        Room { dag, doc, clock }
+        Room {
+            dag,
+            doc,
+            clock,
+            recon: ReconIndex::default(),
+        }
     }
 
     /// The room id.
@@ -127,6 +134,23 @@ impl Room {
     /// The latest timestamp issued or seen.
     pub fn clock(&self) -> Hlc {
         self.clock.last()
+    }
+
+    /// The RIBLT sketch of this room's nodes (built on first use, then kept
+    /// up to date).
+    pub fn sketch(&mut self) -> &crate::recon::riblt::Sketch {
+        self.recon.sketch(&self.dag)
+    }
+
+    /// The Merkle Search Tree of this room's node ids (built on first use,
+    /// then kept up to date).
+    pub fn id_tree(&mut self) -> &crate::recon::mst::Mst {
+        self.recon.tree(&self.dag)
+    }
+
+    /// The nodes named by RIBLT keys, in causal order (unknown keys skipped).
+    pub fn nodes_for_keys(&mut self, keys: &[crate::recon::riblt::Key]) -> Vec<NodeIdx> {
+        self.recon.nodes_for_keys(&self.dag, keys)
     }
 
     /// The canonical hash of the visible state.

@@ -5,3 +5,80 @@
 
 pub mod mst;
 pub mod riblt;
+
+use crate::dag::{Dag, NodeIdx};
+use crate::ids::IdMap;
+
+/// Sketch capacity a room keeps: enough symbols to decode differences of
+/// about 40,000 nodes before falling back to the MST.
+pub const SKETCH_CAPACITY: usize = 1 << 16;
+
+/// A room's reconciliation structures, built from its DAG the first time a
+/// sync needs them and then kept up to date as nodes are inserted. They are
+/// not built eagerly because their upkeep (about 0.7 µs per node for the
+/// sketch, 8 µs for the tree) would dominate local editing.
+#[derive(Debug, Default)]
+pub struct ReconIndex {
+    sketch: Option<riblt::Sketch>,
+    tree: Option<mst::Mst>,
+    /// RIBLT keys (16-byte id prefixes) back to nodes.
+    by_key: IdMap<riblt::Key, NodeIdx>,
+    /// Nodes indexed so far (a prefix of the DAG's insertion order).
+    indexed: NodeIdx,
+}
+
+impl ReconIndex {
+    /// Brings every enabled structure up to date with `dag`.
+    pub fn catch_up(&mut self, dag: &Dag) {
+        for idx in self.indexed..dag.next_idx() {
+            let id = dag.id(idx);
+            let key = riblt::key_of(&id.0);
+            self.by_key.insert(key, idx);
+            if let Some(s) = &mut self.sketch {
+                s.add(&key);
+            }
+            if let Some(t) = &mut self.tree {
+                t.insert(id.0);
+            }
+        }
+        self.indexed = dag.next_idx();
+    }
+
+    /// The RIBLT sketch of every node in `dag`.
+    pub fn sketch(&mut self, dag: &Dag) -> &riblt::Sketch {
+        if self.sketch.is_none() {
+            let mut s = riblt::Sketch::new(SKETCH_CAPACITY);
+            for idx in 0..self.indexed {
+                s.add(&riblt::key_of(&dag.id(idx).0));
+            }
+            self.sketch = Some(s);
+        }
+        self.catch_up(dag);
+        self.sketch.as_ref().expect("built above")
+    }
+
+    /// The Merkle Search Tree of every node id in `dag`.
+    pub fn tree(&mut self, dag: &Dag) -> &mst::Mst {
+        if self.tree.is_none() {
+            let mut t = mst::Mst::new();
+            for idx in 0..self.indexed {
+                t.insert(dag.id(idx).0);
+            }
+            self.tree = Some(t);
+        }
+        self.catch_up(dag);
+        self.tree.as_ref().expect("built above")
+    }
+
+    /// The nodes a peer named by RIBLT key (unknown keys are skipped: a key
+    /// only the peer holds, or a forged one).
+    pub fn nodes_for_keys(&mut self, dag: &Dag, keys: &[riblt::Key]) -> Vec<NodeIdx> {
+        self.catch_up(dag);
+        let mut out: Vec<NodeIdx> = keys
+            .iter()
+            .filter_map(|k| self.by_key.get(k).copied())
+            .collect();
+        dag.sort_causal(&mut out);
+        out
+    }
+}
