@@ -1,4 +1,5 @@
 //! The sync protocol without I/O: the envelope and messages of
-//! `docs/protocol.md`.
+//! `docs/protocol.md`, and the session state machines that speak them.
 
 pub mod message;
+pub mod session;

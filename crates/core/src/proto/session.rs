@@ -1,0 +1,488 @@
+//! Sync sessions as state machines without I/O (`docs/protocol.md` §5),
+//! in quinn-proto's shape: the driver feeds frames with
+//! [`Session::handle_input`], sends what [`Session::poll_transmit`] returns,
+//! wakes at [`Session::poll_timeout`] to call [`Session::handle_timeout`],
+//! and reacts to [`Session::poll_event`]. Time is an argument (milliseconds);
+//! the room is passed in by the driver, which owns it and its storage.
+//!
+//! Durability stays with the driver: when nodes from the peer are accepted,
+//! the session reports [`Event::Accepted`]; the driver persists them, then
+//! calls [`Session::acknowledge`], and only then does the `ack` go out.
+//!
+//! This first version implements the baseline difference (`diff/heads@1`):
+//! version vectors are exact summaries of causally complete histories, so
+//! each side computes exactly what the other lacks from one exchange.
+
+use std::collections::VecDeque;
+
+use crate::dag::{NodeIdx, VersionVector};
+use crate::ids::{NodeId, RoomId};
+use crate::keys::Keypair;
+use crate::pack::{DEFAULT_ZSTD_LEVEL, PackError};
+use crate::proto::message::{
+    Envelope, FrameError, Limits, MAX_FRAME_BYTES, Message, PROTOCOL_VERSION, Phase, Reason,
+};
+use crate::room::{ReceiveError, Room};
+
+/// The baseline difference capability, always supported.
+pub const CAP_DIFF_HEADS: &str = "diff/heads@1";
+
+/// Timers and sizes of a session.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Close a session whose handshake has not completed by then.
+    pub handshake_timeout_ms: u64,
+    /// Close a session that has heard nothing for this long.
+    pub idle_timeout_ms: u64,
+    /// Send a heartbeat after this long without sending anything.
+    pub heartbeat_ms: u64,
+    /// Most nodes per pack sent.
+    pub max_pack_nodes: usize,
+    /// Largest frame sent or accepted.
+    pub max_frame: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            heartbeat_ms: 20_000,
+            max_pack_nodes: 50_000,
+            max_frame: MAX_FRAME_BYTES,
+        }
+    }
+}
+
+/// What a session tells its driver.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The handshake completed.
+    Connected,
+    /// Nodes from the peer were inserted into the room, in causal order:
+    /// persist them, then call [`Session::acknowledge`] with `corr`.
+    Accepted {
+        /// The pack's correlation id.
+        corr: u64,
+        /// The nodes now in the room.
+        nodes: Vec<NodeIdx>,
+    },
+    /// The peer holds these of our nodes durably.
+    Acknowledged {
+        /// Their ids.
+        nodes: Vec<NodeId>,
+    },
+    /// Everything the peer had at the handshake has arrived (client side).
+    CaughtUp,
+    /// The session ended.
+    Closed {
+        /// Why.
+        reason: Reason,
+        /// For people.
+        message: String,
+        /// Whether the peer ended it.
+        by_peer: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Client: hello sent. Server: waiting for hello.
+    Handshake,
+    /// Catching up or steady state.
+    Open,
+    Closed,
+}
+
+/// Which end of the session this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Opens the session with `hello`.
+    Client,
+    /// Answers it.
+    Server,
+}
+
+/// One sync session for one room.
+#[derive(Debug)]
+pub struct Session {
+    side: Side,
+    room: RoomId,
+    id: u64,
+    config: Config,
+    state: State,
+    /// Nodes still expected from the peer's catch-up (client side).
+    expecting: u64,
+    outbox: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    handshake_deadline: u64,
+    last_received: u64,
+    last_sent: u64,
+    next_corr: u64,
+}
+
+impl Session {
+    /// A client session for `room`, which sends its `hello` at once.
+    pub fn client(now: u64, id: u64, room: &mut Room, peer: &Keypair, config: Config) -> Session {
+        let mut s = Session::new(Side::Client, now, id, room.id().clone(), config);
+        let dag = room.dag();
+        let hello = Message::Hello {
+            versions: (PROTOCOL_VERSION, PROTOCOL_VERSION),
+            peer: peer.author(),
+            room: room.id().clone(),
+            token: None,
+            caps: vec![CAP_DIFF_HEADS.to_owned()],
+            heads: dag.heads(),
+            vv: dag.version_vector(),
+            nodes: dag.len() as u64,
+            state_hash: room.state_hash(),
+            subscriptions: Vec::new(),
+        };
+        s.send(now, 0, hello);
+        s
+    }
+
+    /// A server session for `room`, waiting for the client's `hello`.
+    pub fn server(now: u64, id: u64, room: RoomId, config: Config) -> Session {
+        Session::new(Side::Server, now, id, room, config)
+    }
+
+    fn new(side: Side, now: u64, id: u64, room: RoomId, config: Config) -> Session {
+        Session {
+            side,
+            room,
+            id,
+            state: State::Handshake,
+            expecting: 0,
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            handshake_deadline: now + config.handshake_timeout_ms,
+            last_received: now,
+            last_sent: now,
+            next_corr: 1,
+            config,
+        }
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    fn send(&mut self, now: u64, corr: u64, message: Message) {
+        let frame = Envelope {
+            version: PROTOCOL_VERSION,
+            session: self.id,
+            corr,
+            message,
+        }
+        .encode();
+        self.outbox.push_back(frame);
+        self.last_sent = now;
+    }
+
+    /// Ends the session with `reason`, telling the peer.
+    pub fn close(&mut self, now: u64, reason: Reason, message: &str) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.send(
+            now,
+            0,
+            Message::Close {
+                reason: reason.clone(),
+                message: message.to_owned(),
+            },
+        );
+        self.state = State::Closed;
+        self.events.push_back(Event::Closed {
+            reason,
+            message: message.to_owned(),
+            by_peer: false,
+        });
+    }
+
+    /// The next frame to send.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.outbox.pop_front()
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Session::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        match self.state {
+            State::Closed => None,
+            State::Handshake => Some(self.handshake_deadline),
+            State::Open => Some(
+                (self.last_received + self.config.idle_timeout_ms)
+                    .min(self.last_sent + self.config.heartbeat_ms),
+            ),
+        }
+    }
+
+    /// Fires the timers due at `now`.
+    pub fn handle_timeout(&mut self, now: u64) {
+        match self.state {
+            State::Closed => {}
+            State::Handshake if now >= self.handshake_deadline => {
+                self.close(now, Reason::Timeout, "handshake timed out");
+            }
+            State::Handshake => {}
+            State::Open => {
+                if now >= self.last_received + self.config.idle_timeout_ms {
+                    self.close(now, Reason::Timeout, "idle timeout");
+                } else if now >= self.last_sent + self.config.heartbeat_ms {
+                    self.send(now, 0, Message::Heartbeat);
+                }
+            }
+        }
+    }
+
+    /// Acknowledges nodes the driver has made durable (after
+    /// [`Event::Accepted`]).
+    pub fn acknowledge(&mut self, now: u64, corr: u64, nodes: Vec<NodeId>) {
+        if self.state != State::Closed {
+            self.send(now, corr, Message::Ack { nodes });
+        }
+    }
+
+    /// Sends `nodes` of `room` to the peer as live packs (new local commits
+    /// on a client; accepted nodes relayed by a server). `signer` signs the
+    /// local author's nodes.
+    pub fn send_nodes(
+        &mut self,
+        now: u64,
+        room: &mut Room,
+        nodes: &[NodeIdx],
+        signer: Option<&Keypair>,
+    ) {
+        if self.state == State::Open {
+            self.send_packs(now, room, nodes, signer, Phase::Live);
+        }
+    }
+
+    /// Packs under both the node and the frame limit, halving chunks that
+    /// come out too large.
+    fn send_packs(
+        &mut self,
+        now: u64,
+        room: &mut Room,
+        nodes: &[NodeIdx],
+        signer: Option<&Keypair>,
+        phase: Phase,
+    ) {
+        let mut rest = nodes;
+        while !rest.is_empty() {
+            let mut take = rest.len().min(self.config.max_pack_nodes);
+            let pack = loop {
+                let (pack, _) = match room.export_pack(&rest[..take], signer, DEFAULT_ZSTD_LEVEL) {
+                    Ok(exported) => exported,
+                    Err(e) => {
+                        // Another author's nodes with no signature held:
+                        // sending them unsigned would be refused, and
+                        // skipping them would leave the peer silently
+                        // behind. End the session loudly instead.
+                        return self.close(now, Reason::InvalidNode, &e.to_string());
+                    }
+                };
+                // The envelope adds well under 256 bytes.
+                if pack.len() + 256 <= self.config.max_frame || take == 1 {
+                    break pack;
+                }
+                take /= 2;
+            };
+            rest = &rest[take..];
+            let corr = self.next_corr;
+            self.next_corr += 1;
+            let checksum = *blake3::hash(&pack).as_bytes();
+            let last = rest.is_empty();
+            self.send(
+                now,
+                corr,
+                Message::Pack {
+                    pack,
+                    checksum,
+                    phase,
+                    last,
+                },
+            );
+        }
+    }
+
+    /// Handles one frame from the peer.
+    pub fn handle_input(
+        &mut self,
+        now: u64,
+        frame: &[u8],
+        room: &mut Room,
+        signer: Option<&Keypair>,
+    ) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.last_received = now;
+        let env = match Envelope::decode(frame) {
+            Ok(env) => env,
+            Err(FrameError::TooLarge(_)) => {
+                return self.close(now, Reason::TooLarge, "frame too large");
+            }
+            Err(e) => return self.close(now, Reason::Malformed, &e.to_string()),
+        };
+        if env.version != PROTOCOL_VERSION {
+            return self.close(now, Reason::VersionMismatch, "unsupported protocol version");
+        }
+        match (self.side, self.state, env.message) {
+            (_, _, Message::Close { reason, message }) => {
+                self.state = State::Closed;
+                self.events.push_back(Event::Closed {
+                    reason,
+                    message,
+                    by_peer: true,
+                });
+            }
+            (_, _, Message::Heartbeat | Message::Unknown(_)) => {}
+            (
+                Side::Server,
+                State::Handshake,
+                Message::Hello {
+                    versions,
+                    room: r,
+                    vv,
+                    ..
+                },
+            ) => {
+                if !(versions.0..=versions.1).contains(&PROTOCOL_VERSION) {
+                    self.send(
+                        now,
+                        env.corr,
+                        Message::Reject {
+                            reason: Reason::VersionMismatch,
+                            message: format!("this server speaks version {PROTOCOL_VERSION}"),
+                        },
+                    );
+                    self.state = State::Closed;
+                    return;
+                }
+                if r != self.room || r != *room.id() {
+                    return self.close(now, Reason::Malformed, "hello for another room");
+                }
+                let dag = room.dag();
+                let welcome = Message::Welcome {
+                    version: PROTOCOL_VERSION,
+                    caps: vec![CAP_DIFF_HEADS.to_owned()],
+                    heads: dag.heads(),
+                    vv: Some(dag.version_vector()),
+                    nodes: dag.len() as u64,
+                    diff: CAP_DIFF_HEADS.to_owned(),
+                    limits: Limits {
+                        max_frame: self.config.max_frame as u64,
+                        max_pack_nodes: self.config.max_pack_nodes as u64,
+                    },
+                    peers: Vec::new(),
+                };
+                let missing = dag.missing_for_version_vector(&vv);
+                self.send(now, env.corr, welcome);
+                self.state = State::Open;
+                self.events.push_back(Event::Connected);
+                self.send_packs(now, room, &missing, signer, Phase::Catchup);
+            }
+            (Side::Client, State::Handshake, Message::Welcome { vv, .. }) => {
+                self.state = State::Open;
+                self.events.push_back(Event::Connected);
+                let server_vv = vv.unwrap_or_default();
+                let mine = room.dag().version_vector();
+                self.expecting = lacking(&mine, &server_vv);
+                if self.expecting == 0 {
+                    self.events.push_back(Event::CaughtUp);
+                }
+                let upload = room.dag().missing_for_version_vector(&server_vv);
+                self.send_packs(now, room, &upload, signer, Phase::Live);
+            }
+            (Side::Client, State::Handshake, Message::Reject { reason, message }) => {
+                self.state = State::Closed;
+                self.events.push_back(Event::Closed {
+                    reason,
+                    message,
+                    by_peer: true,
+                });
+            }
+            (
+                _,
+                State::Open,
+                Message::Pack {
+                    pack,
+                    checksum,
+                    phase,
+                    ..
+                },
+            ) => {
+                if *blake3::hash(&pack).as_bytes() != checksum {
+                    return self.close(now, Reason::Malformed, "pack checksum mismatch");
+                }
+                match room.receive_pack(&pack) {
+                    Ok(received) => {
+                        let nodes: Vec<NodeIdx> =
+                            received.accepted.iter().map(|(i, _)| *i).collect();
+                        let arrived = (nodes.len() + received.duplicates) as u64;
+                        self.events.push_back(Event::Accepted {
+                            corr: env.corr,
+                            nodes,
+                        });
+                        if self.side == Side::Client
+                            && phase == Phase::Catchup
+                            && self.expecting > 0
+                        {
+                            self.expecting = self.expecting.saturating_sub(arrived);
+                            if self.expecting == 0 {
+                                self.events.push_back(Event::CaughtUp);
+                            }
+                        }
+                    }
+                    Err(ReceiveError::Pack(e)) => {
+                        let reason = match e {
+                            PackError::BadSignature(_)
+                            | PackError::BrokenChain(_)
+                            | PackError::Node(_) => Reason::InvalidNode,
+                            PackError::TooLarge(_) => Reason::TooLarge,
+                            _ => Reason::Malformed,
+                        };
+                        self.close(now, reason, &e.to_string());
+                    }
+                    Err(ReceiveError::Node { error, .. }) => {
+                        let reason = match error {
+                            crate::dag::DagError::Equivocation { .. } => Reason::Equivocation,
+                            crate::dag::DagError::PendingFull(_) => Reason::Overloaded,
+                            _ => Reason::InvalidNode,
+                        };
+                        self.close(now, reason, &error.to_string());
+                    }
+                }
+            }
+            (_, State::Open, Message::Ack { nodes }) => {
+                self.events.push_back(Event::Acknowledged { nodes });
+            }
+            (_, State::Open, Message::Request { ids }) => {
+                let mut nodes: Vec<NodeIdx> =
+                    ids.iter().filter_map(|id| room.dag().idx(id)).collect();
+                room.dag().sort_causal(&mut nodes);
+                self.send_packs(now, room, &nodes, signer, Phase::Live);
+            }
+            (_, _, other) => {
+                let name = format!("unexpected message type {} here", other.type_code());
+                self.close(now, Reason::Malformed, &name);
+            }
+        }
+    }
+}
+
+/// Nodes `theirs` has beyond `mine`.
+fn lacking(mine: &VersionVector, theirs: &VersionVector) -> u64 {
+    theirs
+        .iter()
+        .map(|(a, &s)| s.saturating_sub(mine.get(a).copied().unwrap_or(0)))
+        .sum()
+}

@@ -1,0 +1,332 @@
+//! Sessions on an in-memory pair (quinn-proto's `Pair::drive` habit): frames
+//! move between client and server sessions until nothing is left to send;
+//! no sockets, no sleeps, time is a number.
+
+use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION, Reason};
+use syncline_core::proto::session::{Config, Event, Session};
+use syncline_core::{Keypair, NodeIdx, Room, RoomId, Value};
+
+fn room_id() -> RoomId {
+    RoomId::new("session-test").unwrap()
+}
+
+struct Client {
+    room: Room,
+    key: Keypair,
+    session: Session,
+    events: Vec<Event>,
+}
+
+/// A server room with one session per client.
+struct World {
+    server: Room,
+    sessions: Vec<Session>,
+    server_events: Vec<Event>,
+    clients: Vec<Client>,
+    now: u64,
+}
+
+impl World {
+    fn new(server: Room, rooms: Vec<(Room, Keypair)>, config: Config) -> World {
+        let now = 1_000;
+        let mut sessions = Vec::new();
+        let mut clients = Vec::new();
+        for (i, (mut room, key)) in rooms.into_iter().enumerate() {
+            let session = Session::client(now, i as u64, &mut room, &key, config.clone());
+            clients.push(Client {
+                room,
+                key,
+                session,
+                events: Vec::new(),
+            });
+            sessions.push(Session::server(now, i as u64, room_id(), config.clone()));
+        }
+        World {
+            server,
+            sessions,
+            server_events: Vec::new(),
+            clients,
+            now,
+        }
+    }
+
+    /// Moves frames and handles events until everything is quiet. The
+    /// driver acknowledges accepted nodes at once (memory is its "disk")
+    /// and the server relays them to its other sessions.
+    fn drive(&mut self) {
+        loop {
+            let mut moved = false;
+            for i in 0..self.clients.len() {
+                while let Some(f) = self.clients[i].session.poll_transmit() {
+                    moved = true;
+                    self.sessions[i].handle_input(self.now, &f, &mut self.server, None);
+                }
+                while let Some(f) = self.sessions[i].poll_transmit() {
+                    moved = true;
+                    let c = &mut self.clients[i];
+                    c.session
+                        .handle_input(self.now, &f, &mut c.room, Some(&c.key));
+                }
+                while let Some(e) = self.sessions[i].poll_event() {
+                    moved = true;
+                    if let Event::Accepted { corr, nodes } = &e {
+                        let ids = nodes.iter().map(|&n| *self.server.dag().id(n)).collect();
+                        self.sessions[i].acknowledge(self.now, *corr, ids);
+                        for j in 0..self.sessions.len() {
+                            if j != i {
+                                self.sessions[j].send_nodes(
+                                    self.now,
+                                    &mut self.server,
+                                    nodes,
+                                    None,
+                                );
+                            }
+                        }
+                    }
+                    self.server_events.push(e);
+                }
+                let c = &mut self.clients[i];
+                while let Some(e) = c.session.poll_event() {
+                    moved = true;
+                    if let Event::Accepted { corr, nodes } = &e {
+                        let ids = nodes.iter().map(|&n| *c.room.dag().id(n)).collect();
+                        c.session.acknowledge(self.now, *corr, ids);
+                    }
+                    c.events.push(e);
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn commit(&mut self, i: usize, path: &str, v: i64) -> NodeIdx {
+        self.now += 1;
+        let c = &mut self.clients[i];
+        let mut tx = c.room.begin(c.key.author(), self.now);
+        tx.set(path, "v", Value::Int(v)).unwrap();
+        let idx = tx.commit().unwrap().unwrap().idx;
+        c.session
+            .send_nodes(self.now, &mut c.room, &[idx], Some(&c.key));
+        idx
+    }
+}
+
+/// `n` nodes written by `key`, as a server holds them: received in a signed
+/// pack (a server never writes nodes itself).
+fn history(key: &Keypair, n: i64) -> Room {
+    let mut author = Room::new(room_id());
+    for i in 0..n {
+        let mut tx = author.begin(key.author(), i as u64);
+        tx.set(&format!("/n/{}", i % 13), "v", Value::Int(i))
+            .unwrap();
+        tx.text_insert("/t", 0, "x").unwrap();
+        tx.commit().unwrap();
+    }
+    let all = author.dag().causal_order();
+    let (pack, _) = author.export_pack(&all, Some(key), 3).unwrap();
+    let mut held = Room::new(room_id());
+    held.receive_pack(&pack).unwrap();
+    held
+}
+
+fn small_packs() -> Config {
+    Config {
+        max_pack_nodes: 7,
+        ..Config::default()
+    }
+}
+
+#[test]
+fn a_fresh_client_catches_up_in_chunks() {
+    let server_key = Keypair::from_seed([9; 32]);
+    let server = history(&server_key, 40);
+    let mut w = World::new(
+        server,
+        vec![(Room::new(room_id()), Keypair::from_seed([1; 32]))],
+        small_packs(),
+    );
+    w.drive();
+    let c = &w.clients[0];
+    assert_eq!(c.room.state_hash(), w.server.state_hash());
+    assert!(c.events.contains(&Event::Connected));
+    assert!(c.events.contains(&Event::CaughtUp));
+    let packs = c
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Accepted { .. }))
+        .count();
+    assert_eq!(packs, 40_usize.div_ceil(7));
+}
+
+#[test]
+fn nothing_missing_means_no_catch_up_and_immediate_caught_up() {
+    let key = Keypair::from_seed([9; 32]);
+    let server = history(&key, 5);
+    let client = history(&key, 5);
+    let mut w = World::new(
+        server,
+        vec![(client, Keypair::from_seed([1; 32]))],
+        Config::default(),
+    );
+    w.drive();
+    let c = &w.clients[0];
+    assert!(c.events.contains(&Event::CaughtUp));
+    assert!(!c.events.iter().any(|e| matches!(e, Event::Accepted { .. })));
+}
+
+#[test]
+fn offline_edits_upload_and_live_edits_relay_between_clients() {
+    let (ka, kb) = (Keypair::from_seed([1; 32]), Keypair::from_seed([2; 32]));
+    let mut offline = Room::new(room_id());
+    for i in 0..12 {
+        let mut tx = offline.begin(ka.author(), i);
+        tx.set("/offline", "v", Value::Int(i as i64)).unwrap();
+        tx.commit().unwrap();
+    }
+    let mut w = World::new(
+        history(&Keypair::from_seed([9; 32]), 10),
+        vec![(offline, ka), (Room::new(room_id()), kb)],
+        small_packs(),
+    );
+    w.drive();
+    assert_eq!(w.clients[0].room.state_hash(), w.server.state_hash());
+    assert_eq!(w.clients[1].room.state_hash(), w.server.state_hash());
+    // Every uploaded node was acknowledged.
+    let acked: usize = w.clients[0]
+        .events
+        .iter()
+        .map(|e| match e {
+            Event::Acknowledged { nodes } => nodes.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(acked, 12);
+    for i in 0..20 {
+        w.commit(i % 2, &format!("/live/{i}"), i as i64);
+        w.drive();
+    }
+    let hash = w.server.state_hash();
+    assert!(w.clients.iter().all(|c| c.room.state_hash() == hash));
+}
+
+#[test]
+fn timers_send_heartbeats_and_close_idle_and_silent_sessions() {
+    let mut w = World::new(
+        Room::new(room_id()),
+        vec![(Room::new(room_id()), Keypair::from_seed([1; 32]))],
+        Config::default(),
+    );
+    w.drive();
+    let c = &mut w.clients[0].session;
+    let at = c.poll_timeout().unwrap();
+    assert_eq!(at, 1_000 + 20_000, "heartbeat first");
+    c.handle_timeout(at);
+    let frame = c.poll_transmit().unwrap();
+    assert_eq!(
+        Envelope::decode(&frame).unwrap().message,
+        Message::Heartbeat
+    );
+    c.handle_timeout(1_000 + 60_000);
+    assert!(c.is_closed());
+    assert!(matches!(
+        c.poll_event(),
+        Some(Event::Closed {
+            reason: Reason::Timeout,
+            by_peer: false,
+            ..
+        })
+    ));
+
+    let mut silent = Session::server(0, 7, room_id(), Config::default());
+    silent.handle_timeout(9_999);
+    assert!(!silent.is_closed());
+    silent.handle_timeout(10_000);
+    assert!(silent.is_closed());
+}
+
+#[test]
+fn hostile_frames_close_only_their_session() {
+    let mut server = Room::new(room_id());
+    let mut s = Session::server(0, 1, room_id(), Config::default());
+    s.handle_input(1, &[0xde, 0xad], &mut server, None);
+    assert!(matches!(
+        s.poll_event(),
+        Some(Event::Closed {
+            reason: Reason::Malformed,
+            ..
+        })
+    ));
+
+    // A forged pack: a node signed by someone else.
+    let key = Keypair::from_seed([1; 32]);
+    let mallory = Keypair::from_seed([6; 32]);
+    let mut client = Room::new(room_id());
+    let mut s = Session::server(0, 2, room_id(), Config::default());
+    let mut c = Session::client(0, 2, &mut client, &key, Config::default());
+    s.handle_input(0, &c.poll_transmit().unwrap(), &mut server, None);
+    let mut tx = client.begin(key.author(), 5);
+    tx.set("/x", "v", Value::Int(1)).unwrap();
+    let idx = tx.commit().unwrap().unwrap().idx;
+    // Mallory signs a node of `key`'s.
+    let node = syncline_core::Node::decode(client.dag().bytes(idx)).unwrap();
+    let forged = syncline_core::pack::encode(
+        &room_id(),
+        &[(*client.dag().id(idx), &node)],
+        &[(key.author(), mallory.sign(client.dag().id(idx)))],
+        3,
+    );
+    let frame = Envelope {
+        version: PROTOCOL_VERSION,
+        session: 2,
+        corr: 1,
+        message: Message::Pack {
+            checksum: *blake3::hash(&forged).as_bytes(),
+            pack: forged,
+            phase: syncline_core::proto::message::Phase::Live,
+            last: true,
+        },
+    }
+    .encode();
+    while s.poll_event().is_some() {}
+    s.handle_input(1, &frame, &mut server, None);
+    assert!(matches!(
+        s.poll_event(),
+        Some(Event::Closed {
+            reason: Reason::InvalidNode,
+            ..
+        })
+    ));
+    assert_eq!(server.dag().len(), 0, "nothing of a forged pack is kept");
+
+    // An unsupported version is rejected.
+    let mut s = Session::server(0, 3, room_id(), Config::default());
+    let hello = Envelope {
+        version: PROTOCOL_VERSION,
+        session: 3,
+        corr: 0,
+        message: Message::Hello {
+            versions: (2, 3),
+            peer: key.author(),
+            room: room_id(),
+            token: None,
+            caps: vec![],
+            heads: vec![],
+            vv: Default::default(),
+            nodes: 0,
+            state_hash: [0; 32],
+            subscriptions: vec![],
+        },
+    };
+    s.handle_input(0, &hello.encode(), &mut server, None);
+    let reply = Envelope::decode(&s.poll_transmit().unwrap()).unwrap();
+    assert!(matches!(
+        reply.message,
+        Message::Reject {
+            reason: Reason::VersionMismatch,
+            ..
+        }
+    ));
+    assert!(s.is_closed());
+}
