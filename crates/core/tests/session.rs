@@ -24,6 +24,8 @@ struct World {
     server_events: Vec<Event>,
     clients: Vec<Client>,
     now: u64,
+    /// Type codes of every frame that crossed, in order.
+    seen: Vec<u64>,
 }
 
 impl World {
@@ -47,6 +49,7 @@ impl World {
             server_events: Vec::new(),
             clients,
             now,
+            seen: Vec::new(),
         }
     }
 
@@ -59,10 +62,14 @@ impl World {
             for i in 0..self.clients.len() {
                 while let Some(f) = self.clients[i].session.poll_transmit() {
                     moved = true;
+                    self.seen
+                        .push(Envelope::decode(&f).unwrap().message.type_code());
                     self.sessions[i].handle_input(self.now, &f, &mut self.server, None);
                 }
                 while let Some(f) = self.sessions[i].poll_transmit() {
                     moved = true;
+                    self.seen
+                        .push(Envelope::decode(&f).unwrap().message.type_code());
                     let c = &mut self.clients[i];
                     c.session
                         .handle_input(self.now, &f, &mut c.room, Some(&c.key));
@@ -329,4 +336,57 @@ fn hostile_frames_close_only_their_session() {
         }
     ));
     assert!(s.is_closed());
+}
+
+#[test]
+fn clients_with_many_authors_reconcile_with_riblt() {
+    // A shared history, then both sides diverge.
+    let base_key = Keypair::from_seed([9; 32]);
+    let mut server = history(&base_key, 60);
+    let mut client = history(&base_key, 60);
+    let writer = Keypair::from_seed([3; 32]);
+    let mut extra = Room::new(room_id());
+    let all = server.dag().causal_order();
+    let (pack, _) = server.export_pack(&all, None, 3).unwrap();
+    extra.receive_pack(&pack).unwrap();
+    for i in 0..25 {
+        let mut tx = extra.begin(writer.author(), 100 + i);
+        tx.set("/server-only", "v", Value::Int(i as i64)).unwrap();
+        tx.commit().unwrap();
+    }
+    let news = extra
+        .dag()
+        .missing_for_version_vector(&server.dag().version_vector());
+    let (pack, _) = extra.export_pack(&news, Some(&writer), 3).unwrap();
+    server.receive_pack(&pack).unwrap();
+    let ck = Keypair::from_seed([1; 32]);
+    for i in 0..9 {
+        let mut tx = client.begin(ck.author(), 200 + i);
+        tx.set("/client-only", "v", Value::Int(i as i64)).unwrap();
+        tx.commit().unwrap();
+    }
+    // Any version vector counts as "many authors" here.
+    let config = Config {
+        vv_inline_limit: 0,
+        ..small_packs()
+    };
+    let mut w = World::new(server, vec![(client, ck)], config);
+    w.drive();
+    let c = &w.clients[0];
+    assert_eq!(c.room.state_hash(), w.server.state_hash());
+    assert!(c.events.contains(&Event::CaughtUp));
+    assert!(w.seen.contains(&7), "RIBLT symbols were sent");
+    assert!(w.seen.contains(&9), "ibf-done was sent");
+    let acked: usize = c
+        .events
+        .iter()
+        .map(|e| match e {
+            Event::Acknowledged { nodes } => nodes.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(
+        acked, 9,
+        "every node the server lacked was uploaded and acknowledged"
+    );
 }

@@ -9,9 +9,12 @@
 //! the session reports [`Event::Accepted`]; the driver persists them, then
 //! calls [`Session::acknowledge`], and only then does the `ack` go out.
 //!
-//! This first version implements the baseline difference (`diff/heads@1`):
-//! version vectors are exact summaries of causally complete histories, so
-//! each side computes exactly what the other lacks from one exchange.
+//! Differences: the baseline (`diff/heads@1`) exchanges version vectors,
+//! exact summaries of causally complete histories, so each side computes
+//! what the other lacks from one exchange. A client with many authors leaves
+//! its version vector out and the server streams RIBLT symbols of its room
+//! sketch instead (`diff/ibf@1`): the client decodes against its own sketch,
+//! names what it lacks in `ibf-done` and uploads what the server lacks.
 
 use std::collections::VecDeque;
 
@@ -22,10 +25,15 @@ use crate::pack::{DEFAULT_ZSTD_LEVEL, PackError};
 use crate::proto::message::{
     Envelope, FrameError, Limits, MAX_FRAME_BYTES, Message, PROTOCOL_VERSION, Phase, Reason,
 };
+use crate::recon::riblt::{CodedSymbol, Decoder};
 use crate::room::{ReceiveError, Room};
 
 /// The baseline difference capability, always supported.
 pub const CAP_DIFF_HEADS: &str = "diff/heads@1";
+/// The rateless IBLT difference capability.
+pub const CAP_DIFF_IBF: &str = "diff/ibf@1";
+/// Fewest RIBLT symbols sent or asked for at once.
+const MIN_SYMBOL_BATCH: usize = 16;
 
 /// Timers and sizes of a session.
 #[derive(Clone, Debug)]
@@ -40,6 +48,10 @@ pub struct Config {
     pub max_pack_nodes: usize,
     /// Largest frame sent or accepted.
     pub max_frame: usize,
+    /// A client whose version vector has more authors than this leaves it
+    /// out of `hello` and lets the server reconcile with RIBLT instead
+    /// (`diff/ibf@1`): cost then follows the difference, not the authors.
+    pub vv_inline_limit: usize,
 }
 
 impl Default for Config {
@@ -50,6 +62,7 @@ impl Default for Config {
             heartbeat_ms: 20_000,
             max_pack_nodes: 50_000,
             max_frame: MAX_FRAME_BYTES,
+            vv_inline_limit: 512,
         }
     }
 }
@@ -113,6 +126,10 @@ pub struct Session {
     state: State,
     /// Nodes still expected from the peer's catch-up (client side).
     expecting: u64,
+    /// Client: decoding the server's RIBLT symbols.
+    decoder: Option<Decoder>,
+    /// Server: RIBLT symbols sent so far.
+    symbols_sent: usize,
     outbox: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     handshake_deadline: u64,
@@ -126,14 +143,19 @@ impl Session {
     pub fn client(now: u64, id: u64, room: &mut Room, peer: &Keypair, config: Config) -> Session {
         let mut s = Session::new(Side::Client, now, id, room.id().clone(), config);
         let dag = room.dag();
+        let mut vv = dag.version_vector();
+        if vv.len() > s.config.vv_inline_limit {
+            // Too many authors to list cheaply: let RIBLT find the difference.
+            vv.clear();
+        }
         let hello = Message::Hello {
             versions: (PROTOCOL_VERSION, PROTOCOL_VERSION),
             peer: peer.author(),
             room: room.id().clone(),
             token: None,
-            caps: vec![CAP_DIFF_HEADS.to_owned()],
+            caps: vec![CAP_DIFF_HEADS.to_owned(), CAP_DIFF_IBF.to_owned()],
             heads: dag.heads(),
-            vv: dag.version_vector(),
+            vv,
             nodes: dag.len() as u64,
             state_hash: room.state_hash(),
             subscriptions: Vec::new(),
@@ -154,6 +176,8 @@ impl Session {
             id,
             state: State::Handshake,
             expecting: 0,
+            decoder: None,
+            symbols_sent: 0,
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             handshake_deadline: now + config.handshake_timeout_ms,
@@ -313,6 +337,82 @@ impl Session {
         }
     }
 
+    /// Server: sends the next `count` symbols of the room's sketch, or
+    /// closes if the difference is beyond what the sketch keeps (the client
+    /// then reconnects with its version vector).
+    fn send_symbols(&mut self, now: u64, room: &mut Room, count: usize) {
+        let sketch = room.sketch();
+        let start = self.symbols_sent;
+        // Keep each frame well under the limit.
+        let per_frame = (self.config.max_frame - 256) / CodedSymbol::WIRE_BYTES;
+        let end = (start + count.min(per_frame)).min(sketch.capacity());
+        if end <= start {
+            return self.close(
+                now,
+                Reason::TooLarge,
+                "difference beyond the sketch: resend hello with the version vector",
+            );
+        }
+        let mut bytes = Vec::with_capacity((end - start) * CodedSymbol::WIRE_BYTES);
+        for symbol in sketch.symbols(start..end) {
+            symbol.encode(&mut bytes);
+        }
+        self.symbols_sent = end;
+        self.send(
+            now,
+            0,
+            Message::IbfSymbols {
+                start: start as u64,
+                symbols: bytes,
+            },
+        );
+    }
+
+    /// Client: feeds the server's symbols to the decoder; once decoded, asks
+    /// for what it lacks and uploads what the server lacks.
+    fn receive_symbols(
+        &mut self,
+        now: u64,
+        room: &mut Room,
+        signer: Option<&Keypair>,
+        start: u64,
+        bytes: &[u8],
+    ) {
+        let Some(decoder) = self.decoder.as_mut() else {
+            return self.close(now, Reason::Malformed, "symbols outside a RIBLT difference");
+        };
+        if start != decoder.symbols_used() as u64 || bytes.len() % CodedSymbol::WIRE_BYTES != 0 {
+            return self.close(now, Reason::Malformed, "symbols out of order or truncated");
+        }
+        let symbols: Vec<CodedSymbol> = bytes
+            .chunks_exact(CodedSymbol::WIRE_BYTES)
+            .filter_map(CodedSymbol::decode)
+            .collect();
+        if let Err(e) = decoder.add_symbols(&symbols, room.sketch()) {
+            return self.close(now, Reason::TooLarge, &e.to_string());
+        }
+        if !decoder.is_decoded() {
+            let more = (decoder.symbols_used() / 2).max(MIN_SYMBOL_BATCH) as u64;
+            return self.send(now, 0, Message::IbfMore { count: more });
+        }
+        let diff = decoder.difference();
+        self.decoder = None;
+        let upload = room.nodes_for_keys(&diff.local_only);
+        self.expecting = diff.remote_only.len() as u64;
+        self.send(
+            now,
+            0,
+            Message::IbfDone {
+                need: diff.remote_only,
+                has: upload.len() as u64,
+            },
+        );
+        if self.expecting == 0 {
+            self.events.push_back(Event::CaughtUp);
+        }
+        self.send_packs(now, room, &upload, signer, Phase::Live);
+    }
+
     /// Handles one frame from the peer.
     pub fn handle_input(
         &mut self,
@@ -352,6 +452,8 @@ impl Session {
                     versions,
                     room: r,
                     vv,
+                    caps,
+                    nodes,
                     ..
                 },
             ) => {
@@ -370,25 +472,56 @@ impl Session {
                 if r != self.room || r != *room.id() {
                     return self.close(now, Reason::Malformed, "hello for another room");
                 }
+                // A client with history that left its version vector out
+                // asks for RIBLT; everything else uses the baseline.
+                let ibf = vv.is_empty() && nodes > 0 && caps.iter().any(|c| c == CAP_DIFF_IBF);
                 let dag = room.dag();
                 let welcome = Message::Welcome {
                     version: PROTOCOL_VERSION,
-                    caps: vec![CAP_DIFF_HEADS.to_owned()],
+                    caps: vec![CAP_DIFF_HEADS.to_owned(), CAP_DIFF_IBF.to_owned()],
                     heads: dag.heads(),
-                    vv: Some(dag.version_vector()),
+                    vv: (!ibf).then(|| dag.version_vector()),
                     nodes: dag.len() as u64,
-                    diff: CAP_DIFF_HEADS.to_owned(),
+                    diff: if ibf { CAP_DIFF_IBF } else { CAP_DIFF_HEADS }.to_owned(),
                     limits: Limits {
                         max_frame: self.config.max_frame as u64,
                         max_pack_nodes: self.config.max_pack_nodes as u64,
                     },
                     peers: Vec::new(),
                 };
-                let missing = dag.missing_for_version_vector(&vv);
+                let server_nodes = dag.len() as u64;
+                let missing = (!ibf).then(|| dag.missing_for_version_vector(&vv));
                 self.send(now, env.corr, welcome);
                 self.state = State::Open;
                 self.events.push_back(Event::Connected);
-                self.send_packs(now, room, &missing, signer, Phase::Catchup);
+                match missing {
+                    Some(missing) => self.send_packs(now, room, &missing, signer, Phase::Catchup),
+                    None => {
+                        // The node counts bound the difference from below;
+                        // twice that (at least a minimum batch) usually
+                        // decodes in one go.
+                        let d_est = server_nodes.abs_diff(nodes) as usize;
+                        self.send_symbols(now, room, (2 * d_est).max(MIN_SYMBOL_BATCH));
+                    }
+                }
+            }
+            (Side::Server, State::Open, Message::IbfMore { count }) => {
+                let count = (count as usize).max(MIN_SYMBOL_BATCH);
+                self.send_symbols(now, room, count);
+            }
+            (Side::Server, State::Open, Message::IbfDone { need, .. }) => {
+                let nodes = room.nodes_for_keys(&need);
+                self.send_packs(now, room, &nodes, signer, Phase::Catchup);
+            }
+            (Side::Client, State::Open, Message::IbfSymbols { start, symbols }) => {
+                self.receive_symbols(now, room, signer, start, &symbols);
+            }
+            (Side::Client, State::Handshake, Message::Welcome { diff, .. })
+                if diff == CAP_DIFF_IBF =>
+            {
+                self.state = State::Open;
+                self.events.push_back(Event::Connected);
+                self.decoder = Some(Decoder::new());
             }
             (Side::Client, State::Handshake, Message::Welcome { vv, .. }) => {
                 self.state = State::Open;
