@@ -381,7 +381,9 @@ impl Session {
         let Some(decoder) = self.decoder.as_mut() else {
             return self.close(now, Reason::Malformed, "symbols outside a RIBLT difference");
         };
-        if start != decoder.symbols_used() as u64 || bytes.len() % CodedSymbol::WIRE_BYTES != 0 {
+        if start != decoder.symbols_used() as u64
+            || !bytes.len().is_multiple_of(CodedSymbol::WIRE_BYTES)
+        {
             return self.close(now, Reason::Malformed, "symbols out of order or truncated");
         }
         let symbols: Vec<CodedSymbol> = bytes
