@@ -21,6 +21,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 use syncline_core::pack::DEFAULT_ZSTD_LEVEL;
+use syncline_core::proto::session::{Config as SessionConfig, Event as SessionEvent, Session};
 use syncline_core::recon::riblt::{CodedSymbol, Decoder, Key, Sketch};
 use syncline_core::{EntryKind, Keypair, NodeId, Room, RoomId};
 use syncline_store::{Batch, DurableRoom, SqliteOptions, SqliteStore, Store, StoredNode};
@@ -55,6 +56,8 @@ enum Bench {
     Durable,
     /// Set reconciliation cost (RIBLT) at n = 10^6 per side.
     Recon,
+    /// Sessions catching a replica up on a split of the trace history.
+    Catchup,
     /// Every benchmark above.
     All,
 }
@@ -472,6 +475,119 @@ fn bench_recon(_args: &Args, report: &Report) -> Result<()> {
     Ok(())
 }
 
+/// What one session run between two replicas cost.
+struct SessionRun {
+    bytes_up: usize,
+    bytes_down: usize,
+    round_trips: usize,
+    took: Duration,
+}
+
+/// Runs a client and a server session over an in-memory link until both are
+/// quiet, acknowledging accepted nodes at once. A round trip is counted each
+/// time frames flow client→server and then back.
+fn run_session(client: &mut Room, client_key: &Keypair, server: &mut Room) -> Result<SessionRun> {
+    let config = SessionConfig::default();
+    let start = Instant::now();
+    let mut c = Session::client(0, 1, client, client_key, config.clone());
+    let mut s = Session::server(0, 1, server.id().clone(), config);
+    let (mut up, mut down, mut trips) = (0usize, 0usize, 0usize);
+    loop {
+        let mut went_up = false;
+        while let Some(f) = c.poll_transmit() {
+            up += f.len();
+            went_up = true;
+            s.handle_input(0, &f, server, None);
+        }
+        while let Some(e) = s.poll_event() {
+            match e {
+                SessionEvent::Accepted { corr, .. } => s.acknowledge(0, corr, server),
+                SessionEvent::Closed {
+                    reason, message, ..
+                } => {
+                    anyhow::bail!("server session closed: {} ({message})", reason.as_str())
+                }
+                _ => {}
+            }
+        }
+        let mut went_down = false;
+        while let Some(f) = s.poll_transmit() {
+            down += f.len();
+            went_down = true;
+            c.handle_input(0, &f, client, Some(client_key));
+        }
+        while let Some(e) = c.poll_event() {
+            match e {
+                SessionEvent::Accepted { corr, .. } => c.acknowledge(0, corr, client),
+                SessionEvent::Closed {
+                    reason, message, ..
+                } => {
+                    anyhow::bail!("client session closed: {} ({message})", reason.as_str())
+                }
+                _ => {}
+            }
+        }
+        trips += (went_up && went_down) as usize;
+        if !went_up && !went_down {
+            break;
+        }
+        anyhow::ensure!(
+            !c.is_closed() && !s.is_closed(),
+            "a session closed during catch-up"
+        );
+    }
+    Ok(SessionRun {
+        bytes_up: up,
+        bytes_down: down,
+        round_trips: trips,
+        took: start.elapsed(),
+    })
+}
+
+fn bench_catchup(args: &Args, report: &Report) -> Result<()> {
+    let (patches, _) = load_trace(&args.trace)?;
+    let key = Keypair::from_seed([7; 32]);
+    let mut author = replay_trace(&patches, &key)?;
+    let order = author.dag().causal_order();
+    let (pack, _) = author.export_pack(&order, Some(&key), DEFAULT_ZSTD_LEVEL)?;
+    for percent in [50usize, 90, 99] {
+        // The server holds the whole history as received (signed); the
+        // client holds a causal prefix of it.
+        let mut server = Room::new(room_id());
+        server.receive_pack(&pack)?;
+        let split = order.len() * percent / 100;
+        let (prefix, _) = author.export_pack(&order[..split], Some(&key), DEFAULT_ZSTD_LEVEL)?;
+        let mut client = Room::new(room_id());
+        client.receive_pack(&prefix)?;
+        // Reference: the missing nodes alone, as one compact pack.
+        let missing = server
+            .dag()
+            .missing_for_version_vector(&client.dag().version_vector());
+        let (reference, _) = server.export_pack(&missing, None, DEFAULT_ZSTD_LEVEL)?;
+        let client_key = Keypair::from_seed([8; 32]);
+        let run = run_session(&mut client, &client_key, &mut server)?;
+        anyhow::ensure!(
+            client.state_hash() == server.state_hash(),
+            "the replicas did not converge"
+        );
+        let total = run.bytes_up + run.bytes_down;
+        let ratio = total as f64 / reference.len() as f64;
+        report.emit(
+            "catchup",
+            &[
+                ("client holds", format!("{percent} % ({split} of {} nodes)", order.len())),
+                ("missing nodes", missing.len().to_string()),
+                ("bytes up / down", format!("{} / {}", run.bytes_up, run.bytes_down)),
+                ("total / missing-nodes pack", format!("{total} / {} = {ratio:.3}", reference.len())),
+                ("round trips", run.round_trips.to_string()),
+                ("time to converge", format!("{:.1} ms", ms(run.took))),
+            ],
+            json!({"percent": percent, "missing": missing.len(), "bytes_up": run.bytes_up, "bytes_down": run.bytes_down, "reference_bytes": reference.len(), "ratio": ratio, "round_trips": run.round_trips, "converge_ms": ms(run.took)}),
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let report = Report { json: args.json };
@@ -480,11 +596,13 @@ fn main() -> Result<()> {
         Bench::Import => bench_import(&args, &report),
         Bench::Durable => bench_durable(&args, &report),
         Bench::Recon => bench_recon(&args, &report),
+        Bench::Catchup => bench_catchup(&args, &report),
         Bench::All => {
             bench_trace(&args, &report)?;
             bench_import(&args, &report)?;
             bench_durable(&args, &report)?;
-            bench_recon(&args, &report)
+            bench_recon(&args, &report)?;
+            bench_catchup(&args, &report)
         }
     }
 }

@@ -288,12 +288,14 @@ impl Encoder {
 }
 
 /// Encodes `nodes` (in causal order; their ids alongside) into a pack.
-/// `signatures` holds, for every author present, a signature over that
-/// author's newest node in `nodes`.
+/// `signatures` pairs positions in `nodes` with their author's signature
+/// over that node: one is required on every author's newest node in the
+/// pack; more (checkpoints along a long run) are optional, and let whoever
+/// stores them later cut the history into smaller vouched-for packs.
 pub fn encode(
     room: &RoomId,
     nodes: &[(NodeId, &Node)],
-    signatures: &[(AuthorId, Signature)],
+    signatures: &[(usize, Signature)],
     zstd_level: i32,
 ) -> Vec<u8> {
     let mut enc = Encoder {
@@ -349,8 +351,8 @@ pub fn encode(
         body.extend_from_slice(s);
     }
     varint::put(&mut body, signatures.len() as u64);
-    for (author, sig) in signatures {
-        varint::put(&mut body, enc.authors.intern(*author));
+    for (at, sig) in signatures {
+        varint::put(&mut body, *at as u64);
         body.extend_from_slice(&sig.0);
     }
 
@@ -738,24 +740,28 @@ pub fn decode(pack: &[u8], room: &RoomId) -> Result<DecodedPack, PackError> {
     for s in &d.streams {
         s.finish()?;
     }
+    // Each signature names a node of the pack; every author's newest node
+    // must be among them (it vouches, through the chain, for the rest).
     let sig_count = c.get_count(65, c.remaining())?;
-    if sig_count != newest.len() {
-        return Err(invalid("one signature per author expected"));
+    if sig_count > nodes.len() {
+        return Err(invalid("more signatures than nodes"));
     }
     for _ in 0..sig_count {
-        let a = c.get()?;
+        let at = c.get()? as usize;
         let sig = Signature(c.array::<64>()?);
-        let author = d
-            .authors
-            .get(a as usize)
-            .ok_or(invalid("signature author out of range"))?;
-        let Some(&i) = newest.get(&a) else {
-            return Err(invalid("signature for an author without nodes"));
-        };
-        if nodes[i].sig.is_some() || !keys::verify(author, &nodes[i].id, &sig) {
-            return Err(PackError::BadSignature(*author));
+        let node = nodes
+            .get_mut(at)
+            .ok_or(invalid("signature for a node outside the pack"))?;
+        let author = node.node.author;
+        if node.sig.is_some() || !keys::verify(&author, &node.id, &sig) {
+            return Err(PackError::BadSignature(author));
         }
-        nodes[i].sig = Some(sig);
+        node.sig = Some(sig);
+    }
+    for &i in newest.values() {
+        if nodes[i].sig.is_none() {
+            return Err(PackError::BadSignature(nodes[i].node.author));
+        }
     }
     c.finish()?;
     Ok(DecodedPack { room: found, nodes })
@@ -830,7 +836,12 @@ mod tests {
     fn pack_of(k: &Keypair, nodes: &[(NodeId, Node)]) -> Vec<u8> {
         let refs: Vec<(NodeId, &Node)> = nodes.iter().map(|(i, n)| (*i, n)).collect();
         let sig = k.sign(&nodes.last().unwrap().0);
-        encode(&room(), &refs, &[(k.author(), sig)], DEFAULT_ZSTD_LEVEL)
+        encode(
+            &room(),
+            &refs,
+            &[(nodes.len() - 1, sig)],
+            DEFAULT_ZSTD_LEVEL,
+        )
     }
 
     #[test]
@@ -870,26 +881,36 @@ mod tests {
         let mallory = Keypair::from_seed([4; 32]);
         let nodes = typing(&k, 5, None);
         let refs: Vec<(NodeId, &Node)> = nodes.iter().map(|(i, n)| (*i, n)).collect();
-        let forged = encode(
-            &room(),
-            &refs,
-            &[(k.author(), mallory.sign(&nodes[4].0))],
-            3,
-        );
+        let forged = encode(&room(), &refs, &[(4, mallory.sign(&nodes[4].0))], 3);
         assert_eq!(
             decode(&forged, &room()).unwrap_err(),
             PackError::BadSignature(k.author())
         );
-        let stale = encode(&room(), &refs, &[(k.author(), k.sign(&nodes[3].0))], 3);
+        // A signature on an earlier node is a checkpoint: fine beside the
+        // newest's, never instead of it.
+        let stale = encode(&room(), &refs, &[(3, k.sign(&nodes[3].0))], 3);
         assert_eq!(
             decode(&stale, &room()).unwrap_err(),
             PackError::BadSignature(k.author())
         );
+        let misplaced = encode(&room(), &refs, &[(4, k.sign(&nodes[3].0))], 3);
+        assert_eq!(
+            decode(&misplaced, &room()).unwrap_err(),
+            PackError::BadSignature(k.author())
+        );
+        let checkpoints = encode(
+            &room(),
+            &refs,
+            &[(1, k.sign(&nodes[1].0)), (4, k.sign(&nodes[4].0))],
+            3,
+        );
+        let decoded = decode(&checkpoints, &room()).unwrap();
+        assert!(decoded.nodes[1].sig.is_some() && decoded.nodes[4].sig.is_some());
         let unsigned = encode(&room(), &refs, &[], 3);
-        assert!(matches!(
-            decode(&unsigned, &room()),
-            Err(PackError::Malformed(_))
-        ));
+        assert_eq!(
+            decode(&unsigned, &room()).unwrap_err(),
+            PackError::BadSignature(k.author())
+        );
         let other = RoomId::new("elsewhere").unwrap();
         assert!(matches!(
             decode(&pack_of(&k, &nodes), &other),
@@ -902,7 +923,7 @@ mod tests {
             .filter(|(i, _)| *i != 2)
             .map(|(_, r)| r)
             .collect();
-        let broken = encode(&room(), &gap, &[(k.author(), k.sign(&nodes[4].0))], 3);
+        let broken = encode(&room(), &gap, &[(3, k.sign(&nodes[4].0))], 3);
         assert_eq!(
             decode(&broken, &room()).unwrap_err(),
             PackError::BrokenChain(k.author())

@@ -73,6 +73,11 @@ pub struct Received {
     pub pending: usize,
 }
 
+/// An author signs every this-many nodes of its own chain when exporting,
+/// so long histories can be re-shipped in chunks (a replica can vouch for a
+/// prefix of another author's chain only up to a node that author signed).
+pub const CHECKPOINT_INTERVAL: u64 = 4096;
+
 /// An exported pack and the signatures made for it (to be persisted).
 pub type ExportedPack = (Vec<u8>, Vec<(NodeId, Signature)>);
 
@@ -200,7 +205,11 @@ impl Room {
     /// author's newest node must be signed: a stored signature is used, the
     /// `local` key signs its own author's nodes, and another author's run
     /// without one is extended along its chain to a node that has one.
-    /// Signatures made here are recorded and returned (to be persisted).
+    /// Every signature held for a node of the pack travels with it, and the
+    /// `local` author signs a checkpoint every [`CHECKPOINT_INTERVAL`] nodes
+    /// of its own chain, so whoever stores the pack can later cut the
+    /// history into small vouched-for packs. Signatures made here are
+    /// recorded and returned (to be persisted).
     pub fn export_pack(
         &mut self,
         nodes: &[NodeIdx],
@@ -216,28 +225,42 @@ impl Room {
                 *e = i;
             }
         }
-        let mut signatures = Vec::new();
         let mut made = Vec::new();
+        let mut sign = |dag: &mut Dag, idx: NodeIdx, key: &Keypair| {
+            let s = key.sign(dag.id(idx));
+            dag.set_signature(idx, s);
+            made.push((*dag.id(idx), s));
+        };
         for (author, mut last) in newest {
-            let sig = loop {
-                if let Some(s) = self.dag.signature(last) {
-                    break *s;
-                }
+            while self.dag.signature(last).is_none() {
                 if let Some(k) = local.filter(|k| k.author() == author) {
-                    let s = k.sign(self.dag.id(last));
-                    self.dag.set_signature(last, s);
-                    made.push((*self.dag.id(last), s));
-                    break s;
+                    sign(&mut self.dag, last, k);
+                    break;
                 }
                 let next = self.dag.by_author_seq(&author, self.dag.seq(last) + 1);
                 last = next.ok_or(ExportError::Unsigned(author))?;
                 set.push(last);
-            };
-            signatures.push((author, sig));
+            }
         }
         set.sort_unstable();
         set.dedup();
         self.dag.sort_causal(&mut set);
+        if let Some(k) = local {
+            for &i in &set {
+                let checkpoint = self.dag.seq(i) % CHECKPOINT_INTERVAL == 0;
+                if checkpoint
+                    && *self.dag.author(i) == k.author()
+                    && self.dag.signature(i).is_none()
+                {
+                    sign(&mut self.dag, i, k);
+                }
+            }
+        }
+        let signatures: Vec<(usize, Signature)> = set
+            .iter()
+            .enumerate()
+            .filter_map(|(at, &i)| self.dag.signature(i).map(|s| (at, *s)))
+            .collect();
         let decoded: Vec<(NodeId, Node)> = set
             .iter()
             .map(|&i| {

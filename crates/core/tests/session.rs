@@ -77,8 +77,7 @@ impl World {
                 while let Some(e) = self.sessions[i].poll_event() {
                     moved = true;
                     if let Event::Accepted { corr, nodes } = &e {
-                        let ids = nodes.iter().map(|&n| *self.server.dag().id(n)).collect();
-                        self.sessions[i].acknowledge(self.now, *corr, ids);
+                        self.sessions[i].acknowledge(self.now, *corr, &self.server);
                         for j in 0..self.sessions.len() {
                             if j != i {
                                 self.sessions[j].send_nodes(
@@ -95,9 +94,8 @@ impl World {
                 let c = &mut self.clients[i];
                 while let Some(e) = c.session.poll_event() {
                     moved = true;
-                    if let Event::Accepted { corr, nodes } = &e {
-                        let ids = nodes.iter().map(|&n| *c.room.dag().id(n)).collect();
-                        c.session.acknowledge(self.now, *corr, ids);
+                    if let Event::Accepted { corr, .. } = &e {
+                        c.session.acknowledge(self.now, *corr, &c.room);
                     }
                     c.events.push(e);
                 }
@@ -281,7 +279,7 @@ fn hostile_frames_close_only_their_session() {
     let forged = syncline_core::pack::encode(
         &room_id(),
         &[(*client.dag().id(idx), &node)],
-        &[(key.author(), mallory.sign(client.dag().id(idx)))],
+        &[(0, mallory.sign(client.dag().id(idx)))],
         3,
     );
     let frame = Envelope {

@@ -16,14 +16,15 @@
 //! sketch instead (`diff/ibf@1`): the client decodes against its own sketch,
 //! names what it lacks in `ibf-done` and uploads what the server lacks.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::dag::{NodeIdx, VersionVector};
 use crate::ids::{NodeId, RoomId};
 use crate::keys::Keypair;
 use crate::pack::{DEFAULT_ZSTD_LEVEL, PackError};
 use crate::proto::message::{
-    Envelope, FrameError, Limits, MAX_FRAME_BYTES, Message, PROTOCOL_VERSION, Phase, Reason,
+    Envelope, FrameError, Limits, MAX_FRAME_BYTES, MAX_IDS, Message, PROTOCOL_VERSION, Phase,
+    Reason,
 };
 use crate::recon::riblt::{CodedSymbol, Decoder};
 use crate::room::{ReceiveError, Room};
@@ -73,7 +74,8 @@ pub enum Event {
     /// The handshake completed.
     Connected,
     /// Nodes from the peer were inserted into the room, in causal order:
-    /// persist them, then call [`Session::acknowledge`] with `corr`.
+    /// persist them, then call [`Session::acknowledge`] with `corr`. (Nodes
+    /// still waiting for parents are not listed and not acknowledged.)
     Accepted {
         /// The pack's correlation id.
         corr: u64,
@@ -130,6 +132,13 @@ pub struct Session {
     decoder: Option<Decoder>,
     /// Server: RIBLT symbols sent so far.
     symbols_sent: usize,
+    /// Packs sent and not yet acknowledged: correlation id -> their nodes.
+    in_flight: BTreeMap<u64, Vec<NodeIdx>>,
+    /// Packs received and reported, awaiting the driver's `acknowledge`:
+    /// `None` when every node of the pack was inserted (acknowledged by the
+    /// correlation id alone), else the nodes inserted (some wait for
+    /// parents and are not durable yet, so they are listed).
+    to_ack: BTreeMap<u64, Option<Vec<NodeIdx>>>,
     outbox: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     handshake_deadline: u64,
@@ -178,6 +187,8 @@ impl Session {
             expecting: 0,
             decoder: None,
             symbols_sent: 0,
+            in_flight: BTreeMap::new(),
+            to_ack: BTreeMap::new(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             handshake_deadline: now + config.handshake_timeout_ms,
@@ -266,11 +277,29 @@ impl Session {
         }
     }
 
-    /// Acknowledges nodes the driver has made durable (after
-    /// [`Event::Accepted`]).
-    pub fn acknowledge(&mut self, now: u64, corr: u64, nodes: Vec<NodeId>) {
-        if self.state != State::Closed {
-            self.send(now, corr, Message::Ack { nodes });
+    /// Acknowledges the pack `corr` once the driver has made its accepted
+    /// nodes durable (after [`Event::Accepted`]).
+    pub fn acknowledge(&mut self, now: u64, corr: u64, room: &Room) {
+        let Some(entry) = self.to_ack.remove(&corr) else {
+            return;
+        };
+        if self.state == State::Closed {
+            return;
+        }
+        match entry {
+            None => self.send(now, corr, Message::Ack { nodes: Vec::new() }),
+            Some(nodes) => {
+                let ids: Vec<NodeId> = nodes.iter().map(|&n| *room.dag().id(n)).collect();
+                for chunk in ids.chunks(MAX_IDS) {
+                    self.send(
+                        now,
+                        corr,
+                        Message::Ack {
+                            nodes: chunk.to_vec(),
+                        },
+                    );
+                }
+            }
         }
     }
 
@@ -319,9 +348,10 @@ impl Session {
                 }
                 take /= 2;
             };
-            rest = &rest[take..];
             let corr = self.next_corr;
             self.next_corr += 1;
+            self.in_flight.insert(corr, rest[..take].to_vec());
+            rest = &rest[take..];
             let checksum = *blake3::hash(&pack).as_bytes();
             let last = rest.is_empty();
             self.send(
@@ -562,6 +592,9 @@ impl Session {
                     Ok(received) => {
                         let nodes: Vec<NodeIdx> =
                             received.accepted.iter().map(|(i, _)| *i).collect();
+                        let whole = received.pending == 0;
+                        self.to_ack
+                            .insert(env.corr, (!whole).then(|| nodes.clone()));
                         let arrived = (nodes.len() + received.duplicates) as u64;
                         self.events.push_back(Event::Accepted {
                             corr: env.corr,
@@ -598,6 +631,12 @@ impl Session {
                 }
             }
             (_, State::Open, Message::Ack { nodes }) => {
+                // An empty list acknowledges the whole pack `corr`.
+                let sent = self.in_flight.remove(&env.corr);
+                let nodes = match (nodes.is_empty(), sent) {
+                    (true, Some(sent)) => sent.iter().map(|&n| *room.dag().id(n)).collect(),
+                    (_, _) => nodes,
+                };
                 self.events.push_back(Event::Acknowledged { nodes });
             }
             (_, State::Open, Message::Request { ids }) => {
