@@ -247,7 +247,7 @@ impl Room {
         self.dag.sort_causal(&mut set);
         if let Some(k) = local {
             for &i in &set {
-                let checkpoint = self.dag.seq(i) % CHECKPOINT_INTERVAL == 0;
+                let checkpoint = self.dag.seq(i).is_multiple_of(CHECKPOINT_INTERVAL);
                 if checkpoint
                     && *self.dag.author(i) == k.author()
                     && self.dag.signature(i).is_none()
