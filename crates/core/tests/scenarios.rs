@@ -188,3 +188,39 @@ fn dropped_transactions_roll_back() {
     assert_eq!(a.state_hash(), before);
     assert!(a.doc().resolve("/drop").is_err());
 }
+
+#[test]
+fn relayed_history_can_be_reshipped_in_chunks_at_checkpoints() {
+    use syncline_core::room::CHECKPOINT_INTERVAL;
+    let key = Keypair::from_seed([1; 32]);
+    let mut author = Room::new(RoomId::new("scenario").unwrap());
+    let n = 3 * CHECKPOINT_INTERVAL + 10;
+    for i in 0..n {
+        let mut t = author.begin(key.author(), i);
+        t.set("/k", "v", Value::Int(i as i64)).unwrap();
+        t.commit().unwrap();
+    }
+    let all = author.dag().causal_order();
+    let (pack, _) = author
+        .export_pack(&all, Some(&key), DEFAULT_ZSTD_LEVEL)
+        .unwrap();
+    // A relay holds the history with the author's checkpoints, not its key.
+    let mut relay = Room::new(RoomId::new("scenario").unwrap());
+    relay.receive_pack(&pack).unwrap();
+    let order = relay.dag().causal_order();
+    // The first 100 nodes: the relay extends to the first checkpoint only.
+    let (chunk, made) = relay
+        .export_pack(&order[..100], None, DEFAULT_ZSTD_LEVEL)
+        .unwrap();
+    assert!(made.is_empty(), "a relay cannot sign for the author");
+    let mut fresh = Room::new(RoomId::new("scenario").unwrap());
+    let got = fresh.receive_pack(&chunk).unwrap();
+    assert_eq!(got.accepted.len() as u64, CHECKPOINT_INTERVAL);
+    // The rest follows in further chunks and the replicas converge.
+    let rest = relay
+        .dag()
+        .missing_for_version_vector(&fresh.dag().version_vector());
+    let (tail, _) = relay.export_pack(&rest, None, DEFAULT_ZSTD_LEVEL).unwrap();
+    fresh.receive_pack(&tail).unwrap();
+    assert_eq!(fresh.state_hash(), author.state_hash());
+}
