@@ -305,6 +305,26 @@ fn hostile_frames_close_only_their_session() {
     ));
     assert_eq!(server.dag().len(), 0, "nothing of a forged pack is kept");
 
+    // Optional messages (presence, unknown types >= 64) never close a session.
+    let mut quiet = Session::server(0, 4, room_id(), Config::default());
+    for message in [
+        Message::Presence {
+            peer: key.author(),
+            data: vec![1],
+        },
+        Message::Unknown(99),
+    ] {
+        let frame = Envelope {
+            version: PROTOCOL_VERSION,
+            session: 4,
+            corr: 0,
+            message,
+        }
+        .encode();
+        quiet.handle_input(0, &frame, &mut server, None);
+    }
+    assert!(!quiet.is_closed());
+
     // An unsupported version is rejected.
     let mut s = Session::server(0, 3, room_id(), Config::default());
     let hello = Envelope {

@@ -476,7 +476,9 @@ impl Session {
                     by_peer: true,
                 });
             }
-            (_, _, Message::Heartbeat | Message::Unknown(_)) => {}
+            // Optional messages this version does not act on are ignored,
+            // as the versioning rule requires (presence is not relayed yet).
+            (_, _, Message::Heartbeat | Message::Unknown(_) | Message::Presence { .. }) => {}
             (
                 Side::Server,
                 State::Handshake,
