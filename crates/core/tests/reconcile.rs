@@ -118,12 +118,12 @@ fn mst_finds_the_exact_difference_and_rooms_converge() {
         // b initiates; a answers.
         let a_tree = a.id_tree().clone();
         let b_tree = b.id_tree().clone();
-        let (mut rec, mut requests) = Reconciler::new(&b_tree);
+        let (mut rec, mut requests) = Reconciler::new();
         let mut trips = 0;
         while !requests.is_empty() {
             trips += 1;
             let answers = mst::respond(&a_tree, &requests);
-            requests = rec.step(answers).unwrap();
+            requests = rec.step(&b_tree, answers).unwrap();
         }
         assert!(rec.is_done());
         let diff = rec.into_diff();

@@ -356,9 +356,9 @@ fn hostile_frames_close_only_their_session() {
     assert!(s.is_closed());
 }
 
-#[test]
-fn clients_with_many_authors_reconcile_with_riblt() {
-    // A shared history, then both sides diverge.
+/// A server and a client that share 60 nodes, then the server gains 25
+/// nodes of another writer and the client 9 of its own.
+fn diverged_world(config: Config) -> World {
     let base_key = Keypair::from_seed([9; 32]);
     let mut server = history(&base_key, 60);
     let mut client = history(&base_key, 60);
@@ -383,28 +383,55 @@ fn clients_with_many_authors_reconcile_with_riblt() {
         tx.set("/client-only", "v", Value::Int(i as i64)).unwrap();
         tx.commit().unwrap();
     }
+    World::new(server, vec![(client, ck)], config)
+}
+
+fn acked(c: &Client) -> usize {
+    c.events
+        .iter()
+        .map(|e| match e {
+            Event::Acknowledged { nodes } => nodes.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn clients_with_many_authors_reconcile_with_riblt() {
     // Any version vector counts as "many authors" here.
     let config = Config {
         vv_inline_limit: 0,
         ..small_packs()
     };
-    let mut w = World::new(server, vec![(client, ck)], config);
+    let mut w = diverged_world(config);
     w.drive();
     let c = &w.clients[0];
     assert_eq!(c.room.state_hash(), w.server.state_hash());
     assert!(c.events.contains(&Event::CaughtUp));
     assert!(w.seen.contains(&7), "RIBLT symbols were sent");
     assert!(w.seen.contains(&9), "ibf-done was sent");
-    let acked: usize = c
-        .events
-        .iter()
-        .map(|e| match e {
-            Event::Acknowledged { nodes } => nodes.len(),
-            _ => 0,
-        })
-        .sum();
     assert_eq!(
-        acked, 9,
+        acked(c),
+        9,
         "every node the server lacked was uploaded and acknowledged"
     );
+}
+
+#[test]
+fn large_differences_reconcile_with_the_mst() {
+    let config = Config {
+        vv_inline_limit: 0,
+        mst_above: 0,
+        ..small_packs()
+    };
+    let mut w = diverged_world(config);
+    w.drive();
+    let c = &w.clients[0];
+    assert_eq!(c.room.state_hash(), w.server.state_hash());
+    assert!(c.events.contains(&Event::CaughtUp));
+    for (code, name) in [(10, "mst-request"), (11, "mst-summary"), (12, "mst-done")] {
+        assert!(w.seen.contains(&code), "{name} was sent");
+    }
+    assert!(!w.seen.contains(&7), "no RIBLT symbols");
+    assert_eq!(acked(c), 9);
 }

@@ -14,6 +14,7 @@ use crate::codec::mp::{DecodeError, Reader, Writer};
 use crate::dag::VersionVector;
 use crate::ids::{AuthorId, NodeId, RoomId};
 use crate::limits::MAX_ROOM_ID_BYTES;
+use crate::recon::mst::{KeyRange, Summary};
 
 /// The protocol version this code speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -27,6 +28,10 @@ pub const MAX_VV_ENTRIES: usize = 65_536;
 pub const MAX_LIST: usize = 256;
 /// Most node ids (or keys) in one `ack`, `request` or `ibf-done`.
 pub const MAX_IDS: usize = 65_536;
+/// Most key ranges in one `mst-request` or `mst-summary`.
+pub const MAX_RANGES: usize = 4096;
+/// Most keys or sub-ranges in one range's summary.
+pub const MAX_SUMMARY_ITEMS: usize = 1024;
 /// Longest capability, pattern, reason or message string.
 pub const MAX_TEXT_BYTES: usize = 1024;
 /// Longest token or presence payload.
@@ -242,6 +247,22 @@ pub enum Message {
         /// Nodes the client will upload.
         has: u64,
     },
+    /// Asks about key ranges of the server's Merkle Search Tree.
+    MstRequest {
+        /// The ranges.
+        ranges: Vec<KeyRange>,
+    },
+    /// Answers an `mst-request`: per range, its keys or its sub-ranges with
+    /// their hashes.
+    MstSummary {
+        /// One answer per requested range.
+        answers: Vec<(KeyRange, Summary)>,
+    },
+    /// The client found the difference by MST.
+    MstDone {
+        /// Ids of nodes the client lacks.
+        need: Vec<NodeId>,
+    },
     /// Narrows what is relayed and caught up.
     Subscribe {
         /// Path globs.
@@ -307,6 +328,9 @@ impl Message {
             Message::IbfSymbols { .. } => 7,
             Message::IbfMore { .. } => 8,
             Message::IbfDone { .. } => 9,
+            Message::MstRequest { .. } => 10,
+            Message::MstSummary { .. } => 11,
+            Message::MstDone { .. } => 12,
             Message::Subscribe { .. } => 13,
             Message::Subscribed { .. } => 14,
             Message::Heartbeat => 15,
@@ -330,6 +354,35 @@ fn put_strs(w: &mut Writer, items: &[String]) {
     for s in items {
         w.str(s);
     }
+}
+
+fn put_bound(w: &mut Writer, b: &Option<[u8; 32]>) {
+    match b {
+        Some(k) => w.bin(k),
+        None => w.nil(),
+    }
+}
+
+fn put_range(w: &mut Writer, r: &KeyRange) {
+    w.array(2);
+    put_bound(w, &r.start);
+    put_bound(w, &r.end);
+}
+
+fn read_bound(r: &mut Reader<'_>) -> Result<Option<[u8; 32]>, FrameError> {
+    if r.peek()? == 0xc0 {
+        r.nil()?;
+        return Ok(None);
+    }
+    Ok(Some(r.bin_array()?))
+}
+
+fn read_range(r: &mut Reader<'_>) -> Result<KeyRange, FrameError> {
+    r.array_exact(2)?;
+    Ok(KeyRange {
+        start: read_bound(r)?,
+        end: read_bound(r)?,
+    })
 }
 
 fn put_vv(w: &mut Writer, vv: &VersionVector) {
@@ -511,6 +564,46 @@ fn encode_body(m: &Message, w: &mut Writer) {
             for k in need {
                 w.bin(k);
             }
+        }
+        Message::MstRequest { ranges } => {
+            w.map(1);
+            w.str("ranges");
+            w.array(ranges.len());
+            for r in ranges {
+                put_range(w, r);
+            }
+        }
+        Message::MstSummary { answers } => {
+            w.map(1);
+            w.str("answers");
+            w.array(answers.len());
+            for (range, summary) in answers {
+                w.array(3);
+                put_range(w, range);
+                match summary {
+                    Summary::Keys(keys) => {
+                        w.uint(0);
+                        w.array(keys.len());
+                        for k in keys {
+                            w.bin(k);
+                        }
+                    }
+                    Summary::Ranges(subs) => {
+                        w.uint(1);
+                        w.array(subs.len());
+                        for (sub, hash) in subs {
+                            w.array(2);
+                            put_range(w, sub);
+                            w.bin(hash);
+                        }
+                    }
+                }
+            }
+        }
+        Message::MstDone { need } => {
+            w.map(1);
+            w.str("need");
+            put_ids(w, need);
         }
         Message::Subscribe { patterns } | Message::Subscribed { patterns } => {
             w.map(1);
@@ -701,6 +794,46 @@ fn decode_body(kind: u64, r: &mut Reader<'_>) -> Result<Message, FrameError> {
                 has: f.uint("has")?,
             }
         }
+        10 => {
+            let mut r = f.get("ranges")?;
+            let n = r.array(MAX_RANGES)?;
+            let ranges = (0..n)
+                .map(|_| read_range(&mut r))
+                .collect::<Result<_, _>>()?;
+            Message::MstRequest { ranges }
+        }
+        11 => {
+            let mut r = f.get("answers")?;
+            let n = r.array(MAX_RANGES)?;
+            let mut answers = Vec::with_capacity(n);
+            for _ in 0..n {
+                r.array_exact(3)?;
+                let range = read_range(&mut r)?;
+                let kind = r.uint()?;
+                let items = r.array(MAX_SUMMARY_ITEMS)?;
+                let summary = match kind {
+                    0 => Summary::Keys(
+                        (0..items)
+                            .map(|_| Ok(r.bin_array::<32>()?))
+                            .collect::<Result<_, FrameError>>()?,
+                    ),
+                    1 => Summary::Ranges(
+                        (0..items)
+                            .map(|_| {
+                                r.array_exact(2)?;
+                                Ok((read_range(&mut r)?, r.bin_array::<32>()?))
+                            })
+                            .collect::<Result<_, FrameError>>()?,
+                    ),
+                    _ => return Err(FrameError::Invalid("summary kind")),
+                };
+                answers.push((range, summary));
+            }
+            Message::MstSummary { answers }
+        }
+        12 => Message::MstDone {
+            need: f.ids("need", MAX_IDS)?,
+        },
         13 => Message::Subscribe {
             patterns: f.texts("patterns")?,
         },
@@ -776,6 +909,33 @@ mod tests {
             Message::IbfDone {
                 need: vec![[8; 16]],
                 has: 3,
+            },
+            Message::MstRequest {
+                ranges: vec![
+                    KeyRange::full(),
+                    KeyRange {
+                        start: Some([1; 32]),
+                        end: None,
+                    },
+                ],
+            },
+            Message::MstSummary {
+                answers: vec![
+                    (KeyRange::full(), Summary::Keys(vec![[2; 32]])),
+                    (
+                        KeyRange::full(),
+                        Summary::Ranges(vec![(
+                            KeyRange {
+                                start: None,
+                                end: Some([3; 32]),
+                            },
+                            [4; 32],
+                        )]),
+                    ),
+                ],
+            },
+            Message::MstDone {
+                need: vec![NodeId([5; 32])],
             },
             Message::Subscribe {
                 patterns: vec!["/a/**".into()],

@@ -23,9 +23,11 @@ use crate::ids::{NodeId, RoomId};
 use crate::keys::Keypair;
 use crate::pack::{DEFAULT_ZSTD_LEVEL, PackError};
 use crate::proto::message::{
-    Envelope, FrameError, Limits, MAX_FRAME_BYTES, MAX_IDS, Message, PROTOCOL_VERSION, Phase,
-    Reason,
+    Envelope, FrameError, Limits, MAX_FRAME_BYTES, MAX_IDS, MAX_RANGES, Message, PROTOCOL_VERSION,
+    Phase, Reason,
 };
+use crate::recon::SKETCH_CAPACITY;
+use crate::recon::mst::{self, Reconciler};
 use crate::recon::riblt::{CodedSymbol, Decoder};
 use crate::room::{ReceiveError, Room};
 
@@ -33,6 +35,8 @@ use crate::room::{ReceiveError, Room};
 pub const CAP_DIFF_HEADS: &str = "diff/heads@1";
 /// The rateless IBLT difference capability.
 pub const CAP_DIFF_IBF: &str = "diff/ibf@1";
+/// The Merkle Search Tree difference capability.
+pub const CAP_DIFF_MST: &str = "diff/mst@1";
 /// Fewest RIBLT symbols sent or asked for at once.
 const MIN_SYMBOL_BATCH: usize = 16;
 
@@ -53,6 +57,10 @@ pub struct Config {
     /// out of `hello` and lets the server reconcile with RIBLT instead
     /// (`diff/ibf@1`): cost then follows the difference, not the authors.
     pub vv_inline_limit: usize,
+    /// A server reconciles with the MST instead of RIBLT when the estimated
+    /// difference is at least this many nodes (RIBLT's sketch keeps a
+    /// bounded number of symbols; the MST has no such bound).
+    pub mst_above: u64,
 }
 
 impl Default for Config {
@@ -64,6 +72,7 @@ impl Default for Config {
             max_pack_nodes: 50_000,
             max_frame: MAX_FRAME_BYTES,
             vv_inline_limit: 512,
+            mst_above: (SKETCH_CAPACITY / 2) as u64,
         }
     }
 }
@@ -132,6 +141,8 @@ pub struct Session {
     decoder: Option<Decoder>,
     /// Server: RIBLT symbols sent so far.
     symbols_sent: usize,
+    /// Client: refining MST ranges.
+    reconciler: Option<Reconciler>,
     /// Packs sent and not yet acknowledged: correlation id -> their nodes.
     in_flight: BTreeMap<u64, Vec<NodeIdx>>,
     /// Packs received and reported, awaiting the driver's `acknowledge`:
@@ -162,7 +173,11 @@ impl Session {
             peer: peer.author(),
             room: room.id().clone(),
             token: None,
-            caps: vec![CAP_DIFF_HEADS.to_owned(), CAP_DIFF_IBF.to_owned()],
+            caps: vec![
+                CAP_DIFF_HEADS.to_owned(),
+                CAP_DIFF_IBF.to_owned(),
+                CAP_DIFF_MST.to_owned(),
+            ],
             heads: dag.heads(),
             vv,
             nodes: dag.len() as u64,
@@ -187,6 +202,7 @@ impl Session {
             expecting: 0,
             decoder: None,
             symbols_sent: 0,
+            reconciler: None,
             in_flight: BTreeMap::new(),
             to_ack: BTreeMap::new(),
             outbox: VecDeque::new(),
@@ -445,6 +461,65 @@ impl Session {
         self.send_packs(now, room, &upload, signer, Phase::Live);
     }
 
+    /// Client: refines MST ranges with the server's summaries; once nothing
+    /// is left to refine, asks for what it lacks and uploads what the server
+    /// lacks.
+    fn receive_summaries(
+        &mut self,
+        now: u64,
+        room: &mut Room,
+        signer: Option<&Keypair>,
+        answers: Vec<(mst::KeyRange, mst::Summary)>,
+    ) {
+        let Some(reconciler) = self.reconciler.as_mut() else {
+            return self.close(
+                now,
+                Reason::Malformed,
+                "summaries outside an MST difference",
+            );
+        };
+        let next = match reconciler.step(room.id_tree(), answers) {
+            Ok(next) => next,
+            Err(e) => return self.close(now, Reason::Malformed, &e.to_string()),
+        };
+        let done = reconciler.is_done();
+        for chunk in next.chunks(MAX_RANGES) {
+            self.send(
+                now,
+                0,
+                Message::MstRequest {
+                    ranges: chunk.to_vec(),
+                },
+            );
+        }
+        if !done {
+            return;
+        }
+        let diff = self.reconciler.take().expect("checked above").into_diff();
+        let need: Vec<NodeId> = diff.remote_only.into_iter().map(NodeId).collect();
+        let mut upload: Vec<NodeIdx> = diff
+            .local_only
+            .iter()
+            .filter_map(|k| room.dag().idx(&NodeId(*k)))
+            .collect();
+        room.dag().sort_causal(&mut upload);
+        self.expecting = need.len() as u64;
+        for chunk in need.chunks(MAX_IDS) {
+            self.send(
+                now,
+                0,
+                Message::MstDone {
+                    need: chunk.to_vec(),
+                },
+            );
+        }
+        if self.expecting == 0 {
+            self.send(now, 0, Message::MstDone { need: Vec::new() });
+            self.events.push_back(Event::CaughtUp);
+        }
+        self.send_packs(now, room, &upload, signer, Phase::Live);
+    }
+
     /// Handles one frame from the peer.
     pub fn handle_input(
         &mut self,
@@ -507,37 +582,65 @@ impl Session {
                     return self.close(now, Reason::Malformed, "hello for another room");
                 }
                 // A client with history that left its version vector out
-                // asks for RIBLT; everything else uses the baseline.
-                let ibf = vv.is_empty() && nodes > 0 && caps.iter().any(|c| c == CAP_DIFF_IBF);
+                // asks for set reconciliation: RIBLT for a difference its
+                // sketch can hold, the MST beyond. Everyone else gets the
+                // baseline.
                 let dag = room.dag();
+                let d_est = (dag.len() as u64).abs_diff(nodes);
+                let offers = |cap: &str| caps.iter().any(|c| c == cap);
+                let diff = if !vv.is_empty() || nodes == 0 {
+                    CAP_DIFF_HEADS
+                } else if offers(CAP_DIFF_MST)
+                    && (d_est >= self.config.mst_above || !offers(CAP_DIFF_IBF))
+                {
+                    CAP_DIFF_MST
+                } else if offers(CAP_DIFF_IBF) {
+                    CAP_DIFF_IBF
+                } else {
+                    CAP_DIFF_HEADS
+                };
                 let welcome = Message::Welcome {
                     version: PROTOCOL_VERSION,
-                    caps: vec![CAP_DIFF_HEADS.to_owned(), CAP_DIFF_IBF.to_owned()],
+                    caps: vec![
+                        CAP_DIFF_HEADS.to_owned(),
+                        CAP_DIFF_IBF.to_owned(),
+                        CAP_DIFF_MST.to_owned(),
+                    ],
                     heads: dag.heads(),
-                    vv: (!ibf).then(|| dag.version_vector()),
+                    vv: (diff == CAP_DIFF_HEADS).then(|| dag.version_vector()),
                     nodes: dag.len() as u64,
-                    diff: if ibf { CAP_DIFF_IBF } else { CAP_DIFF_HEADS }.to_owned(),
+                    diff: diff.to_owned(),
                     limits: Limits {
                         max_frame: self.config.max_frame as u64,
                         max_pack_nodes: self.config.max_pack_nodes as u64,
                     },
                     peers: Vec::new(),
                 };
-                let server_nodes = dag.len() as u64;
-                let missing = (!ibf).then(|| dag.missing_for_version_vector(&vv));
+                let missing = (diff == CAP_DIFF_HEADS).then(|| dag.missing_for_version_vector(&vv));
                 self.send(now, env.corr, welcome);
                 self.state = State::Open;
                 self.events.push_back(Event::Connected);
-                match missing {
-                    Some(missing) => self.send_packs(now, room, &missing, signer, Phase::Catchup),
-                    None => {
-                        // The node counts bound the difference from below;
-                        // twice that (at least a minimum batch) usually
-                        // decodes in one go.
-                        let d_est = server_nodes.abs_diff(nodes) as usize;
-                        self.send_symbols(now, room, (2 * d_est).max(MIN_SYMBOL_BATCH));
-                    }
+                if let Some(missing) = missing {
+                    self.send_packs(now, room, &missing, signer, Phase::Catchup);
+                } else if diff == CAP_DIFF_IBF {
+                    // The node counts bound the difference from below; twice
+                    // that (at least a minimum batch) usually decodes in one go.
+                    self.send_symbols(now, room, (2 * d_est as usize).max(MIN_SYMBOL_BATCH));
                 }
+                // MST: the client asks first.
+            }
+            (Side::Server, State::Open, Message::MstRequest { ranges }) => {
+                let answers = mst::respond(room.id_tree(), &ranges);
+                self.send(now, env.corr, Message::MstSummary { answers });
+            }
+            (Side::Server, State::Open, Message::MstDone { need }) => {
+                let mut nodes: Vec<NodeIdx> =
+                    need.iter().filter_map(|id| room.dag().idx(id)).collect();
+                room.dag().sort_causal(&mut nodes);
+                self.send_packs(now, room, &nodes, signer, Phase::Catchup);
+            }
+            (Side::Client, State::Open, Message::MstSummary { answers }) => {
+                self.receive_summaries(now, room, signer, answers);
             }
             (Side::Server, State::Open, Message::IbfMore { count }) => {
                 let count = (count as usize).max(MIN_SYMBOL_BATCH);
@@ -549,6 +652,15 @@ impl Session {
             }
             (Side::Client, State::Open, Message::IbfSymbols { start, symbols }) => {
                 self.receive_symbols(now, room, signer, start, &symbols);
+            }
+            (Side::Client, State::Handshake, Message::Welcome { diff, .. })
+                if diff == CAP_DIFF_MST =>
+            {
+                self.state = State::Open;
+                self.events.push_back(Event::Connected);
+                let (reconciler, first) = Reconciler::new();
+                self.reconciler = Some(reconciler);
+                self.send(now, 0, Message::MstRequest { ranges: first });
             }
             (Side::Client, State::Handshake, Message::Welcome { diff, .. })
                 if diff == CAP_DIFF_IBF =>

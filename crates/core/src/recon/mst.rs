@@ -498,39 +498,41 @@ pub struct Diff {
 /// to [`Reconciler::step`], which returns the next requests, until there are
 /// none.
 ///
+/// The local tree is passed to every step rather than held, so a session can
+/// keep the reconciler across round trips while its room goes on changing.
+///
 /// ```text
-/// let (mut rec, mut requests) = Reconciler::new(&local);
+/// let (mut rec, mut requests) = Reconciler::new();
 /// while !requests.is_empty() {
 ///     let answers = respond(&remote, &requests); // over the network
-///     requests = rec.step(answers)?;
+///     requests = rec.step(&local, answers)?;
 /// }
 /// let diff = rec.into_diff();
 /// ```
-#[derive(Debug)]
-pub struct Reconciler<'a> {
-    local: &'a Mst,
+#[derive(Debug, Default)]
+pub struct Reconciler {
     /// Requested ranges not answered yet.
     outstanding: Vec<KeyRange>,
     diff: Diff,
 }
 
-impl<'a> Reconciler<'a> {
-    /// Start reconciling `local` against a peer; returns the first requests.
-    pub fn new(local: &'a Mst) -> (Reconciler<'a>, Vec<KeyRange>) {
+impl Reconciler {
+    /// Start reconciling against a peer; returns the first requests.
+    pub fn new() -> (Reconciler, Vec<KeyRange>) {
         let first = vec![KeyRange::full()];
         let rec = Reconciler {
-            local,
             outstanding: first.clone(),
             diff: Diff::default(),
         };
         (rec, first)
     }
 
-    /// Absorb the responder's answers; returns the next requests (empty when
-    /// these answers left nothing to refine). Answers may arrive in any order
-    /// and in several batches.
+    /// Absorb the responder's answers, comparing with `local`; returns the
+    /// next requests (empty when these answers left nothing to refine).
+    /// Answers may arrive in any order and in several batches.
     pub fn step(
         &mut self,
+        local: &Mst,
         answers: Vec<(KeyRange, Summary)>,
     ) -> Result<Vec<KeyRange>, ReconcileError> {
         let mut next = Vec::new();
@@ -546,7 +548,7 @@ impl<'a> Reconciler<'a> {
                     }
                     remote.sort_unstable();
                     remote.dedup();
-                    let local = self.local.keys_in_range(&range);
+                    let local = local.keys_in_range(&range);
                     diff_sorted(&remote, &local, &mut self.diff);
                 }
                 Summary::Ranges(subs) => {
@@ -554,12 +556,12 @@ impl<'a> Reconciler<'a> {
                         return Err(ReconcileError::BadSplit(range));
                     }
                     for (sub, remote_hash) in subs {
-                        if self.local.range_hash(&sub) == remote_hash {
+                        if local.range_hash(&sub) == remote_hash {
                             continue;
                         }
                         if remote_hash == EMPTY_HASH {
                             // The peer has nothing there: no need to ask.
-                            self.diff.local_only.extend(self.local.keys_in_range(&sub));
+                            self.diff.local_only.extend(local.keys_in_range(&sub));
                         } else {
                             next.push(sub);
                         }
@@ -732,7 +734,7 @@ mod tests {
     /// answer costs its keys, or its hashes plus the inner boundaries of its
     /// split (the outer ones are the request's, referenced by position).
     fn reconcile(local: &Mst, remote: &Mst) -> (Diff, usize, usize) {
-        let (mut rec, mut requests) = Reconciler::new(local);
+        let (mut rec, mut requests) = Reconciler::new();
         let (mut rounds, mut bytes) = (0, 0);
         while !requests.is_empty() {
             rounds += 1;
@@ -747,7 +749,7 @@ mod tests {
                     Summary::Ranges(subs) => 32 * (2 * subs.len() - 1),
                 };
             }
-            requests = rec.step(answers).expect("honest answers");
+            requests = rec.step(local, answers).expect("honest answers");
         }
         assert!(rec.is_done());
         (rec.into_diff(), rounds, bytes)
@@ -979,19 +981,19 @@ mod tests {
         let ks = keys(&mut rng, 1_000, false);
         let local = build(&ks[..500]);
         let remote = build(&ks);
-        let (mut rec, requests) = Reconciler::new(&local);
+        let (mut rec, requests) = Reconciler::new();
         let stray = KeyRange {
             start: Some(ks[3]),
             end: None,
         };
         assert_eq!(
-            rec.step(vec![(stray.clone(), Summary::Keys(Vec::new()))]),
+            rec.step(&local, vec![(stray.clone(), Summary::Keys(Vec::new()))]),
             Err(ReconcileError::UnexpectedRange(stray))
         );
         let full = requests[0].clone();
         let self_split = Summary::Ranges(vec![(full.clone(), [1; 32])]);
         assert_eq!(
-            rec.step(vec![(full.clone(), self_split)]),
+            rec.step(&local, vec![(full.clone(), self_split)]),
             Err(ReconcileError::BadSplit(full.clone()))
         );
         let gap = Summary::Ranges(vec![
@@ -1010,14 +1012,14 @@ mod tests {
                 [1; 32],
             ),
         ]);
-        let (mut rec, _) = Reconciler::new(&local);
+        let (mut rec, _) = Reconciler::new();
         assert_eq!(
-            rec.step(vec![(full.clone(), gap)]),
+            rec.step(&local, vec![(full.clone(), gap)]),
             Err(ReconcileError::BadSplit(full))
         );
         // An honest first round, then a Keys answer with a key out of range.
-        let (mut rec, requests) = Reconciler::new(&local);
-        let next = rec.step(respond(&remote, &requests)).unwrap();
+        let (mut rec, requests) = Reconciler::new();
+        let next = rec.step(&local, respond(&remote, &requests)).unwrap();
         let target = next[0].clone();
         let outside = if target.start.is_some() {
             [0; 32]
@@ -1025,7 +1027,7 @@ mod tests {
             [0xff; 32]
         };
         assert_eq!(
-            rec.step(vec![(target.clone(), Summary::Keys(vec![outside]))]),
+            rec.step(&local, vec![(target.clone(), Summary::Keys(vec![outside]))]),
             Err(ReconcileError::KeyOutOfRange(target))
         );
     }
