@@ -435,3 +435,56 @@ fn large_differences_reconcile_with_the_mst() {
     assert!(!w.seen.contains(&7), "no RIBLT symbols");
     assert_eq!(acked(c), 9);
 }
+
+#[test]
+fn an_interrupted_catch_up_resumes_with_only_the_rest() {
+    use syncline_core::room::CHECKPOINT_INTERVAL;
+    // A relay can cut another author's history only at nodes that author
+    // signed (every CHECKPOINT_INTERVAL), so make the history longer.
+    let total = 2 * CHECKPOINT_INTERVAL as usize + 100;
+    let server_room = history(&Keypair::from_seed([9; 32]), total as i64);
+    let key = Keypair::from_seed([1; 32]);
+    let mut w = World::new(
+        server_room,
+        vec![(Room::new(room_id()), key.clone())],
+        small_packs(),
+    );
+    // Deliver the hello, the welcome and only the first catch-up pack, then
+    // drop the connection.
+    let hello = w.clients[0].session.poll_transmit().unwrap();
+    w.sessions[0].handle_input(w.now, &hello, &mut w.server, None);
+    let welcome = w.sessions[0].poll_transmit().unwrap();
+    let first_pack = w.sessions[0].poll_transmit().unwrap();
+    let c = &mut w.clients[0];
+    c.session
+        .handle_input(w.now, &welcome, &mut c.room, Some(&c.key));
+    c.session
+        .handle_input(w.now, &first_pack, &mut c.room, Some(&c.key));
+    let kept = c.room.dag().len();
+    assert_eq!(
+        kept as u64, CHECKPOINT_INTERVAL,
+        "the first pack (to the first checkpoint) was imported"
+    );
+    assert!(!c.events.iter().any(|e| *e == Event::CaughtUp));
+    // Reconnect with fresh sessions: only the rest travels.
+    let room = std::mem::replace(&mut w.clients[0].room, Room::new(room_id()));
+    let server = std::mem::replace(&mut w.server, Room::new(room_id()));
+    let mut again = World::new(server, vec![(room, key)], small_packs());
+    again.drive();
+    let c = &again.clients[0];
+    assert_eq!(c.room.state_hash(), again.server.state_hash());
+    assert!(c.events.contains(&Event::CaughtUp));
+    let resent: usize = c
+        .events
+        .iter()
+        .map(|e| match e {
+            Event::Accepted { nodes, .. } => nodes.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(
+        resent,
+        total - kept,
+        "nothing already imported was sent again"
+    );
+}
