@@ -465,7 +465,7 @@ fn an_interrupted_catch_up_resumes_with_only_the_rest() {
         kept as u64, CHECKPOINT_INTERVAL,
         "the first pack (to the first checkpoint) was imported"
     );
-    assert!(!c.events.iter().any(|e| *e == Event::CaughtUp));
+    assert!(!c.events.contains(&Event::CaughtUp));
     // Reconnect with fresh sessions: only the rest travels.
     let room = std::mem::replace(&mut w.clients[0].room, Room::new(room_id()));
     let server = std::mem::replace(&mut w.server, Room::new(room_id()));
