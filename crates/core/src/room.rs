@@ -16,7 +16,7 @@ use crate::ids::{AuthorId, EntryId, NodeId, RoomId, Signature};
 use crate::keys::Keypair;
 use crate::limits::{MAX_NODE_BYTES, MAX_OPS_PER_NODE};
 use crate::node::Node;
-use crate::op::{CharRef, CharSpan, EntryKind, Op, Position};
+use crate::op::{CharRef, CharSpan, EntryKind, Op, Position, is_valid_name};
 use crate::pack::{self, PackError};
 use crate::recon::ReconIndex;
 use crate::value::Value;
@@ -416,8 +416,9 @@ impl Transaction<'_> {
         position: Option<Position>,
     ) -> Result<EntryId, TxnError> {
         let parent = self.room.doc.resolve(parent_path)?;
-        let full = format!("{}/{name}", parent_path.trim_end_matches('/'));
-        split_path(&full)?;
+        if !is_valid_name(name) {
+            return Err(PathError::Invalid(name.to_owned()).into());
+        }
         let index = self.ops.len() as u32;
         self.push(Op::Create {
             parent,
@@ -460,7 +461,7 @@ impl Transaction<'_> {
         let Some((name, parents)) = names.split_last() else {
             return Err(TxnError::Root);
         };
-        let parent = self.room.doc.resolve(&parent_path_of(parents))?;
+        let parent = self.room.doc.resolve_names(parents, new_path)?;
         let mut cur = Some(parent);
         while let Some(c) = cur {
             if c == entry {
@@ -587,12 +588,4 @@ fn check_field(field: &str) -> Result<(), TxnError> {
         return Err(TxnError::Field(field.to_owned()));
     }
     Ok(())
-}
-
-fn parent_path_of(names: &[&str]) -> String {
-    if names.is_empty() {
-        "/".to_owned()
-    } else {
-        names.iter().fold(String::new(), |s, n| s + "/" + n)
-    }
 }

@@ -314,7 +314,7 @@ impl Doc {
                 name,
                 position,
             } => {
-                let old = self.parent_of(entry);
+                let old = self.parent(entry);
                 let to = Placement {
                     parent: *parent,
                     name: name.clone(),
@@ -326,7 +326,7 @@ impl Doc {
                 changes.entries.extend(old);
             }
             Op::Delete { entry } => {
-                let old = self.parent_of(entry);
+                let old = self.parent(entry);
                 let to = Placement {
                     parent: EntryId::TRASH,
                     name: String::new(),
@@ -390,10 +390,6 @@ impl Doc {
 
     /// The parent an entry currently has (trash for deleted entries).
     pub fn parent(&self, entry: &EntryId) -> Option<EntryId> {
-        self.parent_of(entry)
-    }
-
-    fn parent_of(&self, entry: &EntryId) -> Option<EntryId> {
         self.tree
             .get(entry)
             .and_then(|e| e.placed.as_ref())
@@ -435,6 +431,15 @@ impl Doc {
                 .ok_or_else(|| PathError::NotFound(path.to_owned()))?;
         }
         Ok(cur)
+    }
+
+    /// The live entry reached from the root through `names` (already
+    /// checked); `path` names it in the error.
+    pub fn resolve_names(&self, names: &[&str], path: &str) -> Result<EntryId, PathError> {
+        names.iter().try_fold(EntryId::ROOT, |cur, name| {
+            self.child_named(&cur, name)
+                .ok_or_else(|| PathError::NotFound(path.to_owned()))
+        })
     }
 
     /// The live child of `parent` that `name` resolves to (the earliest
@@ -629,7 +634,7 @@ impl Doc {
         }
         let mut children = BTreeMap::new();
         for (c, p) in self.tree.children(id) {
-            let key = if self.tree.named(id, &p.name).first() == Some(&c) {
+            let key = if self.tree.winner_named(id, &p.name) == Some(c) {
                 p.name.clone()
             } else {
                 format!("{}~{}", p.name, &c.to_string()[..8])
