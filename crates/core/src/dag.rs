@@ -333,8 +333,14 @@ impl Dag {
         v.node
             .check_structure()
             .map_err(|source| DagError::Structure { id: v.id, source })?;
-        if self.index.contains_key(&v.id) || self.pending.ids.contains(&v.id) {
+        if self.index.contains_key(&v.id) {
             out.duplicate = true;
+            return Ok(out);
+        }
+        if self.pending.ids.contains(&v.id) {
+            // Held only in memory, still waiting: not a node the sender may
+            // count as delivered.
+            out.pending = true;
             return Ok(out);
         }
         if let Some(missing) = self.first_missing_parent(&v.node) {
@@ -641,7 +647,10 @@ mod tests {
         let mut dag = Dag::new(room());
         assert!(dag.insert(a2.clone()).unwrap().pending);
         assert!(dag.insert(b1.clone()).unwrap().pending);
-        assert!(dag.insert(b1.clone()).unwrap().duplicate);
+        // Again while waiting: still pending, not held (a sender may not
+        // count it as delivered).
+        let again = dag.insert(b1.clone()).unwrap();
+        assert!(again.pending && !again.duplicate);
         assert_eq!(dag.pending_len(), 2);
         let ins = dag.insert(a1.clone()).unwrap();
         let order: Vec<NodeId> = ins.accepted.iter().map(|(i, _)| *dag.id(*i)).collect();

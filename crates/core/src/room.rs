@@ -71,6 +71,9 @@ pub struct Received {
     pub duplicates: usize,
     /// Nodes now waiting for parents.
     pub pending: usize,
+    /// Nodes received earlier that waited for parents and were inserted
+    /// now (they are in `accepted` too).
+    pub released: usize,
 }
 
 /// An author signs every this-many nodes of its own chain when exporting,
@@ -167,9 +170,11 @@ impl Room {
     /// materializes everything that became insertable.
     pub fn receive(&mut self, v: VerifiedNode) -> Result<Received, DagError> {
         let ins = self.dag.insert(v)?;
+        let inserted_itself = !ins.duplicate && !ins.pending;
         let mut out = Received {
             duplicates: ins.duplicate as usize,
             pending: ins.pending as usize,
+            released: ins.accepted.len() - usize::from(inserted_itself),
             ..Received::default()
         };
         for (idx, node) in ins.accepted {
@@ -197,6 +202,7 @@ impl Room {
             total.accepted.extend(r.accepted);
             total.duplicates += r.duplicates;
             total.pending += r.pending;
+            total.released += r.released;
         }
         Ok(total)
     }

@@ -488,3 +488,73 @@ fn an_interrupted_catch_up_resumes_with_only_the_rest() {
         "nothing already imported was sent again"
     );
 }
+
+#[test]
+fn an_unacknowledged_pack_closes_the_session_after_the_response_timeout() {
+    let mut w = World::new(
+        Room::new(room_id()),
+        vec![(Room::new(room_id()), Keypair::from_seed([1; 32]))],
+        Config::default(),
+    );
+    w.drive();
+    w.commit(0, "/lost", 1);
+    let sent_at = w.now;
+    // The pack never arrives; heartbeats still would, but are no progress.
+    let c = &mut w.clients[0].session;
+    assert!(c.poll_transmit().is_some());
+    assert!(!c.is_settled());
+    c.handle_timeout(sent_at + 20_000);
+    assert!(!c.is_closed(), "a heartbeat, not a close, at 20 s");
+    assert_eq!(c.poll_timeout(), Some(sent_at + 30_000));
+    c.handle_timeout(sent_at + 30_000);
+    assert!(c.is_closed());
+    let closed = std::iter::from_fn(|| c.poll_event()).last();
+    assert!(matches!(
+        closed,
+        Some(Event::Closed {
+            reason: Reason::Timeout,
+            by_peer: false,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_reconnecting_client_learns_what_the_server_holds_when_an_ack_was_lost() {
+    let key = Keypair::from_seed([1; 32]);
+    let mut w = World::new(
+        Room::new(room_id()),
+        vec![(Room::new(room_id()), key.clone())],
+        Config::default(),
+    );
+    w.drive();
+    w.commit(0, "/a", 1);
+    w.commit(0, "/b", 2);
+    // The server stores both nodes, but its acks are lost with the
+    // connection.
+    while let Some(f) = w.clients[0].session.poll_transmit() {
+        w.sessions[0].handle_input(w.now, &f, &mut w.server, None);
+    }
+    while let Some(e) = w.sessions[0].poll_event() {
+        if let Event::Accepted { corr, .. } = e {
+            w.sessions[0].acknowledge(w.now, corr, &w.server);
+        }
+    }
+    while w.sessions[0].poll_transmit().is_some() {}
+    assert_eq!(w.server.dag().len(), 2);
+    // Reconnect: the difference shows the server holds both.
+    let c = &mut w.clients[0];
+    c.session = Session::client(w.now, 1, &mut c.room, &key, Config::default());
+    c.events.clear();
+    w.sessions[0] = Session::server(w.now, 1, room_id(), Config::default());
+    w.drive();
+    let c = &w.clients[0];
+    assert!(c.events.contains(&Event::ServerHolds { through_seq: 2 }));
+    assert!(c.session.is_settled());
+    assert!(
+        !w.server_events
+            .iter()
+            .any(|e| matches!(e, Event::Accepted { .. })),
+        "nothing was uploaded again"
+    );
+}

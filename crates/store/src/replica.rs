@@ -211,8 +211,20 @@ impl DurableRoom {
     /// durable. A refused node stops the pack; the nodes before it are kept
     /// (and persisted) and the error is returned.
     pub fn receive_pack(&mut self, pack: &[u8]) -> Result<Received, ReplicaError> {
+        Ok(self.with_room(|room, _| room.receive_pack(pack))??)
+    }
+
+    /// Runs `f` on the in-memory room (a sync session's `handle_input`,
+    /// say) and, before returning, persists every node it inserted, with
+    /// the signatures that came with them. On a storage failure the room
+    /// reloads from disk and the error is returned: nothing `f` inserted
+    /// may then be acknowledged, so a driver closes the session.
+    pub fn with_room<R>(
+        &mut self,
+        f: impl FnOnce(&mut Room, &Keypair) -> R,
+    ) -> Result<R, ReplicaError> {
         let first_new = self.room.dag().next_idx();
-        let result = self.room.receive_pack(pack);
+        let out = f(&mut self.room, &self.key);
         let stored = self.stored_since(first_new);
         if !stored.is_empty() {
             self.persist(Batch {
@@ -220,7 +232,7 @@ impl DurableRoom {
                 ..Batch::default()
             })?;
         }
-        Ok(result?)
+        Ok(out)
     }
 
     /// Nodes inserted since `first` (insertion order is causal), as stored.
@@ -261,6 +273,27 @@ impl DurableRoom {
     /// Local nodes not yet acknowledged by a server, in commit order.
     pub fn outbox(&self) -> Result<Vec<NodeId>, ReplicaError> {
         Ok(self.store.outbox(self.room.id())?)
+    }
+
+    /// Records that the server holds this replica's own nodes up to
+    /// `through_seq` durably (from [`Event::ServerHolds`]).
+    ///
+    /// [`Event::ServerHolds`]: syncline_core::proto::session::Event::ServerHolds
+    pub fn acknowledge_through(&mut self, through_seq: u64) -> Result<(), ReplicaError> {
+        let me = self.key.author();
+        let dag = self.room.dag();
+        let held: Vec<NodeId> = self
+            .outbox()?
+            .into_iter()
+            .filter(|id| {
+                dag.idx(id)
+                    .is_some_and(|i| *dag.author(i) == me && dag.seq(i) <= through_seq)
+            })
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        self.acknowledge(&held)
     }
 
     /// Records that the server has these nodes durably.

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::dag::{NodeIdx, VersionVector};
-use crate::ids::{NodeId, RoomId};
+use crate::ids::{AuthorId, IdSet, NodeId, RoomId};
 use crate::keys::Keypair;
 use crate::pack::{DEFAULT_ZSTD_LEVEL, PackError};
 use crate::proto::message::{
@@ -61,6 +61,11 @@ pub struct Config {
     /// difference is at least this many nodes (RIBLT's sketch keeps a
     /// bounded number of symbols; the MST has no such bound).
     pub mst_above: u64,
+    /// Close a session that waits this long without progress for what it
+    /// is owed: an `ack` for a pack it sent, or (client) the rest of its
+    /// catch-up. Heartbeats keep an idle session open but are not
+    /// progress, so a peer that stalls mid-exchange is noticed.
+    pub response_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -73,6 +78,7 @@ impl Default for Config {
             max_frame: MAX_FRAME_BYTES,
             vv_inline_limit: 512,
             mst_above: (SKETCH_CAPACITY / 2) as u64,
+            response_timeout_ms: 30_000,
         }
     }
 }
@@ -98,6 +104,13 @@ pub enum Event {
     },
     /// Everything the peer had at the handshake has arrived (client side).
     CaughtUp,
+    /// The server holds the local author's nodes up to this sequence number
+    /// durably (client side, learned from the difference): drop them from
+    /// the outbox. Covers nodes whose `ack` was lost with a connection.
+    ServerHolds {
+        /// The newest sequence number held.
+        through_seq: u64,
+    },
     /// The session ended.
     Closed {
         /// Why.
@@ -132,19 +145,29 @@ pub enum Side {
 pub struct Session {
     side: Side,
     room: RoomId,
+    /// Client: the local author, whose nodes the outbox tracks.
+    local: Option<AuthorId>,
     id: u64,
     config: Config,
     state: State,
     /// Nodes still expected from the peer's catch-up (client side).
     expecting: u64,
+    /// Client: the catch-up is complete.
+    caught_up: bool,
+    /// The difference capability chosen at the handshake.
+    strategy: Option<&'static str>,
+    /// Client, until caught up: when the catch-up last made progress.
+    catchup_progress: Option<u64>,
     /// Client: decoding the server's RIBLT symbols.
     decoder: Option<Decoder>,
     /// Server: RIBLT symbols sent so far.
     symbols_sent: usize,
     /// Client: refining MST ranges.
     reconciler: Option<Reconciler>,
-    /// Packs sent and not yet acknowledged: correlation id -> their nodes.
-    in_flight: BTreeMap<u64, Vec<NodeIdx>>,
+    /// Packs sent and not yet acknowledged: correlation id -> when sent,
+    /// and their nodes. Correlation ids grow with time, so the first entry
+    /// is the oldest.
+    in_flight: BTreeMap<u64, (u64, Vec<NodeIdx>)>,
     /// Packs received and reported, awaiting the driver's `acknowledge`:
     /// `None` when every node of the pack was inserted (acknowledged by the
     /// correlation id alone), else the nodes inserted (some wait for
@@ -162,6 +185,7 @@ impl Session {
     /// A client session for `room`, which sends its `hello` at once.
     pub fn client(now: u64, id: u64, room: &mut Room, peer: &Keypair, config: Config) -> Session {
         let mut s = Session::new(Side::Client, now, id, room.id().clone(), config);
+        s.local = Some(peer.author());
         let dag = room.dag();
         let mut vv = dag.version_vector();
         if vv.len() > s.config.vv_inline_limit {
@@ -197,9 +221,13 @@ impl Session {
         Session {
             side,
             room,
+            local: None,
             id,
             state: State::Handshake,
             expecting: 0,
+            caught_up: false,
+            catchup_progress: None,
+            strategy: None,
             decoder: None,
             symbols_sent: 0,
             reconciler: None,
@@ -213,6 +241,11 @@ impl Session {
             next_corr: 1,
             config,
         }
+    }
+
+    /// The difference capability chosen at the handshake (`None` before).
+    pub fn strategy(&self) -> Option<&'static str> {
+        self.strategy
     }
 
     /// Whether the session has ended.
@@ -268,10 +301,14 @@ impl Session {
         match self.state {
             State::Closed => None,
             State::Handshake => Some(self.handshake_deadline),
-            State::Open => Some(
-                (self.last_received + self.config.idle_timeout_ms)
-                    .min(self.last_sent + self.config.heartbeat_ms),
-            ),
+            State::Open => {
+                let idle = (self.last_received + self.config.idle_timeout_ms)
+                    .min(self.last_sent + self.config.heartbeat_ms);
+                let stalled = self
+                    .stalled_since()
+                    .map_or(u64::MAX, |t| t + self.config.response_timeout_ms);
+                Some(idle.min(stalled))
+            }
         }
     }
 
@@ -286,10 +323,57 @@ impl Session {
             State::Open => {
                 if now >= self.last_received + self.config.idle_timeout_ms {
                     self.close(now, Reason::Timeout, "idle timeout");
+                } else if self
+                    .stalled_since()
+                    .is_some_and(|t| now >= t + self.config.response_timeout_ms)
+                {
+                    self.close(now, Reason::Timeout, "the peer stopped responding");
                 } else if now >= self.last_sent + self.config.heartbeat_ms {
                     self.send(now, 0, Message::Heartbeat);
                 }
             }
+        }
+    }
+
+    /// Since when the peer has owed this session something without
+    /// delivering it: the oldest unacknowledged pack, or (client) catch-up
+    /// that stopped progressing. `None`: nothing is owed.
+    fn stalled_since(&self) -> Option<u64> {
+        let oldest_pack = self.in_flight.first_key_value().map(|(_, (t, _))| *t);
+        oldest_pack.into_iter().chain(self.catchup_progress).min()
+    }
+
+    /// Whether nothing is in flight either way: every pack sent and
+    /// received is acknowledged, nothing waits to be sent, and (client) the
+    /// catch-up is complete. A driver can report "synced" then.
+    pub fn is_settled(&self) -> bool {
+        self.state == State::Open
+            && self.in_flight.is_empty()
+            && self.to_ack.is_empty()
+            && self.outbox.is_empty()
+            && (self.side == Side::Server || self.caught_up)
+    }
+
+    /// Client: everything the server had at the handshake has arrived.
+    fn mark_caught_up(&mut self) {
+        self.caught_up = true;
+        self.events.push_back(Event::CaughtUp);
+    }
+
+    /// Client, once the difference is known: everything of the local
+    /// author's chain before the first node it must upload is held by the
+    /// server (whose history is causally complete).
+    fn report_held(&mut self, room: &Room, upload: &[NodeIdx]) {
+        let Some(me) = self.local else { return };
+        let dag = room.dag();
+        let through_seq = upload
+            .iter()
+            .filter(|&&n| *dag.author(n) == me)
+            .map(|&n| dag.seq(n) - 1)
+            .min()
+            .unwrap_or_else(|| dag.author_seq(&me));
+        if through_seq > 0 {
+            self.events.push_back(Event::ServerHolds { through_seq });
         }
     }
 
@@ -366,7 +450,7 @@ impl Session {
             };
             let corr = self.next_corr;
             self.next_corr += 1;
-            self.in_flight.insert(corr, rest[..take].to_vec());
+            self.in_flight.insert(corr, (now, rest[..take].to_vec()));
             rest = &rest[take..];
             let checksum = *blake3::hash(&pack).as_bytes();
             let last = rest.is_empty();
@@ -446,6 +530,7 @@ impl Session {
         let diff = decoder.difference();
         self.decoder = None;
         let upload = room.nodes_for_keys(&diff.local_only);
+        self.report_held(room, &upload);
         self.expecting = diff.remote_only.len() as u64;
         self.send(
             now,
@@ -456,7 +541,7 @@ impl Session {
             },
         );
         if self.expecting == 0 {
-            self.events.push_back(Event::CaughtUp);
+            self.mark_caught_up();
         }
         self.send_packs(now, room, &upload, signer, Phase::Live);
     }
@@ -503,6 +588,7 @@ impl Session {
             .filter_map(|k| room.dag().idx(&NodeId(*k)))
             .collect();
         room.dag().sort_causal(&mut upload);
+        self.report_held(room, &upload);
         self.expecting = need.len() as u64;
         for chunk in need.chunks(MAX_IDS) {
             self.send(
@@ -515,7 +601,7 @@ impl Session {
         }
         if self.expecting == 0 {
             self.send(now, 0, Message::MstDone { need: Vec::new() });
-            self.events.push_back(Event::CaughtUp);
+            self.mark_caught_up();
         }
         self.send_packs(now, room, &upload, signer, Phase::Live);
     }
@@ -542,6 +628,26 @@ impl Session {
         if env.version != PROTOCOL_VERSION {
             return self.close(now, Reason::VersionMismatch, "unsupported protocol version");
         }
+        // Catch-up progress restarts the client's response timer;
+        // heartbeats are not progress.
+        let progress = matches!(
+            env.message,
+            Message::Welcome { .. }
+                | Message::Pack { .. }
+                | Message::IbfSymbols { .. }
+                | Message::MstSummary { .. }
+        );
+        self.dispatch(now, env, room, signer);
+        if self.side == Side::Client && self.state == State::Open {
+            self.catchup_progress = match (self.caught_up, progress) {
+                (true, _) => None,
+                (false, true) => Some(now),
+                (false, false) => self.catchup_progress.or(Some(now)),
+            };
+        }
+    }
+
+    fn dispatch(&mut self, now: u64, env: Envelope, room: &mut Room, signer: Option<&Keypair>) {
         match (self.side, self.state, env.message) {
             (_, _, Message::Close { reason, message }) => {
                 self.state = State::Closed;
@@ -617,6 +723,7 @@ impl Session {
                     peers: Vec::new(),
                 };
                 let missing = (diff == CAP_DIFF_HEADS).then(|| dag.missing_for_version_vector(&vv));
+                self.strategy = Some(diff);
                 self.send(now, env.corr, welcome);
                 self.state = State::Open;
                 self.events.push_back(Event::Connected);
@@ -657,6 +764,7 @@ impl Session {
                 if diff == CAP_DIFF_MST =>
             {
                 self.state = State::Open;
+                self.strategy = Some(CAP_DIFF_MST);
                 self.events.push_back(Event::Connected);
                 let (reconciler, first) = Reconciler::new();
                 self.reconciler = Some(reconciler);
@@ -666,19 +774,22 @@ impl Session {
                 if diff == CAP_DIFF_IBF =>
             {
                 self.state = State::Open;
+                self.strategy = Some(CAP_DIFF_IBF);
                 self.events.push_back(Event::Connected);
                 self.decoder = Some(Decoder::new());
             }
             (Side::Client, State::Handshake, Message::Welcome { vv, .. }) => {
                 self.state = State::Open;
+                self.strategy = Some(CAP_DIFF_HEADS);
                 self.events.push_back(Event::Connected);
                 let server_vv = vv.unwrap_or_default();
                 let mine = room.dag().version_vector();
                 self.expecting = lacking(&mine, &server_vv);
                 if self.expecting == 0 {
-                    self.events.push_back(Event::CaughtUp);
+                    self.mark_caught_up();
                 }
                 let upload = room.dag().missing_for_version_vector(&server_vv);
+                self.report_held(room, &upload);
                 self.send_packs(now, room, &upload, signer, Phase::Live);
             }
             (Side::Client, State::Handshake, Message::Reject { reason, message }) => {
@@ -706,7 +817,10 @@ impl Session {
                     Ok(received) => {
                         let nodes: Vec<NodeIdx> =
                             received.accepted.iter().map(|(i, _)| *i).collect();
-                        let whole = received.pending == 0;
+                        // The correlation id alone acknowledges exactly the
+                        // pack's nodes: with some waiting, or nodes of
+                        // earlier packs released, the ack lists ids.
+                        let whole = received.pending == 0 && received.released == 0;
                         self.to_ack
                             .insert(env.corr, (!whole).then(|| nodes.clone()));
                         let arrived = (nodes.len() + received.duplicates) as u64;
@@ -720,7 +834,7 @@ impl Session {
                         {
                             self.expecting = self.expecting.saturating_sub(arrived);
                             if self.expecting == 0 {
-                                self.events.push_back(Event::CaughtUp);
+                                self.mark_caught_up();
                             }
                         }
                     }
@@ -745,13 +859,24 @@ impl Session {
                 }
             }
             (_, State::Open, Message::Ack { nodes }) => {
-                // An empty list acknowledges the whole pack `corr`.
-                let sent = self.in_flight.remove(&env.corr);
-                let nodes = match (nodes.is_empty(), sent) {
-                    (true, Some(sent)) => sent.iter().map(|&n| *room.dag().id(n)).collect(),
-                    (_, _) => nodes,
+                let dag = room.dag();
+                let nodes: Vec<NodeId> = if nodes.is_empty() {
+                    // An empty list acknowledges the whole pack `corr`.
+                    let (_, sent) = self.in_flight.remove(&env.corr).unwrap_or_default();
+                    sent.iter().map(|&n| *dag.id(n)).collect()
+                } else {
+                    // Listed ids may include nodes of earlier packs that
+                    // waited for parents at the peer.
+                    let listed: IdSet<NodeId> = nodes.iter().copied().collect();
+                    self.in_flight.retain(|_, (_, sent)| {
+                        sent.retain(|&n| !listed.contains(dag.id(n)));
+                        !sent.is_empty()
+                    });
+                    nodes
                 };
-                self.events.push_back(Event::Acknowledged { nodes });
+                if !nodes.is_empty() {
+                    self.events.push_back(Event::Acknowledged { nodes });
+                }
             }
             (_, State::Open, Message::Request { ids }) => {
                 let mut nodes: Vec<NodeIdx> =

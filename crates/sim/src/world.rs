@@ -1,0 +1,986 @@
+//! One simulated run: a relay and its clients, each with a fault-injecting
+//! store and real sync sessions, driven by a virtual clock from one seed.
+//!
+//! The run has two halves. In the *chaos* half clients edit concurrently
+//! while the network loses, duplicates and reorders frames, links are cut
+//! (both ways or one way), clients go offline for long stretches, storage
+//! writes fail and clients and the relay crash (losing what they had not
+//! synced). Then the world *heals*: faults stop, everyone restarts and
+//! reconnects, and the run continues until it is quiet (no frame or event
+//! in flight, every client caught up with an empty outbox). The checks
+//! follow: one node set and one state hash everywhere, no acknowledged or
+//! durably committed node lost.
+//!
+//! Everything that happens is hashed into a trace hash, so a run can be
+//! compared with a replay of its seed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use syncline_core::proto::session::{CAP_DIFF_IBF, CAP_DIFF_MST, Config, Event, Session};
+use syncline_core::{Keypair, NodeId, NodeIdx, RoomId};
+use syncline_store::{DurableRoom, FaultPlan, FaultyStore, ReplicaError, Store};
+
+use crate::edits::random_ops;
+use crate::net::{Direction, FaultCounts, Network, Weather};
+
+/// Wall-clock origin of the virtual clock (2026-01-01), so HLC times look
+/// real.
+const EPOCH_MS: u64 = 1_767_225_600_000;
+
+/// The knobs of one run, drawn from its seed.
+#[derive(Clone, Debug)]
+pub(crate) struct Scenario {
+    clients: usize,
+    weather: Weather,
+    chaos_ms: u64,
+    /// Virtual time allowed after healing before the run counts as stuck.
+    settle_ms: u64,
+    /// Mean gap between one client's edits.
+    edit_gap_ms: u64,
+    /// Chance that a (re)started process gets a storage write failure
+    /// planned.
+    write_fault: f64,
+    config: Config,
+}
+
+impl Scenario {
+    pub(crate) fn draw(rng: &mut ChaCha8Rng) -> Scenario {
+        let min_delay_ms = rng.random_range(1..20);
+        let config = Config {
+            handshake_timeout_ms: 4_000,
+            idle_timeout_ms: 20_000,
+            heartbeat_ms: 5_000,
+            response_timeout_ms: 6_000,
+            // Small packs, so catch-ups are chunked.
+            max_pack_nodes: rng.random_range(8..128),
+            // Sometimes leave the version vector out, so the server picks
+            // RIBLT, or the MST for a difference above `mst_above`.
+            vv_inline_limit: [0, 1, 3, 512][rng.random_range(0..4)],
+            mst_above: rng.random_range(4..200),
+            ..Config::default()
+        };
+        Scenario {
+            clients: rng.random_range(2..=8),
+            weather: Weather {
+                loss: rng.random_range(0.0..0.30),
+                duplication: rng.random_range(0.0..0.50),
+                reorder: rng.random_range(0.0..0.5),
+                min_delay_ms,
+                max_delay_ms: min_delay_ms + rng.random_range(0..200),
+            },
+            chaos_ms: 60_000,
+            settle_ms: 300_000,
+            edit_gap_ms: rng.random_range(200..3_000),
+            write_fault: rng.random_range(0.0..0.3),
+            config,
+        }
+    }
+}
+
+/// Something scheduled to happen at a virtual time.
+#[derive(Debug)]
+enum Action {
+    /// A frame arrives.
+    Deliver {
+        client: usize,
+        conn: u64,
+        dir: Direction,
+        frame: Vec<u8>,
+    },
+    /// One end learns that the connection is gone.
+    Reset {
+        client: usize,
+        conn: u64,
+        dir: Direction,
+    },
+    Edit(usize),
+    Connect(usize),
+    CrashClient(usize),
+    RestartClient(usize),
+    GoOffline(usize),
+    GoOnline(usize),
+    /// Cuts the link to the relay, the link to the client, or both.
+    Cut {
+        client: usize,
+        to_relay: bool,
+        to_client: bool,
+    },
+    Uncut(usize),
+    CrashRelay,
+    RestartRelay,
+    Heal,
+}
+
+#[derive(Debug)]
+struct ClientConn {
+    id: u64,
+    session: Session,
+}
+
+#[derive(Debug)]
+struct Client {
+    key: Keypair,
+    store: FaultyStore,
+    /// `None` while crashed.
+    room: Option<DurableRoom>,
+    conn: Option<ClientConn>,
+    /// `false` during an offline stretch.
+    online: bool,
+    /// Clock skew of this client's wall clock.
+    skew_ms: u64,
+    /// Nodes this client committed durably.
+    committed: Vec<NodeId>,
+}
+
+#[derive(Debug)]
+struct Relay {
+    key: Keypair,
+    store: FaultyStore,
+    /// `None` while crashed.
+    room: Option<DurableRoom>,
+    /// Sessions by connection id, with the client at the other end.
+    sessions: BTreeMap<u64, (usize, Session)>,
+}
+
+/// Handshakes completed by each difference strategy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Strategies {
+    /// `diff/heads@1`.
+    pub heads: u64,
+    /// `diff/ibf@1`.
+    pub ibf: u64,
+    /// `diff/mst@1`.
+    pub mst: u64,
+}
+
+impl Strategies {
+    /// Adds `other` to these counts.
+    pub fn add(&mut self, other: &Strategies) {
+        self.heads += other.heads;
+        self.ibf += other.ibf;
+        self.mst += other.mst;
+    }
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The seed.
+    pub seed: u64,
+    /// Hash of everything that happened, for replay comparison.
+    pub trace_hash: [u8; 32],
+    /// Faults that fired.
+    pub faults: FaultCounts,
+    /// Handshakes completed, by difference strategy.
+    pub strategies: Strategies,
+    /// Nodes in the room at the end.
+    pub nodes: usize,
+    /// Clients in the run.
+    pub clients: usize,
+    /// `Err` says which check failed.
+    pub result: Result<(), String>,
+}
+
+/// The simulated world of one run.
+#[derive(Debug)]
+pub(crate) struct World {
+    rng: ChaCha8Rng,
+    scenario: Scenario,
+    room_id: RoomId,
+    now: u64,
+    next_seq: u64,
+    next_conn: u64,
+    queue: BTreeMap<(u64, u64), Action>,
+    net: Network,
+    relay: Relay,
+    clients: Vec<Client>,
+    faults: FaultCounts,
+    healed: bool,
+    /// Node ids the relay acknowledged to some client.
+    acked: BTreeSet<NodeId>,
+    strategies: Strategies,
+    trace: blake3::Hasher,
+}
+
+impl World {
+    pub(crate) fn new(seed: u64) -> World {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let scenario = Scenario::draw(&mut rng);
+        let room_id = RoomId::new("sim").expect("valid room id");
+        let relay_store = FaultyStore::new(FaultPlan::default());
+        let relay_key = Keypair::from_seed(rng.random());
+        let relay = Relay {
+            room: Some(
+                DurableRoom::load(Arc::new(relay_store.clone()), relay_key.clone(), &room_id)
+                    .expect("an empty store loads"),
+            ),
+            key: relay_key,
+            store: relay_store,
+            sessions: BTreeMap::new(),
+        };
+        let clients = (0..scenario.clients)
+            .map(|_| {
+                let store = FaultyStore::new(FaultPlan::default());
+                let key = Keypair::from_seed(rng.random());
+                Client {
+                    room: Some(
+                        DurableRoom::load(Arc::new(store.clone()), key.clone(), &room_id)
+                            .expect("an empty store loads"),
+                    ),
+                    key,
+                    store,
+                    conn: None,
+                    online: true,
+                    skew_ms: rng.random_range(0..5_000),
+                    committed: Vec::new(),
+                }
+            })
+            .collect();
+        let net = Network::new(scenario.weather, scenario.clients);
+        let mut world = World {
+            rng,
+            room_id,
+            now: 0,
+            next_seq: 0,
+            next_conn: 1,
+            queue: BTreeMap::new(),
+            net,
+            relay,
+            clients,
+            faults: FaultCounts::default(),
+            healed: false,
+            acked: BTreeSet::new(),
+            strategies: Strategies::default(),
+            trace: blake3::Hasher::new(),
+            scenario,
+        };
+        world.plan_chaos();
+        world
+    }
+
+    fn at(&mut self, time: u64, action: Action) {
+        self.queue.insert((time, self.next_seq), action);
+        self.next_seq += 1;
+    }
+
+    fn after(&mut self, lo: u64, hi: u64, action: Action) {
+        let t = self.now + self.rng.random_range(lo..=hi);
+        self.at(t, action);
+    }
+
+    /// Schedules the chaos half: first connections, edits, offline
+    /// stretches, crashes, partitions, then the heal.
+    fn plan_chaos(&mut self) {
+        let chaos = self.scenario.chaos_ms;
+        for c in 0..self.clients.len() {
+            self.after(0, 500, Action::Connect(c));
+            self.after(0, self.scenario.edit_gap_ms, Action::Edit(c));
+            self.plan_write_fault_client(c);
+            if self.rng.random_bool(0.3) {
+                let start = self.rng.random_range(0..chaos / 2);
+                let end = start + self.rng.random_range(chaos / 10..chaos / 2);
+                self.at(start, Action::GoOffline(c));
+                self.at(end, Action::GoOnline(c));
+            }
+            for _ in 0..self.rng.random_range(0..=2) {
+                let t = self.rng.random_range(0..chaos);
+                self.at(t, Action::CrashClient(c));
+            }
+        }
+        for _ in 0..self.rng.random_range(0..=2) {
+            let t = self.rng.random_range(0..chaos);
+            self.at(t, Action::CrashRelay);
+        }
+        self.plan_write_fault_relay();
+        for _ in 0..self.rng.random_range(0..=4) {
+            let client = self.rng.random_range(0..self.clients.len());
+            let (to_relay, to_client) = match self.rng.random_range(0..3) {
+                0 => (true, true),
+                1 => (true, false),
+                _ => (false, true),
+            };
+            let t = self.rng.random_range(0..chaos);
+            let end = t + self.rng.random_range(1_000..20_000);
+            self.at(
+                t,
+                Action::Cut {
+                    client,
+                    to_relay,
+                    to_client,
+                },
+            );
+            self.at(end, Action::Uncut(client));
+        }
+        self.at(chaos, Action::Heal);
+    }
+
+    fn write_fault_plan(&mut self) -> FaultPlan {
+        let fails = !self.healed && self.rng.random_bool(self.scenario.write_fault);
+        FaultPlan {
+            fail_after_writes: fails.then(|| self.rng.random_range(1..200)),
+            seed: self.rng.random(),
+        }
+    }
+
+    fn plan_write_fault_client(&mut self, c: usize) {
+        let plan = self.write_fault_plan();
+        self.clients[c].store.set_plan(plan);
+    }
+
+    fn plan_write_fault_relay(&mut self) {
+        let plan = self.write_fault_plan();
+        self.relay.store.set_plan(plan);
+    }
+
+    fn trace(&mut self, what: &str, a: u64, b: u64) {
+        self.trace.update(&self.now.to_le_bytes());
+        self.trace.update(what.as_bytes());
+        self.trace.update(&a.to_le_bytes());
+        self.trace.update(&b.to_le_bytes());
+    }
+
+    /// Runs the world to the end and checks it.
+    pub(crate) fn run(mut self, seed: u64) -> Outcome {
+        let result = self.run_to_quiet().and_then(|()| self.check());
+        let nodes = self.relay.room.as_ref().map_or(0, |r| r.room().dag().len());
+        if let Some(room) = &self.relay.room {
+            self.trace.update(&room.room().state_hash());
+        }
+        Outcome {
+            seed,
+            trace_hash: *self.trace.finalize().as_bytes(),
+            faults: self.faults,
+            strategies: self.strategies,
+            nodes,
+            clients: self.clients.len(),
+            result,
+        }
+    }
+
+    fn run_to_quiet(&mut self) -> Result<(), String> {
+        let deadline = self.scenario.chaos_ms + self.scenario.settle_ms;
+        loop {
+            if self.healed && self.is_quiet()? {
+                return Ok(());
+            }
+            let next_action = self.queue.first_key_value().map(|(k, _)| k.0);
+            let next_timer = self.next_timer();
+            let Some(t) = next_action.into_iter().chain(next_timer).min() else {
+                return Err("nothing left to happen, yet not quiet".into());
+            };
+            if t > deadline {
+                return Err(format!(
+                    "not quiet {} s after healing: {}",
+                    self.scenario.settle_ms / 1000,
+                    self.describe()
+                ));
+            }
+            self.now = t;
+            if next_timer.is_some_and(|timer| next_action.is_none_or(|a| timer < a)) {
+                self.fire_timers()?;
+            } else {
+                let (_, action) = self.queue.pop_first().expect("checked above");
+                self.act(action)?;
+            }
+        }
+    }
+
+    fn act(&mut self, action: Action) -> Result<(), String> {
+        match action {
+            Action::Deliver {
+                client,
+                conn,
+                dir,
+                frame,
+            } => {
+                self.trace.update(blake3::hash(&frame).as_bytes());
+                self.trace("deliver", conn, dir as u64);
+                match dir {
+                    Direction::ToRelay => self.deliver_to_relay(conn, &frame),
+                    Direction::ToClient => self.deliver_to_client(client, conn, &frame),
+                }
+            }
+            Action::Reset { client, conn, dir } => {
+                self.trace("reset", conn, dir as u64);
+                match dir {
+                    Direction::ToRelay => {
+                        self.relay.sessions.remove(&conn);
+                    }
+                    Direction::ToClient => {
+                        if self.clients[client]
+                            .conn
+                            .as_ref()
+                            .is_some_and(|cc| cc.id == conn)
+                        {
+                            self.clients[client].conn = None;
+                            self.reconnect_later(client);
+                        }
+                    }
+                }
+                self.net.forget(conn);
+                Ok(())
+            }
+            Action::Edit(c) => self.edit(c),
+            Action::Connect(c) => {
+                self.connect(c);
+                Ok(())
+            }
+            Action::CrashClient(c) if !self.healed => {
+                self.crash_client(c);
+                Ok(())
+            }
+            Action::RestartClient(c) => self.restart_client(c),
+            Action::GoOffline(c) if !self.healed => {
+                self.trace("offline", c as u64, 0);
+                self.faults.offline += 1;
+                self.clients[c].online = false;
+                if let Some(cc) = self.clients[c].conn.take() {
+                    self.at(
+                        self.now + 1,
+                        Action::Reset {
+                            client: c,
+                            conn: cc.id,
+                            dir: Direction::ToRelay,
+                        },
+                    );
+                }
+                Ok(())
+            }
+            Action::GoOnline(c) => {
+                self.clients[c].online = true;
+                self.reconnect_later(c);
+                Ok(())
+            }
+            Action::Cut {
+                client,
+                to_relay,
+                to_client,
+            } if !self.healed => {
+                self.trace(
+                    "cut",
+                    client as u64,
+                    u64::from(to_relay) * 2 + u64::from(to_client),
+                );
+                self.faults.partitions += 1;
+                self.net.set_cut(client, to_relay, to_client);
+                Ok(())
+            }
+            Action::Uncut(client) => {
+                self.net.set_cut(client, false, false);
+                Ok(())
+            }
+            Action::CrashRelay if !self.healed => self.crash_relay(),
+            Action::RestartRelay => self.restart_relay(),
+            Action::Heal => {
+                self.heal();
+                Ok(())
+            }
+            // Faults scheduled past the heal do not fire.
+            Action::CrashClient(_)
+            | Action::GoOffline(_)
+            | Action::Cut { .. }
+            | Action::CrashRelay => Ok(()),
+        }
+    }
+
+    fn heal(&mut self) {
+        self.trace("heal", 0, 0);
+        self.healed = true;
+        self.net.heal();
+        self.relay.store.set_plan(FaultPlan::default());
+        for c in 0..self.clients.len() {
+            self.clients[c].store.set_plan(FaultPlan::default());
+            self.clients[c].online = true;
+            self.reconnect_later(c);
+        }
+    }
+
+    // ----- clients -----
+
+    fn reconnect_later(&mut self, c: usize) {
+        self.after(50, 2_000, Action::Connect(c));
+    }
+
+    fn connect(&mut self, c: usize) {
+        let now = self.now;
+        let client = &mut self.clients[c];
+        if client.conn.is_some() || !client.online {
+            return;
+        }
+        let Some(room) = client.room.as_mut() else {
+            return; // Crashed; the restart reconnects.
+        };
+        if self.relay.room.is_none() || self.net.is_cut(c) {
+            // The connection attempt fails; try again later.
+            self.trace("connect-failed", c as u64, 0);
+            return self.reconnect_later(c);
+        }
+        let id = self.next_conn;
+        self.next_conn += 1;
+        let config = self.scenario.config.clone();
+        let session = room.with_room(|r, key| Session::client(now, id, r, key, config.clone()));
+        let Ok(session) = session else {
+            unreachable!("creating a session inserts no node, so it writes nothing")
+        };
+        client.conn = Some(ClientConn { id, session });
+        self.relay.sessions.insert(
+            id,
+            (c, Session::server(now, id, self.room_id.clone(), config)),
+        );
+        self.trace("connect", c as u64, id);
+        self.flush_client(c);
+    }
+
+    fn edit(&mut self, c: usize) -> Result<(), String> {
+        if self.healed {
+            return Ok(());
+        }
+        let gap = self.scenario.edit_gap_ms;
+        self.after(1, 2 * gap, Action::Edit(c));
+        let now = self.now;
+        let client = &mut self.clients[c];
+        let Some(room) = client.room.as_mut() else {
+            return Ok(()); // Crashed.
+        };
+        let rng = &mut self.rng;
+        match room.transact(EPOCH_MS + now + client.skew_ms, |tx| random_ops(tx, rng)) {
+            Ok(Some(committed)) => {
+                client.committed.push(committed.id);
+                self.trace.update(committed.id.0.as_slice());
+                if let Some(cc) = client.conn.as_mut() {
+                    let sent = room.with_room(|r, key| {
+                        cc.session.send_nodes(now, r, &[committed.idx], Some(key));
+                    });
+                    if sent.is_err() {
+                        unreachable!("sending inserts no node, so it writes nothing");
+                    }
+                }
+                self.flush_client(c);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(ReplicaError::Store(_)) => {
+                // The commit was not acknowledged; the process dies.
+                self.faults.write_failures += 1;
+                self.crash_client(c);
+                Ok(())
+            }
+            Err(e) => Err(format!("client {c}: a random edit failed: {e}")),
+        }
+    }
+
+    fn deliver_to_client(&mut self, c: usize, conn: u64, frame: &[u8]) -> Result<(), String> {
+        let now = self.now;
+        let client = &mut self.clients[c];
+        let (Some(room), Some(cc)) = (client.room.as_mut(), client.conn.as_mut()) else {
+            return Ok(());
+        };
+        if cc.id != conn {
+            return Ok(()); // For a connection this client no longer has.
+        }
+        if room
+            .with_room(|r, key| cc.session.handle_input(now, frame, r, Some(key)))
+            .is_err()
+        {
+            self.faults.write_failures += 1;
+            self.crash_client(c);
+            return Ok(());
+        }
+        self.client_events(c)
+    }
+
+    /// Handles a client session's events, then sends its frames.
+    fn client_events(&mut self, c: usize) -> Result<(), String> {
+        let now = self.now;
+        loop {
+            let client = &mut self.clients[c];
+            let (Some(room), Some(cc)) = (client.room.as_mut(), client.conn.as_mut()) else {
+                return Ok(());
+            };
+            let Some(event) = cc.session.poll_event() else {
+                break;
+            };
+            let stored = match event {
+                // `with_room` persisted the nodes before the event was seen.
+                Event::Accepted { corr, .. } => {
+                    cc.session.acknowledge(now, corr, room.room());
+                    Ok(())
+                }
+                Event::Acknowledged { nodes } => {
+                    self.acked.extend(nodes.iter().copied());
+                    room.acknowledge(&nodes)
+                }
+                Event::ServerHolds { through_seq } => {
+                    let dag = room.room().dag();
+                    let me = client.key.author();
+                    self.acked.extend(
+                        (1..=through_seq)
+                            .filter_map(|s| dag.by_author_seq(&me, s))
+                            .map(|i| *dag.id(i)),
+                    );
+                    room.acknowledge_through(through_seq)
+                }
+                Event::Connected => {
+                    let slot = match cc.session.strategy() {
+                        Some(CAP_DIFF_IBF) => &mut self.strategies.ibf,
+                        Some(CAP_DIFF_MST) => &mut self.strategies.mst,
+                        _ => &mut self.strategies.heads,
+                    };
+                    *slot += 1;
+                    Ok(())
+                }
+                Event::CaughtUp => Ok(()),
+                Event::Closed { reason, .. } => {
+                    self.trace("client-closed", c as u64, reason.as_str().len() as u64);
+                    self.flush_client(c);
+                    let id = self.clients[c].conn.take().map_or(0, |cc| cc.id);
+                    let delay = self.net.delay(&mut self.rng);
+                    self.at(
+                        self.now + delay,
+                        Action::Reset {
+                            client: c,
+                            conn: id,
+                            dir: Direction::ToRelay,
+                        },
+                    );
+                    self.reconnect_later(c);
+                    return Ok(());
+                }
+            };
+            if stored.is_err() {
+                self.faults.write_failures += 1;
+                self.crash_client(c);
+                return Ok(());
+            }
+        }
+        self.flush_client(c);
+        Ok(())
+    }
+
+    fn flush_client(&mut self, c: usize) {
+        let Some(cc) = self.clients[c].conn.as_mut() else {
+            return;
+        };
+        let id = cc.id;
+        let frames: Vec<Vec<u8>> = std::iter::from_fn(|| cc.session.poll_transmit()).collect();
+        for frame in frames {
+            self.send(c, id, Direction::ToRelay, frame);
+        }
+    }
+
+    fn send(&mut self, client: usize, conn: u64, dir: Direction, frame: Vec<u8>) {
+        let arrivals = self
+            .net
+            .send(self.now, client, conn, dir, &mut self.rng, &mut self.faults);
+        for t in arrivals {
+            self.at(
+                t,
+                Action::Deliver {
+                    client,
+                    conn,
+                    dir,
+                    frame: frame.clone(),
+                },
+            );
+        }
+    }
+
+    fn crash_client(&mut self, c: usize) {
+        self.trace("crash-client", c as u64, 0);
+        self.faults.client_crashes += 1;
+        let client = &mut self.clients[c];
+        if client.room.is_none() {
+            return;
+        }
+        client.store.crash();
+        client.room = None;
+        if let Some(cc) = client.conn.take() {
+            self.after(
+                1,
+                100,
+                Action::Reset {
+                    client: c,
+                    conn: cc.id,
+                    dir: Direction::ToRelay,
+                },
+            );
+        }
+        self.after(100, 5_000, Action::RestartClient(c));
+    }
+
+    fn restart_client(&mut self, c: usize) -> Result<(), String> {
+        self.trace("restart-client", c as u64, 0);
+        let client = &mut self.clients[c];
+        let store: Arc<dyn Store> = Arc::new(client.store.clone());
+        let room = DurableRoom::load(store, client.key.clone(), &self.room_id)
+            .map_err(|e| format!("client {c} cannot reload after a crash: {e}"))?;
+        if let Some(lost) = client
+            .committed
+            .iter()
+            .find(|id| !room.room().dag().contains(id))
+        {
+            return Err(format!(
+                "client {c} lost its durably committed node {lost:?} in a crash"
+            ));
+        }
+        client.room = Some(room);
+        self.plan_write_fault_client(c);
+        self.reconnect_later(c);
+        Ok(())
+    }
+
+    // ----- the relay -----
+
+    fn deliver_to_relay(&mut self, conn: u64, frame: &[u8]) -> Result<(), String> {
+        let now = self.now;
+        let relay = &mut self.relay;
+        let (Some(room), Some((_, session))) = (relay.room.as_mut(), relay.sessions.get_mut(&conn))
+        else {
+            return Ok(());
+        };
+        let first_new = room.room().dag().next_idx();
+        if room
+            .with_room(|r, _| session.handle_input(now, frame, r, None))
+            .is_err()
+        {
+            self.faults.write_failures += 1;
+            return self.crash_relay();
+        }
+        // Relay every node the frame inserted, including those before a
+        // node that was refused (the session then closed without an
+        // `Accepted` event, but they are in the room, durable).
+        let inserted: Vec<NodeIdx> = (first_new..room.room().dag().next_idx()).collect();
+        self.relay_events(conn, &inserted)
+    }
+
+    /// Relays the nodes `from` inserted to the other sessions, handles
+    /// every session's events (acknowledges what is durable, drops closed
+    /// sessions) and sends their frames.
+    fn relay_events(&mut self, from: u64, inserted: &[NodeIdx]) -> Result<(), String> {
+        let now = self.now;
+        let Some(room) = self.relay.room.as_mut() else {
+            return Ok(());
+        };
+        let mut closed = Vec::new();
+        for (&conn, (client, session)) in &mut self.relay.sessions {
+            if conn != from && !inserted.is_empty() {
+                let relayed = room.with_room(|r, _| session.send_nodes(now, r, inserted, None));
+                if relayed.is_err() {
+                    unreachable!("relaying inserts no node, so it writes nothing");
+                }
+            }
+            while let Some(event) = session.poll_event() {
+                match event {
+                    Event::Accepted { corr, .. } => session.acknowledge(now, corr, room.room()),
+                    Event::Closed { .. } => closed.push((conn, *client)),
+                    _ => {}
+                }
+            }
+        }
+        let mut frames = Vec::new();
+        for (&conn, (client, session)) in &mut self.relay.sessions {
+            frames
+                .extend(std::iter::from_fn(|| session.poll_transmit()).map(|f| (*client, conn, f)));
+        }
+        for (client, conn, frame) in frames {
+            self.send(client, conn, Direction::ToClient, frame);
+        }
+        for (conn, client) in closed {
+            self.relay.sessions.remove(&conn);
+            let delay = self.net.delay(&mut self.rng);
+            self.at(
+                self.now + delay,
+                Action::Reset {
+                    client,
+                    conn,
+                    dir: Direction::ToClient,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn crash_relay(&mut self) -> Result<(), String> {
+        self.trace("crash-relay", 0, 0);
+        if self.relay.room.is_none() {
+            return Ok(());
+        }
+        self.faults.relay_crashes += 1;
+        self.relay.store.crash();
+        self.relay.room = None;
+        let sessions = std::mem::take(&mut self.relay.sessions);
+        for (conn, (client, _)) in sessions {
+            self.after(
+                1,
+                100,
+                Action::Reset {
+                    client,
+                    conn,
+                    dir: Direction::ToClient,
+                },
+            );
+        }
+        self.after(100, 5_000, Action::RestartRelay);
+        Ok(())
+    }
+
+    fn restart_relay(&mut self) -> Result<(), String> {
+        self.trace("restart-relay", 0, 0);
+        let store: Arc<dyn Store> = Arc::new(self.relay.store.clone());
+        let room = DurableRoom::load(store, self.relay.key.clone(), &self.room_id)
+            .map_err(|e| format!("the relay cannot reload after a crash: {e}"))?;
+        if let Some(lost) = self.acked.iter().find(|id| !room.room().dag().contains(id)) {
+            return Err(format!(
+                "the relay lost node {lost:?} in a crash after acknowledging it"
+            ));
+        }
+        self.relay.room = Some(room);
+        self.plan_write_fault_relay();
+        Ok(())
+    }
+
+    // ----- timers -----
+
+    fn next_timer(&self) -> Option<u64> {
+        let clients = self
+            .clients
+            .iter()
+            .filter_map(|c| c.conn.as_ref()?.session.poll_timeout());
+        let relay = self
+            .relay
+            .sessions
+            .values()
+            .filter_map(|(_, s)| s.poll_timeout());
+        clients.chain(relay).min()
+    }
+
+    fn fire_timers(&mut self) -> Result<(), String> {
+        let now = self.now;
+        for c in 0..self.clients.len() {
+            let Some(cc) = self.clients[c].conn.as_mut() else {
+                continue;
+            };
+            if cc.session.poll_timeout().is_some_and(|t| t <= now) {
+                cc.session.handle_timeout(now);
+                self.client_events(c)?;
+            }
+        }
+        for (_, session) in self.relay.sessions.values_mut() {
+            if session.poll_timeout().is_some_and(|t| t <= now) {
+                session.handle_timeout(now);
+            }
+        }
+        self.relay_events(0, &[])
+    }
+
+    // ----- the end -----
+
+    /// Nothing in flight, everyone up, connected, caught up and with an
+    /// empty outbox, every session settled.
+    fn is_quiet(&self) -> Result<bool, String> {
+        if !self.queue.is_empty()
+            || self.relay.room.is_none()
+            || !self.relay.sessions.values().all(|(_, s)| s.is_settled())
+        {
+            return Ok(false);
+        }
+        for (c, client) in self.clients.iter().enumerate() {
+            let (Some(room), Some(cc)) = (&client.room, &client.conn) else {
+                return Ok(false);
+            };
+            if !cc.session.is_settled() {
+                return Ok(false);
+            }
+            let outbox = room
+                .outbox()
+                .map_err(|e| format!("client {c}: cannot read its outbox: {e}"))?;
+            if !outbox.is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// What is still going on, for a run that does not settle.
+    fn describe(&self) -> String {
+        let clients: Vec<String> = self
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(c, client)| {
+                format!(
+                    "client {c}: up {}, connected {}, settled {}, outbox {}",
+                    client.room.is_some(),
+                    client.conn.is_some(),
+                    client
+                        .conn
+                        .as_ref()
+                        .is_some_and(|cc| cc.session.is_settled()),
+                    client
+                        .room
+                        .as_ref()
+                        .and_then(|r| r.outbox().ok())
+                        .map_or(0, |o| o.len())
+                )
+            })
+            .collect();
+        format!(
+            "relay up {}, {} actions queued; {}",
+            self.relay.room.is_some(),
+            self.queue.len(),
+            clients.join("; ")
+        )
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let relay = self.relay.room.as_ref().ok_or("the relay is down")?.room();
+        let ids = |room: &syncline_core::Room| -> Vec<NodeId> {
+            let dag = room.dag();
+            let mut ids: Vec<NodeId> = (0..dag.next_idx()).map(|i| *dag.id(i)).collect();
+            ids.sort_unstable();
+            ids
+        };
+        let relay_ids = ids(relay);
+        if relay.dag().pending_len() != 0 {
+            return Err(format!(
+                "the relay has {} nodes still waiting for parents",
+                relay.dag().pending_len()
+            ));
+        }
+        if let Some(lost) = self.acked.iter().find(|id| !relay.dag().contains(id)) {
+            return Err(format!("acknowledged node {lost:?} is not on the relay"));
+        }
+        for (c, client) in self.clients.iter().enumerate() {
+            let room = client
+                .room
+                .as_ref()
+                .ok_or(format!("client {c} is down"))?
+                .room();
+            if let Some(lost) = client.committed.iter().find(|id| !relay.dag().contains(id)) {
+                return Err(format!(
+                    "client {c}'s committed node {lost:?} never reached the relay"
+                ));
+            }
+            if room.dag().pending_len() != 0 {
+                return Err(format!(
+                    "client {c} has {} nodes still waiting for parents",
+                    room.dag().pending_len()
+                ));
+            }
+            if ids(room) != relay_ids {
+                return Err(format!(
+                    "client {c} holds {} nodes, the relay {}: the node sets differ",
+                    room.dag().len(),
+                    relay.dag().len()
+                ));
+            }
+            if room.state_hash() != relay.state_hash() {
+                return Err(format!("client {c}'s state hash differs from the relay's"));
+            }
+        }
+        Ok(())
+    }
+}
