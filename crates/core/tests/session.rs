@@ -558,3 +558,129 @@ fn a_reconnecting_client_learns_what_the_server_holds_when_an_ack_was_lost() {
         "nothing was uploaded again"
     );
 }
+
+/// `n` live edits by `key`, each setting a field under `dir`, as the packs
+/// (one per edit, each signed) a server would have received.
+fn writes_under(key: &Keypair, dir: &str, n: i64) -> Vec<Vec<u8>> {
+    let mut room = Room::new(room_id());
+    (0..n)
+        .map(|i| {
+            let mut tx = room.begin(key.author(), i as u64 + 1);
+            tx.set(&format!("{dir}/item{}", i % 4), "v", Value::Int(i))
+                .unwrap();
+            let idx = tx.commit().unwrap().unwrap().idx;
+            room.export_pack(&[idx], Some(key), 3).unwrap().0
+        })
+        .collect()
+}
+
+#[test]
+fn a_subscription_narrows_catch_up_and_relay_to_its_paths() {
+    use syncline_core::proto::scope::Scope;
+    let (ka, kb) = (Keypair::from_seed([1; 32]), Keypair::from_seed([2; 32]));
+    let mut server = Room::new(room_id());
+    // Two authors who never saw each other: one in alpha, one in beta.
+    for pack in writes_under(&ka, "/projects/alpha", 10)
+        .into_iter()
+        .chain(writes_under(&kb, "/projects/beta", 10))
+    {
+        server.receive_pack(&pack).unwrap();
+    }
+    let reader = Keypair::from_seed([3; 32]);
+    let writer = Keypair::from_seed([4; 32]);
+    let mut w = World::new(
+        server,
+        vec![
+            (Room::new(room_id()), reader.clone()),
+            (Room::new(room_id()), writer),
+        ],
+        Config::default(),
+    );
+    let alpha = Scope::parse(&["/projects/alpha/**".to_owned()]).unwrap();
+    let c = &mut w.clients[0];
+    c.session = Session::client_scoped(w.now, 0, &mut c.room, &reader, Config::default(), alpha);
+    w.drive();
+
+    // Catch-up: alpha's ten nodes, plus beta's first, whose create of
+    // `/projects` places an ancestor of the scope; nothing else of beta.
+    let c = &w.clients[0];
+    assert!(c.events.contains(&Event::CaughtUp));
+    assert_eq!(c.room.dag().len(), 11);
+    assert_eq!(c.room.dag().author_seq(&ka.author()), 10);
+    assert_eq!(c.room.dag().author_seq(&kb.author()), 1);
+    let doc = c.room.doc();
+    let item = doc.resolve("/projects/alpha/item1").unwrap();
+    assert_eq!(doc.field(&item, "v"), Some(&Value::Int(9)));
+    assert!(doc.resolve("/projects/beta/item1").is_err());
+
+    // Live: the other client's beta edit is held back.
+    let before = w.clients[0].room.dag().len();
+    w.commit(1, "/projects/beta/live", 1);
+    w.drive();
+    assert_eq!(w.clients[0].room.dag().len(), before, "beta was relayed");
+
+    // Widening the scope sends the rest, then confirms.
+    let now = w.now;
+    w.clients[0].session.subscribe(now, Scope::everything());
+    w.drive();
+    let c = &w.clients[0];
+    assert!(c.events.contains(&Event::Subscribed { patterns: vec![] }));
+    assert_eq!(c.room.dag().len(), w.server.dag().len());
+    assert_eq!(c.room.state_hash(), w.server.state_hash());
+
+    // Narrowed again: alpha edits are relayed, beta ones are not.
+    let now = w.now;
+    let alpha = Scope::parse(&["/projects/alpha/**".to_owned()]).unwrap();
+    w.clients[0].session.subscribe(now, alpha);
+    w.drive();
+    let before = w.clients[0].room.dag().len();
+    w.commit(1, "/projects/alpha/live", 2);
+    w.drive();
+    assert_eq!(w.clients[0].room.dag().len(), before + 1);
+    w.commit(1, "/projects/beta/live", 3);
+    w.drive();
+    let c = &w.clients[0];
+    assert_eq!(c.room.dag().len(), before + 1);
+    let live = c.room.doc().resolve("/projects/alpha/live").unwrap();
+    assert_eq!(c.room.doc().field(&live, "v"), Some(&Value::Int(2)));
+
+    // An alpha edit by someone who saw the beta edit brings it along: a
+    // scope never leaves a node without its parents.
+    w.commit(1, "/projects/alpha/live", 4);
+    w.drive();
+    let c = &w.clients[0];
+    assert_eq!(c.room.dag().len(), before + 3);
+    assert_eq!(c.room.dag().pending_len(), 0);
+    assert_eq!(c.room.state_hash(), w.server.state_hash());
+}
+
+#[test]
+fn an_invalid_subscription_closes_the_session_as_malformed() {
+    use syncline_core::proto::scope::Scope;
+    let mut w = World::new(
+        Room::new(room_id()),
+        vec![(Room::new(room_id()), Keypair::from_seed([1; 32]))],
+        Config::default(),
+    );
+    w.drive();
+    // A hand-made frame: the client-side API refuses invalid patterns.
+    assert!(Scope::parse(&["relative/path".to_owned()]).is_err());
+    let frame = Envelope {
+        version: PROTOCOL_VERSION,
+        session: 0,
+        corr: 0,
+        message: Message::Subscribe {
+            patterns: vec!["relative/path".to_owned()],
+        },
+    }
+    .encode();
+    w.sessions[0].handle_input(w.now, &frame, &mut w.server, None);
+    assert!(w.sessions[0].is_closed());
+    assert!(matches!(
+        w.sessions[0].poll_event(),
+        Some(Event::Closed {
+            reason: Reason::Malformed,
+            ..
+        })
+    ));
+}

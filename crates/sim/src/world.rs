@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use syncline_core::proto::scope::Scope;
 use syncline_core::proto::session::{CAP_DIFF_IBF, CAP_DIFF_MST, Config, Event, Session};
 use syncline_core::{Keypair, NodeId, NodeIdx, RoomId};
 use syncline_store::{DurableRoom, FaultPlan, FaultyStore, ReplicaError, Store};
@@ -133,6 +134,8 @@ struct Client {
     skew_ms: u64,
     /// Nodes this client committed durably.
     committed: Vec<NodeId>,
+    /// Subscribed to `/projects/alpha/**` only until the heal.
+    scoped: bool,
 }
 
 #[derive(Debug)]
@@ -236,6 +239,7 @@ impl World {
                     online: true,
                     skew_ms: rng.random_range(0..5_000),
                     committed: Vec::new(),
+                    scoped: rng.random_bool(0.25),
                 }
             })
             .collect();
@@ -492,8 +496,16 @@ impl World {
         self.net.heal();
         self.relay.store.set_plan(FaultPlan::default());
         for c in 0..self.clients.len() {
-            self.clients[c].store.set_plan(FaultPlan::default());
-            self.clients[c].online = true;
+            let client = &mut self.clients[c];
+            client.store.set_plan(FaultPlan::default());
+            client.online = true;
+            // Scoped clients widen to the whole room, so all can converge.
+            if std::mem::take(&mut client.scoped)
+                && let Some(cc) = client.conn.as_mut()
+            {
+                cc.session.subscribe(self.now, Scope::everything());
+                self.flush_client(c);
+            }
             self.reconnect_later(c);
         }
     }
@@ -521,7 +533,13 @@ impl World {
         let id = self.next_conn;
         self.next_conn += 1;
         let config = self.scenario.config.clone();
-        let session = room.with_room(|r, key| Session::client(now, id, r, key, config.clone()));
+        let scope = if client.scoped {
+            Scope::parse(&["/projects/alpha/**".to_owned()]).expect("a valid pattern")
+        } else {
+            Scope::everything()
+        };
+        let session =
+            room.with_room(|r, key| Session::client_scoped(now, id, r, key, config.clone(), scope));
         let Ok(session) = session else {
             unreachable!("creating a session inserts no node, so it writes nothing")
         };
@@ -632,7 +650,7 @@ impl World {
                     *slot += 1;
                     Ok(())
                 }
-                Event::CaughtUp => Ok(()),
+                Event::CaughtUp | Event::Subscribed { .. } | Event::PeerError { .. } => Ok(()),
                 Event::Closed { reason, .. } => {
                     self.trace("client-closed", c as u64, reason.as_str().len() as u64);
                     self.flush_client(c);

@@ -458,6 +458,52 @@ impl Doc {
         self.tree.path_of(id)
     }
 
+    /// The paths operation `op_index` of node `idx` touches, for
+    /// subscription scopes: the entry it changes (where it is now, or where
+    /// it was deleted), and for a create or move the place it puts the
+    /// entry and, for a move, the place it took it from. Each path is a
+    /// list of names from the root.
+    pub fn touched_paths<'a>(
+        &'a self,
+        dag: &Dag,
+        idx: NodeIdx,
+        op_index: u32,
+        op: &'a Op,
+    ) -> Vec<Vec<&'a str>> {
+        let under = |parent: &EntryId, name: &'a str| {
+            let mut names = self.tree.last_names(parent)?;
+            names.push(name);
+            Some(names)
+        };
+        let mut paths = Vec::new();
+        match op {
+            Op::Create { parent, name, .. } => paths.extend(under(parent, name)),
+            Op::Move {
+                entry,
+                parent,
+                name,
+                ..
+            } => {
+                paths.extend(under(parent, name));
+                let stamp = Stamp {
+                    hlc: dag.hlc(idx),
+                    author: *dag.author(idx),
+                    op: op_index,
+                };
+                if let Some((from, _, _)) = self.tree.placement_before(&stamp) {
+                    paths.extend(under(&from.parent, &from.name));
+                }
+                paths.extend(self.tree.last_names(entry));
+            }
+            Op::Set { entry, .. }
+            | Op::Unset { entry, .. }
+            | Op::Delete { entry }
+            | Op::TextInsert { entry, .. }
+            | Op::TextDelete { entry, .. } => paths.extend(self.tree.last_names(entry)),
+        }
+        paths
+    }
+
     /// The kind of an entry (map if never created with a kind).
     pub fn kind(&self, id: &EntryId) -> EntryKind {
         self.tree

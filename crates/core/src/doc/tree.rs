@@ -308,6 +308,37 @@ impl Tree {
         out
     }
 
+    /// The placement `entry` had just before the placement stamped
+    /// `stamp` was applied (`None`: unplaced, or no such placement).
+    pub(crate) fn placement_before(&self, stamp: &Stamp) -> Option<&(Placement, Stamp, NodeIdx)> {
+        let at = self.log.partition_point(|r| &r.stamp < stamp);
+        let record = self.log.get(at).filter(|r| &r.stamp == stamp)?;
+        record.before.as_ref()
+    }
+
+    /// The names from the root down to `id`, where a deleted entry (or
+    /// one under a deleted ancestor) counts as where it was when deleted.
+    /// `None` for an entry never placed under the root.
+    pub(crate) fn last_names(&self, id: &EntryId) -> Option<Vec<&str>> {
+        let mut names: Vec<&str> = Vec::new();
+        let mut cur = *id;
+        for _ in 0..=self.entries.len() {
+            if cur == EntryId::ROOT {
+                names.reverse();
+                return Some(names);
+            }
+            let mut placed = self.entries.get(&cur)?.placed.as_ref()?;
+            // Deleted (perhaps more than once): where it was before.
+            while placed.0.parent == EntryId::TRASH {
+                placed = self.placement_before(&placed.1)?;
+            }
+            let p = &placed.0;
+            names.push(p.name.as_str());
+            cur = p.parent;
+        }
+        None
+    }
+
     /// The path of a live entry (`/` for the root).
     pub(crate) fn path_of(&self, id: &EntryId) -> Option<String> {
         let mut names: Vec<&str> = Vec::new();

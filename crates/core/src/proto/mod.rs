@@ -2,4 +2,5 @@
 //! `docs/protocol.md`, and the session state machines that speak them.
 
 pub mod message;
+pub mod scope;
 pub mod session;

@@ -26,9 +26,10 @@ use crate::proto::message::{
     Envelope, FrameError, Limits, MAX_FRAME_BYTES, MAX_IDS, MAX_RANGES, Message, PROTOCOL_VERSION,
     Phase, Reason,
 };
+use crate::proto::scope::Scope;
 use crate::recon::SKETCH_CAPACITY;
 use crate::recon::mst::{self, Reconciler};
-use crate::recon::riblt::{CodedSymbol, Decoder};
+use crate::recon::riblt::{CodedSymbol, Decoder, RibltError};
 use crate::room::{ReceiveError, Room};
 
 /// The baseline difference capability, always supported.
@@ -111,6 +112,21 @@ pub enum Event {
         /// The newest sequence number held.
         through_seq: u64,
     },
+    /// The server applied a `subscribe`, and everything the new scope adds
+    /// has arrived (client side).
+    Subscribed {
+        /// The patterns in effect (empty: the whole room).
+        patterns: Vec<String>,
+    },
+    /// The peer reported a problem that did not end the session.
+    PeerError {
+        /// What kind.
+        code: Reason,
+        /// For people.
+        message: String,
+        /// The correlation id of the message concerned.
+        related: u64,
+    },
     /// The session ended.
     Closed {
         /// Why.
@@ -156,6 +172,14 @@ pub struct Session {
     caught_up: bool,
     /// The difference capability chosen at the handshake.
     strategy: Option<&'static str>,
+    /// Server: what the client subscribed to. Client: a scope to ask for
+    /// once the handshake completes.
+    scope: Scope,
+    /// Client: a `subscribe` waiting for the handshake to complete.
+    pending_subscribe: Option<Scope>,
+    /// Server: what the client is known to hold (every node of an author
+    /// up to this sequence number); an underestimate is safe.
+    peer_holds: VersionVector,
     /// Client, until caught up: when the catch-up last made progress.
     catchup_progress: Option<u64>,
     /// Client: decoding the server's RIBLT symbols.
@@ -184,11 +208,27 @@ pub struct Session {
 impl Session {
     /// A client session for `room`, which sends its `hello` at once.
     pub fn client(now: u64, id: u64, room: &mut Room, peer: &Keypair, config: Config) -> Session {
+        Session::client_scoped(now, id, room, peer, config, Scope::everything())
+    }
+
+    /// A client session that subscribes to `scope` only: the server sends
+    /// the nodes that touch it and what they depend on (`docs/protocol.md`
+    /// §5.6).
+    pub fn client_scoped(
+        now: u64,
+        id: u64,
+        room: &mut Room,
+        peer: &Keypair,
+        config: Config,
+        scope: Scope,
+    ) -> Session {
         let mut s = Session::new(Side::Client, now, id, room.id().clone(), config);
         s.local = Some(peer.author());
         let dag = room.dag();
         let mut vv = dag.version_vector();
-        if vv.len() > s.config.vv_inline_limit {
+        // A scoped catch-up is computed from what the client holds, so the
+        // version vector always goes with subscriptions.
+        if vv.len() > s.config.vv_inline_limit && scope.is_everything() {
             // Too many authors to list cheaply: let RIBLT find the difference.
             vv.clear();
         }
@@ -206,7 +246,7 @@ impl Session {
             vv,
             nodes: dag.len() as u64,
             state_hash: room.state_hash(),
-            subscriptions: Vec::new(),
+            subscriptions: scope.patterns().to_vec(),
         };
         s.send(now, 0, hello);
         s
@@ -228,6 +268,9 @@ impl Session {
             caught_up: false,
             catchup_progress: None,
             strategy: None,
+            scope: Scope::everything(),
+            pending_subscribe: None,
+            peer_holds: VersionVector::new(),
             decoder: None,
             symbols_sent: 0,
             reconciler: None,
@@ -246,6 +289,24 @@ impl Session {
     /// The difference capability chosen at the handshake (`None` before).
     pub fn strategy(&self) -> Option<&'static str> {
         self.strategy
+    }
+
+    /// Client: changes the subscription (empty patterns: the whole room).
+    /// The server sends what the new scope adds, then confirms with
+    /// [`Event::Subscribed`]. Before the handshake completes, it is sent
+    /// once it does.
+    pub fn subscribe(&mut self, now: u64, scope: Scope) {
+        match self.state {
+            State::Handshake => self.pending_subscribe = Some(scope),
+            State::Open => self.send(
+                now,
+                0,
+                Message::Subscribe {
+                    patterns: scope.patterns().to_vec(),
+                },
+            ),
+            State::Closed => {}
+        }
     }
 
     /// Whether the session has ended.
@@ -343,6 +404,28 @@ impl Session {
         oldest_pack.into_iter().chain(self.catchup_progress).min()
     }
 
+    /// Server: records that the client holds `nodes` (sent to it in
+    /// causally complete runs, or received from it), and so every earlier
+    /// node of their authors.
+    fn note_sent(&mut self, room: &Room, nodes: &[NodeIdx]) {
+        let dag = room.dag();
+        for &n in nodes {
+            let seq = self.peer_holds.entry(*dag.author(n)).or_insert(0);
+            *seq = (*seq).max(dag.seq(n));
+        }
+    }
+
+    /// Server: whether a reconciliation message belongs to the strategy
+    /// chosen at the handshake (building an MST for a peer that did not
+    /// negotiate one would be work for nothing).
+    fn strategy_allows(&self, message: &Message) -> bool {
+        let wanted = match message {
+            Message::MstRequest { .. } | Message::MstDone { .. } => CAP_DIFF_MST,
+            _ => CAP_DIFF_IBF,
+        };
+        self.strategy == Some(wanted)
+    }
+
     /// Whether nothing is in flight either way: every pack sent and
     /// received is acknowledged, nothing waits to be sent, and (client) the
     /// catch-up is complete. A driver can report "synced" then.
@@ -413,7 +496,14 @@ impl Session {
         nodes: &[NodeIdx],
         signer: Option<&Keypair>,
     ) {
-        if self.state == State::Open {
+        if self.state != State::Open {
+            return;
+        }
+        if self.side == Side::Server && !self.scope.is_everything() {
+            let chosen = self.scope.select(room, nodes, &self.peer_holds);
+            self.note_sent(room, &chosen);
+            self.send_packs(now, room, &chosen, signer, Phase::Live);
+        } else {
             self.send_packs(now, room, nodes, signer, Phase::Live);
         }
     }
@@ -521,7 +611,11 @@ impl Session {
             .filter_map(CodedSymbol::decode)
             .collect();
         if let Err(e) = decoder.add_symbols(&symbols, room.sketch()) {
-            return self.close(now, Reason::TooLarge, &e.to_string());
+            let reason = match e {
+                RibltError::CapacityExceeded { .. } => Reason::TooLarge,
+                RibltError::Inconsistent { .. } => Reason::Malformed,
+            };
+            return self.close(now, reason, &e.to_string());
         }
         if !decoder.is_decoded() {
             let more = (decoder.symbols_used() / 2).max(MIN_SYMBOL_BATCH) as u64;
@@ -618,6 +712,9 @@ impl Session {
             return;
         }
         self.last_received = now;
+        if frame.len() > self.config.max_frame {
+            return self.close(now, Reason::TooLarge, "frame too large");
+        }
         let env = match Envelope::decode(frame) {
             Ok(env) => env,
             Err(FrameError::TooLarge(_)) => {
@@ -638,6 +735,11 @@ impl Session {
                 | Message::MstSummary { .. }
         );
         self.dispatch(now, env, room, signer);
+        if self.state == State::Open
+            && let Some(scope) = self.pending_subscribe.take()
+        {
+            self.subscribe(now, scope);
+        }
         if self.side == Side::Client && self.state == State::Open {
             self.catchup_progress = match (self.caught_up, progress) {
                 (true, _) => None,
@@ -648,6 +750,7 @@ impl Session {
     }
 
     fn dispatch(&mut self, now: u64, env: Envelope, room: &mut Room, signer: Option<&Keypair>) {
+        let strategy_allows = self.strategy_allows(&env.message);
         match (self.side, self.state, env.message) {
             (_, _, Message::Close { reason, message }) => {
                 self.state = State::Closed;
@@ -661,6 +764,21 @@ impl Session {
             // as the versioning rule requires (presence is not relayed yet).
             (_, _, Message::Heartbeat | Message::Unknown(_) | Message::Presence { .. }) => {}
             (
+                _,
+                _,
+                Message::Error {
+                    code,
+                    message,
+                    related,
+                },
+            ) => {
+                self.events.push_back(Event::PeerError {
+                    code,
+                    message,
+                    related,
+                });
+            }
+            (
                 Side::Server,
                 State::Handshake,
                 Message::Hello {
@@ -669,24 +787,36 @@ impl Session {
                     vv,
                     caps,
                     nodes,
+                    subscriptions,
                     ..
                 },
             ) => {
                 if !(versions.0..=versions.1).contains(&PROTOCOL_VERSION) {
+                    let message = format!("this server speaks version {PROTOCOL_VERSION}");
                     self.send(
                         now,
                         env.corr,
                         Message::Reject {
                             reason: Reason::VersionMismatch,
-                            message: format!("this server speaks version {PROTOCOL_VERSION}"),
+                            message: message.clone(),
                         },
                     );
                     self.state = State::Closed;
+                    self.events.push_back(Event::Closed {
+                        reason: Reason::VersionMismatch,
+                        message,
+                        by_peer: false,
+                    });
                     return;
                 }
                 if r != self.room || r != *room.id() {
                     return self.close(now, Reason::Malformed, "hello for another room");
                 }
+                match Scope::parse(&subscriptions) {
+                    Ok(scope) => self.scope = scope,
+                    Err(e) => return self.close(now, Reason::Malformed, &e.to_string()),
+                }
+                self.peer_holds = vv.clone();
                 // A client with history that left its version vector out
                 // asks for set reconciliation: RIBLT for a difference its
                 // sketch can hold, the MST beyond. Everyone else gets the
@@ -694,7 +824,7 @@ impl Session {
                 let dag = room.dag();
                 let d_est = (dag.len() as u64).abs_diff(nodes);
                 let offers = |cap: &str| caps.iter().any(|c| c == cap);
-                let diff = if !vv.is_empty() || nodes == 0 {
+                let diff = if !vv.is_empty() || nodes == 0 || !self.scope.is_everything() {
                     CAP_DIFF_HEADS
                 } else if offers(CAP_DIFF_MST)
                     && (d_est >= self.config.mst_above || !offers(CAP_DIFF_IBF))
@@ -705,6 +835,24 @@ impl Session {
                 } else {
                     CAP_DIFF_HEADS
                 };
+                let mut missing =
+                    (diff == CAP_DIFF_HEADS).then(|| dag.missing_for_version_vector(&vv));
+                let mut server_vv = dag.version_vector();
+                if let Some(all) = missing.as_mut()
+                    && !self.scope.is_everything()
+                {
+                    // Only what touches the scope, with its ancestors; the
+                    // welcome's vv then says what the client will hold, so
+                    // it expects exactly that (and still uploads what the
+                    // server lacks: it is capped at the server's vv).
+                    *all = self.scope.select(room, all, &vv);
+                    self.note_sent(room, all);
+                    for (author, seq) in server_vv.iter_mut() {
+                        *seq = (*seq).min(self.peer_holds.get(author).copied().unwrap_or(0));
+                    }
+                    server_vv.retain(|_, seq| *seq > 0);
+                }
+                let dag = room.dag();
                 let welcome = Message::Welcome {
                     version: PROTOCOL_VERSION,
                     caps: vec![
@@ -713,7 +861,7 @@ impl Session {
                         CAP_DIFF_MST.to_owned(),
                     ],
                     heads: dag.heads(),
-                    vv: (diff == CAP_DIFF_HEADS).then(|| dag.version_vector()),
+                    vv: (diff == CAP_DIFF_HEADS).then_some(server_vv),
                     nodes: dag.len() as u64,
                     diff: diff.to_owned(),
                     limits: Limits {
@@ -722,7 +870,6 @@ impl Session {
                     },
                     peers: Vec::new(),
                 };
-                let missing = (diff == CAP_DIFF_HEADS).then(|| dag.missing_for_version_vector(&vv));
                 self.strategy = Some(diff);
                 self.send(now, env.corr, welcome);
                 self.state = State::Open;
@@ -735,6 +882,37 @@ impl Session {
                     self.send_symbols(now, room, (2 * d_est as usize).max(MIN_SYMBOL_BATCH));
                 }
                 // MST: the client asks first.
+            }
+            (Side::Server, State::Open, Message::Subscribe { patterns }) => {
+                let scope = match Scope::parse(&patterns) {
+                    Ok(scope) => scope,
+                    Err(e) => return self.close(now, Reason::Malformed, &e.to_string()),
+                };
+                // Send what the new scope adds, then confirm: the client
+                // knows it has everything once `subscribed` arrives.
+                let missing = room.dag().missing_for_version_vector(&self.peer_holds);
+                let chosen = scope.select(room, &missing, &self.peer_holds);
+                self.scope = scope;
+                self.note_sent(room, &chosen);
+                self.send_packs(now, room, &chosen, signer, Phase::Live);
+                self.send(now, env.corr, Message::Subscribed { patterns });
+            }
+            (Side::Client, State::Open, Message::Subscribed { patterns }) => {
+                self.events.push_back(Event::Subscribed { patterns });
+            }
+            (
+                Side::Server,
+                State::Open,
+                Message::MstRequest { .. }
+                | Message::MstDone { .. }
+                | Message::IbfMore { .. }
+                | Message::IbfDone { .. },
+            ) if !strategy_allows => {
+                self.close(
+                    now,
+                    Reason::Malformed,
+                    "reconciliation message for a strategy not chosen",
+                );
             }
             (Side::Server, State::Open, Message::MstRequest { ranges }) => {
                 let answers = mst::respond(room.id_tree(), &ranges);
@@ -817,6 +995,9 @@ impl Session {
                     Ok(received) => {
                         let nodes: Vec<NodeIdx> =
                             received.accepted.iter().map(|(i, _)| *i).collect();
+                        if self.side == Side::Server {
+                            self.note_sent(room, &nodes);
+                        }
                         // The correlation id alone acknowledges exactly the
                         // pack's nodes: with some waiting, or nodes of
                         // earlier packs released, the ack lists ids.
