@@ -22,12 +22,13 @@ use clap::{Parser, ValueEnum};
 use serde_json::json;
 use syncline_core::pack::DEFAULT_ZSTD_LEVEL;
 use syncline_core::proto::session::{Config as SessionConfig, Event as SessionEvent, Session};
-use syncline_core::recon::riblt::{CodedSymbol, Decoder, Key, Sketch};
 use syncline_core::{EntryKind, Keypair, NodeId, Room, RoomId};
 use syncline_store::{Batch, DurableRoom, SqliteOptions, SqliteStore, Store, StoredNode};
 
 /// automerge's saved document for the same trace, in bytes (the published
 /// figure the pack-size target is set against).
+mod recon;
+
 const AUTOMERGE_SAVED_BYTES: usize = 129_000;
 
 #[derive(Parser, Debug)]
@@ -54,7 +55,7 @@ enum Bench {
     Import,
     /// Durable commits per second against raw SQLite at several batch sizes.
     Durable,
-    /// Set reconciliation cost (RIBLT) at n = 10^6 per side.
+    /// Difference cost per strategy (heads, RIBLT, MST) at n = 10^6 per side.
     Recon,
     /// Sessions catching a replica up on a split of the trace history.
     Catchup,
@@ -397,84 +398,6 @@ fn bench_durable(args: &Args, report: &Report) -> Result<()> {
     Ok(())
 }
 
-/// A deterministic stream of distinct 16-byte keys (node-id prefixes are
-/// uniform, so where a difference sits in history does not matter to RIBLT).
-fn recon_key(i: u64) -> Key {
-    let mut k = [0u8; 16];
-    k.copy_from_slice(&blake3::hash(&i.to_le_bytes()).as_bytes()[..16]);
-    k
-}
-
-/// One RIBLT reconciliation as the protocol runs it: the server streams its
-/// maintained sketch's symbols in chunks of about d_est / 8 until the client
-/// reports the difference decoded (one streamed exchange: the symbols ride
-/// on `welcome` and what follows, `ibf-done` stops them). Returns (symbols
-/// sent, client decode time).
-fn riblt_round(server: &Sketch, client: &Sketch, d_est: usize) -> Result<(usize, Duration)> {
-    let mut decoder = Decoder::new();
-    let chunk = (d_est / 8).max(2);
-    let mut sent = 0usize;
-    let start = Instant::now();
-    while !decoder.is_decoded() {
-        let end = (sent + chunk).min(server.capacity());
-        anyhow::ensure!(end > sent, "difference beyond the sketch's capacity");
-        decoder.add_symbols(server.symbols(sent..end), client)?;
-        sent = end;
-    }
-    Ok((sent, start.elapsed()))
-}
-
-fn bench_recon(_args: &Args, report: &Report) -> Result<()> {
-    const CAPACITY: usize = 1 << 16;
-    for n in [100_000u64, 1_000_000] {
-        let mut base = Sketch::new(CAPACITY);
-        let start = Instant::now();
-        for i in 0..n {
-            base.add(&recon_key(i));
-        }
-        let maintain = start.elapsed().as_secs_f64() * 1e9 / n as f64;
-        for d in [1usize, 10, 100, 1_000, 10_000] {
-            // Mean over independent differences: small ones vary a lot.
-            let trials = (2_000 / d).clamp(3, 30);
-            let (mut symbols, mut decode) = (0usize, Duration::ZERO);
-            for t in 0..trials as u64 {
-                // Half the difference on each side.
-                let (mut server, mut client) = (base.clone(), base.clone());
-                for j in 0..d as u64 {
-                    let key = recon_key(n + t * d as u64 + j);
-                    if j % 2 == 0 {
-                        server.add(&key)
-                    } else {
-                        client.add(&key)
-                    }
-                }
-                let (s, took) = riblt_round(&server, &client, d)?;
-                symbols += s;
-                decode += took;
-            }
-            let symbols = symbols as f64 / trials as f64;
-            let decode = decode / trials as u32;
-            let bytes = symbols * CodedSymbol::WIRE_BYTES as f64;
-            let ratio = bytes / (d as f64 * 32.0);
-            report.emit(
-                "recon",
-                &[
-                    ("strategy", "diff/ibf@1 (RIBLT)".into()),
-                    ("n per side / d", format!("{n} / {d}")),
-                    ("mean symbols (per difference)", format!("{symbols:.1} ({:.2})", symbols / d as f64)),
-                    ("trials", trials.to_string()),
-                    ("bytes / (d x 32 B)", format!("{ratio:.2}")),
-                    ("round trips", "1 (streamed until ibf-done)".into()),
-                    ("client decode", format!("{:.3} ms", ms(decode))),
-                    ("sketch upkeep per node", format!("{maintain:.0} ns")),
-                ],
-                json!({"strategy": "ibf", "n": n, "d": d, "symbols": symbols, "bytes": bytes, "ratio": ratio, "round_trips": 1, "decode_ms": ms(decode), "maintain_ns_per_node": maintain}),
-            );
-        }
-    }
-    Ok(())
-}
-
 /// What one session run between two replicas cost.
 struct SessionRun {
     bytes_up: usize,
@@ -595,13 +518,13 @@ fn main() -> Result<()> {
         Bench::Trace => bench_trace(&args, &report),
         Bench::Import => bench_import(&args, &report),
         Bench::Durable => bench_durable(&args, &report),
-        Bench::Recon => bench_recon(&args, &report),
+        Bench::Recon => recon::bench_recon(&report),
         Bench::Catchup => bench_catchup(&args, &report),
         Bench::All => {
             bench_trace(&args, &report)?;
             bench_import(&args, &report)?;
             bench_durable(&args, &report)?;
-            bench_recon(&args, &report)?;
+            recon::bench_recon(&report)?;
             bench_catchup(&args, &report)
         }
     }

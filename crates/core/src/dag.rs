@@ -112,7 +112,7 @@ struct Meta {
 }
 
 /// The history of one room.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Dag {
     room: RoomId,
     metas: Vec<Meta>,
@@ -134,7 +134,7 @@ pub struct Dag {
     scratch_parents: Vec<NodeIdx>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Pending {
     /// Missing parent -> nodes waiting for it.
     waiting: IdMap<NodeId, Vec<VerifiedNode>>,
