@@ -7,15 +7,18 @@
 //! `SYNCLINE_SEEDS=N` sets how many seeds run (default 1,000);
 //! `SYNCLINE_SEED=S` replays one seed. A failure prints its replay command.
 
-use rand::seq::{IndexedRandom, SliceRandom};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use syncline_core::pack::DEFAULT_ZSTD_LEVEL;
-use syncline_core::{Doc, EntryKind, Keypair, Node, Room, RoomId, Value, VerifiedNode};
+use syncline_core::{Doc, Keypair, Node, Room, RoomId, VerifiedNode};
+use syncline_testkit::{Namespace, random_ops};
 
-const PATHS: &[&str] = &["/a", "/b", "/a/x", "/a/y", "/b/z", "/c", "/a/x/deep"];
-const FIELDS: &[&str] = &["title", "done", "size"];
-const TEXTS: &[&str] = &["/notes", "/a/x/body"];
+const NAMESPACE: Namespace = Namespace {
+    paths: &["/a", "/b", "/a/x", "/a/y", "/b/z", "/c", "/a/x/deep"],
+    texts: &["/notes", "/a/x/body"],
+    fields: &["title", "done", "size"],
+};
 
 struct Replica {
     key: Keypair,
@@ -37,63 +40,13 @@ impl Drop for SeedGuard {
     }
 }
 
-fn random_value(rng: &mut ChaCha8Rng) -> Value {
-    match rng.random_range(0..5) {
-        0 => Value::Int(rng.random_range(-5..5)),
-        1 => Value::Str(format!("s{}", rng.random_range(0..9))),
-        2 => Value::Bool(rng.random()),
-        3 => Value::Vector(syncline_core::Vector::quantize(&[
-            rng.random(),
-            rng.random(),
-        ])),
-        _ => Value::Null,
-    }
-}
-
-/// One random transaction of 1-3 operations. Errors (a path that does not
-/// exist here, a move into its own subtree) just skip that operation.
+/// One random transaction; returns how many operations it made (none if
+/// every one was skipped).
 fn random_txn(r: &mut Replica, rng: &mut ChaCha8Rng) -> usize {
     r.now += rng.random_range(0..3);
     let author = r.key.author();
     let mut tx = r.room.begin(author, r.now);
-    let ops = rng.random_range(1..=3);
-    for _ in 0..ops {
-        let path = *PATHS.choose(rng).unwrap();
-        let _ = match rng.random_range(0..100) {
-            0..25 => tx.set(path, FIELDS.choose(rng).unwrap(), random_value(rng)),
-            25..30 => tx.unset(path, FIELDS.choose(rng).unwrap()),
-            30..36 => tx.mv(path, PATHS.choose(rng).unwrap()),
-            36..40 => tx.delete(path),
-            40..45 => tx
-                .create_unique("/", "item", EntryKind::Map, Some(vec![rng.random()]))
-                .map(|_| ()),
-            45..80 => {
-                let text = *TEXTS.choose(rng).unwrap();
-                let len = tx
-                    .doc()
-                    .resolve(text)
-                    .map_or(0, |id| tx.doc().text_len(&id));
-                let pos = rng.random_range(0..=len);
-                let s: String = (0..rng.random_range(1..4))
-                    .map(|_| rng.random_range(b'a'..=b'z') as char)
-                    .collect();
-                tx.text_insert(text, pos, &s)
-            }
-            80..95 => {
-                let text = *TEXTS.choose(rng).unwrap();
-                let len = tx
-                    .doc()
-                    .resolve(text)
-                    .map_or(0, |id| tx.doc().text_len(&id));
-                if len == 0 {
-                    continue;
-                }
-                let pos = rng.random_range(0..len);
-                tx.text_delete(text, pos, rng.random_range(1..=(len - pos).min(4)))
-            }
-            _ => tx.ensure(path, EntryKind::Map).map(|_| ()),
-        };
-    }
+    let ops = random_ops(&mut tx, rng, &NAMESPACE);
     tx.commit().unwrap().map_or(0, |_| ops)
 }
 

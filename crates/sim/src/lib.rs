@@ -8,7 +8,6 @@
 //! `0..1000`; `--seed N` replays one. See `world` for what a run does and
 //! checks.
 
-mod edits;
 mod net;
 mod world;
 

@@ -87,19 +87,16 @@ fn report(outcomes: &[(Outcome, Option<[u8; 32]>)], verbose: bool) -> std::proce
                 o.faults
             );
         }
-        if let Err(why) = &o.result {
+        let failure = match (&o.result, mismatch) {
+            (Err(why), _) => Some(why.as_str()),
+            (Ok(()), true) => Some("a replay gave a different trace hash (nondeterminism)"),
+            (Ok(()), false) => None,
+        };
+        if let Some(why) = failure {
             failed += 1;
             let _ = writeln!(
                 out,
                 "seed {} FAILED: {why}\n  replay: {}",
-                o.seed,
-                replay_command(o.seed)
-            );
-        } else if mismatch {
-            failed += 1;
-            let _ = writeln!(
-                out,
-                "seed {} FAILED: a replay gave a different trace hash (nondeterminism)\n  replay: {}",
                 o.seed,
                 replay_command(o.seed)
             );

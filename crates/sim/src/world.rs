@@ -23,9 +23,26 @@ use syncline_core::proto::scope::Scope;
 use syncline_core::proto::session::{CAP_DIFF_IBF, CAP_DIFF_MST, Config, Event, Session};
 use syncline_core::{Keypair, NodeId, NodeIdx, RoomId};
 use syncline_store::{DurableRoom, FaultPlan, FaultyStore, ReplicaError, Store};
+use syncline_testkit::{Namespace, random_ops};
 
-use crate::edits::random_ops;
 use crate::net::{Direction, FaultCounts, Network, Weather};
+
+/// Where random edits go; `/projects/alpha` is what scoped clients
+/// subscribe to.
+const NAMESPACE: Namespace = Namespace {
+    paths: &[
+        "/a",
+        "/a/b",
+        "/a/b/c",
+        "/d",
+        "/d/e",
+        "/projects/alpha",
+        "/projects/beta",
+        "/projects/alpha/notes",
+    ],
+    texts: &["/t1", "/projects/alpha/doc"],
+    fields: &["x", "y", "title"],
+};
 
 /// Wall-clock origin of the virtual clock (2026-01-01), so HLC times look
 /// real.
@@ -564,7 +581,10 @@ impl World {
             return Ok(()); // Crashed.
         };
         let rng = &mut self.rng;
-        match room.transact(EPOCH_MS + now + client.skew_ms, |tx| random_ops(tx, rng)) {
+        match room.transact(EPOCH_MS + now + client.skew_ms, |tx| {
+            random_ops(tx, rng, &NAMESPACE);
+            Ok(())
+        }) {
             Ok(Some(committed)) => {
                 client.committed.push(committed.id);
                 self.trace.update(committed.id.0.as_slice());

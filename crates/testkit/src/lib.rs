@@ -1,26 +1,25 @@
-//! Random edits of every kind a transaction can make: fields, by-path and
-//! unique creates, moves, deletes and text, on a small namespace so that
+//! Random edits of every kind a transaction can make (fields, by-path and
+//! unique creates, moves, deletes, text), shared by the convergence tests
+//! and the simulator. Edits stay within a small [`Namespace`] so that
 //! concurrent edits collide often.
 
+use rand::Rng;
 use rand::seq::IndexedRandom;
-use rand::{Rng, RngCore};
-use syncline_core::room::TxnError;
 use syncline_core::{EntryKind, Transaction, Value};
 
-const PATHS: [&str; 8] = [
-    "/a",
-    "/a/b",
-    "/a/b/c",
-    "/d",
-    "/d/e",
-    "/projects/alpha",
-    "/projects/beta",
-    "/projects/alpha/notes",
-];
-const TEXTS: [&str; 2] = ["/t1", "/projects/alpha/doc"];
-const FIELDS: [&str; 3] = ["x", "y", "title"];
+/// The paths, text entries and field names random edits use.
+#[derive(Clone, Copy, Debug)]
+pub struct Namespace {
+    /// Map entries to set, move, delete and create.
+    pub paths: &'static [&'static str],
+    /// Text entries.
+    pub texts: &'static [&'static str],
+    /// Field names.
+    pub fields: &'static [&'static str],
+}
 
-fn random_value(rng: &mut dyn RngCore) -> Value {
+/// A random small value of every kind a field commonly holds.
+pub fn random_value<R: Rng + ?Sized>(rng: &mut R) -> Value {
     match rng.random_range(0..5) {
         0 => Value::Int(rng.random_range(-5..5)),
         1 => Value::Str(format!("s{}", rng.random_range(0..9))),
@@ -33,26 +32,30 @@ fn random_value(rng: &mut dyn RngCore) -> Value {
     }
 }
 
-/// Makes one to three random operations in `tx`. An operation that does
-/// not apply here (a path that does not exist, a move into its own
-/// subtree) is skipped, as an app would report and move on.
-pub(crate) fn random_ops(tx: &mut Transaction<'_>, rng: &mut dyn RngCore) -> Result<(), TxnError> {
-    for _ in 0..rng.random_range(1..=3) {
-        let path = *PATHS.choose(rng).expect("not empty");
+fn pick<R: Rng + ?Sized>(rng: &mut R, from: &[&'static str]) -> &'static str {
+    from.choose(rng)
+        .copied()
+        .expect("a namespace lists at least one of each")
+}
+
+/// Makes one to three random operations in `tx` and returns how many it
+/// tried. An operation that does not apply here (a path that does not
+/// exist, a move into its own subtree) is skipped, as an app would report
+/// and move on.
+pub fn random_ops<R: Rng + ?Sized>(tx: &mut Transaction<'_>, rng: &mut R, ns: &Namespace) -> usize {
+    let ops = rng.random_range(1..=3);
+    for _ in 0..ops {
+        let path = pick(rng, ns.paths);
         let _skipped = match rng.random_range(0..100) {
-            0..25 => tx.set(
-                path,
-                FIELDS.choose(rng).expect("not empty"),
-                random_value(rng),
-            ),
-            25..30 => tx.unset(path, FIELDS.choose(rng).expect("not empty")),
-            30..36 => tx.mv(path, PATHS.choose(rng).expect("not empty")),
+            0..25 => tx.set(path, pick(rng, ns.fields), random_value(rng)),
+            25..30 => tx.unset(path, pick(rng, ns.fields)),
+            30..36 => tx.mv(path, pick(rng, ns.paths)),
             36..40 => tx.delete(path),
             40..45 => tx
                 .create_unique("/", "item", EntryKind::Map, Some(vec![rng.random()]))
                 .map(|_| ()),
             45..80 => {
-                let text = *TEXTS.choose(rng).expect("not empty");
+                let text = pick(rng, ns.texts);
                 let len = tx
                     .doc()
                     .resolve(text)
@@ -64,7 +67,7 @@ pub(crate) fn random_ops(tx: &mut Transaction<'_>, rng: &mut dyn RngCore) -> Res
                 tx.text_insert(text, pos, &s)
             }
             80..95 => {
-                let text = *TEXTS.choose(rng).expect("not empty");
+                let text = pick(rng, ns.texts);
                 let len = tx
                     .doc()
                     .resolve(text)
@@ -78,5 +81,5 @@ pub(crate) fn random_ops(tx: &mut Transaction<'_>, rng: &mut dyn RngCore) -> Res
             _ => tx.ensure(path, EntryKind::Map).map(|_| ()),
         };
     }
-    Ok(())
+    ops
 }
