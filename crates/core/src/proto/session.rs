@@ -172,6 +172,9 @@ pub struct Session {
     caught_up: bool,
     /// The difference capability chosen at the handshake.
     strategy: Option<&'static str>,
+    /// Nodes sent in packs so far, and of those in catch-up packs.
+    nodes_sent: u64,
+    catchup_sent: u64,
     /// Server: what the client subscribed to. Client: a scope to ask for
     /// once the handshake completes.
     scope: Scope,
@@ -268,6 +271,8 @@ impl Session {
             caught_up: false,
             catchup_progress: None,
             strategy: None,
+            nodes_sent: 0,
+            catchup_sent: 0,
             scope: Scope::everything(),
             pending_subscribe: None,
             peer_holds: VersionVector::new(),
@@ -307,6 +312,11 @@ impl Session {
             ),
             State::Closed => {}
         }
+    }
+
+    /// Nodes sent in packs so far (`(all, in catch-up packs)`).
+    pub fn nodes_sent(&self) -> (u64, u64) {
+        (self.nodes_sent, self.catchup_sent)
     }
 
     /// Whether the session has ended.
@@ -541,6 +551,10 @@ impl Session {
             let corr = self.next_corr;
             self.next_corr += 1;
             self.in_flight.insert(corr, (now, rest[..take].to_vec()));
+            self.nodes_sent += take as u64;
+            if phase == Phase::Catchup {
+                self.catchup_sent += take as u64;
+            }
             rest = &rest[take..];
             let checksum = *blake3::hash(&pack).as_bytes();
             let last = rest.is_empty();
@@ -722,6 +736,23 @@ impl Session {
             }
             Err(e) => return self.close(now, Reason::Malformed, &e.to_string()),
         };
+        self.handle_envelope(now, env, room, signer);
+    }
+
+    /// Handles one envelope the driver already decoded from a frame of at
+    /// most `max_frame` bytes (a server decodes each frame once to route it
+    /// by session id, then hands it here).
+    pub fn handle_envelope(
+        &mut self,
+        now: u64,
+        env: Envelope,
+        room: &mut Room,
+        signer: Option<&Keypair>,
+    ) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.last_received = now;
         if env.version != PROTOCOL_VERSION {
             return self.close(now, Reason::VersionMismatch, "unsupported protocol version");
         }

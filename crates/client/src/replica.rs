@@ -1,0 +1,405 @@
+//! The local replica: a directory with a durable store and an identity, and
+//! the rooms opened from it. Every write is durable before it returns;
+//! reads see the materialized document.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use syncline_core::dag::NodeIdx;
+use syncline_core::doc::{Conflict, PathError};
+use syncline_core::proto::session::Session;
+use syncline_core::room::TxnError;
+use syncline_core::{EntryKind, Node, NodeId, RoomId, Transaction, Value};
+use syncline_store::{DurableRoom, ReplicaError, SqliteOptions, SqliteStore, Store, StoreError};
+use thiserror::Error;
+use tokio::sync::Notify;
+
+/// Why an SDK call failed.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The replica directory could not be created or read.
+    #[error("replica directory {dir}: {source}")]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Storage failed; nothing of the call was made durable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A replica operation failed.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    /// A transaction step was refused.
+    #[error(transparent)]
+    Txn(#[from] TxnError),
+    /// A path that does not resolve or is malformed.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// A room name that is not a valid room id.
+    #[error("invalid room name {0:?}: use 1-128 bytes of letters, digits, '-', '_', '.', '/'")]
+    RoomName(String),
+    /// The server did not acknowledge everything in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// No server could be reached or a URL is unusable.
+    #[error("sync: {0}")]
+    Sync(String),
+}
+
+/// Where a change came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A transaction on this replica.
+    Local,
+    /// Nodes received from the server.
+    Remote,
+}
+
+/// A change to a room: which paths it touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The room.
+    pub room: String,
+    /// Local or remote.
+    pub origin: Origin,
+    /// Paths of the entries changed (deduplicated, sorted).
+    pub paths: Vec<String>,
+    /// Nodes this change consists of.
+    pub nodes: usize,
+}
+
+/// One child entry as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Its name.
+    pub name: String,
+    /// Its full path.
+    pub path: String,
+    /// What it holds.
+    pub kind: EntryKind,
+}
+
+/// Milliseconds on a process-wide monotonic clock: the time sessions run
+/// on (the sync engine and local commits share it).
+pub(crate) fn session_now() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Wall-clock milliseconds, for the hybrid logical clock of new nodes.
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A replica: one directory, one identity, many rooms.
+#[derive(Clone)]
+pub struct Replica {
+    inner: Arc<ReplicaInner>,
+}
+
+struct ReplicaInner {
+    dir: PathBuf,
+    store: Arc<dyn Store>,
+    key: syncline_core::Keypair,
+    rooms: Mutex<HashMap<RoomId, Room>>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("dir", &self.inner.dir)
+            .field("author", &self.inner.key.author())
+            .finish()
+    }
+}
+
+impl Replica {
+    /// Opens (creating if needed) the replica in directory `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Replica, Error> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Dir {
+            dir: dir.clone(),
+            source,
+        })?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
+            &dir.join("replica.db"),
+            SqliteOptions::default(),
+        )?);
+        let key = syncline_store::Replica::open(store.clone(), os_seed)?
+            .key()
+            .clone();
+        Ok(Replica {
+            inner: Arc::new(ReplicaInner {
+                dir,
+                store,
+                key,
+                rooms: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The replica's author id (hex), which signs its nodes.
+    pub fn author(&self) -> String {
+        self.inner.key.author().to_string()
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Rooms with any stored history.
+    pub fn stored_rooms(&self) -> Result<Vec<String>, Error> {
+        Ok(self
+            .inner
+            .store
+            .rooms()?
+            .iter()
+            .map(|r| r.as_str().to_owned())
+            .collect())
+    }
+
+    /// Opens room `name` (loading its history; empty if new). Handles to
+    /// one room share its state.
+    pub fn room(&self, name: &str) -> Result<Room, Error> {
+        let id = RoomId::new(name).map_err(|_| Error::RoomName(name.to_owned()))?;
+        let mut rooms = self.inner.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(room) = rooms.get(&id) {
+            return Ok(room.clone());
+        }
+        let durable = DurableRoom::load(self.inner.store.clone(), self.inner.key.clone(), &id)?;
+        let room = Room {
+            shared: Arc::new(RoomShared {
+                id: id.clone(),
+                state: Mutex::new(RoomState {
+                    durable,
+                    session: None,
+                }),
+                listeners: Mutex::new(Vec::new()),
+                wake: Mutex::new(None),
+            }),
+        };
+        rooms.insert(id, room.clone());
+        Ok(room)
+    }
+}
+
+/// A fresh identity seed from the OS.
+fn os_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).expect("the OS random number generator is available");
+    seed
+}
+
+/// A room of a replica. Cheap to clone; clones share the room.
+#[derive(Clone)]
+pub struct Room {
+    pub(crate) shared: Arc<RoomShared>,
+}
+
+impl std::fmt::Debug for Room {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Room").field("id", &self.shared.id).finish()
+    }
+}
+
+pub(crate) struct RoomShared {
+    pub(crate) id: RoomId,
+    pub(crate) state: Mutex<RoomState>,
+    listeners: Mutex<Vec<Sender<Change>>>,
+    /// Wakes the sync engine when a local commit queued frames.
+    pub(crate) wake: Mutex<Option<Arc<Notify>>>,
+}
+
+/// A room's durable state and, while connected, its sync session.
+pub(crate) struct RoomState {
+    pub(crate) durable: DurableRoom,
+    pub(crate) session: Option<Session>,
+}
+
+impl RoomShared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, RoomState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells every listener about a change.
+    pub(crate) fn notify(&self, origin: Origin, paths: Vec<String>, nodes: usize) {
+        let change = Change {
+            room: self.id.as_str().to_owned(),
+            origin,
+            paths,
+            nodes,
+        };
+        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        listeners.retain(|l| l.send(change.clone()).is_ok());
+    }
+}
+
+/// The paths nodes `nodes` of `room` touched.
+pub(crate) fn touched_paths(room: &syncline_core::Room, nodes: &[NodeIdx]) -> Vec<String> {
+    let mut paths: Vec<String> = Vec::new();
+    for &idx in nodes {
+        let Ok(node) = Node::decode(room.dag().bytes(idx)) else {
+            continue;
+        };
+        for (i, op) in node.ops.iter().enumerate() {
+            for names in room.doc().touched_paths(room.dag(), idx, i as u32, op) {
+                paths.push(format!("/{}", names.join("/")));
+            }
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+impl Room {
+    /// The room's name.
+    pub fn name(&self) -> &str {
+        self.shared.id.as_str()
+    }
+
+    /// Runs `edit` as one transaction, durable when this returns, and sends
+    /// it to the server if connected. Returns the new node's id (`None` if
+    /// `edit` changed nothing).
+    pub fn transact(
+        &self,
+        edit: impl FnOnce(&mut Transaction<'_>) -> Result<(), TxnError>,
+    ) -> Result<Option<String>, Error> {
+        let (committed, paths) = {
+            let mut state = self.shared.lock();
+            let Some(committed) = state.durable.transact(wall_ms(), edit)? else {
+                return Ok(None);
+            };
+            let RoomState { durable, session } = &mut *state;
+            if let Some(session) = session.as_mut() {
+                durable.with_room(|r, key| {
+                    session.send_nodes(session_now(), r, &[committed.idx], Some(key));
+                })?;
+            }
+            let paths = touched_paths(durable.room(), &[committed.idx]);
+            (committed, paths)
+        };
+        if let Some(wake) = self
+            .shared
+            .wake
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            wake.notify_one();
+        }
+        self.shared.notify(Origin::Local, paths, 1);
+        Ok(Some(committed.id.to_string()))
+    }
+
+    /// A stream of this room's changes, local and remote, from now on.
+    pub fn changes(&self) -> Receiver<Change> {
+        let (tx, rx) = channel();
+        self.shared
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&syncline_core::Room) -> T) -> T {
+        f(self.shared.lock().durable.room())
+    }
+
+    /// The value of `field` of the entry at `path`.
+    pub fn get(&self, path: &str, field: &str) -> Result<Option<Value>, Error> {
+        self.read(|r| {
+            let id = r.doc().resolve(path)?;
+            Ok(r.doc().field(&id, field).cloned())
+        })
+    }
+
+    /// Every field of the entry at `path`.
+    pub fn fields(&self, path: &str) -> Result<BTreeMap<String, Value>, Error> {
+        self.read(|r| {
+            let id = r.doc().resolve(path)?;
+            Ok(r.doc()
+                .fields(&id)
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.clone()))
+                .collect())
+        })
+    }
+
+    /// The children of the entry at `path`, in display order.
+    pub fn list(&self, path: &str) -> Result<Vec<Entry>, Error> {
+        self.read(|r| {
+            let id = r.doc().resolve(path)?;
+            let base = path.trim_end_matches('/');
+            Ok(r.doc()
+                .children(&id)
+                .into_iter()
+                .map(|c| Entry {
+                    path: format!("{base}/{}", c.name),
+                    name: c.name,
+                    kind: c.kind,
+                })
+                .collect())
+        })
+    }
+
+    /// The text of the text entry at `path`.
+    pub fn text(&self, path: &str) -> Result<String, Error> {
+        self.read(|r| {
+            let id = r.doc().resolve(path)?;
+            Ok(r.doc().text(&id))
+        })
+    }
+
+    /// Conflicts at and below `path`.
+    pub fn conflicts(&self, path: &str) -> Result<Vec<Conflict>, Error> {
+        self.read(|r| Ok(r.doc().conflicts(r.dag(), path)?))
+    }
+
+    /// The whole visible state as a value (see `Doc::export`).
+    pub fn export(&self) -> Value {
+        self.read(|r| r.doc().export())
+    }
+
+    /// The canonical state hash (equal on replicas with equal histories).
+    pub fn state_hash(&self) -> [u8; 32] {
+        self.read(syncline_core::Room::state_hash)
+    }
+
+    /// Nodes in the room's history.
+    pub fn node_count(&self) -> usize {
+        self.read(|r| r.dag().len())
+    }
+
+    /// The history in causal order: (node id, author, seq, wall ms).
+    pub fn log(&self) -> Vec<(NodeId, String, u64, u64)> {
+        self.read(|r| {
+            let dag = r.dag();
+            dag.causal_order()
+                .into_iter()
+                .map(|i| {
+                    (
+                        *dag.id(i),
+                        dag.author(i).to_string(),
+                        dag.seq(i),
+                        dag.hlc(i).wall_ms,
+                    )
+                })
+                .collect()
+        })
+    }
+
+    /// Local nodes the server has not acknowledged as durable.
+    pub fn unacknowledged(&self) -> Result<usize, Error> {
+        Ok(self.shared.lock().durable.outbox()?.len())
+    }
+}

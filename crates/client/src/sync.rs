@@ -1,0 +1,435 @@
+//! Background sync: one WebSocket to a relay carrying one session per room,
+//! driven by a thread with its own tokio runtime.
+//!
+//! The engine tries the endpoints in priority order; when a connection
+//! fails or ends it waits (exponential backoff with jitter, reset by a
+//! successful handshake) and starts again with a fresh handshake and
+//! difference per room, so whatever was missed is caught up. Incoming
+//! nodes are persisted before they are acknowledged (`with_room`), and
+//! local commits reach the session directly from [`Room::transact`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use syncline_core::proto::message::Envelope;
+use syncline_core::proto::session::{Config as SessionConfig, Event, Session};
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tracing::{debug, info};
+
+use crate::replica::{Error, Origin, Replica, Room, session_now, touched_paths};
+
+/// How to sync.
+#[derive(Clone, Debug)]
+pub struct SyncOptions {
+    /// WebSocket URLs of relays (`ws://host:port/ws`), tried in this order.
+    pub endpoints: Vec<String>,
+    /// First delay after a failure; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest delay between attempts.
+    pub max_backoff: Duration,
+    /// Session timers and sizes.
+    pub session: SessionConfig,
+}
+
+impl SyncOptions {
+    /// Defaults for `endpoints`.
+    pub fn new(endpoints: &[&str]) -> SyncOptions {
+        SyncOptions {
+            endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            session: SessionConfig::default(),
+        }
+    }
+}
+
+/// What the sync engine is doing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Connected, with every room's handshake done.
+    pub connected: bool,
+    /// The endpoint in use (or last tried).
+    pub endpoint: Option<String>,
+    /// Every room has everything the server had at its handshake.
+    pub caught_up: bool,
+    /// Local nodes not yet acknowledged as durable by the server.
+    pub unacknowledged: usize,
+    /// When the server last acknowledged nodes as durable.
+    pub last_ack: Option<SystemTime>,
+    /// Why the last connection attempt or connection failed.
+    pub last_error: Option<String>,
+}
+
+struct Shared {
+    rooms: Vec<Room>,
+    options: SyncOptions,
+    status: Mutex<Status>,
+    wake: Arc<Notify>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running sync; stops when dropped.
+pub struct Sync {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Sync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sync")
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl Replica {
+    /// Syncs `rooms` with the relay at `endpoints` (tried in order) in the
+    /// background.
+    pub fn connect(&self, endpoints: &[&str], rooms: &[&str]) -> Result<Sync, Error> {
+        self.connect_with(SyncOptions::new(endpoints), rooms)
+    }
+
+    /// [`Replica::connect`] with explicit options.
+    pub fn connect_with(&self, options: SyncOptions, rooms: &[&str]) -> Result<Sync, Error> {
+        if options.endpoints.is_empty() {
+            return Err(Error::Sync("no endpoint given".into()));
+        }
+        let rooms = rooms
+            .iter()
+            .map(|r| self.room(r))
+            .collect::<Result<Vec<Room>, Error>>()?;
+        let wake = Arc::new(Notify::new());
+        for room in &rooms {
+            *room.shared.wake.lock().unwrap_or_else(|p| p.into_inner()) = Some(wake.clone());
+        }
+        let shared = Arc::new(Shared {
+            rooms,
+            options,
+            status: Mutex::new(Status::default()),
+            wake,
+            stop: AtomicBool::new(false),
+        });
+        let engine = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("syncline sync".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a tokio runtime");
+                runtime.block_on(run(engine));
+            })
+            .map_err(|e| Error::Sync(format!("cannot start the sync thread: {e}")))?;
+        Ok(Sync {
+            shared,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Sync {
+    /// The engine's status now.
+    pub fn status(&self) -> Status {
+        let mut status = self.shared.status().clone();
+        status.unacknowledged = self
+            .shared
+            .rooms
+            .iter()
+            .map(|r| r.unacknowledged().unwrap_or(0))
+            .sum();
+        status
+    }
+
+    /// Waits until every local node of the synced rooms is acknowledged as
+    /// durable by the server, and every room has caught up.
+    pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if status.connected && status.caught_up && status.unacknowledged == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let why = match (&status.last_error, status.connected) {
+                    (_, true) => {
+                        format!("{} local nodes still unacknowledged", status.unacknowledged)
+                    }
+                    (Some(e), false) => format!("not connected: {e}"),
+                    (None, false) => "not connected yet".to_owned(),
+                };
+                return Err(Error::Timeout(why));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops syncing (also done on drop).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for room in &self.shared.rooms {
+            *room.shared.wake.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            room.shared.lock().session = None;
+        }
+    }
+}
+
+impl Drop for Sync {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Connects, syncs until the connection ends, backs off, and again, until
+/// stopped.
+async fn run(shared: Arc<Shared>) {
+    let mut failures: u32 = 0;
+    while !shared.stop.load(Ordering::SeqCst) {
+        for endpoint in &shared.options.endpoints {
+            shared.status().endpoint = Some(endpoint.clone());
+            match tokio_tungstenite::connect_async(endpoint.as_str()).await {
+                Ok((ws, _)) => {
+                    info!(endpoint, "connected");
+                    let result = connection(&shared, ws).await;
+                    close_sessions(&shared);
+                    let mut status = shared.status();
+                    status.connected = false;
+                    status.caught_up = false;
+                    match result {
+                        Ok(handshaken) => {
+                            if handshaken {
+                                failures = 0;
+                            }
+                        }
+                        Err(e) => {
+                            debug!(endpoint, error = %e, "connection ended");
+                            status.last_error = Some(e);
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    shared.status().last_error = Some(format!("{endpoint}: {e}"));
+                }
+            }
+            if shared.stop.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        // Exponential backoff with full jitter over the upper half.
+        let base = shared.options.min_backoff.as_millis() as u64;
+        let cap = shared.options.max_backoff.as_millis() as u64;
+        let ceiling = base.saturating_mul(1 << failures.min(16)).min(cap).max(1);
+        let delay = rand::rng().random_range(ceiling / 2..=ceiling);
+        failures = failures.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(delay)) => {}
+            () = shared.wake.notified() => {}
+        }
+    }
+}
+
+fn close_sessions(shared: &Shared) {
+    for room in &shared.rooms {
+        room.shared.lock().session = None;
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Runs one connection: a session per room. Returns whether every room's
+/// handshake completed, or why it ended badly.
+async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
+    let (mut sink, mut stream) = ws.split();
+    let now = session_now();
+    for (i, room) in shared.rooms.iter().enumerate() {
+        let mut state = room.shared.lock();
+        let config = shared.options.session.clone();
+        let session = state
+            .durable
+            .with_room(|r, key| Session::client(now, i as u64 + 1, r, key, config))
+            .map_err(|e| e.to_string())?;
+        state.session = Some(session);
+    }
+    let mut connected = vec![false; shared.rooms.len()];
+    let mut caught_up = vec![false; shared.rooms.len()];
+    loop {
+        // Events first (they may queue frames), then frames out.
+        for (i, room) in shared.rooms.iter().enumerate() {
+            let ended = handle_events(shared, room, &mut connected[i], &mut caught_up[i])?;
+            if let Some(why) = ended {
+                return Err(why);
+            }
+        }
+        {
+            let mut status = shared.status();
+            status.connected = connected.iter().all(|c| *c);
+            status.caught_up = caught_up.iter().all(|c| *c);
+        }
+        let mut frames = Vec::new();
+        for room in &shared.rooms {
+            if let Some(session) = room.shared.lock().session.as_mut() {
+                frames.extend(std::iter::from_fn(|| session.poll_transmit()));
+            }
+        }
+        for frame in frames {
+            sink.send(WsMessage::Binary(frame.into()))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if shared.stop.load(Ordering::SeqCst) {
+            let _ = sink.close().await;
+            return Ok(connected.iter().all(|c| *c));
+        }
+        let next_timer = shared
+            .rooms
+            .iter()
+            .filter_map(|r| r.shared.lock().session.as_ref()?.poll_timeout())
+            .min();
+        let sleep = next_timer.map_or(Duration::from_secs(1), |t| {
+            Duration::from_millis(t.saturating_sub(session_now()))
+        });
+        tokio::select! {
+            message = stream.next() => {
+                let Some(message) = message else {
+                    return Err("the server closed the connection".into());
+                };
+                match message.map_err(|e| e.to_string())? {
+                    WsMessage::Binary(bytes) => deliver(shared, &bytes),
+                    WsMessage::Close(frame) => {
+                        let why = frame.map_or_else(String::new, |f| f.reason.to_string());
+                        return Err(format!("the server closed the connection: {why}"));
+                    }
+                    _ => {}
+                }
+            }
+            () = shared.wake.notified() => {}
+            () = tokio::time::sleep(sleep) => {
+                let now = session_now();
+                for room in &shared.rooms {
+                    if let Some(session) = room.shared.lock().session.as_mut()
+                        && session.poll_timeout().is_some_and(|t| t <= now)
+                    {
+                        session.handle_timeout(now);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hands one frame to its room's session, persisting what it inserted.
+fn deliver(shared: &Shared, bytes: &[u8]) {
+    let Ok(env) = Envelope::decode(bytes) else {
+        // Not attributable to a session: every session sees it and closes.
+        for room in &shared.rooms {
+            let mut state = room.shared.lock();
+            let crate::replica::RoomState { durable, session } = &mut *state;
+            if let Some(session) = session.as_mut() {
+                let _ = durable
+                    .with_room(|r, key| session.handle_input(session_now(), bytes, r, Some(key)));
+            }
+        }
+        return;
+    };
+    let Some(room) = (env.session as usize)
+        .checked_sub(1)
+        .and_then(|i| shared.rooms.get(i))
+    else {
+        return; // A session this connection never opened.
+    };
+    let inserted = {
+        let mut state = room.shared.lock();
+        let crate::replica::RoomState { durable, session } = &mut *state;
+        let Some(session) = session.as_mut() else {
+            return;
+        };
+        let first = durable.room().dag().next_idx();
+        let now = session_now();
+        if durable
+            .with_room(|r, key| session.handle_envelope(now, env, r, Some(key)))
+            .is_err()
+        {
+            // Storage failed: nothing may be acknowledged; end the session
+            // (the connection restarts and the handshake repairs it).
+            session.close(
+                now,
+                syncline_core::proto::message::Reason::Overloaded,
+                "local storage failed",
+            );
+            return;
+        }
+        let inserted: Vec<_> = (first..durable.room().dag().next_idx()).collect();
+        (!inserted.is_empty()).then(|| (touched_paths(durable.room(), &inserted), inserted.len()))
+    };
+    if let Some((paths, nodes)) = inserted {
+        room.shared.notify(Origin::Remote, paths, nodes);
+    }
+}
+
+/// Handles one room's session events. Returns `Some(reason)` when the
+/// session ended.
+fn handle_events(
+    shared: &Shared,
+    room: &Room,
+    connected: &mut bool,
+    caught_up: &mut bool,
+) -> Result<Option<String>, String> {
+    let mut state = room.shared.lock();
+    let crate::replica::RoomState { durable, session } = &mut *state;
+    let Some(session) = session.as_mut() else {
+        return Ok(Some("no session".into()));
+    };
+    let now = session_now();
+    while let Some(event) = session.poll_event() {
+        match event {
+            Event::Connected => *connected = true,
+            Event::CaughtUp => *caught_up = true,
+            // `deliver` persisted the nodes before this event was seen.
+            Event::Accepted { corr, .. } => session.acknowledge(now, corr, durable.room()),
+            Event::Acknowledged { nodes } => {
+                durable.acknowledge(&nodes).map_err(|e| e.to_string())?;
+                shared.status().last_ack = Some(SystemTime::now());
+            }
+            Event::ServerHolds { through_seq } => {
+                durable
+                    .acknowledge_through(through_seq)
+                    .map_err(|e| e.to_string())?;
+                shared.status().last_ack = Some(SystemTime::now());
+            }
+            Event::Closed {
+                reason, message, ..
+            } => {
+                return Ok(Some(format!(
+                    "session for room {} closed: {} ({message})",
+                    room.name(),
+                    reason.as_str()
+                )));
+            }
+            Event::Subscribed { .. } | Event::PeerError { .. } => {}
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,113 @@
+//! The SDK against a real relay on loopback (in-process server, real
+//! WebSocket): offline edits converge, several rooms share one connection,
+//! and flush waits for durable acknowledgement.
+
+use std::time::Duration;
+
+use syncline::{Origin, Replica};
+use syncline_relay::{Config, Server};
+
+/// Starts a relay on a free loopback port; returns its URL and the runtime
+/// keeping it alive.
+fn relay(dir: &std::path::Path) -> (String, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    let server = runtime.block_on(Server::bind(config)).unwrap();
+    let url = format!("ws://{}/ws", server.local_addr().unwrap());
+    runtime.spawn(server.run(std::future::pending()));
+    (url, runtime)
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn offline_edits_converge_through_the_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _runtime) = relay(&dir.path().join("relay"));
+    let replicas: Vec<Replica> = (0..3)
+        .map(|i| Replica::open(dir.path().join(format!("r{i}"))).unwrap())
+        .collect();
+    // Offline: concurrent edits of one room, and a second room.
+    for (i, r) in replicas.iter().enumerate() {
+        let room = r.room("doc").unwrap();
+        room.transact(|tx| tx.set("/shared", "by", format!("replica {i}").into()))
+            .unwrap();
+        room.transact(|tx| tx.set(&format!("/own/{i}"), "n", (i as i64).into()))
+            .unwrap();
+        room.transact(|tx| tx.text_insert("/notes", 0, &format!("[{i}]")))
+            .unwrap();
+        r.room("other")
+            .unwrap()
+            .transact(|tx| tx.set("/x", "v", (i as i64).into()))
+            .unwrap();
+    }
+    let syncs: Vec<_> = replicas
+        .iter()
+        .map(|r| r.connect(&[url.as_str()], &["doc", "other"]).unwrap())
+        .collect();
+    for s in &syncs {
+        s.flush(WAIT).unwrap();
+    }
+    // Everyone uploaded before anyone could have all: flush again until
+    // each has caught up with the others' uploads.
+    let expected = 3 * 3;
+    for r in &replicas {
+        let room = r.room("doc").unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        while room.node_count() < expected {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica did not receive all nodes"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let hashes: Vec<[u8; 32]> = replicas
+        .iter()
+        .map(|r| r.room("doc").unwrap().state_hash())
+        .collect();
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "doc diverged");
+    let other: Vec<usize> = replicas
+        .iter()
+        .map(|r| r.room("other").unwrap().node_count())
+        .collect();
+    assert_eq!(other, vec![3, 3, 3]);
+    let text = replicas[0].room("doc").unwrap().text("/notes").unwrap();
+    for i in 0..3 {
+        assert!(text.contains(&format!("[{i}]")), "{text}");
+    }
+    let status = syncs[0].status();
+    assert!(status.connected && status.unacknowledged == 0 && status.last_ack.is_some());
+}
+
+#[test]
+fn live_changes_arrive_as_remote_change_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _runtime) = relay(&dir.path().join("relay"));
+    let a = Replica::open(dir.path().join("a")).unwrap();
+    let b = Replica::open(dir.path().join("b")).unwrap();
+    let sa = a.connect(&[url.as_str()], &["live"]).unwrap();
+    let sb = b.connect(&[url.as_str()], &["live"]).unwrap();
+    sa.flush(WAIT).unwrap();
+    sb.flush(WAIT).unwrap();
+    let changes = b.room("live").unwrap().changes();
+    a.room("live")
+        .unwrap()
+        .transact(|tx| tx.set("/tasks/1", "title", "ship it".into()))
+        .unwrap();
+    let change = changes.recv_timeout(WAIT).unwrap();
+    assert_eq!(change.origin, Origin::Remote);
+    assert!(change.paths.contains(&"/tasks/1".to_owned()), "{change:?}");
+    assert_eq!(
+        b.room("live").unwrap().get("/tasks/1", "title").unwrap(),
+        Some("ship it".into())
+    );
+}

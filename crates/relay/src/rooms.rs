@@ -1,0 +1,427 @@
+//! Rooms as actors: each loaded room runs on its own thread, owns its
+//! durable history and the server sessions of every client in it, and is
+//! fed envelopes by the connections through a channel.
+//!
+//! Order of work for each envelope: the session handles it, every node it
+//! inserted is persisted (`DurableRoom::with_room`), and only then are acks
+//! sent and the inserted nodes relayed to the room's other sessions. A
+//! storage failure closes every session of the room with `overloaded` and
+//! unloads it: a failed write leaves the disk state unknown, so the room
+//! reloads from disk when next needed and nothing unpersisted is ever
+//! acknowledged.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use syncline_core::proto::message::{Envelope, Message, Reason};
+use syncline_core::proto::session::{Event, Session};
+use syncline_core::{Keypair, NodeIdx, RoomId};
+use syncline_store::{DurableRoom, Store};
+use tracing::{debug, info, info_span, warn};
+
+use crate::Config;
+use crate::conn::ConnHandle;
+use crate::telemetry;
+
+/// What a room actor is told.
+#[derive(Debug)]
+pub(crate) enum RoomInput {
+    /// An envelope for session `session` of connection `conn`.
+    Frame {
+        conn: u64,
+        session: u64,
+        env: Box<Envelope>,
+        out: ConnHandle,
+        received: Instant,
+    },
+    /// The connection is gone: drop its sessions.
+    Gone { conn: u64 },
+    /// Close every session with `shutting_down` and stop.
+    Shutdown,
+}
+
+/// A loaded room's inbox and thread.
+struct Loaded {
+    inbox: Sender<RoomInput>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Entry {
+    session: Session,
+    out: ConnHandle,
+    peer: Option<String>,
+}
+
+/// The loaded rooms.
+pub(crate) struct Rooms {
+    store: Arc<dyn Store>,
+    key: Keypair,
+    config: Config,
+    loaded: Mutex<HashMap<RoomId, Loaded>>,
+    epoch: Instant,
+}
+
+impl std::fmt::Debug for Rooms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rooms").finish_non_exhaustive()
+    }
+}
+
+impl Rooms {
+    pub(crate) fn new(store: Arc<dyn Store>, key: Keypair, config: Config) -> Arc<Rooms> {
+        Arc::new(Rooms {
+            store,
+            key,
+            config,
+            loaded: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<RoomId, Loaded>> {
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `input` to `room`'s actor, loading the room if needed.
+    pub(crate) fn send(self: &Arc<Self>, room: &RoomId, input: RoomInput) {
+        let mut loaded = self.lock();
+        let input = match loaded.get(room) {
+            Some(l) => match l.inbox.send(input) {
+                Ok(()) => return,
+                // The actor stopped (storage failure): load it afresh.
+                Err(mpsc::SendError(input)) => input,
+            },
+            None => input,
+        };
+        if matches!(input, RoomInput::Gone { .. } | RoomInput::Shutdown) {
+            return; // Nothing to tell an unloaded room.
+        }
+        let (tx, rx) = mpsc::channel();
+        let _ = tx.send(input);
+        let rooms = self.clone();
+        let id = room.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("room {}", room.as_str()))
+            .spawn(move || rooms.run_room(id, rx))
+            .expect("spawning a room thread");
+        loaded.insert(
+            room.clone(),
+            Loaded {
+                inbox: tx,
+                thread: Some(thread),
+            },
+        );
+        metrics::gauge!(telemetry::ROOMS_LOADED).set(loaded.len() as f64);
+    }
+
+    /// Tells every room to close its sessions and waits for them to stop.
+    pub(crate) fn shutdown(&self) {
+        let threads: Vec<JoinHandle<()>> = {
+            let mut loaded = self.lock();
+            loaded
+                .values_mut()
+                .filter_map(|l| {
+                    let _ = l.inbox.send(RoomInput::Shutdown);
+                    l.thread.take()
+                })
+                .collect()
+        };
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The actor: loads the room, then serves its inbox until shut down,
+    /// idle, or broken by a storage failure.
+    fn run_room(self: Arc<Self>, id: RoomId, inbox: Receiver<RoomInput>) {
+        let span = info_span!("room", room = %id.as_str());
+        let _enter = span.enter();
+        let mut actor = match DurableRoom::load(self.store.clone(), self.key.clone(), &id) {
+            Ok(room) => {
+                info!(nodes = room.room().dag().len(), "room loaded");
+                Actor {
+                    rooms: self.clone(),
+                    room,
+                    sessions: BTreeMap::new(),
+                    idle_since: Some(Instant::now()),
+                }
+            }
+            Err(e) => {
+                // Connections waiting on this room time out their
+                // handshakes and retry; the next input loads it again.
+                warn!(error = %e, "cannot load room");
+                self.remove(&id);
+                return;
+            }
+        };
+        loop {
+            let wait = actor.next_wake(self.now());
+            let input = match inbox.recv_timeout(wait) {
+                Ok(input) => Some(input),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let idle = actor
+                .idle_since
+                .is_some_and(|t| t.elapsed() >= self.config.room_idle);
+            let input = match (input, idle) {
+                (None, true) => match self.try_unload(&id, &inbox) {
+                    None => {
+                        info!("room unloaded (idle)");
+                        return;
+                    }
+                    Some(input) => Some(input),
+                },
+                (input, _) => input,
+            };
+            match input {
+                Some(RoomInput::Shutdown) => {
+                    actor.close_all(Reason::ShuttingDown, "the server is stopping");
+                    break;
+                }
+                Some(input) => {
+                    if let Err(e) = actor.handle(input) {
+                        warn!(error = %e, "storage failed: closing the room's sessions");
+                        actor.close_all(Reason::Overloaded, "storage failed; reconnect");
+                        break;
+                    }
+                }
+                None => actor.fire_timers(),
+            }
+        }
+        self.remove(&id);
+    }
+
+    fn remove(&self, id: &RoomId) {
+        let mut loaded = self.lock();
+        loaded.remove(id);
+        metrics::gauge!(telemetry::ROOMS_LOADED).set(loaded.len() as f64);
+    }
+
+    /// Removes the room from the loaded set, unless an input arrived (it
+    /// is returned, and the room stays loaded to handle it). Holding the
+    /// lock, no connection can send to this inbox meanwhile.
+    fn try_unload(&self, id: &RoomId, inbox: &Receiver<RoomInput>) -> Option<RoomInput> {
+        let mut loaded = self.lock();
+        if let Ok(input) = inbox.try_recv() {
+            return Some(input);
+        }
+        loaded.remove(id);
+        metrics::gauge!(telemetry::ROOMS_LOADED).set(loaded.len() as f64);
+        None
+    }
+}
+
+/// One loaded room and its sessions.
+struct Actor {
+    rooms: Arc<Rooms>,
+    room: DurableRoom,
+    sessions: BTreeMap<(u64, u64), Entry>,
+    /// When the last session left (`None` while any is open).
+    idle_since: Option<Instant>,
+}
+
+impl Actor {
+    fn next_wake(&self, now: u64) -> Duration {
+        let timer = self
+            .sessions
+            .values()
+            .filter_map(|e| e.session.poll_timeout())
+            .min()
+            .map_or(Duration::from_secs(1), |t| {
+                Duration::from_millis(t.saturating_sub(now))
+            });
+        timer.min(Duration::from_secs(1))
+    }
+
+    fn handle(&mut self, input: RoomInput) -> Result<(), syncline_store::ReplicaError> {
+        let now = self.rooms.now();
+        match input {
+            RoomInput::Frame {
+                conn,
+                session,
+                env,
+                out,
+                received,
+            } => {
+                let config = self.rooms.config.session.clone();
+                let room_id = self.room.room().id().clone();
+                let key = (conn, session);
+                if let Message::Hello { peer, .. } = &env.message {
+                    // A new session (or a fresh handshake on a session id
+                    // whose session ended).
+                    if self
+                        .sessions
+                        .get(&key)
+                        .is_none_or(|e| e.session.is_closed())
+                    {
+                        self.sessions.insert(
+                            key,
+                            Entry {
+                                session: Session::server(now, session, room_id, config),
+                                out: out.clone(),
+                                peer: Some(peer.to_string()),
+                            },
+                        );
+                        metrics::gauge!(telemetry::SESSIONS).increment(1.0);
+                        self.idle_since = None;
+                    }
+                }
+                let Some(entry) = self.sessions.get_mut(&key) else {
+                    // Not a session here: tell the client.
+                    let frame = Envelope {
+                        version: syncline_core::proto::message::PROTOCOL_VERSION,
+                        session,
+                        corr: 0,
+                        message: Message::Close {
+                            reason: Reason::Malformed,
+                            message: "no session: send hello first".into(),
+                        },
+                    }
+                    .encode();
+                    out.send(frame);
+                    return Ok(());
+                };
+                let first = self.room.room().dag().next_idx();
+                let session = &mut entry.session;
+                self.room
+                    .with_room(|r, _| session.handle_envelope(now, *env, r, None))?;
+                let inserted: Vec<NodeIdx> = (first..self.room.room().dag().next_idx()).collect();
+                if !inserted.is_empty() {
+                    metrics::counter!(telemetry::NODES_IN).increment(inserted.len() as u64);
+                    self.relay(key, &inserted);
+                }
+                self.after(now);
+                metrics::histogram!(telemetry::RELAY_SECONDS)
+                    .record(received.elapsed().as_secs_f64());
+            }
+            RoomInput::Gone { conn } => {
+                let gone: Vec<(u64, u64)> = self
+                    .sessions
+                    .keys()
+                    .filter(|(c, _)| *c == conn)
+                    .copied()
+                    .collect();
+                for key in gone {
+                    if let Some(e) = self.sessions.remove(&key) {
+                        end_session(&e, "disconnected");
+                    }
+                }
+                self.after(now);
+            }
+            RoomInput::Shutdown => {}
+        }
+        Ok(())
+    }
+
+    /// Relays `inserted` (durable now) to every session but `from`.
+    fn relay(&mut self, from: (u64, u64), inserted: &[NodeIdx]) {
+        let now = self.rooms.now();
+        for (key, entry) in &mut self.sessions {
+            if *key == from {
+                continue;
+            }
+            let session = &mut entry.session;
+            // Sending inserts nothing, so this writes nothing and cannot fail.
+            let _ = self
+                .room
+                .with_room(|r, _| session.send_nodes(now, r, inserted, None));
+        }
+    }
+
+    /// Handles every session's events, sends their frames, and drops the
+    /// sessions that ended.
+    fn after(&mut self, now: u64) {
+        let mut ended = Vec::new();
+        for (key, entry) in &mut self.sessions {
+            while let Some(event) = entry.session.poll_event() {
+                match event {
+                    Event::Accepted { corr, .. } => {
+                        entry.session.acknowledge(now, corr, self.room.room());
+                    }
+                    Event::Connected => {
+                        let strategy = entry.session.strategy().unwrap_or("none");
+                        metrics::counter!(telemetry::DIFF_STRATEGY, "strategy" => strategy)
+                            .increment(1);
+                        debug!(
+                            peer = entry.peer.as_deref().unwrap_or("?"),
+                            strategy, "session connected"
+                        );
+                    }
+                    Event::Closed {
+                        reason, message, ..
+                    } => {
+                        metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => reason.as_str().to_owned())
+                            .increment(1);
+                        debug!(
+                            peer = entry.peer.as_deref().unwrap_or("?"),
+                            reason = reason.as_str(),
+                            message,
+                            "session closed"
+                        );
+                        ended.push(*key);
+                    }
+                    _ => {}
+                }
+            }
+            let mut lagging = false;
+            while let Some(frame) = entry.session.poll_transmit() {
+                metrics::counter!(telemetry::BYTES_OUT).increment(frame.len() as u64);
+                if !entry.out.send(frame) {
+                    lagging = true;
+                    break;
+                }
+            }
+            if lagging {
+                // Its queue is full: the client reconnects and catches up.
+                entry.out.kill(Reason::Lagging);
+                metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => "lagging").increment(1);
+                ended.push(*key);
+            }
+        }
+        for key in ended {
+            if let Some(e) = self.sessions.remove(&key) {
+                end_session(&e, "ended");
+            }
+        }
+        if self.sessions.is_empty() && self.idle_since.is_none() {
+            self.idle_since = Some(Instant::now());
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = self.rooms.now();
+        for entry in self.sessions.values_mut() {
+            if entry.session.poll_timeout().is_some_and(|t| t <= now) {
+                entry.session.handle_timeout(now);
+            }
+        }
+        self.after(now);
+    }
+
+    fn close_all(&mut self, reason: Reason, message: &str) {
+        let now = self.rooms.now();
+        for entry in self.sessions.values_mut() {
+            entry.session.close(now, reason.clone(), message);
+        }
+        self.after(now);
+    }
+}
+
+/// Records a session's end in the metrics.
+fn end_session(entry: &Entry, why: &str) {
+    metrics::gauge!(telemetry::SESSIONS).decrement(1.0);
+    let (_, catchup) = entry.session.nodes_sent();
+    metrics::histogram!(telemetry::CATCHUP_NODES).record(catchup as f64);
+    debug!(
+        peer = entry.peer.as_deref().unwrap_or("?"),
+        why, "session removed"
+    );
+}
