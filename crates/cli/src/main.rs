@@ -1,1 +1,529 @@
-fn main() {}
+//! `syncline`: run a relay, edit the rooms of a local replica, and sync.
+//!
+//! Scriptable: every read takes `--json`; exit codes are stable (see
+//! [`Exit`]); errors say what to do. The replica is `--replica DIR` or
+//! `SYNCLINE_REPLICA` (default `./syncline-replica`).
+
+// Printing is this binary's job.
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use syncline::{Error, Replica, Room};
+use syncline_core::doc::PathError;
+use syncline_core::ids::to_hex;
+use syncline_core::{EntryKind, Value};
+
+mod demo;
+mod json;
+mod sync_cmd;
+
+use json::{conflict_json, from_json, to_json};
+
+/// Syncline: a local-first sync engine. Edit rooms of a local replica
+/// offline; sync them through a relay.
+#[derive(Debug, Parser)]
+#[command(name = "syncline", version, about)]
+struct Cli {
+    /// The replica directory.
+    #[arg(
+        long,
+        global = true,
+        env = "SYNCLINE_REPLICA",
+        default_value = "./syncline-replica"
+    )]
+    replica: PathBuf,
+    /// Print reads as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay server (embedded SQLite store).
+    Serve {
+        /// Where the server keeps its data.
+        #[arg(long, default_value = "./syncline-data")]
+        data: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        listen: std::net::SocketAddr,
+    },
+    /// Create the replica (if needed) and print its identity.
+    Init,
+    /// Set a field to a JSON value, creating the entry's path.
+    Set {
+        /// Room name.
+        room: String,
+        /// Entry path, e.g. /todo/1.
+        path: String,
+        /// Field name.
+        field: String,
+        /// The value, as JSON (strings need quotes: '"milk"').
+        value: String,
+    },
+    /// Print a field, or every field of an entry.
+    Get {
+        /// Room name.
+        room: String,
+        /// Entry path.
+        path: String,
+        /// One field (all if omitted).
+        field: Option<String>,
+    },
+    /// List the children of an entry.
+    Ls {
+        /// Room name.
+        room: String,
+        /// Entry path.
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Delete an entry and its subtree.
+    Rm {
+        /// Room name.
+        room: String,
+        /// Entry path.
+        path: String,
+    },
+    /// Move or rename an entry.
+    Mv {
+        /// Room name.
+        room: String,
+        /// Entry path.
+        path: String,
+        /// New path.
+        new_path: String,
+    },
+    /// Edit or print a collaborative text.
+    Text {
+        /// Room name.
+        room: String,
+        /// Text entry path.
+        path: String,
+        #[command(subcommand)]
+        action: TextAction,
+    },
+    /// List conflicts at and below a path.
+    Conflicts {
+        /// Room name.
+        room: String,
+        /// Entry path.
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Print the room's history, oldest first.
+    Log {
+        /// Room name.
+        room: String,
+    },
+    /// Print the room's state hash (hex): equal on replicas that converged.
+    Hash {
+        /// Room name.
+        room: String,
+    },
+    /// Print the whole visible state as JSON.
+    Export {
+        /// Room name.
+        room: String,
+    },
+    /// Sync rooms with a relay.
+    Sync {
+        /// Relay URL (ws://host:port/ws); repeat for fallbacks, tried in order.
+        #[arg(long, env = "SYNCLINE_SERVER", required = true)]
+        server: Vec<String>,
+        /// Rooms (default: every room of the replica).
+        rooms: Vec<String>,
+        /// Catch up, upload, wait until the server holds every local node
+        /// durably, then exit (the default).
+        #[arg(long, conflicts_with = "watch")]
+        once: bool,
+        /// Stay connected and keep syncing until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Give up after this many seconds (with --once).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Print live changes of a room (local and from a relay).
+    Watch {
+        /// Room name.
+        room: String,
+        /// Only paths matching this glob (e.g. /projects/alpha/**).
+        pattern: Option<String>,
+        /// Relay URL to sync with while watching.
+        #[arg(long, env = "SYNCLINE_SERVER")]
+        server: Vec<String>,
+    },
+    /// Print the replica's rooms, their sizes and unacknowledged nodes.
+    Status {
+        /// One room (default: all).
+        room: Option<String>,
+    },
+    /// Start a relay and three replicas in this process, edit one room
+    /// concurrently offline, reconnect, and show that they converge.
+    Demo,
+}
+
+#[derive(Debug, Subcommand)]
+enum TextAction {
+    /// Insert a string at a character position.
+    Insert {
+        /// Position (characters from the start).
+        pos: usize,
+        /// What to insert.
+        string: String,
+    },
+    /// Delete characters.
+    Delete {
+        /// Position (characters from the start).
+        pos: usize,
+        /// How many characters.
+        len: usize,
+    },
+    /// Print the text.
+    Cat,
+}
+
+/// Exit codes, stable for scripts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Exit {
+    /// Something else failed (the message says what).
+    Failure = 1,
+    /// Bad arguments (clap's own code too).
+    Usage = 2,
+    /// A path or field that does not exist.
+    NotFound = 3,
+    /// The server could not be reached or did not acknowledge in time.
+    Sync = 4,
+    /// Local storage failed or is locked by another process.
+    Storage = 5,
+}
+
+/// A command's failure: what to print and how to exit.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    pub(crate) exit: Exit,
+    pub(crate) message: String,
+}
+
+impl Failed {
+    pub(crate) fn new(exit: Exit, message: impl Into<String>) -> Failed {
+        Failed {
+            exit,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Failed {
+        let exit = match &e {
+            Error::Path(PathError::NotFound(_)) => Exit::NotFound,
+            Error::Path(_) | Error::RoomName(_) | Error::Txn(_) => Exit::Usage,
+            Error::Timeout(_) | Error::Sync(_) => Exit::Sync,
+            Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => Exit::Storage,
+        };
+        let hint = match exit {
+            Exit::Storage => " (is another syncline process using this replica? see --replica)",
+            Exit::Sync => " (is the server running? check --server)",
+            _ => "",
+        };
+        Failed::new(exit, format!("{e}{hint}"))
+    }
+}
+
+pub(crate) type Outcome = Result<(), Failed>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs its work; other commands only problems.
+    let default = match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SYNCLINE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("syncline: {}", f.message);
+            ExitCode::from(f.exit as u8)
+        }
+    }
+}
+
+fn open(cli: &Cli) -> Result<Replica, Failed> {
+    Ok(Replica::open(&cli.replica)?)
+}
+
+/// Prints `value` as JSON, or `text` otherwise.
+fn print(cli: &Cli, value: serde_json::Value, text: impl FnOnce() -> String) {
+    if cli.json {
+        println!("{value}");
+    } else {
+        println!("{}", text());
+    }
+}
+
+fn run(cli: Cli) -> Outcome {
+    match &cli.command {
+        Command::Serve { data, listen } => serve(data.clone(), *listen),
+        Command::Init => {
+            let replica = open(&cli)?;
+            print(
+                &cli,
+                json!({"replica": replica.dir(), "author": replica.author()}),
+                || {
+                    format!(
+                        "replica {} (author {})",
+                        replica.dir().display(),
+                        replica.author()
+                    )
+                },
+            );
+            Ok(())
+        }
+        Command::Set {
+            room,
+            path,
+            field,
+            value,
+        } => {
+            let parsed: serde_json::Value = serde_json::from_str(value).map_err(|e| {
+                Failed::new(
+                    Exit::Usage,
+                    format!("the value is not JSON ({e}); quote strings: '\"text\"'"),
+                )
+            })?;
+            let value = from_json(&parsed).map_err(|e| Failed::new(Exit::Usage, e))?;
+            edit(&cli, room, |tx| tx.set(path, field, value))
+        }
+        Command::Get { room, path, field } => get(&cli, room, path, field.as_deref()),
+        Command::Ls { room, path } => {
+            let entries = open(&cli)?.room(room)?.list(path)?;
+            print(
+                &cli,
+                json!(
+                    entries
+                        .iter()
+                        .map(|e| json!({"name": e.name, "path": e.path, "kind": e.kind.as_str()}))
+                        .collect::<Vec<_>>()
+                ),
+                || {
+                    entries
+                        .iter()
+                        .map(|e| match e.kind {
+                            EntryKind::Map => e.path.clone(),
+                            kind => format!("{}  ({})", e.path, kind.as_str()),
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+            Ok(())
+        }
+        Command::Rm { room, path } => edit(&cli, room, |tx| tx.delete(path)),
+        Command::Mv {
+            room,
+            path,
+            new_path,
+        } => edit(&cli, room, |tx| tx.mv(path, new_path)),
+        Command::Text { room, path, action } => match action {
+            TextAction::Insert { pos, string } => edit(&cli, room, |tx| {
+                tx.ensure(path, EntryKind::Text)?;
+                tx.text_insert(path, *pos, string)
+            }),
+            TextAction::Delete { pos, len } => {
+                edit(&cli, room, |tx| tx.text_delete(path, *pos, *len))
+            }
+            TextAction::Cat => {
+                let text = open(&cli)?.room(room)?.text(path)?;
+                print(&cli, json!({"path": path, "text": text}), || text.clone());
+                Ok(())
+            }
+        },
+        Command::Conflicts { room, path } => {
+            let conflicts = open(&cli)?.room(room)?.conflicts(path)?;
+            let all: Vec<serde_json::Value> = conflicts.iter().map(conflict_json).collect();
+            print(&cli, json!(all), || {
+                if all.is_empty() {
+                    "no conflicts".to_owned()
+                } else {
+                    all.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }
+            });
+            Ok(())
+        }
+        Command::Log { room } => {
+            let log = open(&cli)?.room(room)?.log();
+            let rows: Vec<serde_json::Value> = log
+                .iter()
+                .map(|(id, author, seq, wall)| json!({"node": id.to_string(), "author": author, "seq": seq, "wall_ms": wall}))
+                .collect();
+            print(&cli, json!(rows), || {
+                log.iter()
+                    .map(|(id, author, seq, wall)| {
+                        format!("{id}  {}…#{seq}  {wall}", &author[..12])
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+            Ok(())
+        }
+        Command::Hash { room } => {
+            let hash = to_hex(&open(&cli)?.room(room)?.state_hash());
+            print(&cli, json!({"room": room, "hash": hash}), || hash.clone());
+            Ok(())
+        }
+        Command::Export { room } => {
+            let state = to_json(&open(&cli)?.room(room)?.export());
+            // The export is JSON either way.
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&state).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Sync {
+            server,
+            rooms,
+            watch,
+            timeout,
+            ..
+        } => sync_cmd::sync(&cli, server, rooms, *watch, Duration::from_secs(*timeout)),
+        Command::Watch {
+            room,
+            pattern,
+            server,
+        } => sync_cmd::watch(&cli, room, pattern.as_deref(), server),
+        Command::Status { room } => status(&cli, room.as_deref()),
+        Command::Demo => demo::run(&cli),
+    }
+}
+
+fn serve(data: PathBuf, listen: std::net::SocketAddr) -> Outcome {
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| Failed::new(Exit::Failure, format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(async {
+        let config = syncline_relay::Config {
+            data_dir: data,
+            listen,
+            ..syncline_relay::Config::default()
+        };
+        let server = syncline_relay::Server::bind(config).await.map_err(|e| {
+            let exit = match e {
+                syncline_relay::RelayError::Listen { .. } => Exit::Usage,
+                _ => Exit::Storage,
+            };
+            Failed::new(exit, e.to_string())
+        })?;
+        let addr = server
+            .local_addr()
+            .map_err(|e| Failed::new(Exit::Failure, e.to_string()))?;
+        tracing::info!(%addr, "syncline relay listening (ws://{addr}/ws)");
+        server
+            .run(syncline_relay::shutdown_signal())
+            .await
+            .map_err(|e| Failed::new(Exit::Failure, e.to_string()))
+    })
+}
+
+/// Runs one transaction on `room`.
+fn edit(
+    cli: &Cli,
+    room: &str,
+    f: impl FnOnce(&mut syncline_core::Transaction<'_>) -> Result<(), syncline_core::room::TxnError>,
+) -> Outcome {
+    let room: Room = open(cli)?.room(room)?;
+    let node = room.transact(f)?;
+    print(cli, json!({"node": node}), || match &node {
+        Some(id) => format!("committed {id}"),
+        None => "nothing changed".to_owned(),
+    });
+    Ok(())
+}
+
+fn get(cli: &Cli, room: &str, path: &str, field: Option<&str>) -> Outcome {
+    let room = open(cli)?.room(room)?;
+    match field {
+        Some(field) => {
+            let value = room.get(path, field)?.ok_or_else(|| {
+                Failed::new(Exit::NotFound, format!("{path} has no field {field:?}"))
+            })?;
+            let j = to_json(&value);
+            print(cli, j.clone(), || match &value {
+                Value::Str(s) => s.clone(),
+                _ => j.to_string(),
+            });
+        }
+        None => {
+            let fields = room.fields(path)?;
+            let j: serde_json::Map<String, serde_json::Value> = fields
+                .iter()
+                .map(|(k, v)| (k.clone(), to_json(v)))
+                .collect();
+            print(cli, serde_json::Value::Object(j.clone()), || {
+                j.iter()
+                    .map(|(k, v)| format!("{k} = {v}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+    }
+    Ok(())
+}
+
+fn status(cli: &Cli, room: Option<&str>) -> Outcome {
+    let replica = open(cli)?;
+    let names = match room {
+        Some(r) => vec![r.to_owned()],
+        None => replica.stored_rooms()?,
+    };
+    let mut rows = Vec::new();
+    for name in &names {
+        let r = replica.room(name)?;
+        rows.push(json!({
+            "room": name,
+            "nodes": r.node_count(),
+            "unacknowledged": r.unacknowledged()?,
+            "hash": to_hex(&r.state_hash()),
+        }));
+    }
+    print(
+        cli,
+        json!({"replica": replica.dir(), "author": replica.author(), "rooms": rows}),
+        || {
+            let mut out = format!(
+                "replica {} (author {})",
+                replica.dir().display(),
+                replica.author()
+            );
+            for r in &rows {
+                out.push_str(&format!(
+                    "\n  {}: {} nodes, {} not yet acknowledged by a server",
+                    r["room"].as_str().unwrap_or(""),
+                    r["nodes"],
+                    r["unacknowledged"]
+                ));
+            }
+            out
+        },
+    );
+    Ok(())
+}

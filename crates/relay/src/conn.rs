@@ -108,6 +108,7 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64) {
         .unwrap_or_else(|p| p.into_inner())
         .insert(conn, handle.clone());
     metrics::gauge!(telemetry::CONNECTIONS).increment(1.0);
+    metrics::counter!(telemetry::CONNECTIONS_TOTAL).increment(1);
 
     let mut killed = handle.kill.subscribe();
     let writer = tokio::spawn(async move {

@@ -311,6 +311,10 @@ impl Actor {
                     .collect();
                 for key in gone {
                     if let Some(e) = self.sessions.remove(&key) {
+                        if !e.session.is_closed() {
+                            metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => "disconnected")
+                                .increment(1);
+                        }
                         end_session(&e, "disconnected");
                     }
                 }

@@ -8,6 +8,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 pub(crate) const SESSIONS: &str = "syncline_sessions";
 /// Open WebSocket connections (gauge).
 pub(crate) const CONNECTIONS: &str = "syncline_connections";
+/// WebSocket connections accepted (counter).
+pub(crate) const CONNECTIONS_TOTAL: &str = "syncline_connections_total";
 /// Rooms loaded (gauge).
 pub(crate) const ROOMS_LOADED: &str = "syncline_rooms_loaded";
 /// Nodes received and inserted (counter).

@@ -1,0 +1,181 @@
+//! `syncline sync` and `syncline watch`: the SDK's background sync driven
+//! from the command line.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use syncline::{Origin, Replica};
+use syncline_core::ids::to_hex;
+use syncline_core::proto::scope::Scope;
+
+use crate::{Cli, Exit, Failed, Outcome, open, print};
+
+pub(crate) fn sync(
+    cli: &Cli,
+    servers: &[String],
+    rooms: &[String],
+    watch: bool,
+    timeout: Duration,
+) -> Outcome {
+    let replica = open(cli)?;
+    let rooms: Vec<String> = if rooms.is_empty() {
+        replica.stored_rooms()?
+    } else {
+        rooms.to_vec()
+    };
+    if rooms.is_empty() {
+        return Err(Failed::new(
+            Exit::Usage,
+            "this replica has no rooms yet: name the rooms to sync (syncline sync --server URL ROOM...)",
+        ));
+    }
+    let endpoints: Vec<&str> = servers.iter().map(String::as_str).collect();
+    let names: Vec<&str> = rooms.iter().map(String::as_str).collect();
+    let sync = replica.connect(&endpoints, &names)?;
+    if watch {
+        return follow(cli, &replica, &names, None);
+    }
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    });
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = sync.status();
+        if let Some(bar) = &bar {
+            let nodes: usize = names
+                .iter()
+                .filter_map(|r| replica.room(r).ok())
+                .map(|r| r.node_count())
+                .sum();
+            bar.set_message(format!(
+                "{}: {nodes} nodes held, {} to upload",
+                if status.connected {
+                    "syncing"
+                } else {
+                    "connecting"
+                },
+                status.unacknowledged
+            ));
+        }
+        if status.connected && status.caught_up && status.unacknowledged == 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            let why = status.last_error.unwrap_or_else(|| {
+                format!("{} local nodes still unacknowledged", status.unacknowledged)
+            });
+            return Err(Failed::new(
+                Exit::Sync,
+                format!(
+                    "sync did not finish within {} s: {why} (is the server running at {}?)",
+                    timeout.as_secs(),
+                    servers.join(", ")
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    sync.stop();
+    let mut rows = Vec::new();
+    for name in &names {
+        let room = replica.room(name)?;
+        rows.push(
+            json!({"room": name, "nodes": room.node_count(), "hash": to_hex(&room.state_hash())}),
+        );
+    }
+    print(cli, json!({"synced": rows}), || {
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "{}: {} nodes, hash {}",
+                    r["room"].as_str().unwrap_or(""),
+                    r["nodes"],
+                    r["hash"].as_str().unwrap_or("")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    Ok(())
+}
+
+pub(crate) fn watch(cli: &Cli, room: &str, pattern: Option<&str>, servers: &[String]) -> Outcome {
+    let replica = open(cli)?;
+    let scope = match pattern {
+        Some(p) => {
+            Scope::parse(&[p.to_owned()]).map_err(|e| Failed::new(Exit::Usage, e.to_string()))?
+        }
+        None => Scope::everything(),
+    };
+    let _sync = if servers.is_empty() {
+        None
+    } else {
+        let endpoints: Vec<&str> = servers.iter().map(String::as_str).collect();
+        Some(replica.connect(&endpoints, &[room])?)
+    };
+    follow(cli, &replica, &[room], Some(&scope))
+}
+
+/// Prints the rooms' changes as they happen, until interrupted.
+fn follow(cli: &Cli, replica: &Replica, rooms: &[&str], scope: Option<&Scope>) -> Outcome {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for name in rooms {
+        let changes = replica.room(name)?.changes();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for change in changes {
+                if tx.send(change).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    for change in rx {
+        let paths: Vec<&String> = change
+            .paths
+            .iter()
+            .filter(|p| {
+                let names: Vec<&str> = p.split('/').filter(|s| !s.is_empty()).collect();
+                scope.is_none_or(|s| s.matches(&names))
+            })
+            .collect();
+        if paths.is_empty() {
+            continue;
+        }
+        let origin = match change.origin {
+            Origin::Local => "local",
+            Origin::Remote => "remote",
+        };
+        print(
+            cli,
+            json!({"room": change.room, "origin": origin, "paths": paths}),
+            || {
+                format!(
+                    "{} {origin}: {}",
+                    change.room,
+                    paths
+                        .iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            },
+        );
+    }
+    Ok(())
+}
