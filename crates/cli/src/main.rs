@@ -54,6 +54,10 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:7700")]
         listen: std::net::SocketAddr,
+        /// Most nodes per pack the server sends (smaller packs: finer
+        /// resumption of interrupted catch-ups, more overhead).
+        #[arg(long, default_value_t = 50_000)]
+        max_pack_nodes: usize,
     },
     /// Create the replica (if needed) and print its identity.
     Init,
@@ -280,7 +284,11 @@ fn print(cli: &Cli, value: serde_json::Value, text: impl FnOnce() -> String) {
 
 fn run(cli: Cli) -> Outcome {
     match &cli.command {
-        Command::Serve { data, listen } => serve(data.clone(), *listen),
+        Command::Serve {
+            data,
+            listen,
+            max_pack_nodes,
+        } => serve(data.clone(), *listen, *max_pack_nodes),
         Command::Init => {
             let replica = open(&cli)?;
             print(
@@ -417,15 +425,16 @@ fn run(cli: Cli) -> Outcome {
     }
 }
 
-fn serve(data: PathBuf, listen: std::net::SocketAddr) -> Outcome {
+fn serve(data: PathBuf, listen: std::net::SocketAddr, max_pack_nodes: usize) -> Outcome {
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| Failed::new(Exit::Failure, format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async {
-        let config = syncline_relay::Config {
+        let mut config = syncline_relay::Config {
             data_dir: data,
             listen,
             ..syncline_relay::Config::default()
         };
+        config.session.max_pack_nodes = max_pack_nodes.max(1);
         let server = syncline_relay::Server::bind(config).await.map_err(|e| {
             let exit = match e {
                 syncline_relay::RelayError::Listen { .. } => Exit::Usage,

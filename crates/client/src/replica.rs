@@ -402,4 +402,16 @@ impl Room {
     pub fn unacknowledged(&self) -> Result<usize, Error> {
         Ok(self.shared.lock().durable.outbox()?.len())
     }
+
+    /// Ids (hex) of the local nodes the server has not acknowledged.
+    pub fn unacknowledged_ids(&self) -> Result<Vec<String>, Error> {
+        Ok(self
+            .shared
+            .lock()
+            .durable
+            .outbox()?
+            .iter()
+            .map(ToString::to_string)
+            .collect())
+    }
 }

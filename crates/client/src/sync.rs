@@ -385,6 +385,7 @@ fn deliver(shared: &Shared, bytes: &[u8]) {
         (!inserted.is_empty()).then(|| (touched_paths(durable.room(), &inserted), inserted.len()))
     };
     if let Some((paths, nodes)) = inserted {
+        debug!(room = room.name(), nodes, "imported");
         room.shared.notify(Origin::Remote, paths, nodes);
     }
 }

@@ -1,0 +1,324 @@
+//! End to end with real processes on 127.0.0.1: the built `syncline`
+//! binary as server and as command-line client, and the SDK in this
+//! process as an app would embed it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use syncline_store::{SqliteOptions, SqliteStore, Store};
+
+const BIN: &str = env!("CARGO_BIN_EXE_syncline");
+const WAIT: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `syncline serve` process.
+struct Server {
+    child: Option<Child>,
+    port: u16,
+    data: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Server {
+    fn start(data: &Path, extra: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            port: free_port(),
+            data: data.to_path_buf(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(BIN)
+            .args(["serve", "--data"])
+            .arg(&self.data)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while self.get("/healthz").as_deref() != Some("ok") {
+            assert!(Instant::now() < deadline, "the server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    /// A plain HTTP GET; the body, if the server answered.
+    fn get(&self, path: &str) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let body = response.split("\r\n\r\n").nth(1)?;
+        Some(body.trim().to_owned())
+    }
+
+    /// The value of an unlabelled metric (0 if absent).
+    fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics").unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs `syncline --replica DIR args...`; returns (exit code, stdout).
+fn cli(replica: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("--replica")
+        .arg(replica)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+fn ok(replica: &Path, args: &[&str]) -> String {
+    let (code, out) = cli(replica, args);
+    assert_eq!(code, 0, "syncline {args:?} failed: {out}");
+    out
+}
+
+fn node_count(replica: &Path, room: &str) -> u64 {
+    let out = ok(replica, &["--json", "status", room]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["rooms"][0]["nodes"].as_u64().unwrap()
+}
+
+#[test]
+fn three_replicas_edit_offline_sync_and_end_with_equal_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let url = server.url();
+    let replicas: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("r{i}"))).collect();
+    for (i, r) in replicas.iter().enumerate() {
+        ok(
+            r,
+            &["set", "doc", "/shared", "by", &format!("\"replica {i}\"")],
+        );
+        ok(
+            r,
+            &["set", "doc", &format!("/own/{i}"), "n", &i.to_string()],
+        );
+        ok(
+            r,
+            &["text", "doc", "/notes", "insert", "0", &format!("[{i}]")],
+        );
+    }
+    ok(&replicas[0], &["mv", "doc", "/own/0", "/moved"]);
+    ok(&replicas[1], &["rm", "doc", "/own/1"]);
+    // Two rounds: the first uploads, the second brings the others' edits.
+    for _ in 0..2 {
+        for r in &replicas {
+            ok(r, &["sync", "--server", &url, "--once", "doc"]);
+        }
+    }
+    let hashes: Vec<String> = replicas.iter().map(|r| ok(r, &["hash", "doc"])).collect();
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+    let text = ok(&replicas[2], &["text", "doc", "/notes", "cat"]);
+    for i in 0..3 {
+        assert!(text.contains(&format!("[{i}]")), "{text}");
+    }
+    let (code, _) = cli(&replicas[2], &["get", "doc", "/own/1", "n"]);
+    assert_eq!(code, 3, "a deleted entry reads as not found");
+    let conflicts = ok(&replicas[2], &["--json", "conflicts", "doc"]);
+    assert!(
+        conflicts.contains("\"field\""),
+        "the concurrent /shared writes: {conflicts}"
+    );
+}
+
+#[test]
+fn a_server_killed_with_sigkill_loses_no_acknowledged_node_and_clients_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("server");
+    let mut server = Server::start(&data, &[]);
+    let writer = syncline::Replica::open(dir.path().join("writer")).unwrap();
+    let room = writer.room("stream").unwrap();
+    let sync = writer
+        .connect(&[server.url().as_str()], &["stream"])
+        .unwrap();
+    sync.flush(WAIT).unwrap();
+    let write = |i: usize| {
+        room.transact(|tx| tx.set(&format!("/items/{}", i % 50), "n", (i as i64).into()))
+            .unwrap();
+    };
+    for i in 0..150 {
+        write(i);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    server.kill9();
+    // What the server acknowledged must be on its disk.
+    let unacked: std::collections::HashSet<String> =
+        room.unacknowledged_ids().unwrap().into_iter().collect();
+    let acked: Vec<String> = room
+        .log()
+        .into_iter()
+        .map(|(id, ..)| id.to_string())
+        .filter(|id| !unacked.contains(id))
+        .collect();
+    assert!(
+        acked.len() > 50,
+        "only {} acknowledged before the kill",
+        acked.len()
+    );
+    {
+        let store = SqliteStore::open(&data.join("relay.db"), SqliteOptions::default()).unwrap();
+        let held: std::collections::HashSet<String> = store
+            .load_nodes(&syncline_core::RoomId::new("stream").unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|n| n.id.to_string())
+            .collect();
+        let lost: Vec<&String> = acked.iter().filter(|id| !held.contains(*id)).collect();
+        assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    }
+    // Writes go on offline; the server comes back; the client resumes.
+    for i in 150..200 {
+        write(i);
+    }
+    server.spawn();
+    sync.flush(WAIT).unwrap();
+    assert_eq!(sync.status().unacknowledged, 0);
+    let reader = dir.path().join("reader");
+    ok(
+        &reader,
+        &["sync", "--server", &server.url(), "--once", "stream"],
+    );
+    assert_eq!(node_count(&reader, "stream"), 200);
+    assert_eq!(
+        ok(&reader, &["hash", "stream"]),
+        syncline_core::ids::to_hex(&room.state_hash())
+    );
+}
+
+#[test]
+fn a_client_killed_mid_catch_up_resumes_where_it_stopped() {
+    const TOTAL: u64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--max-pack-nodes", "4"]);
+    // Written while connected, so each edit travels (and is signed) on its
+    // own and the relay can re-ship any prefix in small packs. (A history
+    // uploaded as one batch is signed at its end and every 4,096 nodes, so
+    // a relay can only cut it there.)
+    let source = syncline::Replica::open(dir.path().join("source")).unwrap();
+    let big = source.room("big").unwrap();
+    let sync = source.connect(&[server.url().as_str()], &["big"]).unwrap();
+    for i in 0..TOTAL {
+        big.transact(|tx| tx.set(&format!("/n/{}", i % 97), "v", (i as i64).into()))
+            .unwrap();
+    }
+    sync.flush(WAIT).unwrap();
+    drop(sync);
+
+    let client = dir.path().join("client");
+    let mut child = Command::new(BIN)
+        .arg("--replica")
+        .arg(&client)
+        .args(["sync", "--server", &server.url(), "--once", "big"])
+        .env("SYNCLINE_LOG", "syncline=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill it once the first packs are in.
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut imported = 0;
+    for line in stderr.lines() {
+        if line.unwrap().contains("imported") {
+            imported += 1;
+            if imported == 1 {
+                break;
+            }
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = node_count(&client, "big");
+    assert!(
+        partial > 0 && partial < TOTAL,
+        "held {partial} after the kill"
+    );
+
+    let before = server.metric("syncline_catchup_nodes_sum");
+    ok(
+        &client,
+        &["sync", "--server", &server.url(), "--once", "big"],
+    );
+    let sent = server.metric("syncline_catchup_nodes_sum") - before;
+    assert_eq!(node_count(&client, "big"), TOTAL);
+    assert_eq!(
+        sent as u64,
+        TOTAL - partial,
+        "the resumed catch-up sent more than the rest"
+    );
+    assert_eq!(
+        ok(&client, &["hash", "big"]),
+        syncline_core::ids::to_hex(&big.state_hash())
+    );
+}
+
+#[test]
+fn one_client_syncs_several_rooms_over_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let rooms = ["one", "two", "three"];
+    for room in rooms {
+        ok(&a, &["set", room, "/x", "room", &format!("\"{room}\"")]);
+    }
+    let before = server.metric("syncline_connections_total");
+    let mut args = vec!["sync", "--server"];
+    let url = server.url();
+    args.push(&url);
+    args.push("--once");
+    args.extend(rooms);
+    ok(&a, &args);
+    assert_eq!(server.metric("syncline_connections_total") - before, 1.0);
+    ok(&b, &args);
+    for room in rooms {
+        assert_eq!(ok(&b, &["get", room, "/x", "room"]), room);
+        assert_eq!(ok(&a, &["hash", room]), ok(&b, &["hash", room]));
+    }
+}
