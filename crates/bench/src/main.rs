@@ -27,6 +27,7 @@ use syncline_store::{Batch, DurableRoom, SqliteOptions, SqliteStore, Store, Stor
 
 /// automerge's saved document for the same trace, in bytes (the published
 /// figure the pack-size target is set against).
+mod fanout;
 mod recon;
 
 const AUTOMERGE_SAVED_BYTES: usize = 129_000;
@@ -59,6 +60,8 @@ enum Bench {
     Recon,
     /// Sessions catching a replica up on a split of the trace history.
     Catchup,
+    /// One room, many WebSocket clients, some writing: latency, CPU, memory.
+    Fanout,
     /// Every benchmark above.
     All,
 }
@@ -512,6 +515,15 @@ fn bench_catchup(args: &Args, report: &Report) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // `fanout` re-executes this binary as its relay process.
+    let raw: Vec<String> = std::env::args().collect();
+    if let [_, cmd, data_flag, data, port_flag, port] = raw.as_slice()
+        && cmd == "fanout-server"
+        && data_flag == "--data"
+        && port_flag == "--port"
+    {
+        return fanout::serve(std::path::Path::new(data), port.parse()?);
+    }
     let args = Args::parse();
     let report = Report { json: args.json };
     match args.bench {
@@ -519,13 +531,15 @@ fn main() -> Result<()> {
         Bench::Import => bench_import(&args, &report),
         Bench::Durable => bench_durable(&args, &report),
         Bench::Recon => recon::bench_recon(&report),
+        Bench::Fanout => fanout::bench_fanout(&report),
         Bench::Catchup => bench_catchup(&args, &report),
         Bench::All => {
             bench_trace(&args, &report)?;
             bench_import(&args, &report)?;
             bench_durable(&args, &report)?;
             recon::bench_recon(&report)?;
-            bench_catchup(&args, &report)
+            bench_catchup(&args, &report)?;
+            fanout::bench_fanout(&report)
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info_span};
 
 use crate::Config;
-use crate::rooms::{RoomInput, Rooms};
+use crate::rooms::{RoomInput, Rooms, Sender};
 use crate::telemetry;
 
 /// Shared by every connection.
@@ -87,8 +87,12 @@ pub(crate) async fn upgrade(
     AxumState(state): AxumState<Arc<State>>,
 ) -> Response {
     let max = state.config.session.max_frame;
+    // Small socket buffers: an idle session should cost kilobytes, and
+    // frames are flushed as they are queued anyway.
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| {
             let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
             serve(socket, state, conn).instrument(info_span!("conn", conn))
@@ -116,7 +120,12 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64) {
             tokio::select! {
                 frame = queue.recv() => match frame {
                     Some(frame) => {
-                        if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
+                        // Write everything queued, then flush once.
+                        let mut failed = sink.feed(WsMessage::Binary(frame.into())).await.is_err();
+                        while let (false, Ok(frame)) = (failed, queue.try_recv()) {
+                            failed = sink.feed(WsMessage::Binary(frame.into())).await.is_err();
+                        }
+                        if failed || sink.flush().await.is_err() {
                             break;
                         }
                     }
@@ -141,8 +150,9 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64) {
         }
     });
 
-    // Session id -> room, learned from each session's `hello`.
-    let mut sessions: HashMap<u64, RoomId> = HashMap::new();
+    // Session id -> room (learned from each session's `hello`) and, once
+    // known, the room actor's inbox.
+    let mut sessions: HashMap<u64, (RoomId, Option<Sender<RoomInput>>)> = HashMap::new();
     let mut killed = handle.kill.subscribe();
     loop {
         let message = tokio::select! {
@@ -180,9 +190,9 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64) {
             }
         };
         if let Message::Hello { room, .. } = &env.message {
-            sessions.insert(env.session, room.clone());
+            sessions.insert(env.session, (room.clone(), None));
         }
-        let Some(room) = sessions.get(&env.session) else {
+        let Some((room, inbox)) = sessions.get_mut(&env.session) else {
             let close = Envelope {
                 version: PROTOCOL_VERSION,
                 session: env.session,
@@ -195,18 +205,23 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64) {
             handle.send(close.encode());
             continue;
         };
-        state.rooms.send(
-            room,
-            RoomInput::Frame {
-                conn,
-                session: env.session,
-                env: Box::new(env),
-                out: handle.clone(),
-                received,
+        let input = RoomInput::Frame {
+            conn,
+            session: env.session,
+            env: Box::new(env),
+            out: handle.clone(),
+            received,
+        };
+        let input = match inbox.as_ref() {
+            Some(tx) => match tx.send(input) {
+                Ok(()) => continue,
+                Err(std::sync::mpsc::SendError(input)) => input,
             },
-        );
+            None => input,
+        };
+        *inbox = state.rooms.send(room, input);
     }
-    let mut told: Vec<&RoomId> = sessions.values().collect();
+    let mut told: Vec<&RoomId> = sessions.values().map(|(room, _)| room).collect();
     told.sort();
     told.dedup();
     for room in told {

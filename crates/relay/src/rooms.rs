@@ -10,14 +10,15 @@
 //! reloads from disk when next needed and nothing unpersisted is ever
 //! acknowledged.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+pub(crate) use std::sync::mpsc::Sender;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use syncline_core::proto::message::{Envelope, Message, Reason};
-use syncline_core::proto::session::{Event, Session};
+use syncline_core::proto::session::{EncodedPack, Event, Session};
 use syncline_core::{Keypair, NodeIdx, RoomId};
 use syncline_store::{DurableRoom, Store};
 use tracing::{debug, info, info_span, warn};
@@ -25,6 +26,9 @@ use tracing::{debug, info, info_span, warn};
 use crate::Config;
 use crate::conn::ConnHandle;
 use crate::telemetry;
+
+/// Most inputs a room handles (and persists) together.
+const MAX_BATCH: usize = 256;
 
 /// What a room actor is told.
 #[derive(Debug)]
@@ -85,19 +89,25 @@ impl Rooms {
         self.loaded.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends `input` to `room`'s actor, loading the room if needed.
-    pub(crate) fn send(self: &Arc<Self>, room: &RoomId, input: RoomInput) {
+    /// Sends `input` to `room`'s actor, loading the room if needed, and
+    /// returns the actor's inbox (connections keep it per session, sparing
+    /// this lock on every frame; when a send to it fails, they come back).
+    pub(crate) fn send(
+        self: &Arc<Self>,
+        room: &RoomId,
+        input: RoomInput,
+    ) -> Option<Sender<RoomInput>> {
         let mut loaded = self.lock();
         let input = match loaded.get(room) {
             Some(l) => match l.inbox.send(input) {
-                Ok(()) => return,
+                Ok(()) => return Some(l.inbox.clone()),
                 // The actor stopped (storage failure): load it afresh.
                 Err(mpsc::SendError(input)) => input,
             },
             None => input,
         };
         if matches!(input, RoomInput::Gone { .. } | RoomInput::Shutdown) {
-            return; // Nothing to tell an unloaded room.
+            return None; // Nothing to tell an unloaded room.
         }
         let (tx, rx) = mpsc::channel();
         let _ = tx.send(input);
@@ -110,11 +120,12 @@ impl Rooms {
         loaded.insert(
             room.clone(),
             Loaded {
-                inbox: tx,
+                inbox: tx.clone(),
                 thread: Some(thread),
             },
         );
         metrics::gauge!(telemetry::ROOMS_LOADED).set(loaded.len() as f64);
+        Some(tx)
     }
 
     /// Tells every room to close its sessions and waits for them to stop.
@@ -151,6 +162,8 @@ impl Rooms {
                     room,
                     sessions: BTreeMap::new(),
                     idle_since: Some(Instant::now()),
+                    dirty: BTreeSet::new(),
+                    all_dirty: false,
                 }
             }
             Err(e) => {
@@ -181,19 +194,22 @@ impl Rooms {
                 },
                 (input, _) => input,
             };
-            match input {
-                Some(RoomInput::Shutdown) => {
-                    actor.close_all(Reason::ShuttingDown, "the server is stopping");
-                    break;
-                }
-                Some(input) => {
-                    if let Err(e) = actor.handle(input) {
-                        warn!(error = %e, "storage failed: closing the room's sessions");
-                        actor.close_all(Reason::Overloaded, "storage failed; reconnect");
-                        break;
-                    }
-                }
-                None => actor.fire_timers(),
+            let Some(input) = input else {
+                actor.fire_timers();
+                continue;
+            };
+            // Take what else is waiting, to persist it all in one write.
+            let mut batch = vec![input];
+            batch.extend(inbox.try_iter().take(MAX_BATCH));
+            let shutdown = batch.iter().any(|i| matches!(i, RoomInput::Shutdown));
+            if let Err(e) = actor.handle_batch(batch) {
+                warn!(error = %e, "storage failed: closing the room's sessions");
+                actor.close_all(Reason::Overloaded, "storage failed; reconnect");
+                break;
+            }
+            if shutdown {
+                actor.close_all(Reason::ShuttingDown, "the server is stopping");
+                break;
             }
         }
         self.remove(&id);
@@ -226,6 +242,11 @@ struct Actor {
     sessions: BTreeMap<(u64, u64), Entry>,
     /// When the last session left (`None` while any is open).
     idle_since: Option<Instant>,
+    /// Sessions that may have events or frames to handle (all of them
+    /// after a relay or a timer sweep): with many idle subscribers, acks
+    /// then cost per ack, not per session.
+    dirty: BTreeSet<(u64, u64)>,
+    all_dirty: bool,
 }
 
 impl Actor {
@@ -241,102 +262,151 @@ impl Actor {
         timer.min(Duration::from_secs(1))
     }
 
-    fn handle(&mut self, input: RoomInput) -> Result<(), syncline_store::ReplicaError> {
+    /// Handles a batch of inputs: every frame's session step runs first,
+    /// then everything they inserted is persisted in one write (one fsync
+    /// for the batch: group commit), and only then are acks sent and the
+    /// nodes relayed.
+    fn handle_batch(&mut self, inputs: Vec<RoomInput>) -> Result<(), syncline_store::ReplicaError> {
         let now = self.rooms.now();
-        match input {
-            RoomInput::Frame {
-                conn,
-                session,
-                env,
-                out,
-                received,
-            } => {
-                let config = self.rooms.config.session.clone();
-                let room_id = self.room.room().id().clone();
+        let config = &self.rooms.config.session;
+        let room_id = self.room.room().id().clone();
+        let sessions = &mut self.sessions;
+        let dirty = &mut self.dirty;
+        let mut idle_since = self.idle_since;
+        // Per frame: (session, first and end of what it inserted, arrival).
+        let mut steps: Vec<((u64, u64), NodeIdx, NodeIdx, Instant)> = Vec::new();
+        let mut gone = Vec::new();
+        self.room.with_room(|r, _| {
+            for input in inputs {
+                let (conn, session, env, out, received) = match input {
+                    RoomInput::Frame {
+                        conn,
+                        session,
+                        env,
+                        out,
+                        received,
+                    } => (conn, session, env, out, received),
+                    RoomInput::Gone { conn } => {
+                        gone.push(conn);
+                        continue;
+                    }
+                    RoomInput::Shutdown => continue,
+                };
                 let key = (conn, session);
                 if let Message::Hello { peer, .. } = &env.message {
                     // A new session (or a fresh handshake on a session id
                     // whose session ended).
-                    if self
-                        .sessions
-                        .get(&key)
-                        .is_none_or(|e| e.session.is_closed())
-                    {
-                        self.sessions.insert(
+                    if sessions.get(&key).is_none_or(|e| e.session.is_closed()) {
+                        sessions.insert(
                             key,
                             Entry {
-                                session: Session::server(now, session, room_id, config),
+                                session: Session::server(
+                                    now,
+                                    session,
+                                    room_id.clone(),
+                                    config.clone(),
+                                ),
                                 out: out.clone(),
                                 peer: Some(peer.to_string()),
                             },
                         );
                         metrics::gauge!(telemetry::SESSIONS).increment(1.0);
-                        self.idle_since = None;
+                        idle_since = None;
                     }
                 }
-                let Some(entry) = self.sessions.get_mut(&key) else {
+                let Some(entry) = sessions.get_mut(&key) else {
                     // Not a session here: tell the client.
-                    let frame = Envelope {
-                        version: syncline_core::proto::message::PROTOCOL_VERSION,
-                        session,
-                        corr: 0,
-                        message: Message::Close {
-                            reason: Reason::Malformed,
-                            message: "no session: send hello first".into(),
-                        },
-                    }
-                    .encode();
-                    out.send(frame);
-                    return Ok(());
-                };
-                let first = self.room.room().dag().next_idx();
-                let session = &mut entry.session;
-                self.room
-                    .with_room(|r, _| session.handle_envelope(now, *env, r, None))?;
-                let inserted: Vec<NodeIdx> = (first..self.room.room().dag().next_idx()).collect();
-                if !inserted.is_empty() {
-                    metrics::counter!(telemetry::NODES_IN).increment(inserted.len() as u64);
-                    self.relay(key, &inserted);
-                }
-                self.after(now);
-                metrics::histogram!(telemetry::RELAY_SECONDS)
-                    .record(received.elapsed().as_secs_f64());
-            }
-            RoomInput::Gone { conn } => {
-                let gone: Vec<(u64, u64)> = self
-                    .sessions
-                    .keys()
-                    .filter(|(c, _)| *c == conn)
-                    .copied()
-                    .collect();
-                for key in gone {
-                    if let Some(e) = self.sessions.remove(&key) {
-                        if !e.session.is_closed() {
-                            metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => "disconnected")
-                                .increment(1);
+                    out.send(
+                        Envelope {
+                            version: syncline_core::proto::message::PROTOCOL_VERSION,
+                            session,
+                            corr: 0,
+                            message: Message::Close {
+                                reason: Reason::Malformed,
+                                message: "no session: send hello first".into(),
+                            },
                         }
-                        end_session(&e, "disconnected");
-                    }
-                }
-                self.after(now);
+                        .encode(),
+                    );
+                    continue;
+                };
+                let first = r.dag().next_idx();
+                entry.session.handle_envelope(now, *env, r, None);
+                steps.push((key, first, r.dag().next_idx(), received));
+                dirty.insert(key);
             }
-            RoomInput::Shutdown => {}
+        })?;
+        self.idle_since = idle_since;
+        // Durable now: relay what each session brought, then ack and flush.
+        for &(key, first, end, _) in &steps {
+            if end > first {
+                let inserted: Vec<NodeIdx> = (first..end).collect();
+                metrics::counter!(telemetry::NODES_IN).increment(inserted.len() as u64);
+                self.relay(key, &inserted);
+            }
+        }
+        for conn in gone {
+            self.drop_connection(conn);
+        }
+        self.after(now);
+        for (_, _, _, received) in steps {
+            metrics::histogram!(telemetry::RELAY_SECONDS).record(received.elapsed().as_secs_f64());
         }
         Ok(())
     }
 
-    /// Relays `inserted` (durable now) to every session but `from`.
+    fn drop_connection(&mut self, conn: u64) {
+        let gone: Vec<(u64, u64)> = self
+            .sessions
+            .keys()
+            .filter(|(c, _)| *c == conn)
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some(e) = self.sessions.remove(&key) {
+                if !e.session.is_closed() {
+                    metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => "disconnected")
+                        .increment(1);
+                }
+                end_session(&e, "disconnected");
+            }
+        }
+    }
+
+    /// Relays `inserted` (durable now) to every session but `from`,
+    /// encoding the pack once for all of them.
     fn relay(&mut self, from: (u64, u64), inserted: &[NodeIdx]) {
         let now = self.rooms.now();
+        self.all_dirty = true;
+        // Encoding inserts nothing, so this writes nothing and cannot fail.
+        let Ok(encoded) = self.room.with_room(|r, _| EncodedPack::new(r, inserted)) else {
+            return;
+        };
+        let encoded = match encoded {
+            Ok(pack) => pack,
+            Err(e) => {
+                // Nodes a relay cannot vouch for: each session sends what
+                // it can and closes loudly otherwise.
+                warn!(error = %e, "cannot encode a relayed pack");
+                for (key, entry) in &mut self.sessions {
+                    if *key != from {
+                        let session = &mut entry.session;
+                        let _ = self
+                            .room
+                            .with_room(|r, _| session.send_nodes(now, r, inserted, None));
+                    }
+                }
+                return;
+            }
+        };
         for (key, entry) in &mut self.sessions {
             if *key == from {
                 continue;
             }
             let session = &mut entry.session;
-            // Sending inserts nothing, so this writes nothing and cannot fail.
             let _ = self
                 .room
-                .with_room(|r, _| session.send_nodes(now, r, inserted, None));
+                .with_room(|r, _| session.relay_pack(now, r, inserted, &encoded));
         }
     }
 
@@ -344,7 +414,16 @@ impl Actor {
     /// sessions that ended.
     fn after(&mut self, now: u64) {
         let mut ended = Vec::new();
-        for (key, entry) in &mut self.sessions {
+        let keys: Vec<(u64, u64)> = if std::mem::take(&mut self.all_dirty) {
+            self.dirty.clear();
+            self.sessions.keys().copied().collect()
+        } else {
+            std::mem::take(&mut self.dirty).into_iter().collect()
+        };
+        for key in &keys {
+            let Some(entry) = self.sessions.get_mut(key) else {
+                continue;
+            };
             while let Some(event) = entry.session.poll_event() {
                 match event {
                     Event::Accepted { corr, .. } => {
@@ -402,6 +481,7 @@ impl Actor {
 
     fn fire_timers(&mut self) {
         let now = self.rooms.now();
+        self.all_dirty = true;
         for entry in self.sessions.values_mut() {
             if entry.session.poll_timeout().is_some_and(|t| t <= now) {
                 entry.session.handle_timeout(now);
@@ -412,6 +492,7 @@ impl Actor {
 
     fn close_all(&mut self, reason: Reason, message: &str) {
         let now = self.rooms.now();
+        self.all_dirty = true;
         for entry in self.sessions.values_mut() {
             entry.session.close(now, reason.clone(), message);
         }

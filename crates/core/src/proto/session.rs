@@ -41,6 +41,26 @@ pub const CAP_DIFF_MST: &str = "diff/mst@1";
 /// Fewest RIBLT symbols sent or asked for at once.
 const MIN_SYMBOL_BATCH: usize = 16;
 
+/// A pack encoded once, to relay to many sessions.
+#[derive(Clone, Debug)]
+pub struct EncodedPack {
+    bytes: Vec<u8>,
+    checksum: [u8; 32],
+}
+
+impl EncodedPack {
+    /// Encodes `nodes` of `room` (signatures as held: a relay signs
+    /// nothing). Fails as [`Room::export_pack`] does.
+    pub fn new(
+        room: &mut Room,
+        nodes: &[NodeIdx],
+    ) -> Result<EncodedPack, crate::room::ExportError> {
+        let (bytes, _) = room.export_pack(nodes, None, DEFAULT_ZSTD_LEVEL)?;
+        let checksum = *blake3::hash(&bytes).as_bytes();
+        Ok(EncodedPack { bytes, checksum })
+    }
+}
+
 /// Timers and sizes of a session.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -494,6 +514,36 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Relays `nodes`, already encoded once as `pack` for every session of
+    /// the room (encoding per session would cost a relay with many
+    /// subscribers dearly). A session with a subscription, or a pack too
+    /// large for one frame, falls back to [`Session::send_nodes`].
+    pub fn relay_pack(&mut self, now: u64, room: &mut Room, nodes: &[NodeIdx], pack: &EncodedPack) {
+        if self.state != State::Open {
+            return;
+        }
+        if !self.scope.is_everything() || pack.bytes.len() + 256 > self.config.max_frame {
+            return self.send_nodes(now, room, nodes, None);
+        }
+        let corr = self.next_corr;
+        self.next_corr += 1;
+        self.in_flight.insert(corr, (now, nodes.to_vec()));
+        self.nodes_sent += nodes.len() as u64;
+        if self.side == Side::Server {
+            self.note_sent(room, nodes);
+        }
+        self.send(
+            now,
+            corr,
+            Message::Pack {
+                pack: pack.bytes.clone(),
+                checksum: pack.checksum,
+                phase: Phase::Live,
+                last: true,
+            },
+        );
     }
 
     /// Sends `nodes` of `room` to the peer as live packs (new local commits
