@@ -322,3 +322,62 @@ fn one_client_syncs_several_rooms_over_one_connection() {
         assert_eq!(ok(&a, &["hash", room]), ok(&b, &["hash", room]));
     }
 }
+
+#[test]
+fn sigterm_closes_sessions_with_shutting_down_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("server"), &[]);
+    let replica = syncline::Replica::open(dir.path().join("r")).unwrap();
+    replica
+        .room("room")
+        .unwrap()
+        .transact(|tx| tx.set("/a", "v", 1i64.into()))
+        .unwrap();
+    let sync = replica
+        .connect(&[server.url().as_str()], &["room"])
+        .unwrap();
+    sync.flush(WAIT).unwrap();
+    let mut child = server.child.take().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + WAIT;
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "exit status {exit}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = sync.status();
+        if !status.connected
+            && status
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("shutting_down"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client was not told: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Everything acknowledged before is still there after a restart.
+    server.spawn();
+    let reader = dir.path().join("reader");
+    ok(
+        &reader,
+        &["sync", "--server", &server.url(), "--once", "room"],
+    );
+    assert_eq!(ok(&reader, &["get", "room", "/a", "v"]), "1");
+}

@@ -21,7 +21,7 @@ use syncline_core::proto::message::{Envelope, Message, Reason};
 use syncline_core::proto::session::{EncodedPack, Event, Session};
 use syncline_core::{Keypair, NodeIdx, RoomId};
 use syncline_store::{DurableRoom, Store};
-use tracing::{debug, info, info_span, warn};
+use tracing::{debug, debug_span, info, info_span, warn};
 
 use crate::Config;
 use crate::conn::ConnHandle;
@@ -57,6 +57,8 @@ struct Entry {
     session: Session,
     out: ConnHandle,
     peer: Option<String>,
+    /// Nodes sent already counted in the metrics.
+    counted_sent: u64,
 }
 
 /// The loaded rooms.
@@ -308,6 +310,7 @@ impl Actor {
                                 ),
                                 out: out.clone(),
                                 peer: Some(peer.to_string()),
+                                counted_sent: 0,
                             },
                         );
                         metrics::gauge!(telemetry::SESSIONS).increment(1.0);
@@ -331,6 +334,12 @@ impl Actor {
                     continue;
                 };
                 let first = r.dag().next_idx();
+                let span = debug_span!(
+                    "session",
+                    peer = entry.peer.as_deref().unwrap_or("?"),
+                    session
+                );
+                let _enter = span.enter();
                 entry.session.handle_envelope(now, *env, r, None);
                 steps.push((key, first, r.dag().next_idx(), received));
                 dirty.insert(key);
@@ -424,6 +433,15 @@ impl Actor {
             let Some(entry) = self.sessions.get_mut(key) else {
                 continue;
             };
+            let span = debug_span!(
+                "session",
+                peer = entry.peer.as_deref().unwrap_or("?"),
+                session = key.1
+            );
+            let _enter = span.enter();
+            let (sent, _) = entry.session.nodes_sent();
+            metrics::counter!(telemetry::NODES_OUT).increment(sent - entry.counted_sent);
+            entry.counted_sent = sent;
             while let Some(event) = entry.session.poll_event() {
                 match event {
                     Event::Accepted { corr, .. } => {
@@ -433,22 +451,14 @@ impl Actor {
                         let strategy = entry.session.strategy().unwrap_or("none");
                         metrics::counter!(telemetry::DIFF_STRATEGY, "strategy" => strategy)
                             .increment(1);
-                        debug!(
-                            peer = entry.peer.as_deref().unwrap_or("?"),
-                            strategy, "session connected"
-                        );
+                        debug!(strategy, "session connected");
                     }
                     Event::Closed {
                         reason, message, ..
                     } => {
                         metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => reason.as_str().to_owned())
                             .increment(1);
-                        debug!(
-                            peer = entry.peer.as_deref().unwrap_or("?"),
-                            reason = reason.as_str(),
-                            message,
-                            "session closed"
-                        );
+                        debug!(reason = reason.as_str(), message, "session closed");
                         ended.push(*key);
                     }
                     _ => {}

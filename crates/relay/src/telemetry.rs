@@ -14,6 +14,8 @@ pub(crate) const CONNECTIONS_TOTAL: &str = "syncline_connections_total";
 pub(crate) const ROOMS_LOADED: &str = "syncline_rooms_loaded";
 /// Nodes received and inserted (counter).
 pub(crate) const NODES_IN: &str = "syncline_nodes_in_total";
+/// Nodes sent in packs, catch-up and relay (counter).
+pub(crate) const NODES_OUT: &str = "syncline_nodes_out_total";
 /// Frame bytes received (counter).
 pub(crate) const BYTES_IN: &str = "syncline_bytes_in_total";
 /// Frame bytes sent (counter).
