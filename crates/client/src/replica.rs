@@ -132,7 +132,7 @@ impl Replica {
             &dir.join("replica.db"),
             SqliteOptions::default(),
         )?);
-        let key = syncline_store::Replica::open(store.clone(), os_seed)?
+        let key = syncline_store::Replica::open_with_os_identity(store.clone())?
             .key()
             .clone();
         Ok(Replica {
@@ -189,13 +189,6 @@ impl Replica {
         rooms.insert(id, room.clone());
         Ok(room)
     }
-}
-
-/// A fresh identity seed from the OS.
-fn os_seed() -> [u8; 32] {
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).expect("the OS random number generator is available");
-    seed
 }
 
 /// A room of a replica. Cheap to clone; clones share the room.

@@ -111,7 +111,7 @@ impl Server {
             &dir.join("relay.db"),
             SqliteOptions::default(),
         )?);
-        let key = Replica::open(store.clone(), os_seed)?.key().clone();
+        let key = Replica::open_with_os_identity(store.clone())?.key().clone();
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -164,13 +164,6 @@ impl Server {
         let _ = tokio::task::spawn_blocking(move || rooms.shutdown()).await;
         Ok(())
     }
-}
-
-/// A fresh identity seed from the OS.
-fn os_seed() -> [u8; 32] {
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).expect("the OS random number generator is available");
-    seed
 }
 
 /// Completes on SIGINT or SIGTERM (what `syncline serve` waits for).

@@ -92,6 +92,17 @@ impl Replica {
         })
     }
 
+    /// [`Replica::open`] with a fresh identity, if one is needed, from the
+    /// OS random number generator (what apps and servers want; tests pass
+    /// fixed seeds to `open`).
+    pub fn open_with_os_identity(store: Arc<dyn Store>) -> Result<Replica, ReplicaError> {
+        Replica::open(store, || {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).expect("the OS random number generator is available");
+            seed
+        })
+    }
+
     /// This replica's signing identity.
     pub fn key(&self) -> &Keypair {
         &self.key
