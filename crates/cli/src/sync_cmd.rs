@@ -37,33 +37,39 @@ pub(crate) fn sync(
     if watch {
         return follow(cli, &replica, &names, None);
     }
+    // A bar of nodes moved: received by catch-ups plus uploads acknowledged,
+    // out of that plus what is still to come.
     let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = ProgressBar::new_spinner();
+        let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} nodes [{elapsed}]")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.enable_steady_tick(Duration::from_millis(100));
         bar
     });
+    let held = |names: &[&str]| -> usize {
+        names
+            .iter()
+            .filter_map(|r| replica.room(r).ok())
+            .map(|r| r.node_count())
+            .sum()
+    };
+    let (held_at_start, unacked_at_start) = (held(&names), sync.status().unacknowledged);
     let deadline = Instant::now() + timeout;
     loop {
         let status = sync.status();
         if let Some(bar) = &bar {
-            let nodes: usize = names
-                .iter()
-                .filter_map(|r| replica.room(r).ok())
-                .map(|r| r.node_count())
-                .sum();
-            bar.set_message(format!(
-                "{}: {nodes} nodes held, {} to upload",
-                if status.connected {
-                    "syncing"
-                } else {
-                    "connecting"
-                },
-                status.unacknowledged
-            ));
+            let received = held(&names).saturating_sub(held_at_start) as u64;
+            let uploaded = unacked_at_start.saturating_sub(status.unacknowledged) as u64;
+            let done = received + uploaded;
+            bar.set_length(done + status.catching_up + status.unacknowledged as u64);
+            bar.set_position(done);
+            bar.set_message(if status.connected {
+                "syncing"
+            } else {
+                "connecting"
+            });
         }
         if status.connected && status.caught_up && status.unacknowledged == 0 {
             break;

@@ -59,6 +59,9 @@ pub struct Status {
     pub caught_up: bool,
     /// Local nodes not yet acknowledged as durable by the server.
     pub unacknowledged: usize,
+    /// Nodes of the current catch-ups still to arrive (known once each
+    /// room's difference is).
+    pub catching_up: u64,
     /// When the server last acknowledged nodes as durable.
     pub last_ack: Option<SystemTime>,
     /// Why the last connection attempt or connection failed.
@@ -147,6 +150,12 @@ impl Sync {
             .rooms
             .iter()
             .map(|r| r.unacknowledged().unwrap_or(0))
+            .sum();
+        status.catching_up = self
+            .shared
+            .rooms
+            .iter()
+            .filter_map(|r| Some(r.shared.lock().session.as_ref()?.catchup_remaining()))
             .sum();
         status
     }

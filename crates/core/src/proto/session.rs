@@ -334,6 +334,12 @@ impl Session {
         }
     }
 
+    /// Client: nodes of the catch-up still to arrive (0 once caught up, and
+    /// until the difference is known).
+    pub fn catchup_remaining(&self) -> u64 {
+        if self.caught_up { 0 } else { self.expecting }
+    }
+
     /// Nodes sent in packs so far (`(all, in catch-up packs)`).
     pub fn nodes_sent(&self) -> (u64, u64) {
         (self.nodes_sent, self.catchup_sent)
