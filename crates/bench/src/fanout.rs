@@ -77,22 +77,27 @@ impl ServerProcess {
 
     /// (CPU seconds used so far, resident bytes) from /proc.
     fn usage(&self) -> Result<(f64, u64)> {
-        let pid = self.child.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the parenthesized command name; utime and stime are
-        // the 14th and 15th fields overall.
-        let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rss_kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .context("no VmRSS")?;
-        // Clock ticks are 100 per second on Linux.
-        Ok((ticks / 100.0, rss_kb * 1024))
+        usage_of(&self.child.id().to_string())
     }
+}
+
+/// (CPU seconds used so far, resident bytes) of process `pid` ("self" for
+/// this one) from /proc.
+fn usage_of(pid: &str) -> Result<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesized command name; utime and stime are
+    // the 14th and 15th fields overall.
+    let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    // Clock ticks are 100 per second on Linux.
+    Ok((ticks / 100.0, rss_kb * 1024))
 }
 
 impl Drop for ServerProcess {
@@ -298,7 +303,16 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 }
 
 pub(super) fn bench_fanout(report: &Report) -> Result<()> {
-    for (clients, writers) in [(10usize, 2usize), (100, 10), (1_000, 50)] {
+    // `SYNCLINE_FANOUT=1000/50` runs one configuration (for profiling).
+    let only: Option<(usize, usize)> = std::env::var("SYNCLINE_FANOUT").ok().and_then(|v| {
+        let (c, w) = v.split_once('/')?;
+        Some((c.parse().ok()?, w.parse().ok()?))
+    });
+    let configs = match only {
+        Some(one) => vec![one],
+        None => vec![(10usize, 2usize), (100, 10), (1_000, 50)],
+    };
+    for (clients, writers) in configs {
         let dir = tempfile::tempdir()?;
         let server = ServerProcess::start(dir.path())?;
         std::thread::sleep(Duration::from_millis(300));
@@ -334,9 +348,11 @@ pub(super) fn bench_fanout(report: &Report) -> Result<()> {
         std::thread::sleep(WARMUP);
         shared.measuring.store(true, Ordering::SeqCst);
         let (cpu0, _) = server.usage()?;
+        let (gen0, _) = usage_of("self")?;
         let start = Instant::now();
         std::thread::sleep(MEASURE);
         let (cpu1, _) = server.usage()?;
+        let (gen1, _) = usage_of("self")?;
         let wall = start.elapsed().as_secs_f64();
         shared.measuring.store(false, Ordering::SeqCst);
         shared.stop.store(true, Ordering::SeqCst);
@@ -348,6 +364,7 @@ pub(super) fn bench_fanout(report: &Report) -> Result<()> {
         lat.sort_unstable();
         let (p50, p99) = (percentile(&lat, 0.50), percentile(&lat, 0.99));
         let cpu = (cpu1 - cpu0) / wall * 100.0;
+        let generator = (gen1 - gen0) / wall * 100.0;
         let probes = PROBES.min(clients - writers);
         let expected = (writers as f64 * RATE * wall * probes as f64) as usize;
         report.emit(
@@ -357,10 +374,11 @@ pub(super) fn bench_fanout(report: &Report) -> Result<()> {
                 ("deliveries timed (at probes)", format!("{} (of ~{expected} expected)", lat.len())),
                 ("edit-to-remote p50 / p99", format!("{p50:.2} / {p99:.2} ms")),
                 ("server CPU", format!("{cpu:.0} % of one core")),
+                ("load generator CPU", format!("{generator:.0} % of one core")),
                 ("server memory per idle session", format!("{:.1} KiB", per_session / 1024.0)),
             ],
             json!({"clients": clients, "writers": writers, "deliveries": lat.len(), "expected": expected,
-                   "p50_ms": p50, "p99_ms": p99, "server_cpu_pct": cpu, "bytes_per_idle_session": per_session}),
+                   "p50_ms": p50, "p99_ms": p99, "server_cpu_pct": cpu, "generator_cpu_pct": generator, "bytes_per_idle_session": per_session}),
         );
         drop(server);
     }

@@ -346,13 +346,16 @@ impl Actor {
             }
         })?;
         self.idle_since = idle_since;
-        // Durable now: relay what each session brought, then ack and flush.
-        for &(key, first, end, _) in &steps {
-            if end > first {
-                let inserted: Vec<NodeIdx> = (first..end).collect();
-                metrics::counter!(telemetry::NODES_IN).increment(inserted.len() as u64);
-                self.relay(key, &inserted);
-            }
+        // Durable now: relay what the batch brought, then ack and flush.
+        let brought: Vec<((u64, u64), Vec<NodeIdx>)> = steps
+            .iter()
+            .filter(|(_, first, end, _)| end > first)
+            .map(|&(key, first, end, _)| (key, (first..end).collect()))
+            .collect();
+        let inserted: usize = brought.iter().map(|(_, nodes)| nodes.len()).sum();
+        if inserted > 0 {
+            metrics::counter!(telemetry::NODES_IN).increment(inserted as u64);
+            self.relay(&brought);
         }
         for conn in gone {
             self.drop_connection(conn);
@@ -382,40 +385,55 @@ impl Actor {
         }
     }
 
-    /// Relays `inserted` (durable now) to every session but `from`,
-    /// encoding the pack once for all of them.
-    fn relay(&mut self, from: (u64, u64), inserted: &[NodeIdx]) {
+    /// Relays the nodes a batch inserted (durable now), each session
+    /// getting those it did not send itself. Under load a batch holds many
+    /// sessions' edits, so each subscriber gets one pack (one frame, one
+    /// ack) per batch rather than one per edit; the pack is encoded once
+    /// for every session that sent nothing in the batch.
+    fn relay(&mut self, brought: &[((u64, u64), Vec<NodeIdx>)]) {
         let now = self.rooms.now();
         self.all_dirty = true;
-        // Encoding inserts nothing, so this writes nothing and cannot fail.
-        let Ok(encoded) = self.room.with_room(|r, _| EncodedPack::new(r, inserted)) else {
-            return;
-        };
-        let encoded = match encoded {
-            Ok(pack) => pack,
-            Err(e) => {
-                // Nodes a relay cannot vouch for: each session sends what
-                // it can and closes loudly otherwise.
-                warn!(error = %e, "cannot encode a relayed pack");
-                for (key, entry) in &mut self.sessions {
-                    if *key != from {
-                        let session = &mut entry.session;
-                        let _ = self
-                            .room
-                            .with_room(|r, _| session.send_nodes(now, r, inserted, None));
-                    }
+        let mut all: Vec<NodeIdx> = brought
+            .iter()
+            .flat_map(|(_, nodes)| nodes.iter().copied())
+            .collect();
+        all.sort_unstable();
+        let encode = |room: &mut DurableRoom, nodes: &[NodeIdx]| {
+            // Encoding inserts nothing, so this writes nothing.
+            match room.with_room(|r, _| EncodedPack::new(r, nodes)) {
+                Ok(Ok(pack)) => Some(pack),
+                Ok(Err(e)) => {
+                    // Nodes a relay cannot vouch for as one pack: sessions
+                    // then send what they can, and close loudly otherwise.
+                    warn!(error = %e, "cannot encode a relayed pack");
+                    None
                 }
-                return;
+                Err(_) => None,
             }
         };
+        let shared = encode(&mut self.room, &all);
         for (key, entry) in &mut self.sessions {
-            if *key == from {
+            let own = brought.iter().find(|(from, _)| from == key);
+            let nodes: Vec<NodeIdx> = match own {
+                None => all.clone(),
+                Some((_, mine)) => all.iter().copied().filter(|n| !mine.contains(n)).collect(),
+            };
+            if nodes.is_empty() {
                 continue;
             }
+            let own_pack;
+            let pack = match (own, &shared) {
+                (None, Some(pack)) => Some(pack),
+                _ => {
+                    own_pack = encode(&mut self.room, &nodes);
+                    own_pack.as_ref()
+                }
+            };
             let session = &mut entry.session;
-            let _ = self
-                .room
-                .with_room(|r, _| session.relay_pack(now, r, inserted, &encoded));
+            let _ = self.room.with_room(|r, _| match pack {
+                Some(pack) => session.relay_pack(now, r, &nodes, pack),
+                None => session.send_nodes(now, r, &nodes, None),
+            });
         }
     }
 
