@@ -111,3 +111,22 @@ fn live_changes_arrive_as_remote_change_events() {
         Some("ship it".into())
     );
 }
+
+#[test]
+fn endpoints_are_tried_in_order_until_one_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _runtime) = relay(&dir.path().join("relay"));
+    // A port nothing listens on, first.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("ws://{}/ws", l.local_addr().unwrap())
+    };
+    let r = Replica::open(dir.path().join("r")).unwrap();
+    r.room("x")
+        .unwrap()
+        .transact(|tx| tx.set("/a", "v", 1i64.into()))
+        .unwrap();
+    let sync = r.connect(&[dead.as_str(), url.as_str()], &["x"]).unwrap();
+    sync.flush(WAIT).unwrap();
+    assert_eq!(sync.status().endpoint.as_deref(), Some(url.as_str()));
+}
