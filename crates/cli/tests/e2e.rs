@@ -125,6 +125,60 @@ fn node_count(replica: &Path, room: &str) -> u64 {
     v["rooms"][0]["nodes"].as_u64().unwrap()
 }
 
+/// A TCP proxy for one connection that forwards everything to the server
+/// but only the first `limit` bytes back, as a network that dies mid-way.
+struct StallingProxy {
+    port: u16,
+    upstream: std::sync::Arc<std::sync::Mutex<Option<TcpStream>>>,
+}
+
+impl StallingProxy {
+    fn start(server_port: u16, limit: usize) -> StallingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let upstream = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let slot = upstream.clone();
+        std::thread::spawn(move || {
+            let Ok((client, _)) = listener.accept() else {
+                return;
+            };
+            let server = TcpStream::connect(("127.0.0.1", server_port)).unwrap();
+            *slot.lock().unwrap() = Some(server.try_clone().unwrap());
+            let (mut from_client, mut to_server) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_client, &mut to_server);
+                let _ = to_server.shutdown(std::net::Shutdown::Both);
+            });
+            let (mut from_server, mut to_client) = (server, client);
+            let mut passed = 0;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = from_server.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let take = n.min(limit - passed);
+                if take > 0 && to_client.write_all(&buf[..take]).is_err() {
+                    break;
+                }
+                passed += take;
+            }
+        });
+        StallingProxy { port, upstream }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    /// Ends the connection to the server.
+    fn close(&self) {
+        if let Some(s) = self.upstream.lock().unwrap().as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 #[test]
 fn three_replicas_edit_offline_sync_and_end_with_equal_hashes() {
     let dir = tempfile::tempdir().unwrap();
@@ -244,6 +298,7 @@ fn a_client_killed_mid_catch_up_resumes_where_it_stopped() {
     let source = syncline::Replica::open(dir.path().join("source")).unwrap();
     let big = source.room("big").unwrap();
     let sync = source.connect(&[server.url().as_str()], &["big"]).unwrap();
+    sync.flush(WAIT).unwrap(); // Connected before the first edit.
     for i in 0..TOTAL {
         big.transact(|tx| tx.set(&format!("/n/{}", i % 97), "v", (i as i64).into()))
             .unwrap();
@@ -251,29 +306,39 @@ fn a_client_killed_mid_catch_up_resumes_where_it_stopped() {
     sync.flush(WAIT).unwrap();
     drop(sync);
 
+    // The first attempt goes through a proxy that passes only the first
+    // few kilobytes back: the client imports some packs, then stalls, and
+    // is killed there.
     let client = dir.path().join("client");
+    let proxy = StallingProxy::start(server.port, 4_000);
     let mut child = Command::new(BIN)
         .arg("--replica")
         .arg(&client)
-        .args(["sync", "--server", &server.url(), "--once", "big"])
+        .args(["sync", "--server", &proxy.url(), "--once", "big"])
         .env("SYNCLINE_LOG", "syncline=debug")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Kill it once the first packs are in.
     let stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut imported = 0;
     for line in stderr.lines() {
         if line.unwrap().contains("imported") {
-            imported += 1;
-            if imported == 1 {
-                break;
-            }
+            break;
         }
     }
+    // Let it take in whatever else got through, then kill it.
+    std::thread::sleep(Duration::from_millis(500));
     child.kill().unwrap();
     child.wait().unwrap();
+    proxy.close();
+    let deadline = Instant::now() + WAIT;
+    while server.metric("syncline_sessions") != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the server kept the dead session"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let partial = node_count(&client, "big");
     assert!(
         partial > 0 && partial < TOTAL,
