@@ -136,6 +136,7 @@ async fn client(
     role: Role,
     shared: Arc<Shared>,
     ready: Arc<tokio::sync::Barrier>,
+    go: Arc<tokio::sync::Barrier>,
 ) -> Result<()> {
     let writer = role == Role::Writer;
     let raw = Arc::new(AtomicBool::new(false));
@@ -262,7 +263,9 @@ async fn client(
         connected = session.lock().await.is_settled();
     }
     raw.store(role != Role::Probe, Ordering::Relaxed);
+    // Everyone connected (the idle memory is measured now), then go.
     ready.wait().await;
+    go.wait().await;
     if writer {
         let period = Duration::from_secs_f64(1.0 / RATE);
         // Spread writers over the period.
@@ -328,6 +331,7 @@ pub(super) fn bench_fanout(report: &Report) -> Result<()> {
             .enable_all()
             .build()?;
         let ready = Arc::new(tokio::sync::Barrier::new(clients + 1));
+        let go = Arc::new(tokio::sync::Barrier::new(clients + 1));
         let tasks: Vec<_> = (0..clients)
             .map(|i| {
                 let role = if i < writers {
@@ -337,14 +341,22 @@ pub(super) fn bench_fanout(report: &Report) -> Result<()> {
                 } else {
                     Role::Listener
                 };
-                runtime.spawn(client(url.clone(), i, role, shared.clone(), ready.clone()))
+                runtime.spawn(client(
+                    url.clone(),
+                    i,
+                    role,
+                    shared.clone(),
+                    ready.clone(),
+                    go.clone(),
+                ))
             })
             .collect();
         runtime.block_on(ready.wait());
-        // Idle: every client connected, nobody has written yet.
+        // Idle: every client connected, nobody writes until `go`.
         std::thread::sleep(Duration::from_millis(500));
         let (_, rss_idle) = server.usage()?;
         let per_session = rss_idle.saturating_sub(rss_empty) as f64 / clients as f64;
+        runtime.block_on(go.wait());
         std::thread::sleep(WARMUP);
         shared.measuring.store(true, Ordering::SeqCst);
         let (cpu0, _) = server.usage()?;
