@@ -14,7 +14,7 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUp
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use syncline_core::RoomId;
-use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION, Reason};
+use syncline_core::proto::message::{Envelope, Message, Reason};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info_span};
 
@@ -175,16 +175,7 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64) {
             Ok(env) => env,
             Err(e) => {
                 debug!(error = %e, "undecodable frame: closing the connection");
-                let close = Envelope {
-                    version: PROTOCOL_VERSION,
-                    session: 0,
-                    corr: 0,
-                    message: Message::Close {
-                        reason: Reason::Malformed,
-                        message: e.to_string(),
-                    },
-                };
-                handle.send(close.encode());
+                handle.send(Envelope::close_frame(0, Reason::Malformed, e.to_string()));
                 handle.kill(Reason::Malformed);
                 break;
             }
@@ -193,16 +184,11 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64) {
             sessions.insert(env.session, (room.clone(), None));
         }
         let Some((room, inbox)) = sessions.get_mut(&env.session) else {
-            let close = Envelope {
-                version: PROTOCOL_VERSION,
-                session: env.session,
-                corr: 0,
-                message: Message::Close {
-                    reason: Reason::Malformed,
-                    message: "no session with this id: send hello first".into(),
-                },
-            };
-            handle.send(close.encode());
+            handle.send(Envelope::close_frame(
+                env.session,
+                Reason::Malformed,
+                "no session with this id: send hello first",
+            ));
             continue;
         };
         let input = RoomInput::Frame {

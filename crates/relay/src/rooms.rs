@@ -319,18 +319,11 @@ impl Actor {
                 }
                 let Some(entry) = sessions.get_mut(&key) else {
                     // Not a session here: tell the client.
-                    out.send(
-                        Envelope {
-                            version: syncline_core::proto::message::PROTOCOL_VERSION,
-                            session,
-                            corr: 0,
-                            message: Message::Close {
-                                reason: Reason::Malformed,
-                                message: "no session: send hello first".into(),
-                            },
-                        }
-                        .encode(),
-                    );
+                    out.send(Envelope::close_frame(
+                        session,
+                        Reason::Malformed,
+                        "no session: send hello first",
+                    ));
                     continue;
                 };
                 let first = r.dag().next_idx();

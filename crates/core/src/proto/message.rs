@@ -395,6 +395,21 @@ fn put_vv(w: &mut Writer, vv: &VersionVector) {
 }
 
 impl Envelope {
+    /// A `close` frame for `session`, for a driver refusing a frame no
+    /// session state machine can take (one it cannot decode or route).
+    pub fn close_frame(session: u64, reason: Reason, message: impl Into<String>) -> Vec<u8> {
+        Envelope {
+            version: PROTOCOL_VERSION,
+            session,
+            corr: 0,
+            message: Message::Close {
+                reason,
+                message: message.into(),
+            },
+        }
+        .encode()
+    }
+
     /// The frame bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();

@@ -533,21 +533,42 @@ impl Session {
         if !self.scope.is_everything() || pack.bytes.len() + 256 > self.config.max_frame {
             return self.send_nodes(now, room, nodes, None);
         }
+        self.send_pack(
+            now,
+            nodes,
+            pack.bytes.clone(),
+            pack.checksum,
+            Phase::Live,
+            true,
+        );
+    }
+
+    /// Sends one pack of `nodes` under a new correlation id and keeps it in
+    /// flight until acknowledged.
+    fn send_pack(
+        &mut self,
+        now: u64,
+        nodes: &[NodeIdx],
+        pack: Vec<u8>,
+        checksum: [u8; 32],
+        phase: Phase,
+        last: bool,
+    ) {
         let corr = self.next_corr;
         self.next_corr += 1;
         self.in_flight.insert(corr, (now, nodes.to_vec()));
         self.nodes_sent += nodes.len() as u64;
-        if self.side == Side::Server {
-            self.note_sent(room, nodes);
+        if phase == Phase::Catchup {
+            self.catchup_sent += nodes.len() as u64;
         }
         self.send(
             now,
             corr,
             Message::Pack {
-                pack: pack.bytes.clone(),
-                checksum: pack.checksum,
-                phase: Phase::Live,
-                last: true,
+                pack,
+                checksum,
+                phase,
+                last,
             },
         );
     }
@@ -604,26 +625,10 @@ impl Session {
                 }
                 take /= 2;
             };
-            let corr = self.next_corr;
-            self.next_corr += 1;
-            self.in_flight.insert(corr, (now, rest[..take].to_vec()));
-            self.nodes_sent += take as u64;
-            if phase == Phase::Catchup {
-                self.catchup_sent += take as u64;
-            }
-            rest = &rest[take..];
+            let (chunk, after) = rest.split_at(take);
+            rest = after;
             let checksum = *blake3::hash(&pack).as_bytes();
-            let last = rest.is_empty();
-            self.send(
-                now,
-                corr,
-                Message::Pack {
-                    pack,
-                    checksum,
-                    phase,
-                    last,
-                },
-            );
+            self.send_pack(now, chunk, pack, checksum, phase, rest.is_empty());
         }
     }
 
@@ -781,7 +786,6 @@ impl Session {
         if self.state == State::Closed {
             return;
         }
-        self.last_received = now;
         if frame.len() > self.config.max_frame {
             return self.close(now, Reason::TooLarge, "frame too large");
         }
