@@ -219,7 +219,7 @@ fn bench_trace(args: &Args, report: &Report) -> Result<()> {
     let nodes = room.dag().causal_order();
     let canonical: usize = nodes.iter().map(|&i| room.dag().bytes(i).len()).sum();
     let start = Instant::now();
-    let (pack, _) = room.export_pack(&nodes, Some(&key), DEFAULT_ZSTD_LEVEL)?;
+    let (pack, _) = room.export_pack(&nodes, Some(&key), &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
     let encode = start.elapsed();
     let edits = patches.len();
     report.emit(
@@ -264,7 +264,7 @@ fn bench_import(args: &Args, report: &Report) -> Result<()> {
     let key = Keypair::from_seed([7; 32]);
     let mut room = replay_trace(&patches, &key)?;
     let nodes = room.dag().causal_order();
-    let (pack, _) = room.export_pack(&nodes, Some(&key), DEFAULT_ZSTD_LEVEL)?;
+    let (pack, _) = room.export_pack(&nodes, Some(&key), &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
     let expected = room.state_hash();
     let (took, ()) = best(args.runs, || {
         let dir = tempfile::tempdir()?;
@@ -475,21 +475,27 @@ fn bench_catchup(args: &Args, report: &Report) -> Result<()> {
     let key = Keypair::from_seed([7; 32]);
     let mut author = replay_trace(&patches, &key)?;
     let order = author.dag().causal_order();
-    let (pack, _) = author.export_pack(&order, Some(&key), DEFAULT_ZSTD_LEVEL)?;
+    let (pack, _) = author.export_pack(&order, Some(&key), &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
     for percent in [50usize, 90, 99] {
         // The server holds the whole history as received (signed); the
         // client holds a causal prefix of it.
         let mut server = Room::new(room_id());
         server.receive_pack(&pack)?;
         let split = order.len() * percent / 100;
-        let (prefix, _) = author.export_pack(&order[..split], Some(&key), DEFAULT_ZSTD_LEVEL)?;
+        let (prefix, _) = author.export_pack(
+            &order[..split],
+            Some(&key),
+            &|_, _| false,
+            DEFAULT_ZSTD_LEVEL,
+        )?;
         let mut client = Room::new(room_id());
         client.receive_pack(&prefix)?;
         // Reference: the missing nodes alone, as one compact pack.
         let missing = server
             .dag()
             .missing_for_version_vector(&client.dag().version_vector());
-        let (reference, _) = server.export_pack(&missing, None, DEFAULT_ZSTD_LEVEL)?;
+        let (reference, _) =
+            server.export_pack(&missing, None, &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
         let client_key = Keypair::from_seed([8; 32]);
         let run = run_session(&mut client, &client_key, &mut server)?;
         anyhow::ensure!(

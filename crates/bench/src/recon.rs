@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde_json::json;
 use syncline_core::dag::{Dag, NodeIdx, VersionVector};
+use syncline_core::node::NodeFormat;
 use syncline_core::proto::message::{Envelope, Limits, Message, PROTOCOL_VERSION};
 use syncline_core::proto::session::{CAP_DIFF_HEADS, CAP_DIFF_IBF, CAP_DIFF_MST};
 use syncline_core::recon::mst::{self, Mst, Reconciler};
@@ -222,9 +223,12 @@ fn append(dag: &mut Dag, author: AuthorId, other: Option<NodeIdx>) -> Result<()>
     let mut parents: Vec<NodeIdx> = other.into_iter().collect();
     parents.extend(dag.by_author_seq(&author, seq - 1));
     let lamport = dag.next_lamport(&parents);
-    let mut parent_ids: Vec<NodeId> = parents.iter().map(|&p| *dag.id(p)).collect();
-    parent_ids.sort_unstable();
-    parent_ids.dedup();
+    let mut cited: Vec<(NodeId, (AuthorId, u64))> = parents
+        .iter()
+        .map(|&p| (*dag.id(p), (*dag.author(p), dag.seq(p))))
+        .collect();
+    cited.sort_unstable();
+    cited.dedup();
     let wall_ms = 1_700_000_000_000
         + parents
             .iter()
@@ -234,10 +238,11 @@ fn append(dag: &mut Dag, author: AuthorId, other: Option<NodeIdx>) -> Result<()>
             % 1_000_000
         + 1;
     let node = Node {
+        format: NodeFormat::V2,
         room: room_id(),
         author,
         seq,
-        parents: parent_ids,
+        parents: cited.iter().map(|(id, _)| *id).collect(),
         lamport,
         hlc: Hlc {
             wall_ms,
@@ -256,6 +261,7 @@ fn append(dag: &mut Dag, author: AuthorId, other: Option<NodeIdx>) -> Result<()>
         node,
         bytes,
         sig: None,
+        parent_keys: cited.iter().map(|(_, key)| *key).collect(),
     })?;
     Ok(())
 }

@@ -13,7 +13,7 @@ use thiserror::Error;
 use crate::hlc::Hlc;
 use crate::ids::{AuthorId, IdMap, IdSet, NodeId, RoomId, Signature};
 use crate::limits::MAX_PENDING_NODES;
-use crate::node::Node;
+use crate::node::{Node, NodeFormat};
 
 /// Size of one chunk of the node byte arena.
 const BYTE_CHUNK: usize = 1 << 20;
@@ -37,6 +37,19 @@ pub struct VerifiedNode {
     pub bytes: Vec<u8>,
     /// A signature by the author over `id`, when one came with it.
     pub sig: Option<Signature>,
+    /// (author, seq) of each parent, in the order of `node.parents`, which
+    /// is how a format-2 node's parents are found (empty for a format-1
+    /// node: its parents are format-1 nodes, found by id).
+    pub parent_keys: Vec<(AuthorId, u64)>,
+}
+
+/// What a node waiting in the pending queue waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum WaitKey {
+    /// A node by (author, seq).
+    Seq(AuthorId, u64),
+    /// A format-1 node by id.
+    Id(NodeId),
 }
 
 /// Why a node was refused by the DAG.
@@ -103,6 +116,7 @@ pub struct Insertion {
 #[derive(Clone, Debug)]
 struct Meta {
     id: NodeId,
+    format: NodeFormat,
     author: u32,
     seq: u64,
     lamport: u64,
@@ -123,6 +137,9 @@ pub struct Dag {
     byte_spans: Vec<(u32, u32, u32)>,
     parent_arena: Vec<NodeIdx>,
     index: IdMap<NodeId, NodeIdx>,
+    /// Format-1 nodes by id: what format-1 parents and characters are
+    /// found through (they may cite only format-1 nodes).
+    legacy: IdMap<NodeId, NodeIdx>,
     authors: Vec<AuthorId>,
     author_index: IdMap<AuthorId, u32>,
     /// Per author: chain[seq - 1] is the node with that seq.
@@ -130,14 +147,12 @@ pub struct Dag {
     heads: IdSet<NodeIdx>,
     signatures: IdMap<NodeIdx, Signature>,
     pending: Pending,
-    /// Reused for each insertion's parent numbers.
-    scratch_parents: Vec<NodeIdx>,
 }
 
 #[derive(Clone, Debug, Default)]
 struct Pending {
     /// Missing parent -> nodes waiting for it.
-    waiting: IdMap<NodeId, Vec<VerifiedNode>>,
+    waiting: IdMap<WaitKey, Vec<VerifiedNode>>,
     ids: IdSet<NodeId>,
     limit: usize,
 }
@@ -157,6 +172,7 @@ impl Dag {
             byte_spans: Vec::new(),
             parent_arena: Vec::new(),
             index: IdMap::default(),
+            legacy: IdMap::default(),
             authors: Vec::new(),
             author_index: IdMap::default(),
             chains: Vec::new(),
@@ -166,7 +182,6 @@ impl Dag {
                 limit,
                 ..Pending::default()
             },
-            scratch_parents: Vec::new(),
         }
     }
 
@@ -203,6 +218,17 @@ impl Dag {
     /// The id of node `idx`.
     pub fn id(&self, idx: NodeIdx) -> &NodeId {
         &self.metas[idx as usize].id
+    }
+
+    /// The canonical format of node `idx`.
+    pub fn format(&self, idx: NodeIdx) -> NodeFormat {
+        self.metas[idx as usize].format
+    }
+
+    /// The number of a held format-1 node (the only nodes a format-1 node
+    /// may cite).
+    pub fn legacy_idx(&self, id: &NodeId) -> Option<NodeIdx> {
+        self.legacy.get(id).copied()
     }
 
     /// The canonical bytes of node `idx`.
@@ -282,6 +308,22 @@ impl Dag {
             .map_or(0, |&a| self.chains[a as usize].len() as u64)
     }
 
+    /// Nodes without children, sorted by id, with their numbers.
+    pub fn head_nodes(&self) -> Vec<(NodeId, NodeIdx)> {
+        let mut heads: Vec<(NodeId, NodeIdx)> =
+            self.heads.iter().map(|&i| (*self.id(i), i)).collect();
+        heads.sort_unstable();
+        heads
+    }
+
+    /// (author, seq) of each parent of node `idx`, in canonical order.
+    pub fn parent_keys(&self, idx: NodeIdx) -> Vec<(AuthorId, u64)> {
+        self.parents(idx)
+            .iter()
+            .map(|&p| (*self.author(p), self.seq(p)))
+            .collect()
+    }
+
     /// Nodes without children, sorted by id.
     pub fn heads(&self) -> Vec<NodeId> {
         let mut ids: Vec<NodeId> = self.heads.iter().map(|&i| *self.id(i)).collect();
@@ -343,25 +385,68 @@ impl Dag {
             out.pending = true;
             return Ok(out);
         }
-        if let Some(missing) = self.first_missing_parent(&v.node) {
-            self.park(missing, v)?;
-            out.pending = true;
-            return Ok(out);
-        }
-        let id = v.id;
-        self.insert_ready(v, &mut out.accepted)?;
-        self.release_waiters(id, &mut out);
+        let parents = match self.resolve_parents(&v)? {
+            Ok(parents) => parents,
+            Err(missing) => {
+                self.park(missing, v)?;
+                out.pending = true;
+                return Ok(out);
+            }
+        };
+        let released = self.waits_released_by(&v);
+        self.insert_ready(v, &parents, &mut out.accepted)?;
+        self.release_waiters(released, &mut out);
         Ok(out)
     }
 
-    fn first_missing_parent(&self, node: &Node) -> Option<NodeId> {
-        node.parents
-            .iter()
-            .find(|p| !self.index.contains_key(*p))
-            .copied()
+    /// The numbers of `v`'s parents, or what the first missing one waits
+    /// under. A format-2 parent held under its (author, seq) with another
+    /// id means that author equivocated.
+    fn resolve_parents(&self, v: &VerifiedNode) -> Result<Result<Vec<NodeIdx>, WaitKey>, DagError> {
+        let mut out = Vec::with_capacity(v.node.parents.len());
+        if v.node.format == NodeFormat::V1 {
+            for p in &v.node.parents {
+                match self.legacy.get(p) {
+                    Some(&idx) => out.push(idx),
+                    None => return Ok(Err(WaitKey::Id(*p))),
+                }
+            }
+            return Ok(Ok(out));
+        }
+        if v.parent_keys.len() != v.node.parents.len() {
+            return Err(DagError::Invalid {
+                id: v.id,
+                reason: "parents without their (author, seq)",
+            });
+        }
+        for (&(author, seq), cited) in v.parent_keys.iter().zip(&v.node.parents) {
+            let Some(idx) = self.by_author_seq(&author, seq) else {
+                return Ok(Err(WaitKey::Seq(author, seq)));
+            };
+            if self.id(idx) != cited {
+                return Err(DagError::Equivocation {
+                    author,
+                    seq,
+                    existing: *self.id(idx),
+                    conflicting: *cited,
+                });
+            }
+            out.push(idx);
+        }
+        Ok(Ok(out))
     }
 
-    fn park(&mut self, missing: NodeId, v: VerifiedNode) -> Result<(), DagError> {
+    /// What inserting `v` releases: waits on its (author, seq), and on its
+    /// id if it is a format-1 node.
+    fn waits_released_by(&self, v: &VerifiedNode) -> Vec<WaitKey> {
+        let mut keys = vec![WaitKey::Seq(v.node.author, v.node.seq)];
+        if v.node.format == NodeFormat::V1 {
+            keys.push(WaitKey::Id(v.id));
+        }
+        keys
+    }
+
+    fn park(&mut self, missing: WaitKey, v: VerifiedNode) -> Result<(), DagError> {
         if self.pending.ids.len() >= self.pending.limit {
             return Err(DagError::PendingFull(self.pending.ids.len()));
         }
@@ -370,23 +455,31 @@ impl Dag {
         Ok(())
     }
 
-    fn release_waiters(&mut self, first: NodeId, out: &mut Insertion) {
-        let mut ready = vec![first];
-        while let Some(id) = ready.pop() {
-            let Some(waiters) = self.pending.waiting.remove(&id) else {
+    fn release_waiters(&mut self, first: Vec<WaitKey>, out: &mut Insertion) {
+        let mut ready = first;
+        while let Some(key) = ready.pop() {
+            let Some(waiters) = self.pending.waiting.remove(&key) else {
                 continue;
             };
             for w in waiters {
                 self.pending.ids.remove(&w.id);
-                if let Some(missing) = self.first_missing_parent(&w.node) {
-                    // Re-parking cannot exceed the limit: this node was counted.
-                    self.pending.ids.insert(w.id);
-                    self.pending.waiting.entry(missing).or_default().push(w);
-                    continue;
-                }
-                let wid = w.id;
-                match self.insert_ready(w, &mut out.accepted) {
-                    Ok(()) => ready.push(wid),
+                let parents = match self.resolve_parents(&w) {
+                    Ok(Ok(parents)) => parents,
+                    Ok(Err(missing)) => {
+                        // Re-parking cannot exceed the limit: this node was
+                        // counted.
+                        self.pending.ids.insert(w.id);
+                        self.pending.waiting.entry(missing).or_default().push(w);
+                        continue;
+                    }
+                    Err(e) => {
+                        out.released_errors.push(e);
+                        continue;
+                    }
+                };
+                let released = self.waits_released_by(&w);
+                match self.insert_ready(w, &parents, &mut out.accepted) {
+                    Ok(()) => ready.extend(released),
                     Err(e) => out.released_errors.push(e),
                 }
             }
@@ -397,31 +490,40 @@ impl Dag {
     fn insert_ready(
         &mut self,
         v: VerifiedNode,
+        parents: &[NodeIdx],
         accepted: &mut Vec<(NodeIdx, Node)>,
     ) -> Result<(), DagError> {
-        let idx = self.validate_and_record(&v.id, &v.node, &v.bytes, v.sig)?;
+        let idx = self.validate_and_record(&v.id, &v.node, &v.bytes, v.sig, parents)?;
         accepted.push((idx, v.node));
         Ok(())
     }
 
     /// Inserts a node this replica just built on its current heads (the
-    /// transaction has already materialized it): the same checks as
-    /// [`Dag::insert`], without handing the node back.
+    /// transaction has already materialized it), whose parents are the
+    /// nodes `parents`: the same checks as [`Dag::insert`], without handing
+    /// the node back.
     pub(crate) fn insert_local(
         &mut self,
         id: &NodeId,
         node: &Node,
         bytes: &[u8],
+        parents: &[NodeIdx],
     ) -> Result<NodeIdx, DagError> {
         node.check_structure()
             .map_err(|source| DagError::Structure { id: *id, source })?;
-        if node.room != self.room || self.first_missing_parent(node).is_some() {
+        let extends = node.room == self.room
+            && node.parents.len() == parents.len()
+            && parents
+                .iter()
+                .zip(&node.parents)
+                .all(|(&p, id)| p < self.next_idx() && self.id(p) == id);
+        if !extends {
             return Err(DagError::Invalid {
                 id: *id,
                 reason: "a local node must extend this room's held history",
             });
         }
-        self.validate_and_record(id, node, bytes, None)
+        self.validate_and_record(id, node, bytes, None, parents)
     }
 
     /// The checks that need the parents (lamport, author chain, clock
@@ -432,14 +534,10 @@ impl Dag {
         node: &Node,
         bytes: &[u8],
         sig: Option<Signature>,
+        parents: &[NodeIdx],
     ) -> Result<NodeIdx, DagError> {
-        let mut parents = std::mem::take(&mut self.scratch_parents);
-        parents.clear();
-        parents.extend(node.parents.iter().map(|p| self.index[p]));
-        let checked = self.validate(id, node, &parents);
-        let result = checked.map(|author| self.record(id, node, bytes, sig, author, &parents));
-        self.scratch_parents = parents;
-        result
+        let author = self.validate(id, node, parents)?;
+        Ok(self.record(id, node, bytes, sig, author, parents))
     }
 
     /// Returns the author's number (`None`: a new author).
@@ -504,6 +602,7 @@ impl Dag {
         self.heads.insert(idx);
         self.metas.push(Meta {
             id: *id,
+            format: node.format,
             author,
             seq: node.seq,
             lamport: node.lamport,
@@ -514,6 +613,9 @@ impl Dag {
         self.parent_arena.extend_from_slice(parents);
         self.store_bytes(bytes);
         self.index.insert(*id, idx);
+        if node.format == NodeFormat::V1 {
+            self.legacy.insert(*id, idx);
+        }
         self.chains[author as usize].push(idx);
         if let Some(sig) = sig {
             self.signatures.insert(idx, sig);
@@ -614,13 +716,14 @@ mod tests {
     }
 
     fn make(author: &Keypair, seq: u64, parents: &[&VerifiedNode], lamport: u64) -> VerifiedNode {
-        let mut p: Vec<NodeId> = parents.iter().map(|v| v.id).collect();
-        p.sort_unstable();
+        let mut parents = parents.to_vec();
+        parents.sort_unstable_by_key(|v| v.id);
         let node = Node {
+            format: NodeFormat::V2,
             room: room(),
             author: author.author(),
             seq,
-            parents: p,
+            parents: parents.iter().map(|v| v.id).collect(),
             lamport,
             hlc: Hlc {
                 wall_ms: seq,
@@ -634,6 +737,10 @@ mod tests {
             node,
             bytes,
             sig: None,
+            parent_keys: parents
+                .iter()
+                .map(|v| (v.node.author, v.node.seq))
+                .collect(),
         }
     }
 

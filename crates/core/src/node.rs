@@ -4,6 +4,15 @@
 //! but the signature). The decoder accepts only canonical bytes, so bytes and
 //! nodes are in bijection and an id can be recomputed from any other encoding
 //! of the same node (the compact pack rebuilds nodes and hashes them again).
+//!
+//! Two formats exist. Format 2, which every new node uses, cites text
+//! characters by (author, seq) of the node that inserted them; format 1 cited
+//! them by node id. Rebuilding a format-1 node's bytes (to check its hash or
+//! ship it) needs the id of every node it cites, and ids are hashes of
+//! bytes, so a replica had to keep every id of its history: 32 bytes a
+//! keystroke, which no compact history can afford. Format-1 nodes stay
+//! readable, because their ids are what other replicas hold; they may cite
+//! only format-1 nodes (all of them predate format 2).
 
 use thiserror::Error;
 
@@ -14,11 +23,22 @@ use crate::limits::{
     MAX_DELETED_CHARS_PER_NODE, MAX_HLC_WALL_MS, MAX_NODE_BYTES, MAX_OPS_PER_NODE, MAX_PARENTS,
     MAX_ROOM_ID_BYTES,
 };
-use crate::op::Op;
+use crate::op::{CharNode, Op};
+
+/// The canonical encoding a node uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NodeFormat {
+    /// Characters cited by node id (nodes written before format 2).
+    V1,
+    /// Characters cited by (author, seq): what new nodes use.
+    V2,
+}
 
 /// One transaction of one author in one room.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Node {
+    /// The canonical encoding (and so how the ops cite characters).
+    pub format: NodeFormat,
     /// The room; binds the node to it (no cross-room replay).
     pub room: RoomId,
     /// Who wrote it.
@@ -60,7 +80,13 @@ impl Node {
 
     /// Appends the canonical encoding to `w`.
     pub fn encode_into(&self, w: &mut Writer) {
-        w.array(7);
+        match self.format {
+            NodeFormat::V1 => w.array(7),
+            NodeFormat::V2 => {
+                w.array(8);
+                w.uint(2);
+            }
+        }
         w.str(self.room.as_str());
         w.bin(&self.author.0);
         w.uint(self.seq);
@@ -84,9 +110,12 @@ impl Node {
     }
 
     /// Checks the rules that need no other node: seq and lamport positive,
-    /// parents sorted and distinct, bounded counts, and a non-root node must
-    /// have parents.
+    /// parents sorted and distinct, bounded counts, a non-root node must
+    /// have parents, and character references of the node's format (in
+    /// format 2: the author left out when it is the node's own, and no
+    /// reference to a later node of its own chain).
     pub fn check_structure(&self) -> Result<(), NodeDecodeError> {
+        self.check_char_refs()?;
         if self.seq == 0 {
             return Err(NodeDecodeError::Invalid("seq must start at 1"));
         }
@@ -129,13 +158,53 @@ impl Node {
         Ok(())
     }
 
-    /// Decodes canonical bytes, refusing anything else.
+    fn check_char_refs(&self) -> Result<(), NodeDecodeError> {
+        for r in self.ops.iter().flat_map(|op| op.char_refs()) {
+            match (self.format, r.node) {
+                (NodeFormat::V1, CharNode::Id(_)) => {}
+                (NodeFormat::V2, CharNode::Seq { author, seq }) => {
+                    if seq == 0 {
+                        return Err(NodeDecodeError::Invalid("character cites seq 0"));
+                    }
+                    if author == Some(self.author) {
+                        return Err(NodeDecodeError::Invalid(
+                            "character cites its own author by key",
+                        ));
+                    }
+                    if author.is_none() && seq > self.seq {
+                        return Err(NodeDecodeError::Invalid(
+                            "character cites a later node of its own chain",
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(NodeDecodeError::Invalid(
+                        "character reference of the wrong format",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes canonical bytes (of either format), refusing anything else.
     pub fn decode(bytes: &[u8]) -> Result<Node, NodeDecodeError> {
         if bytes.len() > MAX_NODE_BYTES {
             return Err(NodeDecodeError::TooLarge(bytes.len()));
         }
         let mut r = Reader::new(bytes);
-        r.array_exact(7)?;
+        let format_at = r.position();
+        let format = match r.array(8)? {
+            7 => NodeFormat::V1,
+            8 if r.uint()? == 2 => NodeFormat::V2,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    at: format_at,
+                    what: "unknown node format",
+                }
+                .into());
+            }
+        };
         let room_at = r.position();
         let room = RoomId::new(r.str(MAX_ROOM_ID_BYTES)?).map_err(|_| DecodeError::Invalid {
             at: room_at,
@@ -157,10 +226,11 @@ impl Node {
         let n = r.array(MAX_OPS_PER_NODE)?;
         let mut ops = Vec::with_capacity(n);
         for _ in 0..n {
-            ops.push(Op::decode(&mut r)?);
+            ops.push(Op::decode(&mut r, format)?);
         }
         r.finish()?;
         let node = Node {
+            format,
             room,
             author,
             seq,
@@ -181,15 +251,20 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     pub(crate) fn arb_node() -> impl Strategy<Value = Node> {
+        prop_oneof![arb_node_of(NodeFormat::V1), arb_node_of(NodeFormat::V2)]
+    }
+
+    fn arb_node_of(format: NodeFormat) -> impl Strategy<Value = Node> {
         (
             any::<[u8; 32]>(),
             1u64..1_000_000,
             proptest::collection::btree_set(any::<[u8; 32]>(), 1..4),
             0..=MAX_HLC_WALL_MS,
             any::<u32>(),
-            proptest::collection::vec(arb_op(), 0..5),
+            proptest::collection::vec(arb_op(format), 0..5),
         )
-            .prop_map(|(author, seq, parents, wall_ms, counter, ops)| Node {
+            .prop_map(move |(author, seq, parents, wall_ms, counter, ops)| Node {
+                format,
                 room: RoomId::new("room-1").unwrap(),
                 author: AuthorId(author),
                 seq,
@@ -241,6 +316,7 @@ pub(crate) mod tests {
         use crate::ids::EntryId;
         use crate::op::{CharRef, CharSpan};
         let mut node = Node {
+            format: NodeFormat::V2,
             room: RoomId::new("r").unwrap(),
             author: AuthorId([1; 32]),
             seq: 1,
@@ -251,7 +327,10 @@ pub(crate) mod tests {
                 entry: EntryId::ROOT,
                 spans: vec![CharSpan {
                     start: CharRef {
-                        node: None,
+                        node: CharNode::Seq {
+                            author: None,
+                            seq: 1,
+                        },
                         index: 0,
                     },
                     len: u32::MAX,
@@ -271,8 +350,73 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn format_2_references_are_checked() {
+        use crate::ids::EntryId;
+        use crate::op::CharRef;
+        let insert = |node: CharNode| Op::TextInsert {
+            entry: EntryId::ROOT,
+            left: Some(CharRef { node, index: 0 }),
+            right: None,
+            text: "x".into(),
+        };
+        let mut node = Node {
+            format: NodeFormat::V2,
+            room: RoomId::new("r").unwrap(),
+            author: AuthorId([1; 32]),
+            seq: 3,
+            parents: vec![NodeId([0; 32])],
+            lamport: 2,
+            hlc: Hlc::default(),
+            ops: vec![insert(CharNode::Seq {
+                author: None,
+                seq: 3,
+            })],
+        };
+        assert_eq!(Node::decode(&node.encode()), Ok(node.clone()));
+        for (bad, why) in [
+            (
+                CharNode::Seq {
+                    author: None,
+                    seq: 4,
+                },
+                "character cites a later node of its own chain",
+            ),
+            (
+                CharNode::Seq {
+                    author: Some(AuthorId([1; 32])),
+                    seq: 1,
+                },
+                "character cites its own author by key",
+            ),
+            (
+                CharNode::Seq {
+                    author: Some(AuthorId([2; 32])),
+                    seq: 0,
+                },
+                "character cites seq 0",
+            ),
+            (
+                CharNode::Id(None),
+                "character reference of the wrong format",
+            ),
+        ] {
+            node.ops = vec![insert(bad)];
+            assert_eq!(node.check_structure(), Err(NodeDecodeError::Invalid(why)));
+        }
+        // The two formats never decode as each other.
+        node.ops.clear();
+        let v2 = node.encode();
+        node.format = NodeFormat::V1;
+        let v1 = node.encode();
+        assert_ne!(v1, v2);
+        assert_eq!(Node::decode(&v1).unwrap().format, NodeFormat::V1);
+        assert_eq!(Node::decode(&v2).unwrap().format, NodeFormat::V2);
+    }
+
+    #[test]
     fn trailing_bytes_and_oversize_are_refused() {
         let node = Node {
+            format: NodeFormat::V2,
             room: RoomId::new("r").unwrap(),
             author: AuthorId([1; 32]),
             seq: 1,

@@ -3,8 +3,9 @@
 //! only defines them and their canonical encoding.
 
 use crate::codec::mp::{DecodeError, Reader, Writer};
-use crate::ids::{EntryId, NodeId};
+use crate::ids::{AuthorId, EntryId, NodeId};
 use crate::limits::{MAX_DELETE_SPANS, MAX_NAME_BYTES, MAX_POSITION_BYTES, MAX_STRING_BYTES};
+use crate::node::NodeFormat;
 use crate::value::Value;
 
 /// What an entry holds besides fields and children.
@@ -41,13 +42,31 @@ impl EntryKind {
     }
 }
 
+/// The node that inserted a referenced character.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CharNode {
+    /// Node format 1: by id; `None` is the node carrying the reference (its
+    /// own id cannot appear inside it). Rebuilding such a node's canonical
+    /// bytes needs the id of every node it cites, so format 2 names nodes
+    /// by (author, seq) instead.
+    Id(Option<NodeId>),
+    /// Node format 2: by (author, seq), which names one node of a room
+    /// (equivocation is refused). `author: None` is the citing node's own
+    /// author (with its own seq: the citing node itself).
+    Seq {
+        /// The author, unless it is the citing node's.
+        author: Option<AuthorId>,
+        /// The author's sequence number of the node.
+        seq: u64,
+    },
+}
+
 /// A character of a collaborative text: the node that inserted it and the
 /// character's index among all characters that node inserted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CharRef {
-    /// `None` means the node that carries this reference (its own id cannot
-    /// appear inside it).
-    pub node: Option<NodeId>,
+    /// The node that inserted it.
+    pub node: CharNode,
     /// Index among the characters inserted by that node.
     pub index: u32,
 }
@@ -247,8 +266,20 @@ impl Op {
         }
     }
 
-    /// Reads one canonical operation.
-    pub fn decode(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
+    /// The character references of this operation.
+    pub fn char_refs(&self) -> impl Iterator<Item = &CharRef> {
+        let (left, right, spans) = match self {
+            Op::TextInsert { left, right, .. } => (left.as_ref(), right.as_ref(), &[][..]),
+            Op::TextDelete { spans, .. } => (None, None, &spans[..]),
+            _ => (None, None, &[][..]),
+        };
+        left.into_iter()
+            .chain(right)
+            .chain(spans.iter().map(|s| &s.start))
+    }
+
+    /// Reads one canonical operation of a node of `format`.
+    pub fn decode(r: &mut Reader<'_>, format: NodeFormat) -> Result<Op, DecodeError> {
         let at = r.position();
         let arity = r.array(6)?;
         let tag = r.uint()?;
@@ -312,8 +343,8 @@ impl Op {
             },
             TAG_TEXT_INSERT => {
                 let entry = EntryId(r.bin_array()?);
-                let left = decode_char_ref(r)?;
-                let right = decode_char_ref(r)?;
+                let left = decode_char_ref(r, format)?;
+                let right = decode_char_ref(r, format)?;
                 let text_at = r.position();
                 let text = r.str(MAX_STRING_BYTES)?;
                 if text.is_empty() {
@@ -336,7 +367,7 @@ impl Op {
                 for _ in 0..n {
                     r.array_exact(2)?;
                     let span_at = r.position();
-                    let start = decode_char_ref(r)?.ok_or(DecodeError::Invalid {
+                    let start = decode_char_ref(r, format)?.ok_or(DecodeError::Invalid {
                         at: span_at,
                         what: "delete span without a start",
                     })?;
@@ -371,30 +402,56 @@ fn decode_position(r: &mut Reader<'_>) -> Result<Option<Position>, DecodeError> 
 }
 
 fn encode_char_ref(w: &mut Writer, c: Option<&CharRef>) {
-    match c {
-        None => w.nil(),
-        Some(c) => {
+    let Some(c) = c else {
+        return w.nil();
+    };
+    match &c.node {
+        CharNode::Id(node) => {
             w.array(2);
-            match &c.node {
+            match node {
                 Some(id) => w.bin(&id.0),
                 None => w.nil(),
             }
-            w.uint(c.index as u64);
+        }
+        CharNode::Seq { author, seq } => {
+            w.array(3);
+            match author {
+                Some(a) => w.bin(&a.0),
+                None => w.nil(),
+            }
+            w.uint(*seq);
         }
     }
+    w.uint(c.index as u64);
 }
 
-fn decode_char_ref(r: &mut Reader<'_>) -> Result<Option<CharRef>, DecodeError> {
+/// Reads `nil` as `None`, else a 32-byte binary.
+fn decode_optional_key(r: &mut Reader<'_>) -> Result<Option<[u8; 32]>, DecodeError> {
     if r.peek()? == 0xc0 {
         r.nil()?;
         return Ok(None);
     }
-    r.array_exact(2)?;
-    let node = if r.peek()? == 0xc0 {
+    Ok(Some(r.bin_array()?))
+}
+
+fn decode_char_ref(r: &mut Reader<'_>, format: NodeFormat) -> Result<Option<CharRef>, DecodeError> {
+    if r.peek()? == 0xc0 {
         r.nil()?;
-        None
-    } else {
-        Some(NodeId(r.bin_array()?))
+        return Ok(None);
+    }
+    let node = match format {
+        NodeFormat::V1 => {
+            r.array_exact(2)?;
+            CharNode::Id(decode_optional_key(r)?.map(NodeId))
+        }
+        NodeFormat::V2 => {
+            r.array_exact(3)?;
+            let author = decode_optional_key(r)?.map(AuthorId);
+            CharNode::Seq {
+                author,
+                seq: r.uint()?,
+            }
+        }
     };
     Ok(Some(CharRef {
         node,
@@ -442,16 +499,28 @@ pub(crate) mod tests {
         prop_oneof![Just(EntryId::ROOT), any::<[u8; 32]>().prop_map(EntryId)]
     }
 
-    fn arb_char_ref() -> impl Strategy<Value = CharRef> {
+    /// References of `format`; own-author references name seq 1, which
+    /// every node may cite.
+    fn arb_char_ref(format: NodeFormat) -> impl Strategy<Value = CharRef> {
         (
-            proptest::option::of(any::<[u8; 32]>().prop_map(NodeId)),
+            proptest::option::of(any::<[u8; 32]>()),
+            1u64..1 << 40,
             any::<u32>(),
         )
-            .prop_map(|(node, index)| CharRef { node, index })
+            .prop_map(move |(key, seq, index)| CharRef {
+                node: match format {
+                    NodeFormat::V1 => CharNode::Id(key.map(NodeId)),
+                    NodeFormat::V2 => CharNode::Seq {
+                        author: key.map(AuthorId),
+                        seq: if key.is_some() { seq } else { 1 },
+                    },
+                },
+                index,
+            })
     }
 
-    /// Arbitrary well-formed operations.
-    pub(crate) fn arb_op() -> impl Strategy<Value = Op> {
+    /// Arbitrary well-formed operations of a node of `format`.
+    pub(crate) fn arb_op(format: NodeFormat) -> impl Strategy<Value = Op> {
         let name = "[a-z0-9 ._-]{1,12}";
         let position = proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8));
         prop_oneof![
@@ -490,8 +559,8 @@ pub(crate) mod tests {
             arb_entry().prop_map(|entry| Op::Delete { entry }),
             (
                 arb_entry(),
-                proptest::option::of(arb_char_ref()),
-                proptest::option::of(arb_char_ref()),
+                proptest::option::of(arb_char_ref(format)),
+                proptest::option::of(arb_char_ref(format)),
                 ".{1,12}"
             )
                 .prop_map(|(entry, left, right, text)| Op::TextInsert {
@@ -502,7 +571,7 @@ pub(crate) mod tests {
                 }),
             (
                 arb_entry(),
-                proptest::collection::vec((arb_char_ref(), 1u32..100), 0..4)
+                proptest::collection::vec((arb_char_ref(format), 1u32..100), 0..4)
             )
                 .prop_map(|(entry, spans)| Op::TextDelete {
                     entry,
@@ -516,13 +585,15 @@ pub(crate) mod tests {
 
     proptest! {
         #[test]
-        fn ops_roundtrip_canonically(op in arb_op()) {
-            let mut w = Writer::new();
-            op.encode(&mut w);
-            let mut r = Reader::new(w.as_bytes());
-            let back = Op::decode(&mut r).unwrap();
-            r.finish().unwrap();
-            prop_assert_eq!(back, op);
+        fn ops_roundtrip_canonically(v1 in arb_op(NodeFormat::V1), v2 in arb_op(NodeFormat::V2)) {
+            for (op, format) in [(v1, NodeFormat::V1), (v2, NodeFormat::V2)] {
+                let mut w = Writer::new();
+                op.encode(&mut w);
+                let mut r = Reader::new(w.as_bytes());
+                let back = Op::decode(&mut r, format).unwrap();
+                r.finish().unwrap();
+                prop_assert_eq!(back, op);
+            }
         }
     }
 
@@ -538,7 +609,7 @@ pub(crate) mod tests {
         let mut w = Writer::new();
         op.encode(&mut w);
         assert!(matches!(
-            Op::decode(&mut Reader::new(w.as_bytes())),
+            Op::decode(&mut Reader::new(w.as_bytes()), NodeFormat::V2),
             Err(DecodeError::Invalid { .. })
         ));
     }

@@ -9,6 +9,18 @@
 //! node's canonical bytes and recomputes its id, so ids are never sent for
 //! nodes inside the pack.
 //!
+//! Nodes outside the pack are cited by (author, seq): characters always
+//! (format-2 nodes name them that way), parents too when the sender knows
+//! the receiver holds them (the receiver supplies their ids, which the
+//! canonical bytes need). A parent the receiver may lack also carries its
+//! 32-byte id, so the node can be hashed, and wait for it, all the same.
+//! Format-1 nodes, which cite characters by id, travel verbatim.
+//!
+//! Decoding has two steps: [`decode_raw`] reads the columns back into nodes
+//! whose outside parents are still references (what a store needs to merge
+//! packs, and a room to read its own history), and [`verify`] resolves them,
+//! rebuilds and hashes every node and checks the chains and signatures.
+//!
 //! Authenticity costs one signature per author per pack: the signature is
 //! over the author's newest node in the pack, and every earlier node of that
 //! author in the pack must be chained to it (consecutive seq, each citing the
@@ -26,16 +38,17 @@ use crate::hlc::Hlc;
 use crate::ids::{AuthorId, EntryId, NodeId, RoomId, Signature};
 use crate::keys;
 use crate::limits::{
-    MAX_DELETE_SPANS, MAX_NODES_PER_PACK, MAX_OPS_PER_NODE, MAX_PACK_BYTES, MAX_PARENTS,
-    MAX_ROOM_ID_BYTES, MAX_STRING_BYTES,
+    MAX_DELETE_SPANS, MAX_NODE_BYTES, MAX_NODES_PER_PACK, MAX_OPS_PER_NODE, MAX_PACK_BYTES,
+    MAX_PARENTS, MAX_ROOM_ID_BYTES, MAX_STRING_BYTES,
 };
-use crate::node::{Node, NodeDecodeError};
-use crate::op::{CharRef, CharSpan, EntryKind, Op, is_valid_name};
+use crate::node::{Node, NodeDecodeError, NodeFormat};
+use crate::op::{CharNode, CharRef, CharSpan, EntryKind, Op, is_valid_name};
 use crate::value::Value;
 
 const MAGIC: &[u8; 4] = b"SLP1";
 const FLAG_ZSTD: u8 = 1;
-const FORMAT_VERSION: u64 = 1;
+/// Version of the body layout (version 1 cited outside nodes by id only).
+const FORMAT_VERSION: u64 = 2;
 /// Bodies smaller than this are not worth a zstd frame.
 const COMPRESS_THRESHOLD: usize = 256;
 /// The largest zstd window a pack may ask the decoder for (16 MiB).
@@ -73,6 +86,15 @@ pub enum PackError {
     /// An author's newest node carries no valid signature.
     #[error("bad or missing signature by {0:?}")]
     BadSignature(AuthorId),
+    /// A parent cited as held by the receiver is not held: the sender
+    /// assumed what it did not know.
+    #[error("pack cites node {seq} of {author:?} as held, and it is not")]
+    NotHeld {
+        /// Its author.
+        author: AuthorId,
+        /// Its seq.
+        seq: u64,
+    },
 }
 
 /// zstd level for packs: a good ratio at a few hundred MB/s.
@@ -82,9 +104,12 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 9;
 #[derive(Clone, Copy)]
 enum S {
     Author,
+    Format,
     Seq,
     ParentCount,
     Parent,
+    ParentSeq,
+    Ids,
     Lamport,
     Wall,
     Counter,
@@ -94,11 +119,24 @@ enum S {
     StrLen,
     StrBytes,
     Ref,
+    RefSeq,
     RefIndex,
     Value,
     Misc,
 }
-const STREAMS: usize = 16;
+const STREAMS: usize = 20;
+
+/// `Format` stream values.
+const COLUMNAR: u64 = 0;
+const VERBATIM: u64 = 1;
+
+/// Low bits of a parent code.
+const PARENT_IN_PACK: u64 = 0;
+const PARENT_HELD: u64 = 1;
+const PARENT_WITH_ID: u64 = 2;
+/// Low bits of a character reference code (0 alone: no reference).
+const REF_IN_PACK: u64 = 1;
+const REF_BY_KEY: u64 = 2;
 
 /// Reference contexts: each delta-codes against its own previous value.
 #[derive(Clone, Copy)]
@@ -106,6 +144,19 @@ enum RefCtx {
     Left,
     Right,
     Delete,
+}
+
+/// A node to pack: its id, the node, and the (author, seq) of each of its
+/// parents, in the order of `node.parents` (format-2 nodes only; a
+/// format-1 node travels verbatim).
+#[derive(Clone, Copy, Debug)]
+pub struct PackNode<'a> {
+    /// The node's id.
+    pub id: NodeId,
+    /// The node.
+    pub node: &'a Node,
+    /// Author and seq of each parent.
+    pub parent_keys: &'a [(AuthorId, u64)],
 }
 
 /// Interns 32-byte ids into table indices.
@@ -135,10 +186,13 @@ impl<T: std::hash::Hash + Eq + Copy> Table<T> {
 struct Encoder {
     streams: [Vec<u8>; STREAMS],
     authors: Table<AuthorId>,
-    externals: Table<NodeId>,
     entries: Table<EntryId>,
-    in_pack: HashMap<NodeId, u64>,
+    /// Position of each node of the pack, by id (parents) and by (author,
+    /// seq) (characters).
+    by_id: HashMap<NodeId, u64>,
+    by_key: HashMap<(AuthorId, u64), u64>,
     last_ref: [i64; 3],
+    last_seq: [i64; 3],
 }
 
 impl Encoder {
@@ -170,46 +224,59 @@ impl Encoder {
         }
     }
 
-    /// A node reference: odd codes are in-pack nodes (delta from the previous
-    /// reference of the context), even codes >= 2 are external ids.
-    fn node_ref(&mut self, this: u64, node: Option<&NodeId>, ctx: Option<RefCtx>) {
-        let j = match node {
-            None => Some(this),
-            Some(id) => self.in_pack.get(id).copied(),
+    fn parent(
+        &mut self,
+        this: u64,
+        node: &Node,
+        id: &NodeId,
+        key: (AuthorId, u64),
+        holds: &dyn Fn(&AuthorId, u64) -> bool,
+    ) {
+        if let Some(&j) = self.by_id.get(id) {
+            // Distance back: the author's previous node is usually 1.
+            return self.put(S::Parent, (this - j) << 2 | PARENT_IN_PACK);
+        }
+        let (author, seq) = key;
+        let a = self.authors.intern(author);
+        let held = holds(&author, seq);
+        self.put(
+            S::Parent,
+            a << 2 | if held { PARENT_HELD } else { PARENT_WITH_ID },
+        );
+        self.put_signed(S::ParentSeq, node.seq as i64 - seq as i64);
+        if !held {
+            self.streams[S::Ids as usize].extend_from_slice(&id.0);
+        }
+    }
+
+    fn char_ref(&mut self, node: &Node, c: Option<&CharRef>, ctx: RefCtx) {
+        let Some(c) = c else {
+            return self.put(S::Ref, 0);
         };
-        match (j, ctx) {
-            (Some(j), Some(ctx)) => {
-                let delta = j as i64 - self.last_ref[ctx as usize];
-                self.last_ref[ctx as usize] = j as i64;
-                let code = (((delta << 1) ^ (delta >> 63)) as u64) * 2 + 1;
-                self.put(S::Ref, code);
+        let CharNode::Seq { author, seq } = c.node else {
+            unreachable!("format-1 nodes travel verbatim");
+        };
+        let key = (author.unwrap_or(node.author), seq);
+        let ctx = ctx as usize;
+        match self.by_key.get(&key) {
+            Some(&j) => {
+                let delta = j as i64 - self.last_ref[ctx];
+                self.last_ref[ctx] = j as i64;
+                let zigzag = ((delta << 1) ^ (delta >> 63)) as u64;
+                self.put(S::Ref, zigzag << 2 | REF_IN_PACK);
             }
-            (Some(j), None) => {
-                // Parents: distance back from this node (the author's
-                // previous node is usually 1).
-                self.put(S::Parent, (this - j) * 2 + 1);
-            }
-            (None, ctx) => {
-                let e = self
-                    .externals
-                    .intern(*node.expect("external refs name a node"));
-                let s = if ctx.is_some() { S::Ref } else { S::Parent };
-                self.put(s, e * 2 + 2);
-            }
-        }
-    }
-
-    fn char_ref(&mut self, this: u64, c: Option<&CharRef>, ctx: RefCtx) {
-        match c {
-            None => self.put(S::Ref, 0),
-            Some(c) => {
-                self.node_ref(this, c.node.as_ref(), Some(ctx));
-                self.put(S::RefIndex, c.index as u64);
+            None => {
+                let a = self.authors.intern(key.0);
+                self.put(S::Ref, a << 2 | REF_BY_KEY);
+                let delta = seq as i64 - self.last_seq[ctx];
+                self.last_seq[ctx] = seq as i64;
+                self.put_signed(S::RefSeq, delta);
             }
         }
+        self.put(S::RefIndex, c.index as u64);
     }
 
-    fn op(&mut self, this: u64, op: &Op) {
+    fn op(&mut self, node: &Node, op: &Op) {
         let kind_stream = S::OpKind as usize;
         match op {
             Op::Create {
@@ -270,8 +337,8 @@ impl Encoder {
             } => {
                 self.streams[kind_stream].push(5);
                 self.entry(entry);
-                self.char_ref(this, left.as_ref(), RefCtx::Left);
-                self.char_ref(this, right.as_ref(), RefCtx::Right);
+                self.char_ref(node, left.as_ref(), RefCtx::Left);
+                self.char_ref(node, right.as_ref(), RefCtx::Right);
                 self.string(text.as_bytes());
             }
             Op::TextDelete { entry, spans } => {
@@ -279,7 +346,7 @@ impl Encoder {
                 self.entry(entry);
                 self.put(S::Misc, spans.len() as u64);
                 for span in spans {
-                    self.char_ref(this, Some(&span.start), RefCtx::Delete);
+                    self.char_ref(node, Some(&span.start), RefCtx::Delete);
                     self.put(S::Misc, span.len as u64);
                 }
             }
@@ -287,48 +354,61 @@ impl Encoder {
     }
 }
 
-/// Encodes `nodes` (in causal order; their ids alongside) into a pack.
-/// `signatures` pairs positions in `nodes` with their author's signature
-/// over that node: one is required on every author's newest node in the
-/// pack; more (checkpoints along a long run) are optional, and let whoever
-/// stores them later cut the history into smaller vouched-for packs.
+/// Encodes `nodes` (in causal order) into a pack. `signatures` pairs
+/// positions in `nodes` with their author's signature over that node: one
+/// is required on every author's newest node in the pack; more
+/// (checkpoints along a long run) are optional, and let whoever stores them
+/// later cut the history into smaller vouched-for packs. `holds` says
+/// which nodes outside the pack the receiver is known to hold: parents
+/// among them are cited by (author, seq) alone.
 pub fn encode(
     room: &RoomId,
-    nodes: &[(NodeId, &Node)],
+    nodes: &[PackNode<'_>],
     signatures: &[(usize, Signature)],
+    holds: &dyn Fn(&AuthorId, u64) -> bool,
     zstd_level: i32,
 ) -> Vec<u8> {
     let mut enc = Encoder {
         streams: Default::default(),
         authors: Table::default(),
-        externals: Table::default(),
         entries: Table::default(),
-        in_pack: HashMap::with_capacity(nodes.len()),
+        by_id: HashMap::with_capacity(nodes.len()),
+        by_key: HashMap::with_capacity(nodes.len()),
         last_ref: [0; 3],
+        last_seq: [0; 3],
     };
     let mut prev_seq: HashMap<AuthorId, u64> = HashMap::new();
     let (mut prev_lamport, mut prev_wall) = (0u64, 0u64);
-    for (i, (id, node)) in nodes.iter().enumerate() {
-        let i = i as u64;
+    for (i, p) in nodes.iter().enumerate() {
+        let (i, node) = (i as u64, p.node);
         let a = enc.authors.intern(node.author);
         enc.put(S::Author, a);
-        match prev_seq.insert(node.author, node.seq) {
-            Some(p) => enc.put_signed(S::Seq, node.seq as i64 - p as i64 - 1),
-            None => enc.put(S::Seq, node.seq),
+        enc.by_id.insert(p.id, i);
+        enc.by_key.insert((node.author, node.seq), i);
+        if node.format == NodeFormat::V1 {
+            enc.put(S::Format, VERBATIM);
+            enc.string(&node.encode());
+        } else {
+            enc.put(S::Format, COLUMNAR);
+            match prev_seq.get(&node.author) {
+                Some(&p) => enc.put_signed(S::Seq, node.seq as i64 - p as i64 - 1),
+                None => enc.put(S::Seq, node.seq),
+            }
+            enc.put(S::ParentCount, node.parents.len() as u64);
+            debug_assert_eq!(node.parents.len(), p.parent_keys.len());
+            for (id, key) in node.parents.iter().zip(p.parent_keys) {
+                enc.parent(i, node, id, *key, holds);
+            }
+            enc.put_signed(S::Lamport, node.lamport.wrapping_sub(prev_lamport) as i64);
+            enc.put_signed(S::Wall, node.hlc.wall_ms.wrapping_sub(prev_wall) as i64);
+            enc.put(S::Counter, node.hlc.counter as u64);
+            enc.put(S::OpCount, node.ops.len() as u64);
+            for op in &node.ops {
+                enc.op(node, op);
+            }
         }
-        enc.put(S::ParentCount, node.parents.len() as u64);
-        for p in &node.parents {
-            enc.node_ref(i, Some(p), None);
-        }
-        enc.put_signed(S::Lamport, node.lamport.wrapping_sub(prev_lamport) as i64);
-        enc.put_signed(S::Wall, node.hlc.wall_ms.wrapping_sub(prev_wall) as i64);
-        enc.put(S::Counter, node.hlc.counter as u64);
+        prev_seq.insert(node.author, node.seq);
         (prev_lamport, prev_wall) = (node.lamport, node.hlc.wall_ms);
-        enc.put(S::OpCount, node.ops.len() as u64);
-        for op in &node.ops {
-            enc.op(i, op);
-        }
-        enc.in_pack.insert(*id, i);
     }
 
     let mut body = Vec::new();
@@ -337,7 +417,6 @@ pub fn encode(
     body.extend_from_slice(room.as_str().as_bytes());
     for table in [
         &enc.authors.items.iter().map(|a| a.0).collect::<Vec<_>>(),
-        &enc.externals.items.iter().map(|n| n.0).collect(),
         &enc.entries.items.iter().map(|e| e.0).collect(),
     ] {
         varint::put(&mut body, table.len() as u64);
@@ -401,6 +480,39 @@ fn decompress(pack: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, PackError> {
     }
 }
 
+/// How a packed node names one of its parents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParentRef {
+    /// An earlier node of the same pack, by position.
+    InPack(usize),
+    /// A node the receiver holds, by (author, seq).
+    Held(AuthorId, u64),
+    /// A node the receiver may lack: (author, seq) and its id.
+    WithId(AuthorId, u64, NodeId),
+}
+
+/// A node read back from a pack's columns, before hashing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawNode {
+    /// The node. For a format-2 node `parents` is empty: they are in
+    /// `parent_refs`, to be resolved to ids by [`verify`]. A format-1 node
+    /// came verbatim, ids and all.
+    pub node: Node,
+    /// The parents of a format-2 node, in canonical order once resolved.
+    pub parent_refs: Vec<ParentRef>,
+}
+
+/// A pack's content before verification.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawPack {
+    /// The room the pack is for.
+    pub room: RoomId,
+    /// The nodes, in pack (causal) order.
+    pub nodes: Vec<RawNode>,
+    /// Signatures by position in `nodes`.
+    pub signatures: Vec<(usize, Signature)>,
+}
+
 /// A decoded, verified pack.
 #[derive(Debug)]
 pub struct DecodedPack {
@@ -414,10 +526,11 @@ pub struct DecodedPack {
 struct Decoder<'a> {
     streams: Vec<Cursor<'a>>,
     authors: Vec<AuthorId>,
-    externals: Vec<NodeId>,
     entries: Vec<EntryId>,
-    ids: Vec<NodeId>,
+    /// (author, seq) of the nodes decoded so far.
+    keys: Vec<(AuthorId, u64)>,
     last_ref: [i64; 3],
+    last_seq: [i64; 3],
 }
 
 fn invalid(what: &'static str) -> PackError {
@@ -433,6 +546,13 @@ impl<'a> Decoder<'a> {
         Ok(self.streams[s as usize].get_signed()?)
     }
 
+    fn author(&self, i: u64) -> Result<AuthorId, PackError> {
+        self.authors
+            .get(i as usize)
+            .copied()
+            .ok_or(invalid("author index out of range"))
+    }
+
     fn entry(&mut self) -> Result<EntryId, PackError> {
         let i = self.get(S::Entry)?;
         self.entries
@@ -442,12 +562,16 @@ impl<'a> Decoder<'a> {
     }
 
     fn string(&mut self, max: usize) -> Result<&'a str, PackError> {
+        let b = self.raw_string(max)?;
+        std::str::from_utf8(b).map_err(|_| PackError::Malformed(DecodeError::InvalidUtf8(0)))
+    }
+
+    fn raw_string(&mut self, max: usize) -> Result<&'a [u8], PackError> {
         let n = self.get(S::StrLen)? as usize;
         if n > max {
             return Err(invalid("string over its limit"));
         }
-        let b = self.streams[S::StrBytes as usize].bytes(n)?;
-        std::str::from_utf8(b).map_err(|_| PackError::Malformed(DecodeError::InvalidUtf8(0)))
+        Ok(self.streams[S::StrBytes as usize].bytes(n)?)
     }
 
     fn optional_bytes(&mut self, max: usize) -> Result<Option<Vec<u8>>, PackError> {
@@ -463,26 +587,32 @@ impl<'a> Decoder<'a> {
         ))
     }
 
-    fn external(&self, code: u64) -> Result<NodeId, PackError> {
-        self.externals
-            .get((code / 2 - 1) as usize)
-            .copied()
-            .ok_or(invalid("external index out of range"))
-    }
-
-    fn parent(&mut self, this: usize) -> Result<NodeId, PackError> {
+    fn parent(&mut self, this: usize, seq: u64) -> Result<ParentRef, PackError> {
         let code = self.get(S::Parent)?;
-        if code % 2 == 1 {
-            let back = code / 2;
-            if back == 0 || back > this as u64 {
-                return Err(invalid("parent reference out of range"));
+        let x = code >> 2;
+        match code & 3 {
+            PARENT_IN_PACK => {
+                if x == 0 || x > this as u64 {
+                    return Err(invalid("parent reference out of range"));
+                }
+                Ok(ParentRef::InPack(this - x as usize))
             }
-            return Ok(self.ids[this - back as usize]);
+            kind @ (PARENT_HELD | PARENT_WITH_ID) => {
+                let author = self.author(x)?;
+                let delta = self.get_signed(S::ParentSeq)?;
+                let parent_seq = seq
+                    .checked_add_signed(-delta)
+                    .filter(|&s| s > 0)
+                    .ok_or(invalid("parent seq out of range"))?;
+                if kind == PARENT_HELD {
+                    Ok(ParentRef::Held(author, parent_seq))
+                } else {
+                    let id = NodeId(self.streams[S::Ids as usize].array::<32>()?);
+                    Ok(ParentRef::WithId(author, parent_seq, id))
+                }
+            }
+            _ => Err(invalid("unknown parent reference kind")),
         }
-        if code == 0 {
-            return Err(invalid("empty parent reference"));
-        }
-        self.external(code)
     }
 
     fn char_ref(&mut self, this: usize, ctx: RefCtx) -> Result<Option<CharRef>, PackError> {
@@ -490,23 +620,40 @@ impl<'a> Decoder<'a> {
         if code == 0 {
             return Ok(None);
         }
-        let node = if code % 2 == 1 {
-            let z = code / 2;
-            let delta = ((z >> 1) as i64) ^ -((z & 1) as i64);
-            let j = self.last_ref[ctx as usize]
-                .checked_add(delta)
-                .ok_or(invalid("reference delta overflows"))?;
-            self.last_ref[ctx as usize] = j;
-            match usize::try_from(j) {
-                Ok(j) if j == this => None,
-                Ok(j) if j < this => Some(self.ids[j]),
-                _ => return Err(invalid("character reference out of range")),
+        let ctx = ctx as usize;
+        let x = code >> 2;
+        let (author, seq) = match code & 3 {
+            REF_IN_PACK => {
+                let delta = ((x >> 1) as i64) ^ -((x & 1) as i64);
+                let j = self.last_ref[ctx]
+                    .checked_add(delta)
+                    .ok_or(invalid("reference delta overflows"))?;
+                self.last_ref[ctx] = j;
+                match usize::try_from(j) {
+                    Ok(j) if j <= this => self.keys[j],
+                    _ => return Err(invalid("character reference out of range")),
+                }
             }
-        } else {
-            Some(self.external(code)?)
+            REF_BY_KEY => {
+                let author = self.author(x)?;
+                let seq = self.last_seq[ctx]
+                    .checked_add(self.get_signed(S::RefSeq)?)
+                    .and_then(|s| u64::try_from(s).ok())
+                    .ok_or(invalid("character seq out of range"))?;
+                self.last_seq[ctx] = seq as i64;
+                (author, seq)
+            }
+            _ => return Err(invalid("unknown character reference kind")),
         };
+        let own = self.keys[this].0;
         let index = self.streams[S::RefIndex as usize].get_u32()?;
-        Ok(Some(CharRef { node, index }))
+        Ok(Some(CharRef {
+            node: CharNode::Seq {
+                author: (author != own).then_some(author),
+                seq,
+            },
+            index,
+        }))
     }
 
     fn op(&mut self, this: usize) -> Result<Op, PackError> {
@@ -610,6 +757,74 @@ impl<'a> Decoder<'a> {
         }
         Ok(s.to_owned())
     }
+
+    /// Reads node `i`'s columns (after its author).
+    fn node(
+        &mut self,
+        i: usize,
+        room: &RoomId,
+        author: AuthorId,
+        prev_seq: Option<u64>,
+        prev: &mut (u64, u64),
+    ) -> Result<RawNode, PackError> {
+        if self.get(S::Format)? == VERBATIM {
+            let bytes = self.raw_string(MAX_NODE_BYTES)?;
+            let node = Node::decode(bytes)?;
+            if node.format != NodeFormat::V1 || node.author != author || &node.room != room {
+                return Err(invalid("verbatim node does not match its columns"));
+            }
+            self.keys.push((author, node.seq));
+            *prev = (node.lamport, node.hlc.wall_ms);
+            return Ok(RawNode {
+                node,
+                parent_refs: Vec::new(),
+            });
+        }
+        let seq = match prev_seq {
+            Some(p) => {
+                let delta = self.get_signed(S::Seq)?;
+                p.checked_add(1)
+                    .and_then(|s| s.checked_add_signed(delta))
+                    .ok_or(invalid("seq delta overflows"))?
+            }
+            None => self.get(S::Seq)?,
+        };
+        self.keys.push((author, seq));
+        let pc = self.get(S::ParentCount)? as usize;
+        if pc > MAX_PARENTS {
+            return Err(invalid("too many parents"));
+        }
+        let mut parent_refs = Vec::with_capacity(pc);
+        for _ in 0..pc {
+            parent_refs.push(self.parent(i, seq)?);
+        }
+        let lamport = prev.0.wrapping_add(self.get_signed(S::Lamport)? as u64);
+        let wall_ms = prev.1.wrapping_add(self.get_signed(S::Wall)? as u64);
+        let counter =
+            u32::try_from(self.get(S::Counter)?).map_err(|_| invalid("counter over u32"))?;
+        *prev = (lamport, wall_ms);
+        let oc = self.get(S::OpCount)? as usize;
+        if oc > MAX_OPS_PER_NODE {
+            return Err(invalid("too many operations"));
+        }
+        let mut ops = Vec::with_capacity(oc.min(16));
+        for _ in 0..oc {
+            ops.push(self.op(i)?);
+        }
+        Ok(RawNode {
+            node: Node {
+                format: NodeFormat::V2,
+                room: room.clone(),
+                author,
+                seq,
+                parents: Vec::new(),
+                lamport,
+                hlc: Hlc { wall_ms, counter },
+                ops,
+            },
+            parent_refs,
+        })
+    }
 }
 
 fn read_table<const N: usize>(c: &mut Cursor<'_>) -> Result<Vec<[u8; N]>, PackError> {
@@ -617,11 +832,10 @@ fn read_table<const N: usize>(c: &mut Cursor<'_>) -> Result<Vec<[u8; N]>, PackEr
     (0..n).map(|_| Ok(c.array::<N>()?)).collect()
 }
 
-/// Decodes and verifies a pack for `room`: rebuilds every node, recomputes
-/// its id, checks each author's run is a chain and that its newest node is
-/// signed. DAG-level rules (lamport, chain against held history,
-/// equivocation) are checked on insertion.
-pub fn decode(pack: &[u8], room: &RoomId) -> Result<DecodedPack, PackError> {
+/// Reads a pack for `room` back into nodes without hashing anything: the
+/// columns are checked (every length against what remains and its limit),
+/// the rules that need no id are not (see [`verify`]).
+pub fn decode_raw(pack: &[u8], room: &RoomId) -> Result<RawPack, PackError> {
     let body = decompress(pack)?;
     let mut c = Cursor::new(&body);
     if c.get()? != FORMAT_VERSION {
@@ -638,11 +852,10 @@ pub fn decode(pack: &[u8], room: &RoomId) -> Result<DecodedPack, PackError> {
             found,
         });
     }
-    let authors: Vec<AuthorId> = read_table::<32>(&mut c)?
+    let authors = read_table::<32>(&mut c)?
         .into_iter()
         .map(AuthorId)
         .collect();
-    let externals = read_table::<32>(&mut c)?.into_iter().map(NodeId).collect();
     let entries = read_table::<32>(&mut c)?.into_iter().map(EntryId).collect();
     let n = c.get()? as usize;
     if n > MAX_NODES_PER_PACK {
@@ -660,95 +873,103 @@ pub fn decode(pack: &[u8], room: &RoomId) -> Result<DecodedPack, PackError> {
     let mut d = Decoder {
         streams,
         authors,
-        externals,
         entries,
-        ids: Vec::with_capacity(n),
+        keys: Vec::with_capacity(n),
         last_ref: [0; 3],
+        last_seq: [0; 3],
     };
-    let mut nodes: Vec<VerifiedNode> = Vec::with_capacity(n);
-    // Per author: index in `nodes` of its newest node so far.
-    let mut newest: HashMap<u64, usize> = HashMap::new();
-    let (mut prev_lamport, mut prev_wall) = (0u64, 0u64);
+    let mut nodes: Vec<RawNode> = Vec::with_capacity(n);
+    let mut prev_seq: HashMap<AuthorId, u64> = HashMap::new();
+    let mut prev = (0u64, 0u64);
     for i in 0..n {
         let a = d.get(S::Author)?;
-        let author = *d
-            .authors
-            .get(a as usize)
-            .ok_or(invalid("author index out of range"))?;
-        let seq = match newest.get(&a) {
-            Some(&p) => {
-                let delta = d.get_signed(S::Seq)?;
-                nodes[p]
-                    .node
-                    .seq
-                    .checked_add(1)
-                    .and_then(|s| s.checked_add_signed(delta))
-                    .ok_or(invalid("seq delta overflows"))?
-            }
-            None => d.get(S::Seq)?,
-        };
-        let pc = d.get(S::ParentCount)? as usize;
-        if pc > MAX_PARENTS {
-            return Err(invalid("too many parents"));
+        let author = d.author(a)?;
+        let raw = d.node(i, room, author, prev_seq.get(&author).copied(), &mut prev)?;
+        prev_seq.insert(author, raw.node.seq);
+        nodes.push(raw);
+    }
+    for s in &d.streams {
+        s.finish()?;
+    }
+    let sig_count = c.get_count(65, c.remaining())?;
+    if sig_count > nodes.len() {
+        return Err(invalid("more signatures than nodes"));
+    }
+    let mut signatures = Vec::with_capacity(sig_count);
+    for _ in 0..sig_count {
+        let at = c.get()? as usize;
+        if at >= nodes.len() {
+            return Err(invalid("signature for a node outside the pack"));
         }
-        let mut parents = Vec::with_capacity(pc);
-        for _ in 0..pc {
-            parents.push(d.parent(i)?);
+        signatures.push((at, Signature(c.array::<64>()?)));
+    }
+    c.finish()?;
+    Ok(RawPack {
+        room: found,
+        nodes,
+        signatures,
+    })
+}
+
+/// Rebuilds and hashes every node of `raw`, resolving parents cited as
+/// held through `held` (the receiver's id of its node (author, seq)), and
+/// checks that each author's run is a chain whose newest node is signed.
+/// DAG-level rules (lamport, chain against held history, equivocation) are
+/// checked on insertion.
+pub fn verify(
+    raw: RawPack,
+    held: &dyn Fn(&AuthorId, u64) -> Option<NodeId>,
+) -> Result<DecodedPack, PackError> {
+    let mut nodes: Vec<VerifiedNode> = Vec::with_capacity(raw.nodes.len());
+    // Per author: index in `nodes` of its newest node so far.
+    let mut newest: HashMap<AuthorId, usize> = HashMap::new();
+    for RawNode {
+        mut node,
+        parent_refs,
+    } in raw.nodes
+    {
+        let mut parent_keys = Vec::with_capacity(parent_refs.len());
+        for r in parent_refs {
+            let (key, id) = match r {
+                ParentRef::InPack(j) => {
+                    let p = nodes
+                        .get(j)
+                        .ok_or(invalid("parent reference out of range"))?;
+                    ((p.node.author, p.node.seq), p.id)
+                }
+                ParentRef::Held(author, seq) => (
+                    (author, seq),
+                    held(&author, seq).ok_or(PackError::NotHeld { author, seq })?,
+                ),
+                ParentRef::WithId(author, seq, id) => ((author, seq), id),
+            };
+            parent_keys.push(key);
+            node.parents.push(id);
         }
-        let lamport = prev_lamport.wrapping_add(d.get_signed(S::Lamport)? as u64);
-        let wall_ms = prev_wall.wrapping_add(d.get_signed(S::Wall)? as u64);
-        let counter = u32::try_from(d.get(S::Counter)?).map_err(|_| invalid("counter over u32"))?;
-        (prev_lamport, prev_wall) = (lamport, wall_ms);
-        let oc = d.get(S::OpCount)? as usize;
-        if oc > MAX_OPS_PER_NODE {
-            return Err(invalid("too many operations"));
-        }
-        let mut ops = Vec::with_capacity(oc.min(16));
-        for _ in 0..oc {
-            ops.push(d.op(i)?);
-        }
-        let node = Node {
-            room: room.clone(),
-            author,
-            seq,
-            parents,
-            lamport,
-            hlc: Hlc { wall_ms, counter },
-            ops,
-        };
         node.check_structure()?;
         let bytes = node.encode();
-        if bytes.len() > crate::limits::MAX_NODE_BYTES {
+        if bytes.len() > MAX_NODE_BYTES {
             return Err(NodeDecodeError::TooLarge(bytes.len()).into());
         }
         let id = Node::id_of(&bytes);
-        if let Some(&p) = newest.get(&a) {
+        if let Some(&p) = newest.get(&node.author) {
             let prev = &nodes[p];
             if node.seq != prev.node.seq + 1 || node.parents.binary_search(&prev.id).is_err() {
-                return Err(PackError::BrokenChain(author));
+                return Err(PackError::BrokenChain(node.author));
             }
         }
-        newest.insert(a, i);
-        d.ids.push(id);
+        newest.insert(node.author, nodes.len());
         nodes.push(VerifiedNode {
             id,
             node,
             bytes,
             sig: None,
+            parent_keys,
         });
-    }
-    for s in &d.streams {
-        s.finish()?;
     }
     // Each signature names a node of the pack; every author's newest node
     // must be among them (it vouches, through the chain, for the rest).
-    let sig_count = c.get_count(65, c.remaining())?;
-    if sig_count > nodes.len() {
-        return Err(invalid("more signatures than nodes"));
-    }
-    for _ in 0..sig_count {
-        let at = c.get()? as usize;
-        let sig = Signature(c.array::<64>()?);
+    for (at, sig) in raw.signatures {
         let node = nodes
             .get_mut(at)
             .ok_or(invalid("signature for a node outside the pack"))?;
@@ -763,8 +984,19 @@ pub fn decode(pack: &[u8], room: &RoomId) -> Result<DecodedPack, PackError> {
             return Err(PackError::BadSignature(nodes[i].node.author));
         }
     }
-    c.finish()?;
-    Ok(DecodedPack { room: found, nodes })
+    Ok(DecodedPack {
+        room: raw.room,
+        nodes,
+    })
+}
+
+/// [`decode_raw`] then [`verify`].
+pub fn decode(
+    pack: &[u8],
+    room: &RoomId,
+    held: &dyn Fn(&AuthorId, u64) -> Option<NodeId>,
+) -> Result<DecodedPack, PackError> {
+    verify(decode_raw(pack, room)?, held)
 }
 
 #[cfg(test)]
@@ -776,11 +1008,23 @@ mod tests {
         RoomId::new("pack-test").unwrap()
     }
 
+    fn nothing_held(_: &AuthorId, _: u64) -> Option<NodeId> {
+        None
+    }
+
+    fn holds_nothing(_: &AuthorId, _: u64) -> bool {
+        false
+    }
+
+    /// A packable node: its id, the node, its parents' keys.
+    type Built = (NodeId, Node, Vec<(AuthorId, u64)>);
+
     /// A chain of `n` typing nodes by `k`, each inserting one char after the
-    /// previous one, plus a delete and a field write.
-    fn typing(k: &Keypair, n: u64, base: Option<(NodeId, u64, u64)>) -> Vec<(NodeId, Node)> {
+    /// previous one, plus a delete and a field write. `base`: the node the
+    /// chain continues, as (id, seq, lamport).
+    fn typing(k: &Keypair, n: u64, base: Option<(NodeId, u64, u64)>) -> Vec<Built> {
         let text = EntryId::derived(&EntryId::ROOT, "doc");
-        let mut out: Vec<(NodeId, Node)> = Vec::new();
+        let mut out: Vec<Built> = Vec::new();
         let (mut prev, mut seq, mut lamport) = match base {
             Some((id, seq, lamport)) => (Some(id), seq, lamport),
             None => (None, 0, 0),
@@ -788,14 +1032,18 @@ mod tests {
         for i in 0..n {
             seq += 1;
             lamport += 1;
+            let before = CharRef {
+                node: CharNode::Seq {
+                    author: None,
+                    seq: seq - 1,
+                },
+                index: 0,
+            };
             let op = match i % 7 {
                 6 => Op::TextDelete {
                     entry: text,
                     spans: vec![CharSpan {
-                        start: CharRef {
-                            node: prev,
-                            index: 0,
-                        },
+                        start: before,
                         len: 1,
                     }],
                 },
@@ -806,15 +1054,13 @@ mod tests {
                 },
                 _ => Op::TextInsert {
                     entry: text,
-                    left: prev.map(|p| CharRef {
-                        node: Some(p),
-                        index: 0,
-                    }),
+                    left: (seq > 1).then_some(before),
                     right: None,
                     text: "x".into(),
                 },
             };
             let node = Node {
+                format: NodeFormat::V2,
                 room: room(),
                 author: k.author(),
                 seq,
@@ -827,19 +1073,35 @@ mod tests {
                 ops: vec![op],
             };
             let id = Node::id_of(&node.encode());
+            let keys = if seq > 1 {
+                vec![(k.author(), seq - 1)]
+            } else {
+                vec![]
+            };
             prev = Some(id);
-            out.push((id, node));
+            out.push((id, node, keys));
         }
         out
     }
 
-    fn pack_of(k: &Keypair, nodes: &[(NodeId, Node)]) -> Vec<u8> {
-        let refs: Vec<(NodeId, &Node)> = nodes.iter().map(|(i, n)| (*i, n)).collect();
+    fn refs(nodes: &[Built]) -> Vec<PackNode<'_>> {
+        nodes
+            .iter()
+            .map(|(id, node, keys)| PackNode {
+                id: *id,
+                node,
+                parent_keys: keys,
+            })
+            .collect()
+    }
+
+    fn pack_of(k: &Keypair, nodes: &[Built]) -> Vec<u8> {
         let sig = k.sign(&nodes.last().unwrap().0);
         encode(
             &room(),
-            &refs,
+            &refs(nodes),
             &[(nodes.len() - 1, sig)],
+            &holds_nothing,
             DEFAULT_ZSTD_LEVEL,
         )
     }
@@ -849,14 +1111,15 @@ mod tests {
         let k = Keypair::from_seed([3; 32]);
         let nodes = typing(&k, 2_000, None);
         let pack = pack_of(&k, &nodes);
-        let decoded = decode(&pack, &room()).unwrap();
+        let decoded = decode(&pack, &room(), &nothing_held).unwrap();
         assert_eq!(decoded.nodes.len(), nodes.len());
-        for ((id, node), v) in nodes.iter().zip(&decoded.nodes) {
+        for ((id, node, keys), v) in nodes.iter().zip(&decoded.nodes) {
             assert_eq!(&v.id, id);
             assert_eq!(&v.node, node);
+            assert_eq!(&v.parent_keys, keys);
         }
         assert!(decoded.nodes.last().unwrap().sig.is_some());
-        let canonical: usize = nodes.iter().map(|(_, n)| n.encode().len()).sum();
+        let canonical: usize = nodes.iter().map(|(_, n, _)| n.encode().len()).sum();
         assert!(
             pack.len() * 20 < canonical,
             "pack {} vs canonical {canonical}",
@@ -865,14 +1128,131 @@ mod tests {
     }
 
     #[test]
-    fn continuation_packs_reference_external_parents() {
+    fn continuation_packs_cite_outside_parents_by_key() {
         let k = Keypair::from_seed([3; 32]);
         let first = typing(&k, 10, None);
-        let (last_id, last) = first.last().unwrap();
+        let (last_id, last, _) = first.last().unwrap();
         let rest = typing(&k, 10, Some((*last_id, last.seq, last.lamport)));
-        let decoded = decode(&pack_of(&k, &rest), &room()).unwrap();
+        let sig = k.sign(&rest[9].0);
+        // Not known to be held: the id travels, and no lookup is needed.
+        let with_id = encode(&room(), &refs(&rest), &[(9, sig)], &holds_nothing, 3);
+        let decoded = decode(&with_id, &room(), &nothing_held).unwrap();
         assert_eq!(decoded.nodes[0].node.parents, vec![*last_id]);
+        assert_eq!(decoded.nodes[0].parent_keys, vec![(k.author(), 10)]);
         assert_eq!(decoded.nodes[9].id, rest[9].0);
+        // Known to be held: 32 bytes fewer, and the receiver supplies the id.
+        let held = encode(&room(), &refs(&rest), &[(9, sig)], &|_, _| true, 3);
+        assert!(held.len() + 32 <= with_id.len());
+        let lookup = |a: &AuthorId, s: u64| (*a == k.author() && s == 10).then_some(*last_id);
+        let decoded = decode(&held, &room(), &lookup).unwrap();
+        assert_eq!(decoded.nodes[9].id, rest[9].0);
+        assert_eq!(
+            decode(&held, &room(), &nothing_held).unwrap_err(),
+            PackError::NotHeld {
+                author: k.author(),
+                seq: 10
+            }
+        );
+    }
+
+    #[test]
+    fn format_1_nodes_travel_verbatim() {
+        let k = Keypair::from_seed([5; 32]);
+        let entry = EntryId::derived(&EntryId::ROOT, "doc");
+        let first = Node {
+            format: NodeFormat::V1,
+            room: room(),
+            author: k.author(),
+            seq: 1,
+            parents: vec![],
+            lamport: 1,
+            hlc: Hlc::default(),
+            ops: vec![Op::TextInsert {
+                entry,
+                left: None,
+                right: None,
+                text: "ab".into(),
+            }],
+        };
+        let first_id = Node::id_of(&first.encode());
+        let second = Node {
+            format: NodeFormat::V1,
+            seq: 2,
+            parents: vec![first_id],
+            lamport: 2,
+            hlc: Hlc {
+                wall_ms: 1,
+                counter: 0,
+            },
+            ops: vec![Op::TextInsert {
+                entry,
+                left: Some(CharRef {
+                    node: CharNode::Id(Some(first_id)),
+                    index: 1,
+                }),
+                right: None,
+                text: "c".into(),
+            }],
+            ..first.clone()
+        };
+        let second_id = Node::id_of(&second.encode());
+        // A format-2 node after them cites them like any other.
+        let third = Node {
+            format: NodeFormat::V2,
+            seq: 3,
+            parents: vec![second_id],
+            lamport: 3,
+            hlc: Hlc {
+                wall_ms: 2,
+                counter: 0,
+            },
+            ops: vec![Op::TextDelete {
+                entry,
+                spans: vec![CharSpan {
+                    start: CharRef {
+                        node: CharNode::Seq {
+                            author: None,
+                            seq: 1,
+                        },
+                        index: 0,
+                    },
+                    len: 2,
+                }],
+            }],
+            ..first.clone()
+        };
+        let third_id = Node::id_of(&third.encode());
+        let keys = [(k.author(), 2)];
+        let nodes = [
+            PackNode {
+                id: first_id,
+                node: &first,
+                parent_keys: &[],
+            },
+            PackNode {
+                id: second_id,
+                node: &second,
+                parent_keys: &[],
+            },
+            PackNode {
+                id: third_id,
+                node: &third,
+                parent_keys: &keys,
+            },
+        ];
+        let pack = encode(
+            &room(),
+            &nodes,
+            &[(2, k.sign(&third_id))],
+            &holds_nothing,
+            3,
+        );
+        let decoded = decode(&pack, &room(), &nothing_held).unwrap();
+        let got: Vec<(NodeId, &Node)> = decoded.nodes.iter().map(|v| (v.id, &v.node)).collect();
+        assert_eq!(
+            got,
+            vec![(first_id, &first), (second_id, &second), (third_id, &third)]
+        );
     }
 
     #[test]
@@ -880,52 +1260,50 @@ mod tests {
         let k = Keypair::from_seed([3; 32]);
         let mallory = Keypair::from_seed([4; 32]);
         let nodes = typing(&k, 5, None);
-        let refs: Vec<(NodeId, &Node)> = nodes.iter().map(|(i, n)| (*i, n)).collect();
-        let forged = encode(&room(), &refs, &[(4, mallory.sign(&nodes[4].0))], 3);
+        let all = refs(&nodes);
+        let pack = |nodes: &[PackNode<'_>], sigs: &[(usize, Signature)]| {
+            encode(&room(), nodes, sigs, &holds_nothing, 3)
+        };
+        let forged = pack(&all, &[(4, mallory.sign(&nodes[4].0))]);
         assert_eq!(
-            decode(&forged, &room()).unwrap_err(),
+            decode(&forged, &room(), &nothing_held).unwrap_err(),
             PackError::BadSignature(k.author())
         );
         // A signature on an earlier node is a checkpoint: fine beside the
         // newest's, never instead of it.
-        let stale = encode(&room(), &refs, &[(3, k.sign(&nodes[3].0))], 3);
+        let stale = pack(&all, &[(3, k.sign(&nodes[3].0))]);
         assert_eq!(
-            decode(&stale, &room()).unwrap_err(),
+            decode(&stale, &room(), &nothing_held).unwrap_err(),
             PackError::BadSignature(k.author())
         );
-        let misplaced = encode(&room(), &refs, &[(4, k.sign(&nodes[3].0))], 3);
+        let misplaced = pack(&all, &[(4, k.sign(&nodes[3].0))]);
         assert_eq!(
-            decode(&misplaced, &room()).unwrap_err(),
+            decode(&misplaced, &room(), &nothing_held).unwrap_err(),
             PackError::BadSignature(k.author())
         );
-        let checkpoints = encode(
-            &room(),
-            &refs,
-            &[(1, k.sign(&nodes[1].0)), (4, k.sign(&nodes[4].0))],
-            3,
-        );
-        let decoded = decode(&checkpoints, &room()).unwrap();
+        let checkpoints = pack(&all, &[(1, k.sign(&nodes[1].0)), (4, k.sign(&nodes[4].0))]);
+        let decoded = decode(&checkpoints, &room(), &nothing_held).unwrap();
         assert!(decoded.nodes[1].sig.is_some() && decoded.nodes[4].sig.is_some());
-        let unsigned = encode(&room(), &refs, &[], 3);
+        let unsigned = pack(&all, &[]);
         assert_eq!(
-            decode(&unsigned, &room()).unwrap_err(),
+            decode(&unsigned, &room(), &nothing_held).unwrap_err(),
             PackError::BadSignature(k.author())
         );
         let other = RoomId::new("elsewhere").unwrap();
         assert!(matches!(
-            decode(&pack_of(&k, &nodes), &other),
+            decode(&pack_of(&k, &nodes), &other, &nothing_held),
             Err(PackError::WrongRoom { .. })
         ));
-        let gap: Vec<(NodeId, &Node)> = refs
+        let gap: Vec<PackNode<'_>> = all
             .iter()
             .copied()
             .enumerate()
             .filter(|(i, _)| *i != 2)
             .map(|(_, r)| r)
             .collect();
-        let broken = encode(&room(), &gap, &[(3, k.sign(&nodes[4].0))], 3);
+        let broken = pack(&gap, &[(3, k.sign(&nodes[4].0))]);
         assert_eq!(
-            decode(&broken, &room()).unwrap_err(),
+            decode(&broken, &room(), &nothing_held).unwrap_err(),
             PackError::BrokenChain(k.author())
         );
     }
@@ -935,20 +1313,20 @@ mod tests {
         let k = Keypair::from_seed([3; 32]);
         let pack = pack_of(&k, &typing(&k, 50, None));
         for cut in 0..pack.len() {
-            assert!(decode(&pack[..cut], &room()).is_err());
+            assert!(decode(&pack[..cut], &room(), &nothing_held).is_err());
         }
         for i in 0..pack.len() {
             for bit in [0, 3, 7] {
                 let mut p = pack.clone();
                 p[i] ^= 1 << bit;
-                let _ = decode(&p, &room());
+                let _ = decode(&p, &room(), &nothing_held);
             }
         }
         let mut huge = MAGIC.to_vec();
         huge.push(FLAG_ZSTD);
         varint::put(&mut huge, u64::MAX);
         assert_eq!(
-            decode(&huge, &room()).unwrap_err(),
+            decode(&huge, &room(), &nothing_held).unwrap_err(),
             PackError::TooLarge("declared body size")
         );
     }

@@ -16,7 +16,8 @@ use crate::ids::{AuthorId, EntryId, NodeId, RoomId, Signature};
 use crate::keys::Keypair;
 use crate::limits::{MAX_NODE_BYTES, MAX_OPS_PER_NODE};
 use crate::node::Node;
-use crate::op::{CharRef, CharSpan, EntryKind, Op, Position, is_valid_name};
+use crate::node::NodeFormat;
+use crate::op::{CharNode, CharRef, CharSpan, EntryKind, Op, Position, is_valid_name};
 use crate::pack::{self, PackError};
 use crate::recon::ReconIndex;
 use crate::value::Value;
@@ -192,7 +193,9 @@ impl Room {
     /// changes nothing; a node refused by the DAG stops the pack there (the
     /// nodes before it stay accepted) and its error is returned.
     pub fn receive_pack(&mut self, bytes: &[u8]) -> Result<Received, ReceiveError> {
-        let decoded = pack::decode(bytes, self.id())?;
+        let dag = &self.dag;
+        let held = |author: &AuthorId, seq: u64| dag.by_author_seq(author, seq).map(|i| *dag.id(i));
+        let decoded = pack::decode(bytes, self.id(), &held)?;
         let mut total = Received::default();
         for v in decoded.nodes {
             let r = self.receive(v).map_err(|error| ReceiveError::Node {
@@ -215,11 +218,13 @@ impl Room {
     /// `local` author signs a checkpoint every [`CHECKPOINT_INTERVAL`] nodes
     /// of its own chain, so whoever stores the pack can later cut the
     /// history into small vouched-for packs. Signatures made here are
-    /// recorded and returned (to be persisted).
+    /// recorded and returned (to be persisted). `holds` says which nodes
+    /// the receiver surely holds (see [`pack::encode`]).
     pub fn export_pack(
         &mut self,
         nodes: &[NodeIdx],
         local: Option<&Keypair>,
+        holds: &dyn Fn(&AuthorId, u64) -> bool,
         zstd_level: i32,
     ) -> Result<ExportedPack, ExportError> {
         use std::collections::BTreeMap;
@@ -267,16 +272,24 @@ impl Room {
             .enumerate()
             .filter_map(|(at, &i)| self.dag.signature(i).map(|s| (at, *s)))
             .collect();
-        let decoded: Vec<(NodeId, Node)> = set
+        type Keyed = (NodeId, Node, Vec<(AuthorId, u64)>);
+        let decoded: Vec<Keyed> = set
             .iter()
             .map(|&i| {
                 let node = Node::decode(self.dag.bytes(i)).expect("the DAG holds valid nodes");
-                (*self.dag.id(i), node)
+                (*self.dag.id(i), node, self.dag.parent_keys(i))
             })
             .collect();
-        let refs: Vec<(NodeId, &Node)> = decoded.iter().map(|(id, n)| (*id, n)).collect();
+        let refs: Vec<pack::PackNode<'_>> = decoded
+            .iter()
+            .map(|(id, node, keys)| pack::PackNode {
+                id: *id,
+                node,
+                parent_keys: keys,
+            })
+            .collect();
         Ok((
-            pack::encode(self.id(), &refs, &signatures, zstd_level),
+            pack::encode(self.id(), &refs, &signatures, holds, zstd_level),
             made,
         ))
     }
@@ -285,10 +298,10 @@ impl Room {
     pub fn begin(&mut self, author: AuthorId, now_ms: u64) -> Transaction<'_> {
         // Parents: every head, plus the author's own previous node, which
         // the chain rule requires even when others have built on it.
-        let mut parents = self.dag.heads();
+        let mut parents = self.dag.head_nodes();
         let seq = self.dag.author_seq(&author) + 1;
         if let Some(prev) = self.dag.by_author_seq(&author, seq - 1) {
-            let prev = *self.dag.id(prev);
+            let prev = (*self.dag.id(prev), prev);
             if let Err(at) = parents.binary_search(&prev) {
                 parents.insert(at, prev);
             }
@@ -339,7 +352,8 @@ pub struct Transaction<'r> {
     seq: u64,
     hlc: Hlc,
     lamport: u64,
-    parents: Vec<NodeId>,
+    /// Ids (sorted) and numbers of the parents.
+    parents: Vec<(NodeId, NodeIdx)>,
     node: NodeIdx,
     ops: Vec<Op>,
     chars: u32,
@@ -373,12 +387,20 @@ impl Transaction<'_> {
         Ok(())
     }
 
-    /// How an op of this transaction names character `i`: by node id, or as
-    /// "this node" for characters this transaction inserted (its id is not
-    /// known until commit).
+    /// How an op of this transaction names character `i`: by the (author,
+    /// seq) of the node that inserted it (this one, for characters this
+    /// transaction inserted), the author left out when it is this node's.
     fn char_ref(&self, i: ItemId) -> CharRef {
+        let (author, seq) = if i.node == self.node {
+            (self.author, self.seq)
+        } else {
+            (*self.room.dag.author(i.node), self.room.dag.seq(i.node))
+        };
         CharRef {
-            node: (i.node != self.node).then(|| *self.room.dag.id(i.node)),
+            node: CharNode::Seq {
+                author: (author != self.author).then_some(author),
+                seq,
+            },
             index: i.index,
         }
     }
@@ -552,15 +574,18 @@ impl Transaction<'_> {
         if self.ops.is_empty() {
             return Ok(None);
         }
+        let parents = std::mem::take(&mut self.parents);
         let node = Node {
+            format: NodeFormat::V2,
             room: self.room.id().clone(),
             author: self.author,
             seq: self.seq,
-            parents: std::mem::take(&mut self.parents),
+            parents: parents.iter().map(|(id, _)| *id).collect(),
             lamport: self.lamport,
             hlc: self.hlc,
             ops: std::mem::take(&mut self.ops),
         };
+        let parent_idxs: Vec<NodeIdx> = parents.iter().map(|(_, idx)| *idx).collect();
         let bytes = node.encode();
         if bytes.len() > MAX_NODE_BYTES {
             self.room.doc = Doc::replay(&self.room.dag);
@@ -570,7 +595,7 @@ impl Transaction<'_> {
         let idx = self
             .room
             .dag
-            .insert_local(&id, &node, &bytes)
+            .insert_local(&id, &node, &bytes, &parent_idxs)
             .expect("a local node built on the current heads is valid");
         debug_assert_eq!(idx, self.node);
         Ok(Some(Committed {

@@ -67,6 +67,7 @@ fn vouched(r: &Replica, idx: u32) -> Option<VerifiedNode> {
         node: Node::decode(&bytes).unwrap(),
         bytes,
         sig: Some(sig),
+        parent_keys: dag.parent_keys(idx),
     })
 }
 
@@ -107,7 +108,7 @@ fn pack_sync(replicas: &mut [Replica], from: usize, to: usize) {
     let key = replicas[from].key.clone();
     let (pack, _) = replicas[from]
         .room
-        .export_pack(&missing, Some(&key), DEFAULT_ZSTD_LEVEL)
+        .export_pack(&missing, Some(&key), &|_, _| false, DEFAULT_ZSTD_LEVEL)
         .unwrap();
     replicas[to].room.receive_pack(&pack).unwrap();
     let hash = replicas[to].room.state_hash();

@@ -30,7 +30,7 @@ fn send(from: &mut Room, key: &Keypair, nodes: &[NodeIdx], to: &mut Room) {
         return;
     }
     let (pack, _) = from
-        .export_pack(nodes, Some(key), DEFAULT_ZSTD_LEVEL)
+        .export_pack(nodes, Some(key), &|_, _| false, DEFAULT_ZSTD_LEVEL)
         .unwrap();
     to.receive_pack(&pack).unwrap();
 }

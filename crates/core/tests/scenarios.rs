@@ -25,7 +25,7 @@ fn sync_into(from: &mut Room, key: &Keypair, to: &mut Room) {
         return;
     }
     let (pack, _) = from
-        .export_pack(&missing, Some(key), DEFAULT_ZSTD_LEVEL)
+        .export_pack(&missing, Some(key), &|_, _| false, DEFAULT_ZSTD_LEVEL)
         .unwrap();
     to.receive_pack(&pack).unwrap();
 }
@@ -202,7 +202,7 @@ fn relayed_history_can_be_reshipped_in_chunks_at_checkpoints() {
     }
     let all = author.dag().causal_order();
     let (pack, _) = author
-        .export_pack(&all, Some(&key), DEFAULT_ZSTD_LEVEL)
+        .export_pack(&all, Some(&key), &|_, _| false, DEFAULT_ZSTD_LEVEL)
         .unwrap();
     // A relay holds the history with the author's checkpoints, not its key.
     let mut relay = Room::new(RoomId::new("scenario").unwrap());
@@ -210,7 +210,7 @@ fn relayed_history_can_be_reshipped_in_chunks_at_checkpoints() {
     let order = relay.dag().causal_order();
     // The first 100 nodes: the relay extends to the first checkpoint only.
     let (chunk, made) = relay
-        .export_pack(&order[..100], None, DEFAULT_ZSTD_LEVEL)
+        .export_pack(&order[..100], None, &|_, _| false, DEFAULT_ZSTD_LEVEL)
         .unwrap();
     assert!(made.is_empty(), "a relay cannot sign for the author");
     let mut fresh = Room::new(RoomId::new("scenario").unwrap());
@@ -220,7 +220,9 @@ fn relayed_history_can_be_reshipped_in_chunks_at_checkpoints() {
     let rest = relay
         .dag()
         .missing_for_version_vector(&fresh.dag().version_vector());
-    let (tail, _) = relay.export_pack(&rest, None, DEFAULT_ZSTD_LEVEL).unwrap();
+    let (tail, _) = relay
+        .export_pack(&rest, None, &|_, _| false, DEFAULT_ZSTD_LEVEL)
+        .unwrap();
     fresh.receive_pack(&tail).unwrap();
     assert_eq!(fresh.state_hash(), author.state_hash());
 }

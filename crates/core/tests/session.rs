@@ -130,7 +130,9 @@ fn history(key: &Keypair, n: i64) -> Room {
         tx.commit().unwrap();
     }
     let all = author.dag().causal_order();
-    let (pack, _) = author.export_pack(&all, Some(key), 3).unwrap();
+    let (pack, _) = author
+        .export_pack(&all, Some(key), &|_, _| false, 3)
+        .unwrap();
     let mut held = Room::new(room_id());
     held.receive_pack(&pack).unwrap();
     held
@@ -278,8 +280,13 @@ fn hostile_frames_close_only_their_session() {
     let node = syncline_core::Node::decode(client.dag().bytes(idx)).unwrap();
     let forged = syncline_core::pack::encode(
         &room_id(),
-        &[(*client.dag().id(idx), &node)],
+        &[syncline_core::pack::PackNode {
+            id: *client.dag().id(idx),
+            node: &node,
+            parent_keys: &[],
+        }],
         &[(0, mallory.sign(client.dag().id(idx)))],
+        &|_, _| false,
         3,
     );
     let frame = Envelope {
@@ -332,7 +339,7 @@ fn hostile_frames_close_only_their_session() {
         session: 3,
         corr: 0,
         message: Message::Hello {
-            versions: (2, 3),
+            versions: (PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2),
             peer: key.author(),
             room: room_id(),
             token: None,
@@ -365,7 +372,7 @@ fn diverged_world(config: Config) -> World {
     let writer = Keypair::from_seed([3; 32]);
     let mut extra = Room::new(room_id());
     let all = server.dag().causal_order();
-    let (pack, _) = server.export_pack(&all, None, 3).unwrap();
+    let (pack, _) = server.export_pack(&all, None, &|_, _| false, 3).unwrap();
     extra.receive_pack(&pack).unwrap();
     for i in 0..25 {
         let mut tx = extra.begin(writer.author(), 100 + i);
@@ -375,7 +382,9 @@ fn diverged_world(config: Config) -> World {
     let news = extra
         .dag()
         .missing_for_version_vector(&server.dag().version_vector());
-    let (pack, _) = extra.export_pack(&news, Some(&writer), 3).unwrap();
+    let (pack, _) = extra
+        .export_pack(&news, Some(&writer), &|_, _| false, 3)
+        .unwrap();
     server.receive_pack(&pack).unwrap();
     let ck = Keypair::from_seed([1; 32]);
     for i in 0..9 {
@@ -569,7 +578,9 @@ fn writes_under(key: &Keypair, dir: &str, n: i64) -> Vec<Vec<u8>> {
             tx.set(&format!("{dir}/item{}", i % 4), "v", Value::Int(i))
                 .unwrap();
             let idx = tx.commit().unwrap().unwrap().idx;
-            room.export_pack(&[idx], Some(key), 3).unwrap().0
+            room.export_pack(&[idx], Some(key), &|_, _| false, 3)
+                .unwrap()
+                .0
         })
         .collect()
 }

@@ -39,7 +39,7 @@ fn automerge_paper_trace_replays_exactly() {
 
     let all = room.dag().causal_order();
     let (pack, _) = room
-        .export_pack(&all, Some(&key), DEFAULT_ZSTD_LEVEL)
+        .export_pack(&all, Some(&key), &|_, _| false, DEFAULT_ZSTD_LEVEL)
         .unwrap();
     let mut fresh = Room::new(RoomId::new("paper").unwrap());
     let got = fresh.receive_pack(&pack).unwrap();

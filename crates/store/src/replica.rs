@@ -12,9 +12,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use syncline_core::dag::{Dag, NodeIdx};
+use syncline_core::node::NodeFormat;
 use syncline_core::pack::DEFAULT_ZSTD_LEVEL;
 use syncline_core::room::{Committed, ExportError, ReceiveError, Received, TxnError};
-use syncline_core::{Keypair, Node, NodeId, Room, RoomId, Transaction, VerifiedNode};
+use syncline_core::{AuthorId, Keypair, Node, NodeId, Room, RoomId, Transaction, VerifiedNode};
 use thiserror::Error;
 
 use crate::{Batch, Store, StoreError, StoredNode};
@@ -157,6 +158,9 @@ impl DurableRoom {
             room: id.clone(),
             reason,
         };
+        // Rows hold canonical bytes, whose parents are ids: the keys that
+        // format-2 parents are found by come from the rows loaded before.
+        let mut keys: HashMap<NodeId, (AuthorId, u64)> = HashMap::new();
         for stored in store.load_nodes(id)? {
             let node = Node::decode(&stored.bytes).map_err(|e| corrupt(e.to_string()))?;
             if Node::id_of(&stored.bytes) != stored.id {
@@ -165,11 +169,22 @@ impl DurableRoom {
                     stored.id
                 )));
             }
+            let parent_keys = match node.format {
+                NodeFormat::V1 => Vec::new(),
+                NodeFormat::V2 => node
+                    .parents
+                    .iter()
+                    .map(|p| keys.get(p).copied())
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| corrupt(format!("node {:?} before its parents", stored.id)))?,
+            };
+            keys.insert(stored.id, (node.author, node.seq));
             dag.insert(VerifiedNode {
                 id: stored.id,
                 node,
                 bytes: stored.bytes,
                 sig: stored.sig,
+                parent_keys,
             })
             .map_err(|e| corrupt(e.to_string()))?;
         }
@@ -269,9 +284,9 @@ impl DurableRoom {
     /// Exports `nodes` as a pack signed where needed, persisting any
     /// signature made for it.
     pub fn export_pack(&mut self, nodes: &[NodeIdx]) -> Result<Vec<u8>, ReplicaError> {
-        let (pack, made) = self
-            .room
-            .export_pack(nodes, Some(&self.key), DEFAULT_ZSTD_LEVEL)?;
+        let (pack, made) =
+            self.room
+                .export_pack(nodes, Some(&self.key), &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
         if !made.is_empty() {
             self.persist(Batch {
                 signatures: made,

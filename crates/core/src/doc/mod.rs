@@ -20,7 +20,8 @@ use crate::dag::{Dag, NodeIdx};
 use crate::hlc::Hlc;
 use crate::ids::{AuthorId, EntryId, IdMap, NodeId};
 use crate::node::Node;
-use crate::op::{CharRef, EntryKind, Op, is_valid_name};
+use crate::node::NodeFormat;
+use crate::op::{CharNode, CharRef, EntryKind, Op, is_valid_name};
 use crate::value::Value;
 
 use fields::{Register, Write};
@@ -132,6 +133,30 @@ pub enum Conflict {
     },
 }
 
+/// A conflict as the walk finds it, nodes by number.
+enum RawConflict<'a> {
+    Field {
+        path: String,
+        field: &'a str,
+        reg: &'a Register,
+    },
+    Name {
+        path: String,
+        winner: EntryId,
+        others: Vec<EntryId>,
+    },
+    Move {
+        path: String,
+        entry: EntryId,
+        losers: Vec<NodeIdx>,
+    },
+    Delete {
+        entry: EntryId,
+        deleted_by: NodeIdx,
+        edits: Vec<NodeIdx>,
+    },
+}
+
 /// One child as listed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Child {
@@ -143,12 +168,22 @@ pub struct Child {
     pub kind: EntryKind,
 }
 
+/// A node a character reference names, as something to wait for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum NodeKey {
+    /// By (author, seq): how format-2 nodes cite, and how every node is
+    /// waited for once it is in the DAG.
+    Seq(AuthorId, u64),
+    /// A format-1 node by id (format-1 nodes cite only format-1 nodes).
+    Id(NodeId),
+}
+
 /// A character a text op refers to: by dense number when its node is in
-/// the DAG (or is the node being applied), else by id.
+/// the DAG (or is the node being applied), else by key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Target {
     Known(ItemId),
-    Unknown(NodeId, u32),
+    Unknown(NodeKey, u32),
 }
 
 /// Where a text insert goes and which characters it gets.
@@ -171,12 +206,12 @@ struct Parked {
 struct TextState {
     seq: Sequence,
     /// Inserts whose origin is not integrated yet, by the missing character.
-    parked: IdMap<(NodeId, u32), Vec<Parked>>,
+    parked: IdMap<(NodeKey, u32), Vec<Parked>>,
     /// Deletes of characters not integrated yet, as (first index, count)
     /// spans per node, applied when the characters arrive. Spans, not
     /// characters, so memory follows the ops rather than the lengths they
     /// claim.
-    deleted_early: IdMap<NodeId, Vec<(u32, u32)>>,
+    deleted_early: IdMap<NodeKey, Vec<(u32, u32)>>,
     /// Per author, the newest node that edited this text.
     editors: IdMap<AuthorId, NodeIdx>,
 }
@@ -192,8 +227,17 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn node_id(&self, idx: NodeIdx) -> Option<NodeId> {
-        (idx < self.dag.next_idx()).then(|| *self.dag.id(idx))
+    /// The keys characters of node `idx` may be waited for under: its
+    /// (author, seq), and for a format-1 node its id too.
+    fn node_keys(&self, idx: NodeIdx) -> (NodeKey, Option<NodeKey>) {
+        if idx >= self.dag.next_idx() {
+            // The node being built by a local transaction.
+            return (NodeKey::Seq(self.author, self.seq), None);
+        }
+        let key = NodeKey::Seq(*self.dag.author(idx), self.dag.seq(idx));
+        let legacy =
+            (self.dag.format(idx) == NodeFormat::V1).then(|| NodeKey::Id(*self.dag.id(idx)));
+        (key, legacy)
     }
 
     /// Whether node `a` is a strict causal ancestor of node `b`.
@@ -566,6 +610,67 @@ impl Doc {
     /// Open conflicts at or under `path` (all of them for `/`).
     pub fn conflicts(&self, dag: &Dag, path: &str) -> Result<Vec<Conflict>, PathError> {
         let top = self.resolve(path)?;
+        // Node numbers are local to a replica; ids are not.
+        let ids = |nodes: Vec<NodeIdx>| {
+            let mut ids: Vec<NodeId> = nodes.iter().map(|&n| *dag.id(n)).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        };
+        let mut out = Vec::new();
+        self.walk_conflicts(dag, top, true, |c| {
+            out.push(match c {
+                RawConflict::Field { path, field, reg } => Conflict::Field {
+                    path,
+                    field: field.to_owned(),
+                    winner: Self::field_write(dag, reg.winner().expect("a conflict has a winner")),
+                    losers: reg
+                        .losers()
+                        .iter()
+                        .map(|l| Self::field_write(dag, l))
+                        .collect(),
+                },
+                RawConflict::Name {
+                    path,
+                    winner,
+                    others,
+                } => Conflict::Name {
+                    path,
+                    winner,
+                    others,
+                },
+                RawConflict::Move {
+                    path,
+                    entry,
+                    losers,
+                } => Conflict::Move {
+                    path,
+                    entry,
+                    losers: ids(losers),
+                },
+                RawConflict::Delete {
+                    entry,
+                    deleted_by,
+                    edits,
+                } => Conflict::Delete {
+                    entry,
+                    deleted_by: *dag.id(deleted_by),
+                    edits: ids(edits),
+                },
+            })
+        });
+        Ok(out)
+    }
+
+    /// Calls `f` with every open conflict at or under `top`, in tree order
+    /// (with paths only if `paths`: the state hash does without them).
+    fn walk_conflicts<'a>(
+        &'a self,
+        dag: &Dag,
+        top: EntryId,
+        paths: bool,
+        mut f: impl FnMut(RawConflict<'a>),
+    ) {
         let mut deleted: IdMap<EntryId, Vec<(EntryId, NodeIdx)>> = IdMap::default();
         for (entry, former, by) in self.tree.deletions() {
             if let Some(parent) = former {
@@ -575,30 +680,24 @@ impl Doc {
         for list in deleted.values_mut() {
             list.sort_unstable();
         }
-        let mut out = Vec::new();
         let mut stack = vec![top];
         while let Some(id) = stack.pop() {
-            let here = self.path_of(&id).unwrap_or_default();
+            let here = if paths {
+                self.path_of(&id).unwrap_or_default()
+            } else {
+                String::new()
+            };
             for (field, reg) in self.fields.get(&id).into_iter().flatten() {
-                if let (Some(w), false) = (reg.winner(), reg.losers().is_empty()) {
-                    out.push(Conflict::Field {
+                if reg.winner().is_some() && !reg.losers().is_empty() {
+                    f(RawConflict::Field {
                         path: here.clone(),
-                        field: field.clone(),
-                        winner: Self::field_write(dag, w),
-                        losers: reg
-                            .losers()
-                            .iter()
-                            .map(|l| Self::field_write(dag, l))
-                            .collect(),
+                        field,
+                        reg,
                     });
                 }
             }
             if let Some(losers) = self.tree.move_losers(&id) {
-                // Node numbers are local to a replica; ids are not.
-                let mut losers: Vec<NodeId> = losers.iter().map(|&n| *dag.id(n)).collect();
-                losers.sort_unstable();
-                losers.dedup();
-                out.push(Conflict::Move {
+                f(RawConflict::Move {
                     path: here.clone(),
                     entry: id,
                     losers,
@@ -612,7 +711,7 @@ impl Doc {
                 }
                 let named = self.tree.named(&id, &p.name);
                 if named.len() > 1 {
-                    out.push(Conflict::Name {
+                    f(RawConflict::Name {
                         path: child_path(&here, &p.name),
                         winner: named[0],
                         others: named[1..].to_vec(),
@@ -624,18 +723,17 @@ impl Doc {
             for &(c, deleted_by) in deleted.get(&id).into_iter().flatten() {
                 let edits = self.edits_concurrent_with(dag, &c, deleted_by);
                 if !edits.is_empty() {
-                    out.push(Conflict::Delete {
+                    f(RawConflict::Delete {
                         entry: c,
-                        deleted_by: *dag.id(deleted_by),
+                        deleted_by,
                         edits,
                     });
                 }
             }
         }
-        Ok(out)
     }
 
-    fn edits_concurrent_with(&self, dag: &Dag, entry: &EntryId, delete: NodeIdx) -> Vec<NodeId> {
+    fn edits_concurrent_with(&self, dag: &Dag, entry: &EntryId, delete: NodeIdx) -> Vec<NodeIdx> {
         let field_nodes = self
             .fields
             .get(entry)
@@ -647,11 +745,10 @@ impl Doc {
             .get(entry)
             .into_iter()
             .flat_map(|t| t.editors.values().copied());
-        let mut out: Vec<NodeId> = field_nodes
+        let mut out: Vec<NodeIdx> = field_nodes
             .chain(text_nodes)
             .chain(self.tree.placement_nodes(entry))
             .filter(|&n| n != delete && !dag.is_ancestor(n, delete))
-            .map(|n| *dag.id(n))
             .collect();
         out.sort_unstable();
         out.dedup();
@@ -695,38 +792,47 @@ impl Doc {
 
     /// The canonical hash of the visible state (entries, kinds, positions,
     /// fields with their open conflicts, text, and delete and move
-    /// conflicts). Equal on every replica holding the same nodes.
+    /// conflicts). Equal on every replica holding the same nodes. Nodes
+    /// are named by (author, seq), which every replica agrees on, so the
+    /// hash needs no node id.
     pub fn state_hash(&self, dag: &Dag) -> [u8; 32] {
         let mut w = Writer::new();
         self.hash_entry(dag, &EntryId::ROOT, &mut w);
-        let conflicts = self.conflicts(dag, "/").unwrap_or_default();
         let mut extra = Vec::new();
-        for c in conflicts {
-            match c {
-                Conflict::Delete {
-                    entry,
-                    deleted_by,
-                    edits,
-                } => {
-                    extra.push((0u8, entry, deleted_by, edits));
-                }
-                Conflict::Move { entry, losers, .. } => {
-                    extra.push((1u8, entry, NodeId([0; 32]), losers));
-                }
-                // Field and name conflicts are already in the tree walk.
-                Conflict::Field { .. } | Conflict::Name { .. } => {}
-            }
-        }
+        self.walk_conflicts(dag, EntryId::ROOT, false, |c| match c {
+            RawConflict::Delete {
+                entry,
+                deleted_by,
+                edits,
+            } => extra.push((0u8, entry, Some(deleted_by), edits)),
+            RawConflict::Move { entry, losers, .. } => extra.push((1u8, entry, None, losers)),
+            // Field and name conflicts are already in the tree walk.
+            RawConflict::Field { .. } | RawConflict::Name { .. } => {}
+        });
         extra.sort_by_key(|e| (e.0, e.1));
+        let key = |n: NodeIdx| (*dag.author(n), dag.seq(n));
         w.array(extra.len());
         for (kind, entry, by, nodes) in &extra {
             w.array(4);
             w.uint(*kind as u64);
             w.bin(&entry.0);
-            w.bin(&by.0);
-            w.array(nodes.len());
-            for n in nodes {
-                w.bin(&n.0);
+            match *by {
+                Some(n) => {
+                    let (author, seq) = key(n);
+                    w.array(2);
+                    w.bin(&author.0);
+                    w.uint(seq);
+                }
+                None => w.nil(),
+            }
+            let mut keys: Vec<(AuthorId, u64)> = nodes.iter().map(|&n| key(n)).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            w.array(keys.len());
+            for (author, seq) in keys {
+                w.array(2);
+                w.bin(&author.0);
+                w.uint(seq);
             }
         }
         *blake3::hash(w.as_bytes()).as_bytes()
@@ -754,8 +860,9 @@ impl Doc {
                     Some(v) => v.encode(w),
                     None => w.nil(),
                 }
+                // (hlc, author) names the node; its seq is a cheap check.
                 w.bin(&wr.stamp.author.0);
-                w.bin(&dag.id(wr.node).0);
+                w.uint(dag.seq(wr.node));
             }
         }
         match self.texts.get(id) {
@@ -785,28 +892,36 @@ fn child_path(parent: &str, name: &str) -> String {
 }
 
 fn resolve_ref(ctx: &Ctx<'_>, c: CharRef) -> Target {
-    match c.node {
-        None => Target::Known(ItemId {
-            node: ctx.node,
+    let known = |node| {
+        Target::Known(ItemId {
+            node,
             index: c.index,
-        }),
-        Some(id) => match ctx.dag.idx(&id) {
-            Some(node) => Target::Known(ItemId {
-                node,
-                index: c.index,
-            }),
-            None => Target::Unknown(id, c.index),
+        })
+    };
+    match c.node {
+        CharNode::Id(None) => known(ctx.node),
+        CharNode::Id(Some(id)) => match ctx.dag.legacy_idx(&id) {
+            Some(node) => known(node),
+            None => Target::Unknown(NodeKey::Id(id), c.index),
         },
+        CharNode::Seq { author, seq } => {
+            let author = author.unwrap_or(ctx.author);
+            if author == ctx.author && seq == ctx.seq {
+                return known(ctx.node);
+            }
+            match ctx.dag.by_author_seq(&author, seq) {
+                Some(node) => known(node),
+                None => Target::Unknown(NodeKey::Seq(author, seq), c.index),
+            }
+        }
     }
 }
 
-/// The key a parked insert waits under. A reference into the node being
-/// built by a local transaction is always to an earlier op of it, so the
-/// placeholder id is never waited on.
-fn wait_key(ctx: &Ctx<'_>, t: Target) -> (NodeId, u32) {
+/// The key a parked insert waits under.
+fn wait_key(ctx: &Ctx<'_>, t: Target) -> (NodeKey, u32) {
     match t {
-        Target::Known(i) => (ctx.node_id(i.node).unwrap_or(NodeId([0; 32])), i.index),
-        Target::Unknown(id, index) => (id, index),
+        Target::Known(i) => (ctx.node_keys(i.node).0, i.index),
+        Target::Unknown(key, index) => (key, index),
     }
 }
 
@@ -827,25 +942,25 @@ fn integrate(ctx: &Ctx<'_>, t: &mut TextState, first: Insert, text: &str) {
         let Some(done) = try_integrate(ctx, t, p.insert, &p.text) else {
             continue;
         };
-        let Some(node_id) = ctx.node_id(done.node) else {
-            continue;
-        };
+        let (key, legacy) = ctx.node_keys(done.node);
         let n = p.text.chars().count() as u32;
         let run = done.first..done.first + n;
-        if !t.parked.is_empty() {
-            for index in run.clone() {
-                if let Some(waiting) = t.parked.remove(&(node_id, index)) {
-                    work.extend(waiting);
+        for key in std::iter::once(key).chain(legacy) {
+            if !t.parked.is_empty() {
+                for index in run.clone() {
+                    if let Some(waiting) = t.parked.remove(&(key, index)) {
+                        work.extend(waiting);
+                    }
                 }
             }
-        }
-        if let Some(spans) = t.deleted_early.get(&node_id) {
-            for &(start, len) in spans {
-                for index in start.max(run.start)..(start + len).min(run.end) {
-                    let _ = t.seq.delete(ItemId {
-                        node: done.node,
-                        index,
-                    });
+            if let Some(spans) = t.deleted_early.get(&key) {
+                for &(start, len) in spans {
+                    for index in start.max(run.start)..(start + len).min(run.end) {
+                        let _ = t.seq.delete(ItemId {
+                            node: done.node,
+                            index,
+                        });
+                    }
                 }
             }
         }
@@ -893,12 +1008,16 @@ fn try_integrate(ctx: &Ctx<'_>, t: &mut TextState, ins: Insert, text: &str) -> O
     (!t.parked.is_empty() || !t.deleted_early.is_empty()).then_some(ins)
 }
 
-/// Total order of nodes for text tie-breaks: by node id (a node still being
-/// built sorts last; it never meets a tie, see `Ctx::provisional`).
+/// Total order of nodes for text tie-breaks: by (author, seq), which names
+/// a node as surely as its id and needs no hash (a node still being built
+/// sorts last; a local insert never meets a tie, its origins are adjacent).
 fn order_nodes(dag: &Dag, a: u32, b: u32) -> std::cmp::Ordering {
     let next = dag.next_idx();
     match (a < next, b < next) {
-        (true, true) => dag.id(a).cmp(dag.id(b)),
+        (true, true) => dag
+            .author(a)
+            .cmp(dag.author(b))
+            .then(dag.seq(a).cmp(&dag.seq(b))),
         (x, y) => y.cmp(&x),
     }
 }

@@ -17,7 +17,7 @@ use crate::limits::MAX_ROOM_ID_BYTES;
 use crate::recon::mst::{KeyRange, Summary};
 
 /// The protocol version this code speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted or sent.
 pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 /// Most heads listed in a `hello` or `welcome`.

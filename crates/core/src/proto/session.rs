@@ -50,12 +50,14 @@ pub struct EncodedPack {
 
 impl EncodedPack {
     /// Encodes `nodes` of `room` (signatures as held: a relay signs
-    /// nothing). Fails as [`Room::export_pack`] does.
+    /// nothing). Parents outside the pack carry their ids, as the sessions
+    /// it goes to may know different things. Fails as
+    /// [`Room::export_pack`] does.
     pub fn new(
         room: &mut Room,
         nodes: &[NodeIdx],
     ) -> Result<EncodedPack, crate::room::ExportError> {
-        let (bytes, _) = room.export_pack(nodes, None, DEFAULT_ZSTD_LEVEL)?;
+        let (bytes, _) = room.export_pack(nodes, None, &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
         let checksum = *blake3::hash(&bytes).as_bytes();
         Ok(EncodedPack { bytes, checksum })
     }
@@ -203,6 +205,11 @@ pub struct Session {
     /// Server: what the client is known to hold (every node of an author
     /// up to this sequence number); an underestimate is safe.
     peer_holds: VersionVector,
+    /// What the peer surely holds, as far as this session saw: its
+    /// version vector from the handshake, what it sent, and what it
+    /// acknowledged. Packs cite these nodes by (author, seq) alone. Nodes
+    /// merely sent are not in it: a pack can be lost, or refused.
+    peer_acked: VersionVector,
     /// Client, until caught up: when the catch-up last made progress.
     catchup_progress: Option<u64>,
     /// Client: decoding the server's RIBLT symbols.
@@ -296,6 +303,7 @@ impl Session {
             scope: Scope::everything(),
             pending_subscribe: None,
             peer_holds: VersionVector::new(),
+            peer_acked: VersionVector::new(),
             decoder: None,
             symbols_sent: 0,
             reconciler: None,
@@ -447,6 +455,16 @@ impl Session {
         let dag = room.dag();
         for &n in nodes {
             let seq = self.peer_holds.entry(*dag.author(n)).or_insert(0);
+            *seq = (*seq).max(dag.seq(n));
+        }
+    }
+
+    /// Records that the peer surely holds `nodes` (it sent or acknowledged
+    /// them), and so every earlier node of their authors.
+    fn note_acked(&mut self, room: &Room, nodes: &[NodeIdx]) {
+        let dag = room.dag();
+        for &n in nodes {
+            let seq = self.peer_acked.entry(*dag.author(n)).or_insert(0);
             *seq = (*seq).max(dag.seq(n));
         }
     }
@@ -608,8 +626,11 @@ impl Session {
         let mut rest = nodes;
         while !rest.is_empty() {
             let mut take = rest.len().min(self.config.max_pack_nodes);
+            let acked = &self.peer_acked;
+            let holds = |a: &AuthorId, s: u64| acked.get(a).is_some_and(|&h| s <= h);
             let pack = loop {
-                let (pack, _) = match room.export_pack(&rest[..take], signer, DEFAULT_ZSTD_LEVEL) {
+                let exported = room.export_pack(&rest[..take], signer, &holds, DEFAULT_ZSTD_LEVEL);
+                let (pack, _) = match exported {
                     Ok(exported) => exported,
                     Err(e) => {
                         // Another author's nodes with no signature held:
@@ -908,6 +929,7 @@ impl Session {
                     Err(e) => return self.close(now, Reason::Malformed, &e.to_string()),
                 }
                 self.peer_holds = vv.clone();
+                self.peer_acked = vv.clone();
                 // A client with history that left its version vector out
                 // asks for set reconciliation: RIBLT for a difference its
                 // sketch can hold, the MST beyond. Everyone else gets the
@@ -1052,6 +1074,7 @@ impl Session {
                 self.strategy = Some(CAP_DIFF_HEADS);
                 self.events.push_back(Event::Connected);
                 let server_vv = vv.unwrap_or_default();
+                self.peer_acked = server_vv.clone();
                 let mine = room.dag().version_vector();
                 self.expecting = lacking(&mine, &server_vv);
                 if self.expecting == 0 {
@@ -1089,6 +1112,7 @@ impl Session {
                         if self.side == Side::Server {
                             self.note_sent(room, &nodes);
                         }
+                        self.note_acked(room, &nodes);
                         // The correlation id alone acknowledges exactly the
                         // pack's nodes: with some waiting, or nodes of
                         // earlier packs released, the ack lists ids.
@@ -1132,20 +1156,29 @@ impl Session {
             }
             (_, State::Open, Message::Ack { nodes }) => {
                 let dag = room.dag();
+                let mut acked: Vec<NodeIdx> = Vec::new();
                 let nodes: Vec<NodeId> = if nodes.is_empty() {
                     // An empty list acknowledges the whole pack `corr`.
                     let (_, sent) = self.in_flight.remove(&env.corr).unwrap_or_default();
-                    sent.iter().map(|&n| *dag.id(n)).collect()
+                    acked = sent;
+                    acked.iter().map(|&n| *dag.id(n)).collect()
                 } else {
                     // Listed ids may include nodes of earlier packs that
                     // waited for parents at the peer.
                     let listed: IdSet<NodeId> = nodes.iter().copied().collect();
                     self.in_flight.retain(|_, (_, sent)| {
-                        sent.retain(|&n| !listed.contains(dag.id(n)));
+                        sent.retain(|&n| {
+                            let hit = listed.contains(dag.id(n));
+                            if hit {
+                                acked.push(n);
+                            }
+                            !hit
+                        });
                         !sent.is_empty()
                     });
                     nodes
                 };
+                self.note_acked(room, &acked);
                 if !nodes.is_empty() {
                     self.events.push_back(Event::Acknowledged { nodes });
                 }
