@@ -20,7 +20,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION};
 use syncline_core::proto::session::{Config as SessionConfig, Event, Session};
-use syncline_core::{Keypair, Node, Op, Room, RoomId, Value};
+use syncline_core::{Keypair, Op, Room, RoomId, Value};
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -228,11 +228,10 @@ async fn client(
                         Some(&key),
                     );
                     for idx in first..r.dag().next_idx() {
-                        if let Ok(node) = Node::decode(r.dag().bytes(idx))
-                            && let Some(Op::Set {
-                                value: Value::Int(sent),
-                                ..
-                            }) = node.ops.first()
+                        if let Some(Op::Set {
+                            value: Value::Int(sent),
+                            ..
+                        }) = r.dag().ops(idx).first()
                         {
                             latencies.push((arrived - sent).max(0) as u64);
                         }

@@ -12,25 +12,33 @@
 // Printing results is this binary's job.
 #![allow(clippy::print_stdout)]
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use serde_json::json;
-use syncline_core::pack::DEFAULT_ZSTD_LEVEL;
 use syncline_core::proto::session::{Config as SessionConfig, Event as SessionEvent, Session};
-use syncline_core::{EntryKind, Keypair, NodeId, Room, RoomId};
+use syncline_core::{Keypair, NodeId, Room};
 use syncline_store::{Batch, DurableRoom, SqliteOptions, SqliteStore, Store, StoredNode};
 
-/// automerge's saved document for the same trace, in bytes (the published
-/// figure the pack-size target is set against).
 mod fanout;
 mod recon;
+mod trace;
 
-const AUTOMERGE_SAVED_BYTES: usize = 129_000;
+/// Every allocation goes through this counter, so a benchmark can report
+/// the live heap a structure holds (`live_heap`), not the process's RSS.
+#[global_allocator]
+static ALLOCATOR: cap::Cap<std::alloc::System> = cap::Cap::new(std::alloc::System, usize::MAX);
+
+/// Runs `f` and returns, with its result, how many heap bytes the result
+/// holds: live bytes after minus before (what `f` freed does not count).
+fn live_heap<T>(f: impl FnOnce() -> Result<T>) -> Result<(usize, T)> {
+    let before = ALLOCATOR.allocated();
+    let value = f()?;
+    Ok((ALLOCATOR.allocated().saturating_sub(before), value))
+}
 
 #[derive(Parser, Debug)]
 #[command(about = "Syncline benchmarks")]
@@ -86,49 +94,6 @@ impl Report {
     }
 }
 
-/// One edit of the trace: (position, characters deleted, text inserted).
-type Patch = (usize, usize, String);
-
-fn load_trace(path: &PathBuf) -> Result<(Vec<Patch>, String)> {
-    let mut json = String::new();
-    flate2::read::GzDecoder::new(
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
-    )
-    .read_to_string(&mut json)?;
-    let v: serde_json::Value = serde_json::from_str(&json)?;
-    let mut patches = Vec::new();
-    for t in v["txns"].as_array().context("txns")? {
-        for p in t["patches"].as_array().context("patches")? {
-            patches.push((
-                p[0].as_u64().context("pos")? as usize,
-                p[1].as_u64().context("del")? as usize,
-                p[2].as_str().context("ins")?.to_owned(),
-            ));
-        }
-    }
-    let end = v["endContent"].as_str().context("endContent")?.to_owned();
-    Ok((patches, end))
-}
-
-fn room_id() -> RoomId {
-    RoomId::new("automerge-paper").expect("valid room id")
-}
-
-/// Replays the trace into a fresh in-memory room, one node per edit.
-fn replay_trace(patches: &[Patch], key: &Keypair) -> Result<Room> {
-    let mut room = Room::new(room_id());
-    let mut tx = room.begin(key.author(), 0);
-    tx.ensure("/paper", EntryKind::Text)?;
-    tx.commit()?;
-    for (i, (pos, del, ins)) in patches.iter().enumerate() {
-        let mut tx = room.begin(key.author(), 1 + i as u64);
-        tx.text_delete("/paper", *pos, *del)?;
-        tx.text_insert("/paper", *pos, ins)?;
-        tx.commit()?;
-    }
-    Ok(room)
-}
-
 /// Runs `f` `runs` times and keeps the fastest; `f` times its own section
 /// (so set-up such as temporary directories stays out of the figure).
 fn best<T>(runs: usize, mut f: impl FnMut() -> Result<(Duration, T)>) -> Result<(Duration, T)> {
@@ -153,118 +118,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// loro on the same trace: time to apply it and its snapshot size. With
-/// `commit_each`, one loro change per edit (the same unit of work as one
-/// Syncline node per edit); without, one change for the whole trace.
-#[cfg(feature = "loro")]
-fn loro_trace(patches: &[Patch], end: &str, commit_each: bool) -> Result<(Duration, usize)> {
-    let doc = loro::LoroDoc::new();
-    doc.set_peer_id(1)?;
-    let text = doc.get_text("paper");
-    let start = Instant::now();
-    for (pos, del, ins) in patches {
-        if *del > 0 {
-            text.delete(*pos, *del)?;
-        }
-        if !ins.is_empty() {
-            text.insert(*pos, ins)?;
-        }
-        if commit_each {
-            doc.commit();
-        }
-    }
-    doc.commit();
-    let took = start.elapsed();
-    anyhow::ensure!(text.to_string() == end, "loro did not produce endContent");
-    Ok((took, doc.export(loro::ExportMode::Snapshot)?.len()))
-}
-
-/// Emits loro's figures next to ours, as ratios.
-#[cfg(feature = "loro")]
-fn loro_reference(
-    args: &Args,
-    report: &Report,
-    patches: &[Patch],
-    end: &str,
-    ours: Duration,
-) -> Result<()> {
-    for commit_each in [false, true] {
-        let (took, size) = best(args.runs, || loro_trace(patches, end, commit_each))?;
-        let mode = if commit_each {
-            "one change per edit"
-        } else {
-            "one change in all"
-        };
-        report.emit(
-            "trace-loro",
-            &[
-                ("loro mode", mode.into()),
-                ("loro apply", format!("{:.1} ms", ms(took))),
-                ("syncline / loro time", format!("{:.2} x", ours.as_secs_f64() / took.as_secs_f64())),
-                ("loro snapshot", format!("{size} bytes")),
-            ],
-            json!({"commit_each": commit_each, "loro_apply_ms": ms(took), "ratio": ours.as_secs_f64() / took.as_secs_f64(), "loro_snapshot_bytes": size}),
-        );
-    }
-    Ok(())
-}
-
-fn bench_trace(args: &Args, report: &Report) -> Result<()> {
-    let (patches, end) = load_trace(&args.trace)?;
-    let key = Keypair::from_seed([7; 32]);
-    let (apply, mut room) = best(args.runs, || timed(|| replay_trace(&patches, &key)))?;
-    let doc = room.doc();
-    let text = doc.text(&doc.resolve("/paper")?);
-    anyhow::ensure!(text == end, "the replay did not produce endContent");
-    let nodes = room.dag().causal_order();
-    let canonical: usize = nodes.iter().map(|&i| room.dag().bytes(i).len()).sum();
-    let start = Instant::now();
-    let (pack, _) = room.export_pack(&nodes, Some(&key), &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
-    let encode = start.elapsed();
-    let edits = patches.len();
-    report.emit(
-        "trace",
-        &[
-            ("edits (one node each)", edits.to_string()),
-            (
-                "apply as local transactions",
-                format!("{:.1} ms", ms(apply)),
-            ),
-            (
-                "per edit",
-                format!("{:.0} ns", apply.as_nanos() as f64 / edits as f64),
-            ),
-            ("canonical history", format!("{} bytes", canonical)),
-            ("compact pack", format!("{} bytes", pack.len())),
-            (
-                "pack / automerge saved doc",
-                format!("{:.2} x", pack.len() as f64 / AUTOMERGE_SAVED_BYTES as f64),
-            ),
-            ("pack encode", format!("{:.1} ms", ms(encode))),
-            ("final text", format!("{} chars", text.chars().count())),
-        ],
-        json!({
-            "edits": edits,
-            "apply_ms": ms(apply),
-            "ns_per_edit": apply.as_nanos() as f64 / edits as f64,
-            "canonical_bytes": canonical,
-            "pack_bytes": pack.len(),
-            "pack_vs_automerge": pack.len() as f64 / AUTOMERGE_SAVED_BYTES as f64,
-            "pack_encode_ms": ms(encode),
-            "text_chars": text.chars().count(),
-        }),
-    );
-    #[cfg(feature = "loro")]
-    loro_reference(args, report, &patches, &end, apply)?;
-    Ok(())
-}
-
 fn bench_import(args: &Args, report: &Report) -> Result<()> {
-    let (patches, _) = load_trace(&args.trace)?;
+    let (patches, _) = trace::load(&args.trace)?;
     let key = Keypair::from_seed([7; 32]);
-    let mut room = replay_trace(&patches, &key)?;
+    let mut room = trace::replay(&patches, &key)?;
     let nodes = room.dag().causal_order();
-    let (pack, _) = room.export_pack(&nodes, Some(&key), &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
+    let pack = room.pack(&nodes, Some(&key))?;
     let expected = room.state_hash();
     let (took, ()) = best(args.runs, || {
         let dir = tempfile::tempdir()?;
@@ -272,7 +131,7 @@ fn bench_import(args: &Args, report: &Report) -> Result<()> {
             &dir.path().join("replica.db"),
             SqliteOptions::default(),
         )?);
-        let mut fresh = DurableRoom::load(store, Keypair::from_seed([8; 32]), &room_id())?;
+        let mut fresh = DurableRoom::load(store, Keypair::from_seed([8; 32]), &trace::room_id())?;
         let (took, got) = timed(|| Ok(fresh.receive_pack(&pack)?))?;
         anyhow::ensure!(
             got.accepted.len() == nodes.len(),
@@ -328,7 +187,7 @@ fn fake_batches(batch: usize, commits: usize, next: &mut u64) -> Vec<Vec<StoredN
 fn durable_store_round(batch: usize, commits: usize, next: &mut u64) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(&dir.path().join("store.db"), SqliteOptions::default())?;
-    let room = room_id();
+    let room = trace::room_id();
     let batches = fake_batches(batch, commits, next);
     let start = Instant::now();
     for nodes in batches {
@@ -471,31 +330,25 @@ fn run_session(client: &mut Room, client_key: &Keypair, server: &mut Room) -> Re
 }
 
 fn bench_catchup(args: &Args, report: &Report) -> Result<()> {
-    let (patches, _) = load_trace(&args.trace)?;
+    let (patches, _) = trace::load(&args.trace)?;
     let key = Keypair::from_seed([7; 32]);
-    let mut author = replay_trace(&patches, &key)?;
+    let mut author = trace::replay(&patches, &key)?;
     let order = author.dag().causal_order();
-    let (pack, _) = author.export_pack(&order, Some(&key), &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
+    let pack = author.pack(&order, Some(&key))?;
     for percent in [50usize, 90, 99] {
         // The server holds the whole history as received (signed); the
         // client holds a causal prefix of it.
-        let mut server = Room::new(room_id());
+        let mut server = Room::new(trace::room_id());
         server.receive_pack(&pack)?;
         let split = order.len() * percent / 100;
-        let (prefix, _) = author.export_pack(
-            &order[..split],
-            Some(&key),
-            &|_, _| false,
-            DEFAULT_ZSTD_LEVEL,
-        )?;
-        let mut client = Room::new(room_id());
+        let prefix = author.pack(&order[..split], Some(&key))?;
+        let mut client = Room::new(trace::room_id());
         client.receive_pack(&prefix)?;
         // Reference: the missing nodes alone, as one compact pack.
         let missing = server
             .dag()
             .missing_for_version_vector(&client.dag().version_vector());
-        let (reference, _) =
-            server.export_pack(&missing, None, &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
+        let reference = server.pack(&missing, None)?;
         let client_key = Keypair::from_seed([8; 32]);
         let run = run_session(&mut client, &client_key, &mut server)?;
         anyhow::ensure!(
@@ -533,14 +386,14 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let report = Report { json: args.json };
     match args.bench {
-        Bench::Trace => bench_trace(&args, &report),
+        Bench::Trace => trace::run(&args, &report),
         Bench::Import => bench_import(&args, &report),
         Bench::Durable => bench_durable(&args, &report),
         Bench::Recon => recon::bench_recon(&report),
         Bench::Fanout => fanout::bench_fanout(&report),
         Bench::Catchup => bench_catchup(&args, &report),
         Bench::All => {
-            bench_trace(&args, &report)?;
+            trace::run(&args, &report)?;
             bench_import(&args, &report)?;
             bench_durable(&args, &report)?;
             recon::bench_recon(&report)?;

@@ -22,7 +22,8 @@ use syncline_core::recon::mst::{self, Mst, Reconciler};
 use syncline_core::recon::riblt::{CodedSymbol, Decoder, Key, Sketch};
 use syncline_core::{AuthorId, EntryId, Hlc, Node, NodeId, Op, Value, VerifiedNode};
 
-use super::{Report, ms, room_id};
+use super::{Report, ms};
+use crate::trace::room_id;
 
 const N: u64 = 1_000_000;
 const DIFFS: [usize; 5] = [1, 10, 100, 1_000, 10_000];
@@ -225,7 +226,7 @@ fn append(dag: &mut Dag, author: AuthorId, other: Option<NodeIdx>) -> Result<()>
     let lamport = dag.next_lamport(&parents);
     let mut cited: Vec<(NodeId, (AuthorId, u64))> = parents
         .iter()
-        .map(|&p| (*dag.id(p), (*dag.author(p), dag.seq(p))))
+        .map(|&p| (dag.id(p), (*dag.author(p), dag.seq(p))))
         .collect();
     cited.sort_unstable();
     cited.dedup();
@@ -254,12 +255,10 @@ fn append(dag: &mut Dag, author: AuthorId, other: Option<NodeIdx>) -> Result<()>
             value: Value::Int(seq as i64),
         }],
     };
-    let bytes = node.encode();
-    let id = Node::id_of(&bytes);
+    let id = Node::id_of(&node.encode());
     dag.insert(VerifiedNode {
         id,
         node,
-        bytes,
         sig: None,
         parent_keys: cited.iter().map(|(_, key)| *key).collect(),
     })?;

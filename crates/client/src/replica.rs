@@ -12,7 +12,7 @@ use syncline_core::dag::NodeIdx;
 use syncline_core::doc::{Conflict, PathError};
 use syncline_core::proto::session::Session;
 use syncline_core::room::TxnError;
-use syncline_core::{EntryKind, Node, NodeId, RoomId, Transaction, Value};
+use syncline_core::{EntryKind, NodeId, RoomId, Transaction, Value};
 use syncline_store::{DurableRoom, ReplicaError, SqliteOptions, SqliteStore, Store, StoreError};
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -239,10 +239,7 @@ impl RoomShared {
 pub(crate) fn touched_paths(room: &syncline_core::Room, nodes: &[NodeIdx]) -> Vec<String> {
     let mut paths: Vec<String> = Vec::new();
     for &idx in nodes {
-        let Ok(node) = Node::decode(room.dag().bytes(idx)) else {
-            continue;
-        };
-        for (i, op) in node.ops.iter().enumerate() {
+        for (i, op) in room.dag().ops(idx).iter().enumerate() {
             for names in room.doc().touched_paths(room.dag(), idx, i as u32, op) {
                 paths.push(format!("/{}", names.join("/")));
             }
@@ -381,7 +378,7 @@ impl Room {
                 .into_iter()
                 .map(|i| {
                     (
-                        *dag.id(i),
+                        dag.id(i),
                         dag.author(i).to_string(),
                         dag.seq(i),
                         dag.hlc(i).wall_ms,

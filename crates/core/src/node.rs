@@ -78,8 +78,20 @@ impl Node {
         w.into_bytes()
     }
 
+    /// The canonical encoding of this node with `parents` (sorted) as its
+    /// parents: what a history that keeps parents by number hashes.
+    pub fn encode_with_parents(&self, parents: &[NodeId]) -> Vec<u8> {
+        let mut w = Writer::with_buffer(Vec::with_capacity(256));
+        self.encode_parts(&mut w, parents);
+        w.into_bytes()
+    }
+
     /// Appends the canonical encoding to `w`.
     pub fn encode_into(&self, w: &mut Writer) {
+        self.encode_parts(w, &self.parents);
+    }
+
+    fn encode_parts(&self, w: &mut Writer, parents: &[NodeId]) {
         match self.format {
             NodeFormat::V1 => w.array(7),
             NodeFormat::V2 => {
@@ -90,8 +102,8 @@ impl Node {
         w.str(self.room.as_str());
         w.bin(&self.author.0);
         w.uint(self.seq);
-        w.array(self.parents.len());
-        for p in &self.parents {
+        w.array(parents.len());
+        for p in parents {
             w.bin(&p.0);
         }
         w.uint(self.lamport);

@@ -146,19 +146,6 @@ enum RefCtx {
     Delete,
 }
 
-/// A node to pack: its id, the node, and the (author, seq) of each of its
-/// parents, in the order of `node.parents` (format-2 nodes only; a
-/// format-1 node travels verbatim).
-#[derive(Clone, Copy, Debug)]
-pub struct PackNode<'a> {
-    /// The node's id.
-    pub id: NodeId,
-    /// The node.
-    pub node: &'a Node,
-    /// Author and seq of each parent.
-    pub parent_keys: &'a [(AuthorId, u64)],
-}
-
 /// Interns 32-byte ids into table indices.
 struct Table<T: std::hash::Hash + Eq + Copy> {
     items: Vec<T>,
@@ -187,9 +174,7 @@ struct Encoder {
     streams: [Vec<u8>; STREAMS],
     authors: Table<AuthorId>,
     entries: Table<EntryId>,
-    /// Position of each node of the pack, by id (parents) and by (author,
-    /// seq) (characters).
-    by_id: HashMap<NodeId, u64>,
+    /// Position of each node of the pack by (author, seq), for characters.
     by_key: HashMap<(AuthorId, u64), u64>,
     last_ref: [i64; 3],
     last_seq: [i64; 3],
@@ -224,27 +209,24 @@ impl Encoder {
         }
     }
 
-    fn parent(
-        &mut self,
-        this: u64,
-        node: &Node,
-        id: &NodeId,
-        key: (AuthorId, u64),
-        holds: &dyn Fn(&AuthorId, u64) -> bool,
-    ) {
-        if let Some(&j) = self.by_id.get(id) {
+    fn parent(&mut self, this: u64, node: &Node, r: &ParentRef) {
+        let (author, seq, id) = match *r {
             // Distance back: the author's previous node is usually 1.
-            return self.put(S::Parent, (this - j) << 2 | PARENT_IN_PACK);
-        }
-        let (author, seq) = key;
+            ParentRef::InPack(j) => {
+                return self.put(S::Parent, (this - j as u64) << 2 | PARENT_IN_PACK);
+            }
+            ParentRef::Held(author, seq) => (author, seq, None),
+            ParentRef::WithId(author, seq, id) => (author, seq, Some(id)),
+        };
         let a = self.authors.intern(author);
-        let held = holds(&author, seq);
-        self.put(
-            S::Parent,
-            a << 2 | if held { PARENT_HELD } else { PARENT_WITH_ID },
-        );
+        let kind = if id.is_some() {
+            PARENT_WITH_ID
+        } else {
+            PARENT_HELD
+        };
+        self.put(S::Parent, a << 2 | kind);
         self.put_signed(S::ParentSeq, node.seq as i64 - seq as i64);
-        if !held {
+        if let Some(id) = id {
             self.streams[S::Ids as usize].extend_from_slice(&id.0);
         }
     }
@@ -354,36 +336,33 @@ impl Encoder {
     }
 }
 
-/// Encodes `nodes` (in causal order) into a pack. `signatures` pairs
-/// positions in `nodes` with their author's signature over that node: one
-/// is required on every author's newest node in the pack; more
-/// (checkpoints along a long run) are optional, and let whoever stores them
-/// later cut the history into smaller vouched-for packs. `holds` says
-/// which nodes outside the pack the receiver is known to hold: parents
-/// among them are cited by (author, seq) alone.
+/// Encodes `nodes` (in causal order) into a pack: format-2 nodes with
+/// their parents as `parent_refs` (the ids in `node.parents` are not
+/// read), format-1 nodes whole. `signatures` pairs positions in `nodes`
+/// with their author's signature over that node: one is required on every
+/// author's newest node in the pack; more (checkpoints along a long run)
+/// are optional, and let whoever stores them later cut the history into
+/// smaller vouched-for packs.
 pub fn encode(
     room: &RoomId,
-    nodes: &[PackNode<'_>],
+    nodes: &[RawNode],
     signatures: &[(usize, Signature)],
-    holds: &dyn Fn(&AuthorId, u64) -> bool,
     zstd_level: i32,
 ) -> Vec<u8> {
     let mut enc = Encoder {
         streams: Default::default(),
         authors: Table::default(),
         entries: Table::default(),
-        by_id: HashMap::with_capacity(nodes.len()),
         by_key: HashMap::with_capacity(nodes.len()),
         last_ref: [0; 3],
         last_seq: [0; 3],
     };
     let mut prev_seq: HashMap<AuthorId, u64> = HashMap::new();
     let (mut prev_lamport, mut prev_wall) = (0u64, 0u64);
-    for (i, p) in nodes.iter().enumerate() {
-        let (i, node) = (i as u64, p.node);
+    for (i, raw) in nodes.iter().enumerate() {
+        let (i, node) = (i as u64, &raw.node);
         let a = enc.authors.intern(node.author);
         enc.put(S::Author, a);
-        enc.by_id.insert(p.id, i);
         enc.by_key.insert((node.author, node.seq), i);
         if node.format == NodeFormat::V1 {
             enc.put(S::Format, VERBATIM);
@@ -394,10 +373,9 @@ pub fn encode(
                 Some(&p) => enc.put_signed(S::Seq, node.seq as i64 - p as i64 - 1),
                 None => enc.put(S::Seq, node.seq),
             }
-            enc.put(S::ParentCount, node.parents.len() as u64);
-            debug_assert_eq!(node.parents.len(), p.parent_keys.len());
-            for (id, key) in node.parents.iter().zip(p.parent_keys) {
-                enc.parent(i, node, id, *key, holds);
+            enc.put(S::ParentCount, raw.parent_refs.len() as u64);
+            for r in &raw.parent_refs {
+                enc.parent(i, node, r);
             }
             enc.put_signed(S::Lamport, node.lamport.wrapping_sub(prev_lamport) as i64);
             enc.put_signed(S::Wall, node.hlc.wall_ms.wrapping_sub(prev_wall) as i64);
@@ -928,7 +906,8 @@ pub fn verify(
         parent_refs,
     } in raw.nodes
     {
-        let mut parent_keys = Vec::with_capacity(parent_refs.len());
+        // Parents travel in any order; the canonical one is by id.
+        let mut parents = Vec::with_capacity(parent_refs.len());
         for r in parent_refs {
             let (key, id) = match r {
                 ParentRef::InPack(j) => {
@@ -943,9 +922,13 @@ pub fn verify(
                 ),
                 ParentRef::WithId(author, seq, id) => ((author, seq), id),
             };
-            parent_keys.push(key);
-            node.parents.push(id);
+            parents.push((id, key));
         }
+        if node.format == NodeFormat::V2 {
+            parents.sort_unstable();
+            node.parents = parents.iter().map(|(id, _)| *id).collect();
+        }
+        let parent_keys = parents.into_iter().map(|(_, key)| key).collect();
         node.check_structure()?;
         let bytes = node.encode();
         if bytes.len() > MAX_NODE_BYTES {
@@ -962,7 +945,6 @@ pub fn verify(
         nodes.push(VerifiedNode {
             id,
             node,
-            bytes,
             sig: None,
             parent_keys,
         });
@@ -1010,10 +992,6 @@ mod tests {
 
     fn nothing_held(_: &AuthorId, _: u64) -> Option<NodeId> {
         None
-    }
-
-    fn holds_nothing(_: &AuthorId, _: u64) -> bool {
-        false
     }
 
     /// A packable node: its id, the node, its parents' keys.
@@ -1084,13 +1062,25 @@ mod tests {
         out
     }
 
-    fn refs(nodes: &[Built]) -> Vec<PackNode<'_>> {
+    /// The nodes as a pack's input: parents inside the list by position,
+    /// the others by key (with their id unless `held`).
+    fn raws(nodes: &[Built], held: bool) -> Vec<RawNode> {
         nodes
             .iter()
-            .map(|(id, node, keys)| PackNode {
-                id: *id,
-                node,
-                parent_keys: keys,
+            .map(|(_, node, keys)| RawNode {
+                node: node.clone(),
+                parent_refs: node
+                    .parents
+                    .iter()
+                    .zip(keys)
+                    .map(
+                        |(id, &(a, s))| match nodes.iter().position(|(i, _, _)| i == id) {
+                            Some(j) => ParentRef::InPack(j),
+                            None if held => ParentRef::Held(a, s),
+                            None => ParentRef::WithId(a, s, *id),
+                        },
+                    )
+                    .collect(),
             })
             .collect()
     }
@@ -1099,9 +1089,8 @@ mod tests {
         let sig = k.sign(&nodes.last().unwrap().0);
         encode(
             &room(),
-            &refs(nodes),
+            &raws(nodes, false),
             &[(nodes.len() - 1, sig)],
-            &holds_nothing,
             DEFAULT_ZSTD_LEVEL,
         )
     }
@@ -1135,13 +1124,13 @@ mod tests {
         let rest = typing(&k, 10, Some((*last_id, last.seq, last.lamport)));
         let sig = k.sign(&rest[9].0);
         // Not known to be held: the id travels, and no lookup is needed.
-        let with_id = encode(&room(), &refs(&rest), &[(9, sig)], &holds_nothing, 3);
+        let with_id = encode(&room(), &raws(&rest, false), &[(9, sig)], 3);
         let decoded = decode(&with_id, &room(), &nothing_held).unwrap();
         assert_eq!(decoded.nodes[0].node.parents, vec![*last_id]);
         assert_eq!(decoded.nodes[0].parent_keys, vec![(k.author(), 10)]);
         assert_eq!(decoded.nodes[9].id, rest[9].0);
         // Known to be held: 32 bytes fewer, and the receiver supplies the id.
-        let held = encode(&room(), &refs(&rest), &[(9, sig)], &|_, _| true, 3);
+        let held = encode(&room(), &raws(&rest, true), &[(9, sig)], 3);
         assert!(held.len() + 32 <= with_id.len());
         let lookup = |a: &AuthorId, s: u64| (*a == k.author() && s == 10).then_some(*last_id);
         let decoded = decode(&held, &room(), &lookup).unwrap();
@@ -1222,31 +1211,21 @@ mod tests {
             ..first.clone()
         };
         let third_id = Node::id_of(&third.encode());
-        let keys = [(k.author(), 2)];
         let nodes = [
-            PackNode {
-                id: first_id,
-                node: &first,
-                parent_keys: &[],
+            RawNode {
+                node: first.clone(),
+                parent_refs: vec![],
             },
-            PackNode {
-                id: second_id,
-                node: &second,
-                parent_keys: &[],
+            RawNode {
+                node: second.clone(),
+                parent_refs: vec![],
             },
-            PackNode {
-                id: third_id,
-                node: &third,
-                parent_keys: &keys,
+            RawNode {
+                node: third.clone(),
+                parent_refs: vec![ParentRef::InPack(1)],
             },
         ];
-        let pack = encode(
-            &room(),
-            &nodes,
-            &[(2, k.sign(&third_id))],
-            &holds_nothing,
-            3,
-        );
+        let pack = encode(&room(), &nodes, &[(2, k.sign(&third_id))], 3);
         let decoded = decode(&pack, &room(), &nothing_held).unwrap();
         let got: Vec<(NodeId, &Node)> = decoded.nodes.iter().map(|v| (v.id, &v.node)).collect();
         assert_eq!(
@@ -1260,10 +1239,8 @@ mod tests {
         let k = Keypair::from_seed([3; 32]);
         let mallory = Keypair::from_seed([4; 32]);
         let nodes = typing(&k, 5, None);
-        let all = refs(&nodes);
-        let pack = |nodes: &[PackNode<'_>], sigs: &[(usize, Signature)]| {
-            encode(&room(), nodes, sigs, &holds_nothing, 3)
-        };
+        let all = raws(&nodes, false);
+        let pack = |nodes: &[RawNode], sigs: &[(usize, Signature)]| encode(&room(), nodes, sigs, 3);
         let forged = pack(&all, &[(4, mallory.sign(&nodes[4].0))]);
         assert_eq!(
             decode(&forged, &room(), &nothing_held).unwrap_err(),
@@ -1294,13 +1271,13 @@ mod tests {
             decode(&pack_of(&k, &nodes), &other, &nothing_held),
             Err(PackError::WrongRoom { .. })
         ));
-        let gap: Vec<PackNode<'_>> = all
+        let gap: Vec<Built> = nodes
             .iter()
-            .copied()
             .enumerate()
             .filter(|(i, _)| *i != 2)
-            .map(|(_, r)| r)
+            .map(|(_, r)| r.clone())
             .collect();
+        let gap = raws(&gap, false);
         let broken = pack(&gap, &[(3, k.sign(&nodes[4].0))]);
         assert_eq!(
             decode(&broken, &room(), &nothing_held).unwrap_err(),

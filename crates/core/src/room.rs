@@ -12,13 +12,13 @@ use crate::dag::{Dag, DagError, NodeIdx, VerifiedNode};
 use crate::doc::seq::ItemId;
 use crate::doc::{Changes, Ctx, Doc, PathError, path_names, split_path};
 use crate::hlc::{Hlc, HlcClock};
-use crate::ids::{AuthorId, EntryId, NodeId, RoomId, Signature};
+use crate::ids::{AuthorId, EntryId, IdMap, NodeId, RoomId, Signature};
 use crate::keys::Keypair;
 use crate::limits::{MAX_NODE_BYTES, MAX_OPS_PER_NODE};
 use crate::node::Node;
 use crate::node::NodeFormat;
 use crate::op::{CharNode, CharRef, CharSpan, EntryKind, Op, Position, is_valid_name};
-use crate::pack::{self, PackError};
+use crate::pack::{self, PackError, ParentRef, RawNode};
 use crate::recon::ReconIndex;
 use crate::value::Value;
 
@@ -82,8 +82,17 @@ pub struct Received {
 /// prefix of another author's chain only up to a node that author signed).
 pub const CHECKPOINT_INTERVAL: u64 = 4096;
 
-/// An exported pack and the signatures made for it (to be persisted).
-pub type ExportedPack = (Vec<u8>, Vec<(NodeId, Signature)>);
+/// An exported pack.
+#[derive(Clone, Debug)]
+pub struct ExportedPack {
+    /// The pack.
+    pub pack: Vec<u8>,
+    /// Signatures made for it (to be persisted).
+    pub signatures: Vec<(NodeId, Signature)>,
+    /// The nodes it holds, in pack order: those asked for, and any later
+    /// node of an author's chain it had to reach for a signature.
+    pub nodes: Vec<NodeIdx>,
+}
 
 /// Why a pack could not be exported.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
@@ -114,9 +123,7 @@ impl Room {
     pub fn with_dag(dag: Dag) -> Room {
         let doc = Doc::replay(&dag);
         let mut clock = HlcClock::new();
-        for i in 0..dag.next_idx() {
-            clock.observe(dag.hlc(i));
-        }
+        clock.observe(dag.max_hlc());
         Room {
             dag,
             doc,
@@ -157,6 +164,12 @@ impl Room {
         self.recon.tree(&self.dag)
     }
 
+    /// The nodes named by these ids, in causal order (unknown ids skipped).
+    /// The first call indexes every id of the room (see [`ReconIndex`]).
+    pub fn nodes_for_ids(&mut self, ids: &[NodeId]) -> Vec<NodeIdx> {
+        self.recon.nodes_for_ids(&self.dag, ids)
+    }
+
     /// The nodes named by RIBLT keys, in causal order (unknown keys skipped).
     pub fn nodes_for_keys(&mut self, keys: &[crate::recon::riblt::Key]) -> Vec<NodeIdx> {
         self.recon.nodes_for_keys(&self.dag, keys)
@@ -194,7 +207,7 @@ impl Room {
     /// nodes before it stay accepted) and its error is returned.
     pub fn receive_pack(&mut self, bytes: &[u8]) -> Result<Received, ReceiveError> {
         let dag = &self.dag;
-        let held = |author: &AuthorId, seq: u64| dag.by_author_seq(author, seq).map(|i| *dag.id(i));
+        let held = |author: &AuthorId, seq: u64| dag.by_author_seq(author, seq).map(|i| dag.id(i));
         let decoded = pack::decode(bytes, self.id(), &held)?;
         let mut total = Received::default();
         for v in decoded.nodes {
@@ -236,11 +249,14 @@ impl Room {
                 *e = i;
             }
         }
-        let mut made = Vec::new();
+        // Signatures made here go in the pack whether or not the history
+        // keeps them (it keeps only some, see `Dag::set_signature`).
+        let mut made: Vec<(NodeIdx, NodeId, Signature)> = Vec::new();
         let mut sign = |dag: &mut Dag, idx: NodeIdx, key: &Keypair| {
-            let s = key.sign(dag.id(idx));
+            let id = dag.id(idx);
+            let s = key.sign(&id);
             dag.set_signature(idx, s);
-            made.push((*dag.id(idx), s));
+            made.push((idx, id, s));
         };
         for (author, mut last) in newest {
             while self.dag.signature(last).is_none() {
@@ -270,28 +286,62 @@ impl Room {
         let signatures: Vec<(usize, Signature)> = set
             .iter()
             .enumerate()
-            .filter_map(|(at, &i)| self.dag.signature(i).map(|s| (at, *s)))
+            .filter_map(|(at, &i)| {
+                let made = made.iter().find(|m| m.0 == i).map(|m| m.2);
+                made.or_else(|| self.dag.signature(i).copied())
+                    .map(|s| (at, s))
+            })
             .collect();
-        type Keyed = (NodeId, Node, Vec<(AuthorId, u64)>);
-        let decoded: Vec<Keyed> = set
+        let position: IdMap<NodeIdx, usize> =
+            set.iter().enumerate().map(|(at, &i)| (i, at)).collect();
+        let dag = &self.dag;
+        let raw: Vec<RawNode> = set
             .iter()
             .map(|&i| {
-                let node = Node::decode(self.dag.bytes(i)).expect("the DAG holds valid nodes");
-                (*self.dag.id(i), node, self.dag.parent_keys(i))
+                if dag.format(i) == NodeFormat::V1 {
+                    return RawNode {
+                        node: dag.node(i),
+                        parent_refs: Vec::new(),
+                    };
+                }
+                let parent_refs = dag
+                    .parents(i)
+                    .iter()
+                    .map(|&p| match position.get(&p) {
+                        Some(&at) => ParentRef::InPack(at),
+                        None => {
+                            let (author, seq) = (*dag.author(p), dag.seq(p));
+                            if holds(&author, seq) {
+                                ParentRef::Held(author, seq)
+                            } else {
+                                ParentRef::WithId(author, seq, dag.id(p))
+                            }
+                        }
+                    })
+                    .collect();
+                RawNode {
+                    node: dag.with_content(i, Node::clone),
+                    parent_refs,
+                }
             })
             .collect();
-        let refs: Vec<pack::PackNode<'_>> = decoded
-            .iter()
-            .map(|(id, node, keys)| pack::PackNode {
-                id: *id,
-                node,
-                parent_keys: keys,
-            })
-            .collect();
-        Ok((
-            pack::encode(self.id(), &refs, &signatures, holds, zstd_level),
-            made,
-        ))
+        Ok(ExportedPack {
+            pack: pack::encode(self.id(), &raw, &signatures, zstd_level),
+            signatures: made.into_iter().map(|(_, id, s)| (id, s)).collect(),
+            nodes: set,
+        })
+    }
+
+    /// [`Room::export_pack`] for a receiver known to hold nothing, at the
+    /// default zstd level: just the pack.
+    pub fn pack(
+        &mut self,
+        nodes: &[NodeIdx],
+        local: Option<&Keypair>,
+    ) -> Result<Vec<u8>, ExportError> {
+        Ok(self
+            .export_pack(nodes, local, &|_, _| false, pack::DEFAULT_ZSTD_LEVEL)?
+            .pack)
     }
 
     /// Starts a transaction by `author` at wall time `now_ms`.
@@ -301,7 +351,7 @@ impl Room {
         let mut parents = self.dag.head_nodes();
         let seq = self.dag.author_seq(&author) + 1;
         if let Some(prev) = self.dag.by_author_seq(&author, seq - 1) {
-            let prev = (*self.dag.id(prev), prev);
+            let prev = (self.dag.id(prev), prev);
             if let Err(at) = parents.binary_search(&prev) {
                 parents.insert(at, prev);
             }
@@ -595,7 +645,7 @@ impl Transaction<'_> {
         let idx = self
             .room
             .dag
-            .insert_local(&id, &node, &bytes, &parent_idxs)
+            .insert_local(id, node, &parent_idxs)
             .expect("a local node built on the current heads is valid");
         debug_assert_eq!(idx, self.node);
         Ok(Some(Committed {

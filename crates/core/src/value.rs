@@ -120,6 +120,20 @@ impl From<bool> for Value {
 }
 
 impl Value {
+    /// About how many bytes the value takes in memory, without allocating.
+    pub fn approx_size(&self) -> usize {
+        16 + match self {
+            Value::Null | Value::Bool(_) | Value::Int(_) | Value::Float(_) => 0,
+            Value::Str(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            Value::Array(items) => items.iter().map(Value::approx_size).sum(),
+            Value::Map(m) => m.iter().map(|(k, v)| k.len() + v.approx_size()).sum(),
+            Value::Blob(b) => 48 + b.mime.len(),
+            Value::Vector(Vector::F32(v)) => v.len() * 4,
+            Value::Vector(Vector::Q8 { q, .. }) => q.len(),
+        }
+    }
+
     /// Appends the canonical encoding.
     pub fn encode(&self, w: &mut Writer) {
         match self {

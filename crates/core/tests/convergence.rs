@@ -10,8 +10,9 @@
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use syncline_core::pack::DEFAULT_ZSTD_LEVEL;
-use syncline_core::{Doc, Keypair, Node, Room, RoomId, VerifiedNode};
+use std::collections::HashMap;
+
+use syncline_core::{AuthorId, Doc, Keypair, NodeId, Room, RoomId, VerifiedNode};
 use syncline_testkit::{Namespace, random_ops};
 
 const NAMESPACE: Namespace = Namespace {
@@ -25,6 +26,12 @@ struct Replica {
     room: Room,
     now: u64,
 }
+
+/// Every node's id by (author, seq), recorded as nodes are committed: what
+/// a gossiping peer would have kept. (A room keeps only some ids and
+/// recomputes the others; looking up random old nodes one by one, as this
+/// test gossips, is the one access pattern where that costs.)
+type Ids = HashMap<(AuthorId, u64), NodeId>;
 
 /// Prints how to replay a seed if the test panics while it runs.
 struct SeedGuard(u64, usize);
@@ -42,38 +49,51 @@ impl Drop for SeedGuard {
 
 /// One random transaction; returns how many operations it made (none if
 /// every one was skipped).
-fn random_txn(r: &mut Replica, rng: &mut ChaCha8Rng) -> usize {
+fn random_txn(r: &mut Replica, rng: &mut ChaCha8Rng, ids: &mut Ids) -> usize {
     r.now += rng.random_range(0..3);
     let author = r.key.author();
     let mut tx = r.room.begin(author, r.now);
     let ops = random_ops(&mut tx, rng, &NAMESPACE);
-    tx.commit().unwrap().map_or(0, |_| ops)
+    match tx.commit().unwrap() {
+        Some(c) => {
+            ids.insert((author, r.room.dag().seq(c.idx)), c.id);
+            ops
+        }
+        None => 0,
+    }
 }
 
 /// Node `idx` of replica `r` as a peer would gossip it: signed by its author
 /// when `r` wrote it, or with a signature `r` holds; `None` when `r` cannot
 /// vouch for it alone.
-fn vouched(r: &Replica, idx: u32) -> Option<VerifiedNode> {
+fn vouched(r: &Replica, idx: u32, ids: &Ids) -> Option<VerifiedNode> {
     let dag = r.room.dag();
-    let id = *dag.id(idx);
+    let key = |i: u32| (*dag.author(i), dag.seq(i));
+    let id = ids[&key(idx)];
     let sig = match dag.signature(idx) {
         Some(s) => *s,
         None if *dag.author(idx) == r.key.author() => r.key.sign(&id),
         None => return None,
     };
-    let bytes = dag.bytes(idx).to_vec();
+    let mut parents: Vec<(NodeId, (AuthorId, u64))> = dag
+        .parents(idx)
+        .iter()
+        .map(|&p| (ids[&key(p)], key(p)))
+        .collect();
+    parents.sort_unstable();
+    let mut node = dag.with_content(idx, |n| n.clone());
+    node.parents = parents.iter().map(|(id, _)| *id).collect();
     Some(VerifiedNode {
         id,
-        node: Node::decode(&bytes).unwrap(),
-        bytes,
+        node,
         sig: Some(sig),
-        parent_keys: dag.parent_keys(idx),
+        parent_keys: parents.into_iter().map(|(_, k)| k).collect(),
     })
 }
 
 /// Delivers a few random nodes of `from` to `to`, one by one, shuffled, some
 /// twice.
-fn trickle(replicas: &mut [Replica], from: usize, to: usize, rng: &mut ChaCha8Rng) {
+fn trickle(replicas: &mut [Replica], from: usize, to: usize, rng: &mut ChaCha8Rng, ids: &Ids) {
     let n = replicas[from].room.dag().len() as u32;
     if n == 0 {
         return;
@@ -84,7 +104,7 @@ fn trickle(replicas: &mut [Replica], from: usize, to: usize, rng: &mut ChaCha8Rn
             0 => rng.random_range(0..n),
             _ => rng.random_range(n.saturating_sub(32)..n),
         })
-        .filter_map(|i| vouched(&replicas[from], i))
+        .filter_map(|i| vouched(&replicas[from], i, ids))
         .collect();
     let dups: Vec<VerifiedNode> = picked
         .iter()
@@ -106,10 +126,7 @@ fn pack_sync(replicas: &mut [Replica], from: usize, to: usize) {
         return;
     }
     let key = replicas[from].key.clone();
-    let (pack, _) = replicas[from]
-        .room
-        .export_pack(&missing, Some(&key), &|_, _| false, DEFAULT_ZSTD_LEVEL)
-        .unwrap();
+    let pack = replicas[from].room.pack(&missing, Some(&key)).unwrap();
     replicas[to].room.receive_pack(&pack).unwrap();
     let hash = replicas[to].room.state_hash();
     let again = replicas[to].room.receive_pack(&pack).unwrap();
@@ -133,13 +150,14 @@ fn run_seed(seed: u64, target_ops: usize) {
         })
         .collect();
     let mut ops = 0;
+    let mut ids = Ids::new();
     while ops < target_ops {
         let i = rng.random_range(0..replicas.len());
         match rng.random_range(0..100) {
-            0..80 => ops += random_txn(&mut replicas[i], &mut rng),
+            0..80 => ops += random_txn(&mut replicas[i], &mut rng, &mut ids),
             80..92 => {
                 let j = (i + rng.random_range(1..replicas.len())) % replicas.len();
-                trickle(&mut replicas, i, j, &mut rng);
+                trickle(&mut replicas, i, j, &mut rng, &ids);
             }
             _ => {
                 let j = (i + rng.random_range(1..replicas.len())) % replicas.len();

@@ -6,7 +6,6 @@ use std::collections::BTreeSet;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use syncline_core::pack::DEFAULT_ZSTD_LEVEL;
 use syncline_core::recon::mst::{self, Reconciler};
 use syncline_core::recon::riblt::{Decoder, key_of};
 use syncline_core::{Keypair, NodeId, NodeIdx, Room, RoomId, Value};
@@ -29,15 +28,13 @@ fn send(from: &mut Room, key: &Keypair, nodes: &[NodeIdx], to: &mut Room) {
     if nodes.is_empty() {
         return;
     }
-    let (pack, _) = from
-        .export_pack(nodes, Some(key), &|_, _| false, DEFAULT_ZSTD_LEVEL)
-        .unwrap();
+    let pack = from.pack(nodes, Some(key)).unwrap();
     to.receive_pack(&pack).unwrap();
 }
 
 fn ids(room: &Room) -> BTreeSet<NodeId> {
     (0..room.dag().next_idx())
-        .map(|i| *room.dag().id(i))
+        .map(|i| room.dag().id(i))
         .collect()
 }
 
@@ -132,10 +129,8 @@ fn mst_finds_the_exact_difference_and_rooms_converge() {
         assert_eq!(remote, sa.difference(&sb).copied().collect(), "seed {seed}");
         assert_eq!(local, sb.difference(&sa).copied().collect(), "seed {seed}");
         assert!(trips <= 8, "seed {seed}: {trips} round trips");
-        let mut for_b: Vec<NodeIdx> = remote.iter().filter_map(|id| a.dag().idx(id)).collect();
-        a.dag().sort_causal(&mut for_b);
-        let mut for_a: Vec<NodeIdx> = local.iter().filter_map(|id| b.dag().idx(id)).collect();
-        b.dag().sort_causal(&mut for_a);
+        let for_b = a.nodes_for_ids(&remote.iter().copied().collect::<Vec<_>>());
+        let for_a = b.nodes_for_ids(&local.iter().copied().collect::<Vec<_>>());
         send(&mut a, &ka, &for_b, &mut b);
         send(&mut b, &kb, &for_a, &mut a);
         assert_eq!(a.state_hash(), b.state_hash(), "seed {seed}");

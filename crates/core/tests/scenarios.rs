@@ -24,9 +24,7 @@ fn sync_into(from: &mut Room, key: &Keypair, to: &mut Room) {
     if missing.is_empty() {
         return;
     }
-    let (pack, _) = from
-        .export_pack(&missing, Some(key), &|_, _| false, DEFAULT_ZSTD_LEVEL)
-        .unwrap();
+    let pack = from.pack(&missing, Some(key)).unwrap();
     to.receive_pack(&pack).unwrap();
 }
 
@@ -201,18 +199,20 @@ fn relayed_history_can_be_reshipped_in_chunks_at_checkpoints() {
         t.commit().unwrap();
     }
     let all = author.dag().causal_order();
-    let (pack, _) = author
-        .export_pack(&all, Some(&key), &|_, _| false, DEFAULT_ZSTD_LEVEL)
-        .unwrap();
+    let pack = author.pack(&all, Some(&key)).unwrap();
     // A relay holds the history with the author's checkpoints, not its key.
     let mut relay = Room::new(RoomId::new("scenario").unwrap());
     relay.receive_pack(&pack).unwrap();
     let order = relay.dag().causal_order();
     // The first 100 nodes: the relay extends to the first checkpoint only.
-    let (chunk, made) = relay
+    let exported = relay
         .export_pack(&order[..100], None, &|_, _| false, DEFAULT_ZSTD_LEVEL)
         .unwrap();
-    assert!(made.is_empty(), "a relay cannot sign for the author");
+    assert!(
+        exported.signatures.is_empty(),
+        "a relay cannot sign for the author"
+    );
+    let chunk = exported.pack;
     let mut fresh = Room::new(RoomId::new("scenario").unwrap());
     let got = fresh.receive_pack(&chunk).unwrap();
     assert_eq!(got.accepted.len() as u64, CHECKPOINT_INTERVAL);
@@ -220,9 +220,7 @@ fn relayed_history_can_be_reshipped_in_chunks_at_checkpoints() {
     let rest = relay
         .dag()
         .missing_for_version_vector(&fresh.dag().version_vector());
-    let (tail, _) = relay
-        .export_pack(&rest, None, &|_, _| false, DEFAULT_ZSTD_LEVEL)
-        .unwrap();
+    let tail = relay.pack(&rest, None).unwrap();
     fresh.receive_pack(&tail).unwrap();
     assert_eq!(fresh.state_hash(), author.state_hash());
 }

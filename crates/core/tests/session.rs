@@ -130,9 +130,7 @@ fn history(key: &Keypair, n: i64) -> Room {
         tx.commit().unwrap();
     }
     let all = author.dag().causal_order();
-    let (pack, _) = author
-        .export_pack(&all, Some(key), &|_, _| false, 3)
-        .unwrap();
+    let pack = author.pack(&all, Some(key)).unwrap();
     let mut held = Room::new(room_id());
     held.receive_pack(&pack).unwrap();
     held
@@ -147,8 +145,12 @@ fn small_packs() -> Config {
 
 #[test]
 fn a_fresh_client_catches_up_in_chunks() {
-    let server_key = Keypair::from_seed([9; 32]);
-    let server = history(&server_key, 40);
+    // Written live, one signed pack per edit, so the server can cut the
+    // history anywhere (a history signed only at its end goes whole).
+    let mut server = Room::new(room_id());
+    for pack in writes_under(&Keypair::from_seed([9; 32]), "/n", 40) {
+        server.receive_pack(&pack).unwrap();
+    }
     let mut w = World::new(
         server,
         vec![(Room::new(room_id()), Keypair::from_seed([1; 32]))],
@@ -277,16 +279,14 @@ fn hostile_frames_close_only_their_session() {
     tx.set("/x", "v", Value::Int(1)).unwrap();
     let idx = tx.commit().unwrap().unwrap().idx;
     // Mallory signs a node of `key`'s.
-    let node = syncline_core::Node::decode(client.dag().bytes(idx)).unwrap();
+    let node = client.dag().node(idx);
     let forged = syncline_core::pack::encode(
         &room_id(),
-        &[syncline_core::pack::PackNode {
-            id: *client.dag().id(idx),
-            node: &node,
-            parent_keys: &[],
+        &[syncline_core::pack::RawNode {
+            node,
+            parent_refs: vec![],
         }],
-        &[(0, mallory.sign(client.dag().id(idx)))],
-        &|_, _| false,
+        &[(0, mallory.sign(&client.dag().id(idx)))],
         3,
     );
     let frame = Envelope {
@@ -372,7 +372,7 @@ fn diverged_world(config: Config) -> World {
     let writer = Keypair::from_seed([3; 32]);
     let mut extra = Room::new(room_id());
     let all = server.dag().causal_order();
-    let (pack, _) = server.export_pack(&all, None, &|_, _| false, 3).unwrap();
+    let pack = server.pack(&all, None).unwrap();
     extra.receive_pack(&pack).unwrap();
     for i in 0..25 {
         let mut tx = extra.begin(writer.author(), 100 + i);
@@ -382,9 +382,7 @@ fn diverged_world(config: Config) -> World {
     let news = extra
         .dag()
         .missing_for_version_vector(&server.dag().version_vector());
-    let (pack, _) = extra
-        .export_pack(&news, Some(&writer), &|_, _| false, 3)
-        .unwrap();
+    let pack = extra.pack(&news, Some(&writer)).unwrap();
     server.receive_pack(&pack).unwrap();
     let ck = Keypair::from_seed([1; 32]);
     for i in 0..9 {
@@ -578,9 +576,7 @@ fn writes_under(key: &Keypair, dir: &str, n: i64) -> Vec<Vec<u8>> {
             tx.set(&format!("{dir}/item{}", i % 4), "v", Value::Int(i))
                 .unwrap();
             let idx = tx.commit().unwrap().unwrap().idx;
-            room.export_pack(&[idx], Some(key), &|_, _| false, 3)
-                .unwrap()
-                .0
+            room.pack(&[idx], Some(key)).unwrap()
         })
         .collect()
 }

@@ -4,7 +4,6 @@
 
 use std::io::Read;
 
-use syncline_core::pack::DEFAULT_ZSTD_LEVEL;
 use syncline_core::{EntryKind, Keypair, Room, RoomId};
 
 #[test]
@@ -38,9 +37,7 @@ fn automerge_paper_trace_replays_exactly() {
     assert_eq!(room.doc().text(&id), trace["endContent"].as_str().unwrap());
 
     let all = room.dag().causal_order();
-    let (pack, _) = room
-        .export_pack(&all, Some(&key), &|_, _| false, DEFAULT_ZSTD_LEVEL)
-        .unwrap();
+    let pack = room.pack(&all, Some(&key)).unwrap();
     let mut fresh = Room::new(RoomId::new("paper").unwrap());
     let got = fresh.receive_pack(&pack).unwrap();
     assert_eq!(got.accepted.len(), all.len());

@@ -657,7 +657,7 @@ impl World {
                     self.acked.extend(
                         (1..=through_seq)
                             .filter_map(|s| dag.by_author_seq(&me, s))
-                            .map(|i| *dag.id(i)),
+                            .map(|i| dag.id(i)),
                     );
                     room.acknowledge_through(through_seq)
                 }
@@ -755,11 +755,8 @@ impl World {
         let store: Arc<dyn Store> = Arc::new(client.store.clone());
         let room = DurableRoom::load(store, client.key.clone(), &self.room_id)
             .map_err(|e| format!("client {c} cannot reload after a crash: {e}"))?;
-        if let Some(lost) = client
-            .committed
-            .iter()
-            .find(|id| !room.room().dag().contains(id))
-        {
+        let held = room.room().dag().id_index();
+        if let Some(lost) = client.committed.iter().find(|id| !held.contains_key(id)) {
             return Err(format!(
                 "client {c} lost its durably committed node {lost:?} in a crash"
             ));
@@ -870,7 +867,8 @@ impl World {
         let store: Arc<dyn Store> = Arc::new(self.relay.store.clone());
         let room = DurableRoom::load(store, self.relay.key.clone(), &self.room_id)
             .map_err(|e| format!("the relay cannot reload after a crash: {e}"))?;
-        if let Some(lost) = self.acked.iter().find(|id| !room.room().dag().contains(id)) {
+        let held = room.room().dag().id_index();
+        if let Some(lost) = self.acked.iter().find(|id| !held.contains_key(id)) {
             return Err(format!(
                 "the relay lost node {lost:?} in a crash after acknowledging it"
             ));
@@ -977,7 +975,7 @@ impl World {
         let relay = self.relay.room.as_ref().ok_or("the relay is down")?.room();
         let ids = |room: &syncline_core::Room| -> Vec<NodeId> {
             let dag = room.dag();
-            let mut ids: Vec<NodeId> = (0..dag.next_idx()).map(|i| *dag.id(i)).collect();
+            let mut ids: Vec<NodeId> = (0..dag.next_idx()).map(|i| dag.id(i)).collect();
             ids.sort_unstable();
             ids
         };
@@ -988,7 +986,8 @@ impl World {
                 relay.dag().pending_len()
             ));
         }
-        if let Some(lost) = self.acked.iter().find(|id| !relay.dag().contains(id)) {
+        let on_relay = relay.dag().id_index();
+        if let Some(lost) = self.acked.iter().find(|id| !on_relay.contains_key(id)) {
             return Err(format!("acknowledged node {lost:?} is not on the relay"));
         }
         for (c, client) in self.clients.iter().enumerate() {
@@ -997,7 +996,11 @@ impl World {
                 .as_ref()
                 .ok_or(format!("client {c} is down"))?
                 .room();
-            if let Some(lost) = client.committed.iter().find(|id| !relay.dag().contains(id)) {
+            if let Some(lost) = client
+                .committed
+                .iter()
+                .find(|id| !on_relay.contains_key(id))
+            {
                 return Err(format!(
                     "client {c}'s committed node {lost:?} never reached the relay"
                 ));

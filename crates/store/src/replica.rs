@@ -182,7 +182,6 @@ impl DurableRoom {
             dag.insert(VerifiedNode {
                 id: stored.id,
                 node,
-                bytes: stored.bytes,
                 sig: stored.sig,
                 parent_keys,
             })
@@ -223,7 +222,7 @@ impl DurableRoom {
         let batch = Batch {
             nodes: vec![StoredNode {
                 id: committed.id,
-                bytes: self.room.dag().bytes(committed.idx).to_vec(),
+                bytes: self.room.dag().node(committed.idx).encode(),
                 sig: None,
             }],
             outbox_add: vec![committed.id],
@@ -266,8 +265,8 @@ impl DurableRoom {
         let dag = self.room.dag();
         (first..dag.next_idx())
             .map(|i| StoredNode {
-                id: *dag.id(i),
-                bytes: dag.bytes(i).to_vec(),
+                id: dag.id(i),
+                bytes: dag.node(i).encode(),
                 sig: dag.signature(i).copied(),
             })
             .collect()
@@ -284,16 +283,16 @@ impl DurableRoom {
     /// Exports `nodes` as a pack signed where needed, persisting any
     /// signature made for it.
     pub fn export_pack(&mut self, nodes: &[NodeIdx]) -> Result<Vec<u8>, ReplicaError> {
-        let (pack, made) =
+        let exported =
             self.room
                 .export_pack(nodes, Some(&self.key), &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
-        if !made.is_empty() {
+        if !exported.signatures.is_empty() {
             self.persist(Batch {
-                signatures: made,
+                signatures: exported.signatures,
                 ..Batch::default()
             })?;
         }
-        Ok(pack)
+        Ok(exported.pack)
     }
 
     /// Local nodes not yet acknowledged by a server, in commit order.
@@ -308,13 +307,17 @@ impl DurableRoom {
     pub fn acknowledge_through(&mut self, through_seq: u64) -> Result<(), ReplicaError> {
         let me = self.key.author();
         let dag = self.room.dag();
+        // The outbox holds only this replica's own nodes: the ids of its
+        // chain up to `through_seq` name the ones the server holds.
+        let own: std::collections::HashSet<NodeId> = (1..=through_seq.min(dag.author_seq(&me)))
+            .rev()
+            .filter_map(|seq| dag.by_author_seq(&me, seq))
+            .map(|i| dag.id(i))
+            .collect();
         let held: Vec<NodeId> = self
             .outbox()?
             .into_iter()
-            .filter(|id| {
-                dag.idx(id)
-                    .is_some_and(|i| *dag.author(i) == me && dag.seq(i) <= through_seq)
-            })
+            .filter(|id| own.contains(id))
             .collect();
         if held.is_empty() {
             return Ok(());

@@ -236,7 +236,7 @@ impl Ctx<'_> {
         }
         let key = NodeKey::Seq(*self.dag.author(idx), self.dag.seq(idx));
         let legacy =
-            (self.dag.format(idx) == NodeFormat::V1).then(|| NodeKey::Id(*self.dag.id(idx)));
+            (self.dag.format(idx) == NodeFormat::V1).then(|| NodeKey::Id(self.dag.id(idx)));
         (key, legacy)
     }
 
@@ -284,8 +284,7 @@ impl Doc {
     pub fn replay(dag: &Dag) -> Doc {
         let mut doc = Doc::new();
         for idx in dag.causal_order() {
-            let node = Node::decode(dag.bytes(idx)).expect("the DAG holds only valid nodes");
-            doc.apply(dag, idx, &node);
+            dag.with_content(idx, |node| doc.apply(dag, idx, node));
         }
         doc
     }
@@ -603,7 +602,7 @@ impl Doc {
             value: w.value.clone(),
             author: w.stamp.author,
             hlc: w.stamp.hlc,
-            node: *dag.id(w.node),
+            node: dag.id(w.node),
         }
     }
 
@@ -612,7 +611,7 @@ impl Doc {
         let top = self.resolve(path)?;
         // Node numbers are local to a replica; ids are not.
         let ids = |nodes: Vec<NodeIdx>| {
-            let mut ids: Vec<NodeId> = nodes.iter().map(|&n| *dag.id(n)).collect();
+            let mut ids: Vec<NodeId> = nodes.iter().map(|&n| dag.id(n)).collect();
             ids.sort_unstable();
             ids.dedup();
             ids
@@ -654,7 +653,7 @@ impl Doc {
                     edits,
                 } => Conflict::Delete {
                     entry,
-                    deleted_by: *dag.id(deleted_by),
+                    deleted_by: dag.id(deleted_by),
                     edits: ids(edits),
                 },
             })

@@ -15,7 +15,6 @@ use std::collections::HashSet;
 use thiserror::Error;
 
 use crate::dag::{NodeIdx, VersionVector};
-use crate::node::Node;
 use crate::op::Op;
 use crate::proto::message::{MAX_LIST, MAX_TEXT_BYTES};
 use crate::room::Room;
@@ -121,10 +120,8 @@ impl Scope {
         if self.is_everything() {
             return true;
         }
-        let Ok(node) = Node::decode(room.dag().bytes(idx)) else {
-            return true; // Never happens for a held node; err on sending.
-        };
-        node.ops.iter().enumerate().any(|(i, op)| {
+        let ops = room.dag().ops(idx);
+        ops.iter().enumerate().any(|(i, op)| {
             let structural = matches!(op, Op::Create { .. } | Op::Move { .. } | Op::Delete { .. });
             room.doc()
                 .touched_paths(room.dag(), idx, i as u32, op)

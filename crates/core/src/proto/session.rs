@@ -57,7 +57,7 @@ impl EncodedPack {
         room: &mut Room,
         nodes: &[NodeIdx],
     ) -> Result<EncodedPack, crate::room::ExportError> {
-        let (bytes, _) = room.export_pack(nodes, None, &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
+        let bytes = room.pack(nodes, None)?;
         let checksum = *blake3::hash(&bytes).as_bytes();
         Ok(EncodedPack { bytes, checksum })
     }
@@ -526,7 +526,7 @@ impl Session {
         match entry {
             None => self.send(now, corr, Message::Ack { nodes: Vec::new() }),
             Some(nodes) => {
-                let ids: Vec<NodeId> = nodes.iter().map(|&n| *room.dag().id(n)).collect();
+                let ids: Vec<NodeId> = nodes.iter().map(|&n| room.dag().id(n)).collect();
                 for chunk in ids.chunks(MAX_IDS) {
                     self.send(
                         now,
@@ -623,14 +623,18 @@ impl Session {
         signer: Option<&Keypair>,
         phase: Phase,
     ) {
-        let mut rest = nodes;
+        // A chunk may reach past its end along an author's chain for a
+        // signature (see `Room::export_pack`); what it took is not sent
+        // again.
+        let mut sent: IdSet<NodeIdx> = IdSet::default();
+        let mut rest: VecDeque<NodeIdx> = nodes.iter().copied().collect();
         while !rest.is_empty() {
             let mut take = rest.len().min(self.config.max_pack_nodes);
             let acked = &self.peer_acked;
             let holds = |a: &AuthorId, s: u64| acked.get(a).is_some_and(|&h| s <= h);
-            let pack = loop {
-                let exported = room.export_pack(&rest[..take], signer, &holds, DEFAULT_ZSTD_LEVEL);
-                let (pack, _) = match exported {
+            let exported = loop {
+                let chunk: Vec<NodeIdx> = rest.iter().take(take).copied().collect();
+                let exported = match room.export_pack(&chunk, signer, &holds, DEFAULT_ZSTD_LEVEL) {
                     Ok(exported) => exported,
                     Err(e) => {
                         // Another author's nodes with no signature held:
@@ -641,15 +645,22 @@ impl Session {
                     }
                 };
                 // The envelope adds well under 256 bytes.
-                if pack.len() + 256 <= self.config.max_frame || take == 1 {
-                    break pack;
+                if exported.pack.len() + 256 <= self.config.max_frame || take == 1 {
+                    break exported;
                 }
                 take /= 2;
             };
-            let (chunk, after) = rest.split_at(take);
-            rest = after;
-            let checksum = *blake3::hash(&pack).as_bytes();
-            self.send_pack(now, chunk, pack, checksum, phase, rest.is_empty());
+            sent.extend(exported.nodes.iter().copied());
+            rest.retain(|n| !sent.contains(n));
+            let checksum = *blake3::hash(&exported.pack).as_bytes();
+            self.send_pack(
+                now,
+                &exported.nodes,
+                exported.pack,
+                checksum,
+                phase,
+                rest.is_empty(),
+            );
         }
     }
 
@@ -772,12 +783,8 @@ impl Session {
         }
         let diff = self.reconciler.take().expect("checked above").into_diff();
         let need: Vec<NodeId> = diff.remote_only.into_iter().map(NodeId).collect();
-        let mut upload: Vec<NodeIdx> = diff
-            .local_only
-            .iter()
-            .filter_map(|k| room.dag().idx(&NodeId(*k)))
-            .collect();
-        room.dag().sort_causal(&mut upload);
+        let local: Vec<NodeId> = diff.local_only.iter().map(|k| NodeId(*k)).collect();
+        let upload = room.nodes_for_ids(&local);
         self.report_held(room, &upload);
         self.expecting = need.len() as u64;
         for chunk in need.chunks(MAX_IDS) {
@@ -1032,9 +1039,7 @@ impl Session {
                 self.send(now, env.corr, Message::MstSummary { answers });
             }
             (Side::Server, State::Open, Message::MstDone { need }) => {
-                let mut nodes: Vec<NodeIdx> =
-                    need.iter().filter_map(|id| room.dag().idx(id)).collect();
-                room.dag().sort_causal(&mut nodes);
+                let nodes = room.nodes_for_ids(&need);
                 self.send_packs(now, room, &nodes, signer, Phase::Catchup);
             }
             (Side::Client, State::Open, Message::MstSummary { answers }) => {
@@ -1161,14 +1166,14 @@ impl Session {
                     // An empty list acknowledges the whole pack `corr`.
                     let (_, sent) = self.in_flight.remove(&env.corr).unwrap_or_default();
                     acked = sent;
-                    acked.iter().map(|&n| *dag.id(n)).collect()
+                    acked.iter().map(|&n| dag.id(n)).collect()
                 } else {
                     // Listed ids may include nodes of earlier packs that
                     // waited for parents at the peer.
                     let listed: IdSet<NodeId> = nodes.iter().copied().collect();
                     self.in_flight.retain(|_, (_, sent)| {
                         sent.retain(|&n| {
-                            let hit = listed.contains(dag.id(n));
+                            let hit = listed.contains(&dag.id(n));
                             if hit {
                                 acked.push(n);
                             }
@@ -1184,9 +1189,7 @@ impl Session {
                 }
             }
             (_, State::Open, Message::Request { ids }) => {
-                let mut nodes: Vec<NodeIdx> =
-                    ids.iter().filter_map(|id| room.dag().idx(id)).collect();
-                room.dag().sort_causal(&mut nodes);
+                let nodes = room.nodes_for_ids(&ids);
                 self.send_packs(now, room, &nodes, signer, Phase::Live);
             }
             (_, _, other) => {

@@ -7,7 +7,7 @@ pub mod mst;
 pub mod riblt;
 
 use crate::dag::{Dag, NodeIdx};
-use crate::ids::IdMap;
+use crate::ids::{IdMap, NodeId};
 
 /// Sketch capacity a room keeps: enough symbols to decode differences of
 /// about 40,000 nodes before falling back to the MST.
@@ -68,6 +68,21 @@ impl ReconIndex {
         }
         self.catch_up(dag);
         self.tree.as_ref().expect("built above")
+    }
+
+    /// The nodes a peer named by id (unknown ids are skipped), in causal
+    /// order.
+    pub fn nodes_for_ids(&mut self, dag: &Dag, ids: &[NodeId]) -> Vec<NodeIdx> {
+        self.catch_up(dag);
+        let mut out: Vec<NodeIdx> = ids
+            .iter()
+            .filter_map(|id| {
+                let idx = *self.by_key.get(&riblt::key_of(&id.0))?;
+                (dag.id(idx) == *id).then_some(idx)
+            })
+            .collect();
+        dag.sort_causal(&mut out);
+        out
     }
 
     /// The nodes a peer named by RIBLT key (unknown keys are skipped: a key

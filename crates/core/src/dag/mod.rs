@@ -1,10 +1,20 @@
 //! The history DAG of one room: validated insertion, the pending queue for
 //! nodes that arrive before their parents, heads, version vectors, causal
-//! order, and what a peer with given heads or version vector lacks.
+//! order, and what a peer with a given version vector lacks.
 //!
 //! Nodes are interned as dense [`NodeIdx`] numbers in insertion order, which
 //! is always a causal order (a node is inserted only after its parents). The
 //! document layer uses the same numbers to refer to nodes cheaply.
+//!
+//! The history is kept compact (DESIGN.md section 8): per-node metadata as
+//! runs along author chains (`runs.rs`), node content as compressed pack
+//! segments (`log.rs`), and only some ids (`ids.rs`); canonical bytes are
+//! rebuilt when an id must be computed. A history of one author typing
+//! costs a few bytes per keystroke.
+
+mod ids;
+mod log;
+mod runs;
 
 use std::collections::BTreeMap;
 
@@ -14,9 +24,13 @@ use crate::hlc::Hlc;
 use crate::ids::{AuthorId, IdMap, IdSet, NodeId, RoomId, Signature};
 use crate::limits::MAX_PENDING_NODES;
 use crate::node::{Node, NodeFormat};
+use crate::op::Op;
 
-/// Size of one chunk of the node byte arena.
-const BYTE_CHUNK: usize = 1 << 20;
+pub use runs::Parents;
+
+use ids::Ids;
+use log::Log;
+use runs::Runs;
 
 /// Dense, per-room number of an inserted node (insertion order).
 pub type NodeIdx = u32;
@@ -24,17 +38,22 @@ pub type NodeIdx = u32;
 /// A per-author summary of a causally complete history: author -> highest seq.
 pub type VersionVector = BTreeMap<AuthorId, u64>;
 
+/// Signatures over an author's newest signed nodes that a history keeps.
+pub const DENSE_SIGNATURES: u64 = 64;
+/// Beyond them, the signatures a history keeps: one per this many nodes of
+/// a chain (a divisor of [`crate::room::CHECKPOINT_INTERVAL`], whose
+/// signatures stay).
+pub const SIGNATURE_STRIDE: u64 = 64;
+
 /// A node whose id matches its canonical bytes and whose authorship has been
 /// established (by a signature over it or over a later node of the same
 /// author chain, or because this replica wrote it).
 #[derive(Clone, Debug)]
 pub struct VerifiedNode {
-    /// Id of `bytes`.
+    /// Id of the node's canonical bytes.
     pub id: NodeId,
     /// The decoded node.
     pub node: Node,
-    /// Its canonical encoding.
-    pub bytes: Vec<u8>,
     /// A signature by the author over `id`, when one came with it.
     pub sig: Option<Signature>,
     /// (author, seq) of each parent, in the order of `node.parents`, which
@@ -113,39 +132,27 @@ pub struct Insertion {
     pub released_errors: Vec<DagError>,
 }
 
-#[derive(Clone, Debug)]
-struct Meta {
-    id: NodeId,
-    format: NodeFormat,
-    author: u32,
-    seq: u64,
-    lamport: u64,
-    hlc: Hlc,
-    parents_start: u32,
-    parents_len: u16,
-}
-
 /// The history of one room.
 #[derive(Clone, Debug)]
 pub struct Dag {
     room: RoomId,
-    metas: Vec<Meta>,
-    /// Canonical bytes of every node, back to back in fixed-size chunks
-    /// (no allocation per node, and growth never copies old history);
-    /// `byte_spans[i]` = (chunk, start, end) of node `i`.
-    byte_chunks: Vec<Vec<u8>>,
-    byte_spans: Vec<(u32, u32, u32)>,
-    parent_arena: Vec<NodeIdx>,
-    index: IdMap<NodeId, NodeIdx>,
-    /// Format-1 nodes by id: what format-1 parents and characters are
-    /// found through (they may cite only format-1 nodes).
-    legacy: IdMap<NodeId, NodeIdx>,
     authors: Vec<AuthorId>,
     author_index: IdMap<AuthorId, u32>,
-    /// Per author: chain[seq - 1] is the node with that seq.
-    chains: Vec<Vec<NodeIdx>>,
+    runs: Runs,
+    log: Log,
+    ids: Ids,
+    /// Format-1 nodes by id and back: what format-1 parents and characters
+    /// are found through (they may cite only format-1 nodes), and their
+    /// ids, which are never recomputed.
+    legacy: IdMap<NodeId, NodeIdx>,
+    legacy_ids: IdMap<NodeIdx, NodeId>,
     heads: IdSet<NodeIdx>,
-    signatures: IdMap<NodeIdx, Signature>,
+    /// The latest clock of any node.
+    max_hlc: Hlc,
+    /// Signatures kept: at checkpoints, and each author's newest.
+    signatures: BTreeMap<NodeIdx, Signature>,
+    /// Per author: the seq of its newest signed node.
+    newest_signed: IdMap<u32, u64>,
     pending: Pending,
 }
 
@@ -167,17 +174,17 @@ impl Dag {
     pub fn with_pending_limit(room: RoomId, limit: usize) -> Dag {
         Dag {
             room,
-            metas: Vec::new(),
-            byte_chunks: Vec::new(),
-            byte_spans: Vec::new(),
-            parent_arena: Vec::new(),
-            index: IdMap::default(),
-            legacy: IdMap::default(),
             authors: Vec::new(),
             author_index: IdMap::default(),
-            chains: Vec::new(),
+            runs: Runs::default(),
+            log: Log::default(),
+            ids: Ids::default(),
+            legacy: IdMap::default(),
+            legacy_ids: IdMap::default(),
             heads: IdSet::default(),
-            signatures: IdMap::default(),
+            max_hlc: Hlc::default(),
+            signatures: BTreeMap::new(),
+            newest_signed: IdMap::default(),
             pending: Pending {
                 limit,
                 ..Pending::default()
@@ -192,12 +199,12 @@ impl Dag {
 
     /// Number of nodes in the DAG (pending ones excluded).
     pub fn len(&self) -> usize {
-        self.metas.len()
+        self.runs.len() as usize
     }
 
     /// Whether no node was inserted yet.
     pub fn is_empty(&self) -> bool {
-        self.metas.is_empty()
+        self.len() == 0
     }
 
     /// Number of nodes waiting for parents.
@@ -205,24 +212,84 @@ impl Dag {
         self.pending.ids.len()
     }
 
-    /// The number of a known node.
-    pub fn idx(&self, id: &NodeId) -> Option<NodeIdx> {
-        self.index.get(id).copied()
+    /// The index the next inserted node will get.
+    pub fn next_idx(&self) -> NodeIdx {
+        self.runs.len()
     }
 
-    /// Whether a node is in the DAG (not merely pending).
-    pub fn contains(&self, id: &NodeId) -> bool {
-        self.index.contains_key(id)
+    /// The id of node `idx`: kept, or recomputed from the nearest kept id
+    /// of its chain (see `ids.rs`).
+    pub fn id(&self, idx: NodeIdx) -> NodeId {
+        match self.known_id(idx) {
+            Some(id) => id,
+            None => self.compute_id(idx),
+        }
     }
 
-    /// The id of node `idx`.
-    pub fn id(&self, idx: NodeIdx) -> &NodeId {
-        &self.metas[idx as usize].id
+    fn known_id(&self, idx: NodeIdx) -> Option<NodeId> {
+        if let Some(id) = self.legacy_ids.get(&idx) {
+            return Some(*id);
+        }
+        let author = self.runs.author(idx);
+        let seq = self.runs.seq(idx);
+        self.ids
+            .known(idx, author, seq, self.runs.author_seq(author))
+    }
+
+    /// Rebuilds and hashes node `target` and whatever of its past it needs
+    /// whose ids are not kept, parents first (an explicit stack: a walk can
+    /// be long, and cross into other chains).
+    fn compute_id(&self, target: NodeIdx) -> NodeId {
+        let mut memo: IdMap<NodeIdx, NodeId> = IdMap::default();
+        let mut stack = vec![target];
+        let mut parent_ids = Vec::new();
+        while let Some(&n) = stack.last() {
+            if memo.contains_key(&n) {
+                stack.pop();
+                continue;
+            }
+            let parents = self.runs.parents(n);
+            let mut ready = true;
+            for &p in parents.iter() {
+                if memo.contains_key(&p) {
+                    continue;
+                }
+                match self.known_id(p) {
+                    Some(id) => {
+                        memo.insert(p, id);
+                    }
+                    None => {
+                        stack.push(p);
+                        ready = false;
+                    }
+                }
+            }
+            if !ready {
+                continue;
+            }
+            stack.pop();
+            parent_ids.clear();
+            parent_ids.extend(parents.iter().map(|p| memo[p]));
+            parent_ids.sort_unstable();
+            let id = self.log.with(&self.room, n, |content| {
+                Node::id_of(&content.encode_with_parents(&parent_ids))
+            });
+            self.ids
+                .learned(n, self.runs.author(n), self.runs.seq(n), id);
+            memo.insert(n, id);
+        }
+        memo[&target]
+    }
+
+    /// Every node's id, by number (computing them all: a walk over the
+    /// whole history, for tests and tools).
+    pub fn id_index(&self) -> IdMap<NodeId, NodeIdx> {
+        (0..self.next_idx()).map(|i| (self.id(i), i)).collect()
     }
 
     /// The canonical format of node `idx`.
     pub fn format(&self, idx: NodeIdx) -> NodeFormat {
-        self.metas[idx as usize].format
+        self.runs.format(idx)
     }
 
     /// The number of a held format-1 node (the only nodes a format-1 node
@@ -231,104 +298,132 @@ impl Dag {
         self.legacy.get(id).copied()
     }
 
-    /// The canonical bytes of node `idx`.
-    pub fn bytes(&self, idx: NodeIdx) -> &[u8] {
-        let (chunk, start, end) = self.byte_spans[idx as usize];
-        &self.byte_chunks[chunk as usize][start as usize..end as usize]
+    /// Node `idx` as it was signed: its canonical form (parents' ids are
+    /// recomputed if need be).
+    pub fn node(&self, idx: NodeIdx) -> Node {
+        let mut node = self.log.with(&self.room, idx, Node::clone);
+        if node.format == NodeFormat::V2 {
+            node.parents = self.runs.parents(idx).iter().map(|&p| self.id(p)).collect();
+            node.parents.sort_unstable();
+        }
+        node
     }
 
-    fn store_bytes(&mut self, bytes: &[u8]) {
-        let fits = self
-            .byte_chunks
-            .last()
-            .is_some_and(|c| c.capacity() - c.len() >= bytes.len());
-        if !fits {
-            // Nodes are at most MAX_NODE_BYTES, so one always fits a chunk.
-            self.byte_chunks
-                .push(Vec::with_capacity(BYTE_CHUNK.max(bytes.len())));
-        }
-        let chunk = self.byte_chunks.len() - 1;
-        let c = &mut self.byte_chunks[chunk];
-        let start = c.len();
-        c.extend_from_slice(bytes);
-        self.byte_spans
-            .push((chunk as u32, start as u32, c.len() as u32));
+    /// The operations of node `idx`.
+    pub fn ops(&self, idx: NodeIdx) -> Vec<Op> {
+        self.log.with(&self.room, idx, |n| n.ops.clone())
+    }
+
+    /// Calls `f` with node `idx` without its parents' ids (cheaper than
+    /// [`Dag::node`] when only the content matters: `parents` is empty
+    /// for a format-2 node).
+    pub fn with_content<R>(&self, idx: NodeIdx, f: impl FnOnce(&Node) -> R) -> R {
+        self.log.with(&self.room, idx, f)
     }
 
     /// The author of node `idx`.
     pub fn author(&self, idx: NodeIdx) -> &AuthorId {
-        &self.authors[self.metas[idx as usize].author as usize]
+        &self.authors[self.runs.author(idx) as usize]
     }
 
     /// The seq of node `idx`.
     pub fn seq(&self, idx: NodeIdx) -> u64 {
-        self.metas[idx as usize].seq
+        self.runs.seq(idx)
     }
 
     /// The lamport of node `idx`.
     pub fn lamport(&self, idx: NodeIdx) -> u64 {
-        self.metas[idx as usize].lamport
+        self.runs.lamport(idx)
     }
 
     /// The timestamp of node `idx`.
     pub fn hlc(&self, idx: NodeIdx) -> Hlc {
-        self.metas[idx as usize].hlc
+        self.runs.hlc(idx)
+    }
+
+    /// The latest timestamp of any node held.
+    pub fn max_hlc(&self) -> Hlc {
+        self.max_hlc
     }
 
     /// The parents of node `idx`.
-    pub fn parents(&self, idx: NodeIdx) -> &[NodeIdx] {
-        let m = &self.metas[idx as usize];
-        let start = m.parents_start as usize;
-        &self.parent_arena[start..start + m.parents_len as usize]
+    pub fn parents(&self, idx: NodeIdx) -> Parents<'_> {
+        self.runs.parents(idx)
     }
 
-    /// A stored signature by the author over node `idx`, if one arrived.
+    /// (author, seq) of each parent of node `idx`, in canonical order.
+    pub fn parent_keys(&self, idx: NodeIdx) -> Vec<(AuthorId, u64)> {
+        let mut keyed: Vec<(NodeId, (AuthorId, u64))> = self
+            .parents(idx)
+            .iter()
+            .map(|&p| (self.id(p), (*self.author(p), self.seq(p))))
+            .collect();
+        keyed.sort_unstable();
+        keyed.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// A stored signature by the author over node `idx`, if one is kept.
     pub fn signature(&self, idx: NodeIdx) -> Option<&Signature> {
         self.signatures.get(&idx)
     }
 
-    /// Records a signature over node `idx` (e.g. one made locally on export).
+    /// Records a signature over node `idx` (one made locally on export, or
+    /// one that came with it). A history keeps every signature over an
+    /// author's [`DENSE_SIGNATURES`] newest signed nodes, and further back
+    /// one per [`SIGNATURE_STRIDE`] nodes (checkpoints included): packs cut
+    /// anywhere in recent history stay vouched for as they are, and older
+    /// cuts extend to the next kept signature, for 1 byte per node rather
+    /// than 64.
     pub fn set_signature(&mut self, idx: NodeIdx, sig: Signature) {
+        let author = self.runs.author(idx);
+        let seq = self.runs.seq(idx);
+        let newest = self.newest_signed.get(&author).copied().unwrap_or(0);
+        let strided = seq.is_multiple_of(SIGNATURE_STRIDE);
+        if seq + DENSE_SIGNATURES <= newest && !strided {
+            return;
+        }
         self.signatures.insert(idx, sig);
+        if seq <= newest {
+            return;
+        }
+        self.newest_signed.insert(author, seq);
+        // Signatures that fell out of the dense window go, unless strided.
+        let from = (newest + 1).saturating_sub(DENSE_SIGNATURES).max(1);
+        let to = (seq + 1).saturating_sub(DENSE_SIGNATURES);
+        for old in from..to {
+            if !old.is_multiple_of(SIGNATURE_STRIDE)
+                && let Some(i) = self.runs.by_author_seq(author, old)
+            {
+                self.signatures.remove(&i);
+            }
+        }
     }
 
     /// The node with (author, seq), if held.
     pub fn by_author_seq(&self, author: &AuthorId, seq: u64) -> Option<NodeIdx> {
         let a = *self.author_index.get(author)?;
-        let chain = &self.chains[a as usize];
-        seq.checked_sub(1)
-            .and_then(|i| chain.get(i as usize))
-            .copied()
+        self.runs.by_author_seq(a, seq)
     }
 
     /// The highest seq held of `author` (0 if none).
     pub fn author_seq(&self, author: &AuthorId) -> u64 {
         self.author_index
             .get(author)
-            .map_or(0, |&a| self.chains[a as usize].len() as u64)
+            .map_or(0, |&a| self.runs.author_seq(a))
     }
 
     /// Nodes without children, sorted by id, with their numbers.
     pub fn head_nodes(&self) -> Vec<(NodeId, NodeIdx)> {
+        // Every head is its author's newest node, whose id is kept.
         let mut heads: Vec<(NodeId, NodeIdx)> =
-            self.heads.iter().map(|&i| (*self.id(i), i)).collect();
+            self.heads.iter().map(|&i| (self.id(i), i)).collect();
         heads.sort_unstable();
         heads
     }
 
-    /// (author, seq) of each parent of node `idx`, in canonical order.
-    pub fn parent_keys(&self, idx: NodeIdx) -> Vec<(AuthorId, u64)> {
-        self.parents(idx)
-            .iter()
-            .map(|&p| (*self.author(p), self.seq(p)))
-            .collect()
-    }
-
     /// Nodes without children, sorted by id.
     pub fn heads(&self) -> Vec<NodeId> {
-        let mut ids: Vec<NodeId> = self.heads.iter().map(|&i| *self.id(i)).collect();
-        ids.sort_unstable();
-        ids
+        self.head_nodes().into_iter().map(|(id, _)| id).collect()
     }
 
     /// The lamport a node citing every head would carry.
@@ -345,8 +440,8 @@ impl Dag {
     pub fn version_vector(&self) -> VersionVector {
         self.authors
             .iter()
-            .zip(&self.chains)
-            .map(|(a, c)| (*a, c.len() as u64))
+            .enumerate()
+            .map(|(a, author)| (*author, self.runs.author_seq(a as u32)))
             .collect()
     }
 
@@ -355,9 +450,16 @@ impl Dag {
         1 + parents.iter().map(|&p| self.lamport(p)).max().unwrap_or(0)
     }
 
-    /// The index the next inserted node will get.
-    pub fn next_idx(&self) -> NodeIdx {
-        self.metas.len() as NodeIdx
+    /// Bytes the history's sealed node content takes (compressed).
+    pub fn sealed_bytes(&self) -> usize {
+        self.log.sealed_bytes()
+    }
+
+    /// Drops what the history keeps only to go faster (the decoded segment,
+    /// recently computed ids), so a memory figure counts what it must keep.
+    pub fn shrink(&self) {
+        self.log.forget_decoded();
+        self.ids.forget_cache();
     }
 
     /// Inserts a verified node. Idempotent: a node already held (or already
@@ -375,7 +477,7 @@ impl Dag {
         v.node
             .check_structure()
             .map_err(|source| DagError::Structure { id: v.id, source })?;
-        if self.index.contains_key(&v.id) {
+        if self.holds(&v)? {
             out.duplicate = true;
             return Ok(out);
         }
@@ -393,10 +495,59 @@ impl Dag {
                 return Ok(out);
             }
         };
-        let released = self.waits_released_by(&v);
+        let released = waits_released_by(&v);
         self.insert_ready(v, &parents, &mut out.accepted)?;
         self.release_waiters(released, &mut out);
         Ok(out)
+    }
+
+    /// Whether `v` is held already. Another node held under its (author,
+    /// seq) is an equivocation.
+    ///
+    /// When the held node's id is not kept, it is compared by content and
+    /// parents' (author, seq) first, which is what a duplicate costs then:
+    /// equal ones are the same node unless its author signed two nodes that
+    /// differ only in their parents' ids, and such a node is refused as soon
+    /// as anything cites it (its id cannot be resolved here).
+    fn holds(&self, v: &VerifiedNode) -> Result<bool, DagError> {
+        if v.node.format == NodeFormat::V1 && self.legacy.contains_key(&v.id) {
+            return Ok(true);
+        }
+        let Some(idx) = self.by_author_seq(&v.node.author, v.node.seq) else {
+            return Ok(false);
+        };
+        if self.known_id(idx).is_none() && self.same_content(idx, v) {
+            return Ok(true);
+        }
+        let existing = self.id(idx);
+        if existing == v.id {
+            return Ok(true);
+        }
+        Err(DagError::Equivocation {
+            author: v.node.author,
+            seq: v.node.seq,
+            existing,
+            conflicting: v.id,
+        })
+    }
+
+    /// Whether node `idx` has `v`'s content and parents' (author, seq).
+    fn same_content(&self, idx: NodeIdx, v: &VerifiedNode) -> bool {
+        let mut held: Vec<(AuthorId, u64)> = self
+            .parents(idx)
+            .iter()
+            .map(|&p| (*self.author(p), self.seq(p)))
+            .collect();
+        let mut cited = v.parent_keys.clone();
+        held.sort_unstable();
+        cited.sort_unstable();
+        held == cited
+            && self.log.with(&self.room, idx, |c| {
+                c.format == v.node.format
+                    && c.lamport == v.node.lamport
+                    && c.hlc == v.node.hlc
+                    && c.ops == v.node.ops
+            })
     }
 
     /// The numbers of `v`'s parents, or what the first missing one waits
@@ -423,27 +574,18 @@ impl Dag {
             let Some(idx) = self.by_author_seq(&author, seq) else {
                 return Ok(Err(WaitKey::Seq(author, seq)));
             };
-            if self.id(idx) != cited {
+            let held = self.id(idx);
+            if held != *cited {
                 return Err(DagError::Equivocation {
                     author,
                     seq,
-                    existing: *self.id(idx),
+                    existing: held,
                     conflicting: *cited,
                 });
             }
             out.push(idx);
         }
         Ok(Ok(out))
-    }
-
-    /// What inserting `v` releases: waits on its (author, seq), and on its
-    /// id if it is a format-1 node.
-    fn waits_released_by(&self, v: &VerifiedNode) -> Vec<WaitKey> {
-        let mut keys = vec![WaitKey::Seq(v.node.author, v.node.seq)];
-        if v.node.format == NodeFormat::V1 {
-            keys.push(WaitKey::Id(v.id));
-        }
-        keys
     }
 
     fn park(&mut self, missing: WaitKey, v: VerifiedNode) -> Result<(), DagError> {
@@ -477,7 +619,7 @@ impl Dag {
                         continue;
                     }
                 };
-                let released = self.waits_released_by(&w);
+                let released = waits_released_by(&w);
                 match self.insert_ready(w, &parents, &mut out.accepted) {
                     Ok(()) => ready.extend(released),
                     Err(e) => out.released_errors.push(e),
@@ -493,54 +635,38 @@ impl Dag {
         parents: &[NodeIdx],
         accepted: &mut Vec<(NodeIdx, Node)>,
     ) -> Result<(), DagError> {
-        let idx = self.validate_and_record(&v.id, &v.node, &v.bytes, v.sig, parents)?;
+        let author = self.validate(&v.id, &v.node, parents)?;
+        let idx = self.record(v.id, v.node.clone(), v.sig, author, parents);
         accepted.push((idx, v.node));
         Ok(())
     }
 
     /// Inserts a node this replica just built on its current heads (the
     /// transaction has already materialized it), whose parents are the
-    /// nodes `parents`: the same checks as [`Dag::insert`], without handing
-    /// the node back.
+    /// nodes `parents`: the same checks as [`Dag::insert`].
     pub(crate) fn insert_local(
         &mut self,
-        id: &NodeId,
-        node: &Node,
-        bytes: &[u8],
+        id: NodeId,
+        node: Node,
         parents: &[NodeIdx],
     ) -> Result<NodeIdx, DagError> {
         node.check_structure()
-            .map_err(|source| DagError::Structure { id: *id, source })?;
+            .map_err(|source| DagError::Structure { id, source })?;
         let extends = node.room == self.room
             && node.parents.len() == parents.len()
-            && parents
-                .iter()
-                .zip(&node.parents)
-                .all(|(&p, id)| p < self.next_idx() && self.id(p) == id);
+            && parents.iter().all(|&p| p < self.next_idx());
         if !extends {
             return Err(DagError::Invalid {
-                id: *id,
+                id,
                 reason: "a local node must extend this room's held history",
             });
         }
-        self.validate_and_record(id, node, bytes, None, parents)
+        let author = self.validate(&id, &node, parents)?;
+        Ok(self.record(id, node, None, author, parents))
     }
 
     /// The checks that need the parents (lamport, author chain, clock
-    /// order, equivocation), then the insertion itself.
-    fn validate_and_record(
-        &mut self,
-        id: &NodeId,
-        node: &Node,
-        bytes: &[u8],
-        sig: Option<Signature>,
-        parents: &[NodeIdx],
-    ) -> Result<NodeIdx, DagError> {
-        let author = self.validate(id, node, parents)?;
-        Ok(self.record(id, node, bytes, sig, author, parents))
-    }
-
-    /// Returns the author's number (`None`: a new author).
+    /// order). Returns the author's number (`None`: a new author).
     fn validate(
         &self,
         id: &NodeId,
@@ -552,21 +678,16 @@ impl Dag {
             return Err(invalid("lamport is not 1 + the largest parent lamport"));
         }
         let author = self.author_index.get(&node.author).copied();
-        let held = author.map_or(0, |a| self.chains[a as usize].len() as u64);
-        if node.seq <= held {
-            let existing = self.chains[author.expect("held > 0") as usize][node.seq as usize - 1];
-            return Err(DagError::Equivocation {
-                author: node.author,
-                seq: node.seq,
-                existing: *self.id(existing),
-                conflicting: *id,
-            });
-        }
+        let held = author.map_or(0, |a| self.runs.author_seq(a));
         if node.seq != held + 1 {
-            return Err(invalid("seq skips ahead of the author's chain"));
+            return Err(invalid("seq does not follow the author's chain"));
         }
         if node.seq > 1 {
-            let prev = self.chains[author.expect("seq > 1 and held") as usize][held as usize - 1];
+            let a = author.expect("seq > 1 and held");
+            let prev = self
+                .runs
+                .by_author_seq(a, held)
+                .expect("the author's newest node is held");
             if !parents.contains(&prev) {
                 return Err(invalid("does not cite the author's previous node"));
             }
@@ -581,9 +702,8 @@ impl Dag {
 
     fn record(
         &mut self,
-        id: &NodeId,
-        node: &Node,
-        bytes: &[u8],
+        id: NodeId,
+        node: Node,
         sig: Option<Signature>,
         author: Option<u32>,
         parents: &[NodeIdx],
@@ -592,41 +712,42 @@ impl Dag {
             let a = self.authors.len() as u32;
             self.authors.push(node.author);
             self.author_index.insert(node.author, a);
-            self.chains.push(Vec::new());
             a
         });
-        let idx = self.next_idx();
+        let idx = self.runs.push(
+            author,
+            node.format,
+            node.seq,
+            node.lamport,
+            node.hlc,
+            parents,
+        );
         for p in parents {
             self.heads.remove(p);
         }
         self.heads.insert(idx);
-        self.metas.push(Meta {
-            id: *id,
-            format: node.format,
-            author,
-            seq: node.seq,
-            lamport: node.lamport,
-            hlc: node.hlc,
-            parents_start: self.parent_arena.len() as u32,
-            parents_len: parents.len() as u16,
-        });
-        self.parent_arena.extend_from_slice(parents);
-        self.store_bytes(bytes);
-        self.index.insert(*id, idx);
+        self.max_hlc = self.max_hlc.max(node.hlc);
+        self.ids.inserted(idx, author, node.seq, id);
         if node.format == NodeFormat::V1 {
-            self.legacy.insert(*id, idx);
+            self.legacy.insert(id, idx);
+            self.legacy_ids.insert(idx, id);
         }
-        self.chains[author as usize].push(idx);
         if let Some(sig) = sig {
-            self.signatures.insert(idx, sig);
+            self.set_signature(idx, sig);
         }
+        self.log.push(node);
+        if self.log.wants_seal() {
+            self.log.seal(&self.room, &self.runs, &self.authors);
+        }
+        debug_assert_eq!(self.log.len(), self.runs.len());
         idx
     }
 
     /// Whether `a` is a strict ancestor of `b`. Walks back from `b`, pruning
     /// by lamport, so the cost is the part of history between them.
     pub fn is_ancestor(&self, a: NodeIdx, b: NodeIdx) -> bool {
-        if a == b {
+        if a >= b {
+            // Insertion order is causal: an ancestor comes first.
             return false;
         }
         let target = self.lamport(a);
@@ -637,9 +758,9 @@ impl Dag {
             return true;
         }
         // The author chain gives a quick answer for one author's own history.
-        let (ma, mb) = (&self.metas[a as usize], &self.metas[b as usize]);
-        if ma.author == mb.author {
-            return ma.seq < mb.seq;
+        let (author_a, seq_a) = (self.runs.author(a), self.seq(a));
+        if author_a == self.runs.author(b) {
+            return seq_a < self.seq(b);
         }
         // Walk back from `b`. Reaching any node of `a`'s author settles that
         // branch through the chain: at or after `a`'s seq, `a` is an
@@ -647,15 +768,14 @@ impl Dag {
         let mut seen = IdSet::default();
         let mut stack = vec![b];
         while let Some(n) = stack.pop() {
-            for &p in self.parents(n) {
-                let mp = &self.metas[p as usize];
-                if mp.author == ma.author {
-                    if mp.seq >= ma.seq {
+            for &p in self.parents(n).iter() {
+                if self.runs.author(p) == author_a {
+                    if self.seq(p) >= seq_a {
                         return true;
                     }
                     continue;
                 }
-                if mp.lamport > target && seen.insert(p) {
+                if self.lamport(p) > target && seen.insert(p) {
                     stack.push(p);
                 }
             }
@@ -663,47 +783,38 @@ impl Dag {
         false
     }
 
-    /// Sorts node numbers into the deterministic replay order: by (lamport,
-    /// id), which is topological because lamport grows along every edge.
+    /// Sorts node numbers into a causal order: insertion order, which is
+    /// one (a node is inserted after its parents) and keeps each author's
+    /// runs together, which packs compress best.
     pub fn sort_causal(&self, nodes: &mut [NodeIdx]) {
-        nodes.sort_unstable_by_key(|&i| (self.lamport(i), *self.id(i)));
+        nodes.sort_unstable();
     }
 
-    /// Every node, in deterministic causal order.
+    /// Every node, in causal (insertion) order.
     pub fn causal_order(&self) -> Vec<NodeIdx> {
-        let mut all: Vec<NodeIdx> = (0..self.next_idx()).collect();
-        self.sort_causal(&mut all);
-        all
+        (0..self.next_idx()).collect()
     }
 
     /// What a peer whose history is summarized by `vv` lacks, in causal order.
     pub fn missing_for_version_vector(&self, vv: &VersionVector) -> Vec<NodeIdx> {
         let mut out = Vec::new();
-        for (author, chain) in self.authors.iter().zip(&self.chains) {
-            let has = vv.get(author).copied().unwrap_or(0) as usize;
-            if has < chain.len() {
-                out.extend_from_slice(&chain[has..]);
-            }
+        for (a, author) in self.authors.iter().enumerate() {
+            let has = vv.get(author).copied().unwrap_or(0);
+            out.extend(self.runs.chain_after(a as u32, has));
         }
         self.sort_causal(&mut out);
         out
     }
+}
 
-    /// What a peer with these heads lacks, in causal order. Heads unknown here
-    /// are ignored (the peer has history this replica lacks).
-    pub fn missing_for_heads(&self, heads: &[NodeId]) -> Vec<NodeIdx> {
-        let mut has = vec![false; self.len()];
-        let mut stack: Vec<NodeIdx> = heads.iter().filter_map(|h| self.idx(h)).collect();
-        while let Some(n) = stack.pop() {
-            if std::mem::replace(&mut has[n as usize], true) {
-                continue;
-            }
-            stack.extend_from_slice(self.parents(n));
-        }
-        let mut out: Vec<NodeIdx> = (0..self.next_idx()).filter(|&i| !has[i as usize]).collect();
-        self.sort_causal(&mut out);
-        out
+/// What inserting `v` releases: waits on its (author, seq), and on its id
+/// if it is a format-1 node.
+fn waits_released_by(v: &VerifiedNode) -> Vec<WaitKey> {
+    let mut keys = vec![WaitKey::Seq(v.node.author, v.node.seq)];
+    if v.node.format == NodeFormat::V1 {
+        keys.push(WaitKey::Id(v.id));
     }
+    keys
 }
 
 #[cfg(test)]
@@ -731,11 +842,9 @@ mod tests {
             },
             ops: vec![],
         };
-        let bytes = node.encode();
         VerifiedNode {
-            id: Node::id_of(&bytes),
+            id: Node::id_of(&node.encode()),
             node,
-            bytes,
             sig: None,
             parent_keys: parents
                 .iter()
@@ -760,7 +869,7 @@ mod tests {
         assert!(again.pending && !again.duplicate);
         assert_eq!(dag.pending_len(), 2);
         let ins = dag.insert(a1.clone()).unwrap();
-        let order: Vec<NodeId> = ins.accepted.iter().map(|(i, _)| *dag.id(*i)).collect();
+        let order: Vec<NodeId> = ins.accepted.iter().map(|(i, _)| dag.id(*i)).collect();
         assert_eq!(order, vec![a1.id, b1.id, a2.id]);
         assert_eq!(dag.pending_len(), 0);
         assert_eq!(dag.heads(), vec![a2.id]);
@@ -785,8 +894,7 @@ mod tests {
         dag.insert(a1.clone()).unwrap();
         let mut fork = make(&a, 1, &[], 1);
         fork.node.hlc.wall_ms = 99;
-        fork.bytes = fork.node.encode();
-        fork.id = Node::id_of(&fork.bytes);
+        fork.id = Node::id_of(&fork.node.encode());
         assert!(matches!(
             dag.insert(fork),
             Err(DagError::Equivocation { seq: 1, .. })
@@ -813,7 +921,7 @@ mod tests {
     }
 
     #[test]
-    fn missing_sets_match_version_vectors_and_heads() {
+    fn missing_sets_match_version_vectors() {
         let a = Keypair::from_seed([1; 32]);
         let b = Keypair::from_seed([2; 32]);
         let a1 = make(&a, 1, &[], 1);
@@ -827,17 +935,52 @@ mod tests {
         let missing: Vec<NodeId> = dag
             .missing_for_version_vector(&vv)
             .iter()
-            .map(|&i| *dag.id(i))
+            .map(|&i| dag.id(i))
             .collect();
-        let mut expect = vec![b1.id, a2.id];
-        expect.sort_by_key(|id| (if *id == a2.id { 2 } else { 1 }, *id));
-        assert_eq!(missing, expect);
-        let from_heads: Vec<NodeId> = dag
-            .missing_for_heads(&[a1.id])
-            .iter()
-            .map(|&i| *dag.id(i))
-            .collect();
-        assert_eq!(from_heads, expect);
-        assert!(dag.missing_for_heads(&dag.heads()).is_empty());
+        assert_eq!(missing, vec![b1.id, a2.id]);
+        assert!(
+            dag.missing_for_version_vector(&dag.version_vector())
+                .is_empty()
+        );
+    }
+
+    /// A long chain typed by one author, another author merging now and
+    /// then: ids are recomputed from what is kept, and agree with the ids
+    /// the nodes were inserted with.
+    #[test]
+    fn ids_not_kept_are_recomputed() {
+        let a = Keypair::from_seed([1; 32]);
+        let b = Keypair::from_seed([2; 32]);
+        let mut dag = Dag::new(room());
+        let mut expect = Vec::new();
+        let mut last_a: Option<VerifiedNode> = None;
+        let mut last_b: Option<VerifiedNode> = None;
+        let mut lamport = 0;
+        for i in 0..3_000u64 {
+            lamport += 1;
+            let v = if i % 97 == 50 {
+                let seq = last_b.as_ref().map_or(1, |v| v.node.seq + 1);
+                let parents: Vec<&VerifiedNode> = last_a.iter().chain(&last_b).collect();
+                let v = make(&b, seq, &parents, lamport);
+                last_b = Some(v.clone());
+                v
+            } else {
+                let seq = last_a.as_ref().map_or(1, |v| v.node.seq + 1);
+                let parents: Vec<&VerifiedNode> = last_a.iter().chain(&last_b).collect();
+                let v = make(&a, seq, &parents, lamport);
+                last_a = Some(v.clone());
+                v
+            };
+            expect.push(v.id);
+            dag.insert(v).unwrap();
+        }
+        dag.shrink();
+        // Backwards, so that nothing was just computed.
+        for i in (0..3_000u32).rev() {
+            assert_eq!(dag.id(i), expect[i as usize], "node {i}");
+        }
+        assert_eq!(dag.id_index().len(), 3_000);
+        // The canonical node rebuilt from the compact history hashes to it.
+        assert_eq!(Node::id_of(&dag.node(1_234).encode()), expect[1_234]);
     }
 }

@@ -1,0 +1,106 @@
+//! The node ids a history keeps: not all of them. An id is 32 random bytes
+//! per node, more than the rest of a keystroke's history, and it can always
+//! be recomputed from the node's content and its parents' ids. So a history
+//! keeps the id of each author's newest node (every head is one; every
+//! author's next node cites it), an anchor every [`ANCHOR`] nodes of each
+//! author chain, and a bounded cache of ids met recently; any other id is
+//! recomputed by walking its chain forward from the nearest known one
+//! (`Dag::id`). Anchors are filled in as ids are met, so a history loaded
+//! without them (or with fewer) gets them back as it is used.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+
+use crate::dag::NodeIdx;
+use crate::ids::{IdMap, NodeId};
+
+/// An author's nodes whose seq is a multiple of this keep their id.
+pub(crate) const ANCHOR: u64 = 64;
+/// Recently met ids kept besides tips and anchors.
+const CACHE: usize = 1024;
+/// Marks an anchor not known yet (no real id is all zeros).
+const UNKNOWN: NodeId = NodeId([0; 32]);
+
+/// Anchors and recently met ids: written through shared borrows, since ids
+/// are recomputed while the history is only read.
+#[derive(Clone, Debug, Default)]
+struct Kept {
+    /// Per author: entry `k` is the id of its node `(k + 1) * ANCHOR`, or
+    /// [`UNKNOWN`].
+    anchors: Vec<Vec<NodeId>>,
+    cache: IdMap<NodeIdx, NodeId>,
+    /// Cached entries, oldest first.
+    order: VecDeque<NodeIdx>,
+}
+
+/// See the module docs.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Ids {
+    /// Per author: the id of its newest node.
+    pub(crate) tips: Vec<NodeId>,
+    kept: RefCell<Kept>,
+}
+
+impl Ids {
+    /// The id of node `idx` (seq `seq` of `author`, whose newest is
+    /// `author_seq`), if kept.
+    pub(crate) fn known(
+        &self,
+        idx: NodeIdx,
+        author: u32,
+        seq: u64,
+        author_seq: u64,
+    ) -> Option<NodeId> {
+        if seq == author_seq {
+            return Some(self.tips[author as usize]);
+        }
+        let kept = self.kept.borrow();
+        if seq.is_multiple_of(ANCHOR)
+            && let Some(&id) = kept.anchors[author as usize].get((seq / ANCHOR - 1) as usize)
+            && id != UNKNOWN
+        {
+            return Some(id);
+        }
+        kept.cache.get(&idx).copied()
+    }
+
+    /// Records the id of a node just inserted: its author's new tip.
+    pub(crate) fn inserted(&mut self, idx: NodeIdx, author: u32, seq: u64, id: NodeId) {
+        while self.tips.len() <= author as usize {
+            self.tips.push(UNKNOWN);
+            self.kept.get_mut().anchors.push(Vec::new());
+        }
+        self.tips[author as usize] = id;
+        self.learned(idx, author, seq, id);
+    }
+
+    /// Records an id computed or met: kept as an anchor, else cached.
+    pub(crate) fn learned(&self, idx: NodeIdx, author: u32, seq: u64, id: NodeId) {
+        let mut kept = self.kept.borrow_mut();
+        if seq.is_multiple_of(ANCHOR) {
+            let slots = &mut kept.anchors[author as usize];
+            let k = (seq / ANCHOR - 1) as usize;
+            if slots.len() <= k {
+                slots.resize(k + 1, UNKNOWN);
+            }
+            slots[k] = id;
+            return;
+        }
+        if kept.cache.insert(idx, id).is_none() {
+            kept.order.push_back(idx);
+            if kept.order.len() > CACHE
+                && let Some(old) = kept.order.pop_front()
+            {
+                kept.cache.remove(&old);
+            }
+        }
+    }
+
+    /// Drops every cached id (memory figures then count only what a
+    /// history must keep).
+    pub(crate) fn forget_cache(&self) {
+        let mut kept = self.kept.borrow_mut();
+        kept.cache = IdMap::default();
+        kept.order = VecDeque::new();
+    }
+}
