@@ -9,8 +9,8 @@
 use thiserror::Error;
 
 use crate::dag::{Dag, DagError, NodeIdx, VerifiedNode};
-use crate::doc::seq::ItemId;
-use crate::doc::{Changes, Ctx, Doc, PathError, path_names, split_path};
+use crate::doc::seq::Lv;
+use crate::doc::{Changes, Doc, PathError, path_names, split_path};
 use crate::hlc::{Hlc, HlcClock};
 use crate::ids::{AuthorId, EntryId, IdMap, NodeId, RoomId, Signature};
 use crate::keys::Keypair;
@@ -421,13 +421,10 @@ impl Transaction<'_> {
         if self.ops.len() >= MAX_OPS_PER_NODE {
             return Err(TxnError::TooLarge);
         }
-        let ctx = Ctx {
-            dag: &self.room.dag,
-            node: self.node,
-            author: self.author,
-            seq: self.seq,
-            hlc: self.hlc,
-        };
+        let ctx = self
+            .room
+            .doc
+            .ctx(&self.room.dag, self.node, self.author, self.seq, self.hlc);
         let index = self.ops.len() as u32;
         self.room
             .doc
@@ -437,21 +434,35 @@ impl Transaction<'_> {
         Ok(())
     }
 
-    /// How an op of this transaction names character `i`: by the (author,
+    /// The node that inserted character `lv` (this transaction's, for the
+    /// characters it inserted) and the character's index there, and how
+    /// many characters of that node follow it.
+    fn char_of(&self, lv: Lv) -> (NodeIdx, u32, u32) {
+        match self.room.doc.char_of(lv) {
+            Some((node, index, count)) => (node, index, count - index),
+            None => {
+                let index = lv - self.room.doc.next_char();
+                (self.node, index, self.chars - index)
+            }
+        }
+    }
+
+    /// How an op of this transaction names character `lv`: by the (author,
     /// seq) of the node that inserted it (this one, for characters this
     /// transaction inserted), the author left out when it is this node's.
-    fn char_ref(&self, i: ItemId) -> CharRef {
-        let (author, seq) = if i.node == self.node {
+    fn char_ref(&self, lv: Lv) -> CharRef {
+        let (node, index, _) = self.char_of(lv);
+        let (author, seq) = if node == self.node {
             (self.author, self.seq)
         } else {
-            (*self.room.dag.author(i.node), self.room.dag.seq(i.node))
+            (*self.room.dag.author(node), self.room.dag.seq(node))
         };
         CharRef {
             node: CharNode::Seq {
                 author: (author != self.author).then_some(author),
                 seq,
             },
-            index: i.index,
+            index,
         }
     }
 
@@ -606,13 +617,21 @@ impl Transaction<'_> {
             .sequence(&entry)
             .and_then(|s| s.visible_runs(pos, len))
             .ok_or(out_of_range)?;
-        let spans = runs
-            .into_iter()
-            .map(|(first, len)| CharSpan {
-                start: self.char_ref(first),
-                len,
-            })
-            .collect();
+        // A run of local numbers may span several nodes (one per
+        // keystroke, typically); a span names characters of one node.
+        let mut spans = Vec::new();
+        for (mut lv, mut len) in runs {
+            while len > 0 {
+                let (_, _, in_node) = self.char_of(lv);
+                let take = len.min(in_node);
+                spans.push(CharSpan {
+                    start: self.char_ref(lv),
+                    len: take,
+                });
+                lv += take;
+                len -= take;
+            }
+        }
         self.push(Op::TextDelete { entry, spans })
     }
 
@@ -648,6 +667,7 @@ impl Transaction<'_> {
             .insert_local(id, node, &parent_idxs)
             .expect("a local node built on the current heads is valid");
         debug_assert_eq!(idx, self.node);
+        self.room.doc.end_node(self.chars);
         Ok(Some(Committed {
             idx: self.node,
             id,

@@ -7,6 +7,7 @@
 //! multi-value registers, text is a FugueMax sequence whose insertions wait
 //! (deterministically) for the characters they reference.
 
+mod chars;
 mod fields;
 pub mod seq;
 mod tree;
@@ -24,8 +25,9 @@ use crate::node::NodeFormat;
 use crate::op::{CharNode, CharRef, EntryKind, Op, is_valid_name};
 use crate::value::Value;
 
+use chars::Chars;
 use fields::{Register, Write};
-use seq::{ItemId, SeqError, Sequence};
+use seq::{Lv, SeqError, Sequence};
 use tree::{Placement, Tree};
 
 /// The order of last-writer-wins rules: (hlc, author, op index). The DAG
@@ -178,11 +180,11 @@ enum NodeKey {
     Id(NodeId),
 }
 
-/// A character a text op refers to: by dense number when its node is in
-/// the DAG (or is the node being applied), else by key.
+/// A character a text op refers to: by local number when its node has been
+/// applied (or is the node being applied), else by key and index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Target {
-    Known(ItemId),
+    Known(Lv),
     Unknown(NodeKey, u32),
 }
 
@@ -190,7 +192,10 @@ enum Target {
 #[derive(Clone, Copy, Debug)]
 struct Insert {
     node: NodeIdx,
+    /// Index of its first character among its node's.
     first: u32,
+    /// Local number of its first character.
+    lv: Lv,
     left: Option<Target>,
     right: Option<Target>,
 }
@@ -224,6 +229,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) author: AuthorId,
     pub(crate) seq: u64,
     pub(crate) hlc: Hlc,
+    /// Local number of the node's first character.
+    pub(crate) lv_base: Lv,
 }
 
 impl Ctx<'_> {
@@ -272,6 +279,8 @@ pub struct Doc {
     tree: Tree,
     fields: IdMap<EntryId, BTreeMap<String, Register>>,
     texts: IdMap<EntryId, TextState>,
+    /// Local numbers of every character the history inserted.
+    chars: Chars,
 }
 
 impl Doc {
@@ -289,21 +298,53 @@ impl Doc {
         doc
     }
 
+    /// The context of the next node applied, `node` of `dag`.
+    pub(crate) fn ctx<'a>(
+        &self,
+        dag: &'a Dag,
+        node: NodeIdx,
+        author: AuthorId,
+        seq: u64,
+        hlc: Hlc,
+    ) -> Ctx<'a> {
+        debug_assert_eq!(node, self.chars.len(), "nodes are applied in order");
+        Ctx {
+            dag,
+            node,
+            author,
+            seq,
+            hlc,
+            lv_base: self.chars.next_base(),
+        }
+    }
+
+    /// The node that inserted character `lv` (of an applied node), the
+    /// character's index there and how many characters that node inserted.
+    pub(crate) fn char_of(&self, lv: Lv) -> Option<(NodeIdx, u32, u32)> {
+        let (node, index) = self.chars.node_of(lv)?;
+        Some((node, index, self.chars.range(node).1))
+    }
+
+    /// The local number the next node's first character gets.
+    pub(crate) fn next_char(&self) -> Lv {
+        self.chars.next_base()
+    }
+
+    /// Numbers the characters of the node just applied (`count` of them).
+    pub(crate) fn end_node(&mut self, count: u32) {
+        let _ = self.chars.push(count);
+    }
+
     /// Applies node `idx` (already inserted in `dag`).
     pub fn apply(&mut self, dag: &Dag, idx: NodeIdx, node: &Node) -> Changes {
-        let ctx = Ctx {
-            dag,
-            node: idx,
-            author: node.author,
-            seq: node.seq,
-            hlc: node.hlc,
-        };
+        let ctx = self.ctx(dag, idx, node.author, node.seq, node.hlc);
         let mut changes = Changes::default();
         let mut chars = 0u32;
         for (i, op) in node.ops.iter().enumerate() {
             self.apply_op(&ctx, i as u32, op, chars, &mut changes);
-            chars += op.inserted_chars();
+            chars = chars.saturating_add(op.inserted_chars());
         }
+        self.end_node(chars);
         changes.entries.sort_unstable();
         changes.entries.dedup();
         changes
@@ -386,44 +427,36 @@ impl Doc {
                 right,
                 text,
             } => {
+                let chars_of = &self.chars;
                 let t = self.texts.entry(*entry).or_default();
                 t.editors.insert(ctx.author, ctx.node);
                 let insert = Insert {
                     node: ctx.node,
                     first: chars,
-                    left: left.map(|c| resolve_ref(ctx, c)),
-                    right: right.map(|c| resolve_ref(ctx, c)),
+                    lv: ctx.lv_base.saturating_add(chars),
+                    left: left.map(|c| resolve_ref(ctx, chars_of, c)),
+                    right: right.map(|c| resolve_ref(ctx, chars_of, c)),
                 };
-                integrate(ctx, t, insert, text);
+                integrate(ctx, chars_of, t, insert, text);
                 changes.entries.push(*entry);
             }
             Op::TextDelete { entry, spans } => {
+                let chars_of = &self.chars;
                 let t = self.texts.entry(*entry).or_default();
                 t.editors.insert(ctx.author, ctx.node);
                 for span in spans {
-                    let target = resolve_ref(ctx, span.start);
+                    let target = resolve_ref(ctx, chars_of, span.start);
                     let start = span.start.index;
-                    let end = start.saturating_add(span.len);
-                    let mut missing = false;
-                    if let Target::Known(i) = target {
-                        for index in start..end {
-                            missing |= t
-                                .seq
-                                .delete(ItemId {
-                                    node: i.node,
-                                    index,
-                                })
-                                .is_err();
-                        }
-                    }
-                    if missing || matches!(target, Target::Unknown(..)) {
+                    let len = span.len.min(u32::MAX - start);
+                    let missing = match target {
+                        Target::Known(lv) => t.seq.delete_run(lv, len.min(Lv::MAX - lv)) > 0,
+                        Target::Unknown(..) => true,
+                    };
+                    if missing {
                         // Some characters are not here yet (their insert
                         // waits): delete them when they arrive.
-                        let (node, _) = wait_key(ctx, target);
-                        t.deleted_early
-                            .entry(node)
-                            .or_default()
-                            .push((start, end - start));
+                        let (node, _) = wait_key(ctx, chars_of, target);
+                        t.deleted_early.entry(node).or_default().push((start, len));
                     }
                 }
                 changes.entries.push(*entry);
@@ -890,36 +923,59 @@ fn child_path(parent: &str, name: &str) -> String {
     }
 }
 
-fn resolve_ref(ctx: &Ctx<'_>, c: CharRef) -> Target {
-    let known = |node| {
-        Target::Known(ItemId {
-            node,
-            index: c.index,
-        })
-    };
-    match c.node {
-        CharNode::Id(None) => known(ctx.node),
+/// What a character reference names: a local number once its node has
+/// been applied (and inserted that many characters), else a key to wait on.
+fn resolve_ref(ctx: &Ctx<'_>, chars: &Chars, c: CharRef) -> Target {
+    let node = match c.node {
+        CharNode::Id(None) => ctx.node,
         CharNode::Id(Some(id)) => match ctx.dag.legacy_idx(&id) {
-            Some(node) => known(node),
-            None => Target::Unknown(NodeKey::Id(id), c.index),
+            Some(node) => node,
+            None => return Target::Unknown(NodeKey::Id(id), c.index),
         },
         CharNode::Seq { author, seq } => {
             let author = author.unwrap_or(ctx.author);
             if author == ctx.author && seq == ctx.seq {
-                return known(ctx.node);
-            }
-            match ctx.dag.by_author_seq(&author, seq) {
-                Some(node) => known(node),
-                None => Target::Unknown(NodeKey::Seq(author, seq), c.index),
+                ctx.node
+            } else {
+                match ctx.dag.by_author_seq(&author, seq) {
+                    Some(node) => node,
+                    None => return Target::Unknown(NodeKey::Seq(author, seq), c.index),
+                }
             }
         }
+    };
+    if node == ctx.node {
+        // The node being applied: its characters are numbered from its
+        // base. One it never inserts is waited for under its key forever.
+        return match ctx.lv_base.checked_add(c.index) {
+            Some(lv) if lv < Lv::MAX => Target::Known(lv),
+            _ => Target::Unknown(ctx.node_keys(node).0, c.index),
+        };
+    }
+    match chars.lv(node, c.index) {
+        Some(lv) => Target::Known(lv),
+        // An index its node never inserted: never there, on any replica.
+        None => Target::Unknown(ctx.node_keys(node).0, c.index),
     }
 }
 
+/// The node that inserted character `lv` and its index there.
+fn node_of(ctx: &Ctx<'_>, chars: &Chars, lv: Lv) -> (NodeIdx, u32) {
+    if lv >= ctx.lv_base {
+        return (ctx.node, lv - ctx.lv_base);
+    }
+    chars
+        .node_of(lv)
+        .expect("a known character was numbered by an applied node")
+}
+
 /// The key a parked insert waits under.
-fn wait_key(ctx: &Ctx<'_>, t: Target) -> (NodeKey, u32) {
+fn wait_key(ctx: &Ctx<'_>, chars: &Chars, t: Target) -> (NodeKey, u32) {
     match t {
-        Target::Known(i) => (ctx.node_keys(i.node).0, i.index),
+        Target::Known(lv) => {
+            let (node, index) = node_of(ctx, chars, lv);
+            (ctx.node_keys(node).0, index)
+        }
         Target::Unknown(key, index) => (key, index),
     }
 }
@@ -927,10 +983,10 @@ fn wait_key(ctx: &Ctx<'_>, t: Target) -> (NodeKey, u32) {
 /// Integrates a text insert, or parks it until the characters it references
 /// exist; then releases whatever it unblocked. The outcome is the same in any
 /// delivery order: an insert goes in exactly when both its origins are in.
-fn integrate(ctx: &Ctx<'_>, t: &mut TextState, first: Insert, text: &str) {
+fn integrate(ctx: &Ctx<'_>, chars: &Chars, t: &mut TextState, first: Insert, text: &str) {
     // The common case (origins present, nothing waiting) runs without
     // copying the text.
-    let Some(p) = try_integrate(ctx, t, first, text) else {
+    let Some(p) = try_integrate(ctx, chars, t, first, text) else {
         return;
     };
     let mut work = vec![Parked {
@@ -938,7 +994,7 @@ fn integrate(ctx: &Ctx<'_>, t: &mut TextState, first: Insert, text: &str) {
         text: text.to_owned(),
     }];
     while let Some(p) = work.pop() {
-        let Some(done) = try_integrate(ctx, t, p.insert, &p.text) else {
+        let Some(done) = try_integrate(ctx, chars, t, p.insert, &p.text) else {
             continue;
         };
         let (key, legacy) = ctx.node_keys(done.node);
@@ -954,11 +1010,10 @@ fn integrate(ctx: &Ctx<'_>, t: &mut TextState, first: Insert, text: &str) {
             }
             if let Some(spans) = t.deleted_early.get(&key) {
                 for &(start, len) in spans {
-                    for index in start.max(run.start)..(start + len).min(run.end) {
-                        let _ = t.seq.delete(ItemId {
-                            node: done.node,
-                            index,
-                        });
+                    let from = start.max(run.start);
+                    let to = start.saturating_add(len).min(run.end);
+                    if from < to {
+                        t.seq.delete_run(done.lv + (from - done.first), to - from);
                     }
                 }
             }
@@ -968,10 +1023,16 @@ fn integrate(ctx: &Ctx<'_>, t: &mut TextState, first: Insert, text: &str) {
 
 /// Integrates `ins` if its origins are present, else parks it. Returns the
 /// insert when it went in and others may wait on its characters.
-fn try_integrate(ctx: &Ctx<'_>, t: &mut TextState, ins: Insert, text: &str) -> Option<Insert> {
+fn try_integrate(
+    ctx: &Ctx<'_>,
+    chars: &Chars,
+    t: &mut TextState,
+    ins: Insert,
+    text: &str,
+) -> Option<Insert> {
     let present = |r: Option<Target>| match r {
         None => Ok(None),
-        Some(Target::Known(i)) if t.seq.contains(i) => Ok(Some(i)),
+        Some(Target::Known(lv)) if t.seq.contains(lv) => Ok(Some(lv)),
         Some(other) => Err(other),
     };
     let (left, right) = match (present(ins.left), present(ins.right)) {
@@ -982,24 +1043,17 @@ fn try_integrate(ctx: &Ctx<'_>, t: &mut TextState, ins: Insert, text: &str) -> O
                 text: text.to_owned(),
             };
             t.parked
-                .entry(wait_key(ctx, missing))
+                .entry(wait_key(ctx, chars, missing))
                 .or_default()
                 .push(parked);
             return None;
         }
     };
-    let first = ItemId {
-        node: ins.node,
-        index: ins.first,
-    };
-    let dag = ctx.dag;
-    match t
-        .seq
-        .integrate(first, left, right, text, &|a, b| order_nodes(dag, a, b))
-    {
+    let order = |a: Lv, b: Lv| order_chars(ctx, chars, a, b);
+    match t.seq.integrate(ins.lv, left, right, text, &order) {
         Ok(()) => {}
-        // A replayed insert, origins checked above, or an id past u32 (only
-        // a hostile node can claim one): nothing changes, on every replica.
+        // A replayed insert, origins checked above, or numbers past the
+        // room's limit: nothing changes.
         Err(SeqError::DuplicateItem(_) | SeqError::UnknownOrigin(_) | SeqError::IdOverflow(_)) => {
             return None;
         }
@@ -1007,16 +1061,16 @@ fn try_integrate(ctx: &Ctx<'_>, t: &mut TextState, ins: Insert, text: &str) -> O
     (!t.parked.is_empty() || !t.deleted_early.is_empty()).then_some(ins)
 }
 
-/// Total order of nodes for text tie-breaks: by (author, seq), which names
-/// a node as surely as its id and needs no hash (a node still being built
-/// sorts last; a local insert never meets a tie, its origins are adjacent).
-fn order_nodes(dag: &Dag, a: u32, b: u32) -> std::cmp::Ordering {
-    let next = dag.next_idx();
-    match (a < next, b < next) {
-        (true, true) => dag
-            .author(a)
-            .cmp(dag.author(b))
-            .then(dag.seq(a).cmp(&dag.seq(b))),
-        (x, y) => y.cmp(&x),
+/// Total order of characters for text tie-breaks: by the (author, seq) of
+/// their nodes, which names a node as surely as its id and needs no hash,
+/// then their index (the node being applied sorts last; a local insert
+/// never meets a tie, its origins are adjacent).
+fn order_chars(ctx: &Ctx<'_>, chars: &Chars, a: Lv, b: Lv) -> std::cmp::Ordering {
+    let (na, ia) = node_of(ctx, chars, a);
+    let (nb, ib) = node_of(ctx, chars, b);
+    let key = |n: NodeIdx| (n < ctx.dag.next_idx()).then(|| (*ctx.dag.author(n), ctx.dag.seq(n)));
+    match (key(na), key(nb)) {
+        (Some(ka), Some(kb)) => ka.cmp(&kb).then(ia.cmp(&ib)),
+        (x, y) => y.is_some().cmp(&x.is_some()).then(ia.cmp(&ib)),
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Every replica keeps a [`Sequence`]; local edits and edits received from
 //! other replicas are applied to it with [`Sequence::integrate`] and
-//! [`Sequence::delete`], and replicas that have applied the same set of
+//! [`Sequence::delete_run`], and replicas that have applied the same set of
 //! operations (in any causally valid order) hold the same text.
 //!
 //! # Algorithm
@@ -13,48 +13,48 @@
 //! that different users type concurrently at the same place, forwards or
 //! backwards, end up one after the other and never interleave.
 //!
-//! Every character is an item with a unique [`ItemId`] and two *origins*: the
-//! item that was immediately to its left and the one immediately to its right
-//! when it was typed. An insert is placed between its origins; when other
-//! replicas inserted concurrently into the same gap, a scan over the items in
-//! that gap decides the order, comparing the origins of the items it passes
-//! and, for inserts with identical origins, the ids (through a total order on
-//! node numbers chosen by the caller).
+//! Every character is an item with two *origins*: the item that was
+//! immediately to its left and the one immediately to its right when it was
+//! typed. An insert is placed between its origins; when other replicas
+//! inserted concurrently into the same gap, a scan over the items in that
+//! gap decides the order, comparing the origins of the items it passes and,
+//! for inserts with identical origins, the items' identities (through a
+//! total order chosen by the caller).
 //!
 //! # Why deleted characters stay
 //!
-//! A delete only marks its item as a tombstone. A concurrent insert may name a
-//! deleted character as an origin, and the scan above needs the *position* of
-//! every origin to place inserts identically on every replica; dropping
-//! tombstones would make replicas diverge.
+//! A delete only marks its item as a tombstone. A concurrent insert may name
+//! a deleted character as an origin, and the scan above needs the *position*
+//! of every origin to place inserts identically on every replica; dropping
+//! tombstones would make replicas diverge. Their content goes, though: only
+//! positions are ever needed again.
 //!
-//! # Representation and complexity
+//! # Representation: runs, not characters
 //!
-//! Items (12 bytes: id and char) live in leaves of at most 128 items, in
-//! document order, with one `u128` of visibility flags per leaf. The leaves
-//! hang under a B+tree of inner nodes that count the visible characters of
-//! each child, so a visible position is found in O(log n); a cursor (the last
-//! edited leaf and its visible offset) skips even that while edits stay in
-//! one leaf. Leaves only ever split, as tombstones are never removed, so the
-//! tree never merges nodes. Origins are not stored per item; two side tables
-//! resolve ids:
+//! Items are numbered with *local versions* ([`Lv`]): the caller numbers the
+//! characters of its history consecutively as it applies them, so a typing
+//! burst is a range of consecutive numbers. The sequence stores *spans*: a
+//! range of consecutive numbers, next to each other in the document, all
+//! visible or all deleted, each item after the first having the item before
+//! it as left origin and the span's right origin as its own (exactly how a
+//! run is typed). A span costs 16 bytes whatever its length, so memory
+//! follows the number of cursor jumps and deletions, not keystrokes
+//! (diamond-types' layout). Typing at the end of a span extends it.
 //!
-//! * the *origin table*: per node, a sorted list of runs of consecutive ids
-//!   typed one after the other with the same right origin. It answers "does
-//!   this id exist" and "what are its origins" in O(log runs) and stores
-//!   origins once per run instead of once per character;
-//! * the *holder index*: for each block of 16 consecutive ids of a node, the
-//!   leaves holding them (nearly always one), so an id is found with one hash
-//!   lookup and the scan of one leaf (at most 16 leaves).
+//! Spans live in leaves of at most 62 (one `u64` of visibility flags each),
+//! with the leaf's visible text, under a B+tree of inner nodes that count
+//! visible characters, so a visible position is found in O(log n); a cursor
+//! (the last edited leaf and the visible characters before it) skips even
+//! that while edits stay in one leaf. A *holder index* maps each block of
+//! 64 consecutive numbers to the leaves holding them (nearly always one),
+//! so an item is found with one hash lookup and a scan of one leaf.
 //!
-//! Costs, with n items: a local insert or delete is O(log n) plus a scan of
-//! one leaf, and O(1) plus that scan while typing stays in one leaf. A remote
+//! Costs, with s spans: a local insert or delete is O(log s) plus a scan of
+//! one leaf, O(1) plus that scan while typing stays in one leaf. A remote
 //! insert whose origins are still adjacent (the common case, and every local
-//! insert) is an id lookup and an insert into one leaf. Only an insert racing
-//! with concurrent inserts into the same gap walks the items of that gap, as
-//! the reference algorithm does (about 10 ns per item passed in a typed run).
-//! On the automerge-paper editing trace the structure holds about 27 bytes
-//! per item (12 for the item itself, the rest mostly free room in leaves).
+//! insert) is a lookup and an insert into one leaf. Only an insert racing
+//! with concurrent inserts into the same gap scans the gap, one step per
+//! span passed.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -62,81 +62,58 @@ use std::collections::hash_map::Entry;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
-/// Identity of one character: the (interned) node that inserted it and the
-/// character's index among all characters that node inserted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ItemId {
-    /// Interned number of the node that inserted the character.
-    pub node: u32,
-    /// Index of the character among all characters the node inserted.
-    pub index: u32,
-}
+/// The local number of one character (see the module docs).
+pub type Lv = u32;
 
 /// Why an operation was rejected. A rejected operation changes nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SeqError {
-    /// An origin of an insert, or the target of a delete, is not in the
-    /// sequence.
-    UnknownOrigin(ItemId),
-    /// An id of the inserted run is already in the sequence.
-    DuplicateItem(ItemId),
-    /// The ids of the inserted run would go past `u32::MAX`; carries the
-    /// run's first id.
-    IdOverflow(ItemId),
+    /// An origin of an insert is not in the sequence.
+    UnknownOrigin(Lv),
+    /// An item of the inserted run is already in the sequence.
+    DuplicateItem(Lv),
+    /// The run's numbers would go past `u32::MAX`; carries its first.
+    IdOverflow(Lv),
 }
 
 impl fmt::Display for SeqError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::UnknownOrigin(id) => write!(f, "unknown item {}:{}", id.node, id.index),
-            Self::DuplicateItem(id) => write!(f, "item {}:{} already exists", id.node, id.index),
-            Self::IdOverflow(id) => write!(
-                f,
-                "run starting at item {}:{} overflows the id space",
-                id.node, id.index
-            ),
+            Self::UnknownOrigin(lv) => write!(f, "unknown item {lv}"),
+            Self::DuplicateItem(lv) => write!(f, "item {lv} already exists"),
+            Self::IdOverflow(lv) => write!(f, "run starting at item {lv} overflows"),
         }
     }
 }
 
 impl std::error::Error for SeqError {}
 
-/// Items per leaf at most; at most 128 because a leaf keeps its visibility
-/// flags in one `u128`.
-const LEAF_CAP: usize = 128;
-/// Children per inner node at most: a tree of 128-item leaves stays three
-/// levels deep up to a few million items, and renumbering siblings after a
-/// split stays cheap.
+/// Spans per leaf at most. A leaf keeps its visibility flags in one `u64`,
+/// and an edit adds at most two spans before the leaf splits.
+const LEAF_CAP: usize = 62;
+/// Children per inner node at most.
 const FANOUT: usize = 32;
-/// The holder index groups the ids of a node in blocks of `1 << BLOCK_SHIFT`.
-const BLOCK_SHIFT: u32 = 4;
-/// How far around the last edited item `locate` looks before asking the
-/// holder index: backspacing and retyping stay within a few items.
-const NEAR: usize = 8;
+/// The holder index groups numbers in blocks of `1 << BLOCK_SHIFT`.
+const BLOCK_SHIFT: u32 = 6;
 /// "No node": the parent of the root, the neighbours of the end leaves.
 const NIL: usize = usize::MAX;
+/// "No origin" in a span.
+const NONE: Lv = Lv::MAX;
 
-/// FxHash-style hasher for the id-keyed tables: keys are small integers, and
-/// SipHash would cost as much as the rest of a local edit. Colliding ids
-/// chosen by a hostile peer could only slow lookups down, never corrupt them.
+/// FxHash-style hasher for the block-keyed holder table: keys are small
+/// integers, and SipHash would cost as much as the rest of a local edit.
 #[derive(Clone, Copy, Debug, Default)]
-struct IdHasher(u64);
+struct BlockHasher(u64);
 
-impl IdHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0xf135_7aea_2e62_a9c5);
-    }
-}
-
-impl Hasher for IdHasher {
+impl Hasher for BlockHasher {
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            self.add(u64::from(b));
+            self.write_u32(u32::from(b));
         }
     }
 
     fn write_u32(&mut self, n: u32) {
-        self.add(u64::from(n));
+        self.0 = (self.0.rotate_left(5) ^ u64::from(n)).wrapping_mul(0xf135_7aea_2e62_a9c5);
     }
 
     fn finish(&self) -> u64 {
@@ -146,24 +123,120 @@ impl Hasher for IdHasher {
     }
 }
 
-type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+type BlockMap<V> = HashMap<u32, V, BuildHasherDefault<BlockHasher>>;
 
-#[derive(Clone, Copy, Debug)]
-struct Item {
-    id: ItemId,
-    ch: char,
+fn opt(lv: Lv) -> Option<Lv> {
+    (lv != NONE).then_some(lv)
+}
+
+fn raw(lv: Option<Lv>) -> Lv {
+    lv.unwrap_or(NONE)
+}
+
+/// Consecutive items; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// Number of the first item.
+    pub lv: Lv,
+    /// Items in the span (at least 1).
+    pub len: u32,
+    /// Left origin of the first item (`Lv::MAX`: none).
+    left: Lv,
+    /// Right origin of every item (`Lv::MAX`: none).
+    right: Lv,
+}
+
+impl Span {
+    fn end(&self) -> Lv {
+        self.lv + self.len
+    }
+
+    fn contains(&self, lv: Lv) -> bool {
+        (self.lv..self.end()).contains(&lv)
+    }
+
+    /// Origins (left, right) of item `off` of the span.
+    fn origins(&self, off: u32) -> (Option<Lv>, Option<Lv>) {
+        let left = if off == 0 {
+            opt(self.left)
+        } else {
+            Some(self.lv + off - 1)
+        };
+        (left, opt(self.right))
+    }
+
+    /// The span's items from `off` on (`0 < off < len`).
+    fn split_off(&mut self, off: u32) -> Span {
+        debug_assert!(off > 0 && off < self.len);
+        let rest = Span {
+            lv: self.lv + off,
+            len: self.len - off,
+            left: self.lv + off - 1,
+            right: self.right,
+        };
+        self.len = off;
+        rest
+    }
+}
+
+/// Leaves holding at least one item of a block.
+#[derive(Clone, Debug)]
+enum Holders {
+    One(usize),
+    Many(Vec<usize>),
 }
 
 #[derive(Clone, Debug)]
 struct Leaf {
-    items: Vec<Item>,
-    /// Bit `i` is set when `items[i]` is visible.
-    visible: u128,
+    spans: Vec<Span>,
+    /// Bit `i` is set when `spans[i]` is visible.
+    visible: u64,
+    /// The visible characters of the leaf, in order.
+    text: String,
+    /// Visible characters (`text.chars().count()`).
+    chars: usize,
     parent: usize,
     /// Index of this leaf among its parent's children.
     slot: usize,
     prev: usize,
     next: usize,
+}
+
+impl Leaf {
+    fn is_visible(&self, span: usize) -> bool {
+        self.visible >> span & 1 == 1
+    }
+
+    /// Byte offset in `text` where the visible characters of spans before
+    /// `span`, plus `off` more, end.
+    fn byte_at(&self, span: usize, off: u32) -> usize {
+        let inside = if span < self.spans.len() && self.is_visible(span) {
+            off as usize
+        } else {
+            0
+        };
+        let chars: usize = (0..span)
+            .filter(|&i| self.is_visible(i))
+            .map(|i| self.spans[i].len as usize)
+            .sum::<usize>()
+            + inside;
+        if self.text.len() == self.chars {
+            // All ASCII: characters are bytes.
+            return chars;
+        }
+        self.text
+            .char_indices()
+            .nth(chars)
+            .map_or(self.text.len(), |(b, _)| b)
+    }
+
+    /// Inserts `n` bits at `at` of the visibility flags, set to `visible`.
+    fn insert_flags(&mut self, at: usize, n: usize, visible: bool) {
+        let low = low_bits(at);
+        let high = (self.visible & !low).checked_shl(n as u32).unwrap_or(0);
+        let new = if visible { low_bits(at + n) & !low } else { 0 };
+        self.visible = (self.visible & low) | high | new;
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -177,49 +250,13 @@ struct Inner {
     leaf_children: bool,
 }
 
-/// Ids `start..=last` of one node, each typed right after the previous one:
-/// item `start` has origins (`left`, `right`); every later item has the
-/// previous id as left origin and `right` as right origin.
-#[derive(Clone, Copy, Debug)]
-struct OriginRun {
-    start: u32,
-    last: u32,
-    left: Option<ItemId>,
-    right: Option<ItemId>,
-}
-
-impl OriginRun {
-    fn contains(&self, index: u32) -> bool {
-        (self.start..=self.last).contains(&index)
-    }
-
-    /// Origins (left, right) of item `id` of this run.
-    fn origins(&self, id: ItemId) -> (Option<ItemId>, Option<ItemId>) {
-        if id.index == self.start {
-            (self.left, self.right)
-        } else {
-            let prev = ItemId {
-                node: id.node,
-                index: id.index - 1,
-            };
-            (Some(prev), self.right)
-        }
-    }
-}
-
-/// Leaves holding at least one id of a block.
-#[derive(Clone, Debug)]
-enum Holders {
-    One(usize),
-    Many(Vec<usize>),
-}
-
-/// A place in the item list: item `off` of leaf `leaf`, or, as an insertion
-/// point, the gap before it (`off == len` is the gap at the leaf's end).
+/// An item (`off < len` of span `span`), or, as an insertion point, the gap
+/// before it (`span == spans.len()` is the gap at the leaf's end).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Pos {
     leaf: usize,
-    off: usize,
+    span: usize,
+    off: u32,
 }
 
 /// Sequence of characters, visible and deleted, in document order.
@@ -231,10 +268,9 @@ pub struct Sequence {
     root: usize,
     tail: usize,
     len: usize,
-    origins: IdMap<u32, Vec<OriginRun>>,
-    holders: IdMap<(u32, u32), Holders>,
+    holders: BlockMap<Holders>,
     /// Where the last inserted or deleted item is: the next edit usually
-    /// refers to it or to an item close by, which saves an id lookup.
+    /// refers to it or to an item close by, which saves a lookup.
     last: Pos,
     /// A leaf (`NIL` for none) and the number of visible items before it,
     /// kept exact by every edit: the next edit is usually in the same leaf,
@@ -261,8 +297,10 @@ impl Sequence {
     fn with_caps(leaf_cap: usize, fanout: usize) -> Self {
         Self {
             leaves: vec![Leaf {
-                items: Vec::new(),
+                spans: Vec::new(),
                 visible: 0,
+                text: String::new(),
+                chars: 0,
                 parent: 0,
                 slot: 0,
                 prev: NIL,
@@ -278,11 +316,14 @@ impl Sequence {
             root: 0,
             tail: 0,
             len: 0,
-            origins: IdMap::default(),
-            holders: IdMap::default(),
-            last: Pos { leaf: 0, off: 0 },
+            holders: BlockMap::default(),
+            last: Pos {
+                leaf: 0,
+                span: 0,
+                off: 0,
+            },
             cursor: (NIL, 0),
-            leaf_cap: leaf_cap.clamp(2, LEAF_CAP),
+            leaf_cap: leaf_cap.clamp(3, LEAF_CAP),
             fanout: fanout.max(3),
         }
     }
@@ -297,160 +338,216 @@ impl Sequence {
         self.len == 0
     }
 
+    /// Spans held (a measure of the sequence's size).
+    pub fn spans(&self) -> usize {
+        self.leaves.iter().map(|l| l.spans.len()).sum()
+    }
+
     /// Origins for a local insert before visible position `pos` (`0..=len`):
     /// origin_left is the item immediately before the `pos`-th visible item
     /// (possibly a tombstone), `None` at the start; origin_right is the
     /// `pos`-th visible item, `None` at the end (as reference-crdts'
     /// `localInsert`). `None` when `pos > len`.
-    pub fn origins_at(&self, pos: usize) -> Option<(Option<ItemId>, Option<ItemId>)> {
+    pub fn origins_at(&self, pos: usize) -> Option<(Option<Lv>, Option<Lv>)> {
         match pos.cmp(&self.len) {
             Ordering::Greater => None,
-            Ordering::Equal => Some((self.leaves[self.tail].items.last().map(|it| it.id), None)),
+            Ordering::Equal => Some((
+                self.leaves[self.tail].spans.last().map(|s| s.end() - 1),
+                None,
+            )),
             Ordering::Less => {
                 let p = self.find_visible(pos);
-                let left = self.prev_item(p).map(|q| self.id_at(q));
-                Some((left, Some(self.id_at(p))))
+                let left = self.prev_item(p).map(|q| self.item(q));
+                Some((left, Some(self.item(p))))
             }
         }
     }
 
-    /// Integrates a run of characters `text` with ids `(first.node,
-    /// first.index + k)` for `k` in `0..chars`. The first character has
-    /// origins (`left`, `right`); each following one has the previous
-    /// character of the run as left origin and `right` as right origin.
-    /// `cmp` is the total order on node numbers that breaks ties between
-    /// concurrent inserts with identical origins (ids compare by `cmp` on the
-    /// node, then by index); every replica must use the same order.
+    /// Integrates a run of characters `text` numbered `first + k` for `k` in
+    /// `0..chars`. The first character has origins (`left`, `right`); each
+    /// following one has the previous character of the run as left origin
+    /// and `right` as right origin. `cmp` is the total order on items that
+    /// breaks ties between concurrent inserts with identical origins; every
+    /// replica must use the same order (of the items' identities, not of
+    /// their local numbers).
     ///
-    /// Fails, changing nothing, when an origin is unknown, an id of the run
-    /// already exists or the run's ids overflow `u32`. An empty `text` only
-    /// checks the origins.
+    /// Fails, changing nothing, when an origin is unknown, the run's first
+    /// item already exists or the run's numbers overflow `u32`. An empty
+    /// `text` only checks the origins.
     pub fn integrate(
         &mut self,
-        first: ItemId,
-        left: Option<ItemId>,
-        right: Option<ItemId>,
+        first: Lv,
+        left: Option<Lv>,
+        right: Option<Lv>,
         text: &str,
-        cmp: &dyn Fn(u32, u32) -> Ordering,
+        cmp: &dyn Fn(Lv, Lv) -> Ordering,
     ) -> Result<(), SeqError> {
         let count = text.chars().count();
-        let last = match count {
-            0 => None,
-            // usize -> u64 is lossless on every supported target.
-            _ => match u32::try_from(u64::from(first.index) + count as u64 - 1) {
-                Ok(last) => Some(last),
-                Err(_) => return Err(SeqError::IdOverflow(first)),
-            },
-        };
-        if let Some(last) = last
-            && let Some(dup) = self.first_existing(first.node, first.index, last)
-        {
-            return Err(SeqError::DuplicateItem(dup));
+        if count > 0 {
+            // `NONE` is no number: a run may end just before it.
+            let end = u64::from(first) + count as u64;
+            if end > u64::from(NONE) {
+                return Err(SeqError::IdOverflow(first));
+            }
+            // Numbers are given out once: a run is new or already here.
+            if self.locate(first).is_some() {
+                return Err(SeqError::DuplicateItem(first));
+            }
         }
         let left_at = match left {
-            Some(id) => Some((id, self.locate(id).ok_or(SeqError::UnknownOrigin(id))?)),
+            Some(lv) => Some((lv, self.locate(lv).ok_or(SeqError::UnknownOrigin(lv))?)),
             None => None,
         };
-        let Some(last) = last else {
+        if count == 0 {
             return match right {
-                Some(id) if !self.contains(id) => Err(SeqError::UnknownOrigin(id)),
+                Some(lv) if !self.contains(lv) => Err(SeqError::UnknownOrigin(lv)),
                 _ => Ok(()),
             };
-        };
+        }
         let after_left = match left_at {
             Some((_, p)) => self.next_item(p),
             None => self.first_item(),
         };
         let fast = match (after_left, right) {
             (None, None) => true,
-            (Some(p), Some(r)) => self.id_at(p) == r,
+            (Some(p), Some(r)) => self.item(p) == r,
             _ => false,
         };
         let at = if fast {
             // Nothing was inserted concurrently between the origins: the
-            // reference scan would stop at once. Every local insert gets here.
+            // reference scan would stop at once. Every local insert gets
+            // here. The gap right after the left origin, so that typing
+            // extends the span it continues.
             match left_at {
-                Some((_, p)) => Pos {
-                    leaf: p.leaf,
-                    off: p.off + 1,
+                Some((_, p)) => self.gap_after(p),
+                None => Pos {
+                    leaf: 0,
+                    span: 0,
+                    off: 0,
                 },
-                None => Pos { leaf: 0, off: 0 },
             }
         } else {
             let right_at = match right {
-                Some(id) => Some((id, self.locate(id).ok_or(SeqError::UnknownOrigin(id))?)),
+                Some(lv) => Some((lv, self.locate(lv).ok_or(SeqError::UnknownOrigin(lv))?)),
                 None => None,
             };
             self.scan(first, left_at, right_at, after_left, cmp)
         };
-        self.insert_run(at, first, last, text, count);
-        self.record_origins(first, last, left, right);
+        let span = Span {
+            lv: first,
+            len: count as u32,
+            left: raw(left),
+            right: raw(right),
+        };
+        self.insert_span(at, span, text, count);
         Ok(())
     }
 
-    /// Marks one item deleted: `Ok(true)` if it was visible, `Ok(false)` if it
-    /// was already deleted (deleting is idempotent), `Err(UnknownOrigin)` if
-    /// the id is unknown.
-    pub fn delete(&mut self, id: ItemId) -> Result<bool, SeqError> {
-        let p = self.locate(id).ok_or(SeqError::UnknownOrigin(id))?;
+    /// Marks `len` items from `first` deleted (deleting is idempotent) and
+    /// returns how many of those numbers are not in the sequence (the
+    /// caller keeps those deletes for when the items arrive).
+    pub fn delete_run(&mut self, first: Lv, len: u32) -> u32 {
+        let end = u64::from(first) + u64::from(len);
+        let mut missing = 0;
+        let mut lv = u64::from(first);
+        while lv < end {
+            let Some(p) = self.locate(lv as Lv) else {
+                missing += 1;
+                lv += 1;
+                continue;
+            };
+            let s = self.leaves[p.leaf].spans[p.span];
+            let take = (u64::from(s.end()) - lv).min(end - lv) as u32;
+            self.delete_in_span(p, take);
+            lv += u64::from(take);
+        }
+        missing
+    }
+
+    /// Deletes `n` items of a span from item `p` on (all in that span).
+    fn delete_in_span(&mut self, p: Pos, n: u32) {
         self.last = p;
         let leaf = &mut self.leaves[p.leaf];
-        let bit = 1u128 << p.off;
-        if leaf.visible & bit == 0 {
-            return Ok(false);
+        if !leaf.is_visible(p.span) {
+            return;
         }
-        leaf.visible &= !bit;
-        self.walk_up(p.leaf, |c| *c -= 1);
-        self.len -= 1;
-        Ok(true)
+        let bytes = leaf.byte_at(p.span, p.off)..leaf.byte_at(p.span, p.off + n);
+        let removed = leaf.text[bytes.clone()].chars().count();
+        leaf.text.replace_range(bytes, "");
+        leaf.chars -= removed;
+        // Cut the span into (before, deleted, after) pieces.
+        let mut span = leaf.spans[p.span];
+        let after = (p.off + n < span.len).then(|| span.split_off(p.off + n));
+        let deleted = if p.off > 0 {
+            let deleted = span.split_off(p.off);
+            leaf.spans[p.span] = span;
+            leaf.spans.insert(p.span + 1, deleted);
+            leaf.insert_flags(p.span + 1, 1, true);
+            p.span + 1
+        } else {
+            leaf.spans[p.span] = span;
+            p.span
+        };
+        leaf.visible &= !(1u64 << deleted);
+        if let Some(after) = after {
+            leaf.spans.insert(deleted + 1, after);
+            leaf.insert_flags(deleted + 1, 1, true);
+        }
+        self.last = Pos {
+            leaf: p.leaf,
+            span: deleted,
+            off: 0,
+        };
+        self.walk_up(p.leaf, |c| *c -= removed);
+        self.len -= removed;
+        if self.leaves[p.leaf].spans.len() > self.leaf_cap {
+            self.split_leaf(p.leaf);
+        }
     }
 
     /// The visible items at visible positions `pos..pos + len`, as maximal
-    /// runs of consecutive ids (same node, index increasing by one, next to
-    /// each other among the visible items): `(first id, run length)` each.
-    /// `None` if the range does not fit in `0..self.len()`.
-    pub fn visible_runs(&self, pos: usize, len: usize) -> Option<Vec<(ItemId, u32)>> {
+    /// runs of consecutive numbers: `(first, run length)` each. `None` if
+    /// the range does not fit in `0..self.len()`.
+    pub fn visible_runs(&self, pos: usize, len: usize) -> Option<Vec<(Lv, u32)>> {
         if pos.checked_add(len)? > self.len {
             return None;
         }
-        let mut runs: Vec<(ItemId, u32)> = Vec::new();
+        let mut runs: Vec<(Lv, u32)> = Vec::new();
         if len == 0 {
             return Some(runs);
         }
         let start = self.find_visible(pos);
-        let (mut leaf, mut from) = (start.leaf, start.off);
-        let mut remaining = len;
+        let (mut leaf, mut span, mut off) = (start.leaf, start.span, start.off);
+        let mut remaining = len as u64;
         while leaf != NIL {
             let l = &self.leaves[leaf];
-            let mut mask = l.visible & !low_bits(from);
-            while mask != 0 {
-                let id = l.items[mask.trailing_zeros() as usize].id;
-                mask &= mask - 1;
-                match runs.last_mut() {
-                    Some((first, n))
-                        if first.node == id.node
-                            && first.index.checked_add(*n) == Some(id.index)
-                            && *n < u32::MAX =>
-                    {
-                        *n += 1;
+            while span < l.spans.len() {
+                if l.is_visible(span) {
+                    let s = l.spans[span];
+                    let take = u64::from(s.len - off).min(remaining) as u32;
+                    let lv = s.lv + off;
+                    match runs.last_mut() {
+                        Some((first, n)) if *first + *n == lv => *n += take,
+                        _ => runs.push((lv, take)),
                     }
-                    _ => runs.push((id, 1)),
+                    remaining -= u64::from(take);
+                    if remaining == 0 {
+                        return Some(runs);
+                    }
                 }
-                remaining -= 1;
-                if remaining == 0 {
-                    return Some(runs);
-                }
+                span += 1;
+                off = 0;
             }
             leaf = l.next;
-            from = 0;
+            span = 0;
         }
         // The inner counts guarantee enough visible items after `pos`.
         Some(runs)
     }
 
-    /// Whether an item with this id exists (visible or deleted).
-    pub fn contains(&self, id: ItemId) -> bool {
-        self.origin_run(id).is_some()
+    /// Whether an item with this number exists (visible or deleted).
+    pub fn contains(&self, lv: Lv) -> bool {
+        self.locate(lv).is_some()
     }
 
     /// The visible text.
@@ -467,29 +564,67 @@ impl Sequence {
         let mut leaf = 0;
         while leaf != NIL {
             let l = &self.leaves[leaf];
-            let mut mask = l.visible;
-            while mask != 0 {
-                out.push(l.items[mask.trailing_zeros() as usize].ch);
-                mask &= mask - 1;
-            }
+            out.push_str(&l.text);
             leaf = l.next;
         }
     }
 
-    fn id_at(&self, p: Pos) -> ItemId {
-        self.leaves[p.leaf].items[p.off].id
+    fn item(&self, p: Pos) -> Lv {
+        self.leaves[p.leaf].spans[p.span].lv + p.off
     }
 
     fn first_item(&self) -> Option<Pos> {
-        (!self.leaves[0].items.is_empty()).then_some(Pos { leaf: 0, off: 0 })
+        (!self.leaves[0].spans.is_empty()).then_some(Pos {
+            leaf: 0,
+            span: 0,
+            off: 0,
+        })
+    }
+
+    /// The gap right after item `p`.
+    fn gap_after(&self, p: Pos) -> Pos {
+        if p.off + 1 < self.leaves[p.leaf].spans[p.span].len {
+            Pos {
+                off: p.off + 1,
+                ..p
+            }
+        } else {
+            Pos {
+                span: p.span + 1,
+                off: 0,
+                ..p
+            }
+        }
+    }
+
+    /// The gap at the end of the document.
+    fn end_gap(&self) -> Pos {
+        Pos {
+            leaf: self.tail,
+            span: self.leaves[self.tail].spans.len(),
+            off: 0,
+        }
     }
 
     fn next_item(&self, p: Pos) -> Option<Pos> {
         let leaf = &self.leaves[p.leaf];
-        if p.off + 1 < leaf.items.len() {
+        if p.off + 1 < leaf.spans[p.span].len {
+            return Some(Pos {
+                off: p.off + 1,
+                ..p
+            });
+        }
+        self.next_span(p)
+    }
+
+    /// The first item of the span after `p`'s.
+    fn next_span(&self, p: Pos) -> Option<Pos> {
+        let leaf = &self.leaves[p.leaf];
+        if p.span + 1 < leaf.spans.len() {
             Some(Pos {
                 leaf: p.leaf,
-                off: p.off + 1,
+                span: p.span + 1,
+                off: 0,
             })
         } else if leaf.next == NIL {
             None
@@ -497,6 +632,7 @@ impl Sequence {
             // Only the sole leaf of an empty sequence is ever empty.
             Some(Pos {
                 leaf: leaf.next,
+                span: 0,
                 off: 0,
             })
         }
@@ -504,17 +640,28 @@ impl Sequence {
 
     fn prev_item(&self, p: Pos) -> Option<Pos> {
         if p.off > 0 {
-            Some(Pos {
-                leaf: p.leaf,
+            return Some(Pos {
                 off: p.off - 1,
-            })
-        } else {
-            let prev = self.leaves[p.leaf].prev;
-            (prev != NIL).then(|| Pos {
-                leaf: prev,
-                off: self.leaves[prev].items.len() - 1,
-            })
+                ..p
+            });
         }
+        if p.span > 0 {
+            let s = &self.leaves[p.leaf].spans[p.span - 1];
+            return Some(Pos {
+                leaf: p.leaf,
+                span: p.span - 1,
+                off: s.len - 1,
+            });
+        }
+        let prev = self.leaves[p.leaf].prev;
+        (prev != NIL).then(|| {
+            let l = &self.leaves[prev];
+            Pos {
+                leaf: prev,
+                span: l.spans.len() - 1,
+                off: l.spans[l.spans.len() - 1].len - 1,
+            }
+        })
     }
 
     /// The `pos`-th visible item; requires `pos < self.len`.
@@ -526,14 +673,10 @@ impl Sequence {
                 break;
             }
             let l = &self.leaves[leaf];
-            let visible = l.visible.count_ones() as usize;
-            if pos - start < visible {
-                return Pos {
-                    leaf,
-                    off: select(l.visible, pos - start),
-                };
+            if pos - start < l.chars {
+                return self.in_leaf(leaf, pos - start);
             }
-            (leaf, start) = (l.next, start + visible);
+            (leaf, start) = (l.next, start + l.chars);
         }
         let mut node = self.root;
         loop {
@@ -548,51 +691,75 @@ impl Sequence {
             }
             let child = inner.children[slot];
             if inner.leaf_children {
-                return Pos {
-                    leaf: child,
-                    off: select(self.leaves[child].visible, pos),
-                };
+                return self.in_leaf(child, pos);
             }
             node = child;
         }
     }
 
-    /// Where an existing item is, through the holder index.
-    fn locate(&self, id: ItemId) -> Option<Pos> {
-        // Edits cluster (typing, backspacing): look around the last edited
-        // item before asking the index. `last` may be stale, hence `get`.
-        let near = self
-            .leaves
-            .get(self.last.leaf)
-            .map_or(&[][..], |l| &l.items[..]);
-        if near.get(self.last.off).is_some_and(|it| it.id == id) {
-            return Some(self.last);
+    /// The `pos`-th visible item of `leaf`, which has more.
+    fn in_leaf(&self, leaf: usize, mut pos: usize) -> Pos {
+        let l = &self.leaves[leaf];
+        for (i, s) in l.spans.iter().enumerate() {
+            if l.is_visible(i) {
+                if pos < s.len as usize {
+                    return Pos {
+                        leaf,
+                        span: i,
+                        off: pos as u32,
+                    };
+                }
+                pos -= s.len as usize;
+            }
         }
-        let from = self.last.off.saturating_sub(NEAR).min(near.len());
-        let to = (self.last.off + NEAR + 1).min(near.len());
-        if let Some(off) = near[from..to.max(from)].iter().position(|it| it.id == id) {
-            return Some(Pos {
-                leaf: self.last.leaf,
-                off: from + off,
-            });
+        unreachable!("the leaf counts its visible items")
+    }
+
+    /// Where an existing item is.
+    fn locate(&self, lv: Lv) -> Option<Pos> {
+        // Edits cluster (typing, backspacing): look around the last edit
+        // before asking the index. `last` may be stale, hence `get`.
+        if let Some(l) = self.leaves.get(self.last.leaf) {
+            let near = self.last.span.min(l.spans.len());
+            let from = near.saturating_sub(2);
+            let to = (near + 3).min(l.spans.len());
+            if let Some(p) = Self::in_spans(l, self.last.leaf, from..to, lv) {
+                return Some(p);
+            }
         }
-        let in_leaf = |leaf: usize| {
-            self.leaves[leaf]
-                .items
-                .iter()
-                .position(|it| it.id == id)
-                .map(|off| Pos { leaf, off })
-        };
-        match self.holders.get(&block_key(id))? {
-            Holders::One(leaf) => in_leaf(*leaf),
-            Holders::Many(leaves) => leaves.iter().find_map(|&leaf| in_leaf(leaf)),
+        match self.holders.get(&(lv >> BLOCK_SHIFT))? {
+            Holders::One(leaf) => Self::in_spans(
+                &self.leaves[*leaf],
+                *leaf,
+                0..self.leaves[*leaf].spans.len(),
+                lv,
+            ),
+            Holders::Many(leaves) => leaves.iter().find_map(|&leaf| {
+                Self::in_spans(
+                    &self.leaves[leaf],
+                    leaf,
+                    0..self.leaves[leaf].spans.len(),
+                    lv,
+                )
+            }),
         }
+    }
+
+    fn in_spans(l: &Leaf, leaf: usize, range: std::ops::Range<usize>, lv: Lv) -> Option<Pos> {
+        range
+            .into_iter()
+            .find(|&i| l.spans[i].contains(lv))
+            .map(|i| Pos {
+                leaf,
+                span: i,
+                off: lv - l.spans[i].lv,
+            })
     }
 
     /// Document order of two item positions.
     fn pos_cmp(&self, a: Pos, b: Pos) -> Ordering {
         if a.leaf == b.leaf {
-            return a.off.cmp(&b.off);
+            return (a.span, a.off).cmp(&(b.span, b.off));
         }
         // All leaves are at the same depth, so the two paths meet at the
         // lowest common ancestor when climbed in lockstep.
@@ -606,47 +773,58 @@ impl Sequence {
     }
 
     /// Document order of an existing item against a located one.
-    fn item_cmp(&self, a: ItemId, b: Pos) -> Ordering {
+    fn item_cmp(&self, a: Lv, b: Pos) -> Ordering {
         // Origins of integrated items always exist, so `locate` succeeds.
         self.locate(a)
             .map_or(Ordering::Greater, |pa| self.pos_cmp(pa, b))
     }
 
     /// The reference `integrateYjsMod` scan, over the items after the left
-    /// origin; returns the insertion point.
+    /// origin; returns the insertion point. Items inside a span have the
+    /// item before them as left origin, which the scan just passed: they
+    /// never stop it, so it steps over them a span at a time (up to the
+    /// right origin, where it stops).
     fn scan(
         &self,
-        new: ItemId,
-        left: Option<(ItemId, Pos)>,
-        right: Option<(ItemId, Pos)>,
+        new: Lv,
+        left: Option<(Lv, Pos)>,
+        right: Option<(Lv, Pos)>,
         start: Option<Pos>,
-        cmp: &dyn Fn(u32, u32) -> Ordering,
+        cmp: &dyn Fn(Lv, Lv) -> Ordering,
     ) -> Pos {
         let mut cur = start;
         let mut dest = None;
         let mut scanning = false;
-        let mut prev: Option<ItemId> = None;
-        // Scanned items mostly come in typed runs: keep the last origin run.
-        let mut run: Option<(u32, OriginRun)> = None;
+        let mut prev: Option<Lv> = None;
         loop {
             if !scanning {
                 dest = cur;
             }
             let Some(p) = cur else { break };
-            let other = self.id_at(p);
+            let other = self.item(p);
             if right.is_some_and(|(r, _)| r == other) {
                 break;
             }
-            let in_run = run.filter(|(node, r)| *node == other.node && r.contains(other.index));
-            let (o_left, o_right) =
-                match in_run.or_else(|| self.origin_run(other).map(|r| (other.node, r))) {
-                    Some((_, r)) => {
-                        run = Some((other.node, r));
-                        r.origins(other)
+            let span = self.leaves[p.leaf].spans[p.span];
+            let (o_left, o_right) = span.origins(p.off);
+            if p.off > 0 && o_left != left.map(|(l, _)| l) {
+                // Inside a span, its left origin passed (not the new
+                // item's, where the scan may start): step to the right
+                // origin if it is in this span, else to the next span.
+                match right.filter(|(r, _)| span.contains(*r) && *r > other) {
+                    Some((r, _)) => {
+                        cur = Some(Pos {
+                            off: r - span.lv,
+                            ..p
+                        });
                     }
-                    // Every integrated item has an origin run.
-                    None => (None, None),
-                };
+                    None => {
+                        prev = Some(span.end() - 1);
+                        cur = self.next_span(p);
+                    }
+                }
+                continue;
+            }
             let vs_left = match (o_left, left) {
                 (None, None) => Ordering::Equal,
                 (None, Some(_)) => Ordering::Less,
@@ -655,8 +833,7 @@ impl Sequence {
                     if a == b {
                         Ordering::Equal
                     } else if Some(a) == prev {
-                        // The item just passed lies after the left origin;
-                        // this saves a lookup for every item of a passed run.
+                        // The item just passed lies after the left origin.
                         Ordering::Greater
                     } else {
                         self.item_cmp(a, bp)
@@ -678,10 +855,7 @@ impl Sequence {
                             }
                         }
                     };
-                    let new_first = cmp(new.node, other.node)
-                        .then(new.index.cmp(&other.index))
-                        .is_lt();
-                    if vs_right.is_eq() && new_first {
+                    if vs_right.is_eq() && cmp(new, other).is_lt() {
                         break;
                     }
                     scanning = vs_right.is_lt();
@@ -691,184 +865,116 @@ impl Sequence {
             prev = Some(other);
             cur = self.next_item(p);
         }
-        dest.unwrap_or(Pos {
-            leaf: self.tail,
-            off: self.leaves[self.tail].items.len(),
-        })
+        dest.unwrap_or_else(|| self.end_gap())
     }
 
-    /// Inserts the run's items, all visible, at insertion point `at`.
-    fn insert_run(&mut self, at: Pos, first: ItemId, last: u32, text: &str, count: usize) {
-        // Validation guarantees first.index + k <= last for every k < count.
-        let item = |k: usize, ch: char| Item {
-            id: ItemId {
-                node: first.node,
-                index: first.index + k as u32,
-            },
-            ch,
-        };
-        let leaf = &mut self.leaves[at.leaf];
-        if leaf.items.len() + count <= self.leaf_cap {
-            if count == 1 {
-                let ch = text.chars().next().unwrap_or_default();
-                leaf.items.insert(at.off, item(0, ch));
-            } else {
-                leaf.items.splice(
-                    at.off..at.off,
-                    text.chars().enumerate().map(|(k, ch)| item(k, ch)),
-                );
-            }
-            leaf.visible = insert_ones(leaf.visible, at.off, count);
-            // When typing, the item before is the previous keystroke, whose
-            // block this leaf already holds: skip the index then.
-            let held = at.off.checked_sub(1).map(|i| block_key(leaf.items[i].id));
-            self.walk_up(at.leaf, |c| *c += count);
-            for block in (first.index >> BLOCK_SHIFT)..=(last >> BLOCK_SHIFT) {
-                if held != Some((first.node, block)) {
-                    self.add_holder((first.node, block), at.leaf);
-                }
-            }
-            self.last = Pos {
-                leaf: at.leaf,
-                off: at.off + count - 1,
-            };
-        } else {
-            let items = text
-                .chars()
-                .enumerate()
-                .map(|(k, ch)| item(k, ch))
-                .collect();
-            self.split_insert(at, items, first, last);
-            // Only moves the cursor to the leaf typing goes on in.
-            self.walk_up(self.last.leaf, |_| {});
-        }
-        self.len += count;
-    }
-
-    /// Inserts items into a leaf that cannot take them, spreading the leaf's
-    /// items and the new ones over it and as many new leaves as needed.
-    fn split_insert(&mut self, at: Pos, new_items: Vec<Item>, first: ItemId, last: u32) {
-        let cap = self.leaf_cap;
-        let k = new_items.len();
+    /// Inserts a run, all visible, at insertion point `at`: it extends the
+    /// span before when it continues it (typing), else becomes a span of
+    /// its own (splitting the span `at` is inside).
+    fn insert_span(&mut self, at: Pos, span: Span, text: &str, count: usize) {
         let leaf_id = at.leaf;
-        let (mut reuse, old_mask) = {
-            let l = &mut self.leaves[leaf_id];
-            (std::mem::take(&mut l.items), l.visible)
+        let leaf = &mut self.leaves[leaf_id];
+        let extends = at.off == 0 && at.span > 0 && {
+            let before = &leaf.spans[at.span - 1];
+            leaf.is_visible(at.span - 1)
+                && before.end() == span.lv
+                && span.left == before.end() - 1
+                && span.right == before.right
         };
-        let old_len = reuse.len();
-        let old_visible = old_mask.count_ones() as usize;
-        // Blocks of the new run, which the first piece may have to hold.
-        let run_blocks = (first.index >> BLOCK_SHIFT)..=(last >> BLOCK_SHIFT);
-        let mut all: Vec<(Item, bool)> = Vec::with_capacity(old_len + k);
-        all.extend(
-            reuse[..at.off]
-                .iter()
-                .enumerate()
-                .map(|(i, it)| (*it, has_bit(old_mask, i))),
-        );
-        all.extend(new_items.into_iter().map(|it| (it, true)));
-        all.extend(
-            reuse[at.off..]
-                .iter()
-                .enumerate()
-                .map(|(i, it)| (*it, has_bit(old_mask, at.off + i))),
-        );
-        reuse.clear();
-        let total = all.len();
-        let typed_through = at.off + k;
-        let sizes: Vec<usize> = if at.off == old_len && old_len > 0 {
-            // Typing at the end of a leaf: leave it full and go on in new
-            // ones, which typing will fill too.
-            std::iter::once(old_len)
-                .chain((0..k.div_ceil(cap)).map(|j| cap.min(k - j * cap)))
-                .collect()
-        } else if typed_through <= cap
-            && (total - typed_through).min(typed_through) >= (cap / 4).max(1)
-        {
-            // Cutting right after the new items lets typing go on at the end
-            // of the first piece (see above), so sequential typing in the
-            // middle of a document also leaves full leaves behind.
-            vec![typed_through, total - typed_through]
+        let byte = leaf.byte_at(at.span, at.off);
+        leaf.text.insert_str(byte, text);
+        leaf.chars += count;
+        if extends {
+            leaf.spans[at.span - 1].len += span.len;
+            self.last = Pos {
+                leaf: leaf_id,
+                span: at.span - 1,
+                off: leaf.spans[at.span - 1].len - 1,
+            };
         } else {
-            // Even pieces, each with room to grow.
-            let pieces = total.div_ceil(cap);
-            (0..pieces)
-                .map(|j| total / pieces + usize::from(j < total % pieces))
-                .collect()
+            let mut index = at.span;
+            if at.off > 0 {
+                let visible = leaf.is_visible(at.span);
+                let rest = leaf.spans[at.span].split_off(at.off);
+                leaf.spans.insert(at.span + 1, rest);
+                leaf.insert_flags(at.span + 1, 1, visible);
+                index += 1;
+            }
+            leaf.spans.insert(index, span);
+            leaf.insert_flags(index, 1, true);
+            self.last = Pos {
+                leaf: leaf_id,
+                span: index,
+                off: span.len - 1,
+            };
+        }
+        for block in (span.lv >> BLOCK_SHIFT)..=((span.end() - 1) >> BLOCK_SHIFT) {
+            self.add_holder(block, leaf_id);
+        }
+        self.walk_up(leaf_id, |c| *c += count);
+        self.len += count;
+        if self.leaves[leaf_id].spans.len() > self.leaf_cap {
+            self.split_leaf(leaf_id);
+        }
+    }
+
+    /// Splits a leaf holding more spans than it may into two. Typing at the
+    /// end of a leaf leaves it full and goes on in the new one.
+    fn split_leaf(&mut self, leaf_id: usize) {
+        let n = self.leaves[leaf_id].spans.len();
+        let cut = if self.last.leaf == leaf_id && self.last.span + 1 == n {
+            n - 1
+        } else {
+            n / 2
         };
-        let last_new = typed_through - 1;
-        let mut start = 0;
-        let mut prev_leaf = leaf_id;
-        let mut first_blocks = Vec::new();
-        for (j, &size) in sizes.iter().enumerate() {
-            let mut items = if j == 0 {
-                std::mem::take(&mut reuse)
-            } else {
-                Vec::with_capacity(cap)
-            };
-            let mut mask = 0u128;
-            for (i, (it, vis)) in all[start..start + size].iter().enumerate() {
-                items.push(*it);
-                mask |= u128::from(*vis) << i;
+        let (spans, visible, text, chars) = {
+            let l = &mut self.leaves[leaf_id];
+            let byte = l.byte_at(cut, 0);
+            let text = l.text.split_off(byte);
+            let spans = l.spans.split_off(cut);
+            let visible = l.visible >> cut;
+            l.visible &= low_bits(cut);
+            let moved = text.chars().count();
+            l.chars -= moved;
+            (spans, visible, text, moved)
+        };
+        let id = self.leaves.len();
+        let next = self.leaves[leaf_id].next;
+        let moved_blocks = block_keys(&spans);
+        self.leaves.push(Leaf {
+            spans,
+            visible,
+            text,
+            chars,
+            parent: NIL,
+            slot: 0,
+            prev: leaf_id,
+            next,
+        });
+        self.leaves[leaf_id].next = id;
+        if next == NIL {
+            self.tail = id;
+        } else {
+            self.leaves[next].prev = id;
+        }
+        let (parent, slot) = (self.leaves[leaf_id].parent, self.leaves[leaf_id].slot);
+        self.inners[parent].counts[slot] -= chars;
+        self.link_child(parent, slot + 1, id, chars);
+        let kept = block_keys(&self.leaves[leaf_id].spans);
+        for block in moved_blocks {
+            self.add_holder(block, id);
+            if kept.binary_search(&block).is_err() {
+                self.remove_holder(block, leaf_id);
             }
-            let visible = mask.count_ones() as usize;
-            let this = if j == 0 {
-                let blocks = block_keys(&items);
-                let l = &mut self.leaves[leaf_id];
-                l.items = items;
-                l.visible = mask;
-                if visible >= old_visible {
-                    self.walk_up(leaf_id, |c| *c += visible - old_visible);
-                } else {
-                    self.walk_up(leaf_id, |c| *c -= old_visible - visible);
-                }
-                // The cursor is now this leaf, whose offset the new leaves
-                // after it do not change.
-                for &key in &blocks {
-                    if key.0 == first.node && run_blocks.contains(&key.1) {
-                        self.add_holder(key, leaf_id);
-                    }
-                }
-                first_blocks = blocks;
-                leaf_id
-            } else {
-                let id = self.leaves.len();
-                let next = self.leaves[prev_leaf].next;
-                let blocks = block_keys(&items);
-                self.leaves.push(Leaf {
-                    items,
-                    visible: mask,
-                    parent: NIL,
-                    slot: 0,
-                    prev: prev_leaf,
-                    next,
-                });
-                self.leaves[prev_leaf].next = id;
-                if next == NIL {
-                    self.tail = id;
-                } else {
-                    self.leaves[next].prev = id;
-                }
-                let (parent, slot) = (self.leaves[prev_leaf].parent, self.leaves[prev_leaf].slot);
-                self.add_above(parent, visible);
-                self.link_child(parent, slot + 1, id, visible);
-                for key in blocks {
-                    self.add_holder(key, id);
-                    // Every block the first piece lost went to a new piece.
-                    if first_blocks.binary_search(&key).is_err() {
-                        self.remove_holder(key, leaf_id);
-                    }
-                }
-                id
+        }
+        if self.last.leaf == leaf_id && self.last.span >= cut {
+            self.last = Pos {
+                leaf: id,
+                span: self.last.span - cut,
+                off: self.last.off,
             };
-            if (start..start + size).contains(&last_new) {
-                self.last = Pos {
-                    leaf: this,
-                    off: last_new - start,
-                };
-            }
-            prev_leaf = this;
-            start += size;
+            // Typing goes on there: make it the cursor.
+            self.walk_up(id, |_| {});
         }
     }
 
@@ -889,16 +995,6 @@ impl Sequence {
         }
         if !keep {
             self.cursor = (leaf, before);
-        }
-    }
-
-    /// Adds `n` to the counts of every ancestor of inner node `node`.
-    fn add_above(&mut self, node: usize, n: usize) {
-        let (mut node, mut slot) = (self.inners[node].parent, self.inners[node].slot);
-        while node != NIL {
-            let inner = &mut self.inners[node];
-            inner.counts[slot] += n;
-            (node, slot) = (inner.parent, inner.slot);
         }
     }
 
@@ -969,8 +1065,8 @@ impl Sequence {
         }
     }
 
-    fn add_holder(&mut self, key: (u32, u32), leaf: usize) {
-        match self.holders.entry(key) {
+    fn add_holder(&mut self, block: u32, leaf: usize) {
+        match self.holders.entry(block) {
             Entry::Vacant(v) => {
                 v.insert(Holders::One(leaf));
             }
@@ -992,8 +1088,8 @@ impl Sequence {
         }
     }
 
-    fn remove_holder(&mut self, key: (u32, u32), leaf: usize) {
-        let Entry::Occupied(mut o) = self.holders.entry(key) else {
+    fn remove_holder(&mut self, block: u32, leaf: usize) {
+        let Entry::Occupied(mut o) = self.holders.entry(block) else {
             return;
         };
         let keep = match o.get_mut() {
@@ -1014,83 +1110,18 @@ impl Sequence {
             }
         }
     }
-
-    /// The first id in `start..=last` of `node` that already exists.
-    fn first_existing(&self, node: u32, start: u32, last: u32) -> Option<ItemId> {
-        let runs = self.origins.get(&node)?;
-        if runs.last().is_none_or(|r| r.last < start) {
-            // A node's new ids usually come after all its earlier ones.
-            return None;
-        }
-        let i = runs.partition_point(|r| r.last < start);
-        let r = runs.get(i).filter(|r| r.start <= last)?;
-        Some(ItemId {
-            node,
-            index: r.start.max(start),
-        })
-    }
-
-    /// Origins (left, right) of an existing item.
-    /// The origin run holding an existing item.
-    fn origin_run(&self, id: ItemId) -> Option<OriginRun> {
-        let runs = self.origins.get(&id.node)?;
-        runs.get(runs.partition_point(|r| r.last < id.index))
-            .filter(|r| r.start <= id.index)
-            .copied()
-    }
-
-    fn record_origins(
-        &mut self,
-        first: ItemId,
-        last: u32,
-        left: Option<ItemId>,
-        right: Option<ItemId>,
-    ) {
-        let run = OriginRun {
-            start: first.index,
-            last,
-            left,
-            right,
-        };
-        let runs = self.origins.entry(first.node).or_default();
-        match runs.last_mut() {
-            None => runs.push(run),
-            Some(r) if r.last < first.index => {
-                // A node's typing usually continues its previous run.
-                let continues = r.last + 1 == first.index
-                    && r.right == right
-                    && left
-                        == Some(ItemId {
-                            node: first.node,
-                            index: r.last,
-                        });
-                if continues {
-                    r.last = last;
-                } else {
-                    runs.push(run);
-                }
-            }
-            Some(_) => {
-                let i = runs.partition_point(|r| r.start < first.index);
-                runs.insert(i, run);
-            }
-        }
-    }
 }
 
-fn block_key(id: ItemId) -> (u32, u32) {
-    (id.node, id.index >> BLOCK_SHIFT)
-}
-
-/// The distinct blocks of some items, sorted.
-fn block_keys(items: &[Item]) -> Vec<(u32, u32)> {
-    let mut keys: Vec<(u32, u32)> = Vec::new();
-    for it in items {
-        let key = block_key(it.id);
-        // Neighbouring items are mostly from the same block: this keeps the
-        // sort below tiny.
-        if keys.last() != Some(&key) {
-            keys.push(key);
+/// The distinct blocks the spans cover, sorted.
+fn block_keys(spans: &[Span]) -> Vec<u32> {
+    let mut keys: Vec<u32> = Vec::new();
+    for s in spans {
+        for block in (s.lv >> BLOCK_SHIFT)..=((s.end() - 1) >> BLOCK_SHIFT) {
+            // Neighbouring spans are mostly from the same block: this keeps
+            // the sort below tiny.
+            if keys.last() != Some(&block) {
+                keys.push(block);
+            }
         }
     }
     keys.sort_unstable();
@@ -1098,59 +1129,9 @@ fn block_keys(items: &[Item]) -> Vec<(u32, u32)> {
     keys
 }
 
-fn low_bits(n: usize) -> u128 {
-    if n >= 128 {
-        u128::MAX
-    } else {
-        (1u128 << n) - 1
-    }
+fn low_bits(n: usize) -> u64 {
+    if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }
 }
-
-fn has_bit(mask: u128, i: usize) -> bool {
-    mask >> i & 1 == 1
-}
-
-/// `mask` with `n` set bits inserted at bit `at`; bits pushed past 127 are
-/// dropped (callers keep `len + n <= 128`).
-fn insert_ones(mask: u128, at: usize, n: usize) -> u128 {
-    let high = (mask & !low_bits(at)).checked_shl(n as u32).unwrap_or(0);
-    (mask & low_bits(at)) | high | (low_bits(at + n) & !low_bits(at))
-}
-
-/// Bit position of the `n`-th (0-based) set bit of `mask`, which has more
-/// than `n` set bits.
-fn select(mask: u128, n: usize) -> usize {
-    let low = mask as u64;
-    let low_count = low.count_ones() as usize;
-    if n < low_count {
-        select64(low, n)
-    } else {
-        64 + select64((mask >> 64) as u64, n - low_count)
-    }
-}
-
-/// `select` on one word without a loop over its bits: the default x86-64
-/// target has no `popcnt`, so `count_ones` is a dozen instructions.
-fn select64(word: u64, n: usize) -> usize {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let mut bytes = word - ((word >> 1) & 0x5555_5555_5555_5555);
-    bytes = (bytes & 0x3333_3333_3333_3333) + ((bytes >> 2) & 0x3333_3333_3333_3333);
-    bytes = (bytes + (bytes >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
-    // Byte i of `upto` counts the set bits of bytes 0..=i (at most 64).
-    let upto = bytes.wrapping_mul(ONES);
-    // High bit of byte i: upto[i] > n. No byte borrows from its neighbour,
-    // as each is at least 128 - 64 before masking.
-    let past = ((upto | HIGH) - ONES * (n as u64 + 1)) & HIGH;
-    let byte = past.trailing_zeros() as usize / 8;
-    let before = ((upto << 8) >> (8 * byte)) & 0xff;
-    let mut bits = (word >> (8 * byte)) & 0xff;
-    for _ in 0..(n as u64 - before) {
-        bits &= bits - 1;
-    }
-    8 * byte + bits.trailing_zeros() as usize
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1158,6 +1139,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
+    /// A total order on nodes; items compare by node, then index.
     type Cmp = fn(u32, u32) -> Ordering;
 
     fn natural(a: u32, b: u32) -> Ordering {
@@ -1171,17 +1153,30 @@ mod tests {
             .cmp(&b.wrapping_mul(0x9e37_79b9))
     }
 
-    fn id(node: u32, index: u32) -> ItemId {
-        ItemId { node, index }
+    /// Bits of an item number that hold its index within its node: the
+    /// tests number item `index` of node `node` as `node << 16 | index`, so
+    /// a node's items are consecutive numbers, as a document numbers them.
+    const INDEX_BITS: u32 = 16;
+
+    fn id(node: u32, index: u32) -> Lv {
+        node << INDEX_BITS | index
+    }
+
+    /// The order of items that `cmp` orders nodes by.
+    fn by_items(cmp: Cmp) -> impl Fn(Lv, Lv) -> Ordering {
+        move |a, b| {
+            let index = |lv: Lv| lv & ((1 << INDEX_BITS) - 1);
+            cmp(a >> INDEX_BITS, b >> INDEX_BITS).then(index(a).cmp(&index(b)))
+        }
     }
 
     /// The reference algorithm, verbatim: a plain vector of items, indices
     /// found by linear search.
     #[derive(Clone, Debug)]
     struct NaiveItem {
-        id: ItemId,
-        left: Option<ItemId>,
-        right: Option<ItemId>,
+        id: Lv,
+        left: Option<Lv>,
+        right: Option<Lv>,
         ch: char,
         deleted: bool,
     }
@@ -1192,7 +1187,7 @@ mod tests {
     }
 
     impl Naive {
-        fn index(&self, id: Option<ItemId>, none: isize) -> isize {
+        fn index(&self, id: Option<Lv>, none: isize) -> isize {
             id.map_or(none, |id| {
                 self.items
                     .iter()
@@ -1202,6 +1197,7 @@ mod tests {
         }
 
         fn integrate_one(&mut self, new: NaiveItem, cmp: Cmp) {
+            let cmp = by_items(cmp);
             let len = self.items.len() as isize;
             let left = self.index(new.left, -1);
             let right = self.index(new.right, len);
@@ -1218,9 +1214,7 @@ mod tests {
                 let other = &self.items[i as usize];
                 let o_left = self.index(other.left, -1);
                 let o_right = self.index(other.right, len);
-                let new_first = cmp(new.id.node, other.id.node)
-                    .then(new.id.index.cmp(&other.id.index))
-                    .is_lt();
+                let new_first = cmp(new.id, other.id).is_lt();
                 if o_left < left || (o_left == left && o_right == right && new_first) {
                     break;
                 }
@@ -1234,15 +1228,15 @@ mod tests {
 
         fn integrate(
             &mut self,
-            first: ItemId,
-            left: Option<ItemId>,
-            right: Option<ItemId>,
+            first: Lv,
+            left: Option<Lv>,
+            right: Option<Lv>,
             text: &str,
             cmp: Cmp,
         ) {
             let mut left = left;
             for (k, ch) in text.chars().enumerate() {
-                let this = id(first.node, first.index + k as u32);
+                let this = first + k as u32;
                 let item = NaiveItem {
                     id: this,
                     left,
@@ -1256,7 +1250,7 @@ mod tests {
         }
 
         /// reference-crdts `localInsert` / `findItemAtPos`.
-        fn origins_at(&self, pos: usize) -> Option<(Option<ItemId>, Option<ItemId>)> {
+        fn origins_at(&self, pos: usize) -> Option<(Option<Lv>, Option<Lv>)> {
             let mut remaining = pos;
             let mut i = 0;
             while i < self.items.len() {
@@ -1275,7 +1269,7 @@ mod tests {
             Some((left, self.items.get(i).map(|it| it.id)))
         }
 
-        fn delete(&mut self, id: ItemId) -> bool {
+        fn delete(&mut self, id: Lv) -> bool {
             let item = self
                 .items
                 .iter_mut()
@@ -1284,7 +1278,7 @@ mod tests {
             !std::mem::replace(&mut item.deleted, true)
         }
 
-        fn visible_ids(&self) -> Vec<ItemId> {
+        fn visible_ids(&self) -> Vec<Lv> {
             self.items
                 .iter()
                 .filter(|it| !it.deleted)
@@ -1300,27 +1294,34 @@ mod tests {
                 .collect()
         }
 
-        fn raw(&self) -> Vec<(ItemId, char, bool)> {
-            self.items
-                .iter()
-                .map(|it| (it.id, it.ch, it.deleted))
-                .collect()
+        fn raw(&self) -> Vec<(Lv, bool)> {
+            self.items.iter().map(|it| (it.id, it.deleted)).collect()
         }
     }
 
     impl Sequence {
-        /// Every item in document order: id, char, deleted.
-        fn raw(&self) -> Vec<(ItemId, char, bool)> {
+        /// Every item in document order: number, deleted.
+        fn raw(&self) -> Vec<(Lv, bool)> {
             let mut out = Vec::new();
             let mut leaf = 0;
             while leaf != NIL {
                 let l = &self.leaves[leaf];
-                for (i, it) in l.items.iter().enumerate() {
-                    out.push((it.id, it.ch, !has_bit(l.visible, i)));
+                for (i, s) in l.spans.iter().enumerate() {
+                    out.extend((s.lv..s.end()).map(|lv| (lv, !l.is_visible(i))));
                 }
                 leaf = l.next;
             }
             out
+        }
+
+        /// Deletes one item: `Ok(true)` if it was visible, `Ok(false)` if it
+        /// was deleted already, an error if it is unknown.
+        fn delete(&mut self, lv: Lv) -> Result<bool, SeqError> {
+            let before = self.len;
+            match self.delete_run(lv, 1) {
+                0 => Ok(self.len < before),
+                _ => Err(SeqError::UnknownOrigin(lv)),
+            }
         }
 
         /// Checks every structural invariant; panics on a violation.
@@ -1332,8 +1333,15 @@ mod tests {
             while leaf != NIL {
                 let l = &self.leaves[leaf];
                 assert_eq!(l.prev, prev, "prev link of leaf {leaf}");
-                assert!(l.items.len() <= self.leaf_cap);
-                assert_eq!(l.visible & !low_bits(l.items.len()), 0, "stray flags");
+                assert!(l.spans.len() <= self.leaf_cap);
+                assert_eq!(l.visible & !low_bits(l.spans.len()), 0, "stray flags");
+                let visible: usize = (0..l.spans.len())
+                    .filter(|&i| l.is_visible(i))
+                    .map(|i| l.spans[i].len as usize)
+                    .sum();
+                assert_eq!(l.chars, visible, "visible characters of leaf {leaf}");
+                assert_eq!(l.text.chars().count(), visible, "text of leaf {leaf}");
+                assert!(l.spans.iter().all(|s| s.len > 0));
                 chain.push(leaf);
                 prev = leaf;
                 leaf = l.next;
@@ -1341,7 +1349,7 @@ mod tests {
             assert_eq!(self.tail, prev);
             assert_eq!(chain.len(), self.leaves.len(), "every leaf is chained");
             if chain.len() > 1 {
-                assert!(self.leaves.iter().all(|l| !l.items.is_empty()));
+                assert!(self.leaves.iter().all(|l| !l.spans.is_empty()));
             }
             // Tree: counts, back links, depth, in-order leaves.
             let mut in_order = Vec::new();
@@ -1358,7 +1366,7 @@ mod tests {
                     if n.leaf_children {
                         let l = &self.leaves[child];
                         assert_eq!((l.parent, l.slot), (node, slot));
-                        assert_eq!(count, l.visible.count_ones() as usize);
+                        assert_eq!(count, l.chars);
                         assert_eq!(*depth.get_or_insert(d), d, "leaves at one depth");
                     } else {
                         let c = &self.inners[child];
@@ -1378,34 +1386,40 @@ mod tests {
                     .iter()
                     .position(|&l| l == self.cursor.0)
                     .expect("cursor leaf");
-                let before: u32 = chain[..at]
-                    .iter()
-                    .map(|&l| self.leaves[l].visible.count_ones())
-                    .sum();
-                assert_eq!(self.cursor.1, before as usize, "cursor offset");
+                let before: usize = chain[..at].iter().map(|&l| self.leaves[l].chars).sum();
+                assert_eq!(self.cursor.1, before, "cursor offset");
             }
             assert_eq!(in_order, chain, "tree order is chain order");
             assert_eq!(
                 self.len,
                 self.inners[self.root].counts.iter().sum::<usize>()
             );
-            // Id tables: holders exactly as the leaves say, ids locatable.
-            let mut expected: HashMap<(u32, u32), Vec<usize>> = HashMap::new();
-            let mut items = 0u64;
+            // Holders exactly as the leaves say; items distinct and found.
+            let mut expected: HashMap<u32, Vec<usize>> = HashMap::new();
+            let mut seen = std::collections::HashSet::new();
             for (l, leaf) in self.leaves.iter().enumerate() {
-                for (off, it) in leaf.items.iter().enumerate() {
-                    items += 1;
-                    let holders = expected.entry(block_key(it.id)).or_default();
-                    if holders.last() != Some(&l) {
-                        holders.push(l);
+                for (i, s) in leaf.spans.iter().enumerate() {
+                    for block in (s.lv >> BLOCK_SHIFT)..=((s.end() - 1) >> BLOCK_SHIFT) {
+                        let holders = expected.entry(block).or_default();
+                        if !holders.contains(&l) {
+                            holders.push(l);
+                        }
                     }
-                    if items.is_multiple_of(7) {
-                        assert_eq!(self.locate(it.id), Some(Pos { leaf: l, off }));
+                    for lv in [s.lv, s.end() - 1] {
+                        assert_eq!(
+                            self.locate(lv),
+                            Some(Pos {
+                                leaf: l,
+                                span: i,
+                                off: lv - s.lv
+                            })
+                        );
                     }
+                    assert!(seen.insert(s.lv), "item {} twice", s.lv);
                 }
             }
             assert_eq!(expected.len(), self.holders.len());
-            for (key, want) in expected {
+            for (key, mut want) in expected {
                 let mut got = match &self.holders[&key] {
                     Holders::One(h) => vec![*h],
                     Holders::Many(hs) => {
@@ -1413,21 +1427,10 @@ mod tests {
                         hs.clone()
                     }
                 };
-                // `want` lists leaves in index order, once each.
                 got.sort_unstable();
+                want.sort_unstable();
                 assert_eq!(got, want, "holders of {key:?}");
             }
-            let mut ids = 0u64;
-            for runs in self.origins.values() {
-                for w in runs.windows(2) {
-                    assert!(w[0].last < w[1].start);
-                }
-                ids += runs
-                    .iter()
-                    .map(|r| u64::from(r.last - r.start) + 1)
-                    .sum::<u64>();
-            }
-            assert_eq!(ids, items);
         }
     }
 
@@ -1478,7 +1481,7 @@ mod tests {
     ) -> Op {
         let (left, right) = seq.origins_at(pos).expect("position in range");
         let first = id(node, *next);
-        seq.integrate(first, left, right, text, &cmp)
+        seq.integrate(first, left, right, text, &by_items(cmp))
             .expect("local insert");
         *next += text.chars().count() as u32;
         Op::Insert {
@@ -1492,12 +1495,12 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Op {
         Insert {
-            first: ItemId,
-            left: Option<ItemId>,
-            right: Option<ItemId>,
+            first: Lv,
+            left: Option<Lv>,
+            right: Option<Lv>,
             text: String,
         },
-        Delete(ItemId),
+        Delete(Lv),
     }
 
     fn apply(seq: &mut Sequence, op: &Op, cmp: Cmp) -> Result<bool, SeqError> {
@@ -1508,7 +1511,7 @@ mod tests {
                 right,
                 text,
             } => seq
-                .integrate(*first, *left, *right, text, &cmp)
+                .integrate(*first, *left, *right, text, &by_items(cmp))
                 .map(|()| true),
             Op::Delete(id) => seq.delete(*id),
         }
@@ -1643,17 +1646,14 @@ mod tests {
                 let pos = rng.random_range(0..len);
                 let n = rng.random_range(1..=(len - pos).min(4));
                 let runs = rep.seq.visible_runs(pos, n).expect("range in bounds");
-                let ids: Vec<ItemId> = runs
+                let ids: Vec<Lv> = runs
                     .iter()
-                    .flat_map(|&(first, k)| (0..k).map(move |j| id(first.node, first.index + j)))
+                    .flat_map(|&(first, k)| first..first + k)
                     .collect();
                 assert_eq!(ids, rep.naive.visible_ids()[pos..pos + n]);
                 for w in runs.windows(2) {
                     let (a, k) = w[0];
-                    assert!(
-                        a.node != w[1].0.node || a.index + k != w[1].0.index,
-                        "runs are maximal"
-                    );
+                    assert!(a + k != w[1].0, "runs are maximal");
                 }
                 rep.cursor = pos;
                 for target in ids {
@@ -1832,12 +1832,12 @@ mod tests {
 
     #[test]
     fn rejected_inserts_change_nothing() {
-        let mut seq = Sequence::with_caps(2, 3);
-        seq.integrate(id(1, 0), None, None, "hello", &natural)
+        let cmp = by_items(natural);
+        let mut seq = Sequence::with_caps(3, 3);
+        seq.integrate(id(1, 0), None, None, "hello", &cmp).unwrap();
+        seq.integrate(id(1, 10), Some(id(1, 4)), None, "ab", &cmp)
             .unwrap();
-        seq.integrate(id(1, 10), Some(id(1, 4)), None, "ab", &natural)
-            .unwrap();
-        let before = seq.raw();
+        let (before, text) = (seq.raw(), seq.text());
         let unknown = id(9, 9);
         let rejected = [
             (
@@ -1884,13 +1884,6 @@ mod tests {
                 SeqError::DuplicateItem(id(1, 3)),
             ),
             (
-                id(1, 7),
-                None,
-                None,
-                "wxyz",
-                SeqError::DuplicateItem(id(1, 10)),
-            ),
-            (
                 id(1, 11),
                 None,
                 None,
@@ -1898,38 +1891,39 @@ mod tests {
                 SeqError::DuplicateItem(id(1, 11)),
             ),
             (
-                id(4, u32::MAX - 1),
+                u32::MAX - 1,
                 None,
                 None,
-                "abc",
-                SeqError::IdOverflow(id(4, u32::MAX - 1)),
+                "ab",
+                SeqError::IdOverflow(u32::MAX - 1),
             ),
         ];
-        for (first, left, right, text, err) in rejected {
-            assert_eq!(seq.integrate(first, left, right, text, &natural), Err(err));
-            assert_eq!(seq.raw(), before);
+        for (first, left, right, text_in, err) in rejected {
+            assert_eq!(seq.integrate(first, left, right, text_in, &cmp), Err(err));
+            assert_eq!((seq.raw(), seq.text()), (before.clone(), text.clone()));
             assert!(!err.to_string().is_empty());
         }
         // An empty run with known origins is accepted and inserts nothing.
         assert_eq!(
-            seq.integrate(id(2, 0), Some(id(1, 1)), Some(id(1, 2)), "", &natural),
+            seq.integrate(id(2, 0), Some(id(1, 1)), Some(id(1, 2)), "", &cmp),
             Ok(())
         );
         assert_eq!(seq.raw(), before);
-        // Ids may arrive out of order within a node, up to the last index.
-        seq.integrate(id(1, 6), Some(id(1, 0)), Some(id(1, 1)), "123", &natural)
+        // Numbers may arrive out of order within a node.
+        seq.integrate(id(1, 6), Some(id(1, 0)), Some(id(1, 1)), "123", &cmp)
             .unwrap();
-        seq.integrate(id(4, u32::MAX - 1), None, Some(id(1, 0)), "yz", &natural)
+        // The last number there is (u32::MAX is "none").
+        seq.integrate(u32::MAX - 1, None, Some(id(1, 0)), "y", &cmp)
             .unwrap();
-        assert!(seq.contains(id(4, u32::MAX)) && seq.contains(id(1, 8)) && !seq.contains(id(1, 9)));
-        assert_eq!(seq.text(), "yzh123elloab");
+        assert!(seq.contains(u32::MAX - 1) && seq.contains(id(1, 8)) && !seq.contains(id(1, 9)));
+        assert_eq!(seq.text(), "yh123elloab");
         seq.check_invariants();
     }
 
     #[test]
     fn delete_is_idempotent_and_rejects_unknown_ids() {
         let mut seq = Sequence::new();
-        seq.integrate(id(1, 0), None, None, "abc", &natural)
+        seq.integrate(id(1, 0), None, None, "abc", &by_items(natural))
             .unwrap();
         assert_eq!(seq.delete(id(1, 1)), Ok(true));
         assert_eq!(seq.delete(id(1, 1)), Ok(false));
@@ -1948,7 +1942,7 @@ mod tests {
         assert_eq!(seq.origins_at(1), None);
         assert_eq!(seq.visible_runs(0, 0), Some(vec![]));
         assert_eq!(seq.visible_runs(0, 1), None);
-        seq.integrate(id(1, 0), None, None, "abc", &natural)
+        seq.integrate(id(1, 0), None, None, "abc", &by_items(natural))
             .unwrap();
         seq.delete(id(1, 2)).unwrap();
         // At the end, the left origin is the last item even if deleted.
@@ -1963,10 +1957,10 @@ mod tests {
 
     #[test]
     fn visible_runs_merge_consecutive_ids_across_tombstones() {
-        let mut seq = Sequence::with_caps(2, 3);
-        seq.integrate(id(1, 0), None, None, "abcd", &natural)
-            .unwrap();
-        seq.integrate(id(2, 0), Some(id(1, 1)), Some(id(1, 2)), "XY", &natural)
+        let mut seq = Sequence::with_caps(3, 3);
+        let cmp = by_items(natural);
+        seq.integrate(id(1, 0), None, None, "abcd", &cmp).unwrap();
+        seq.integrate(id(2, 0), Some(id(1, 1)), Some(id(1, 2)), "XY", &cmp)
             .unwrap();
         assert_eq!(seq.text(), "abXYcd");
         assert_eq!(
@@ -1987,7 +1981,7 @@ mod tests {
     #[test]
     fn write_text_appends() {
         let mut seq = Sequence::new();
-        seq.integrate(id(1, 0), None, None, "héllo 🦀", &natural)
+        seq.integrate(id(1, 0), None, None, "héllo 🦀", &by_items(natural))
             .unwrap();
         let mut out = String::from(">");
         seq.write_text(&mut out);
@@ -2000,7 +1994,7 @@ mod tests {
     /// into several leaves at once.
     #[test]
     fn long_runs_fill_several_leaves() {
-        for caps in [(2, 3), (5, 4), (LEAF_CAP, FANOUT)] {
+        for caps in [(3, 3), (5, 4), (LEAF_CAP, FANOUT)] {
             let mut seq = Sequence::with_caps(caps.0, caps.1);
             let mut naive = Naive::default();
             let mut next = 0;
@@ -2022,21 +2016,35 @@ mod tests {
                 naive.delete(first);
             }
             assert_eq!(seq.raw(), naive.raw());
+            assert_eq!(seq.text(), naive.text());
             seq.check_invariants();
         }
     }
 
+    /// Typing keystroke by keystroke, as a document numbers it, makes one
+    /// span per typing burst, whatever its length.
     #[test]
-    fn select_finds_the_nth_set_bit() {
-        let mut rng = ChaCha8Rng::seed_from_u64(3);
-        for _ in 0..2000 {
-            let mask: u128 = rng.random::<u128>() & rng.random::<u128>();
-            let positions: Vec<usize> = (0..128).filter(|&i| has_bit(mask, i)).collect();
-            for (n, &p) in positions.iter().enumerate() {
-                assert_eq!(select(mask, n), p);
-            }
+    fn typing_extends_one_span() {
+        let cmp = by_items(natural);
+        let mut seq = Sequence::new();
+        let mut lv = 0;
+        for _ in 0..1_000 {
+            let (left, right) = seq.origins_at(seq.len()).unwrap();
+            seq.integrate(lv, left, right, "a", &cmp).unwrap();
+            lv += 1;
         }
-        assert_eq!(select(u128::MAX, 127), 127);
-        assert_eq!(select(1 << 127, 0), 127);
+        assert_eq!(seq.spans(), 1);
+        // Typing in the middle: one more span for the burst, and the one it
+        // split.
+        for k in 0..100 {
+            let (left, right) = seq.origins_at(500 + k).unwrap();
+            seq.integrate(lv, left, right, "b", &cmp).unwrap();
+            lv += 1;
+        }
+        assert_eq!(seq.spans(), 3);
+        assert_eq!(seq.delete_run(0, 10), 0);
+        assert_eq!(seq.spans(), 4);
+        assert_eq!(seq.delete_run(lv, 3), 3, "numbers not here are reported");
+        seq.check_invariants();
     }
 }
