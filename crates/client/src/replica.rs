@@ -263,7 +263,7 @@ impl Room {
         &self,
         edit: impl FnOnce(&mut Transaction<'_>) -> Result<(), TxnError>,
     ) -> Result<Option<String>, Error> {
-        let (committed, paths) = {
+        let (id, paths) = {
             let mut state = self.shared.lock();
             let Some(committed) = state.durable.transact(wall_ms(), edit)? else {
                 return Ok(None);
@@ -275,7 +275,7 @@ impl Room {
                 })?;
             }
             let paths = touched_paths(durable.room(), &[committed.idx]);
-            (committed, paths)
+            (durable.room().dag().id(committed.idx), paths)
         };
         if let Some(wake) = self
             .shared
@@ -287,7 +287,7 @@ impl Room {
             wake.notify_one();
         }
         self.shared.notify(Origin::Local, paths, 1);
-        Ok(Some(committed.id.to_string()))
+        Ok(Some(id.to_string()))
     }
 
     /// A stream of this room's changes, local and remote, from now on.

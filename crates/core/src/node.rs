@@ -127,6 +127,17 @@ impl Node {
     /// format 2: the author left out when it is the node's own, and no
     /// reference to a later node of its own chain).
     pub fn check_structure(&self) -> Result<(), NodeDecodeError> {
+        self.check_content(self.parents.len())?;
+        if self.parents.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(NodeDecodeError::Invalid("parents not sorted and distinct"));
+        }
+        Ok(())
+    }
+
+    /// What [`Node::check_structure`] checks but the parents' order, for a
+    /// node with `parents` parents (a history that keeps parents by number
+    /// checks that they are distinct itself).
+    pub fn check_content(&self, parents: usize) -> Result<(), NodeDecodeError> {
         self.check_char_refs()?;
         if self.seq == 0 {
             return Err(NodeDecodeError::Invalid("seq must start at 1"));
@@ -134,7 +145,7 @@ impl Node {
         if self.lamport == 0 {
             return Err(NodeDecodeError::Invalid("lamport must be at least 1"));
         }
-        if self.parents.len() > MAX_PARENTS {
+        if parents > MAX_PARENTS {
             return Err(NodeDecodeError::Invalid("too many parents"));
         }
         if self.ops.len() > MAX_OPS_PER_NODE {
@@ -154,15 +165,12 @@ impl Node {
         if deleted > MAX_DELETED_CHARS_PER_NODE {
             return Err(NodeDecodeError::Invalid("deletes too many characters"));
         }
-        if self.parents.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(NodeDecodeError::Invalid("parents not sorted and distinct"));
-        }
-        if self.seq > 1 && self.parents.is_empty() {
+        if self.seq > 1 && parents == 0 {
             return Err(NodeDecodeError::Invalid(
                 "a later node must cite its predecessor",
             ));
         }
-        if self.parents.is_empty() != (self.lamport == 1) {
+        if (parents == 0) != (self.lamport == 1) {
             return Err(NodeDecodeError::Invalid(
                 "lamport 1 exactly for nodes without parents",
             ));

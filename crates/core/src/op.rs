@@ -178,6 +178,22 @@ impl Op {
         }
     }
 
+    /// A bound on the bytes of this operation's canonical encoding, cheap
+    /// to compute (no value is encoded).
+    pub fn size_bound(&self) -> usize {
+        // Ids, references and headers take well under 256 bytes; a value
+        // encodes into at most its approximate size.
+        256 + match self {
+            Op::Create { name, position, .. } => name.len() + position.as_ref().map_or(0, Vec::len),
+            Op::Set { field, value, .. } => field.len() + value.approx_size(),
+            Op::Unset { field, .. } => field.len(),
+            Op::Move { name, position, .. } => name.len() + position.as_ref().map_or(0, Vec::len),
+            Op::Delete { .. } => 0,
+            Op::TextInsert { text, .. } => text.len(),
+            Op::TextDelete { spans, .. } => 64 * spans.len(),
+        }
+    }
+
     /// Characters this operation inserts (each takes one char index).
     pub fn inserted_chars(&self) -> u32 {
         match self {

@@ -26,7 +26,6 @@
 //! author in the pack must be chained to it (consecutive seq, each citing the
 //! previous one by id), so the hash chain vouches for them.
 
-use std::collections::HashMap;
 use std::io::Read;
 
 use thiserror::Error;
@@ -35,7 +34,7 @@ use crate::codec::mp::{DecodeError, Reader, Writer};
 use crate::codec::varint::{self, Cursor};
 use crate::dag::VerifiedNode;
 use crate::hlc::Hlc;
-use crate::ids::{AuthorId, EntryId, NodeId, RoomId, Signature};
+use crate::ids::{AuthorId, EntryId, IdMap, NodeId, RoomId, Signature};
 use crate::keys;
 use crate::limits::{
     MAX_DELETE_SPANS, MAX_NODE_BYTES, MAX_NODES_PER_PACK, MAX_OPS_PER_NODE, MAX_PACK_BYTES,
@@ -149,24 +148,34 @@ enum RefCtx {
 /// Interns 32-byte ids into table indices.
 struct Table<T: std::hash::Hash + Eq + Copy> {
     items: Vec<T>,
-    index: HashMap<T, u64>,
+    index: IdMap<T, u64>,
+    /// The last id interned: consecutive ops mostly name the same one.
+    last: Option<(T, u64)>,
 }
 
 impl<T: std::hash::Hash + Eq + Copy> Default for Table<T> {
     fn default() -> Self {
         Table {
             items: Vec::new(),
-            index: HashMap::new(),
+            index: IdMap::default(),
+            last: None,
         }
     }
 }
 
 impl<T: std::hash::Hash + Eq + Copy> Table<T> {
     fn intern(&mut self, t: T) -> u64 {
-        *self.index.entry(t).or_insert_with(|| {
+        if let Some((last, i)) = self.last
+            && last == t
+        {
+            return i;
+        }
+        let i = *self.index.entry(t).or_insert_with(|| {
             self.items.push(t);
             self.items.len() as u64 - 1
-        })
+        });
+        self.last = Some((t, i));
+        i
     }
 }
 
@@ -175,7 +184,7 @@ struct Encoder {
     authors: Table<AuthorId>,
     entries: Table<EntryId>,
     /// Position of each node of the pack by (author, seq), for characters.
-    by_key: HashMap<(AuthorId, u64), u64>,
+    by_key: IdMap<(AuthorId, u64), u64>,
     last_ref: [i64; 3],
     last_seq: [i64; 3],
 }
@@ -353,11 +362,11 @@ pub fn encode(
         streams: Default::default(),
         authors: Table::default(),
         entries: Table::default(),
-        by_key: HashMap::with_capacity(nodes.len()),
+        by_key: IdMap::with_capacity_and_hasher(nodes.len(), Default::default()),
         last_ref: [0; 3],
         last_seq: [0; 3],
     };
-    let mut prev_seq: HashMap<AuthorId, u64> = HashMap::new();
+    let mut prev_seq: IdMap<AuthorId, u64> = IdMap::default();
     let (mut prev_lamport, mut prev_wall) = (0u64, 0u64);
     for (i, raw) in nodes.iter().enumerate() {
         let (i, node) = (i as u64, &raw.node);
@@ -416,13 +425,31 @@ pub fn encode(
     let mut out = Vec::with_capacity(body.len() / 4 + 16);
     out.extend_from_slice(MAGIC);
     let compressed = (body.len() >= COMPRESS_THRESHOLD)
-        .then(|| zstd::bulk::compress(&body, zstd_level).ok())
+        .then(|| compress(&body, zstd_level))
         .flatten()
         .filter(|c| c.len() < body.len());
     out.push(if compressed.is_some() { FLAG_ZSTD } else { 0 });
     varint::put(&mut out, body.len() as u64);
     out.extend_from_slice(compressed.as_deref().unwrap_or(&body));
     out
+}
+
+thread_local! {
+    /// A zstd context per thread, reused: creating one costs more than
+    /// compressing a small pack.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(body: &[u8], level: i32) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, compressor) = slot.as_mut()?;
+        compressor.compress(body).ok()
+    })
 }
 
 fn decompress(pack: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, PackError> {
@@ -857,7 +884,7 @@ pub fn decode_raw(pack: &[u8], room: &RoomId) -> Result<RawPack, PackError> {
         last_seq: [0; 3],
     };
     let mut nodes: Vec<RawNode> = Vec::with_capacity(n);
-    let mut prev_seq: HashMap<AuthorId, u64> = HashMap::new();
+    let mut prev_seq: IdMap<AuthorId, u64> = IdMap::default();
     let mut prev = (0u64, 0u64);
     for i in 0..n {
         let a = d.get(S::Author)?;
@@ -900,7 +927,7 @@ pub fn verify(
 ) -> Result<DecodedPack, PackError> {
     let mut nodes: Vec<VerifiedNode> = Vec::with_capacity(raw.nodes.len());
     // Per author: index in `nodes` of its newest node so far.
-    let mut newest: HashMap<AuthorId, usize> = HashMap::new();
+    let mut newest: IdMap<AuthorId, usize> = IdMap::default();
     for RawNode {
         mut node,
         parent_refs,

@@ -55,10 +55,9 @@ pub enum TxnError {
 /// A committed local node.
 #[derive(Clone, Debug)]
 pub struct Committed {
-    /// Its number in the DAG.
+    /// Its number in the DAG (its id is `room.dag().id(idx)`, computed
+    /// when first asked for).
     pub idx: NodeIdx,
-    /// Its id (its canonical bytes are `room.dag().bytes(idx)`).
-    pub id: NodeId,
     /// What it changed.
     pub changes: Changes,
 }
@@ -348,13 +347,12 @@ impl Room {
     pub fn begin(&mut self, author: AuthorId, now_ms: u64) -> Transaction<'_> {
         // Parents: every head, plus the author's own previous node, which
         // the chain rule requires even when others have built on it.
-        let mut parents = self.dag.head_nodes();
+        let mut parents = self.dag.head_idxs();
         let seq = self.dag.author_seq(&author) + 1;
-        if let Some(prev) = self.dag.by_author_seq(&author, seq - 1) {
-            let prev = (self.dag.id(prev), prev);
-            if let Err(at) = parents.binary_search(&prev) {
-                parents.insert(at, prev);
-            }
+        if let Some(prev) = self.dag.by_author_seq(&author, seq - 1)
+            && !parents.contains(&prev)
+        {
+            parents.push(prev);
         }
         // The author's previous node is an ancestor of a head, so it never
         // raises the lamport above what the heads give.
@@ -402,8 +400,7 @@ pub struct Transaction<'r> {
     seq: u64,
     hlc: Hlc,
     lamport: u64,
-    /// Ids (sorted) and numbers of the parents.
-    parents: Vec<(NodeId, NodeIdx)>,
+    parents: Vec<NodeIdx>,
     node: NodeIdx,
     ops: Vec<Op>,
     chars: u32,
@@ -649,28 +646,32 @@ impl Transaction<'_> {
             room: self.room.id().clone(),
             author: self.author,
             seq: self.seq,
-            parents: parents.iter().map(|(id, _)| *id).collect(),
+            // The history keeps parents by number; their ids go into the
+            // node's bytes when it is hashed (when its id is first needed).
+            parents: Vec::new(),
             lamport: self.lamport,
             hlc: self.hlc,
             ops: std::mem::take(&mut self.ops),
         };
-        let parent_idxs: Vec<NodeIdx> = parents.iter().map(|(_, idx)| *idx).collect();
-        let bytes = node.encode();
-        if bytes.len() > MAX_NODE_BYTES {
+        // Parents' ids are 32 bytes whatever they are: the size is known
+        // (and a node whose content is far below the limit needs no check).
+        let rough: usize = node.ops.iter().map(Op::size_bound).sum();
+        let placeholders = || vec![NodeId([0; 32]); parents.len()];
+        if rough + 64 * parents.len() + 512 > MAX_NODE_BYTES
+            && node.encode_with_parents(&placeholders()).len() > MAX_NODE_BYTES
+        {
             self.room.doc = Doc::replay(&self.room.dag);
             return Err(TxnError::TooLarge);
         }
-        let id = Node::id_of(&bytes);
         let idx = self
             .room
             .dag
-            .insert_local(id, node, &parent_idxs)
+            .insert_local(node, &parents)
             .expect("a local node built on the current heads is valid");
         debug_assert_eq!(idx, self.node);
         self.room.doc.end_node(self.chars);
         Ok(Some(Committed {
             idx: self.node,
-            id,
             changes: std::mem::take(&mut self.changes),
         }))
     }

@@ -56,7 +56,7 @@ fn random_txn(r: &mut Replica, rng: &mut ChaCha8Rng, ids: &mut Ids) -> usize {
     let ops = random_ops(&mut tx, rng, &NAMESPACE);
     match tx.commit().unwrap() {
         Some(c) => {
-            ids.insert((author, r.room.dag().seq(c.idx)), c.id);
+            ids.insert((author, r.room.dag().seq(c.idx)), r.room.dag().id(c.idx));
             ops
         }
         None => 0,

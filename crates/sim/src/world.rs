@@ -586,8 +586,9 @@ impl World {
             Ok(())
         }) {
             Ok(Some(committed)) => {
-                client.committed.push(committed.id);
-                self.trace.update(committed.id.0.as_slice());
+                let id = room.room().dag().id(committed.idx);
+                client.committed.push(id);
+                self.trace.update(id.0.as_slice());
                 if let Some(cc) = client.conn.as_mut() {
                     let sent = room.with_room(|r, key| {
                         cc.session.send_nodes(now, r, &[committed.idx], Some(key));

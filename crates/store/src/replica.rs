@@ -219,13 +219,14 @@ impl DurableRoom {
         let Some(committed) = tx.commit()? else {
             return Ok(None);
         };
+        let id = self.room.dag().id(committed.idx);
         let batch = Batch {
             nodes: vec![StoredNode {
-                id: committed.id,
+                id,
                 bytes: self.room.dag().node(committed.idx).encode(),
                 sig: None,
             }],
-            outbox_add: vec![committed.id],
+            outbox_add: vec![id],
             ..Batch::default()
         };
         self.persist(batch)?;

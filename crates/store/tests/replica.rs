@@ -131,7 +131,7 @@ fn acknowledged_writes_survive_injected_faults_and_crashes() {
                 tx.text_insert("/t", 0, "z")
             });
             match result {
-                Ok(Some(c)) => acked.push(c.id),
+                Ok(Some(c)) => acked.push(r.room().dag().id(c.idx)),
                 Ok(None) => unreachable!("the transaction made changes"),
                 Err(_) => {
                     // Not acknowledged; memory was reloaded from the store and

@@ -1,12 +1,17 @@
 //! The node ids a history keeps: not all of them. An id is 32 random bytes
 //! per node, more than the rest of a keystroke's history, and it can always
 //! be recomputed from the node's content and its parents' ids. So a history
-//! keeps the id of each author's newest node (every head is one; every
-//! author's next node cites it), an anchor every [`ANCHOR`] nodes of each
-//! author chain, and a bounded cache of ids met recently; any other id is
-//! recomputed by walking its chain forward from the nearest known one
-//! (`Dag::id`). Anchors are filled in as ids are met, so a history loaded
-//! without them (or with fewer) gets them back as it is used.
+//! keeps the id of each author's newest node once known (every head is
+//! one; every author's next node cites it), an anchor every [`ANCHOR`]
+//! nodes of each author chain, and a bounded cache of ids met recently; any
+//! other id is recomputed by walking its chain forward from the nearest
+//! known one (`Dag::id`). Anchors are filled in as ids are met, so a
+//! history loaded without them (or with fewer) gets them back as it is
+//! used.
+//!
+//! Local nodes are not hashed when committed: typing needs no id until a
+//! node is sent, signed or cited, and then one walk hashes the nodes made
+//! since the last one known, in order.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -21,10 +26,12 @@ const CACHE: usize = 1024;
 /// Marks an anchor not known yet (no real id is all zeros).
 const UNKNOWN: NodeId = NodeId([0; 32]);
 
-/// Anchors and recently met ids: written through shared borrows, since ids
-/// are recomputed while the history is only read.
+/// Tips, anchors and recently met ids: written through shared borrows,
+/// since ids are recomputed while the history is only read.
 #[derive(Clone, Debug, Default)]
 struct Kept {
+    /// Per author: the id of its newest node, or [`UNKNOWN`].
+    tips: Vec<NodeId>,
     /// Per author: entry `k` is the id of its node `(k + 1) * ANCHOR`, or
     /// [`UNKNOWN`].
     anchors: Vec<Vec<NodeId>>,
@@ -36,8 +43,6 @@ struct Kept {
 /// See the module docs.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Ids {
-    /// Per author: the id of its newest node.
-    pub(crate) tips: Vec<NodeId>,
     kept: RefCell<Kept>,
 }
 
@@ -51,10 +56,10 @@ impl Ids {
         seq: u64,
         author_seq: u64,
     ) -> Option<NodeId> {
-        if seq == author_seq {
-            return Some(self.tips[author as usize]);
-        }
         let kept = self.kept.borrow();
+        if seq == author_seq && kept.tips[author as usize] != UNKNOWN {
+            return Some(kept.tips[author as usize]);
+        }
         if seq.is_multiple_of(ANCHOR)
             && let Some(&id) = kept.anchors[author as usize].get((seq / ANCHOR - 1) as usize)
             && id != UNKNOWN
@@ -64,19 +69,40 @@ impl Ids {
         kept.cache.get(&idx).copied()
     }
 
-    /// Records the id of a node just inserted: its author's new tip.
-    pub(crate) fn inserted(&mut self, idx: NodeIdx, author: u32, seq: u64, id: NodeId) {
-        while self.tips.len() <= author as usize {
-            self.tips.push(UNKNOWN);
-            self.kept.get_mut().anchors.push(Vec::new());
+    /// Records a node just inserted as its author's new tip, with its id
+    /// if known (a received node's; a local one is hashed when needed).
+    /// `prev` is the author's previous tip, whose id, if known, is cached.
+    pub(crate) fn inserted(
+        &mut self,
+        idx: NodeIdx,
+        author: u32,
+        seq: u64,
+        id: Option<NodeId>,
+        prev: Option<NodeIdx>,
+    ) {
+        let kept = self.kept.get_mut();
+        while kept.tips.len() <= author as usize {
+            kept.tips.push(UNKNOWN);
+            kept.anchors.push(Vec::new());
         }
-        self.tips[author as usize] = id;
-        self.learned(idx, author, seq, id);
+        let old = std::mem::replace(&mut kept.tips[author as usize], UNKNOWN);
+        if let Some(prev) = prev
+            && old != UNKNOWN
+        {
+            self.learned(prev, author, seq - 1, old, false);
+        }
+        if let Some(id) = id {
+            self.learned(idx, author, seq, id, true);
+        }
     }
 
-    /// Records an id computed or met: kept as an anchor, else cached.
-    pub(crate) fn learned(&self, idx: NodeIdx, author: u32, seq: u64, id: NodeId) {
+    /// Records an id computed or met: as its author's tip if `tip`, as an
+    /// anchor, else cached.
+    pub(crate) fn learned(&self, idx: NodeIdx, author: u32, seq: u64, id: NodeId, tip: bool) {
         let mut kept = self.kept.borrow_mut();
+        if tip {
+            kept.tips[author as usize] = id;
+        }
         if seq.is_multiple_of(ANCHOR) {
             let slots = &mut kept.anchors[author as usize];
             let k = (seq / ANCHOR - 1) as usize;

@@ -23,8 +23,9 @@ const SEAL_NODES: usize = 512;
 /// A tail holding about this many bytes of content is sealed, however few
 /// its nodes (large pastes).
 const SEAL_BYTES: usize = 256 * 1024;
-/// zstd level of sealed segments: fast, since sealing is on the commit path.
-const SEAL_LEVEL: i32 = 3;
+/// zstd level of sealed segments: the fastest, since sealing is on the
+/// commit path (a store recompresses what it keeps for long).
+const SEAL_LEVEL: i32 = 1;
 /// Decoded segments kept for the next reads.
 const DECODED: usize = 8;
 
@@ -113,9 +114,6 @@ impl Log {
         });
         self.tail_start += len;
         self.tail_bytes = 0;
-        // The nodes just sealed are the likeliest to be read next.
-        let nodes: Arc<[Node]> = raw.into_iter().map(|r| r.node).collect();
-        self.keep_decoded(self.segments.len() - 1, nodes);
     }
 
     /// Calls `f` with the content of node `idx` (a format-2 node without

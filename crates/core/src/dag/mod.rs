@@ -274,8 +274,9 @@ impl Dag {
             let id = self.log.with(&self.room, n, |content| {
                 Node::id_of(&content.encode_with_parents(&parent_ids))
             });
-            self.ids
-                .learned(n, self.runs.author(n), self.runs.seq(n), id);
+            let (author, seq) = (self.runs.author(n), self.runs.seq(n));
+            let tip = seq == self.runs.author_seq(author);
+            self.ids.learned(n, author, seq, id, tip);
             memo.insert(n, id);
         }
         memo[&target]
@@ -410,6 +411,13 @@ impl Dag {
         self.author_index
             .get(author)
             .map_or(0, |&a| self.runs.author_seq(a))
+    }
+
+    /// Nodes without children, by number (no id needed).
+    pub fn head_idxs(&self) -> Vec<NodeIdx> {
+        let mut heads: Vec<NodeIdx> = self.heads.iter().copied().collect();
+        heads.sort_unstable();
+        heads
     }
 
     /// Nodes without children, sorted by id, with their numbers.
@@ -635,52 +643,61 @@ impl Dag {
         parents: &[NodeIdx],
         accepted: &mut Vec<(NodeIdx, Node)>,
     ) -> Result<(), DagError> {
-        let author = self.validate(&v.id, &v.node, parents)?;
-        let idx = self.record(v.id, v.node.clone(), v.sig, author, parents);
+        let author = self
+            .validate(&v.node, parents)
+            .map_err(|reason| DagError::Invalid { id: v.id, reason })?;
+        let idx = self.record(Some(v.id), v.node.clone(), v.sig, author, parents);
         accepted.push((idx, v.node));
         Ok(())
     }
 
     /// Inserts a node this replica just built on its current heads (the
     /// transaction has already materialized it), whose parents are the
-    /// nodes `parents`: the same checks as [`Dag::insert`].
+    /// nodes `parents` (`node.parents` is not read): the same checks as
+    /// [`Dag::insert`]. The node is not hashed: its id is computed when
+    /// first needed (see `ids.rs`).
     pub(crate) fn insert_local(
         &mut self,
-        id: NodeId,
         node: Node,
         parents: &[NodeIdx],
     ) -> Result<NodeIdx, DagError> {
-        node.check_structure()
-            .map_err(|source| DagError::Structure { id, source })?;
+        // A local node has no id yet: errors (bugs in the transaction)
+        // name it by zeros.
+        let unhashed = NodeId([0; 32]);
+        node.check_content(parents.len())
+            .map_err(|source| DagError::Structure {
+                id: unhashed,
+                source,
+            })?;
+        let mut sorted = parents.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
         let extends = node.room == self.room
-            && node.parents.len() == parents.len()
+            && sorted.len() == parents.len()
             && parents.iter().all(|&p| p < self.next_idx());
-        if !extends {
-            return Err(DagError::Invalid {
-                id,
-                reason: "a local node must extend this room's held history",
-            });
-        }
-        let author = self.validate(&id, &node, parents)?;
-        Ok(self.record(id, node, None, author, parents))
+        let checked = if extends {
+            self.validate(&node, parents)
+        } else {
+            Err("a local node must extend this room's held history")
+        };
+        let checked = checked.map_err(|reason| DagError::Invalid {
+            id: unhashed,
+            reason,
+        });
+        let author = checked?;
+        Ok(self.record(None, node, None, author, parents))
     }
 
     /// The checks that need the parents (lamport, author chain, clock
     /// order). Returns the author's number (`None`: a new author).
-    fn validate(
-        &self,
-        id: &NodeId,
-        node: &Node,
-        parents: &[NodeIdx],
-    ) -> Result<Option<u32>, DagError> {
-        let invalid = |reason| DagError::Invalid { id: *id, reason };
+    fn validate(&self, node: &Node, parents: &[NodeIdx]) -> Result<Option<u32>, &'static str> {
         if node.lamport != self.next_lamport(parents) {
-            return Err(invalid("lamport is not 1 + the largest parent lamport"));
+            return Err("lamport is not 1 + the largest parent lamport");
         }
         let author = self.author_index.get(&node.author).copied();
         let held = author.map_or(0, |a| self.runs.author_seq(a));
         if node.seq != held + 1 {
-            return Err(invalid("seq does not follow the author's chain"));
+            return Err("seq does not follow the author's chain");
         }
         if node.seq > 1 {
             let a = author.expect("seq > 1 and held");
@@ -689,12 +706,12 @@ impl Dag {
                 .by_author_seq(a, held)
                 .expect("the author's newest node is held");
             if !parents.contains(&prev) {
-                return Err(invalid("does not cite the author's previous node"));
+                return Err("does not cite the author's previous node");
             }
             // Strictly increasing clocks along a chain make (hlc, author)
             // unique per node, so last-writer-wins stamps need no node id.
             if node.hlc <= self.hlc(prev) {
-                return Err(invalid("hlc does not increase along the author's chain"));
+                return Err("hlc does not increase along the author's chain");
             }
         }
         Ok(author)
@@ -702,7 +719,7 @@ impl Dag {
 
     fn record(
         &mut self,
-        id: NodeId,
+        id: Option<NodeId>,
         node: Node,
         sig: Option<Signature>,
         author: Option<u32>,
@@ -714,6 +731,7 @@ impl Dag {
             self.author_index.insert(node.author, a);
             a
         });
+        let prev = self.runs.by_author_seq(author, node.seq - 1);
         let idx = self.runs.push(
             author,
             node.format,
@@ -727,8 +745,10 @@ impl Dag {
         }
         self.heads.insert(idx);
         self.max_hlc = self.max_hlc.max(node.hlc);
-        self.ids.inserted(idx, author, node.seq, id);
-        if node.format == NodeFormat::V1 {
+        self.ids.inserted(idx, author, node.seq, id, prev);
+        if node.format == NodeFormat::V1
+            && let Some(id) = id
+        {
             self.legacy.insert(id, idx);
             self.legacy_ids.insert(idx, id);
         }

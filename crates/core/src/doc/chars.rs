@@ -28,6 +28,9 @@ pub(crate) struct Chars {
     large: IdMap<NodeIdx, u32>,
     /// The next number to give out.
     total: Lv,
+    /// The last node's first number: typing cites the keystroke before,
+    /// which this answers without a lookup.
+    last_base: Lv,
 }
 
 impl Chars {
@@ -58,6 +61,7 @@ impl Chars {
             self.counts.push(count as u8);
         }
         self.total = base + count;
+        self.last_base = base;
         fits.then_some(base)
     }
 
@@ -71,6 +75,9 @@ impl Chars {
     /// Node `node`'s first number and how many characters it inserted.
     pub(crate) fn range(&self, node: NodeIdx) -> (Lv, u32) {
         let n = node as usize;
+        if n + 1 == self.counts.len() {
+            return (self.last_base, self.total - self.last_base);
+        }
         let chunk = n / CHUNK;
         let base = self.bases[chunk] + (chunk * CHUNK..n).map(|i| self.count_at(i)).sum::<u32>();
         (base, self.count_at(n))
@@ -87,6 +94,9 @@ impl Chars {
     pub(crate) fn node_of(&self, lv: Lv) -> Option<(NodeIdx, u32)> {
         if lv >= self.total {
             return None;
+        }
+        if lv >= self.last_base {
+            return Some((self.len() - 1, lv - self.last_base));
         }
         let chunk = self.bases.partition_point(|&b| b <= lv) - 1;
         let mut base = self.bases[chunk];

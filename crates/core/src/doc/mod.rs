@@ -1030,33 +1030,36 @@ fn try_integrate(
     ins: Insert,
     text: &str,
 ) -> Option<Insert> {
-    let present = |r: Option<Target>| match r {
+    // Origins not numbered yet are missing for sure; numbered ones the
+    // sequence checks as it integrates.
+    let numbered = |r: Option<Target>| match r {
         None => Ok(None),
-        Some(Target::Known(lv)) if t.seq.contains(lv) => Ok(Some(lv)),
+        Some(Target::Known(lv)) => Ok(Some(lv)),
         Some(other) => Err(other),
     };
-    let (left, right) = match (present(ins.left), present(ins.right)) {
-        (Ok(l), Ok(r)) => (l, r),
-        (Err(missing), _) | (_, Err(missing)) => {
-            let parked = Parked {
-                insert: ins,
-                text: text.to_owned(),
-            };
-            t.parked
-                .entry(wait_key(ctx, chars, missing))
-                .or_default()
-                .push(parked);
-            return None;
+    let missing = match (numbered(ins.left), numbered(ins.right)) {
+        (Ok(left), Ok(right)) => {
+            let order = |a: Lv, b: Lv| order_chars(ctx, chars, a, b);
+            match t.seq.integrate(ins.lv, left, right, text, &order) {
+                Ok(()) => None,
+                Err(SeqError::UnknownOrigin(lv)) => Some(Target::Known(lv)),
+                // A replayed insert, or numbers past the room's limit:
+                // nothing changes.
+                Err(SeqError::DuplicateItem(_) | SeqError::IdOverflow(_)) => return None,
+            }
         }
+        (Err(missing), _) | (_, Err(missing)) => Some(missing),
     };
-    let order = |a: Lv, b: Lv| order_chars(ctx, chars, a, b);
-    match t.seq.integrate(ins.lv, left, right, text, &order) {
-        Ok(()) => {}
-        // A replayed insert, origins checked above, or numbers past the
-        // room's limit: nothing changes.
-        Err(SeqError::DuplicateItem(_) | SeqError::UnknownOrigin(_) | SeqError::IdOverflow(_)) => {
-            return None;
-        }
+    if let Some(missing) = missing {
+        let parked = Parked {
+            insert: ins,
+            text: text.to_owned(),
+        };
+        t.parked
+            .entry(wait_key(ctx, chars, missing))
+            .or_default()
+            .push(parked);
+        return None;
     }
     (!t.parked.is_empty() || !t.deleted_early.is_empty()).then_some(ins)
 }

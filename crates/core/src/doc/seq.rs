@@ -91,6 +91,9 @@ impl std::error::Error for SeqError {}
 /// Spans per leaf at most. A leaf keeps its visibility flags in one `u64`,
 /// and an edit adds at most two spans before the leaf splits.
 const LEAF_CAP: usize = 62;
+/// A leaf whose text grows past this many bytes splits (between spans),
+/// so that typing into it moves little memory.
+const LEAF_TEXT: usize = 1024;
 /// Children per inner node at most.
 const FANOUT: usize = 32;
 /// The holder index groups numbers in blocks of `1 << BLOCK_SHIFT`.
@@ -269,6 +272,10 @@ pub struct Sequence {
     tail: usize,
     len: usize,
     holders: BlockMap<Holders>,
+    /// One past the largest number inserted: the caller numbers new
+    /// characters upwards, so a number from here on is new without a
+    /// lookup.
+    end: Lv,
     /// Where the last inserted or deleted item is: the next edit usually
     /// refers to it or to an item close by, which saves a lookup.
     last: Pos,
@@ -317,6 +324,7 @@ impl Sequence {
             tail: 0,
             len: 0,
             holders: BlockMap::default(),
+            end: 0,
             last: Pos {
                 leaf: 0,
                 span: 0,
@@ -717,6 +725,9 @@ impl Sequence {
 
     /// Where an existing item is.
     fn locate(&self, lv: Lv) -> Option<Pos> {
+        if lv >= self.end {
+            return None;
+        }
         // Edits cluster (typing, backspacing): look around the last edit
         // before asking the index. `last` may be stale, hence `get`.
         if let Some(l) = self.leaves.get(self.last.leaf) {
@@ -911,9 +922,11 @@ impl Sequence {
         for block in (span.lv >> BLOCK_SHIFT)..=((span.end() - 1) >> BLOCK_SHIFT) {
             self.add_holder(block, leaf_id);
         }
+        self.end = self.end.max(span.end());
         self.walk_up(leaf_id, |c| *c += count);
         self.len += count;
-        if self.leaves[leaf_id].spans.len() > self.leaf_cap {
+        let l = &self.leaves[leaf_id];
+        if l.spans.len() > self.leaf_cap || (l.text.len() > LEAF_TEXT && l.spans.len() > 1) {
             self.split_leaf(leaf_id);
         }
     }
@@ -921,9 +934,23 @@ impl Sequence {
     /// Splits a leaf holding more spans than it may into two. Typing at the
     /// end of a leaf leaves it full and goes on in the new one.
     fn split_leaf(&mut self, leaf_id: usize) {
-        let n = self.leaves[leaf_id].spans.len();
+        let l = &self.leaves[leaf_id];
+        let n = l.spans.len();
         let cut = if self.last.leaf == leaf_id && self.last.span + 1 == n {
             n - 1
+        } else if l.text.len() > LEAF_TEXT {
+            // Halve the text.
+            let mut chars = 0;
+            let half = l.chars / 2;
+            (0..n)
+                .find(|&i| {
+                    if l.is_visible(i) {
+                        chars += l.spans[i].len as usize;
+                    }
+                    chars >= half
+                })
+                .map_or(n / 2, |i| i + 1)
+                .clamp(1, n - 1)
         } else {
             n / 2
         };
