@@ -8,7 +8,7 @@
 
 use thiserror::Error;
 
-use crate::dag::{Dag, DagError, NodeIdx, VerifiedNode};
+use crate::dag::{Dag, DagError, NodeIdx, RestoreError, Segment, VerifiedNode};
 use crate::doc::seq::Lv;
 use crate::doc::{Changes, Doc, PathError, path_names, split_path};
 use crate::hlc::{Hlc, HlcClock};
@@ -128,6 +128,34 @@ impl Room {
             doc,
             clock,
             recon: ReconIndex::default(),
+        }
+    }
+
+    /// A room rebuilt from its stored segments (consecutive from node 0)
+    /// by replaying them: what opening a room costs without a checkpoint.
+    pub fn from_segments(id: RoomId, segments: Vec<Segment>) -> Result<Room, RestoreError> {
+        Ok(Room::with_dag(Dag::from_segments(id, segments)?))
+    }
+
+    /// A room of a history and its document, materialized from the same
+    /// nodes.
+    pub(crate) fn from_parts(dag: Dag, doc: Doc) -> Room {
+        let mut clock = HlcClock::new();
+        clock.observe(dag.max_hlc());
+        Room {
+            dag,
+            doc,
+            clock,
+            recon: ReconIndex::default(),
+        }
+    }
+
+    /// Applies the history's nodes from `first` on to the document (which
+    /// holds those before).
+    pub(crate) fn apply_from(&mut self, first: NodeIdx) {
+        let (dag, doc) = (&self.dag, &mut self.doc);
+        for idx in first..dag.next_idx() {
+            dag.with_content(idx, |node| doc.apply(dag, idx, node));
         }
     }
 

@@ -16,11 +16,15 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 
+use crate::checkpoint::{CheckpointError, In, Out, Read};
 use crate::dag::NodeIdx;
 use crate::ids::{IdMap, NodeId};
 
 /// An author's nodes whose seq is a multiple of this keep their id.
 pub(crate) const ANCHOR: u64 = 64;
+/// A checkpoint saves the anchors at multiples of this (the others are
+/// found again as ids are recomputed): 1 byte per 32 nodes on disk.
+const SAVED_ANCHOR: u64 = 1024;
 /// Recently met ids kept besides tips and anchors.
 const CACHE: usize = 1024;
 /// Marks an anchor not known yet (no real id is all zeros).
@@ -120,6 +124,66 @@ impl Ids {
                 kept.cache.remove(&old);
             }
         }
+    }
+
+    /// Saves the tips and the anchors at multiples of [`SAVED_ANCHOR`].
+    pub(crate) fn save(&self, out: &mut Out) {
+        let kept = self.kept.borrow();
+        out.u64(kept.tips.len() as u64);
+        for tip in &kept.tips {
+            out.bool(*tip != UNKNOWN);
+            if *tip != UNKNOWN {
+                out.raw(&tip.0);
+            }
+        }
+        let step = (SAVED_ANCHOR / ANCHOR) as usize;
+        for slots in &kept.anchors {
+            let saved: Vec<(usize, &NodeId)> = slots
+                .iter()
+                .enumerate()
+                .skip(step - 1)
+                .step_by(step)
+                .filter(|(_, id)| **id != UNKNOWN)
+                .collect();
+            out.u64(saved.len() as u64);
+            for (k, id) in saved {
+                out.u64(k as u64);
+                out.raw(&id.0);
+            }
+        }
+    }
+
+    /// Ids kept for `authors` authors.
+    pub(crate) fn load(input: &mut In<'_>, authors: usize) -> Read<Ids> {
+        let n = input.count(1)?;
+        if n != authors {
+            return Err(CheckpointError::Corrupt("tips"));
+        }
+        let mut kept = Kept::default();
+        for _ in 0..n {
+            let tip = if input.bool()? {
+                NodeId(input.array()?)
+            } else {
+                UNKNOWN
+            };
+            kept.tips.push(tip);
+        }
+        for _ in 0..n {
+            let mut slots = Vec::new();
+            for _ in 0..input.count(33)? {
+                let k = input.u32()? as usize;
+                let id = NodeId(input.array()?);
+                if k < slots.len() || k > 1 << 26 {
+                    return Err(CheckpointError::Corrupt("anchors"));
+                }
+                slots.resize(k + 1, UNKNOWN);
+                slots[k] = id;
+            }
+            kept.anchors.push(slots);
+        }
+        Ok(Ids {
+            kept: RefCell::new(kept),
+        })
     }
 
     /// Drops every cached id (memory figures then count only what a

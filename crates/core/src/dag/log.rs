@@ -12,8 +12,8 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use crate::dag::NodeIdx;
 use crate::dag::runs::Runs;
+use crate::dag::{NodeIdx, Segment};
 use crate::ids::{AuthorId, RoomId};
 use crate::node::{Node, NodeFormat};
 use crate::pack::{self, ParentRef, RawNode};
@@ -26,16 +26,9 @@ const SEAL_BYTES: usize = 256 * 1024;
 /// zstd level of sealed segments: the fastest, since sealing is on the
 /// commit path (a store recompresses what it keeps for long).
 const SEAL_LEVEL: i32 = 1;
-/// Decoded segments kept for the next reads.
-const DECODED: usize = 8;
-
-/// Consecutive nodes as one pack.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Segment {
-    pub(crate) start: NodeIdx,
-    pub(crate) len: u32,
-    pub(crate) pack: Box<[u8]>,
-}
+/// Decoded segments kept for the next reads, at most this many nodes in
+/// all (stored segments can be large).
+const DECODED_NODES: usize = 16 * 1024;
 
 /// See the module docs.
 #[derive(Clone, Debug, Default)]
@@ -52,6 +45,17 @@ pub(crate) struct Log {
 }
 
 impl Log {
+    /// A log of stored segments (consecutive from node 0, each a pack of
+    /// its nodes) and an empty tail.
+    pub(crate) fn from_segments(segments: Vec<Segment>) -> Log {
+        let tail_start = segments.last().map_or(0, |s| s.start + s.len);
+        Log {
+            segments,
+            tail_start,
+            ..Log::default()
+        }
+    }
+
     pub(crate) fn len(&self) -> NodeIdx {
         self.tail_start + self.tail.len() as NodeIdx
     }
@@ -86,23 +90,9 @@ impl Log {
         let raw: Vec<RawNode> = std::mem::take(&mut self.tail)
             .into_iter()
             .enumerate()
-            .map(|(i, node)| {
-                let idx = start + i as NodeIdx;
-                let parent_refs = if node.format == NodeFormat::V1 {
-                    Vec::new()
-                } else {
-                    runs.parents(idx)
-                        .iter()
-                        .map(|&p| {
-                            if p >= start {
-                                ParentRef::InPack((p - start) as usize)
-                            } else {
-                                ParentRef::Held(authors[runs.author(p) as usize], runs.seq(p))
-                            }
-                        })
-                        .collect()
-                };
-                RawNode { node, parent_refs }
+            .map(|(i, node)| RawNode {
+                parent_refs: stored_parents(runs, authors, start + i as NodeIdx, start, &node),
+                node,
             })
             .collect();
         let pack = pack::encode(room, &raw, &[], SEAL_LEVEL);
@@ -147,8 +137,9 @@ impl Log {
 
     fn keep_decoded(&self, s: usize, nodes: Arc<[Node]>) {
         let mut decoded = self.decoded.borrow_mut();
-        if decoded.len() >= DECODED {
-            decoded.remove(0);
+        let mut kept: usize = decoded.iter().map(|(_, n)| n.len()).sum();
+        while !decoded.is_empty() && kept + nodes.len() > DECODED_NODES {
+            kept -= decoded.remove(0).1.len();
         }
         decoded.push((s, nodes));
     }
@@ -158,6 +149,31 @@ impl Log {
     pub(crate) fn forget_decoded(&self) {
         self.decoded.borrow_mut().clear();
     }
+}
+
+/// How a segment starting at node `start` stores the parents of node `idx`
+/// (content `node`): by position inside it, by (author, seq) before it,
+/// none for a format-1 node (whose bytes hold its parents' ids).
+pub(crate) fn stored_parents(
+    runs: &Runs,
+    authors: &[AuthorId],
+    idx: NodeIdx,
+    start: NodeIdx,
+    node: &Node,
+) -> Vec<ParentRef> {
+    if node.format == NodeFormat::V1 {
+        return Vec::new();
+    }
+    runs.parents(idx)
+        .iter()
+        .map(|&p| {
+            if p >= start {
+                ParentRef::InPack((p - start) as usize)
+            } else {
+                ParentRef::Held(authors[runs.author(p) as usize], runs.seq(p))
+            }
+        })
+        .collect()
 }
 
 /// About how many bytes a node's operations take.

@@ -20,11 +20,13 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
+use crate::checkpoint::{CheckpointError, In, Out, Read};
 use crate::hlc::Hlc;
 use crate::ids::{AuthorId, IdMap, IdSet, NodeId, RoomId, Signature};
 use crate::limits::MAX_PENDING_NODES;
 use crate::node::{Node, NodeFormat};
 use crate::op::Op;
+use crate::pack::{self, ParentRef, RawNode};
 
 pub use runs::Parents;
 
@@ -34,6 +36,48 @@ use runs::Runs;
 
 /// Dense, per-room number of an inserted node (insertion order).
 pub type NodeIdx = u32;
+
+/// Consecutive nodes of a history as one pack (layout 2, citing earlier
+/// nodes by (author, seq), with the signatures kept for them): how a store
+/// keeps a history, and how a history keeps its older nodes in memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Number of its first node.
+    pub start: NodeIdx,
+    /// Nodes in it.
+    pub len: u32,
+    /// The pack.
+    pub pack: Box<[u8]>,
+}
+
+/// Why stored segments could not be read back into a history.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum RestoreError {
+    /// Segments do not follow each other from node 0.
+    #[error("segments are not consecutive (node {expected} expected, {found} found)")]
+    Gap {
+        /// The node the next segment should start at.
+        expected: NodeIdx,
+        /// Where it starts.
+        found: NodeIdx,
+    },
+    /// A segment is not a readable pack of its room.
+    #[error("segment at node {start}: {error}")]
+    Pack {
+        /// Its first node.
+        start: NodeIdx,
+        /// Why.
+        error: crate::pack::PackError,
+    },
+    /// A node breaks the rules of the history it extends.
+    #[error("stored node {idx}: {error}")]
+    Node {
+        /// Its number.
+        idx: NodeIdx,
+        /// Why.
+        error: DagError,
+    },
+}
 
 /// A per-author summary of a causally complete history: author -> highest seq.
 pub type VersionVector = BTreeMap<AuthorId, u64>;
@@ -470,6 +514,224 @@ impl Dag {
         self.ids.forget_cache();
     }
 
+    /// Saves the index (everything but content and pending nodes) into a
+    /// checkpoint body.
+    pub(crate) fn save(&self, out: &mut Out) {
+        out.u64(self.authors.len() as u64);
+        for a in &self.authors {
+            out.raw(&a.0);
+        }
+        self.runs.save(out);
+        let heads = self.head_idxs();
+        out.u64(heads.len() as u64);
+        for h in heads {
+            out.u64(h as u64);
+        }
+        out.hlc(self.max_hlc);
+        self.ids.save(out);
+        out.u64(self.legacy_ids.len() as u64);
+        let mut legacy: Vec<(&NodeIdx, &NodeId)> = self.legacy_ids.iter().collect();
+        legacy.sort_unstable();
+        for (idx, id) in legacy {
+            out.u64(*idx as u64);
+            out.raw(&id.0);
+        }
+        out.u64(self.signatures.len() as u64);
+        for (idx, sig) in &self.signatures {
+            out.u64(*idx as u64);
+            out.raw(&sig.0);
+        }
+        let mut newest: Vec<(&u32, &u64)> = self.newest_signed.iter().collect();
+        newest.sort_unstable();
+        out.u64(newest.len() as u64);
+        for (author, seq) in newest {
+            out.u64(*author as u64);
+            out.u64(*seq);
+        }
+    }
+
+    /// The index a checkpoint body saved, of `nodes` nodes of `room`,
+    /// without content (see [`Dag::attach_segments`]).
+    pub(crate) fn load(input: &mut In<'_>, room: RoomId, nodes: NodeIdx) -> Read<Dag> {
+        let bad = CheckpointError::Corrupt;
+        let mut dag = Dag::new(room);
+        for a in 0..input.count(32)? {
+            let author = AuthorId(input.array()?);
+            if dag.author_index.insert(author, a as u32).is_some() {
+                return Err(bad("author listed twice"));
+            }
+            dag.authors.push(author);
+        }
+        dag.runs = Runs::load(input, nodes, dag.authors.len())?;
+        for _ in 0..input.count(1)? {
+            let h = input.u32()?;
+            if h >= nodes {
+                return Err(bad("head"));
+            }
+            dag.heads.insert(h);
+        }
+        dag.max_hlc = input.hlc()?;
+        dag.ids = Ids::load(input, dag.authors.len())?;
+        for _ in 0..input.count(33)? {
+            let idx = input.u32()?;
+            let id = NodeId(input.array()?);
+            if idx >= nodes {
+                return Err(bad("format-1 node"));
+            }
+            dag.legacy.insert(id, idx);
+            dag.legacy_ids.insert(idx, id);
+        }
+        for _ in 0..input.count(65)? {
+            let idx = input.u32()?;
+            let sig = Signature(input.array()?);
+            if idx >= nodes {
+                return Err(bad("signature"));
+            }
+            dag.signatures.insert(idx, sig);
+        }
+        for _ in 0..input.count(2)? {
+            let author = input.u32()?;
+            let seq = input.u64()?;
+            dag.newest_signed.insert(author, seq);
+        }
+        Ok(dag)
+    }
+
+    /// A history rebuilt from its stored segments, consecutive from node 0.
+    /// Metadata is decoded; content stays as the segments' bytes; nothing
+    /// is hashed but format-1 nodes (found by id): a store keeps only nodes
+    /// that were verified as they arrived. The rules that need no hash
+    /// (chains, lamports, clocks) are checked again.
+    pub fn from_segments(room: RoomId, segments: Vec<Segment>) -> Result<Dag, RestoreError> {
+        let mut dag = Dag::new(room);
+        dag.attach_segments(segments)?;
+        Ok(dag)
+    }
+
+    /// Makes `segments` (consecutive from node 0) the history's content,
+    /// reading the nodes they hold past those already indexed into the
+    /// index (a history loaded from a checkpoint indexes a prefix).
+    pub(crate) fn attach_segments(&mut self, segments: Vec<Segment>) -> Result<(), RestoreError> {
+        let mut expected = 0;
+        for segment in &segments {
+            if segment.start != expected {
+                return Err(RestoreError::Gap {
+                    expected,
+                    found: segment.start,
+                });
+            }
+            expected += segment.len;
+            if expected > self.next_idx() {
+                self.restore_segment(segment)?;
+            }
+        }
+        if expected < self.next_idx() {
+            return Err(RestoreError::Gap {
+                expected: self.next_idx(),
+                found: expected,
+            });
+        }
+        self.log = Log::from_segments(segments);
+        Ok(())
+    }
+
+    /// Appends the nodes of a stored segment not indexed yet to the index
+    /// (not their content).
+    fn restore_segment(&mut self, segment: &Segment) -> Result<(), RestoreError> {
+        let start = segment.start;
+        let raw = pack::decode_raw(&segment.pack, &self.room)
+            .map_err(|error| RestoreError::Pack { start, error })?;
+        if raw.nodes.len() != segment.len as usize {
+            return Err(RestoreError::Pack {
+                start,
+                error: pack::PackError::TooLarge("node count differs from the segment's"),
+            });
+        }
+        let indexed = self.next_idx();
+        for (i, r) in raw.nodes.into_iter().enumerate() {
+            let idx = start + i as NodeIdx;
+            if idx < indexed {
+                continue;
+            }
+            let error = |error| RestoreError::Node { idx, error };
+            let unhashed = NodeId([0; 32]);
+            r.node
+                .check_content(r.parent_refs.len().max(r.node.parents.len()))
+                .map_err(|source| {
+                    error(DagError::Structure {
+                        id: unhashed,
+                        source,
+                    })
+                })?;
+            let (parents, id) = if r.node.format == NodeFormat::V1 {
+                let id = Node::id_of(&r.node.encode());
+                let parents = r
+                    .node
+                    .parents
+                    .iter()
+                    .map(|p| self.legacy.get(p).copied())
+                    .collect::<Option<Vec<NodeIdx>>>();
+                (parents, Some(id))
+            } else {
+                let parents = r
+                    .parent_refs
+                    .iter()
+                    .map(|p| match *p {
+                        ParentRef::InPack(j) => Some(start + j as NodeIdx).filter(|&p| p < idx),
+                        ParentRef::Held(a, s) | ParentRef::WithId(a, s, _) => {
+                            self.by_author_seq(&a, s).filter(|&p| p < start)
+                        }
+                    })
+                    .collect::<Option<Vec<NodeIdx>>>();
+                (parents, None)
+            };
+            let parents = parents.ok_or_else(|| {
+                error(DagError::Invalid {
+                    id: id.unwrap_or(unhashed),
+                    reason: "a stored node cites a node not stored before it",
+                })
+            })?;
+            let author = self.validate(&r.node, &parents).map_err(|reason| {
+                error(DagError::Invalid {
+                    id: id.unwrap_or(unhashed),
+                    reason,
+                })
+            })?;
+            self.record(id, None, Meta::of(&r.node), None, author, &parents);
+        }
+        for (at, sig) in raw.signatures {
+            let idx = start + at as NodeIdx;
+            if idx >= indexed {
+                self.set_signature(idx, sig);
+            }
+        }
+        Ok(())
+    }
+
+    /// Nodes `range` as a segment (see [`Segment`]), at zstd `level`.
+    pub fn segment(&self, range: std::ops::Range<NodeIdx>, level: i32) -> Segment {
+        let start = range.start;
+        let raw: Vec<RawNode> = range
+            .clone()
+            .map(|idx| {
+                self.log.with(&self.room, idx, |node| RawNode {
+                    parent_refs: log::stored_parents(&self.runs, &self.authors, idx, start, node),
+                    node: node.clone(),
+                })
+            })
+            .collect();
+        let signatures: Vec<(usize, Signature)> = self
+            .signatures
+            .range(range.clone())
+            .map(|(&idx, sig)| ((idx - start) as usize, *sig))
+            .collect();
+        Segment {
+            start,
+            len: range.len() as u32,
+            pack: pack::encode(&self.room, &raw, &signatures, level).into_boxed_slice(),
+        }
+    }
+
     /// Inserts a verified node. Idempotent: a node already held (or already
     /// pending) is a no-op. A node whose parents are not all held waits in the
     /// pending queue and is inserted, with the checks below, when they arrive.
@@ -646,7 +908,15 @@ impl Dag {
         let author = self
             .validate(&v.node, parents)
             .map_err(|reason| DagError::Invalid { id: v.id, reason })?;
-        let idx = self.record(Some(v.id), v.node.clone(), v.sig, author, parents);
+        let meta = Meta::of(&v.node);
+        let idx = self.record(
+            Some(v.id),
+            Some(v.node.clone()),
+            meta,
+            v.sig,
+            author,
+            parents,
+        );
         accepted.push((idx, v.node));
         Ok(())
     }
@@ -685,7 +955,8 @@ impl Dag {
             reason,
         });
         let author = checked?;
-        Ok(self.record(None, node, None, author, parents))
+        let meta = Meta::of(&node);
+        Ok(self.record(None, Some(node), meta, None, author, parents))
     }
 
     /// The checks that need the parents (lamport, author chain, clock
@@ -717,10 +988,13 @@ impl Dag {
         Ok(author)
     }
 
+    /// Records node `node` (its id if known, its content to keep unless it
+    /// is in a stored segment already).
     fn record(
         &mut self,
         id: Option<NodeId>,
-        node: Node,
+        content: Option<Node>,
+        node: Meta,
         sig: Option<Signature>,
         author: Option<u32>,
         parents: &[NodeIdx],
@@ -755,11 +1029,13 @@ impl Dag {
         if let Some(sig) = sig {
             self.set_signature(idx, sig);
         }
-        self.log.push(node);
-        if self.log.wants_seal() {
-            self.log.seal(&self.room, &self.runs, &self.authors);
+        if let Some(content) = content {
+            self.log.push(content);
+            if self.log.wants_seal() {
+                self.log.seal(&self.room, &self.runs, &self.authors);
+            }
+            debug_assert_eq!(self.log.len(), self.runs.len());
         }
-        debug_assert_eq!(self.log.len(), self.runs.len());
         idx
     }
 
@@ -824,6 +1100,28 @@ impl Dag {
         }
         self.sort_causal(&mut out);
         out
+    }
+}
+
+/// What the history records of a node besides its content.
+#[derive(Clone, Copy)]
+struct Meta {
+    author: AuthorId,
+    format: NodeFormat,
+    seq: u64,
+    lamport: u64,
+    hlc: Hlc,
+}
+
+impl Meta {
+    fn of(node: &Node) -> Meta {
+        Meta {
+            author: node.author,
+            format: node.format,
+            seq: node.seq,
+            lamport: node.lamport,
+            hlc: node.hlc,
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 //! interleaving of authors costs one run (40 bytes) per switch, which is
 //! still less than the id alone that a node-per-row layout keeps.
 
+use crate::checkpoint::{CheckpointError, In, Out, Read};
 use crate::codec::varint;
 use crate::dag::NodeIdx;
 use crate::hlc::Hlc;
@@ -235,6 +236,117 @@ impl Runs {
                 let skip = (seq + 1).saturating_sub(r.seq).min(r.len as u64) as u32;
                 r.start + skip..r.start + r.len
             })
+    }
+}
+
+impl HlcColumn {
+    pub(crate) fn save(&self, out: &mut Out) {
+        out.u64(self.len as u64);
+        out.u64(self.chunks.len() as u64);
+        for (hlc, at) in &self.chunks {
+            out.hlc(*hlc);
+            out.u64(*at as u64);
+        }
+        out.bytes(&self.bytes);
+        out.hlc(self.last);
+    }
+
+    pub(crate) fn load(input: &mut In<'_>) -> Read<HlcColumn> {
+        let len = input.u64()? as usize;
+        let n = input.count(2)?;
+        let mut chunks = Vec::with_capacity(n);
+        for _ in 0..n {
+            chunks.push((input.hlc()?, input.u32()?));
+        }
+        let bytes = input.bytes()?.to_vec();
+        let last = input.hlc()?;
+        let column = HlcColumn {
+            chunks,
+            bytes,
+            len,
+            last,
+        };
+        let consistent = column.chunks.len() == len.div_ceil(HLC_CHUNK)
+            && column
+                .chunks
+                .iter()
+                .all(|(_, at)| *at as usize <= column.bytes.len());
+        if !consistent {
+            return Err(CheckpointError::Corrupt("clock column"));
+        }
+        Ok(column)
+    }
+}
+
+impl Runs {
+    pub(crate) fn save(&self, out: &mut Out) {
+        out.u64(self.runs.len() as u64);
+        for r in &self.runs {
+            out.u64(r.len as u64);
+            out.u64(r.author as u64);
+            out.bool(r.format == NodeFormat::V1);
+            out.u64(r.seq);
+            out.u64(r.lamport);
+            let at = r.parents_at as usize;
+            let parents = &self.parents[at..at + r.parents_len as usize];
+            out.u64(parents.len() as u64);
+            for &p in parents {
+                // Back from the run's first node: small numbers.
+                out.u64((r.start - p) as u64);
+            }
+        }
+        self.hlc.save(out);
+    }
+
+    /// Runs covering exactly `nodes` nodes by at most `authors` authors.
+    pub(crate) fn load(input: &mut In<'_>, nodes: NodeIdx, authors: usize) -> Read<Runs> {
+        let bad = |what| CheckpointError::Corrupt(what);
+        let n = input.count(6)?;
+        let mut runs = Runs::default();
+        let mut start: NodeIdx = 0;
+        for _ in 0..n {
+            let len = input.u32()?;
+            let author = input.u32()?;
+            let format = if input.bool()? {
+                NodeFormat::V1
+            } else {
+                NodeFormat::V2
+            };
+            let seq = input.u64()?;
+            let lamport = input.u64()?;
+            let parents_len = input.count(1)?;
+            if len == 0 || author as usize >= authors || parents_len > crate::limits::MAX_PARENTS {
+                return Err(bad("run"));
+            }
+            let parents_at = runs.parents.len() as u32;
+            for _ in 0..parents_len {
+                let back = input.u32()?;
+                if back == 0 || back > start {
+                    return Err(bad("run parent"));
+                }
+                runs.parents.push(start - back);
+            }
+            while runs.chains.len() <= author as usize {
+                runs.chains.push(Vec::new());
+            }
+            runs.chains[author as usize].push(runs.runs.len() as u32);
+            runs.runs.push(Run {
+                start,
+                len,
+                author,
+                parents_at,
+                parents_len: parents_len as u16,
+                format,
+                seq,
+                lamport,
+            });
+            start = start.checked_add(len).ok_or(bad("run length"))?;
+        }
+        runs.hlc = HlcColumn::load(input)?;
+        if start != nodes || runs.hlc.len != nodes as usize {
+            return Err(bad("runs do not cover the checkpoint's nodes"));
+        }
+        Ok(runs)
     }
 }
 

@@ -8,6 +8,7 @@
 //! with the running total every [`CHUNK`] nodes: a lookup sums at most
 //! `CHUNK - 1` bytes.
 
+use crate::checkpoint::{CheckpointError, In, Out, Read};
 use crate::dag::NodeIdx;
 use crate::doc::seq::Lv;
 use crate::ids::IdMap;
@@ -108,6 +109,46 @@ impl Chars {
             base += count;
         }
         None
+    }
+}
+
+impl Chars {
+    pub(crate) fn save(&self, out: &mut Out) {
+        out.bytes(&self.counts);
+        let mut large: Vec<(&NodeIdx, &u32)> = self.large.iter().collect();
+        large.sort_unstable();
+        out.u64(large.len() as u64);
+        for (node, count) in large {
+            out.u64(*node as u64);
+            out.u64(*count as u64);
+        }
+    }
+
+    /// The numbering of `nodes` nodes (the running totals are recomputed).
+    pub(crate) fn load(input: &mut In<'_>, nodes: NodeIdx) -> Read<Chars> {
+        let bad = || CheckpointError::Corrupt("character numbering");
+        let counts = input.bytes()?;
+        if counts.len() != nodes as usize {
+            return Err(bad());
+        }
+        let mut large = IdMap::default();
+        for _ in 0..input.count(2)? {
+            let node = input.u32()?;
+            let count = input.u32()?;
+            if counts.get(node as usize) != Some(&ESCAPE) || count < u32::from(ESCAPE) {
+                return Err(bad());
+            }
+            large.insert(node, count);
+        }
+        let mut chars = Chars::default();
+        for (n, &c) in counts.iter().enumerate() {
+            let count = match c {
+                ESCAPE => *large.get(&(n as NodeIdx)).ok_or_else(bad)?,
+                c => u32::from(c),
+            };
+            chars.push(count).ok_or_else(bad)?;
+        }
+        Ok(chars)
     }
 }
 

@@ -6,10 +6,12 @@
 //! them replaces them all. The kept set depends only on the writes and their
 //! causal order, so any delivery order gives the same register.
 
+use crate::checkpoint::{CheckpointError, In, Out, Read};
+use crate::codec::mp::{Reader, Writer};
 use crate::dag::NodeIdx;
 use crate::value::Value;
 
-use super::Stamp;
+use super::{Stamp, load_node, load_stamp, save_stamp};
 
 /// One write to a field (`None`: the field was unset).
 #[derive(Clone, Debug, PartialEq)]
@@ -61,6 +63,43 @@ impl Register {
     /// Every kept write's node (for edit-versus-delete checks).
     pub(crate) fn nodes(&self) -> impl Iterator<Item = NodeIdx> + '_ {
         self.writes.iter().map(|w| w.node)
+    }
+}
+
+impl Register {
+    pub(crate) fn save(&self, out: &mut Out) {
+        out.u64(self.writes.len() as u64);
+        for w in &self.writes {
+            save_stamp(out, &w.stamp);
+            out.u64(w.node as u64);
+            out.bool(w.value.is_some());
+            if let Some(v) = &w.value {
+                let mut writer = Writer::new();
+                v.encode(&mut writer);
+                out.bytes(writer.as_bytes());
+            }
+        }
+    }
+
+    pub(crate) fn load(input: &mut In<'_>, nodes: NodeIdx) -> Read<Register> {
+        let mut writes = Vec::new();
+        for _ in 0..input.count(37)? {
+            let stamp = load_stamp(input)?;
+            let node = load_node(input, nodes)?;
+            let value = if input.bool()? {
+                let mut reader = Reader::new(input.bytes()?);
+                let value =
+                    Value::decode(&mut reader).map_err(|_| CheckpointError::Corrupt("value"))?;
+                reader
+                    .finish()
+                    .map_err(|_| CheckpointError::Corrupt("value"))?;
+                Some(value)
+            } else {
+                None
+            };
+            writes.push(Write { stamp, node, value });
+        }
+        Ok(Register { writes })
     }
 }
 

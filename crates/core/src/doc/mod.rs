@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use thiserror::Error;
 
+use crate::checkpoint::{CheckpointError, In, Out, Read};
 use crate::codec::mp::Writer;
 use crate::dag::{Dag, NodeIdx};
 use crate::hlc::Hlc;
@@ -912,6 +913,199 @@ impl Doc {
             }
             self.hash_entry(dag, &c, w);
         }
+    }
+}
+
+pub(crate) fn save_stamp(out: &mut Out, stamp: &Stamp) {
+    out.hlc(stamp.hlc);
+    out.raw(&stamp.author.0);
+    out.u64(stamp.op as u64);
+}
+
+pub(crate) fn load_stamp(input: &mut In<'_>) -> Read<Stamp> {
+    Ok(Stamp {
+        hlc: input.hlc()?,
+        author: AuthorId(input.array()?),
+        op: input.u32()?,
+    })
+}
+
+/// A node number, which must be one of the `nodes` nodes the history holds.
+pub(crate) fn load_node(input: &mut In<'_>, nodes: NodeIdx) -> Read<NodeIdx> {
+    let node = input.u32()?;
+    if node >= nodes {
+        return Err(CheckpointError::Corrupt("node number past the history"));
+    }
+    Ok(node)
+}
+
+fn save_key(out: &mut Out, key: &NodeKey) {
+    match key {
+        NodeKey::Seq(author, seq) => {
+            out.bool(false);
+            out.raw(&author.0);
+            out.u64(*seq);
+        }
+        NodeKey::Id(id) => {
+            out.bool(true);
+            out.raw(&id.0);
+        }
+    }
+}
+
+fn load_key(input: &mut In<'_>) -> Read<NodeKey> {
+    Ok(if input.bool()? {
+        NodeKey::Id(NodeId(input.array()?))
+    } else {
+        NodeKey::Seq(AuthorId(input.array()?), input.u64()?)
+    })
+}
+
+fn save_target(out: &mut Out, target: &Option<Target>) {
+    match target {
+        None => out.u64(0),
+        Some(Target::Known(lv)) => {
+            out.u64(1);
+            out.u64(u64::from(*lv));
+        }
+        Some(Target::Unknown(key, index)) => {
+            out.u64(2);
+            save_key(out, key);
+            out.u64(u64::from(*index));
+        }
+    }
+}
+
+fn load_target(input: &mut In<'_>) -> Read<Option<Target>> {
+    Ok(match input.u64()? {
+        0 => None,
+        1 => Some(Target::Known(input.u32()?)),
+        2 => Some(Target::Unknown(load_key(input)?, input.u32()?)),
+        _ => return Err(CheckpointError::Corrupt("text reference")),
+    })
+}
+
+impl TextState {
+    fn save(&self, out: &mut Out) {
+        self.seq.save(out);
+        out.u64(self.parked.len() as u64);
+        for ((key, index), waiting) in &self.parked {
+            save_key(out, key);
+            out.u64(u64::from(*index));
+            out.u64(waiting.len() as u64);
+            for p in waiting {
+                let i = &p.insert;
+                out.u64(u64::from(i.node));
+                out.u64(u64::from(i.first));
+                out.u64(u64::from(i.lv));
+                save_target(out, &i.left);
+                save_target(out, &i.right);
+                out.bytes(p.text.as_bytes());
+            }
+        }
+        out.u64(self.deleted_early.len() as u64);
+        for (key, spans) in &self.deleted_early {
+            save_key(out, key);
+            out.u64(spans.len() as u64);
+            for (start, len) in spans {
+                out.u64(u64::from(*start));
+                out.u64(u64::from(*len));
+            }
+        }
+        out.u64(self.editors.len() as u64);
+        for (author, node) in &self.editors {
+            out.raw(&author.0);
+            out.u64(u64::from(*node));
+        }
+    }
+
+    fn load(input: &mut In<'_>, nodes: NodeIdx) -> Read<TextState> {
+        let mut t = TextState {
+            seq: Sequence::load(input)?,
+            ..TextState::default()
+        };
+        for _ in 0..input.count(4)? {
+            let key = (load_key(input)?, input.u32()?);
+            let mut waiting = Vec::new();
+            for _ in 0..input.count(6)? {
+                let insert = Insert {
+                    node: load_node(input, nodes)?,
+                    first: input.u32()?,
+                    lv: input.u32()?,
+                    left: load_target(input)?,
+                    right: load_target(input)?,
+                };
+                let text = std::str::from_utf8(input.bytes()?)
+                    .map_err(|_| CheckpointError::Corrupt("parked text"))?
+                    .to_owned();
+                waiting.push(Parked { insert, text });
+            }
+            t.parked.insert(key, waiting);
+        }
+        for _ in 0..input.count(3)? {
+            let key = load_key(input)?;
+            let mut spans = Vec::new();
+            for _ in 0..input.count(2)? {
+                spans.push((input.u32()?, input.u32()?));
+            }
+            t.deleted_early.insert(key, spans);
+        }
+        for _ in 0..input.count(33)? {
+            let author = AuthorId(input.array()?);
+            t.editors.insert(author, load_node(input, nodes)?);
+        }
+        Ok(t)
+    }
+}
+
+impl Doc {
+    /// Saves the document into a checkpoint body.
+    pub(crate) fn save(&self, out: &mut Out) {
+        self.chars.save(out);
+        self.tree.save(out);
+        out.u64(self.fields.len() as u64);
+        for (entry, fields) in &self.fields {
+            out.raw(&entry.0);
+            out.u64(fields.len() as u64);
+            for (name, reg) in fields {
+                out.bytes(name.as_bytes());
+                reg.save(out);
+            }
+        }
+        out.u64(self.texts.len() as u64);
+        for (entry, t) in &self.texts {
+            out.raw(&entry.0);
+            t.save(out);
+        }
+    }
+
+    /// The document [`Doc::save`] saved, of a history of `nodes` nodes.
+    pub(crate) fn load(input: &mut In<'_>, nodes: NodeIdx) -> Read<Doc> {
+        let chars = Chars::load(input, nodes)?;
+        let tree = Tree::load(input, nodes)?;
+        let mut fields = IdMap::default();
+        for _ in 0..input.count(33)? {
+            let entry = EntryId(input.array()?);
+            let mut regs = BTreeMap::new();
+            for _ in 0..input.count(2)? {
+                let name = std::str::from_utf8(input.bytes()?)
+                    .map_err(|_| CheckpointError::Corrupt("field name"))?
+                    .to_owned();
+                regs.insert(name, Register::load(input, nodes)?);
+            }
+            fields.insert(entry, regs);
+        }
+        let mut texts = IdMap::default();
+        for _ in 0..input.count(34)? {
+            let entry = EntryId(input.array()?);
+            texts.insert(entry, TextState::load(input, nodes)?);
+        }
+        Ok(Doc {
+            tree,
+            fields,
+            texts,
+            chars,
+        })
     }
 }
 

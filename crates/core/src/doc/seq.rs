@@ -62,6 +62,8 @@ use std::collections::hash_map::Entry;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 
+use crate::checkpoint::{CheckpointError, In, Out, Read};
+
 /// The local number of one character (see the module docs).
 pub type Lv = u32;
 
@@ -1139,6 +1141,166 @@ impl Sequence {
     }
 }
 
+impl Sequence {
+    /// Saves every span in document order with its visibility, then the
+    /// visible text.
+    pub(crate) fn save(&self, out: &mut Out) {
+        out.u64(self.spans() as u64);
+        let mut prev_end: i64 = 0;
+        let mut leaf = 0;
+        while leaf != NIL {
+            let l = &self.leaves[leaf];
+            for (i, span) in l.spans.iter().enumerate() {
+                // Deltas: typed runs follow each other in number.
+                out.i64(i64::from(span.lv) - prev_end);
+                out.u64(u64::from(span.len));
+                for origin in [span.left, span.right] {
+                    out.u64(if origin == NONE {
+                        0
+                    } else {
+                        u64::from(origin) + 1
+                    });
+                }
+                out.bool(l.is_visible(i));
+                prev_end = i64::from(span.end());
+            }
+            leaf = l.next;
+        }
+        let mut text = String::new();
+        self.write_text(&mut text);
+        out.bytes(text.as_bytes());
+    }
+
+    /// The sequence [`Sequence::save`] saved, its leaves packed anew.
+    pub(crate) fn load(input: &mut In<'_>) -> Read<Sequence> {
+        let bad = || CheckpointError::Corrupt("text spans");
+        let n = input.count(5)?;
+        let mut spans = Vec::with_capacity(n);
+        let mut prev_end: i64 = 0;
+        for _ in 0..n {
+            let lv = prev_end + input.i64()?;
+            let len = input.u32()?;
+            let mut origins = [NONE; 2];
+            for o in &mut origins {
+                let v = input.u64()?;
+                *o = if v == 0 {
+                    NONE
+                } else {
+                    Lv::try_from(v - 1).map_err(|_| bad())?
+                };
+            }
+            let visible = input.bool()?;
+            let lv = Lv::try_from(lv).map_err(|_| bad())?;
+            if len == 0 || u64::from(lv) + u64::from(len) > u64::from(NONE) {
+                return Err(bad());
+            }
+            prev_end = i64::from(lv) + i64::from(len);
+            spans.push((
+                Span {
+                    lv,
+                    len,
+                    left: origins[0],
+                    right: origins[1],
+                },
+                visible,
+            ));
+        }
+        let text = std::str::from_utf8(input.bytes()?).map_err(|_| bad())?;
+        Sequence::from_spans(&spans, text).ok_or_else(bad)
+    }
+
+    /// A sequence of `spans` in document order (with their visibility) and
+    /// `text`, the visible characters; `None` if they do not agree.
+    fn from_spans(spans: &[(Span, bool)], text: &str) -> Option<Sequence> {
+        let mut seq = Sequence::new();
+        if spans.is_empty() {
+            return text.is_empty().then_some(seq);
+        }
+        seq.leaves.clear();
+        seq.inners.clear();
+        let mut rest = text;
+        // Leaves three quarters full, so edits do not split them at once.
+        let fill = seq.leaf_cap * 3 / 4;
+        let mut i = 0;
+        while i < spans.len() {
+            let id = seq.leaves.len();
+            let mut leaf = Leaf {
+                spans: Vec::with_capacity(fill),
+                visible: 0,
+                text: String::new(),
+                chars: 0,
+                parent: NIL,
+                slot: 0,
+                prev: id.checked_sub(1).unwrap_or(NIL),
+                next: NIL,
+            };
+            let mut chars = 0;
+            while i < spans.len()
+                && leaf.spans.len() < fill
+                && (leaf.spans.is_empty() || chars < LEAF_TEXT / 2)
+            {
+                let (span, visible) = spans[i];
+                if visible {
+                    leaf.visible |= 1 << leaf.spans.len();
+                    chars += span.len as usize;
+                }
+                leaf.spans.push(span);
+                i += 1;
+            }
+            let bytes = match rest.char_indices().nth(chars) {
+                Some((b, _)) => b,
+                None if rest.chars().count() == chars => rest.len(),
+                None => return None,
+            };
+            leaf.text = rest[..bytes].to_owned();
+            leaf.chars = chars;
+            rest = &rest[bytes..];
+            seq.len += chars;
+            for block in block_keys(&leaf.spans) {
+                seq.add_holder(block, id);
+            }
+            seq.end = seq
+                .end
+                .max(leaf.spans.iter().map(Span::end).max().unwrap_or(0));
+            if id > 0 {
+                seq.leaves[id - 1].next = id;
+            }
+            seq.leaves.push(leaf);
+        }
+        if !rest.is_empty() {
+            return None;
+        }
+        seq.tail = seq.leaves.len() - 1;
+        // Inner nodes, level by level from the leaves up.
+        let mut level: Vec<(usize, usize)> = (0..seq.leaves.len())
+            .map(|l| (l, seq.leaves[l].chars))
+            .collect();
+        let mut leaf_children = true;
+        loop {
+            let mut up = Vec::new();
+            for group in level.chunks(seq.fanout.div_ceil(2).max(2)) {
+                let node = seq.inners.len();
+                seq.inners.push(Inner {
+                    children: group.iter().map(|(c, _)| *c).collect(),
+                    counts: group.iter().map(|(_, n)| *n).collect(),
+                    parent: NIL,
+                    slot: 0,
+                    leaf_children,
+                });
+                seq.renumber(node, 0);
+                up.push((node, group.iter().map(|(_, n)| n).sum()));
+            }
+            leaf_children = false;
+            if up.len() == 1 {
+                seq.root = up[0].0;
+                break;
+            }
+            level = up;
+        }
+        Some(seq)
+    }
+}
+
 /// The distinct blocks the spans cover, sorted.
 fn block_keys(spans: &[Span]) -> Vec<u32> {
     let mut keys: Vec<u32> = Vec::new();
@@ -1714,6 +1876,14 @@ mod tests {
             rep.seq.check_invariants();
             assert_eq!(rep.seq.raw(), reference.raw(), "convergence");
             assert_eq!(rep.seq.text(), reference.text());
+            // Saved and loaded back: the same items, a sound structure.
+            let mut out = Out::default();
+            rep.seq.save(&mut out);
+            let bytes = out.into_bytes();
+            let loaded = Sequence::load(&mut In::new(&bytes)).unwrap();
+            loaded.check_invariants();
+            assert_eq!(loaded.raw(), rep.seq.raw());
+            assert_eq!(loaded.text(), rep.seq.text());
         }
     }
 

@@ -12,11 +12,12 @@
 
 use std::collections::BTreeMap;
 
+use crate::checkpoint::{CheckpointError, In, Out, Read};
 use crate::dag::NodeIdx;
 use crate::ids::{EntryId, IdMap};
 use crate::op::{EntryKind, Position};
 
-use super::Stamp;
+use super::{Stamp, load_node, load_stamp, save_stamp};
 
 /// Where an entry sits.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -357,6 +358,142 @@ impl Tree {
             cur = p.parent;
         }
         None
+    }
+}
+
+fn save_placement(out: &mut Out, p: &Placement) {
+    out.raw(&p.parent.0);
+    out.bytes(p.name.as_bytes());
+    out.bool(p.position.is_some());
+    if let Some(pos) = &p.position {
+        out.bytes(pos);
+    }
+}
+
+fn load_placement(input: &mut In<'_>) -> Read<Placement> {
+    let parent = EntryId(input.array()?);
+    let name = std::str::from_utf8(input.bytes()?)
+        .map_err(|_| CheckpointError::Corrupt("entry name"))?
+        .to_owned();
+    let position = if input.bool()? {
+        Some(input.bytes()?.to_vec())
+    } else {
+        None
+    };
+    Ok(Placement {
+        parent,
+        name,
+        position,
+    })
+}
+
+fn save_placed(out: &mut Out, placed: &Option<(Placement, Stamp, NodeIdx)>) {
+    out.bool(placed.is_some());
+    if let Some((p, stamp, node)) = placed {
+        save_placement(out, p);
+        save_stamp(out, stamp);
+        out.u64(*node as u64);
+    }
+}
+
+fn load_placed(input: &mut In<'_>, nodes: NodeIdx) -> Read<Option<(Placement, Stamp, NodeIdx)>> {
+    if !input.bool()? {
+        return Ok(None);
+    }
+    Ok(Some((
+        load_placement(input)?,
+        load_stamp(input)?,
+        load_node(input, nodes)?,
+    )))
+}
+
+impl Tree {
+    /// Saves every entry's state and the placement log (children lists
+    /// are rebuilt from placements on load).
+    pub(crate) fn save(&self, out: &mut Out) {
+        out.u64(self.entries.len() as u64);
+        for (id, e) in &self.entries {
+            out.raw(&id.0);
+            save_placed(out, &e.placed);
+            out.bool(e.kind.is_some());
+            if let Some((stamp, kind)) = &e.kind {
+                save_stamp(out, stamp);
+                out.bool(*kind == EntryKind::Text);
+            }
+            out.u64(e.frontier.len() as u64);
+            for (stamp, node, p) in &e.frontier {
+                save_stamp(out, stamp);
+                out.u64(*node as u64);
+                save_placement(out, p);
+            }
+        }
+        out.u64(self.log.len() as u64);
+        for r in &self.log {
+            save_stamp(out, &r.stamp);
+            out.u64(r.node as u64);
+            out.raw(&r.entry.0);
+            save_placement(out, &r.to);
+            save_placed(out, &r.before);
+            out.bool(r.applied);
+        }
+    }
+
+    /// The tree [`Tree::save`] saved, for a history of `nodes` nodes.
+    pub(crate) fn load(input: &mut In<'_>, nodes: NodeIdx) -> Read<Tree> {
+        let mut tree = Tree::default();
+        for _ in 0..input.count(34)? {
+            let id = EntryId(input.array()?);
+            let placed = load_placed(input, nodes)?;
+            let kind = if input.bool()? {
+                let stamp = load_stamp(input)?;
+                let kind = if input.bool()? {
+                    EntryKind::Text
+                } else {
+                    EntryKind::Map
+                };
+                Some((stamp, kind))
+            } else {
+                None
+            };
+            let mut frontier = Vec::new();
+            for _ in 0..input.count(36)? {
+                let stamp = load_stamp(input)?;
+                let node = load_node(input, nodes)?;
+                frontier.push((stamp, node, load_placement(input)?));
+            }
+            let e = tree.entries.entry(id).or_insert_with(EntryState::new);
+            e.kind = kind;
+            e.frontier = frontier;
+            e.placed = placed;
+        }
+        let placed: Vec<(EntryId, Placement)> = tree
+            .entries
+            .iter()
+            .filter_map(|(id, e)| Some((*id, e.placed.as_ref()?.0.clone())))
+            .collect();
+        for (id, p) in placed {
+            tree.entries
+                .entry(p.parent)
+                .or_insert_with(EntryState::new)
+                .children
+                .entry(p.name)
+                .or_default()
+                .push(id);
+        }
+        for _ in 0..input.count(70)? {
+            tree.log.push(LogRecord {
+                stamp: load_stamp(input)?,
+                node: load_node(input, nodes)?,
+                entry: EntryId(input.array()?),
+                to: load_placement(input)?,
+                before: load_placed(input, nodes)?,
+                applied: input.bool()?,
+            });
+        }
+        if tree.log.windows(2).any(|w| w[0].stamp >= w[1].stamp) {
+            return Err(CheckpointError::Corrupt("placement log out of order"));
+        }
+        Ok(tree)
     }
 }
 
