@@ -20,8 +20,8 @@ use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 use syncline_core::proto::session::{Config as SessionConfig, Event as SessionEvent, Session};
-use syncline_core::{Keypair, NodeId, Room};
-use syncline_store::{Batch, DurableRoom, SqliteOptions, SqliteStore, Store, StoredNode};
+use syncline_core::{Keypair, Room};
+use syncline_store::{Batch, DurableRoom, Segment, SqliteOptions, SqliteStore, Store, conformance};
 
 mod fanout;
 mod recon;
@@ -158,43 +158,28 @@ fn bench_import(args: &Args, report: &Report) -> Result<()> {
     Ok(())
 }
 
-/// A node-sized payload with a unique id.
-fn fake_node(i: u64) -> StoredNode {
-    let mut bytes = vec![0u8; 96];
-    bytes[..8].copy_from_slice(&i.to_le_bytes());
-    StoredNode {
-        id: NodeId(*blake3::hash(&bytes).as_bytes()),
-        bytes,
-        sig: None,
-    }
-}
-
-/// `commits` batches of `batch` fresh nodes, built before any timing starts.
-fn fake_batches(batch: usize, commits: usize, next: &mut u64) -> Vec<Vec<StoredNode>> {
+/// `commits` segments of `batch` nodes each, continuing one history, built
+/// before any timing starts (real packs of small nodes).
+fn segments(batch: usize, commits: usize) -> Vec<Segment> {
+    let room = trace::room_id();
     (0..commits)
-        .map(|_| {
-            (0..batch)
-                .map(|_| {
-                    *next += 1;
-                    fake_node(*next)
-                })
-                .collect()
-        })
+        .map(|c| conformance::test_segment(&room, 1, (c * batch) as u32, batch as u32))
         .collect()
 }
 
-/// Durable nodes/s of `commits` commits of `batch` nodes through the store.
-fn durable_store_round(batch: usize, commits: usize, next: &mut u64) -> Result<f64> {
+/// Durable nodes/s of `commits` commits of `batch` nodes through the store
+/// (merging in the background, as it ships).
+fn durable_store_round(batch: usize, commits: usize) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(&dir.path().join("store.db"), SqliteOptions::default())?;
     let room = trace::room_id();
-    let batches = fake_batches(batch, commits, next);
+    let segments = segments(batch, commits);
     let start = Instant::now();
-    for nodes in batches {
+    for segment in segments {
         store.commit(
             &room,
             Batch {
-                nodes,
+                segment: Some(segment),
                 ..Batch::default()
             },
         )?;
@@ -202,25 +187,21 @@ fn durable_store_round(batch: usize, commits: usize, next: &mut u64) -> Result<f
     Ok((commits * batch) as f64 / start.elapsed().as_secs_f64())
 }
 
-/// The same bytes inserted with plain rusqlite, same journal and sync
-/// settings: a rowid table with no index, the cheapest durable insert (the
-/// store keeps ids unique without an index too).
-fn durable_raw_round(batch: usize, commits: usize, next: &mut u64) -> Result<f64> {
+/// The same segments inserted with plain rusqlite, same journal and sync
+/// settings: one row per commit in a rowid table with no index, the
+/// cheapest durable insert.
+fn durable_raw_round(batch: usize, commits: usize) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let conn = rusqlite::Connection::open(dir.path().join("raw.db"))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute_batch("CREATE TABLE nodes (id BLOB NOT NULL, bytes BLOB NOT NULL)")?;
-    let batches = fake_batches(batch, commits, next);
+    conn.execute_batch("CREATE TABLE segments (start INTEGER NOT NULL, pack BLOB NOT NULL)")?;
+    let segments = segments(batch, commits);
     let start = Instant::now();
-    for nodes in batches {
+    for segment in segments {
         let tx = conn.unchecked_transaction()?;
-        {
-            let mut stmt = tx.prepare_cached("INSERT INTO nodes (id, bytes) VALUES (?1, ?2)")?;
-            for n in &nodes {
-                stmt.execute(rusqlite::params![&n.id.0[..], &n.bytes])?;
-            }
-        }
+        tx.prepare_cached("INSERT INTO segments (start, pack) VALUES (?1, ?2)")?
+            .execute(rusqlite::params![segment.start, &segment.pack[..]])?;
         tx.commit()?;
     }
     Ok((commits * batch) as f64 / start.elapsed().as_secs_f64())
@@ -237,10 +218,9 @@ fn bench_durable(args: &Args, report: &Report) -> Result<()> {
         // Alternate store and raw rounds so drift in the disk's fsync
         // latency hits both alike; report medians and the median ratio.
         let (mut ours, mut raw, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        let mut next = 0u64;
         for _ in 0..args.runs.max(3) {
-            let o = durable_store_round(batch, commits, &mut next)?;
-            let r = durable_raw_round(batch, commits, &mut next)?;
+            let o = durable_store_round(batch, commits)?;
+            let r = durable_raw_round(batch, commits)?;
             ours.push(o);
             raw.push(r);
             ratios.push(o / r);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use syncline_store::{SqliteOptions, SqliteStore, Store};
+use syncline_store::{DurableRoom, SqliteOptions, SqliteStore};
 
 const BIN: &str = env!("CARGO_BIN_EXE_syncline");
 const WAIT: Duration = Duration::from_secs(30);
@@ -258,11 +258,18 @@ fn a_server_killed_with_sigkill_loses_no_acknowledged_node_and_clients_resume() 
     );
     {
         let store = SqliteStore::open(&data.join("relay.db"), SqliteOptions::default()).unwrap();
-        let held: std::collections::HashSet<String> = store
-            .load_nodes(&syncline_core::RoomId::new("stream").unwrap())
-            .unwrap()
-            .into_iter()
-            .map(|n| n.id.to_string())
+        let stored = DurableRoom::load(
+            std::sync::Arc::new(store),
+            syncline_core::Keypair::from_seed([0; 32]),
+            &syncline_core::RoomId::new("stream").unwrap(),
+        )
+        .unwrap();
+        let held: std::collections::HashSet<String> = stored
+            .room()
+            .dag()
+            .id_index()
+            .into_keys()
+            .map(|id| id.to_string())
             .collect();
         let lost: Vec<&String> = acked.iter().filter(|id| !held.contains(*id)).collect();
         assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");

@@ -111,6 +111,18 @@ struct ReplicaInner {
     rooms: Mutex<HashMap<RoomId, Room>>,
 }
 
+impl Drop for ReplicaInner {
+    /// Checkpoints the open rooms, so that the next open replays nothing.
+    /// Best effort: a room whose checkpoint fails replays what came after
+    /// its last one.
+    fn drop(&mut self) {
+        let rooms = self.rooms.get_mut().unwrap_or_else(|p| p.into_inner());
+        for room in rooms.values() {
+            let _ = room.shared.lock().durable.checkpoint();
+        }
+    }
+}
+
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Replica")
@@ -390,7 +402,7 @@ impl Room {
 
     /// Local nodes the server has not acknowledged as durable.
     pub fn unacknowledged(&self) -> Result<usize, Error> {
-        Ok(self.shared.lock().durable.outbox()?.len())
+        Ok(self.shared.lock().durable.outbox_len())
     }
 
     /// Ids (hex) of the local nodes the server has not acknowledged.
@@ -399,7 +411,7 @@ impl Room {
             .shared
             .lock()
             .durable
-            .outbox()?
+            .outbox()
             .iter()
             .map(ToString::to_string)
             .collect())

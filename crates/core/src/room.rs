@@ -86,8 +86,8 @@ pub const CHECKPOINT_INTERVAL: u64 = 4096;
 pub struct ExportedPack {
     /// The pack.
     pub pack: Vec<u8>,
-    /// Signatures made for it (to be persisted).
-    pub signatures: Vec<(NodeId, Signature)>,
+    /// Signatures made for it (to be persisted), by node number.
+    pub signatures: Vec<(NodeIdx, Signature)>,
     /// The nodes it holds, in pack order: those asked for, and any later
     /// node of an author's chain it had to reach for a signature.
     pub nodes: Vec<NodeIdx>,
@@ -157,6 +157,13 @@ impl Room {
         for idx in first..dag.next_idx() {
             dag.with_content(idx, |node| doc.apply(dag, idx, node));
         }
+    }
+
+    /// Records a signature over node `idx` that was verified when it was
+    /// stored (a store keeps signatures beside its history until they are
+    /// folded in): see [`Dag::set_signature`] for which are kept.
+    pub fn set_signature(&mut self, idx: NodeIdx, sig: Signature) {
+        self.dag.set_signature(idx, sig);
     }
 
     /// The room id.
@@ -278,12 +285,11 @@ impl Room {
         }
         // Signatures made here go in the pack whether or not the history
         // keeps them (it keeps only some, see `Dag::set_signature`).
-        let mut made: Vec<(NodeIdx, NodeId, Signature)> = Vec::new();
+        let mut made: Vec<(NodeIdx, Signature)> = Vec::new();
         let mut sign = |dag: &mut Dag, idx: NodeIdx, key: &Keypair| {
-            let id = dag.id(idx);
-            let s = key.sign(&id);
+            let s = key.sign(&dag.id(idx));
             dag.set_signature(idx, s);
-            made.push((idx, id, s));
+            made.push((idx, s));
         };
         for (author, mut last) in newest {
             while self.dag.signature(last).is_none() {
@@ -314,7 +320,7 @@ impl Room {
             .iter()
             .enumerate()
             .filter_map(|(at, &i)| {
-                let made = made.iter().find(|m| m.0 == i).map(|m| m.2);
+                let made = made.iter().find(|m| m.0 == i).map(|m| m.1);
                 made.or_else(|| self.dag.signature(i).copied())
                     .map(|s| (at, s))
             })
@@ -354,7 +360,7 @@ impl Room {
             .collect();
         Ok(ExportedPack {
             pack: pack::encode(self.id(), &raw, &signatures, zstd_level),
-            signatures: made.into_iter().map(|(_, id, s)| (id, s)).collect(),
+            signatures: made,
             nodes: set,
         })
     }

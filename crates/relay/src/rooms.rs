@@ -186,6 +186,13 @@ impl Rooms {
             let idle = actor
                 .idle_since
                 .is_some_and(|t| t.elapsed() >= self.config.room_idle);
+            if input.is_none() && idle {
+                // The next load then opens from the checkpoint without
+                // replaying anything. A failure costs only that replay.
+                if let Err(e) = actor.room.checkpoint() {
+                    warn!(error = %e, "cannot write the room's checkpoint");
+                }
+            }
             let input = match (input, idle) {
                 (None, true) => match self.try_unload(&id, &inbox) {
                     None => {
@@ -211,6 +218,9 @@ impl Rooms {
             }
             if shutdown {
                 actor.close_all(Reason::ShuttingDown, "the server is stopping");
+                if let Err(e) = actor.room.checkpoint() {
+                    warn!(error = %e, "cannot write the room's checkpoint");
+                }
                 break;
             }
         }

@@ -31,6 +31,7 @@ pub fn run(seed: u64) -> Outcome {
             strategies: Strategies::default(),
             nodes: 0,
             clients: 0,
+            opened_from_checkpoint: 0,
             result: Err(format!("panicked: {message}")),
         }
     })

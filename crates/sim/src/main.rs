@@ -71,7 +71,9 @@ fn report(outcomes: &[(Outcome, Option<[u8; 32]>)], verbose: bool) -> std::proce
     let mut strategies = Strategies::default();
     let mut failed = 0;
     let mut nodes = 0;
+    let mut from_checkpoint = 0;
     for (o, again) in outcomes {
+        from_checkpoint += o.opened_from_checkpoint;
         totals.add(&o.faults);
         strategies.add(&o.strategies);
         nodes += o.nodes;
@@ -105,7 +107,8 @@ fn report(outcomes: &[(Outcome, Option<[u8; 32]>)], verbose: bool) -> std::proce
     let _ = writeln!(
         out,
         "syncline-sim: {} seeds, {} passed, {} failed; {} nodes in all; \
-         handshakes by strategy: heads {}, ibf {}, mst {}; faults fired: {}",
+         handshakes by strategy: heads {}, ibf {}, mst {}; restarts opened from a \
+         checkpoint: {}; faults fired: {}",
         outcomes.len(),
         outcomes.len() - failed,
         failed,
@@ -113,6 +116,7 @@ fn report(outcomes: &[(Outcome, Option<[u8; 32]>)], verbose: bool) -> std::proce
         strategies.heads,
         strategies.ibf,
         strategies.mst,
+        from_checkpoint,
         totals
     );
     if failed == 0 {

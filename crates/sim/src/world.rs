@@ -200,6 +200,8 @@ pub struct Outcome {
     pub nodes: usize,
     /// Clients in the run.
     pub clients: usize,
+    /// Restarts (after crashes) that opened the room from a checkpoint.
+    pub opened_from_checkpoint: u64,
     /// `Err` says which check failed.
     pub result: Result<(), String>,
 }
@@ -223,6 +225,24 @@ pub(crate) struct World {
     acked: BTreeSet<NodeId>,
     strategies: Strategies,
     trace: blake3::Hasher,
+    /// Nodes between checkpoints (small, so that restarts open rooms from
+    /// checkpoints; drawn from the seed apart from the scenario's stream).
+    checkpoint_every: u32,
+    /// Restarts that opened a room from a checkpoint.
+    opened_from_checkpoint: u64,
+}
+
+/// Opens the simulated room from `store`, writing checkpoints every
+/// `checkpoint_every` nodes (and quarter of the room).
+fn open_room(
+    store: &FaultyStore,
+    key: &Keypair,
+    room_id: &RoomId,
+    checkpoint_every: u32,
+) -> Result<DurableRoom, ReplicaError> {
+    let mut room = DurableRoom::load(Arc::new(store.clone()), key.clone(), room_id)?;
+    room.set_checkpoint_min_nodes(checkpoint_every);
+    Ok(room)
 }
 
 impl World {
@@ -230,11 +250,12 @@ impl World {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let scenario = Scenario::draw(&mut rng);
         let room_id = RoomId::new("sim").expect("valid room id");
+        let checkpoint_every = 4 + (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as u32;
         let relay_store = FaultyStore::new(FaultPlan::default());
         let relay_key = Keypair::from_seed(rng.random());
         let relay = Relay {
             room: Some(
-                DurableRoom::load(Arc::new(relay_store.clone()), relay_key.clone(), &room_id)
+                open_room(&relay_store, &relay_key, &room_id, checkpoint_every)
                     .expect("an empty store loads"),
             ),
             key: relay_key,
@@ -247,7 +268,7 @@ impl World {
                 let key = Keypair::from_seed(rng.random());
                 Client {
                     room: Some(
-                        DurableRoom::load(Arc::new(store.clone()), key.clone(), &room_id)
+                        open_room(&store, &key, &room_id, checkpoint_every)
                             .expect("an empty store loads"),
                     ),
                     key,
@@ -277,6 +298,8 @@ impl World {
             strategies: Strategies::default(),
             trace: blake3::Hasher::new(),
             scenario,
+            checkpoint_every,
+            opened_from_checkpoint: 0,
         };
         world.plan_chaos();
         world
@@ -377,6 +400,7 @@ impl World {
             strategies: self.strategies,
             nodes,
             clients: self.clients.len(),
+            opened_from_checkpoint: self.opened_from_checkpoint,
             result,
         }
     }
@@ -753,9 +777,15 @@ impl World {
     fn restart_client(&mut self, c: usize) -> Result<(), String> {
         self.trace("restart-client", c as u64, 0);
         let client = &mut self.clients[c];
-        let store: Arc<dyn Store> = Arc::new(client.store.clone());
-        let room = DurableRoom::load(store, client.key.clone(), &self.room_id)
-            .map_err(|e| format!("client {c} cannot reload after a crash: {e}"))?;
+        let room = open_room(
+            &client.store,
+            &client.key,
+            &self.room_id,
+            self.checkpoint_every,
+        )
+        .map_err(|e| format!("client {c} cannot reload after a crash: {e}"))?;
+        check_reopened(&client.store, &room).map_err(|e| format!("client {c}: {e}"))?;
+        self.opened_from_checkpoint += u64::from(room.opened().from_checkpoint > 0);
         let held = room.room().dag().id_index();
         if let Some(lost) = client.committed.iter().find(|id| !held.contains_key(id)) {
             return Err(format!(
@@ -865,9 +895,15 @@ impl World {
 
     fn restart_relay(&mut self) -> Result<(), String> {
         self.trace("restart-relay", 0, 0);
-        let store: Arc<dyn Store> = Arc::new(self.relay.store.clone());
-        let room = DurableRoom::load(store, self.relay.key.clone(), &self.room_id)
-            .map_err(|e| format!("the relay cannot reload after a crash: {e}"))?;
+        let room = open_room(
+            &self.relay.store,
+            &self.relay.key,
+            &self.room_id,
+            self.checkpoint_every,
+        )
+        .map_err(|e| format!("the relay cannot reload after a crash: {e}"))?;
+        check_reopened(&self.relay.store, &room).map_err(|e| format!("the relay: {e}"))?;
+        self.opened_from_checkpoint += u64::from(room.opened().from_checkpoint > 0);
         let held = room.room().dag().id_index();
         if let Some(lost) = self.acked.iter().find(|id| !held.contains_key(id)) {
             return Err(format!(
@@ -924,17 +960,14 @@ impl World {
         {
             return Ok(false);
         }
-        for (c, client) in self.clients.iter().enumerate() {
+        for client in &self.clients {
             let (Some(room), Some(cc)) = (&client.room, &client.conn) else {
                 return Ok(false);
             };
             if !cc.session.is_settled() {
                 return Ok(false);
             }
-            let outbox = room
-                .outbox()
-                .map_err(|e| format!("client {c}: cannot read its outbox: {e}"))?;
-            if !outbox.is_empty() {
+            if room.outbox_len() > 0 {
                 return Ok(false);
             }
         }
@@ -956,11 +989,7 @@ impl World {
                         .conn
                         .as_ref()
                         .is_some_and(|cc| cc.session.is_settled()),
-                    client
-                        .room
-                        .as_ref()
-                        .and_then(|r| r.outbox().ok())
-                        .map_or(0, |o| o.len())
+                    client.room.as_ref().map_or(0, |r| r.outbox_len())
                 )
             })
             .collect();
@@ -973,6 +1002,23 @@ impl World {
     }
 
     fn check(&self) -> Result<(), String> {
+        // What each replica would open from its store is what it holds.
+        let replicas = self
+            .clients
+            .iter()
+            .map(|c| (&c.store, &c.key, &c.room))
+            .chain([(&self.relay.store, &self.relay.key, &self.relay.room)]);
+        for (r, (store, key, live)) in replicas.enumerate() {
+            let Some(live) = live else { continue };
+            let reopened = open_room(store, key, &self.room_id, self.checkpoint_every)
+                .map_err(|e| format!("replica {r} cannot reopen: {e}"))?;
+            check_reopened(store, &reopened).map_err(|e| format!("replica {r}: {e}"))?;
+            if reopened.room().state_hash() != live.room().state_hash() {
+                return Err(format!(
+                    "replica {r} reopens to another state than it holds"
+                ));
+            }
+        }
         let relay = self.relay.room.as_ref().ok_or("the relay is down")?.room();
         let ids = |room: &syncline_core::Room| -> Vec<NodeId> {
             let dag = room.dag();
@@ -1025,4 +1071,28 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// A room opened from `store` (from its checkpoint, if it has one) holds
+/// what replaying the stored history gives: the checkpoint is a faithful
+/// cache.
+fn check_reopened(store: &FaultyStore, room: &DurableRoom) -> Result<(), String> {
+    if let Some(refused) = &room.opened().checkpoint_refused {
+        return Err(format!("its checkpoint was refused: {refused}"));
+    }
+    let stored = store
+        .load(room.room().id())
+        .map_err(|e| format!("cannot load its store: {e}"))?;
+    let replayed = syncline_core::Room::from_segments(room.room().id().clone(), stored.segments)
+        .map_err(|e| format!("its stored history does not replay: {e}"))?;
+    if replayed.state_hash() != room.room().state_hash() {
+        return Err(format!(
+            "opened from a checkpoint of {} nodes, it differs from a replay of its history",
+            room.opened().from_checkpoint
+        ));
+    }
+    if replayed.dag().heads() != room.room().dag().heads() {
+        return Err("its heads differ from a replay of its history".into());
+    }
+    Ok(())
 }

@@ -16,10 +16,10 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use syncline_core::{NodeId, RoomId};
+use syncline_core::RoomId;
 
 use crate::memory::MemState;
-use crate::{Batch, Store, StoreError, StoredNode};
+use crate::{Batch, RoomBytes, Store, StoreError, StoredRoom};
 
 /// When and how [`FaultyStore`] misbehaves.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -47,11 +47,22 @@ enum Write {
 }
 
 impl Write {
-    fn apply(self, state: &mut MemState) {
+    /// Applies the write, or nothing of it if it cannot apply.
+    fn apply(self, state: &mut MemState) -> Result<(), StoreError> {
         match self {
             Write::Commit(room, batch) => state.commit(&room, batch),
-            Write::Meta(key, value) => state.put_meta(&key, value),
+            Write::Meta(key, value) => {
+                state.put_meta(&key, value);
+                Ok(())
+            }
         }
+    }
+
+    /// Applies a write already applied to the state it follows: it cannot
+    /// fail.
+    fn replay(self, state: &mut MemState) {
+        self.apply(state)
+            .expect("a write that applied once applies again to the same state");
     }
 }
 
@@ -112,7 +123,7 @@ impl FaultyStore {
         // `len + 1` choices: none of the unsynced writes survives, up to all.
         let survivors = (mix % (unsynced.len() as u64 + 1)) as usize;
         for write in unsynced.into_iter().take(survivors) {
-            write.apply(&mut disk.durable);
+            write.replay(&mut disk.durable);
         }
         disk.current = disk.durable.clone();
         disk.crashes += 1;
@@ -132,8 +143,9 @@ impl FaultyStore {
     fn write(&self, write: Write) -> Result<(), StoreError> {
         let mut disk = self.lock();
         let disk = &mut *disk;
+        // A write that cannot apply is refused before it reaches the disk.
+        write.clone().apply(&mut disk.current)?;
         disk.writes += 1;
-        write.clone().apply(&mut disk.current);
         if let Some(limit) = disk.plan.fail_after_writes
             && disk.writes > limit
         {
@@ -146,9 +158,9 @@ impl FaultyStore {
         // A sync flushes the whole cache, as fsync of a file does: earlier
         // failed writes still in the cache become durable too.
         for earlier in disk.unsynced.drain(..) {
-            earlier.apply(&mut disk.durable);
+            earlier.replay(&mut disk.durable);
         }
-        write.apply(&mut disk.durable);
+        write.replay(&mut disk.durable);
         Ok(())
     }
 }
@@ -164,16 +176,16 @@ impl Store for FaultyStore {
         self.write(Write::Commit(room.clone(), batch))
     }
 
-    fn load_nodes(&self, room: &RoomId) -> Result<Vec<StoredNode>, StoreError> {
-        Ok(self.lock().current.load_nodes(room))
+    fn load(&self, room: &RoomId) -> Result<StoredRoom, StoreError> {
+        Ok(self.lock().current.load(room))
     }
 
     fn node_count(&self, room: &RoomId) -> Result<u64, StoreError> {
         Ok(self.lock().current.node_count(room))
     }
 
-    fn outbox(&self, room: &RoomId) -> Result<Vec<NodeId>, StoreError> {
-        Ok(self.lock().current.outbox(room))
+    fn room_bytes(&self, room: &RoomId) -> Result<RoomBytes, StoreError> {
+        Ok(self.lock().current.room_bytes(room))
     }
 
     fn rooms(&self) -> Result<Vec<RoomId>, StoreError> {
@@ -201,17 +213,22 @@ fn splitmix64(x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::test_node;
+    use crate::conformance::test_segment;
 
     fn room() -> RoomId {
         RoomId::new("faulty").unwrap()
     }
 
+    /// Node `n` (the next after `n` stored) as its own segment.
     fn one_node(n: u64) -> Batch {
         Batch {
-            nodes: vec![test_node(1, n)],
+            segment: Some(test_segment(&room(), 1, n as u32, 1)),
             ..Batch::default()
         }
+    }
+
+    fn loaded(store: &FaultyStore) -> Vec<syncline_core::dag::Segment> {
+        store.load(&room()).unwrap().segments
     }
 
     #[test]
@@ -235,8 +252,16 @@ mod tests {
         store.crash();
         assert_eq!(store.writes(), 0);
         // Acknowledged writes survive; the write count restarted.
-        assert!(store.node_count(&room()).unwrap() >= 1);
-        store.commit(&room(), one_node(2)).unwrap();
+        let held = store.node_count(&room()).unwrap();
+        assert!(held >= 1);
+        store.commit(&room(), one_node(held)).unwrap();
+        // A segment that does not continue the history is refused, and
+        // counts as no write.
+        assert!(matches!(
+            store.commit(&room(), one_node(held + 5)),
+            Err(StoreError::Invalid(_))
+        ));
+        assert_eq!(store.writes(), 1);
     }
 
     #[test]
@@ -251,8 +276,10 @@ mod tests {
                 assert!(store.commit(&room(), one_node(n)).is_err());
             }
             store.crash();
-            let nodes = store.load_nodes(&room()).unwrap();
-            let expected: Vec<_> = (0..nodes.len() as u64).map(|n| test_node(1, n)).collect();
+            let nodes = loaded(&store);
+            let expected: Vec<_> = (0..nodes.len() as u32)
+                .map(|n| test_segment(&room(), 1, n, 1))
+                .collect();
             assert_eq!(nodes, expected, "seed {seed}: survivors must be a prefix");
             kept.insert(nodes.len());
 
@@ -265,7 +292,7 @@ mod tests {
                 assert!(again.commit(&room(), one_node(n)).is_err());
             }
             again.crash();
-            assert_eq!(again.load_nodes(&room()).unwrap(), nodes, "seed {seed}");
+            assert_eq!(loaded(&again), nodes, "seed {seed}");
         }
         assert_eq!(kept.len(), 4, "every prefix length occurs: {kept:?}");
     }
@@ -281,8 +308,11 @@ mod tests {
         store.commit(&room(), one_node(1)).unwrap();
         store.crash();
         assert_eq!(
-            store.load_nodes(&room()).unwrap(),
-            vec![test_node(1, 0), test_node(1, 1)]
+            loaded(&store),
+            vec![
+                test_segment(&room(), 1, 0, 1),
+                test_segment(&room(), 1, 1, 1)
+            ]
         );
     }
 }

@@ -4,64 +4,105 @@
 //! [`conformance`] suite is the one definition of its behaviour, run against
 //! every backend. Backends: [`MemoryStore`] (tests, ephemeral replicas),
 //! [`SqliteStore`] (the embedded default: WAL, group commit, acknowledged
-//! only once durable) and [`FaultyStore`] (injects I/O failures and crashes
-//! for tests and the simulator). [`Replica`] builds the durable replica on
-//! top: rooms whose changes are acknowledged only once stored.
+//! only once durable, segments merged in the background) and
+//! [`FaultyStore`] (injects I/O failures and crashes for tests and the
+//! simulator). [`Replica`] builds the durable replica on top: rooms whose
+//! changes are acknowledged only once stored, opened from a checkpoint.
+//!
+//! A room is stored as its history in **segments** (consecutive nodes as
+//! one compact pack, see [`Segment`]), the signatures learned for nodes
+//! already stored, the local author's **outbox** (by seq), and a
+//! **checkpoint** of its document and history index. A store treats
+//! segments and checkpoints as bytes, except that [`SqliteStore`] merges
+//! small segments into larger ones (see `merge.rs`).
 //!
 //! **Architecture Invariant:** a call that returns `Ok` from a write method
 //! has put the write on stable storage (for [`MemoryStore`], on the
 //! in-memory "disk" that survives a simulated crash). Callers acknowledge
 //! nothing before that.
 
-use syncline_core::{NodeId, RoomId, Signature};
+use syncline_core::{RoomId, Signature};
 use thiserror::Error;
 
 pub mod conformance;
 mod faulty;
 mod memory;
+mod merge;
 pub mod replica;
 mod sqlite;
 
 pub use faulty::{FaultPlan, FaultyStore};
 pub use memory::MemoryStore;
-pub use replica::{DurableRoom, Replica, ReplicaError};
+pub use merge::merge_segments;
+pub use replica::{CHECKPOINT_MIN_NODES, DurableRoom, Opened, Replica, ReplicaError};
 pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore};
+pub use syncline_core::dag::Segment;
 
-/// One node as stored: its id, canonical bytes and, when one is held, a
-/// signature by its author over the id.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredNode {
-    /// BLAKE3 of `bytes`.
-    pub id: NodeId,
-    /// Canonical encoding.
-    pub bytes: Vec<u8>,
-    /// Author's signature over `id`, if held.
-    pub sig: Option<Signature>,
-}
-
-/// One durable write: nodes appended to a room's history (in causal order)
-/// and outbox changes, committed atomically.
+/// One durable write to a room, committed atomically.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
-    /// Nodes to append, in causal order. Nodes already stored are skipped
-    /// (idempotent).
-    pub nodes: Vec<StoredNode>,
-    /// Local nodes to add to the outbox (not yet acknowledged by a server).
-    pub outbox_add: Vec<NodeId>,
-    /// Nodes the server acknowledged as durable: removed from the outbox.
-    pub outbox_remove: Vec<NodeId>,
-    /// Signatures learned or made for nodes already stored.
-    pub signatures: Vec<(NodeId, Signature)>,
+    /// History appended: it must start where the stored history ends (a
+    /// segment already stored, same start and length, is skipped; one that
+    /// leaves a gap or overlaps is refused with [`StoreError::Invalid`]).
+    pub segment: Option<Segment>,
+    /// Signatures learned or made for stored nodes (this batch's segment
+    /// included), by node number. The first one held for a node stays;
+    /// one for a node not stored is ignored.
+    pub signatures: Vec<(u32, Signature)>,
+    /// Local nodes added to the outbox (not yet acknowledged by a server),
+    /// by the local author's seq.
+    pub outbox_add: Vec<u64>,
+    /// Outbox entries the server acknowledged.
+    pub outbox_remove: Vec<u64>,
+    /// A new checkpoint of the room, replacing the stored one.
+    pub checkpoint: Option<Vec<u8>>,
 }
 
 impl Batch {
     /// Whether the batch writes nothing.
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.segment.is_none()
+            && self.signatures.is_empty()
             && self.outbox_add.is_empty()
             && self.outbox_remove.is_empty()
-            && self.signatures.is_empty()
+            && self.checkpoint.is_none()
     }
+}
+
+/// Everything stored of one room.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredRoom {
+    /// The history, consecutive from node 0.
+    pub segments: Vec<Segment>,
+    /// Signatures stored beside the segments (not yet merged into one),
+    /// by node number, ascending. Where a node's segment holds a signature
+    /// too, that one was stored first and is the node's.
+    pub signatures: Vec<(u32, Signature)>,
+    /// The last checkpoint written, if any.
+    pub checkpoint: Option<Vec<u8>>,
+    /// The outbox: seqs of the local author's unacknowledged nodes,
+    /// ascending.
+    pub outbox: Vec<u64>,
+}
+
+impl StoredRoom {
+    /// Nodes stored.
+    pub fn node_count(&self) -> u64 {
+        self.segments
+            .last()
+            .map_or(0, |s| u64::from(s.start + s.len))
+    }
+}
+
+/// Bytes a room takes in a store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoomBytes {
+    /// Its history: the segments and the signatures beside them.
+    pub history: u64,
+    /// Its checkpoint.
+    pub checkpoint: u64,
+    /// Segments the history is in.
+    pub segments: u64,
 }
 
 /// Why a storage call failed. After an error, writes of the failed call may
@@ -75,12 +116,17 @@ pub enum StoreError {
     /// The stored data is not what this version can read.
     #[error("storage is corrupt or from an unknown version: {0}")]
     Corrupt(String),
+    /// The batch cannot apply to what is stored (a segment that leaves a
+    /// gap in the history or overlaps it): nothing of it was written.
+    #[error("invalid batch: {0}")]
+    Invalid(String),
     /// The store was closed (or crashed, for the faulty store).
     #[error("storage is closed")]
     Closed,
 }
 
-/// Durable storage of rooms' histories, outboxes and replica metadata.
+/// Durable storage of rooms' histories, outboxes, checkpoints and replica
+/// metadata.
 ///
 /// All methods take `&self` so one store can serve many rooms from many
 /// threads; a backend may merge concurrent writes into one durable commit
@@ -90,14 +136,14 @@ pub trait Store: Send + Sync {
     /// once the batch is on stable storage.
     fn commit(&self, room: &RoomId, batch: Batch) -> Result<(), StoreError>;
 
-    /// Every node of `room`, in the order first appended (a causal order).
-    fn load_nodes(&self, room: &RoomId) -> Result<Vec<StoredNode>, StoreError>;
+    /// Everything stored of `room` (empty if nothing is).
+    fn load(&self, room: &RoomId) -> Result<StoredRoom, StoreError>;
 
     /// Number of nodes stored for `room`.
     fn node_count(&self, room: &RoomId) -> Result<u64, StoreError>;
 
-    /// The outbox of `room`, in the order added.
-    fn outbox(&self, room: &RoomId) -> Result<Vec<NodeId>, StoreError>;
+    /// Bytes `room` takes.
+    fn room_bytes(&self, room: &RoomId) -> Result<RoomBytes, StoreError>;
 
     /// Rooms with any stored node, sorted.
     fn rooms(&self) -> Result<Vec<RoomId>, StoreError>;

@@ -2,14 +2,15 @@
 //!
 //! Its state machine ([`MemState`]) is also the "disk" of the fault-injecting
 //! [`FaultyStore`](crate::FaultyStore), so both backends share one
-//! implementation of the [`Store`] rules (dedup, outbox order, signatures).
+//! implementation of the [`Store`] rules (appends that continue the
+//! history, first signature wins, outbox as a set, last checkpoint wins).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use syncline_core::{NodeId, RoomId, Signature};
+use syncline_core::{RoomId, Signature};
 
-use crate::{Batch, Store, StoreError, StoredNode};
+use crate::{Batch, RoomBytes, Segment, Store, StoreError, StoredRoom};
 
 /// A [`Store`] held in memory behind one mutex.
 ///
@@ -41,20 +42,19 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn commit(&self, room: &RoomId, batch: Batch) -> Result<(), StoreError> {
-        self.lock().commit(room, batch);
-        Ok(())
+        self.lock().commit(room, batch)
     }
 
-    fn load_nodes(&self, room: &RoomId) -> Result<Vec<StoredNode>, StoreError> {
-        Ok(self.lock().load_nodes(room))
+    fn load(&self, room: &RoomId) -> Result<StoredRoom, StoreError> {
+        Ok(self.lock().load(room))
     }
 
     fn node_count(&self, room: &RoomId) -> Result<u64, StoreError> {
         Ok(self.lock().node_count(room))
     }
 
-    fn outbox(&self, room: &RoomId) -> Result<Vec<NodeId>, StoreError> {
-        Ok(self.lock().outbox(room))
+    fn room_bytes(&self, room: &RoomId) -> Result<RoomBytes, StoreError> {
+        Ok(self.lock().room_bytes(room))
     }
 
     fn rooms(&self) -> Result<Vec<RoomId>, StoreError> {
@@ -78,66 +78,112 @@ pub(crate) struct MemState {
     meta: BTreeMap<String, Vec<u8>>,
 }
 
-/// One room's nodes and outbox.
+/// One room's data.
 #[derive(Clone, Debug, Default)]
 struct RoomData {
-    /// In first-appended order.
-    nodes: Vec<StoredNode>,
-    /// Position of each node in `nodes`, for dedup and signatures.
-    index: HashMap<NodeId, usize>,
-    /// Outbox keyed by a counter that only grows, so iteration is the order
-    /// added and removal is O(log n).
-    outbox: BTreeMap<u64, NodeId>,
-    /// Key of each outbox entry in `outbox`.
-    outbox_keys: HashMap<NodeId, u64>,
-    next_outbox_key: u64,
+    segments: Vec<Segment>,
+    signatures: BTreeMap<u32, Signature>,
+    outbox: BTreeSet<u64>,
+    checkpoint: Option<Vec<u8>>,
+}
+
+impl RoomData {
+    fn node_count(&self) -> u64 {
+        self.segments
+            .last()
+            .map_or(0, |s| u64::from(s.start + s.len))
+    }
+}
+
+/// Whether `segment` appends to a history of `stored` nodes (`Ok(true)`),
+/// is already stored (`Ok(false)`), or cannot apply: the rule every
+/// backend follows.
+pub(crate) fn check_append(stored: u64, segment: &Segment) -> Result<bool, StoreError> {
+    let (start, end) = (
+        u64::from(segment.start),
+        u64::from(segment.start + segment.len),
+    );
+    if segment.len == 0 {
+        return Err(StoreError::Invalid("an empty segment".into()));
+    }
+    if start == stored {
+        return Ok(true);
+    }
+    if end <= stored {
+        // A replay of nodes stored already (a retry after a failure).
+        return Ok(false);
+    }
+    Err(StoreError::Invalid(format!(
+        "segment of nodes {start}..{end} does not continue a history of {stored} nodes"
+    )))
 }
 
 impl MemState {
-    /// Applies `batch` in the order every backend uses: nodes, then
-    /// signatures, then outbox additions, then outbox removals.
-    pub(crate) fn commit(&mut self, room: &RoomId, batch: Batch) {
+    /// Applies `batch` whole, or nothing of it: segment, then signatures
+    /// (so they may name the segment's nodes), outbox additions and
+    /// removals, checkpoint.
+    pub(crate) fn commit(&mut self, room: &RoomId, batch: Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
-            return;
+            return Ok(());
         }
+        let stored = self.node_count(room);
+        let append = match &batch.segment {
+            Some(segment) => check_append(stored, segment)?,
+            None => false,
+        };
         let data = self.rooms.entry(room.clone()).or_default();
-        for node in batch.nodes {
-            data.append(node);
+        if append && let Some(segment) = batch.segment {
+            data.segments.push(segment);
         }
-        for (id, sig) in batch.signatures {
-            data.attach_signature(&id, sig);
+        let count = data.node_count();
+        for (node, sig) in batch.signatures {
+            if u64::from(node) < count {
+                data.signatures.entry(node).or_insert(sig);
+            }
         }
-        for id in batch.outbox_add {
-            data.outbox_add(id);
+        data.outbox.extend(batch.outbox_add);
+        for seq in &batch.outbox_remove {
+            data.outbox.remove(seq);
         }
-        for id in &batch.outbox_remove {
-            data.outbox_remove(id);
+        if let Some(checkpoint) = batch.checkpoint {
+            data.checkpoint = Some(checkpoint);
         }
+        Ok(())
     }
 
-    pub(crate) fn load_nodes(&self, room: &RoomId) -> Vec<StoredNode> {
-        self.rooms
-            .get(room)
-            .map(|d| d.nodes.clone())
-            .unwrap_or_default()
+    pub(crate) fn load(&self, room: &RoomId) -> StoredRoom {
+        let Some(d) = self.rooms.get(room) else {
+            return StoredRoom::default();
+        };
+        StoredRoom {
+            segments: d.segments.clone(),
+            signatures: d.signatures.iter().map(|(n, s)| (*n, *s)).collect(),
+            checkpoint: d.checkpoint.clone(),
+            outbox: d.outbox.iter().copied().collect(),
+        }
     }
 
     pub(crate) fn node_count(&self, room: &RoomId) -> u64 {
-        self.rooms.get(room).map_or(0, |d| d.nodes.len() as u64)
+        self.rooms.get(room).map_or(0, RoomData::node_count)
     }
 
-    pub(crate) fn outbox(&self, room: &RoomId) -> Vec<NodeId> {
-        self.rooms
-            .get(room)
-            .map(|d| d.outbox.values().copied().collect())
-            .unwrap_or_default()
+    pub(crate) fn room_bytes(&self, room: &RoomId) -> RoomBytes {
+        let Some(d) = self.rooms.get(room) else {
+            return RoomBytes::default();
+        };
+        RoomBytes {
+            history: d.segments.iter().map(|s| s.pack.len() as u64).sum::<u64>()
+                + 68 * d.signatures.len() as u64,
+            checkpoint: d.checkpoint.as_ref().map_or(0, |c| c.len() as u64),
+            segments: d.segments.len() as u64,
+        }
     }
 
     pub(crate) fn rooms(&self) -> Vec<RoomId> {
         // A BTreeMap iterates in key order, so the list is already sorted.
         self.rooms
             .iter()
-            .filter(|(_, d)| !d.nodes.is_empty())
+            .filter(|(_, d)| d.node_count() > 0)
             .map(|(room, _)| room.clone())
             .collect()
     }
@@ -148,40 +194,5 @@ impl MemState {
 
     pub(crate) fn put_meta(&mut self, key: &str, value: Vec<u8>) {
         self.meta.insert(key.to_owned(), value);
-    }
-}
-
-impl RoomData {
-    fn append(&mut self, node: StoredNode) {
-        if self.index.contains_key(&node.id) {
-            return;
-        }
-        self.index.insert(node.id, self.nodes.len());
-        self.nodes.push(node);
-    }
-
-    /// The first signature held for a node wins: signatures are
-    /// deterministic per author, so a second one adds nothing, and keeping
-    /// the first makes re-delivery idempotent.
-    fn attach_signature(&mut self, id: &NodeId, sig: Signature) {
-        if let Some(&at) = self.index.get(id) {
-            self.nodes[at].sig.get_or_insert(sig);
-        }
-    }
-
-    fn outbox_add(&mut self, id: NodeId) {
-        if self.outbox_keys.contains_key(&id) {
-            return;
-        }
-        let key = self.next_outbox_key;
-        self.next_outbox_key += 1;
-        self.outbox.insert(key, id);
-        self.outbox_keys.insert(id, key);
-    }
-
-    fn outbox_remove(&mut self, id: &NodeId) {
-        if let Some(key) = self.outbox_keys.remove(id) {
-            self.outbox.remove(&key);
-        }
     }
 }

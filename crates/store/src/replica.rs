@@ -7,18 +7,29 @@
 //! persisted before the call returns. If a write fails, the room reloads
 //! itself from storage, so memory never holds a node the disk does not
 //! (later nodes could otherwise be persisted on top of a missing parent).
+//!
+//! New nodes are stored as one segment per write. A room opens from its
+//! last checkpoint plus the nodes stored after it; a checkpoint is written
+//! (in the same atomic batch as the nodes it covers) once the nodes past
+//! the last one reach a quarter of the room, at least
+//! [`CHECKPOINT_MIN_NODES`], so opening replays a bounded share of the
+//! history and checkpointing costs O(1) per node amortized.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use syncline_core::dag::{Dag, NodeIdx};
-use syncline_core::node::NodeFormat;
+use syncline_core::checkpoint;
+use syncline_core::dag::NodeIdx;
 use syncline_core::pack::DEFAULT_ZSTD_LEVEL;
 use syncline_core::room::{Committed, ExportError, ReceiveError, Received, TxnError};
-use syncline_core::{AuthorId, Keypair, Node, NodeId, Room, RoomId, Transaction, VerifiedNode};
+use syncline_core::{Keypair, NodeId, Room, RoomId, Transaction};
 use thiserror::Error;
 
-use crate::{Batch, Store, StoreError, StoredNode};
+use crate::{Batch, Store, StoreError, StoredRoom};
+
+/// A checkpoint is written once this many nodes (and a quarter of the
+/// room) are past the last one.
+pub const CHECKPOINT_MIN_NODES: NodeIdx = 1024;
 
 /// Why a replica operation failed.
 #[derive(Debug, Error)]
@@ -134,6 +145,28 @@ pub struct DurableRoom {
     room: Room,
     store: Arc<dyn Store>,
     key: Keypair,
+    /// Nodes on stable storage: the history's first `stored`.
+    stored: NodeIdx,
+    /// Nodes the stored checkpoint covers.
+    checkpointed: NodeIdx,
+    /// Seqs of this replica's own nodes no server has acknowledged, as
+    /// stored.
+    outbox: BTreeSet<u64>,
+    opened: Opened,
+    /// See [`DurableRoom::set_checkpoint_min_nodes`].
+    checkpoint_min_nodes: NodeIdx,
+}
+
+/// How a room was opened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Opened {
+    /// Nodes the checkpoint it opened from covered (0 without one).
+    pub from_checkpoint: NodeIdx,
+    /// Nodes replayed past the checkpoint (all of them without one).
+    pub replayed: NodeIdx,
+    /// Why a stored checkpoint was not used, if one was stored but refused
+    /// (the room then replays its whole history, and writes a new one).
+    pub checkpoint_refused: Option<String>,
 }
 
 impl std::fmt::Debug for DurableRoom {
@@ -141,56 +174,72 @@ impl std::fmt::Debug for DurableRoom {
         f.debug_struct("DurableRoom")
             .field("room", self.room.id())
             .field("nodes", &self.room.dag().len())
+            .field("checkpointed", &self.checkpointed)
             .finish()
     }
 }
 
 impl DurableRoom {
-    /// Loads room `id` from `store` (an empty room if nothing is stored),
-    /// replaying its history into the DAG and document.
+    /// Loads room `id` from `store` (an empty room if nothing is stored):
+    /// from its checkpoint and the nodes stored after it, or, without a
+    /// usable checkpoint, by replaying its history.
     pub fn load(
         store: Arc<dyn Store>,
         key: Keypair,
         id: &RoomId,
     ) -> Result<DurableRoom, ReplicaError> {
-        let mut dag = Dag::new(id.clone());
+        let StoredRoom {
+            segments,
+            signatures,
+            checkpoint,
+            outbox,
+        } = store.load(id)?;
         let corrupt = |reason: String| ReplicaError::Corrupt {
             room: id.clone(),
             reason,
         };
-        // Rows hold canonical bytes, whose parents are ids: the keys that
-        // format-2 parents are found by come from the rows loaded before.
-        let mut keys: HashMap<NodeId, (AuthorId, u64)> = HashMap::new();
-        for stored in store.load_nodes(id)? {
-            let node = Node::decode(&stored.bytes).map_err(|e| corrupt(e.to_string()))?;
-            if Node::id_of(&stored.bytes) != stored.id {
-                return Err(corrupt(format!(
-                    "node {:?} does not hash to its id",
-                    stored.id
-                )));
+        let mut opened = Opened::default();
+        let mut room = None;
+        if let Some(bytes) = checkpoint {
+            // The segments are shared (boxed bytes), cloned only for the
+            // fallback.
+            match Room::from_checkpoint(id.clone(), &bytes, segments.clone()) {
+                Ok(r) => {
+                    let covered = checkpoint::header(&bytes).map_or(0, |h| h.nodes) as NodeIdx;
+                    opened.from_checkpoint = covered;
+                    opened.replayed = r.dag().next_idx() - covered;
+                    room = Some(r);
+                }
+                // A checkpoint is a cache of what the history says: a bad
+                // one costs a replay, not the room.
+                Err(e) => opened.checkpoint_refused = Some(e.to_string()),
             }
-            let parent_keys = match node.format {
-                NodeFormat::V1 => Vec::new(),
-                NodeFormat::V2 => node
-                    .parents
-                    .iter()
-                    .map(|p| keys.get(p).copied())
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| corrupt(format!("node {:?} before its parents", stored.id)))?,
-            };
-            keys.insert(stored.id, (node.author, node.seq));
-            dag.insert(VerifiedNode {
-                id: stored.id,
-                node,
-                sig: stored.sig,
-                parent_keys,
-            })
-            .map_err(|e| corrupt(e.to_string()))?;
+        }
+        let mut room = match room {
+            Some(room) => room,
+            None => {
+                let room = Room::from_segments(id.clone(), segments)
+                    .map_err(|e| corrupt(e.to_string()))?;
+                opened.replayed = room.dag().next_idx();
+                room
+            }
+        };
+        let next = room.dag().next_idx();
+        for (idx, sig) in signatures {
+            // One in the node's segment was stored first.
+            if idx < next && room.dag().signature(idx).is_none() {
+                room.set_signature(idx, sig);
+            }
         }
         Ok(DurableRoom {
-            room: Room::with_dag(dag),
+            stored: next,
+            checkpointed: opened.from_checkpoint,
+            room,
             store,
             key,
+            outbox: outbox.into_iter().collect(),
+            opened,
+            checkpoint_min_nodes: CHECKPOINT_MIN_NODES,
         })
     }
 
@@ -199,9 +248,28 @@ impl DurableRoom {
         &self.room
     }
 
+    /// How the room was opened.
+    pub fn opened(&self) -> &Opened {
+        &self.opened
+    }
+
+    /// Nodes the stored checkpoint covers.
+    pub fn checkpointed(&self) -> NodeIdx {
+        self.checkpointed
+    }
+
+    /// Writes checkpoints once `nodes` (rather than
+    /// [`CHECKPOINT_MIN_NODES`]) and a quarter of the room are past the
+    /// last one: small values make tests and the simulator open rooms from
+    /// checkpoints often.
+    pub fn set_checkpoint_min_nodes(&mut self, nodes: NodeIdx) {
+        self.checkpoint_min_nodes = nodes.max(1);
+    }
+
     fn reload(&mut self) -> Result<(), ReplicaError> {
-        let fresh = DurableRoom::load(self.store.clone(), self.key.clone(), self.room.id())?;
-        self.room = fresh.room;
+        let min = self.checkpoint_min_nodes;
+        *self = DurableRoom::load(self.store.clone(), self.key.clone(), self.room.id())?;
+        self.checkpoint_min_nodes = min;
         Ok(())
     }
 
@@ -219,17 +287,11 @@ impl DurableRoom {
         let Some(committed) = tx.commit()? else {
             return Ok(None);
         };
-        let id = self.room.dag().id(committed.idx);
-        let batch = Batch {
-            nodes: vec![StoredNode {
-                id,
-                bytes: self.room.dag().node(committed.idx).encode(),
-                sig: None,
-            }],
-            outbox_add: vec![id],
+        let seq = self.room.dag().seq(committed.idx);
+        self.persist(Batch {
+            outbox_add: vec![seq],
             ..Batch::default()
-        };
-        self.persist(batch)?;
+        })?;
         Ok(Some(committed))
     }
 
@@ -249,35 +311,72 @@ impl DurableRoom {
         &mut self,
         f: impl FnOnce(&mut Room, &Keypair) -> R,
     ) -> Result<R, ReplicaError> {
-        let first_new = self.room.dag().next_idx();
         let out = f(&mut self.room, &self.key);
-        let stored = self.stored_since(first_new);
-        if !stored.is_empty() {
-            self.persist(Batch {
-                nodes: stored,
-                ..Batch::default()
-            })?;
-        }
+        self.persist(Batch::default())?;
         Ok(out)
     }
 
-    /// Nodes inserted since `first` (insertion order is causal), as stored.
-    fn stored_since(&self, first: NodeIdx) -> Vec<StoredNode> {
-        let dag = self.room.dag();
-        (first..dag.next_idx())
-            .map(|i| StoredNode {
-                id: dag.id(i),
-                bytes: dag.node(i).encode(),
-                sig: dag.signature(i).copied(),
-            })
-            .collect()
-    }
-
-    fn persist(&mut self, batch: Batch) -> Result<(), ReplicaError> {
+    /// Commits `batch` with the nodes not stored yet (as one segment) and,
+    /// when due, a checkpoint covering them. On failure, reloads.
+    fn persist(&mut self, mut batch: Batch) -> Result<(), ReplicaError> {
+        let next = self.room.dag().next_idx();
+        if next > self.stored {
+            batch.segment = Some(
+                self.room
+                    .dag()
+                    .segment(self.stored..next, DEFAULT_ZSTD_LEVEL),
+            );
+            let behind = next - self.checkpointed;
+            if behind >= self.checkpoint_min_nodes.max(next / 4) {
+                batch.checkpoint = Some(self.room.checkpoint());
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let outbox_add = batch.outbox_add.clone();
+        let outbox_remove = batch.outbox_remove.clone();
+        let checkpointed = batch.checkpoint.is_some();
         if let Err(e) = self.store.commit(self.room.id(), batch) {
             self.reload()?;
             return Err(e.into());
         }
+        self.stored = next;
+        if checkpointed {
+            self.checkpointed = next;
+        }
+        self.outbox.extend(outbox_add);
+        for seq in &outbox_remove {
+            self.outbox.remove(seq);
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint covering every stored node if the stored one
+    /// covers fewer (before a room is unloaded, so that the next open
+    /// replays nothing).
+    pub fn checkpoint(&mut self) -> Result<(), ReplicaError> {
+        let next = self.room.dag().next_idx();
+        if self.checkpointed == next {
+            return Ok(());
+        }
+        let mut batch = Batch {
+            checkpoint: Some(self.room.checkpoint()),
+            ..Batch::default()
+        };
+        if next > self.stored {
+            batch.segment = Some(
+                self.room
+                    .dag()
+                    .segment(self.stored..next, DEFAULT_ZSTD_LEVEL),
+            );
+        }
+        if let Err(e) = self.store.commit(self.room.id(), batch) {
+            self.reload()?;
+            return Err(e.into());
+        }
+        self.stored = next;
+        self.checkpointed = next;
         Ok(())
     }
 
@@ -287,18 +386,28 @@ impl DurableRoom {
         let exported =
             self.room
                 .export_pack(nodes, Some(&self.key), &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
-        if !exported.signatures.is_empty() {
-            self.persist(Batch {
-                signatures: exported.signatures,
-                ..Batch::default()
-            })?;
-        }
+        self.persist(Batch {
+            signatures: exported.signatures,
+            ..Batch::default()
+        })?;
         Ok(exported.pack)
     }
 
-    /// Local nodes not yet acknowledged by a server, in commit order.
-    pub fn outbox(&self) -> Result<Vec<NodeId>, ReplicaError> {
-        Ok(self.store.outbox(self.room.id())?)
+    /// Ids of the local nodes not yet acknowledged by a server, in commit
+    /// order.
+    pub fn outbox(&self) -> Vec<NodeId> {
+        let me = self.key.author();
+        let dag = self.room.dag();
+        self.outbox
+            .iter()
+            .filter_map(|&seq| dag.by_author_seq(&me, seq))
+            .map(|idx| dag.id(idx))
+            .collect()
+    }
+
+    /// How many local nodes no server has acknowledged.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
     }
 
     /// Records that the server holds this replica's own nodes up to
@@ -306,30 +415,36 @@ impl DurableRoom {
     ///
     /// [`Event::ServerHolds`]: syncline_core::proto::session::Event::ServerHolds
     pub fn acknowledge_through(&mut self, through_seq: u64) -> Result<(), ReplicaError> {
-        let me = self.key.author();
-        let dag = self.room.dag();
-        // The outbox holds only this replica's own nodes: the ids of its
-        // chain up to `through_seq` name the ones the server holds.
-        let own: std::collections::HashSet<NodeId> = (1..=through_seq.min(dag.author_seq(&me)))
-            .rev()
-            .filter_map(|seq| dag.by_author_seq(&me, seq))
-            .map(|i| dag.id(i))
-            .collect();
-        let held: Vec<NodeId> = self
-            .outbox()?
-            .into_iter()
-            .filter(|id| own.contains(id))
-            .collect();
-        if held.is_empty() {
-            return Ok(());
-        }
-        self.acknowledge(&held)
+        let held: Vec<u64> = self.outbox.range(..=through_seq).copied().collect();
+        self.remove_from_outbox(held)
     }
 
-    /// Records that the server has these nodes durably.
+    /// Records that the server has these nodes durably (ids of nodes not
+    /// in the outbox are ignored).
     pub fn acknowledge(&mut self, ids: &[NodeId]) -> Result<(), ReplicaError> {
+        let acked: BTreeSet<&NodeId> = ids.iter().collect();
+        let me = self.key.author();
+        let dag = self.room.dag();
+        // The outbox is small (what is not acknowledged yet) and recent, so
+        // the ids of its nodes are cheap to compute.
+        let held: Vec<u64> = self
+            .outbox
+            .iter()
+            .copied()
+            .filter(|&seq| {
+                dag.by_author_seq(&me, seq)
+                    .is_some_and(|idx| acked.contains(&dag.id(idx)))
+            })
+            .collect();
+        self.remove_from_outbox(held)
+    }
+
+    fn remove_from_outbox(&mut self, seqs: Vec<u64>) -> Result<(), ReplicaError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
         self.persist(Batch {
-            outbox_remove: ids.to_vec(),
+            outbox_remove: seqs,
             ..Batch::default()
         })
     }

@@ -5,72 +5,90 @@
 //! [`Store::put_meta`] queue their write, and a caller that finds no
 //! leader becomes the leader and writes on its own thread. It takes every
 //! write queued at that moment (its own first; up to `MAX_GROUP_WRITES`
-//! writes or `MAX_GROUP_NODES` nodes) into one transaction, so one fsync
-//! acknowledges them all, and tells each of those callers (its followers)
-//! their outcome. Writes that queued meanwhile form the next group, which
-//! the oldest of their callers leads: each leader commits only the group
-//! holding its own write, so no caller waits on writes queued after its
-//! own. A lone writer commits on its own thread with no thread handoff;
-//! concurrent writers still share fsyncs.
+//! writes or `MAX_GROUP_BYTES` of segments) into one transaction, so one
+//! fsync acknowledges them all, and tells each of those callers (its
+//! followers) their outcome. Writes that queued meanwhile form the next
+//! group, which the oldest of their callers leads. A lone writer commits on
+//! its own thread with no thread handoff; concurrent writers share fsyncs.
 //!
 //! If a group's transaction fails, the leader retries each write of the
 //! group alone in its own transaction, so one bad write fails only its own
-//! caller; an I/O failure then fails each caller in turn, and none of them
-//! is acknowledged. A panic while writing fails the group with
+//! caller. A panic while writing fails the group with
 //! [`StoreError::Closed`] and poisons the write connection: every later
 //! write fails the same way until the store is reopened (reads go on).
 //!
 //! **Reads** use a small pool of read-only connections: WAL lets them read
-//! the last committed state while the leader writes, and a read that starts
-//! after a commit was acknowledged sees it.
+//! the last committed state while the leader writes.
+//!
+//! **Segments merged in the background.** Each write appends its nodes as
+//! one segment; a merger thread merges runs of segments of one size class
+//! into one (LSM-style: a node is re-encoded about once per eightfold
+//! growth of its segment, up to [`MAX_SEGMENT_NODES`]), computing merged
+//! segments outside the write lock and swapping them in through the write
+//! queue only if the segments they replace are still there. Merged
+//! segments are compressed harder, and freed pages go back to the file
+//! system (incremental vacuum).
 //!
 //! **Schema.** `PRAGMA user_version` is the schema version; `MIGRATIONS`
 //! are applied in order, in one transaction, at open. Tables carry the
-//! version that introduced their layout (`nodes_v1`), so a later migration
-//! that changes a layout creates `nodes_v2` and copies, and an older
-//! replica's file opens in a newer build. A file from a newer build is
-//! refused rather than misread.
+//! version that introduced their layout, so a later migration that changes
+//! a layout creates new tables and moves the data, and an older replica's
+//! file opens in a newer build. A file from a newer build is refused.
 //!
-//! - `rooms_v1(key, name, node_count)`: a small integer key per room name;
-//!   `node_count` makes counting and listing rooms cheap.
-//! - `nodes_v1(pos, id, bytes, sig)`: `pos`, the rowid, is
-//!   `room key << 32 | seq` where `seq` counts the room's nodes from 0. A
-//!   room's nodes are one contiguous rowid range in append order, so
-//!   loading a room is one sequential scan and appending writes only the
-//!   end of that range (no other index to update).
-//! - `outbox_v1(pos, room, id)`: `pos` (the rowid) only grows, giving the
-//!   order added; unique `(room, id)`.
-//! - `meta_v1(key, value)`.
+//! - `rooms_v1(key, name, node_count)`: a small integer key per room name.
+//! - `segments_v2(id, room, start, count, pack, checksum)`: the history,
+//!   one row per segment, unique `(room, start)`; `checksum` is BLAKE3 of
+//!   `pack`, checked on every read.
+//! - `signatures_v2(room, node, sig)`: signatures learned for nodes already
+//!   stored, until a merge folds them into a segment.
+//! - `outbox_v2(room, seq)`, `checkpoints_v2(room, nodes, bytes)`,
+//!   `meta_v1(key, value)`.
 //!
-//! **Dedup** happens in the leader, against an in-memory map of each
-//! written room's ids (keyed by their first 8 bytes, loaded by one scan at
-//! the room's first write), not through a unique index: BLAKE3 ids are
-//! random, and a B-tree index on them turns every batch into random page
-//! writes all over the index (appending 10^6 nodes in batches of 10^4 ran
-//! about ten times slower with one). The maps' total size is bounded by
-//! [`SqliteOptions::dedup_cache_nodes`]. This needs the write connection
-//! to be the file's only writer, which a lock file (`<path>-lock`)
-//! enforces.
+//! Schema 1 kept one canonical row per node (`nodes_v1`) and the outbox by
+//! node id; migration 2 moves those rows into segments (format-1 nodes
+//! verbatim) and the outbox into seqs, then vacuums the file.
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::fs::{File, TryLockError};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, PoisonError};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
-use syncline_core::ids::IdMap;
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, Row, TransactionBehavior, params};
-use syncline_core::{NodeId, RoomId, Signature};
+use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior, params};
+use syncline_core::node::{Node, NodeFormat};
+use syncline_core::pack::{self, ParentRef, RawNode};
+use syncline_core::{AuthorId, NodeId, RoomId, Signature};
 
-use crate::{Batch, Store, StoreError, StoredNode};
+use crate::memory::check_append;
+use crate::merge::merge_segments;
+use crate::{Batch, RoomBytes, Segment, Store, StoreError, StoredRoom};
+
+/// A data move written in Rust, run after its migration's SQL.
+type DataMove = fn(&Transaction<'_>) -> Result<(), StoreError>;
+
+/// A step of the schema: SQL, or SQL and a data move.
+struct Migration {
+    sql: &'static str,
+    data: Option<DataMove>,
+}
 
 /// Schema migrations: entry `i` takes a database from version `i` to
 /// `i + 1`. Append only; never edit a shipped entry.
-const MIGRATIONS: &[&str] = &[MIGRATION_1];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        sql: MIGRATION_1,
+        data: None,
+    },
+    Migration {
+        sql: MIGRATION_2,
+        data: Some(migrate_nodes_to_segments),
+    },
+];
 
 const MIGRATION_1: &str = "
 CREATE TABLE rooms_v1 (
@@ -96,34 +114,68 @@ CREATE TABLE meta_v1 (
 ) WITHOUT ROWID;
 ";
 
+/// Schema 2's tables; `migrate_nodes_to_segments` then moves schema 1's
+/// rows in and drops its tables.
+const MIGRATION_2: &str = "
+CREATE TABLE segments_v2 (
+    id INTEGER PRIMARY KEY,
+    room INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    pack BLOB NOT NULL,
+    checksum BLOB NOT NULL
+);
+CREATE UNIQUE INDEX segments_v2_at ON segments_v2 (room, start);
+CREATE TABLE signatures_v2 (
+    room INTEGER NOT NULL,
+    node INTEGER NOT NULL,
+    sig BLOB NOT NULL,
+    PRIMARY KEY (room, node)
+) WITHOUT ROWID;
+CREATE TABLE outbox_v2 (
+    room INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (room, seq)
+) WITHOUT ROWID;
+CREATE TABLE checkpoints_v2 (
+    room INTEGER PRIMARY KEY,
+    nodes INTEGER NOT NULL,
+    bytes BLOB NOT NULL
+);
+";
+
 /// `PRAGMA application_id` of a Syncline store ("SYNC"), so that another
 /// application's SQLite file is refused instead of migrated.
 const APPLICATION_ID: i32 = 0x5359_4e43;
 
-/// Bits of a node's `pos` that hold its index in its room.
-const SEQ_BITS: u32 = 32;
-
-/// Most nodes one room can hold: the `seq` part of `pos`.
-const MAX_ROOM_NODES: i64 = 1 << SEQ_BITS;
-
-/// Most rooms: room keys must leave `pos` a positive `i64`.
-const MAX_ROOM_KEY: i64 = (1 << (63 - SEQ_BITS)) - 1;
+/// Most rooms: room keys are positive `i64` well below any limit.
+const MAX_ROOM_KEY: i64 = 1 << 31;
 
 /// At most this many writes share one transaction: bounds the work (and the
 /// latency) of a group.
 const MAX_GROUP_WRITES: usize = 1024;
 
-/// A group stops taking writes once it holds this many nodes: past it, one
-/// fsync is already a small part of the cost and merging more only delays
-/// the first callers.
-const MAX_GROUP_NODES: usize = 100_000;
+/// A group stops taking writes once it holds this many bytes of segments.
+const MAX_GROUP_BYTES: usize = 64 << 20;
 
 /// Idle read connections kept for reuse; more are opened under load.
 const MAX_IDLE_READERS: usize = 4;
 
-/// Rooms whose key and count the writer caches; past it the cache restarts.
-/// Their ids are bounded separately (`SqliteOptions::dedup_cache_nodes`).
-const MAX_CACHED_ROOMS: usize = 1 << 16;
+/// A merge never makes a segment of more nodes than this: reading one node
+/// of a segment decodes all of it.
+pub(crate) const MAX_SEGMENT_NODES: u32 = 8192;
+
+/// Segments of one size class merged at once (and the growth factor
+/// between classes).
+const MERGE_FANOUT: usize = 8;
+
+/// Rooms waiting for the merger at most: a write that finds the queue full
+/// does not queue its room (the room's next write will).
+const MERGE_QUEUE: usize = 256;
+
+/// zstd level of merged segments (written in the background, once per
+/// size class).
+const MERGE_LEVEL: i32 = 15;
 
 /// How to open a [`SqliteStore`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,11 +188,9 @@ pub struct SqliteOptions {
     /// How long a connection waits for a lock held by another connection
     /// before failing with [`StoreError::Io`].
     pub busy_timeout: Duration,
-    /// Soft bound on the node ids the store keeps in memory for dedup
-    /// (about 20 to 40 bytes each). A room written after its ids were
-    /// dropped is scanned again. One room larger than the bound is still
-    /// cached whole.
-    pub dedup_cache_nodes: usize,
+    /// Merge segments on a background thread (the default). Without it,
+    /// segments merge only when [`SqliteStore::settle`] is called.
+    pub merge_in_background: bool,
 }
 
 impl Default for SqliteOptions {
@@ -148,7 +198,7 @@ impl Default for SqliteOptions {
         SqliteOptions {
             synchronous_full: true,
             busy_timeout: Duration::from_secs(5),
-            dedup_cache_nodes: 1 << 22,
+            merge_in_background: true,
         }
     }
 }
@@ -161,11 +211,19 @@ pub struct SqliteStats {
     pub transactions: u64,
     /// Writes (commits and metadata puts) acknowledged.
     pub batches: u64,
+    /// Merges of segments done.
+    pub merges: u64,
 }
 
-/// The SQLite [`Store`]. Dropping it closes its connections, which
-/// checkpoints the log into the file.
+/// The SQLite [`Store`]. Dropping it stops the merger and closes its
+/// connections, which checkpoints the log into the file.
 pub struct SqliteStore {
+    inner: Arc<Inner>,
+    merger: Option<(SyncSender<RoomId>, JoinHandle<()>)>,
+}
+
+/// What the store's callers and its merger thread share.
+struct Inner {
     path: PathBuf,
     busy_timeout: Duration,
     /// Writes waiting for a leader, and who leads.
@@ -173,8 +231,8 @@ pub struct SqliteStore {
     readers: Mutex<Vec<Connection>>,
     /// The write connection, used only by the current leader (the mutex
     /// makes that visible to the compiler and records a panic while
-    /// writing). Dropped after `readers`, which `drop` empties, so its
-    /// connection is the last to close.
+    /// writing). Dropped after `readers`, so its connection is the last to
+    /// close.
     writer: Mutex<Writer>,
     stats: Arc<Counters>,
     /// Held (locked) for the store's life; declared last so it is released
@@ -185,7 +243,7 @@ pub struct SqliteStore {
 impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteStore")
-            .field("path", &self.path)
+            .field("path", &self.inner.path)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -195,6 +253,7 @@ impl fmt::Debug for SqliteStore {
 struct Counters {
     transactions: AtomicU64,
     batches: AtomicU64,
+    merges: AtomicU64,
 }
 
 /// The write queue. Nothing that can panic runs while it is locked; were it
@@ -216,8 +275,7 @@ struct Ticket {
 }
 
 /// Where one queued caller waits for the leader's word: its own lock and
-/// condition variable, so that a leader wakes exactly its group, and the
-/// woken callers do not all contend for the queue's lock.
+/// condition variable, so that a leader wakes exactly its group.
 #[derive(Default)]
 struct Slot {
     word: Mutex<Option<Word>>,
@@ -234,8 +292,7 @@ enum Word {
 
 impl Slot {
     // Nothing can panic while a slot is locked (it only moves a `Word`
-    // in or out), so its lock is never poisoned in a way that matters and
-    // both sides go on past poison.
+    // in or out), so both sides go on past poison.
 
     fn tell(&self, word: Word) {
         *self.word.lock().unwrap_or_else(PoisonError::into_inner) = Some(word);
@@ -254,16 +311,39 @@ impl Slot {
     }
 }
 
+/// Segments replaced by a merge: what must still be stored for the swap.
+#[derive(Clone, Debug)]
+struct Replaced {
+    start: u32,
+    count: u32,
+    checksum: [u8; 32],
+}
+
 enum Write {
-    Commit { room: RoomId, batch: Batch },
-    Meta { key: String, value: Vec<u8> },
+    Commit {
+        room: RoomId,
+        batch: Batch,
+    },
+    Meta {
+        key: String,
+        value: Vec<u8>,
+    },
+    /// Swaps `replaced` for `merged` (and drops the signatures folded into
+    /// it) if `replaced` are still stored as they were.
+    Merge {
+        room: i64,
+        replaced: Vec<Replaced>,
+        merged: Segment,
+        folded: Vec<u32>,
+    },
 }
 
 impl Write {
-    fn node_count(&self) -> usize {
+    fn bytes(&self) -> usize {
         match self {
-            Write::Commit { batch, .. } => batch.nodes.len(),
-            Write::Meta { .. } => 0,
+            Write::Commit { batch, .. } => batch.segment.as_ref().map_or(0, |s| s.pack.len()),
+            Write::Meta { value, .. } => value.len(),
+            Write::Merge { merged, .. } => merged.pack.len(),
         }
     }
 }
@@ -280,7 +360,13 @@ impl SqliteStore {
         let mut conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(options.busy_timeout).map_err(sql)?;
         // Before anything writes: a foreign or newer file is left untouched.
-        check_version(&conn, MIGRATIONS.len())?;
+        let version = check_version(&conn, MIGRATIONS.len())?;
+        if version == 0 {
+            // Pages freed by merges go back to the file system; this must
+            // be set before the first table exists.
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+                .map_err(sql)?;
+        }
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0))
             .map_err(sql)?;
@@ -297,20 +383,23 @@ impl SqliteStore {
         };
         conn.pragma_update(None, "synchronous", synchronous)
             .map_err(sql)?;
-        migrate(&mut conn, MIGRATIONS)?;
+        if migrate(&mut conn, MIGRATIONS)? {
+            // Schema 1's rows moved: give their pages back, and make the
+            // file vacuum incrementally from now on.
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+                .map_err(sql)?;
+            conn.execute_batch("VACUUM").map_err(sql)?;
+        }
 
         let stats = Arc::new(Counters::default());
         let writer = Writer {
             conn,
-            cache: Cache {
-                rooms: HashMap::new(),
-                budget: options.dedup_cache_nodes,
-            },
+            rooms: HashMap::new(),
             stats: Arc::clone(&stats),
             #[cfg(test)]
             panic_on: None,
         };
-        Ok(SqliteStore {
+        let inner = Arc::new(Inner {
             path: path.to_owned(),
             busy_timeout: options.busy_timeout,
             queue: Mutex::new(Queue::default()),
@@ -318,17 +407,59 @@ impl SqliteStore {
             writer: Mutex::new(writer),
             stats,
             _lock: lock,
-        })
+        });
+        let merger = options
+            .merge_in_background
+            .then(|| spawn_merger(Arc::clone(&inner)))
+            .transpose()?;
+        Ok(SqliteStore { inner, merger })
     }
 
     /// Write counters since the store was opened.
     pub fn stats(&self) -> SqliteStats {
+        let s = &self.inner.stats;
         SqliteStats {
-            transactions: self.stats.transactions.load(Ordering::Relaxed),
-            batches: self.stats.batches.load(Ordering::Relaxed),
+            transactions: s.transactions.load(Ordering::Relaxed),
+            batches: s.batches.load(Ordering::Relaxed),
+            merges: s.merges.load(Ordering::Relaxed),
         }
     }
 
+    /// Merges every room's segments as far as the merge policy goes, gives
+    /// freed pages back and checkpoints the log into the file: the state a
+    /// store reaches when left alone, reached now (for measurements and
+    /// tests).
+    pub fn settle(&self) -> Result<(), StoreError> {
+        let keys: Vec<i64> = self.inner.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT key FROM rooms_v1 ORDER BY key")
+                .map_err(sql)?;
+            let rows = stmt.query_map([], |row| row.get(0)).map_err(sql)?;
+            rows.collect::<Result<Vec<i64>, _>>().map_err(sql)
+        })?;
+        for key in keys {
+            self.inner.merge_room(key)?;
+        }
+        let writer = self.inner.writer.lock().map_err(|_| StoreError::Closed)?;
+        writer
+            .conn
+            .execute_batch("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(TRUNCATE);")
+            .map_err(sql)
+    }
+
+    /// Bytes the store's files take on disk (database and log).
+    pub fn file_bytes(&self) -> u64 {
+        let mut wal = self.inner.path.as_os_str().to_owned();
+        wal.push("-wal");
+        [self.inner.path.as_os_str().to_owned(), wal]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
+impl Inner {
     /// Queues a write and returns once it is durable (or failed): as the
     /// leader that commits it, or as a follower told its outcome.
     fn write(&self, write: Write) -> Result<(), StoreError> {
@@ -352,8 +483,7 @@ impl SqliteStore {
 
     /// Commits the group at the front of the queue as its leader, then
     /// passes leadership to the oldest write still queued, if any. `me` is
-    /// the caller's own write, at the front (a new leader found the queue
-    /// empty; a chosen one held its oldest write); returns its outcome.
+    /// the caller's own write, at the front; returns its outcome.
     fn lead<'a>(
         &'a self,
         mut queue: MutexGuard<'a, Queue>,
@@ -391,13 +521,8 @@ impl SqliteStore {
     }
 
     /// Commits `group` on the write connection: one outcome per write, in
-    /// order.
-    ///
-    /// A panic is caught here so that it fails only this group, as
-    /// [`StoreError::Closed`], instead of unwinding through the leader's
-    /// caller and leaving the followers waiting forever. It poisons the
-    /// writer mutex (the connection and the cache may be mid-change), and
-    /// a poisoned writer fails every later group the same way.
+    /// order. A panic fails only this group, as [`StoreError::Closed`], and
+    /// poisons the writer mutex: every later group fails the same way.
     fn commit_group(&self, group: &[Ticket]) -> Vec<Result<(), StoreError>> {
         let committed = catch_unwind(AssertUnwindSafe(|| {
             let mut writer = self.writer.lock().ok()?;
@@ -450,6 +575,116 @@ impl SqliteStore {
         conn.busy_timeout(self.busy_timeout).map_err(sql)?;
         Ok(conn)
     }
+
+    /// Merges room `key`'s segments while the policy finds a run to merge:
+    /// [`MERGE_FANOUT`] consecutive segments of one size class (size
+    /// classes grow by that factor), at most [`MAX_SEGMENT_NODES`] nodes
+    /// in all. Returns how many merges were done.
+    fn merge_room(&self, key: i64) -> Result<u64, StoreError> {
+        let mut merges = 0;
+        loop {
+            let (name, index) = self.read(|conn| {
+                let name = room_name(conn, key)?;
+                Ok((name, segment_index(conn, key)?))
+            })?;
+            let Some(name) = name else { return Ok(merges) };
+            let Some(run) = merge_run(&index) else {
+                return Ok(merges);
+            };
+            let (first, last) = (index[run.start].0, index[run.end - 1]);
+            let end = last.0 + last.1;
+            let (segments, signatures) = self.read(|conn| {
+                Ok((
+                    load_segments(conn, key, first, end)?,
+                    load_signatures(conn, key, first, end)?,
+                ))
+            })?;
+            let merged = merge_segments(&name, &segments, &signatures, MERGE_LEVEL)
+                .map_err(|e| StoreError::Corrupt(format!("room {name}: merging segments: {e}")))?;
+            let replaced = segments
+                .iter()
+                .map(|s| Replaced {
+                    start: s.start,
+                    count: s.len,
+                    checksum: *blake3::hash(&s.pack).as_bytes(),
+                })
+                .collect();
+            self.write(Write::Merge {
+                room: key,
+                replaced,
+                merged,
+                folded: signatures.iter().map(|(n, _)| *n).collect(),
+            })?;
+            merges += 1;
+        }
+    }
+}
+
+/// The size class of a segment of `count` nodes: 0 for 1 to 7, then one
+/// more per eightfold.
+fn size_class(count: u32) -> u32 {
+    count.max(1).ilog(MERGE_FANOUT as u32)
+}
+
+/// The first run of segments to merge in `index` ((start, count) pairs in
+/// order): [`MERGE_FANOUT`] consecutive segments of one size class below
+/// the largest, or fewer if they would pass [`MAX_SEGMENT_NODES`] (two at
+/// least).
+fn merge_run(index: &[(u32, u32)]) -> Option<std::ops::Range<usize>> {
+    let top = size_class(MAX_SEGMENT_NODES);
+    let mut i = 0;
+    while i < index.len() {
+        let class = size_class(index[i].1);
+        let mut j = i;
+        let mut nodes = 0u32;
+        while j < index.len() && size_class(index[j].1) == class && j - i < MERGE_FANOUT {
+            if nodes + index[j].1 > MAX_SEGMENT_NODES {
+                break;
+            }
+            nodes += index[j].1;
+            j += 1;
+        }
+        let full =
+            j - i == MERGE_FANOUT || (j < index.len() && nodes + index[j].1 > MAX_SEGMENT_NODES);
+        if class < top && full && j - i >= 2 {
+            return Some(i..j);
+        }
+        i = j.max(i + 1);
+    }
+    None
+}
+
+/// Spawns the thread that merges rooms' segments after writes to them.
+fn spawn_merger(inner: Arc<Inner>) -> Result<(SyncSender<RoomId>, JoinHandle<()>), StoreError> {
+    let (tx, rx): (SyncSender<RoomId>, Receiver<RoomId>) = mpsc::sync_channel(MERGE_QUEUE);
+    let handle = std::thread::Builder::new()
+        .name("syncline-store merger".into())
+        .spawn(move || {
+            while let Ok(room) = rx.recv() {
+                // Several writes to a room need one pass.
+                let mut rooms: HashSet<RoomId> = std::iter::once(room).collect();
+                rooms.extend(rx.try_iter());
+                for room in rooms {
+                    let merged = inner
+                        .read(|conn| room_key(conn, &room))
+                        .and_then(|key| key.map_or(Ok(0), |key| inner.merge_room(key)));
+                    match merged {
+                        Ok(0) => {}
+                        Ok(_) => {
+                            if let Ok(writer) = inner.writer.lock() {
+                                let _ = writer.conn.execute_batch("PRAGMA incremental_vacuum");
+                            }
+                        }
+                        // A store that fails to merge still works: the
+                        // segments stay as they are, and the writes that
+                        // fail tell their callers.
+                        Err(_) => {}
+                    }
+                }
+            }
+        })
+        .map_err(|e| StoreError::Io(format!("spawning the merger thread: {e}")))?;
+    Ok((tx, handle))
 }
 
 /// Takes the exclusive lock that makes this process the file's only writer.
@@ -477,10 +712,20 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
+        // The merger first (closing its channel ends its loop), so that the
+        // connections close with the last handle on them.
+        if let Some((tx, handle)) = self.merger.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
         // Readers close first so that the write connection, dropped next
         // with its field, is the last one: closing it checkpoints the log
-        // into the file and removes it. No write is in flight: every
-        // caller borrows the store.
+        // into the file and removes it.
         self.readers
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
@@ -502,12 +747,12 @@ fn closed(poisoned: PoisonError<MutexGuard<'_, Queue>>) -> StoreError {
 /// then more while the group is under its bounds.
 fn take_group(waiting: &mut VecDeque<Ticket>) -> Vec<Ticket> {
     let mut group = Vec::new();
-    let mut nodes = 0;
-    while group.len() < MAX_GROUP_WRITES && nodes < MAX_GROUP_NODES {
+    let mut bytes = 0;
+    while group.len() < MAX_GROUP_WRITES && bytes < MAX_GROUP_BYTES {
         let Some(ticket) = waiting.pop_front() else {
             break;
         };
-        nodes += ticket.write.node_count();
+        bytes += ticket.write.bytes();
         group.push(ticket);
     }
     group
@@ -515,61 +760,102 @@ fn take_group(waiting: &mut VecDeque<Ticket>) -> Vec<Ticket> {
 
 impl Store for SqliteStore {
     fn commit(&self, room: &RoomId, batch: Batch) -> Result<(), StoreError> {
-        self.write(Write::Commit {
+        let appends = batch.segment.is_some();
+        self.inner.write(Write::Commit {
             room: room.clone(),
             batch,
-        })
+        })?;
+        if appends && let Some((merger, _)) = &self.merger {
+            // The merger looks at the room when it can. A full queue (the
+            // room's next write queues it again) or a stopped merger only
+            // delays merging.
+            let _ = merger.try_send(room.clone());
+        }
+        Ok(())
     }
 
-    fn load_nodes(&self, room: &RoomId) -> Result<Vec<StoredNode>, StoreError> {
-        self.read(|conn| {
-            let Some(row) = lookup_room(conn, room)? else {
-                return Ok(Vec::new());
+    fn load(&self, room: &RoomId) -> Result<StoredRoom, StoreError> {
+        self.inner.read(|conn| {
+            let Some(key) = room_key(conn, room)? else {
+                return Ok(StoredRoom::default());
             };
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT id, bytes, sig FROM nodes_v1 WHERE pos >= ?1 AND pos < ?2 ORDER BY pos",
-                )
-                .map_err(sql)?;
-            let (first, end) = pos_range(row.key);
-            let mut rows = stmt.query([first, end]).map_err(sql)?;
-            // The count was read in an earlier snapshot: a capacity hint
-            // only, bounded so a corrupt count cannot make us allocate wildly.
-            let mut nodes = Vec::with_capacity(row.nodes.clamp(0, 1 << 22) as usize);
-            while let Some(row) = rows.next().map_err(sql)? {
-                nodes.push(stored_node(row)?);
-            }
-            Ok(nodes)
+            // One snapshot for every table of the room.
+            conn.execute_batch("BEGIN").map_err(sql)?;
+            let loaded = (|| {
+                let segments = load_segments(conn, key, 0, u32::MAX)?;
+                let signatures = load_signatures(conn, key, 0, u32::MAX)?;
+                let checkpoint = conn
+                    .prepare_cached("SELECT bytes FROM checkpoints_v2 WHERE room = ?1")
+                    .and_then(|mut stmt| {
+                        let mut rows = stmt.query([key])?;
+                        rows.next()?.map(|row| row.get::<_, Vec<u8>>(0)).transpose()
+                    })
+                    .map_err(sql)?;
+                let mut stmt = conn
+                    .prepare_cached("SELECT seq FROM outbox_v2 WHERE room = ?1 ORDER BY seq")
+                    .map_err(sql)?;
+                let outbox = stmt
+                    .query_map([key], |row| row.get::<_, i64>(0))
+                    .map_err(sql)?
+                    .map(|seq| seq.map_err(sql).map(|s| s as u64))
+                    .collect::<Result<Vec<u64>, _>>()?;
+                Ok(StoredRoom {
+                    segments,
+                    signatures,
+                    checkpoint,
+                    outbox,
+                })
+            })();
+            conn.execute_batch("COMMIT").map_err(sql)?;
+            loaded
         })
     }
 
     fn node_count(&self, room: &RoomId) -> Result<u64, StoreError> {
-        self.read(|conn| {
-            let nodes = lookup_room(conn, room)?.map_or(0, |row| row.nodes);
-            u64::try_from(nodes)
-                .map_err(|_| StoreError::Corrupt(format!("room {room} counts {nodes} nodes")))
+        self.inner.read(|conn| {
+            let Some(key) = room_key(conn, room)? else {
+                return Ok(0);
+            };
+            node_count(conn, key)
         })
     }
 
-    fn outbox(&self, room: &RoomId) -> Result<Vec<NodeId>, StoreError> {
-        self.read(|conn| {
-            let Some(row) = lookup_room(conn, room)? else {
-                return Ok(Vec::new());
+    fn room_bytes(&self, room: &RoomId) -> Result<RoomBytes, StoreError> {
+        self.inner.read(|conn| {
+            let Some(key) = room_key(conn, room)? else {
+                return Ok(RoomBytes::default());
             };
-            let mut stmt = conn
-                .prepare_cached("SELECT id FROM outbox_v1 WHERE room = ?1 ORDER BY pos")
+            let (segments, history): (i64, i64) = conn
+                .query_row(
+                    "SELECT count(*), coalesce(sum(length(pack)), 0) FROM segments_v2 WHERE room = ?1",
+                    [key],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
                 .map_err(sql)?;
-            let mut rows = stmt.query([row.key]).map_err(sql)?;
-            let mut ids = Vec::new();
-            while let Some(row) = rows.next().map_err(sql)? {
-                ids.push(NodeId(blob_array(row, 0, "outbox id")?));
-            }
-            Ok(ids)
+            let signatures: i64 = conn
+                .query_row(
+                    "SELECT coalesce(sum(length(sig)), 0) FROM signatures_v2 WHERE room = ?1",
+                    [key],
+                    |row| row.get(0),
+                )
+                .map_err(sql)?;
+            let checkpoint: i64 = conn
+                .query_row(
+                    "SELECT coalesce(sum(length(bytes)), 0) FROM checkpoints_v2 WHERE room = ?1",
+                    [key],
+                    |row| row.get(0),
+                )
+                .map_err(sql)?;
+            Ok(RoomBytes {
+                history: (history + signatures) as u64,
+                checkpoint: checkpoint as u64,
+                segments: segments as u64,
+            })
         })
     }
 
     fn rooms(&self) -> Result<Vec<RoomId>, StoreError> {
-        self.read(|conn| {
+        self.inner.read(|conn| {
             let mut stmt = conn
                 .prepare_cached("SELECT name FROM rooms_v1 WHERE node_count > 0 ORDER BY name")
                 .map_err(sql)?;
@@ -587,7 +873,7 @@ impl Store for SqliteStore {
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read(|conn| {
+        self.inner.read(|conn| {
             let mut stmt = conn
                 .prepare_cached("SELECT value FROM meta_v1 WHERE key = ?1")
                 .map_err(sql)?;
@@ -600,76 +886,127 @@ impl Store for SqliteStore {
     }
 
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.write(Write::Meta {
+        self.inner.write(Write::Meta {
             key: key.to_owned(),
             value: value.to_vec(),
         })
     }
 }
 
-/// A room's key and node count, as stored.
-#[derive(Clone, Copy, Debug)]
-struct RoomRow {
-    key: i64,
-    nodes: i64,
-}
-
-fn lookup_room(conn: &Connection, room: &RoomId) -> Result<Option<RoomRow>, StoreError> {
+fn room_key(conn: &Connection, room: &RoomId) -> Result<Option<i64>, StoreError> {
     let mut stmt = conn
-        .prepare_cached("SELECT key, node_count FROM rooms_v1 WHERE name = ?1")
+        .prepare_cached("SELECT key FROM rooms_v1 WHERE name = ?1")
         .map_err(sql)?;
     let mut rows = stmt.query([room.as_str()]).map_err(sql)?;
     let Some(row) = rows.next().map_err(sql)? else {
         return Ok(None);
     };
-    let found = RoomRow {
-        key: row.get(0).map_err(sql)?,
-        nodes: row.get(1).map_err(sql)?,
-    };
-    if !(1..=MAX_ROOM_KEY).contains(&found.key) || !(0..=MAX_ROOM_NODES).contains(&found.nodes) {
-        return Err(StoreError::Corrupt(format!(
-            "room {room} has key {} and {} nodes",
-            found.key, found.nodes
-        )));
+    let key: i64 = row.get(0).map_err(sql)?;
+    if !(1..=MAX_ROOM_KEY).contains(&key) {
+        return Err(StoreError::Corrupt(format!("room {room} has key {key}")));
     }
-    Ok(Some(found))
+    Ok(Some(key))
 }
 
-/// The `pos` range of a room's nodes: `first..end`.
-fn pos_range(key: i64) -> (i64, i64) {
-    (key << SEQ_BITS, (key + 1) << SEQ_BITS)
-}
-
-fn stored_node(row: &Row<'_>) -> Result<StoredNode, StoreError> {
-    let id = NodeId(blob_array(row, 0, "node id")?);
-    let bytes = row
-        .get_ref(1)
-        .and_then(|v| Ok(v.as_blob()?.to_vec()))
-        .map_err(sql)?;
-    let sig = row
-        .get_ref(2)
-        .and_then(|v| Ok(v.as_blob_or_null()?))
-        .map_err(sql)?
-        .map(|blob| {
-            <[u8; 64]>::try_from(blob)
-                .map(Signature)
-                .map_err(|_| StoreError::Corrupt(format!("signature of {} bytes", blob.len())))
+fn room_name(conn: &Connection, key: i64) -> Result<Option<RoomId>, StoreError> {
+    let name: Option<String> = conn
+        .prepare_cached("SELECT name FROM rooms_v1 WHERE key = ?1")
+        .and_then(|mut stmt| {
+            let mut rows = stmt.query([key])?;
+            rows.next()?.map(|row| row.get(0)).transpose()
         })
-        .transpose()?;
-    Ok(StoredNode { id, bytes, sig })
+        .map_err(sql)?;
+    name.map(|n| {
+        RoomId::new(&n)
+            .map_err(|e| StoreError::Corrupt(format!("stored room name {n:?} is invalid: {e}")))
+    })
+    .transpose()
 }
 
-fn blob_array<const N: usize>(
-    row: &Row<'_>,
-    column: usize,
-    what: &str,
-) -> Result<[u8; N], StoreError> {
-    let blob = row
-        .get_ref(column)
-        .and_then(|v| Ok(v.as_blob()?))
+fn node_count(conn: &Connection, key: i64) -> Result<u64, StoreError> {
+    let count: i64 = conn
+        .prepare_cached("SELECT node_count FROM rooms_v1 WHERE key = ?1")
+        .and_then(|mut stmt| stmt.query_row([key], |row| row.get(0)))
         .map_err(sql)?;
-    <[u8; N]>::try_from(blob)
-        .map_err(|_| StoreError::Corrupt(format!("{what} of {} bytes, not {N}", blob.len())))
+    u64::try_from(count).map_err(|_| StoreError::Corrupt(format!("room key {key} counts {count}")))
+}
+
+/// (start, count) of every segment of room `key`, in order.
+fn segment_index(conn: &Connection, key: i64) -> Result<Vec<(u32, u32)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT start, count FROM segments_v2 WHERE room = ?1 ORDER BY start")
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map([key], |row| {
+            Ok((row.get::<_, u32>(0)?, row.get::<_, u32>(1)?))
+        })
+        .map_err(sql)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(sql)
+}
+
+/// The segments of room `key` starting in `first..end`, each checked
+/// against its checksum and its place in the history.
+fn load_segments(
+    conn: &Connection,
+    key: i64,
+    first: u32,
+    end: u32,
+) -> Result<Vec<Segment>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT start, count, pack, checksum FROM segments_v2 \
+             WHERE room = ?1 AND start >= ?2 AND start < ?3 ORDER BY start",
+        )
+        .map_err(sql)?;
+    let mut rows = stmt.query(params![key, first, end]).map_err(sql)?;
+    let mut out: Vec<Segment> = Vec::new();
+    while let Some(row) = rows.next().map_err(sql)? {
+        let start: u32 = row.get(0).map_err(sql)?;
+        let count: u32 = row.get(1).map_err(sql)?;
+        let pack: Vec<u8> = row.get(2).map_err(sql)?;
+        let checksum: Vec<u8> = row.get(3).map_err(sql)?;
+        if blake3::hash(&pack).as_bytes()[..] != checksum[..] {
+            return Err(StoreError::Corrupt(format!(
+                "room key {key}: segment at node {start} does not match its checksum"
+            )));
+        }
+        let expected = out.last().map_or(first, |s| s.start + s.len);
+        if start != expected || count == 0 {
+            return Err(StoreError::Corrupt(format!(
+                "room key {key}: segment at node {start}, node {expected} expected"
+            )));
+        }
+        out.push(Segment {
+            start,
+            len: count,
+            pack: pack.into_boxed_slice(),
+        });
+    }
+    Ok(out)
+}
+
+fn load_signatures(
+    conn: &Connection,
+    key: i64,
+    first: u32,
+    end: u32,
+) -> Result<Vec<(u32, Signature)>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT node, sig FROM signatures_v2 \
+             WHERE room = ?1 AND node >= ?2 AND node < ?3 ORDER BY node",
+        )
+        .map_err(sql)?;
+    let mut rows = stmt.query(params![key, first, end]).map_err(sql)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(sql)? {
+        let node: u32 = row.get(0).map_err(sql)?;
+        let sig: Vec<u8> = row.get(1).map_err(sql)?;
+        let sig = <[u8; 64]>::try_from(sig.as_slice())
+            .map_err(|_| StoreError::Corrupt(format!("signature of {} bytes", sig.len())))?;
+        out.push((node, Signature(sig)));
+    }
+    Ok(out)
 }
 
 /// Maps a SQLite error: damaged files and unexpected stored values are
@@ -729,8 +1066,9 @@ fn check_version(conn: &Connection, known: usize) -> Result<usize, StoreError> {
 }
 
 /// Brings the schema to `migrations.len()`, applying the missing
-/// migrations in order in one transaction (all or none).
-fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), StoreError> {
+/// migrations in order in one transaction (all or none). Returns whether a
+/// migration moved data (the file is then worth vacuuming).
+fn migrate(conn: &mut Connection, migrations: &[Migration]) -> Result<bool, StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql)?;
@@ -738,112 +1076,172 @@ fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), StoreError>
     // between the check and the migrations.
     let version = check_version(&tx, migrations.len())?;
     if version == migrations.len() {
-        return Ok(());
+        return Ok(false);
     }
+    let mut moved = false;
     for migration in &migrations[version..] {
-        tx.execute_batch(migration).map_err(sql)?;
+        tx.execute_batch(migration.sql).map_err(sql)?;
+        if let Some(data) = migration.data {
+            // On a fresh file the step finds nothing to move, but still
+            // retires the old tables.
+            data(&tx)?;
+            moved |= version > 0;
+        }
     }
     tx.pragma_update(None, "user_version", migrations.len())
         .map_err(sql)?;
     tx.pragma_update(None, "application_id", APPLICATION_ID)
         .map_err(sql)?;
-    tx.commit().map_err(sql)
+    tx.commit().map_err(sql)?;
+    Ok(moved)
+}
+
+/// Migration 2's data move: each room's `nodes_v1` rows (canonical bytes,
+/// in order) become segments of at most [`MAX_SEGMENT_NODES`] nodes, their
+/// signatures going with them; the outbox's node ids become seqs.
+fn migrate_nodes_to_segments(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let rooms: Vec<(i64, String)> = {
+        let mut stmt = tx.prepare("SELECT key, name FROM rooms_v1").map_err(sql)?;
+        let rows = stmt
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)?
+    };
+    for (key, name) in rooms {
+        let room = RoomId::new(&name)
+            .map_err(|e| StoreError::Corrupt(format!("stored room name {name:?}: {e}")))?;
+        let corrupt = |what: String| StoreError::Corrupt(format!("room {name}: {what}"));
+        let mut stmt = tx
+            .prepare(
+                "SELECT id, bytes, sig FROM nodes_v1 WHERE pos >= ?1 AND pos < ?2 ORDER BY pos",
+            )
+            .map_err(sql)?;
+        let mut rows = stmt
+            .query(params![key << 32, (key + 1) << 32])
+            .map_err(sql)?;
+        // Every node's place and key, for parents and the outbox.
+        let mut placed: HashMap<NodeId, (u32, AuthorId, u64)> = HashMap::new();
+        let mut segment: Vec<RawNode> = Vec::new();
+        let mut sigs: Vec<(usize, Signature)> = Vec::new();
+        let mut start = 0u32;
+        let flush = |segment: &mut Vec<RawNode>,
+                     sigs: &mut Vec<(usize, Signature)>,
+                     start: &mut u32|
+         -> Result<(), StoreError> {
+            if segment.is_empty() {
+                return Ok(());
+            }
+            let pack = pack::encode(&room, segment, sigs, MERGE_LEVEL);
+            insert_segment(tx, key, *start, segment.len() as u32, &pack)?;
+            *start += segment.len() as u32;
+            segment.clear();
+            sigs.clear();
+            Ok(())
+        };
+        while let Some(row) = rows.next().map_err(sql)? {
+            let id: Vec<u8> = row.get(0).map_err(sql)?;
+            let bytes: Vec<u8> = row.get(1).map_err(sql)?;
+            let sig: Option<Vec<u8>> = row.get(2).map_err(sql)?;
+            let node = Node::decode(&bytes).map_err(|e| corrupt(format!("a node: {e}")))?;
+            let id = <[u8; 32]>::try_from(id.as_slice())
+                .map(NodeId)
+                .map_err(|_| corrupt("a node id".into()))?;
+            if Node::id_of(&bytes) != id {
+                return Err(corrupt(format!("node {id:?} does not hash to its id")));
+            }
+            let idx = start + segment.len() as u32;
+            let parent_refs = match node.format {
+                NodeFormat::V1 => Vec::new(),
+                NodeFormat::V2 => node
+                    .parents
+                    .iter()
+                    .map(|p| {
+                        let &(at, author, seq) = placed.get(p).ok_or_else(|| {
+                            corrupt(format!("node {id:?} stored before a parent"))
+                        })?;
+                        Ok(if at >= start {
+                            ParentRef::InPack((at - start) as usize)
+                        } else {
+                            ParentRef::Held(author, seq)
+                        })
+                    })
+                    .collect::<Result<_, StoreError>>()?,
+            };
+            placed.insert(id, (idx, node.author, node.seq));
+            if let Some(sig) = sig {
+                let sig = <[u8; 64]>::try_from(sig.as_slice())
+                    .map_err(|_| corrupt("a signature".into()))?;
+                sigs.push((segment.len(), Signature(sig)));
+            }
+            segment.push(RawNode { node, parent_refs });
+            if segment.len() == MAX_SEGMENT_NODES as usize {
+                flush(&mut segment, &mut sigs, &mut start)?;
+            }
+        }
+        flush(&mut segment, &mut sigs, &mut start)?;
+        drop(rows);
+        let mut stmt = tx
+            .prepare("SELECT id FROM outbox_v1 WHERE room = ?1 ORDER BY pos")
+            .map_err(sql)?;
+        let ids = stmt
+            .query_map([key], |row| row.get::<_, Vec<u8>>(0))
+            .map_err(sql)?;
+        for id in ids {
+            let id = id.map_err(sql)?;
+            let id = <[u8; 32]>::try_from(id.as_slice())
+                .map(NodeId)
+                .map_err(|_| corrupt("an outbox id".into()))?;
+            // An outbox entry for a node never stored holds nothing to send.
+            if let Some(&(_, _, seq)) = placed.get(&id) {
+                tx.execute(
+                    "INSERT OR IGNORE INTO outbox_v2 (room, seq) VALUES (?1, ?2)",
+                    params![key, seq as i64],
+                )
+                .map_err(sql)?;
+            }
+        }
+        tx.execute(
+            "UPDATE rooms_v1 SET node_count = ?2 WHERE key = ?1",
+            params![key, start],
+        )
+        .map_err(sql)?;
+    }
+    tx.execute_batch("DROP TABLE nodes_v1; DROP TABLE outbox_v1;")
+        .map_err(sql)
+}
+
+fn insert_segment(
+    tx: &Connection,
+    room: i64,
+    start: u32,
+    count: u32,
+    pack: &[u8],
+) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO segments_v2 (room, start, count, pack, checksum) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            room,
+            start,
+            count,
+            pack,
+            &blake3::hash(pack).as_bytes()[..]
+        ])
+    })
+    .map_err(sql)?;
+    Ok(())
 }
 
 /// The write connection and what it caches, used by the current leader.
 struct Writer {
     conn: Connection,
-    cache: Cache,
+    /// Room name -> (key, node count), as committed.
+    rooms: HashMap<RoomId, (i64, u64)>,
     stats: Arc<Counters>,
     /// Tests only: writing metadata under this key panics mid-transaction.
     #[cfg(test)]
     panic_on: Option<String>,
-}
-
-/// What the writer knows of the rooms it wrote. Valid only for committed
-/// state: cleared whenever a transaction fails.
-struct Cache {
-    rooms: HashMap<RoomId, RoomState>,
-    /// Soft bound on the ids held in all `RoomState::ids`.
-    budget: usize,
-}
-
-struct RoomState {
-    key: i64,
-    /// Nodes stored: the next node's `seq`.
-    nodes: i64,
-    /// Every stored id of the room; loaded on the first write that needs
-    /// it.
-    ids: Option<RoomIds>,
-}
-
-/// The stored ids of one room, each with its `seq`.
-///
-/// Keyed by the id's first 8 bytes, which halves the memory and the time of
-/// a full 32-byte key; a prefix hit is confirmed by reading the stored id
-/// (a rowid lookup, paid only for duplicates). Distinct ids with one prefix
-/// (by chance about n^2 / 2^65, or by an attacker's 2^32 work) go to
-/// `clashes` under their full id.
-struct RoomIds {
-    by_prefix: IdMap<u64, u32>,
-    clashes: IdMap<NodeId, u32>,
-}
-
-impl RoomIds {
-    fn prefix(id: &NodeId) -> u64 {
-        let mut prefix = [0; 8];
-        prefix.copy_from_slice(&id.0[..8]);
-        u64::from_le_bytes(prefix)
-    }
-
-    fn len(&self) -> usize {
-        self.by_prefix.len() + self.clashes.len()
-    }
-
-    /// Whether the room may hold `id`: false is certain, true needs
-    /// [`RoomIds::find`] to confirm. No I/O.
-    fn may_hold(&self, id: &NodeId) -> bool {
-        // An id in `clashes` shares its prefix with one in `by_prefix`.
-        self.by_prefix.contains_key(&Self::prefix(id))
-    }
-
-    /// The `seq` of `id` if the room holds it. `first` is the room's first
-    /// `pos`.
-    fn find(&self, tx: &Connection, first: i64, id: &NodeId) -> Result<Option<u32>, StoreError> {
-        // Almost always empty: skip hashing the full id.
-        if !self.clashes.is_empty()
-            && let Some(&seq) = self.clashes.get(id)
-        {
-            return Ok(Some(seq));
-        }
-        let Some(&seq) = self.by_prefix.get(&Self::prefix(id)) else {
-            return Ok(None);
-        };
-        let mut stmt = tx
-            .prepare_cached("SELECT id FROM nodes_v1 WHERE pos = ?1")
-            .map_err(sql)?;
-        let mut rows = stmt.query([first + i64::from(seq)]).map_err(sql)?;
-        let Some(row) = rows.next().map_err(sql)? else {
-            return Err(StoreError::Corrupt(format!(
-                "node at pos {} is missing",
-                first + i64::from(seq)
-            )));
-        };
-        let stored = NodeId(blob_array(row, 0, "node id")?);
-        Ok((stored == *id).then_some(seq))
-    }
-
-    /// Records `id`, which the room does not hold yet, at `seq`.
-    fn insert(&mut self, id: NodeId, seq: u32) {
-        match self.by_prefix.entry(Self::prefix(&id)) {
-            Entry::Vacant(slot) => {
-                slot.insert(seq);
-            }
-            Entry::Occupied(_) => {
-                self.clashes.insert(id, seq);
-            }
-        }
-    }
 }
 
 impl Writer {
@@ -865,13 +1263,19 @@ impl Writer {
         match &result {
             Ok(()) => {
                 self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                let (merges, batches): (Vec<&Ticket>, Vec<&Ticket>) = group
+                    .iter()
+                    .partition(|t| matches!(t.write, Write::Merge { .. }));
                 self.stats
                     .batches
-                    .fetch_add(group.len() as u64, Ordering::Relaxed);
+                    .fetch_add(batches.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .merges
+                    .fetch_add(merges.len() as u64, Ordering::Relaxed);
             }
-            // The rolled-back transaction may have created rooms or added
-            // ids that the cache now holds.
-            Err(_) => self.cache.clear(),
+            // The rolled-back transaction may have created rooms or counted
+            // nodes that the cache now holds.
+            Err(_) => self.rooms.clear(),
         }
         result
     }
@@ -883,7 +1287,9 @@ impl Writer {
             .map_err(sql)?;
         for ticket in group {
             match &ticket.write {
-                Write::Commit { room, batch } => apply_batch(&tx, &mut self.cache, room, batch)?,
+                Write::Commit { room, batch } => {
+                    apply_batch(&tx, &mut self.rooms, room, batch)?;
+                }
                 Write::Meta { key, value } => {
                     #[cfg(test)]
                     if self.panic_on.as_ref() == Some(key) {
@@ -896,73 +1302,135 @@ impl Writer {
                     .and_then(|mut stmt| stmt.execute(params![key, value]))
                     .map_err(sql)?;
                 }
+                Write::Merge {
+                    room,
+                    replaced,
+                    merged,
+                    folded,
+                } => apply_merge(&tx, *room, replaced, merged, folded)?,
             }
         }
         tx.commit().map_err(sql)
     }
 }
 
-impl Cache {
-    fn clear(&mut self) {
-        self.rooms.clear();
+/// Applies one batch inside the group's transaction, in the order every
+/// backend uses: segment, signatures, outbox additions and removals,
+/// checkpoint.
+fn apply_batch(
+    tx: &Connection,
+    rooms: &mut HashMap<RoomId, (i64, u64)>,
+    room: &RoomId,
+    batch: &Batch,
+) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
     }
-
-    /// The state of `room`, read or created inside the transaction, with
-    /// its ids loaded if `with_ids`.
-    fn room(
-        &mut self,
-        tx: &Connection,
-        room: &RoomId,
-        with_ids: bool,
-    ) -> Result<&mut RoomState, StoreError> {
-        if !self.rooms.contains_key(room) {
-            if self.rooms.len() >= MAX_CACHED_ROOMS {
-                self.clear();
-            }
-            let row = match lookup_room(tx, room)? {
-                Some(row) => row,
+    let (key, stored) = match rooms.get(room) {
+        Some(&state) => state,
+        None => {
+            let key = match room_key(tx, room)? {
+                Some(key) => key,
                 None => create_room(tx, room)?,
             };
-            let state = RoomState {
-                key: row.key,
-                nodes: row.nodes,
-                ids: None,
-            };
-            self.rooms.insert(room.clone(), state);
+            let state = (key, node_count(tx, key)?);
+            rooms.insert(room.clone(), state);
+            state
         }
-        let load = with_ids && self.rooms.get(room).is_some_and(|s| s.ids.is_none());
-        if load {
-            let wanted = self.rooms.get(room).map_or(0, |s| s.nodes as usize);
-            let mut held: usize = self
-                .rooms
-                .values()
-                .filter_map(|s| s.ids.as_ref().map(RoomIds::len))
-                .sum();
-            // Make room by forgetting other rooms' ids, in no particular
-            // order: a forgotten room costs one scan when next written.
-            for (name, other) in &mut self.rooms {
-                if held + wanted <= self.budget {
-                    break;
-                }
-                if name != room
-                    && let Some(ids) = other.ids.take()
-                {
-                    held -= ids.len();
-                }
+    };
+    let mut count = stored;
+    if let Some(segment) = &batch.segment
+        && check_append(stored, segment)?
+    {
+        insert_segment(tx, key, segment.start, segment.len, &segment.pack)?;
+        count = stored + u64::from(segment.len);
+        tx.prepare_cached("UPDATE rooms_v1 SET node_count = ?2 WHERE key = ?1")
+            .and_then(|mut stmt| stmt.execute(params![key, count as i64]))
+            .map_err(sql)?;
+        rooms.insert(room.clone(), (key, count));
+    }
+    if !batch.signatures.is_empty() {
+        let mut sign = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO signatures_v2 (room, node, sig) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(sql)?;
+        for (node, sig) in &batch.signatures {
+            if u64::from(*node) < count {
+                sign.execute(params![key, node, &sig.0[..]]).map_err(sql)?;
             }
         }
-        let state = self
-            .rooms
-            .get_mut(room)
-            .ok_or_else(|| StoreError::Io(format!("writer cache lost room {room}")))?;
-        if load {
-            state.ids = Some(load_ids(tx, state)?);
-        }
-        Ok(state)
     }
+    if !batch.outbox_add.is_empty() {
+        let mut add = tx
+            .prepare_cached("INSERT OR IGNORE INTO outbox_v2 (room, seq) VALUES (?1, ?2)")
+            .map_err(sql)?;
+        for seq in &batch.outbox_add {
+            add.execute(params![key, *seq as i64]).map_err(sql)?;
+        }
+    }
+    if !batch.outbox_remove.is_empty() {
+        let mut remove = tx
+            .prepare_cached("DELETE FROM outbox_v2 WHERE room = ?1 AND seq = ?2")
+            .map_err(sql)?;
+        for seq in &batch.outbox_remove {
+            remove.execute(params![key, *seq as i64]).map_err(sql)?;
+        }
+    }
+    if let Some(checkpoint) = &batch.checkpoint {
+        let nodes = syncline_core::checkpoint::header(checkpoint).map_or(0, |h| h.nodes as i64);
+        tx.prepare_cached(
+            "INSERT INTO checkpoints_v2 (room, nodes, bytes) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (room) DO UPDATE SET nodes = excluded.nodes, bytes = excluded.bytes",
+        )
+        .and_then(|mut stmt| stmt.execute(params![key, nodes, checkpoint]))
+        .map_err(sql)?;
+    }
+    Ok(())
 }
 
-fn create_room(tx: &Connection, room: &RoomId) -> Result<RoomRow, StoreError> {
+/// Swaps merged segments in if the ones they replace are still stored as
+/// they were (a merge computed from an older state does nothing).
+fn apply_merge(
+    tx: &Connection,
+    room: i64,
+    replaced: &[Replaced],
+    merged: &Segment,
+    folded: &[u32],
+) -> Result<(), StoreError> {
+    let mut stmt = tx
+        .prepare_cached("SELECT count, checksum FROM segments_v2 WHERE room = ?1 AND start = ?2")
+        .map_err(sql)?;
+    for r in replaced {
+        let stored: Option<(u32, Vec<u8>)> = stmt
+            .query([room, i64::from(r.start)])
+            .and_then(|mut rows| {
+                rows.next()?
+                    .map(|row| Ok((row.get(0)?, row.get(1)?)))
+                    .transpose()
+            })
+            .map_err(sql)?;
+        if stored.is_none_or(|(count, checksum)| count != r.count || checksum != r.checksum) {
+            return Ok(());
+        }
+    }
+    let mut delete = tx
+        .prepare_cached("DELETE FROM segments_v2 WHERE room = ?1 AND start = ?2")
+        .map_err(sql)?;
+    for r in replaced {
+        delete.execute(params![room, r.start]).map_err(sql)?;
+    }
+    insert_segment(tx, room, merged.start, merged.len, &merged.pack)?;
+    let mut unfold = tx
+        .prepare_cached("DELETE FROM signatures_v2 WHERE room = ?1 AND node = ?2")
+        .map_err(sql)?;
+    for node in folded {
+        unfold.execute(params![room, node]).map_err(sql)?;
+    }
+    Ok(())
+}
+
+fn create_room(tx: &Connection, room: &RoomId) -> Result<i64, StoreError> {
     tx.prepare_cached("INSERT INTO rooms_v1 (name, node_count) VALUES (?1, 0)")
         .and_then(|mut stmt| stmt.execute([room.as_str()]))
         .map_err(sql)?;
@@ -972,179 +1440,38 @@ fn create_room(tx: &Connection, room: &RoomId) -> Result<RoomRow, StoreError> {
             "cannot create room {room}: the store holds the most rooms it supports"
         )));
     }
-    Ok(RoomRow { key, nodes: 0 })
-}
-
-/// Reads every id of a room, checking that the seqs are `0..nodes`.
-fn load_ids(tx: &Connection, state: &RoomState) -> Result<RoomIds, StoreError> {
-    let mut stmt = tx
-        .prepare_cached("SELECT pos, id FROM nodes_v1 WHERE pos >= ?1 AND pos < ?2 ORDER BY pos")
-        .map_err(sql)?;
-    let (first, end) = pos_range(state.key);
-    let mut rows = stmt.query([first, end]).map_err(sql)?;
-    let mut ids = RoomIds {
-        by_prefix: IdMap::with_capacity_and_hasher(state.nodes as usize, Default::default()),
-        clashes: IdMap::default(),
-    };
-    let mut seq = 0u32;
-    while let Some(row) = rows.next().map_err(sql)? {
-        let pos: i64 = row.get(0).map_err(sql)?;
-        if pos != first + i64::from(seq) {
-            return Err(StoreError::Corrupt(format!(
-                "room key {}: node at pos {pos}, expected seq {seq}",
-                state.key
-            )));
-        }
-        ids.insert(NodeId(blob_array(row, 1, "node id")?), seq);
-        seq = seq.wrapping_add(1);
-    }
-    if i64::try_from(ids.len()).ok() != Some(state.nodes) {
-        return Err(StoreError::Corrupt(format!(
-            "room key {} counts {} nodes but holds {}",
-            state.key,
-            state.nodes,
-            ids.len()
-        )));
-    }
-    Ok(ids)
-}
-
-/// Sizes of the multi-row `INSERT`s that `insert_nodes` uses, largest
-/// first, and their SQL.
-static INSERT_NODES: LazyLock<[(usize, String); 3]> = LazyLock::new(|| {
-    [64, 8, 1].map(|rows| {
-        let values = vec!["(?, ?, ?, ?)"; rows].join(", ");
-        let sql = format!("INSERT INTO nodes_v1 (pos, id, bytes, sig) VALUES {values}");
-        (rows, sql)
-    })
-});
-
-/// Inserts `nodes` (each with its `pos`, ascending) with as few statement
-/// runs as the chunk sizes allow. Each run of a statement pays a fixed cost
-/// (opening the table's cursor, stepping, resetting, counting changes) that
-/// a multi-row `INSERT` pays once per chunk instead of once per node. Each
-/// row still costs a B-tree descent from the root, in which SQLite checks
-/// that the explicit `pos` is free.
-fn insert_nodes(tx: &Connection, nodes: &[(i64, &StoredNode)]) -> Result<(), StoreError> {
-    let mut rest = nodes;
-    for (rows, text) in INSERT_NODES.iter() {
-        if rest.len() < *rows {
-            continue;
-        }
-        let mut stmt = tx.prepare_cached(text).map_err(sql)?;
-        while rest.len() >= *rows {
-            let (chunk, tail) = rest.split_at(*rows);
-            for (i, (pos, node)) in chunk.iter().enumerate() {
-                let sig = node.sig.as_ref().map(|s| &s.0[..]);
-                let column = 4 * i;
-                stmt.raw_bind_parameter(column + 1, pos)
-                    .and_then(|()| stmt.raw_bind_parameter(column + 2, &node.id.0[..]))
-                    .and_then(|()| stmt.raw_bind_parameter(column + 3, &node.bytes[..]))
-                    .and_then(|()| stmt.raw_bind_parameter(column + 4, sig))
-                    .map_err(sql)?;
-            }
-            stmt.raw_execute().map_err(sql)?;
-            rest = tail;
-        }
-    }
-    Ok(())
-}
-
-/// Applies one batch inside the group's transaction, in the order every
-/// backend uses: nodes, signatures, outbox additions, outbox removals.
-fn apply_batch(
-    tx: &Connection,
-    cache: &mut Cache,
-    room: &RoomId,
-    batch: &Batch,
-) -> Result<(), StoreError> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let with_ids = !batch.nodes.is_empty() || !batch.signatures.is_empty();
-    let state = cache.room(tx, room, with_ids)?;
-    let (first, _) = pos_range(state.key);
-    let before = state.nodes;
-    if let Some(ids) = &mut state.ids {
-        if !batch.nodes.is_empty() {
-            // New nodes with their pos, inserted in chunks by `insert_nodes`.
-            let mut new = Vec::with_capacity(batch.nodes.len());
-            for node in &batch.nodes {
-                if ids.may_hold(&node.id) {
-                    // Confirming a duplicate reads the stored row, which
-                    // may be one of `new` (an id twice in one batch).
-                    insert_nodes(tx, &new)?;
-                    new.clear();
-                    if ids.find(tx, first, &node.id)?.is_some() {
-                        continue;
-                    }
-                }
-                if state.nodes >= MAX_ROOM_NODES {
-                    return Err(StoreError::Io(format!(
-                        "room {room} holds the most nodes a store supports"
-                    )));
-                }
-                new.push((first + state.nodes, node));
-                // In range: `nodes < MAX_ROOM_NODES = 2^32`.
-                ids.insert(node.id, state.nodes as u32);
-                state.nodes += 1;
-            }
-            insert_nodes(tx, &new)?;
-        }
-        if !batch.signatures.is_empty() {
-            let mut sign = tx
-                .prepare_cached("UPDATE nodes_v1 SET sig = ?2 WHERE pos = ?1 AND sig IS NULL")
-                .map_err(sql)?;
-            for (id, sig) in &batch.signatures {
-                if let Some(seq) = ids.find(tx, first, id)? {
-                    sign.execute(params![first + i64::from(seq), &sig.0[..]])
-                        .map_err(sql)?;
-                }
-            }
-        }
-    }
-    if !batch.outbox_add.is_empty() {
-        let mut add = tx
-            .prepare_cached(
-                "INSERT INTO outbox_v1 (room, id) VALUES (?1, ?2) ON CONFLICT (room, id) DO NOTHING",
-            )
-            .map_err(sql)?;
-        for id in &batch.outbox_add {
-            add.execute(params![state.key, &id.0[..]]).map_err(sql)?;
-        }
-    }
-    if !batch.outbox_remove.is_empty() {
-        let mut remove = tx
-            .prepare_cached("DELETE FROM outbox_v1 WHERE room = ?1 AND id = ?2")
-            .map_err(sql)?;
-        for id in &batch.outbox_remove {
-            remove.execute(params![state.key, &id.0[..]]).map_err(sql)?;
-        }
-    }
-    if state.nodes != before {
-        tx.prepare_cached("UPDATE rooms_v1 SET node_count = ?2 WHERE key = ?1")
-            .and_then(|mut stmt| stmt.execute([state.key, state.nodes]))
-            .map_err(sql)?;
-    }
-    Ok(())
+    Ok(key)
 }
 
 #[cfg(test)]
 mod tests {
     use std::thread;
 
+    use syncline_core::{Keypair, Room, Value};
+
     use super::*;
-    use crate::conformance::{test_node, test_signature};
+    use crate::conformance::{held, test_nodes, test_segment, test_signature};
 
     fn room(name: &str) -> RoomId {
         RoomId::new(name).unwrap()
     }
 
-    fn nodes_batch(tag: u8, range: std::ops::Range<u64>) -> Batch {
-        Batch {
-            nodes: range.map(|n| test_node(tag, n)).collect(),
-            ..Batch::default()
-        }
+    fn open(path: &Path) -> SqliteStore {
+        SqliteStore::open(path, SqliteOptions::default()).unwrap()
+    }
+
+    /// Appends `count` nodes of `tag` to `room` as one segment.
+    fn append(store: &SqliteStore, room: &RoomId, tag: u8, count: u32) {
+        let start = store.node_count(room).unwrap() as u32;
+        store
+            .commit(
+                room,
+                Batch {
+                    segment: Some(test_segment(room, tag, start, count)),
+                    ..Batch::default()
+                },
+            )
+            .unwrap();
     }
 
     /// Version 1 exactly as shipped, frozen here on purpose: if migration 1
@@ -1163,73 +1490,95 @@ mod tests {
     ";
 
     #[test]
-    fn opens_a_hand_made_version_1_file() {
+    fn a_hand_made_version_1_file_migrates_to_segments() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v1.db");
-        let (a, b) = (test_node(1, 0), test_node(1, 1));
+        let notes = room("notes");
+        let (ka, kb) = (Keypair::from_seed([1; 32]), Keypair::from_seed([2; 32]));
+        let mut source = Room::new(notes.clone());
+        for i in 0..5u64 {
+            let key = if i == 2 { &kb } else { &ka };
+            let mut tx = source.begin(key.author(), 100 + i);
+            tx.text_insert("/t", 0, "ab").unwrap();
+            tx.set("/f", "v", Value::Int(i as i64)).unwrap();
+            tx.commit().unwrap();
+        }
+        let dag = source.dag();
         {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(SHIPPED_V1).unwrap();
-            conn.execute("INSERT INTO rooms_v1 VALUES (1, 'notes', 2)", [])
+            conn.execute("INSERT INTO rooms_v1 VALUES (1, 'notes', 5)", [])
                 .unwrap();
-            for (seq, node) in [&a, &b].into_iter().enumerate() {
+            for idx in 0..dag.next_idx() {
+                let sig = (idx == 3).then(|| ka.sign(&dag.id(idx)).0.to_vec());
                 conn.execute(
                     "INSERT INTO nodes_v1 VALUES (?1, ?2, ?3, ?4)",
                     params![
-                        (1i64 << 32) + seq as i64,
-                        &node.id.0[..],
-                        &node.bytes,
-                        (seq == 1).then_some(&test_signature(1).0[..])
+                        (1i64 << 32) + i64::from(idx),
+                        &dag.id(idx).0[..],
+                        dag.node(idx).encode(),
+                        sig
                     ],
                 )
                 .unwrap();
             }
-            conn.execute(
-                "INSERT INTO outbox_v1 (room, id) VALUES (1, ?1)",
-                [&b.id.0[..]],
-            )
-            .unwrap();
+            for idx in [4, 1] {
+                conn.execute(
+                    "INSERT INTO outbox_v1 (room, id) VALUES (1, ?1)",
+                    [&dag.id(idx).0[..]],
+                )
+                .unwrap();
+            }
             conn.execute("INSERT INTO meta_v1 VALUES ('identity', x'0102')", [])
                 .unwrap();
         }
 
-        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-        let notes = room("notes");
-        let mut signed_b = b.clone();
-        signed_b.sig = Some(test_signature(1));
-        assert_eq!(
-            store.load_nodes(&notes).unwrap(),
-            vec![a.clone(), signed_b.clone()]
-        );
-        assert_eq!(store.outbox(&notes).unwrap(), vec![b.id]);
+        let store = open(&path);
+        let stored = store.load(&notes).unwrap();
+        assert_eq!(stored.segments.len(), 1);
+        let seen = held(&notes, &stored);
+        let expected: Vec<_> = (0..5).map(|i| (*dag.author(i), dag.seq(i))).collect();
+        assert_eq!(seen.nodes, expected);
+        assert_eq!(seen.signatures.keys().copied().collect::<Vec<_>>(), [3]);
+        // The outbox's ids became the seqs of those nodes (by the local
+        // author, as every outbox entry is).
+        assert_eq!(stored.outbox, vec![dag.seq(1), dag.seq(4)]);
         assert_eq!(store.rooms().unwrap(), vec![notes.clone()]);
         assert_eq!(store.get_meta("identity").unwrap(), Some(vec![1, 2]));
-        // New writes continue the room and dedup against the old rows.
-        let c = test_node(1, 2);
+        // The history replays to the same room, ids and all.
+        let replayed = Room::from_segments(notes.clone(), stored.segments).unwrap();
+        assert_eq!(replayed.state_hash(), source.state_hash());
+        assert_eq!(replayed.dag().id_index(), dag.id_index());
+        // Schema 1's tables are gone; the room goes on.
+        let tables: i64 = store
+            .inner
+            .read(|conn| {
+                conn.query_row(
+                    "SELECT count(*) FROM sqlite_schema WHERE name IN ('nodes_v1', 'outbox_v1')",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(sql)
+            })
+            .unwrap();
+        assert_eq!(tables, 0);
         store
             .commit(
                 &notes,
                 Batch {
-                    nodes: vec![b.clone(), c.clone(), a.clone()],
-                    signatures: vec![(a.id, test_signature(0))],
+                    segment: Some(source.dag().segment(4..5, 3)),
                     ..Batch::default()
                 },
             )
             .unwrap();
-        let mut signed_a = a;
-        signed_a.sig = Some(test_signature(0));
-        assert_eq!(
-            store.load_nodes(&notes).unwrap(),
-            vec![signed_a, signed_b, c]
-        );
-        assert_eq!(store.node_count(&notes).unwrap(), 3);
+        assert_eq!(store.node_count(&notes).unwrap(), 5, "a replay is skipped");
     }
 
     #[test]
     fn refuses_a_file_from_a_newer_version() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("future.db");
-        drop(SqliteStore::open(&path, SqliteOptions::default()).unwrap());
+        drop(open(&path));
         let future = MIGRATIONS.len() + 1;
         Connection::open(&path)
             .unwrap()
@@ -1275,20 +1624,28 @@ mod tests {
         ));
     }
 
+    fn log_step(tx: &Transaction<'_>) -> Result<(), StoreError> {
+        tx.execute("INSERT INTO log SELECT max(step) + 10 FROM log", [])
+            .map_err(sql)?;
+        Ok(())
+    }
+
     #[test]
     fn migrations_apply_in_order_from_the_files_version() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = Connection::open(dir.path().join("m.db")).unwrap();
+        let step = |sql, data| Migration { sql, data };
         let steps = [
-            "CREATE TABLE log (step INTEGER);",
-            "INSERT INTO log VALUES (2);",
-            "INSERT INTO log VALUES (3);",
+            step("CREATE TABLE log (step INTEGER);", None),
+            step("INSERT INTO log VALUES (2);", Some(log_step as _)),
+            step("INSERT INTO log VALUES (3);", None),
         ];
-        migrate(&mut conn, &steps[..1]).unwrap();
+        assert!(!migrate(&mut conn, &steps[..1]).unwrap());
         conn.execute("INSERT INTO log VALUES (1)", []).unwrap();
-        migrate(&mut conn, &steps).unwrap();
+        // From version 1: data moves, so the file is worth vacuuming.
+        assert!(migrate(&mut conn, &steps).unwrap());
         // Already current: nothing runs again.
-        migrate(&mut conn, &steps).unwrap();
+        assert!(!migrate(&mut conn, &steps).unwrap());
         let log: Vec<i64> = conn
             .prepare("SELECT step FROM log ORDER BY rowid")
             .unwrap()
@@ -1296,54 +1653,34 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(log, [1, 2, 3]);
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |row| row.get(0))
-            .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(log, [1, 2, 12, 3]);
+        let version = |conn: &Connection| -> i64 {
+            conn.pragma_query_value(None, "user_version", |row| row.get(0))
+                .unwrap()
+        };
+        assert_eq!(version(&conn), 3);
         // A failing migration leaves the file at its old version.
         let broken = [
-            steps[0],
-            steps[1],
-            steps[2],
-            "INSERT INTO missing VALUES (4);",
+            step(steps[0].sql, None),
+            step(steps[1].sql, None),
+            step(steps[2].sql, None),
+            step("INSERT INTO missing VALUES (4);", None),
         ];
         assert!(migrate(&mut conn, &broken).is_err());
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |row| row.get(0))
-            .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version(&conn), 3);
     }
 
     #[test]
     fn one_store_per_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let store = open(&path);
         assert!(matches!(
             SqliteStore::open(&path, SqliteOptions::default()),
             Err(StoreError::Io(_))
         ));
         drop(store);
-        SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-    }
-
-    #[test]
-    fn dedup_holds_when_the_id_cache_is_evicted() {
-        let dir = tempfile::tempdir().unwrap();
-        let options = SqliteOptions {
-            dedup_cache_nodes: 10,
-            ..SqliteOptions::default()
-        };
-        let store = SqliteStore::open(&dir.path().join("store.db"), options).unwrap();
-        let (r1, r2) = (room("one"), room("two"));
-        for round in 0..4 {
-            // Each room alone exceeds the budget: every write reloads.
-            store.commit(&r1, nodes_batch(1, 0..8 + round)).unwrap();
-            store.commit(&r2, nodes_batch(2, 0..8 + round)).unwrap();
-        }
-        assert_eq!(store.node_count(&r1).unwrap(), 11);
-        assert_eq!(store.load_nodes(&r2).unwrap(), nodes_batch(2, 0..11).nodes);
+        open(&path);
     }
 
     /// Holds the database's write lock from another connection, so the
@@ -1357,32 +1694,38 @@ mod tests {
     #[test]
     fn concurrent_commits_all_land() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            SqliteStore::open(&dir.path().join("store.db"), SqliteOptions::default()).unwrap();
-        let shared = room("shared");
+        // No merger: its writes would share the queue checked below.
+        let options = SqliteOptions {
+            merge_in_background: false,
+            ..SqliteOptions::default()
+        };
+        let store = SqliteStore::open(&dir.path().join("store.db"), options).unwrap();
         thread::scope(|scope| {
             for t in 0..16u8 {
-                let (store, shared) = (&store, &shared);
+                let store = &store;
                 scope.spawn(move || {
-                    for c in 0..20 {
-                        store.commit(shared, nodes_batch(t, c..c + 1)).unwrap();
+                    let own = room(&format!("room-{t}"));
+                    for _ in 0..20 {
+                        append(store, &own, t, 2);
                     }
                 });
             }
         });
-        let loaded = store.load_nodes(&shared).unwrap();
-        assert_eq!(loaded.len(), 16 * 20);
         for t in 0..16u8 {
-            // Byte 8 of a test id is its tag.
-            let own: Vec<_> = loaded.iter().filter(|n| n.id.0[8] == t).cloned().collect();
-            assert_eq!(own, nodes_batch(t, 0..20).nodes, "thread {t} in its order");
+            let own = room(&format!("room-{t}"));
+            let stored = store.load(&own).unwrap();
+            assert_eq!(
+                held(&own, &stored).nodes,
+                test_nodes(t, 0, 40),
+                "thread {t}"
+            );
         }
         let stats = store.stats();
         assert_eq!(stats.batches, 16 * 20);
         assert!(stats.transactions <= stats.batches);
         // Every leader passed leadership on or gave it up: the next writer
         // leads at once.
-        let queue = store.queue.lock().unwrap();
+        let queue = store.inner.queue.lock().unwrap();
         assert!(queue.waiting.is_empty() && !queue.leading);
     }
 
@@ -1390,19 +1733,24 @@ mod tests {
     fn queued_commits_share_one_transaction() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-        let r = room("grouped");
+        let options = SqliteOptions {
+            merge_in_background: false,
+            ..SqliteOptions::default()
+        };
+        let store = SqliteStore::open(&path, options).unwrap();
         let blocker = block_writer(&path);
         thread::scope(|scope| {
             for t in 0..8u8 {
-                let (store, r) = (&store, &r);
-                scope.spawn(move || store.commit(r, nodes_batch(t, 0..3)).unwrap());
+                let store = &store;
+                scope.spawn(move || append(store, &room(&format!("grouped-{t}")), t, 3));
             }
             // Let every commit reach the queue (or the blocked writer).
             thread::sleep(Duration::from_millis(300));
             blocker.execute_batch("COMMIT").unwrap();
         });
-        assert_eq!(store.node_count(&r).unwrap(), 24);
+        for t in 0..8u8 {
+            assert_eq!(store.node_count(&room(&format!("grouped-{t}"))).unwrap(), 3);
+        }
         let stats = store.stats();
         assert_eq!(stats.batches, 8);
         // The first caller found the queue empty, led a group of its own
@@ -1416,7 +1764,7 @@ mod tests {
     fn a_failing_write_fails_alone_in_its_group() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let store = open(&path);
         // A write that SQLite refuses, as a full disk or a broken row would.
         Connection::open(&path)
             .unwrap()
@@ -1431,7 +1779,15 @@ mod tests {
             let store = &store;
             let first = scope.spawn(move || store.put_meta("first", b"1"));
             thread::sleep(Duration::from_millis(100));
-            let good = scope.spawn(|| store.commit(&r, nodes_batch(1, 0..5)));
+            let good = scope.spawn(|| {
+                store.commit(
+                    &r,
+                    Batch {
+                        segment: Some(test_segment(&r, 1, 0, 5)),
+                        ..Batch::default()
+                    },
+                )
+            });
             let poison = scope.spawn(move || store.put_meta("poison", b"x"));
             let also_good = scope.spawn(move || store.put_meta("second", b"2"));
             thread::sleep(Duration::from_millis(300));
@@ -1453,11 +1809,15 @@ mod tests {
     fn a_panic_while_writing_fails_its_group_and_later_writes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+        let store = open(&path);
         let r = room("panicky");
-        store.commit(&r, nodes_batch(1, 0..3)).unwrap();
-        store.writer.lock().unwrap().panic_on = Some("panic".to_owned());
+        append(&store, &r, 1, 3);
+        store.inner.writer.lock().unwrap().panic_on = Some("panic".to_owned());
         let blocker = block_writer(&path);
+        let batch = |start, count| Batch {
+            segment: Some(test_segment(&r, 1, start, count)),
+            ..Batch::default()
+        };
         let results = thread::scope(|scope| {
             let store = &store;
             let first = scope.spawn(move || store.put_meta("first", b"1"));
@@ -1465,7 +1825,7 @@ mod tests {
             // Queued behind `first`: one group, whose leader panics while
             // writing `panic`.
             let group = [
-                scope.spawn(|| store.commit(&r, nodes_batch(1, 3..5))),
+                scope.spawn(|| store.commit(&r, batch(3, 2))),
                 scope.spawn(move || store.put_meta("panic", b"x")),
                 scope.spawn(move || store.put_meta("second", b"2")),
             ];
@@ -1481,10 +1841,10 @@ mod tests {
         // The write connection is poisoned: later writes fail at once, and
         // concurrent ones do not wait for a leader that never comes.
         thread::scope(|scope| {
-            for t in 0..4 {
-                let (store, r) = (&store, &r);
+            for _ in 0..4 {
+                let (store, r, batch) = (&store, &r, &batch);
                 scope.spawn(move || {
-                    let result = store.commit(r, nodes_batch(2, t..t + 1));
+                    let result = store.commit(r, batch(3, 1));
                     assert!(matches!(result, Err(StoreError::Closed)), "{result:?}");
                 });
             }
@@ -1494,66 +1854,140 @@ mod tests {
         assert_eq!(store.get_meta("first").unwrap(), Some(b"1".to_vec()));
         assert_eq!(store.get_meta("second").unwrap(), None);
         drop(store);
-        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-        assert_eq!(store.load_nodes(&r).unwrap(), nodes_batch(1, 0..3).nodes);
+        let store = open(&path);
+        assert_eq!(
+            held(&r, &store.load(&r).unwrap()).nodes,
+            test_nodes(1, 0, 3)
+        );
         store.put_meta("second", b"2").unwrap();
     }
 
     #[test]
-    fn large_batches_dedup_across_insert_chunks() {
+    fn the_merge_policy_merges_runs_of_one_size_class() {
+        // Seven small segments wait for an eighth.
+        assert_eq!(merge_run(&[(0, 1); 7]), None);
+        let index: Vec<(u32, u32)> = (0..8).map(|i| (i, 1)).collect();
+        assert_eq!(merge_run(&index), Some(0..8));
+        // A large segment first, then a full run of small ones.
+        let mut index = vec![(0, 64)];
+        index.extend((0..9).map(|i| (64 + i, 2)));
+        assert_eq!(merge_run(&index), Some(1..9));
+        // Eight of the largest class are never merged.
+        let top: Vec<(u32, u32)> = (0..8).map(|i| (i * 4096, 4096)).collect();
+        assert_eq!(merge_run(&top), None);
+        // Merging stops short of MAX_SEGMENT_NODES.
+        let big: Vec<(u32, u32)> = (0..8).map(|i| (i * 3000, 3000)).collect();
+        assert_eq!(merge_run(&big), Some(0..2));
+    }
+
+    #[test]
+    fn segments_merge_into_fewer_smaller_ones_and_hold_the_same_history() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-        let r = room("chunks");
-        store.commit(&r, nodes_batch(1, 0..30)).unwrap();
-        // Long enough for every chunk size, with duplicates of stored
-        // nodes, of nodes earlier in the batch (near and far: pending or
-        // already inserted), and an id sharing the prefix of the node just
-        // before it.
-        let fresh = nodes_batch(1, 30..200).nodes;
-        let mut clash = fresh[70].clone();
-        clash.id.0[31] ^= 0xff;
-        let mut batch = Vec::new();
-        let mut expected = nodes_batch(1, 0..30).nodes;
-        for (i, node) in fresh.iter().enumerate() {
-            batch.push(node.clone());
-            expected.push(node.clone());
-            if i % 37 == 5 {
-                batch.push(test_node(1, (i % 30) as u64));
-            }
-            if i % 23 == 7 {
-                batch.push(fresh[i / 2].clone());
-                batch.push(node.clone());
-            }
-            if i == 70 {
-                batch.push(clash.clone());
-                expected.push(clash.clone());
-            }
-            if i == 150 {
-                batch.push(clash.clone());
-            }
-        }
-        let nodes_batch = |nodes: &[StoredNode]| Batch {
-            nodes: nodes.to_vec(),
-            ..Batch::default()
+        let options = SqliteOptions {
+            merge_in_background: false,
+            ..SqliteOptions::default()
         };
-        store.commit(&r, nodes_batch(&batch)).unwrap();
-        assert_eq!(store.load_nodes(&r).unwrap(), expected);
-        assert_eq!(store.node_count(&r).unwrap(), 201);
-        // Again, and after a reopen (dedup from a fresh scan): no change.
-        store.commit(&r, nodes_batch(&batch)).unwrap();
+        let store = SqliteStore::open(&path, options).unwrap();
+        let r = room("merging");
+        for i in 0..200 {
+            let start = store.node_count(&r).unwrap() as u32;
+            store
+                .commit(
+                    &r,
+                    Batch {
+                        segment: Some(test_segment(&r, 1, start, 1 + i % 3)),
+                        signatures: vec![(start, test_signature(u64::from(start)))],
+                        ..Batch::default()
+                    },
+                )
+                .unwrap();
+        }
+        let before = store.load(&r).unwrap();
+        let bytes_before = store.room_bytes(&r).unwrap();
+        assert_eq!(bytes_before.segments, 200);
+        store.settle().unwrap();
+        let after = store.load(&r).unwrap();
+        let bytes_after = store.room_bytes(&r).unwrap();
+        assert_eq!(
+            held(&r, &after),
+            held(&r, &before),
+            "the same nodes and signatures"
+        );
+        assert!(store.stats().merges > 0);
+        assert!(bytes_after.segments < 12, "{bytes_after:?}");
+        assert!(
+            bytes_after.history * 4 < bytes_before.history,
+            "{bytes_after:?} vs {bytes_before:?}"
+        );
+        // Signatures were folded into the merged segments.
+        assert!(after.signatures.len() < before.signatures.len());
+        // A merge computed from a state that changed since does nothing.
+        let stale = Write::Merge {
+            room: store
+                .inner
+                .read(|conn| room_key(conn, &r))
+                .unwrap()
+                .unwrap(),
+            replaced: vec![Replaced {
+                start: 0,
+                count: after.segments[0].len,
+                checksum: [0; 32],
+            }],
+            merged: test_segment(&r, 9, 0, after.segments[0].len),
+            folded: Vec::new(),
+        };
+        store.inner.write(stale).unwrap();
+        assert_eq!(store.load(&r).unwrap(), after);
+    }
+
+    #[test]
+    fn the_merger_thread_merges_after_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("store.db"));
+        let r = room("background");
+        for _ in 0..64 {
+            append(&store, &r, 1, 1);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while store.room_bytes(&r).unwrap().segments > 8 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the merger did not merge"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            held(&r, &store.load(&r).unwrap()).nodes,
+            test_nodes(1, 0, 64)
+        );
+    }
+
+    #[test]
+    fn a_segment_that_fails_its_checksum_is_reported_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let store = open(&path);
+        let r = room("damaged");
+        append(&store, &r, 1, 5);
         drop(store);
-        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-        store.commit(&r, nodes_batch(&expected)).unwrap();
-        assert_eq!(store.load_nodes(&r).unwrap(), expected);
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("UPDATE segments_v2 SET pack = zeroblob(length(pack))")
+            .unwrap();
+        let store = open(&path);
+        match store.load(&r) {
+            Err(StoreError::Corrupt(message)) => assert!(message.contains("checksum")),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
     }
 
     #[test]
     fn dropping_the_store_closes_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.db");
-        let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
-        store.commit(&room("r"), nodes_batch(1, 0..3)).unwrap();
+        let store = open(&path);
+        append(&store, &room("r"), 1, 3);
         assert_eq!(store.node_count(&room("r")).unwrap(), 3);
         drop(store);
         // Every connection closed: the last one checkpointed and removed the
@@ -1564,7 +1998,7 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;").unwrap();
         let rows: i64 = conn
-            .query_row("SELECT count(*) FROM nodes_v1", [], |row| row.get(0))
+            .query_row("SELECT sum(count) FROM segments_v2", [], |row| row.get(0))
             .unwrap();
         assert_eq!(rows, 3);
     }

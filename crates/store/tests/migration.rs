@@ -37,7 +37,7 @@ fn describe(replica: &mut Replica) -> String {
         writeln!(out, "room {room} nodes {}", dag.len()).unwrap();
         let heads: Vec<String> = dag.heads().iter().map(|h| h.to_string()).collect();
         writeln!(out, "room {room} heads {}", heads.join(",")).unwrap();
-        let outbox: Vec<String> = r.outbox().unwrap().iter().map(|h| h.to_string()).collect();
+        let outbox: Vec<String> = r.outbox().iter().map(|h| h.to_string()).collect();
         writeln!(out, "room {room} outbox {}", outbox.join(",")).unwrap();
         writeln!(out, "room {room} export {:?}", r.room().doc().export()).unwrap();
     }

@@ -6,16 +6,16 @@
 //! Each run is reproducible from its seed, printed on failure. To replay
 //! one: `SYNCLINE_MODEL_SEED=<seed> cargo test -p syncline-store --test model`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use syncline_core::{NodeId, RoomId, Signature};
-use syncline_store::conformance::{test_node, test_signature};
+use syncline_core::{AuthorId, RoomId, Signature};
+use syncline_store::conformance::{held, test_nodes, test_segment, test_signature};
 use syncline_store::{
-    Batch, FaultPlan, FaultyStore, SqliteOptions, SqliteStore, Store, StoreError, StoredNode,
+    Batch, FaultPlan, FaultyStore, SqliteOptions, SqliteStore, Store, StoreError,
 };
 
 /// Rooms the operations write to, plus one never written (reads of an
@@ -29,6 +29,8 @@ const WRITTEN_META_KEYS: usize = 2;
 enum Op {
     Commit {
         room: usize,
+        /// The author of the batch's segment (see `test_segment`).
+        tag: u8,
         batch: Batch,
     },
     PutMeta {
@@ -52,38 +54,46 @@ struct Model {
 
 #[derive(Clone, Debug, Default, PartialEq)]
 struct RoomModel {
-    nodes: Vec<StoredNode>,
-    outbox: Vec<NodeId>,
+    nodes: Vec<(AuthorId, u64)>,
+    signatures: BTreeMap<u32, Signature>,
+    outbox: BTreeSet<u64>,
+    checkpoint: Option<Vec<u8>>,
 }
+
+/// A batch the rules refuse (its segment does not continue the history).
+#[derive(Debug)]
+struct Refused;
 
 impl Model {
     /// The rules of `Store`, written as plainly as possible.
-    fn apply(&mut self, op: &Op) {
+    fn apply(&mut self, op: &Op) -> Result<(), Refused> {
         match op {
-            Op::Commit { room, batch } => {
+            Op::Commit { room, tag, batch } => {
                 if batch.is_empty() {
-                    return;
+                    return Ok(());
                 }
+                let stored = self.rooms.get(room).map_or(0, |r| r.nodes.len() as u32);
+                let append = match &batch.segment {
+                    Some(s) if s.start == stored => true,
+                    Some(s) if s.start + s.len <= stored => false,
+                    Some(_) => return Err(Refused),
+                    None => false,
+                };
                 let data = self.rooms.entry(*room).or_default();
-                for node in &batch.nodes {
-                    if !data.nodes.iter().any(|held| held.id == node.id) {
-                        data.nodes.push(node.clone());
+                if append && let Some(s) = &batch.segment {
+                    data.nodes.extend(test_nodes(*tag, s.start, s.len));
+                }
+                for (node, sig) in &batch.signatures {
+                    if (*node as usize) < data.nodes.len() {
+                        data.signatures.entry(*node).or_insert(*sig);
                     }
                 }
-                for (id, sig) in &batch.signatures {
-                    if let Some(held) = data.nodes.iter_mut().find(|held| held.id == *id)
-                        && held.sig.is_none()
-                    {
-                        held.sig = Some(*sig);
-                    }
+                data.outbox.extend(&batch.outbox_add);
+                for seq in &batch.outbox_remove {
+                    data.outbox.remove(seq);
                 }
-                for id in &batch.outbox_add {
-                    if !data.outbox.contains(id) {
-                        data.outbox.push(*id);
-                    }
-                }
-                for id in &batch.outbox_remove {
-                    data.outbox.retain(|held| held != id);
+                if let Some(checkpoint) = &batch.checkpoint {
+                    data.checkpoint = Some(checkpoint.clone());
                 }
             }
             Op::PutMeta { key, value } => {
@@ -91,6 +101,7 @@ impl Model {
             }
             Op::Reboot | Op::Crash | Op::SetPlan(_) => {}
         }
+        Ok(())
     }
 }
 
@@ -98,9 +109,11 @@ impl Model {
 #[derive(Debug, PartialEq)]
 struct Reads {
     rooms: Vec<RoomId>,
-    nodes: Vec<Vec<StoredNode>>,
+    nodes: Vec<Vec<(AuthorId, u64)>>,
+    signatures: Vec<BTreeMap<u32, Signature>>,
     counts: Vec<u64>,
-    outboxes: Vec<Vec<NodeId>>,
+    outboxes: Vec<Vec<u64>>,
+    checkpoints: Vec<Option<Vec<u8>>>,
     meta: Vec<Option<Vec<u8>>>,
 }
 
@@ -119,10 +132,14 @@ impl Reads {
         Reads {
             rooms,
             nodes: (0..ROOMS.len()).map(|i| room(i).nodes).collect(),
+            signatures: (0..ROOMS.len()).map(|i| room(i).signatures).collect(),
             counts: (0..ROOMS.len())
                 .map(|i| room(i).nodes.len() as u64)
                 .collect(),
-            outboxes: (0..ROOMS.len()).map(|i| room(i).outbox).collect(),
+            outboxes: (0..ROOMS.len())
+                .map(|i| room(i).outbox.into_iter().collect())
+                .collect(),
+            checkpoints: (0..ROOMS.len()).map(|i| room(i).checkpoint).collect(),
             meta: (0..META_KEYS.len())
                 .map(|k| model.meta.get(&k).cloned())
                 .collect(),
@@ -130,18 +147,22 @@ impl Reads {
     }
 
     fn of_store(store: &dyn Store) -> Reads {
-        let rooms = (0..ROOMS.len()).map(room_id);
+        let loaded: Vec<_> = (0..ROOMS.len())
+            .map(|i| {
+                let room = room_id(i);
+                let stored = store.load(&room).unwrap();
+                (held(&room, &stored), stored)
+            })
+            .collect();
         Reads {
             rooms: store.rooms().unwrap(),
-            nodes: rooms
-                .clone()
-                .map(|r| store.load_nodes(&r).unwrap())
+            nodes: loaded.iter().map(|(h, _)| h.nodes.clone()).collect(),
+            signatures: loaded.iter().map(|(h, _)| h.signatures.clone()).collect(),
+            counts: (0..ROOMS.len())
+                .map(|i| store.node_count(&room_id(i)).unwrap())
                 .collect(),
-            counts: rooms
-                .clone()
-                .map(|r| store.node_count(&r).unwrap())
-                .collect(),
-            outboxes: rooms.map(|r| store.outbox(&r).unwrap()).collect(),
+            outboxes: loaded.iter().map(|(_, s)| s.outbox.clone()).collect(),
+            checkpoints: loaded.iter().map(|(_, s)| s.checkpoint.clone()).collect(),
             meta: META_KEYS
                 .iter()
                 .map(|k| store.get_meta(k).unwrap())
@@ -161,26 +182,32 @@ fn assert_reads(store: &Reads, model: &Reads, context: &str) {
         let (got, want) = (&store.nodes[i], &model.nodes[i]);
         if let Some(at) = (0..got.len().max(want.len())).find(|&at| got.get(at) != want.get(at)) {
             panic!(
-                "load_nodes({name})[{at}] {context}: store has {:?}, model {:?}",
+                "nodes of {name} [{at}] {context}: store has {:?}, model {:?}",
                 got.get(at),
                 want.get(at)
             );
         }
         assert_eq!(
+            store.signatures[i], model.signatures[i],
+            "signatures of {name} {context}"
+        );
+        assert_eq!(
             store.outboxes[i], model.outboxes[i],
-            "outbox({name}) {context}"
+            "outbox of {name} {context}"
+        );
+        assert_eq!(
+            store.checkpoints[i], model.checkpoints[i],
+            "checkpoint of {name} {context}"
         );
     }
     assert_eq!(store.meta, model.meta, "get_meta {context}");
 }
 
-/// Makes random operations; remembers the nodes it made so later batches
-/// can repeat them (duplicates) and sign or acknowledge them.
+/// Makes random operations against what a store holds: segments that
+/// continue a room's history, replay part of it, or leave a gap.
 struct Generator {
     rng: ChaCha8Rng,
-    made: Vec<StoredNode>,
-    next: u64,
-    /// Chance that a batch is large (tens to hundreds of nodes).
+    /// Chance that a segment is large (tens to hundreds of nodes).
     large_batches: f64,
 }
 
@@ -188,93 +215,69 @@ impl Generator {
     fn new(seed: u64, large_batches: f64) -> Generator {
         Generator {
             rng: ChaCha8Rng::seed_from_u64(seed),
-            made: Vec::new(),
-            next: 0,
             large_batches,
         }
-    }
-
-    fn fresh(&mut self) -> StoredNode {
-        let mut node = test_node(0x4d, self.next);
-        self.next += 1;
-        if !self.made.is_empty() && self.rng.random_bool(0.1) {
-            // Same first bytes as an earlier id, different end: a backend
-            // indexing ids by prefix must still tell them apart.
-            let earlier = self.made[self.rng.random_range(0..self.made.len())].id;
-            let keep = self.rng.random_range(8..32);
-            node.id.0[..keep].copy_from_slice(&earlier.0[..keep]);
-        }
-        if self.rng.random_bool(0.3) {
-            node.sig = Some(self.signature());
-        }
-        self.made.push(node.clone());
-        node
     }
 
     fn signature(&mut self) -> Signature {
         test_signature(self.rng.random())
     }
 
-    /// A node made earlier (possibly never committed, or committed to
-    /// another room), sometimes with other bytes or signature, which must
-    /// not matter.
-    fn repeat(&mut self) -> StoredNode {
-        if self.made.is_empty() {
-            return self.fresh();
-        }
-        let mut node = self.made[self.rng.random_range(0..self.made.len())].clone();
-        if self.rng.random_bool(0.2) {
-            node.bytes.push(0xee);
-            node.sig = Some(self.signature());
-        }
-        node
-    }
-
-    fn some_id(&mut self) -> NodeId {
-        if self.rng.random_bool(0.8) {
-            self.repeat().id
-        } else {
-            // Never made: an id no room holds.
-            test_node(0x55, self.rng.random()).id
-        }
-    }
-
-    fn batch(&mut self) -> Batch {
+    fn batch(&mut self, room: &RoomId, tag: u8, stored: u32) -> Batch {
         let mut batch = Batch::default();
-        let nodes = if self.rng.random_bool(self.large_batches) {
+        let count = if self.rng.random_bool(self.large_batches) {
             self.rng.random_range(20..200)
         } else {
-            self.rng.random_range(0..6)
+            self.rng.random_range(1..6)
         };
-        for _ in 0..nodes {
-            let node = if self.rng.random_bool(0.7) {
-                self.fresh()
-            } else {
-                self.repeat()
-            };
-            batch.nodes.push(node);
-        }
+        batch.segment = match self.rng.random_range(0..100) {
+            0..70 => Some(test_segment(room, tag, stored, count)),
+            70..80 if stored > 0 => {
+                // A retry of nodes stored already.
+                let start = self.rng.random_range(0..stored);
+                let len = self.rng.random_range(1..=stored - start);
+                Some(test_segment(room, tag, start, len))
+            }
+            80..85 => {
+                // A gap, or an overlap of the end: refused.
+                let start = if stored > 0 && self.rng.random_bool(0.5) {
+                    stored - 1
+                } else {
+                    stored + self.rng.random_range(1..4)
+                };
+                Some(test_segment(room, tag, start, count + 1))
+            }
+            _ => None,
+        };
+        let end = stored + batch.segment.as_ref().map_or(0, |s| s.len);
         for _ in 0..self.rng.random_range(0..3) {
-            let id = self.some_id();
+            let node = self.rng.random_range(0..end + 2);
             let sig = self.signature();
-            batch.signatures.push((id, sig));
+            batch.signatures.push((node, sig));
         }
         for _ in 0..self.rng.random_range(0..4) {
-            let id = self.some_id();
-            batch.outbox_add.push(id);
+            batch.outbox_add.push(self.rng.random_range(1..30));
         }
         for _ in 0..self.rng.random_range(0..3) {
-            let id = self.some_id();
-            batch.outbox_remove.push(id);
+            batch.outbox_remove.push(self.rng.random_range(1..30));
+        }
+        if self.rng.random_bool(0.2) {
+            let len = self.rng.random_range(0..40);
+            batch.checkpoint = Some((0..len).map(|_| self.rng.random()).collect());
         }
         batch
     }
 
-    fn write(&mut self) -> Op {
+    /// A write to `store`, whose reads decide where segments start.
+    fn write(&mut self, store: &dyn Store) -> Op {
         if self.rng.random_bool(0.8) {
+            let room = self.rng.random_range(0..WRITTEN_ROOMS);
+            let stored = store.node_count(&room_id(room)).unwrap() as u32;
+            let tag = self.rng.random_range(1..4);
             Op::Commit {
-                room: self.rng.random_range(0..WRITTEN_ROOMS),
-                batch: self.batch(),
+                room,
+                tag,
+                batch: self.batch(&room_id(room), tag, stored),
             }
         } else {
             let len = self.rng.random_range(0..40);
@@ -288,7 +291,7 @@ impl Generator {
 
 fn apply_write(store: &dyn Store, op: &Op) -> Result<(), StoreError> {
     match op {
-        Op::Commit { room, batch } => store.commit(&room_id(*room), batch.clone()),
+        Op::Commit { room, batch, .. } => store.commit(&room_id(*room), batch.clone()),
         Op::PutMeta { key, value } => store.put_meta(META_KEYS[*key], value),
         Op::Reboot | Op::Crash | Op::SetPlan(_) => Ok(()),
     }
@@ -314,8 +317,9 @@ fn open_sqlite(path: &Path, seed: u64) -> SqliteStore {
         // Reboots here are clean closes, which `synchronous=NORMAL` survives
         // too; most runs skip the fsyncs to afford more operations.
         synchronous_full: seed.is_multiple_of(4),
-        // Some runs keep a tiny dedup cache, so eviction and reload run too.
-        dedup_cache_nodes: if seed.is_multiple_of(3) { 16 } else { 1 << 20 },
+        // Some runs merge only when settled, so unmerged histories are
+        // read too.
+        merge_in_background: !seed.is_multiple_of(3),
         ..SqliteOptions::default()
     };
     SqliteStore::open(path, options).unwrap()
@@ -335,16 +339,23 @@ fn sqlite_store_matches_the_model() {
             let op = if gen_ops.rng.random_bool(0.08) {
                 Op::Reboot
             } else {
-                gen_ops.write()
+                gen_ops.write(&store)
             };
             if let Op::Reboot = op {
-                // Dropping joins the writer and closes the file first.
+                // Dropping stops the merger and closes the file first.
                 drop(store);
                 store = open_sqlite(&path, seed);
             }
-            apply_write(&store, &op)
-                .unwrap_or_else(|e| panic!("seed {seed} step {step}: {op:?} failed: {e}"));
-            model.apply(&op);
+            let expected = model.apply(&op);
+            match (apply_write(&store, &op), expected) {
+                (Ok(()), Ok(())) | (Err(StoreError::Invalid(_)), Err(Refused)) => {}
+                (got, expected) => {
+                    panic!("seed {seed} step {step}: {op:?} gave {got:?}, model {expected:?}")
+                }
+            }
+            if gen_ops.rng.random_bool(0.05) {
+                store.settle().unwrap();
+            }
             assert_reads(
                 &Reads::of_store(&store),
                 &Reads::of_model(&model),
@@ -398,7 +409,7 @@ fn faulty_store_matches_the_model_across_crashes() {
                         seed: gen_ops.rng.random(),
                     })
                 }
-                _ => gen_ops.write(),
+                _ => gen_ops.write(&store),
             };
             match &op {
                 Op::Crash => {
@@ -416,7 +427,9 @@ fn faulty_store_matches_the_model_across_crashes() {
                             break;
                         }
                         if let Some(next) = failed.get(survivors) {
-                            candidate.apply(next);
+                            candidate
+                                .apply(next)
+                                .expect("a failed write applied to the state it followed");
                         }
                     }
                     let Some(kept) = kept else {
@@ -440,6 +453,20 @@ fn faulty_store_matches_the_model_across_crashes() {
                     writes = 0;
                 }
                 Op::Commit { .. } | Op::PutMeta { .. } => {
+                    let mut current = acked.clone();
+                    for earlier in &failed {
+                        current.apply(earlier).expect("failed writes applied");
+                    }
+                    if current.apply(&op).is_err() {
+                        // Refused before it reaches the disk: no write.
+                        let refused = apply_write(&store, &op);
+                        assert!(
+                            matches!(refused, Err(StoreError::Invalid(_))),
+                            "{}: expected Invalid, got {refused:?}",
+                            context(&op)
+                        );
+                        continue;
+                    }
                     writes += 1;
                     let should_fail = plan.fail_after_writes.is_some_and(|n| writes > n);
                     match apply_write(&store, &op) {
@@ -448,9 +475,9 @@ fn faulty_store_matches_the_model_across_crashes() {
                             // The sync flushed the whole cache, earlier
                             // failed writes included.
                             for earlier in failed.drain(..) {
-                                acked.apply(&earlier);
+                                acked.apply(&earlier).expect("failed writes applied");
                             }
-                            acked.apply(&op);
+                            acked.apply(&op).expect("checked above");
                         }
                         Err(StoreError::Io(_)) => {
                             assert!(should_fail, "{}: should have succeeded", context(&op));
@@ -466,7 +493,7 @@ fn faulty_store_matches_the_model_across_crashes() {
             // Before a crash, reads see acknowledged and failed writes alike.
             let mut current = acked.clone();
             for earlier in &failed {
-                current.apply(earlier);
+                current.apply(earlier).expect("failed writes applied");
             }
             assert_reads(
                 &Reads::of_store(&store),

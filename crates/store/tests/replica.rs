@@ -5,7 +5,9 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use syncline_core::{Doc, EntryKind, NodeId, RoomId, Value};
-use syncline_store::{FaultPlan, FaultyStore, Replica, SqliteOptions, SqliteStore, Store};
+use syncline_store::{
+    FaultPlan, FaultyStore, Replica, SqliteOptions, SqliteStore, Store, conformance,
+};
 
 fn room() -> RoomId {
     RoomId::new("notes").unwrap()
@@ -33,14 +35,14 @@ fn reopening_restores_history_heads_document_outbox_and_identity() {
             })
             .unwrap();
         }
-        let outbox = room.outbox().unwrap();
+        let outbox = room.outbox();
         assert_eq!(outbox.len(), 20);
         room.acknowledge(&outbox[..5]).unwrap();
         (
             author,
             room.room().dag().heads(),
             room.room().state_hash(),
-            room.outbox().unwrap(),
+            room.outbox(),
         )
     };
     // A different seed function proves the identity came from the store.
@@ -50,7 +52,7 @@ fn reopening_restores_history_heads_document_outbox_and_identity() {
     let room = r.room(&room()).unwrap();
     assert_eq!(room.room().dag().heads(), heads);
     assert_eq!(room.room().state_hash(), hash);
-    assert_eq!(room.outbox().unwrap(), outbox);
+    assert_eq!(room.outbox(), outbox);
     // The clock resumes after the history: new writes still win.
     room.transact(0, |tx| tx.set("/n/1", "v", Value::Int(-1)))
         .unwrap();
@@ -112,7 +114,7 @@ fn acknowledged_writes_survive_injected_faults_and_crashes() {
                 for id in &acked {
                     assert!(held.contains_key(id), "seed {seed}: acknowledged node lost");
                 }
-                let outbox = r.outbox().unwrap();
+                let outbox = r.outbox();
                 assert!(
                     acked.iter().all(|id| outbox.contains(id)),
                     "seed {seed}: outbox lost a node"
@@ -144,39 +146,118 @@ fn acknowledged_writes_survive_injected_faults_and_crashes() {
 }
 
 #[test]
-fn stored_nodes_whose_bytes_do_not_hash_to_their_id_are_refused() {
+fn a_stored_history_that_breaks_the_rules_is_refused_as_corrupt() {
     let store = Arc::new(syncline_store::MemoryStore::new());
-    let mut r = Replica::open(store.clone(), || [4; 32]).unwrap();
-    let c = r
-        .room(&room())
-        .unwrap()
-        .transact(1, |tx| tx.set("/a", "v", Value::Int(1)))
-        .unwrap()
-        .unwrap();
-    let mut bytes = r.room(&room()).unwrap().room().dag().node(c.idx).encode();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1; // Still a valid node, but not the one with this id.
-    let forged = syncline_store::StoredNode {
-        id: NodeId([0xee; 32]),
-        bytes,
-        sig: None,
-    };
+    let other = RoomId::new("other").unwrap();
+    // Nodes 6 and 7 of a chain stored as the history's first two: node 6
+    // cites a parent no node before it is.
+    let mut segment = conformance::test_segment(&other, 1, 5, 2);
+    segment.start = 0;
     store
         .commit(
-            &RoomId::new("other").unwrap(),
+            &other,
             syncline_store::Batch {
-                nodes: vec![forged],
+                segment: Some(segment),
                 ..Default::default()
             },
         )
         .unwrap();
     let err = Replica::open(store, || [4; 32])
         .unwrap()
-        .room(&RoomId::new("other").unwrap())
+        .room(&other)
         .map(|_| ())
         .unwrap_err();
     assert!(
         matches!(err, syncline_store::ReplicaError::Corrupt { .. }),
         "{err}"
     );
+}
+
+/// Writes `count` transactions of typing and fields to `room`.
+fn type_into(room: &mut syncline_store::DurableRoom, count: u64) {
+    for i in 0..count {
+        room.transact(1_000 + i, |tx| {
+            tx.text_insert("/doc", (i as usize * 7) % (i as usize + 1), "ab")?;
+            if i % 10 == 0 {
+                tx.set(&format!("/fields/{}", i % 13), "n", Value::Int(i as i64))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+}
+
+#[test]
+fn rooms_reopen_from_a_checkpoint_and_replay_only_what_came_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hash, nodes, checkpointed) = {
+        let mut r = Replica::open(sqlite(dir.path()), || [6; 32]).unwrap();
+        let room = r.room(&room()).unwrap();
+        type_into(room, 3_000);
+        // Checkpoints were written as the room grew: at most a quarter of
+        // it (or CHECKPOINT_MIN_NODES) is past the last one.
+        let nodes = room.room().dag().next_idx();
+        let behind = nodes - room.checkpointed();
+        assert!(room.checkpointed() > 0);
+        assert!(
+            behind < syncline_store::CHECKPOINT_MIN_NODES.max(nodes / 4),
+            "{behind}"
+        );
+        (room.room().state_hash(), nodes, room.checkpointed())
+    };
+    let mut r = Replica::open(sqlite(dir.path()), || [6; 32]).unwrap();
+    let opened = r.room(&room()).unwrap();
+    assert_eq!(opened.opened().from_checkpoint, checkpointed);
+    assert_eq!(opened.opened().replayed, nodes - checkpointed);
+    assert_eq!(opened.room().state_hash(), hash);
+    assert_eq!(
+        Doc::replay(opened.room().dag()).state_hash(opened.room().dag()),
+        hash,
+        "the checkpoint holds what replaying the history gives"
+    );
+    // Before unloading, a checkpoint covering everything: the next open
+    // replays nothing.
+    opened.checkpoint().unwrap();
+    drop(r);
+    let mut r = Replica::open(sqlite(dir.path()), || [6; 32]).unwrap();
+    let reopened = r.room(&room()).unwrap();
+    assert_eq!(reopened.opened().replayed, 0);
+    assert_eq!(reopened.opened().from_checkpoint, nodes);
+    type_into(reopened, 10);
+    assert_eq!(reopened.room().dag().next_idx(), nodes + 10);
+}
+
+#[test]
+fn a_damaged_checkpoint_costs_a_replay_not_the_room() {
+    let store = Arc::new(syncline_store::MemoryStore::new());
+    let hash = {
+        let mut r = Replica::open(store.clone(), || [7; 32]).unwrap();
+        let room = r.room(&room()).unwrap();
+        type_into(room, 1_500);
+        room.room().state_hash()
+    };
+    let mut stored = store.load(&room()).unwrap().checkpoint.unwrap();
+    let middle = stored.len() / 2;
+    stored[middle] ^= 0x40;
+    store
+        .commit(
+            &room(),
+            syncline_store::Batch {
+                checkpoint: Some(stored),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let mut r = Replica::open(store, || [7; 32]).unwrap();
+    let room = r.room(&room()).unwrap();
+    let opened = room.opened().clone();
+    assert!(
+        opened
+            .checkpoint_refused
+            .as_deref()
+            .is_some_and(|e| e.contains("checksum")),
+        "{opened:?}"
+    );
+    assert_eq!(opened.replayed, room.room().dag().next_idx());
+    assert_eq!(room.room().state_hash(), hash);
 }
