@@ -179,7 +179,7 @@ fn durable_store_round(batch: usize, commits: usize) -> Result<f64> {
         store.commit(
             &room,
             Batch {
-                segment: Some(segment),
+                segments: vec![segment],
                 ..Batch::default()
             },
         )?;

@@ -1,17 +1,22 @@
 //! `trace`: the automerge-paper editing trace (259,778 edits) applied as
 //! local transactions, one node per edit, and what the resulting room
 //! costs: time to apply, live heap (counted by the allocator, after the
-//! room drops what it keeps only for speed), the compact pack. With the
+//! room drops what it keeps only for speed), the compact pack, and, in a
+//! real SQLite replica that received it, the bytes on disk and the time to
+//! open the room from its checkpoint. With the
 //! `loro` feature, loro applies the same trace in the same run (as one
 //! change, and as one change per edit) and its live heap and snapshot are
 //! measured the same way; every comparison is a ratio within the run.
 
 use std::io::Read;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::json;
 use syncline_core::{EntryKind, Keypair, Room, RoomId};
+use syncline_store::{DurableRoom, SqliteOptions, SqliteStore, Store};
 
 use crate::{Args, Report, best, live_heap, ms, timed};
 
@@ -62,6 +67,78 @@ pub(crate) fn replay(patches: &[Patch], key: &Keypair) -> Result<Room> {
     Ok(room)
 }
 
+/// What our side measured, for the ratios against loro.
+#[cfg_attr(not(feature = "loro"), allow(dead_code))]
+struct Ours {
+    apply: Duration,
+    heap: usize,
+    replica_bytes: u64,
+    open: Duration,
+}
+
+/// The trace room as a replica keeps it on disk and opens it.
+struct OnDisk {
+    /// The room's history in the store (segments and signatures).
+    history: u64,
+    /// Its checkpoint.
+    checkpoint: u64,
+    /// Making the checkpoint (what a write that is due one adds).
+    checkpoint_build: Duration,
+    segments: u64,
+    /// The replica's file (database and log) after merging and vacuuming.
+    file: u64,
+    /// Opening the room, ready to read and write (best of runs).
+    open: Duration,
+    /// A first local write after opening (one fsynced transaction).
+    first_write: Duration,
+}
+
+/// Receives `pack` into a fresh SQLite replica (what catching up writes),
+/// checkpoints it (as unloading does), lets the store settle, and opens
+/// the room from it.
+fn on_disk(args: &Args, pack: &[u8], nodes: usize, expected: [u8; 32]) -> Result<OnDisk> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SqliteStore::open(
+        &dir.path().join("replica.db"),
+        SqliteOptions::default(),
+    )?);
+    let key = Keypair::from_seed([8; 32]);
+    let mut fresh = DurableRoom::load(store.clone(), key.clone(), &room_id())?;
+    // Timed by the `import` benchmark.
+    let got = fresh.receive_pack(pack)?;
+    anyhow::ensure!(got.accepted.len() == nodes, "not every node was accepted");
+    let (checkpoint_build, _) = best(args.runs, || timed(|| Ok(fresh.room().checkpoint())))?;
+    // What unloading the room does.
+    fresh.checkpoint()?;
+    drop(fresh);
+    store.settle()?;
+    let bytes = store.room_bytes(&room_id())?;
+    let file = store.file_bytes();
+    let (open, mut opened) = best(args.runs, || {
+        timed(|| Ok(DurableRoom::load(store.clone(), key.clone(), &room_id())?))
+    })?;
+    anyhow::ensure!(
+        opened.room().state_hash() == expected,
+        "the reopened room differs"
+    );
+    anyhow::ensure!(
+        opened.opened().replayed == 0,
+        "the room replayed {} nodes",
+        opened.opened().replayed
+    );
+    let (first_write, _) =
+        timed(|| Ok(opened.transact(1, |tx| tx.text_insert("/paper", 0, "x"))?))?;
+    Ok(OnDisk {
+        history: bytes.history,
+        checkpoint: bytes.checkpoint,
+        segments: bytes.segments,
+        file,
+        checkpoint_build,
+        open,
+        first_write,
+    })
+}
+
 pub(crate) fn run(args: &Args, report: &Report) -> Result<()> {
     let (patches, end) = load(&args.trace)?;
     let key = Keypair::from_seed([7; 32]);
@@ -79,6 +156,8 @@ pub(crate) fn run(args: &Args, report: &Report) -> Result<()> {
     let (encode, pack) = timed(|| Ok(room.pack(&nodes, Some(&key))?))?;
     let edits = patches.len();
     let sealed = room.dag().sealed_bytes();
+    let disk = on_disk(args, &pack, nodes.len(), room.state_hash())?;
+    let history_ratio = disk.history as f64 / pack.len() as f64;
     report.emit(
         "trace",
         &[
@@ -99,6 +178,28 @@ pub(crate) fn run(args: &Args, report: &Report) -> Result<()> {
                 format!("{:.2} x", pack.len() as f64 / AUTOMERGE_SAVED_BYTES as f64),
             ),
             ("pack encode", format!("{:.1} ms", ms(encode))),
+            (
+                "history on disk",
+                format!("{} bytes in {} segments", disk.history, disk.segments),
+            ),
+            (
+                "history / compact pack (target <= 1.5)",
+                format!("{history_ratio:.2} x"),
+            ),
+            ("checkpoint", format!("{} bytes", disk.checkpoint)),
+            (
+                "checkpoint build",
+                format!("{:.1} ms", ms(disk.checkpoint_build)),
+            ),
+            ("replica file", format!("{} bytes", disk.file)),
+            (
+                "open from checkpoint (target <= 10 ms)",
+                format!("{:.2} ms", ms(disk.open)),
+            ),
+            (
+                "first write after open (fsync)",
+                format!("{:.2} ms", ms(disk.first_write)),
+            ),
             ("final text", format!("{} chars", text.chars().count())),
         ],
         json!({
@@ -110,19 +211,36 @@ pub(crate) fn run(args: &Args, report: &Report) -> Result<()> {
             "pack_bytes": pack.len(),
             "pack_vs_automerge": pack.len() as f64 / AUTOMERGE_SAVED_BYTES as f64,
             "pack_encode_ms": ms(encode),
+            "history_bytes": disk.history,
+            "history_segments": disk.segments,
+            "history_vs_pack": history_ratio,
+            "checkpoint_bytes": disk.checkpoint,
+            "checkpoint_build_ms": ms(disk.checkpoint_build),
+            "replica_file_bytes": disk.file,
+            "open_ms": ms(disk.open),
+            "first_write_ms": ms(disk.first_write),
             "text_chars": text.chars().count(),
         }),
     );
     #[cfg(feature = "loro")]
-    versus_loro::reference(args, report, &patches, &end, apply, heap)?;
+    versus_loro::reference(
+        args,
+        report,
+        &patches,
+        &end,
+        &Ours {
+            apply,
+            heap,
+            replica_bytes: disk.file,
+            open: disk.open,
+        },
+    )?;
     Ok(())
 }
 
 #[cfg(feature = "loro")]
 mod versus_loro {
     //! loro on the same trace, measured the same way.
-
-    use std::time::Duration;
 
     use super::*;
 
@@ -155,8 +273,7 @@ mod versus_loro {
         report: &Report,
         patches: &[Patch],
         end: &str,
-        ours: Duration,
-        our_heap: usize,
+        ours: &Ours,
     ) -> Result<()> {
         for commit_each in [false, true] {
             let (took, _) = best(args.runs, || timed(|| apply(patches, end, commit_each)))?;
@@ -174,8 +291,10 @@ mod versus_loro {
             } else {
                 "one change in all"
             };
-            let time_ratio = ours.as_secs_f64() / took.as_secs_f64();
-            let heap_ratio = our_heap as f64 / heap as f64;
+            let time_ratio = ours.apply.as_secs_f64() / took.as_secs_f64();
+            let heap_ratio = ours.heap as f64 / heap as f64;
+            let disk_ratio = ours.replica_bytes as f64 / snapshot.len() as f64;
+            let open_ratio = ours.open.as_secs_f64() / load.as_secs_f64();
             report.emit(
                 "trace-loro",
                 &[
@@ -185,7 +304,12 @@ mod versus_loro {
                     ("loro live heap", format!("{heap} bytes")),
                     ("syncline / loro heap", format!("{heap_ratio:.2} x")),
                     ("loro snapshot", format!("{} bytes", snapshot.len())),
+                    (
+                        "syncline replica / loro snapshot",
+                        format!("{disk_ratio:.2} x"),
+                    ),
                     ("loro snapshot load", format!("{:.2} ms", ms(load))),
+                    ("syncline open / loro load", format!("{open_ratio:.2} x")),
                 ],
                 json!({
                     "commit_each": commit_each,
@@ -194,7 +318,9 @@ mod versus_loro {
                     "loro_heap_bytes": heap,
                     "heap_ratio": heap_ratio,
                     "loro_snapshot_bytes": snapshot.len(),
+                    "disk_ratio": disk_ratio,
                     "loro_load_ms": ms(load),
+                    "open_ratio": open_ratio,
                 }),
             );
         }

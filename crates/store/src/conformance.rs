@@ -156,7 +156,7 @@ fn append(store: &dyn Store, room: &RoomId, tag: u8, count: u32) {
         store,
         room,
         Batch {
-            segment: Some(test_segment(room, tag, start, count)),
+            segments: vec![test_segment(room, tag, start, count)],
             ..Batch::default()
         },
     );
@@ -280,7 +280,7 @@ pub fn replays_skip_and_gaps_refuse(store: &dyn Store) {
         store,
         &r,
         Batch {
-            segment: Some(first.clone()),
+            segments: vec![first.clone()],
             ..Batch::default()
         },
     );
@@ -290,7 +290,7 @@ pub fn replays_skip_and_gaps_refuse(store: &dyn Store) {
             store,
             &r,
             Batch {
-                segment: Some(replay),
+                segments: vec![replay],
                 outbox_add: vec![1],
                 ..Batch::default()
             },
@@ -306,7 +306,7 @@ pub fn replays_skip_and_gaps_refuse(store: &dyn Store) {
         let refused = store.commit(
             &r,
             Batch {
-                segment: Some(bad),
+                segments: vec![bad],
                 signatures: vec![(2, test_signature(2))],
                 outbox_add: vec![7],
                 checkpoint: Some(b"refused".to_vec()),
@@ -336,6 +336,36 @@ pub fn replays_skip_and_gaps_refuse(store: &dyn Store) {
         test_nodes(5, 0, 12),
         "the room goes on after a refusal"
     );
+    // Several segments in one batch: a replay, then two that continue.
+    commit(
+        store,
+        &r,
+        Batch {
+            segments: vec![
+                test_segment(&r, 5, 4, 8),
+                test_segment(&r, 5, 12, 2),
+                test_segment(&r, 5, 14, 3),
+            ],
+            ..Batch::default()
+        },
+    );
+    assert_eq!(load_held(store, &r).nodes, test_nodes(5, 0, 17));
+    let refused = store.commit(
+        &r,
+        Batch {
+            segments: vec![test_segment(&r, 5, 17, 2), test_segment(&r, 5, 20, 1)],
+            ..Batch::default()
+        },
+    );
+    assert!(
+        matches!(refused, Err(StoreError::Invalid(_))),
+        "a gap between a batch's segments is refused, got {refused:?}"
+    );
+    assert_eq!(
+        count_of(store, &r),
+        17,
+        "the good segment before the gap is not written either"
+    );
 }
 
 /// Rooms share nothing: the same segment in two rooms is two histories,
@@ -347,7 +377,7 @@ pub fn rooms_are_isolated(store: &dyn Store) {
         store,
         &r1,
         Batch {
-            segment: Some(test_segment(&r1, 6, 0, 2)),
+            segments: vec![test_segment(&r1, 6, 0, 2)],
             outbox_add: vec![1],
             checkpoint: Some(b"one".to_vec()),
             ..Batch::default()
@@ -357,7 +387,7 @@ pub fn rooms_are_isolated(store: &dyn Store) {
         store,
         &r2,
         Batch {
-            segment: Some(test_segment(&r2, 7, 0, 3)),
+            segments: vec![test_segment(&r2, 7, 0, 3)],
             signatures: vec![(1, test_signature(4))],
             outbox_remove: vec![1],
             ..Batch::default()
@@ -429,7 +459,7 @@ pub fn signatures_attach_to_stored_nodes(store: &dyn Store) {
         store,
         &r,
         Batch {
-            segment: Some(test_segment(&r, 8, 2, 1)),
+            segments: vec![test_segment(&r, 8, 2, 1)],
             // Node 3 is not stored: its signature must be ignored, not kept
             // aside for later.
             signatures: vec![
@@ -598,7 +628,7 @@ pub fn batch_is_atomic(store: &dyn Store) {
                     store,
                     &r,
                     Batch {
-                        segment: Some(test_segment(&r, 15, start, PER_BATCH)),
+                        segments: vec![test_segment(&r, 15, start, PER_BATCH)],
                         signatures: vec![(last, test_signature(u64::from(b)))],
                         outbox_add: (u64::from(start) + 1..=u64::from(last) + 1).collect(),
                         outbox_remove: Vec::new(),
@@ -696,7 +726,7 @@ pub fn run_reopen(open: &mut dyn FnMut() -> Box<dyn Store>) {
         &*store,
         &r1,
         Batch {
-            segment: Some(test_segment(&r1, 30, 200, 300)),
+            segments: vec![test_segment(&r1, 30, 200, 300)],
             outbox_add: vec![4, 2, 3],
             signatures: vec![(0, test_signature(0)), (7, test_signature(7))],
             checkpoint: Some(b"at 500".to_vec()),
@@ -750,7 +780,7 @@ pub fn run_reopen(open: &mut dyn FnMut() -> Box<dyn Store>) {
         &*store,
         &r1,
         Batch {
-            segment: Some(test_segment(&r1, 30, 0, 10)),
+            segments: vec![test_segment(&r1, 30, 0, 10)],
             ..Batch::default()
         },
     );
@@ -758,7 +788,7 @@ pub fn run_reopen(open: &mut dyn FnMut() -> Box<dyn Store>) {
         &*store,
         &r1,
         Batch {
-            segment: Some(test_segment(&r1, 30, 500, 5)),
+            segments: vec![test_segment(&r1, 30, 500, 5)],
             outbox_add: vec![1, 4],
             outbox_remove: vec![2],
             signatures: vec![(0, test_signature(99))],

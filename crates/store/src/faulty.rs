@@ -222,7 +222,7 @@ mod tests {
     /// Node `n` (the next after `n` stored) as its own segment.
     fn one_node(n: u64) -> Batch {
         Batch {
-            segment: Some(test_segment(&room(), 1, n as u32, 1)),
+            segments: vec![test_segment(&room(), 1, n as u32, 1)],
             ..Batch::default()
         }
     }

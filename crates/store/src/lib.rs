@@ -38,14 +38,19 @@ pub use replica::{CHECKPOINT_MIN_NODES, DurableRoom, Opened, Replica, ReplicaErr
 pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore};
 pub use syncline_core::dag::Segment;
 
+/// Most nodes in one segment: reading any node of a segment decodes all
+/// of it, so writers cut larger appends, and merges stop, at this size.
+pub const MAX_SEGMENT_NODES: u32 = 16384;
+
 /// One durable write to a room, committed atomically.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
-    /// History appended: it must start where the stored history ends (a
-    /// segment already stored, same start and length, is skipped; one that
-    /// leaves a gap or overlaps is refused with [`StoreError::Invalid`]).
-    pub segment: Option<Segment>,
-    /// Signatures learned or made for stored nodes (this batch's segment
+    /// History appended, consecutive segments: each must start where the
+    /// history ends (one whose nodes are all stored is skipped; one that
+    /// leaves a gap or overlaps is refused with [`StoreError::Invalid`],
+    /// and nothing of the batch is written).
+    pub segments: Vec<Segment>,
+    /// Signatures learned or made for stored nodes (this batch's segments
     /// included), by node number. The first one held for a node stays;
     /// one for a node not stored is ignored.
     pub signatures: Vec<(u32, Signature)>,
@@ -61,7 +66,7 @@ pub struct Batch {
 impl Batch {
     /// Whether the batch writes nothing.
     pub fn is_empty(&self) -> bool {
-        self.segment.is_none()
+        self.segments.is_empty()
             && self.signatures.is_empty()
             && self.outbox_add.is_empty()
             && self.outbox_remove.is_empty()

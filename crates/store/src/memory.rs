@@ -95,27 +95,30 @@ impl RoomData {
     }
 }
 
-/// Whether `segment` appends to a history of `stored` nodes (`Ok(true)`),
-/// is already stored (`Ok(false)`), or cannot apply: the rule every
-/// backend follows.
-pub(crate) fn check_append(stored: u64, segment: &Segment) -> Result<bool, StoreError> {
-    let (start, end) = (
-        u64::from(segment.start),
-        u64::from(segment.start + segment.len),
-    );
-    if segment.len == 0 {
-        return Err(StoreError::Invalid("an empty segment".into()));
+/// Which of `segments` append to a history of `stored` nodes (the others
+/// hold only nodes stored already), or why they cannot apply: the rule
+/// every backend follows.
+pub(crate) fn appended(stored: u64, segments: &[Segment]) -> Result<Vec<&Segment>, StoreError> {
+    let mut count = stored;
+    let mut out = Vec::new();
+    for segment in segments {
+        let start = u64::from(segment.start);
+        let end = start + u64::from(segment.len);
+        if segment.len == 0 {
+            return Err(StoreError::Invalid("an empty segment".into()));
+        }
+        if start == count {
+            out.push(segment);
+            count = end;
+        } else if end > count {
+            return Err(StoreError::Invalid(format!(
+                "segment of nodes {start}..{end} does not continue a history of {count} nodes"
+            )));
+        }
+        // Otherwise a replay of nodes stored already (a retry after a
+        // failure).
     }
-    if start == stored {
-        return Ok(true);
-    }
-    if end <= stored {
-        // A replay of nodes stored already (a retry after a failure).
-        return Ok(false);
-    }
-    Err(StoreError::Invalid(format!(
-        "segment of nodes {start}..{end} does not continue a history of {stored} nodes"
-    )))
+    Ok(out)
 }
 
 impl MemState {
@@ -127,14 +130,12 @@ impl MemState {
             return Ok(());
         }
         let stored = self.node_count(room);
-        let append = match &batch.segment {
-            Some(segment) => check_append(stored, segment)?,
-            None => false,
-        };
+        let append: Vec<Segment> = appended(stored, &batch.segments)?
+            .into_iter()
+            .cloned()
+            .collect();
         let data = self.rooms.entry(room.clone()).or_default();
-        if append && let Some(segment) = batch.segment {
-            data.segments.push(segment);
-        }
+        data.segments.extend(append);
         let count = data.node_count();
         for (node, sig) in batch.signatures {
             if u64::from(node) < count {

@@ -8,7 +8,8 @@
 //! itself from storage, so memory never holds a node the disk does not
 //! (later nodes could otherwise be persisted on top of a missing parent).
 //!
-//! New nodes are stored as one segment per write. A room opens from its
+//! New nodes are stored as segments (one per write, cut at
+//! [`MAX_SEGMENT_NODES`]). A room opens from its
 //! last checkpoint plus the nodes stored after it; a checkpoint is written
 //! (in the same atomic batch as the nodes it covers) once the nodes past
 //! the last one reach a quarter of the room, at least
@@ -25,7 +26,7 @@ use syncline_core::room::{Committed, ExportError, ReceiveError, Received, TxnErr
 use syncline_core::{Keypair, NodeId, Room, RoomId, Transaction};
 use thiserror::Error;
 
-use crate::{Batch, Store, StoreError, StoredRoom};
+use crate::{Batch, MAX_SEGMENT_NODES, Store, StoreError, StoredRoom};
 
 /// A checkpoint is written once this many nodes (and a quarter of the
 /// room) are past the last one.
@@ -199,31 +200,27 @@ impl DurableRoom {
             reason,
         };
         let mut opened = Opened::default();
-        let mut room = None;
-        if let Some(bytes) = checkpoint {
-            // The segments are shared (boxed bytes), cloned only for the
-            // fallback.
-            match Room::from_checkpoint(id.clone(), &bytes, segments.clone()) {
-                Ok(r) => {
-                    let covered = checkpoint::header(&bytes).map_or(0, |h| h.nodes) as NodeIdx;
-                    opened.from_checkpoint = covered;
-                    opened.replayed = r.dag().next_idx() - covered;
-                    room = Some(r);
+        let replay = |segments| {
+            Room::from_segments(id.clone(), segments).map_err(|e| corrupt(e.to_string()))
+        };
+        let mut room = match checkpoint {
+            Some(bytes) => match Room::from_checkpoint(id.clone(), &bytes, segments) {
+                Ok(room) => {
+                    opened.from_checkpoint =
+                        checkpoint::header(&bytes).map_or(0, |h| h.nodes) as NodeIdx;
+                    room
                 }
                 // A checkpoint is a cache of what the history says: a bad
-                // one costs a replay, not the room.
-                Err(e) => opened.checkpoint_refused = Some(e.to_string()),
-            }
-        }
-        let mut room = match room {
-            Some(room) => room,
-            None => {
-                let room = Room::from_segments(id.clone(), segments)
-                    .map_err(|e| corrupt(e.to_string()))?;
-                opened.replayed = room.dag().next_idx();
-                room
-            }
+                // one costs a replay (of the history read again: the
+                // attempt took it), not the room.
+                Err(e) => {
+                    opened.checkpoint_refused = Some(e.to_string());
+                    replay(store.load(id)?.segments)?
+                }
+            },
+            None => replay(segments)?,
         };
+        opened.replayed = room.dag().next_idx() - opened.from_checkpoint;
         let next = room.dag().next_idx();
         for (idx, sig) in signatures {
             // One in the node's segment was stored first.
@@ -316,67 +313,58 @@ impl DurableRoom {
         Ok(out)
     }
 
-    /// Commits `batch` with the nodes not stored yet (as one segment) and,
-    /// when due, a checkpoint covering them. On failure, reloads.
-    fn persist(&mut self, mut batch: Batch) -> Result<(), ReplicaError> {
+    /// Commits `batch` with the nodes not stored yet (as segments of at
+    /// most [`MAX_SEGMENT_NODES`]) and, when due, a checkpoint covering
+    /// them. On failure, reloads.
+    fn persist(&mut self, batch: Batch) -> Result<(), ReplicaError> {
         let next = self.room.dag().next_idx();
-        if next > self.stored {
-            batch.segment = Some(
-                self.room
-                    .dag()
-                    .segment(self.stored..next, DEFAULT_ZSTD_LEVEL),
-            );
-            let behind = next - self.checkpointed;
-            if behind >= self.checkpoint_min_nodes.max(next / 4) {
-                batch.checkpoint = Some(self.room.checkpoint());
-            }
+        let behind = next - self.checkpointed;
+        let due = next > self.stored && behind >= self.checkpoint_min_nodes.max(next / 4);
+        self.commit(batch, due)
+    }
+
+    /// Writes a checkpoint covering every node if the stored one covers
+    /// fewer (before a room is unloaded, so that the next open replays
+    /// nothing).
+    pub fn checkpoint(&mut self) -> Result<(), ReplicaError> {
+        if self.checkpointed == self.room.dag().next_idx() {
+            return Ok(());
+        }
+        self.commit(Batch::default(), true)
+    }
+
+    fn commit(&mut self, mut batch: Batch, checkpoint: bool) -> Result<(), ReplicaError> {
+        let next = self.room.dag().next_idx();
+        let dag = self.room.dag();
+        batch.segments = (self.stored..next)
+            .step_by(MAX_SEGMENT_NODES as usize)
+            .map(|start| {
+                dag.segment(
+                    start..next.min(start + MAX_SEGMENT_NODES),
+                    DEFAULT_ZSTD_LEVEL,
+                )
+            })
+            .collect();
+        if checkpoint {
+            batch.checkpoint = Some(self.room.checkpoint());
         }
         if batch.is_empty() {
             return Ok(());
         }
         let outbox_add = batch.outbox_add.clone();
         let outbox_remove = batch.outbox_remove.clone();
-        let checkpointed = batch.checkpoint.is_some();
         if let Err(e) = self.store.commit(self.room.id(), batch) {
             self.reload()?;
             return Err(e.into());
         }
         self.stored = next;
-        if checkpointed {
+        if checkpoint {
             self.checkpointed = next;
         }
         self.outbox.extend(outbox_add);
         for seq in &outbox_remove {
             self.outbox.remove(seq);
         }
-        Ok(())
-    }
-
-    /// Writes a checkpoint covering every stored node if the stored one
-    /// covers fewer (before a room is unloaded, so that the next open
-    /// replays nothing).
-    pub fn checkpoint(&mut self) -> Result<(), ReplicaError> {
-        let next = self.room.dag().next_idx();
-        if self.checkpointed == next {
-            return Ok(());
-        }
-        let mut batch = Batch {
-            checkpoint: Some(self.room.checkpoint()),
-            ..Batch::default()
-        };
-        if next > self.stored {
-            batch.segment = Some(
-                self.room
-                    .dag()
-                    .segment(self.stored..next, DEFAULT_ZSTD_LEVEL),
-            );
-        }
-        if let Err(e) = self.store.commit(self.room.id(), batch) {
-            self.reload()?;
-            return Err(e.into());
-        }
-        self.stored = next;
-        self.checkpointed = next;
         Ok(())
     }
 

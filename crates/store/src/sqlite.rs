@@ -64,9 +64,9 @@ use syncline_core::node::{Node, NodeFormat};
 use syncline_core::pack::{self, ParentRef, RawNode};
 use syncline_core::{AuthorId, NodeId, RoomId, Signature};
 
-use crate::memory::check_append;
+use crate::memory::appended;
 use crate::merge::merge_segments;
-use crate::{Batch, RoomBytes, Segment, Store, StoreError, StoredRoom};
+use crate::{Batch, MAX_SEGMENT_NODES, RoomBytes, Segment, Store, StoreError, StoredRoom};
 
 /// A data move written in Rust, run after its migration's SQL.
 type DataMove = fn(&Transaction<'_>) -> Result<(), StoreError>;
@@ -160,10 +160,6 @@ const MAX_GROUP_BYTES: usize = 64 << 20;
 
 /// Idle read connections kept for reuse; more are opened under load.
 const MAX_IDLE_READERS: usize = 4;
-
-/// A merge never makes a segment of more nodes than this: reading one node
-/// of a segment decodes all of it.
-pub(crate) const MAX_SEGMENT_NODES: u32 = 8192;
 
 /// Segments of one size class merged at once (and the growth factor
 /// between classes).
@@ -341,7 +337,7 @@ enum Write {
 impl Write {
     fn bytes(&self) -> usize {
         match self {
-            Write::Commit { batch, .. } => batch.segment.as_ref().map_or(0, |s| s.pack.len()),
+            Write::Commit { batch, .. } => batch.segments.iter().map(|s| s.pack.len()).sum(),
             Write::Meta { value, .. } => value.len(),
             Write::Merge { merged, .. } => merged.pack.len(),
         }
@@ -760,7 +756,7 @@ fn take_group(waiting: &mut VecDeque<Ticket>) -> Vec<Ticket> {
 
 impl Store for SqliteStore {
     fn commit(&self, room: &RoomId, batch: Batch) -> Result<(), StoreError> {
-        let appends = batch.segment.is_some();
+        let appends = !batch.segments.is_empty();
         self.inner.write(Write::Commit {
             room: room.clone(),
             batch,
@@ -1339,11 +1335,12 @@ fn apply_batch(
         }
     };
     let mut count = stored;
-    if let Some(segment) = &batch.segment
-        && check_append(stored, segment)?
-    {
+    let append = appended(stored, &batch.segments)?;
+    for segment in &append {
         insert_segment(tx, key, segment.start, segment.len, &segment.pack)?;
-        count = stored + u64::from(segment.len);
+        count += u64::from(segment.len);
+    }
+    if !append.is_empty() {
         tx.prepare_cached("UPDATE rooms_v1 SET node_count = ?2 WHERE key = ?1")
             .and_then(|mut stmt| stmt.execute(params![key, count as i64]))
             .map_err(sql)?;
@@ -1467,7 +1464,7 @@ mod tests {
             .commit(
                 room,
                 Batch {
-                    segment: Some(test_segment(room, tag, start, count)),
+                    segments: vec![test_segment(room, tag, start, count)],
                     ..Batch::default()
                 },
             )
@@ -1566,7 +1563,7 @@ mod tests {
             .commit(
                 &notes,
                 Batch {
-                    segment: Some(source.dag().segment(4..5, 3)),
+                    segments: vec![source.dag().segment(4..5, 3)],
                     ..Batch::default()
                 },
             )
@@ -1783,7 +1780,7 @@ mod tests {
                 store.commit(
                     &r,
                     Batch {
-                        segment: Some(test_segment(&r, 1, 0, 5)),
+                        segments: vec![test_segment(&r, 1, 0, 5)],
                         ..Batch::default()
                     },
                 )
@@ -1815,7 +1812,7 @@ mod tests {
         store.inner.writer.lock().unwrap().panic_on = Some("panic".to_owned());
         let blocker = block_writer(&path);
         let batch = |start, count| Batch {
-            segment: Some(test_segment(&r, 1, start, count)),
+            segments: vec![test_segment(&r, 1, start, count)],
             ..Batch::default()
         };
         let results = thread::scope(|scope| {
@@ -1877,7 +1874,9 @@ mod tests {
         assert_eq!(merge_run(&top), None);
         // Merging stops short of MAX_SEGMENT_NODES.
         let big: Vec<(u32, u32)> = (0..8).map(|i| (i * 3000, 3000)).collect();
-        assert_eq!(merge_run(&big), Some(0..2));
+        let fit = (MAX_SEGMENT_NODES / 3000) as usize;
+        assert!((2..8).contains(&fit));
+        assert_eq!(merge_run(&big), Some(0..fit));
     }
 
     #[test]
@@ -1896,7 +1895,7 @@ mod tests {
                 .commit(
                     &r,
                     Batch {
-                        segment: Some(test_segment(&r, 1, start, 1 + i % 3)),
+                        segments: vec![test_segment(&r, 1, start, 1 + i % 3)],
                         signatures: vec![(start, test_signature(u64::from(start)))],
                         ..Batch::default()
                     },

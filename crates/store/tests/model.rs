@@ -72,16 +72,19 @@ impl Model {
                 if batch.is_empty() {
                     return Ok(());
                 }
-                let stored = self.rooms.get(room).map_or(0, |r| r.nodes.len() as u32);
-                let append = match &batch.segment {
-                    Some(s) if s.start == stored => true,
-                    Some(s) if s.start + s.len <= stored => false,
-                    Some(_) => return Err(Refused),
-                    None => false,
-                };
+                let mut count = self.rooms.get(room).map_or(0, |r| r.nodes.len() as u32);
+                let mut append = Vec::new();
+                for s in &batch.segments {
+                    if s.start == count {
+                        append.push((s.start, s.len));
+                        count += s.len;
+                    } else if s.start + s.len > count {
+                        return Err(Refused);
+                    }
+                }
                 let data = self.rooms.entry(*room).or_default();
-                if append && let Some(s) = &batch.segment {
-                    data.nodes.extend(test_nodes(*tag, s.start, s.len));
+                for (start, len) in append {
+                    data.nodes.extend(test_nodes(*tag, start, len));
                 }
                 for (node, sig) in &batch.signatures {
                     if (*node as usize) < data.nodes.len() {
@@ -230,26 +233,45 @@ impl Generator {
         } else {
             self.rng.random_range(1..6)
         };
-        batch.segment = match self.rng.random_range(0..100) {
-            0..70 => Some(test_segment(room, tag, stored, count)),
+        let mut end = stored;
+        match self.rng.random_range(0..100) {
+            0..70 => {
+                if stored > 0 && self.rng.random_bool(0.2) {
+                    // A retry of nodes stored already, then new ones.
+                    let start = self.rng.random_range(0..stored);
+                    let len = self.rng.random_range(1..=stored - start);
+                    batch.segments.push(test_segment(room, tag, start, len));
+                }
+                // New nodes, cut in one to three segments.
+                for _ in 0..self.rng.random_range(1..4) {
+                    batch.segments.push(test_segment(room, tag, end, count));
+                    end += count;
+                }
+            }
             70..80 if stored > 0 => {
                 // A retry of nodes stored already.
                 let start = self.rng.random_range(0..stored);
                 let len = self.rng.random_range(1..=stored - start);
-                Some(test_segment(room, tag, start, len))
+                batch.segments.push(test_segment(room, tag, start, len));
             }
             80..85 => {
-                // A gap, or an overlap of the end: refused.
-                let start = if stored > 0 && self.rng.random_bool(0.5) {
-                    stored - 1
+                // A gap, or an overlap of the end, maybe after a good
+                // segment: refused whole.
+                if self.rng.random_bool(0.5) {
+                    batch.segments.push(test_segment(room, tag, end, count));
+                    end += count;
+                }
+                let start = if end > 0 && self.rng.random_bool(0.5) {
+                    end - 1
                 } else {
-                    stored + self.rng.random_range(1..4)
+                    end + self.rng.random_range(1..4)
                 };
-                Some(test_segment(room, tag, start, count + 1))
+                batch
+                    .segments
+                    .push(test_segment(room, tag, start, count + 1));
             }
-            _ => None,
-        };
-        let end = stored + batch.segment.as_ref().map_or(0, |s| s.len);
+            _ => {}
+        }
         for _ in 0..self.rng.random_range(0..3) {
             let node = self.rng.random_range(0..end + 2);
             let sig = self.signature();

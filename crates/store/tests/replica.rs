@@ -157,7 +157,7 @@ fn a_stored_history_that_breaks_the_rules_is_refused_as_corrupt() {
         .commit(
             &other,
             syncline_store::Batch {
-                segment: Some(segment),
+                segments: vec![segment],
                 ..Default::default()
             },
         )

@@ -1142,29 +1142,51 @@ impl Sequence {
 }
 
 impl Sequence {
-    /// Saves every span in document order with its visibility, then the
-    /// visible text.
+    /// Saves every span in document order, then the visible text. Spans go
+    /// as columns (first numbers, lengths, origins, visibility), each
+    /// number relative to what usually predicts it, so that typing costs a
+    /// byte or two per span before compression: a span's first number
+    /// follows the last span's end, its left origin is the last span's last
+    /// character, and its right origin is the last span's (a typing burst
+    /// broken into spans by deletions keeps one right origin).
     pub(crate) fn save(&self, out: &mut Out) {
-        out.u64(self.spans() as u64);
-        let mut prev_end: i64 = 0;
+        let mut spans: Vec<(Span, bool)> = Vec::with_capacity(self.spans());
         let mut leaf = 0;
         while leaf != NIL {
             let l = &self.leaves[leaf];
-            for (i, span) in l.spans.iter().enumerate() {
-                // Deltas: typed runs follow each other in number.
-                out.i64(i64::from(span.lv) - prev_end);
-                out.u64(u64::from(span.len));
-                for origin in [span.left, span.right] {
-                    out.u64(if origin == NONE {
-                        0
-                    } else {
-                        u64::from(origin) + 1
-                    });
-                }
-                out.bool(l.is_visible(i));
-                prev_end = i64::from(span.end());
-            }
+            spans.extend(
+                l.spans
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (*s, l.is_visible(i))),
+            );
             leaf = l.next;
+        }
+        out.u64(spans.len() as u64);
+        let mut prev_end: i64 = 0;
+        for (span, _) in &spans {
+            out.i64(i64::from(span.lv) - prev_end);
+            prev_end = i64::from(span.end());
+        }
+        for (span, _) in &spans {
+            out.u64(u64::from(span.len));
+        }
+        let mut prev: Option<&Span> = None;
+        for (span, _) in &spans {
+            out.u64(origin_code(span.left, left_base(prev)));
+            prev = Some(span);
+        }
+        let mut prev: Option<&Span> = None;
+        for (span, _) in &spans {
+            out.u64(origin_code(span.right, right_base(prev, span)));
+            prev = Some(span);
+        }
+        for chunk in spans.chunks(8) {
+            let bits = chunk
+                .iter()
+                .enumerate()
+                .fold(0u64, |b, (i, (_, visible))| b | (u64::from(*visible) << i));
+            out.u64(bits);
         }
         let mut text = String::new();
         self.write_text(&mut text);
@@ -1174,36 +1196,42 @@ impl Sequence {
     /// The sequence [`Sequence::save`] saved, its leaves packed anew.
     pub(crate) fn load(input: &mut In<'_>) -> Read<Sequence> {
         let bad = || CheckpointError::Corrupt("text spans");
-        let n = input.count(5)?;
-        let mut spans = Vec::with_capacity(n);
+        // At least a byte per span in each of the four number columns.
+        let n = input.count(4)?;
+        let empty = Span {
+            lv: 0,
+            len: 0,
+            left: NONE,
+            right: NONE,
+        };
+        let mut spans = vec![(empty, false); n];
+        let deltas = (0..n).map(|_| input.i64()).collect::<Read<Vec<i64>>>()?;
         let mut prev_end: i64 = 0;
-        for _ in 0..n {
-            let lv = prev_end + input.i64()?;
-            let len = input.u32()?;
-            let mut origins = [NONE; 2];
-            for o in &mut origins {
-                let v = input.u64()?;
-                *o = if v == 0 {
-                    NONE
-                } else {
-                    Lv::try_from(v - 1).map_err(|_| bad())?
-                };
-            }
-            let visible = input.bool()?;
-            let lv = Lv::try_from(lv).map_err(|_| bad())?;
-            if len == 0 || u64::from(lv) + u64::from(len) > u64::from(NONE) {
+        for ((span, _), delta) in spans.iter_mut().zip(deltas) {
+            let lv = prev_end.checked_add(delta).ok_or_else(bad)?;
+            span.lv = Lv::try_from(lv).map_err(|_| bad())?;
+            span.len = input.u32()?;
+            if span.len == 0 || u64::from(span.lv) + u64::from(span.len) > u64::from(NONE) {
                 return Err(bad());
             }
-            prev_end = i64::from(lv) + i64::from(len);
-            spans.push((
-                Span {
-                    lv,
-                    len,
-                    left: origins[0],
-                    right: origins[1],
-                },
-                visible,
-            ));
+            prev_end = i64::from(span.end());
+        }
+        for i in 0..n {
+            let base = left_base(i.checked_sub(1).map(|p| &spans[p].0));
+            spans[i].0.left = origin_of(input.u64()?, base).ok_or_else(bad)?;
+        }
+        for i in 0..n {
+            let base = right_base(i.checked_sub(1).map(|p| &spans[p].0), &spans[i].0);
+            spans[i].0.right = origin_of(input.u64()?, base).ok_or_else(bad)?;
+        }
+        for chunk in spans.chunks_mut(8) {
+            let bits = input.u64()?;
+            if bits >> chunk.len() != 0 {
+                return Err(bad());
+            }
+            for (i, (_, visible)) in chunk.iter_mut().enumerate() {
+                *visible = bits >> i & 1 == 1;
+            }
         }
         let text = std::str::from_utf8(input.bytes()?).map_err(|_| bad())?;
         Sequence::from_spans(&spans, text).ok_or_else(bad)
@@ -1321,6 +1349,44 @@ fn block_keys(spans: &[Span]) -> Vec<u32> {
 fn low_bits(n: usize) -> u64 {
     if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }
 }
+/// What a span's left origin is saved relative to: the last character of
+/// the span before it in the document.
+fn left_base(prev: Option<&Span>) -> i64 {
+    prev.map_or(0, |p| i64::from(p.end()) - 1)
+}
+
+/// What a span's right origin is saved relative to: the right origin of
+/// the span before it, or its own first number when there is none.
+fn right_base(prev: Option<&Span>, span: &Span) -> i64 {
+    match prev {
+        Some(p) if p.right != NONE => i64::from(p.right),
+        _ => i64::from(span.lv),
+    }
+}
+
+/// An origin saved relative to `base`: 0 for none, else 1 + the zigzag of
+/// the difference.
+fn origin_code(origin: Lv, base: i64) -> u64 {
+    if origin == NONE {
+        return 0;
+    }
+    let d = i64::from(origin) - base;
+    1 + ((d << 1) ^ (d >> 63)) as u64
+}
+
+/// The origin [`origin_code`] saved; `None` if it is not a character
+/// number.
+fn origin_of(code: u64, base: i64) -> Option<Lv> {
+    if code == 0 {
+        return Some(NONE);
+    }
+    let z = code - 1;
+    let d = (z >> 1) as i64 ^ -((z & 1) as i64);
+    Lv::try_from(base.checked_add(d)?)
+        .ok()
+        .filter(|&lv| lv != NONE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
