@@ -140,7 +140,7 @@ async fn client(
 ) -> Result<()> {
     let writer = role == Role::Writer;
     let raw = Arc::new(AtomicBool::new(false));
-    let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await?;
     let (sink, mut stream) = ws.split();
     let sink = Arc::new(Mutex::new(sink));
     let key = Keypair::from_seed(*blake3::hash(&(index as u64).to_le_bytes()).as_bytes());

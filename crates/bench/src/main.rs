@@ -23,6 +23,7 @@ use syncline_core::proto::session::{Config as SessionConfig, Event as SessionEve
 use syncline_core::{Keypair, Room};
 use syncline_store::{Batch, DurableRoom, Segment, SqliteOptions, SqliteStore, Store, conformance};
 
+mod catchup;
 mod fanout;
 mod recon;
 mod trace;
@@ -275,6 +276,13 @@ fn run_session(client: &mut Room, client_key: &Keypair, server: &mut Room) -> Re
                 _ => {}
             }
         }
+        // Queued packs go out through the timer, as a driver's would.
+        while s.poll_timeout().is_some_and(|t| t == 0) {
+            s.handle_timeout(0, server, None);
+        }
+        while c.poll_timeout().is_some_and(|t| t == 0) {
+            c.handle_timeout(0, client, Some(client_key));
+        }
         let mut went_down = false;
         while let Some(f) = s.poll_transmit() {
             down += f.len();
@@ -309,50 +317,6 @@ fn run_session(client: &mut Room, client_key: &Keypair, server: &mut Room) -> Re
     })
 }
 
-fn bench_catchup(args: &Args, report: &Report) -> Result<()> {
-    let (patches, _) = trace::load(&args.trace)?;
-    let key = Keypair::from_seed([7; 32]);
-    let mut author = trace::replay(&patches, &key)?;
-    let order = author.dag().causal_order();
-    let pack = author.pack(&order, Some(&key))?;
-    for percent in [50usize, 90, 99] {
-        // The server holds the whole history as received (signed); the
-        // client holds a causal prefix of it.
-        let mut server = Room::new(trace::room_id());
-        server.receive_pack(&pack)?;
-        let split = order.len() * percent / 100;
-        let prefix = author.pack(&order[..split], Some(&key))?;
-        let mut client = Room::new(trace::room_id());
-        client.receive_pack(&prefix)?;
-        // Reference: the missing nodes alone, as one compact pack.
-        let missing = server
-            .dag()
-            .missing_for_version_vector(&client.dag().version_vector());
-        let reference = server.pack(&missing, None)?;
-        let client_key = Keypair::from_seed([8; 32]);
-        let run = run_session(&mut client, &client_key, &mut server)?;
-        anyhow::ensure!(
-            client.state_hash() == server.state_hash(),
-            "the replicas did not converge"
-        );
-        let total = run.bytes_up + run.bytes_down;
-        let ratio = total as f64 / reference.len() as f64;
-        report.emit(
-            "catchup",
-            &[
-                ("client holds", format!("{percent} % ({split} of {} nodes)", order.len())),
-                ("missing nodes", missing.len().to_string()),
-                ("bytes up / down", format!("{} / {}", run.bytes_up, run.bytes_down)),
-                ("total / missing-nodes pack", format!("{total} / {} = {ratio:.3}", reference.len())),
-                ("round trips", run.round_trips.to_string()),
-                ("time to converge", format!("{:.1} ms", ms(run.took))),
-            ],
-            json!({"percent": percent, "missing": missing.len(), "bytes_up": run.bytes_up, "bytes_down": run.bytes_down, "reference_bytes": reference.len(), "ratio": ratio, "round_trips": run.round_trips, "converge_ms": ms(run.took)}),
-        );
-    }
-    Ok(())
-}
-
 fn main() -> Result<()> {
     // `fanout` re-executes this binary as its relay process.
     let raw: Vec<String> = std::env::args().collect();
@@ -371,13 +335,13 @@ fn main() -> Result<()> {
         Bench::Durable => bench_durable(&args, &report),
         Bench::Recon => recon::bench_recon(&report),
         Bench::Fanout => fanout::bench_fanout(&report),
-        Bench::Catchup => bench_catchup(&args, &report),
+        Bench::Catchup => catchup::bench_catchup(&args, &report),
         Bench::All => {
             trace::run(&args, &report)?;
             bench_import(&args, &report)?;
             bench_durable(&args, &report)?;
             recon::bench_recon(&report)?;
-            bench_catchup(&args, &report)?;
+            catchup::bench_catchup(&args, &report)?;
             fanout::bench_fanout(&report)
         }
     }

@@ -317,7 +317,7 @@ fn a_client_killed_mid_catch_up_resumes_where_it_stopped() {
     // few kilobytes back: the client imports some packs, then stalls, and
     // is killed there.
     let client = dir.path().join("client");
-    let proxy = StallingProxy::start(server.port, 4_000);
+    let proxy = StallingProxy::start(server.port, 10_000);
     let mut child = Command::new(BIN)
         .arg("--replica")
         .arg(&client)

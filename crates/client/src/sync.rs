@@ -214,7 +214,10 @@ async fn run(shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::SeqCst) {
         for endpoint in &shared.options.endpoints {
             shared.status().endpoint = Some(endpoint.clone());
-            match tokio_tungstenite::connect_async(endpoint.as_str()).await {
+            // Without TCP_NODELAY a small frame can wait 40 ms for a
+            // delayed ACK.
+            match tokio_tungstenite::connect_async_with_config(endpoint.as_str(), None, true).await
+            {
                 Ok((ws, _)) => {
                     info!(endpoint, "connected");
                     let result = connection(&shared, ws).await;
@@ -338,10 +341,13 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
             () = tokio::time::sleep(sleep) => {
                 let now = session_now();
                 for room in &shared.rooms {
-                    if let Some(session) = room.shared.lock().session.as_mut()
+                    let mut state = room.shared.lock();
+                    let crate::replica::RoomState { durable, session } = &mut *state;
+                    if let Some(session) = session.as_mut()
                         && session.poll_timeout().is_some_and(|t| t <= now)
                     {
-                        session.handle_timeout(now);
+                        // Timers insert nothing, so this writes nothing.
+                        let _ = durable.with_room(|r, key| session.handle_timeout(now, r, Some(key)));
                     }
                 }
             }

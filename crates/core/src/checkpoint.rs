@@ -32,8 +32,12 @@ const MAGIC: &[u8; 4] = b"SLC1";
 pub const CHECKPOINT_VERSION: u64 = 1;
 /// Largest body once decompressed.
 const MAX_BODY: usize = 1 << 30;
-/// zstd level of checkpoints: written in the background, read often.
-const LEVEL: i32 = 9;
+/// zstd level of checkpoints: harder for small bodies, which it costs
+/// little, fast for large ones (a checkpoint is written on the write path,
+/// and a room of tens of MB of text is mostly text).
+fn level(body: usize) -> i32 {
+    if body <= 4 << 20 { 9 } else { 3 }
+}
 
 /// Why a checkpoint was not used.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
@@ -219,8 +223,9 @@ impl Room {
         let mut body = Out::default();
         self.dag().save(&mut body);
         self.doc().save(&mut body);
+        let body = body.into_bytes();
         let compressed =
-            zstd::bulk::compress(&body.into_bytes(), LEVEL).expect("compressing in memory");
+            zstd::bulk::compress(&body, level(body.len())).expect("compressing in memory");
         let mut out = MAGIC.to_vec();
         varint::put(&mut out, CHECKPOINT_VERSION);
         varint::put(&mut out, self.id().as_str().len() as u64);

@@ -8,7 +8,7 @@
 
 use thiserror::Error;
 
-use crate::dag::{Dag, DagError, NodeIdx, RestoreError, Segment, VerifiedNode};
+use crate::dag::{Dag, DagError, NodeIdx, RestoreError, SIGNATURE_STRIDE, Segment, VerifiedNode};
 use crate::doc::seq::Lv;
 use crate::doc::{Changes, Doc, PathError, path_names, split_path};
 use crate::hlc::{Hlc, HlcClock};
@@ -80,6 +80,13 @@ pub struct Received {
 /// so long histories can be re-shipped in chunks (a replica can vouch for a
 /// prefix of another author's chain only up to a node that author signed).
 pub const CHECKPOINT_INTERVAL: u64 = 4096;
+
+/// ... and sooner where its nodes are large: at the first node numbered a
+/// multiple of [`SIGNATURE_STRIDE`] (whose signature every
+/// history keeps) once this many bytes of content came since the last
+/// signed one, so a chunk of anyone's history is never much more content
+/// than this.
+pub const SIGNED_CONTENT: usize = 256 << 10;
 
 /// An exported pack.
 #[derive(Clone, Debug)]
@@ -306,22 +313,36 @@ impl Room {
         set.dedup();
         self.dag.sort_causal(&mut set);
         if let Some(k) = local {
+            // Content since the local author's last signed node, walking its
+            // chain through the pack.
+            let mut unsigned = 0;
             for &i in &set {
-                let checkpoint = self.dag.seq(i).is_multiple_of(CHECKPOINT_INTERVAL);
-                if checkpoint
-                    && *self.dag.author(i) == k.author()
-                    && self.dag.signature(i).is_none()
-                {
+                if *self.dag.author(i) != k.author() {
+                    continue;
+                }
+                if self.dag.signature(i).is_some() {
+                    unsigned = 0;
+                    continue;
+                }
+                unsigned += self.dag.content_size(i);
+                let seq = self.dag.seq(i);
+                let checkpoint = seq.is_multiple_of(CHECKPOINT_INTERVAL)
+                    || (seq.is_multiple_of(SIGNATURE_STRIDE) && unsigned >= SIGNED_CONTENT);
+                if checkpoint {
                     sign(&mut self.dag, i, k);
+                    unsigned = 0;
                 }
             }
         }
+        let made_at: IdMap<NodeIdx, Signature> = made.iter().copied().collect();
         let signatures: Vec<(usize, Signature)> = set
             .iter()
             .enumerate()
             .filter_map(|(at, &i)| {
-                let made = made.iter().find(|m| m.0 == i).map(|m| m.1);
-                made.or_else(|| self.dag.signature(i).copied())
+                made_at
+                    .get(&i)
+                    .copied()
+                    .or_else(|| self.dag.signature(i).copied())
                     .map(|s| (at, s))
             })
             .collect();

@@ -204,7 +204,7 @@ fn relayed_history_can_be_reshipped_in_chunks_at_checkpoints() {
     let mut relay = Room::new(RoomId::new("scenario").unwrap());
     relay.receive_pack(&pack).unwrap();
     let order = relay.dag().causal_order();
-    // The first 100 nodes: the relay extends to the first checkpoint only.
+    // The first 100 nodes: the relay extends to the first signed node only.
     let exported = relay
         .export_pack(&order[..100], None, &|_, _| false, DEFAULT_ZSTD_LEVEL)
         .unwrap();
@@ -215,7 +215,14 @@ fn relayed_history_can_be_reshipped_in_chunks_at_checkpoints() {
     let chunk = exported.pack;
     let mut fresh = Room::new(RoomId::new("scenario").unwrap());
     let got = fresh.receive_pack(&chunk).unwrap();
-    assert_eq!(got.accepted.len() as u64, CHECKPOINT_INTERVAL);
+    // Out to the author's first signed node past the chunk: its first
+    // checkpoint, or sooner after SIGNED_CONTENT bytes of content, at a
+    // node numbered a multiple of SIGNATURE_STRIDE.
+    let reached = got.accepted.len() as u64;
+    assert!((100..=CHECKPOINT_INTERVAL).contains(&reached), "{reached}");
+    assert!(reached.is_multiple_of(syncline_core::dag::SIGNATURE_STRIDE));
+    let last = fresh.dag().by_author_seq(&key.author(), reached).unwrap();
+    assert!(fresh.dag().signature(last).is_some());
     // The rest follows in further chunks and the replicas converge.
     let rest = relay
         .dag()

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use syncline_core::proto::session::Config as SessionConfig;
 use syncline_store::{Replica, SqliteOptions, SqliteStore, Store};
 use thiserror::Error;
@@ -156,7 +157,14 @@ impl Server {
             let _ = tokio::task::spawn_blocking(move || rooms.shutdown()).await;
             state.close_all();
         };
-        axum::serve(self.listener, app)
+        // Frames are small and answer one another: without TCP_NODELAY a
+        // welcome can sit behind the peer's delayed ACK for 40 ms.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
+            }
+        });
+        axum::serve(listener, app)
             .with_graceful_shutdown(signal)
             .await
             .map_err(RelayError::Serve)?;

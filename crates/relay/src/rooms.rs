@@ -513,9 +513,11 @@ impl Actor {
     fn fire_timers(&mut self) {
         let now = self.rooms.now();
         self.all_dirty = true;
+        let room = &mut self.room;
         for entry in self.sessions.values_mut() {
             if entry.session.poll_timeout().is_some_and(|t| t <= now) {
-                entry.session.handle_timeout(now);
+                // Timers insert nothing, so this writes nothing.
+                let _ = room.with_room(|r, _| entry.session.handle_timeout(now, r, None));
             }
         }
         self.after(now);

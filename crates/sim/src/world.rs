@@ -673,7 +673,8 @@ impl World {
                     Ok(())
                 }
                 Event::Acknowledged { nodes } => {
-                    self.acked.extend(nodes.iter().copied());
+                    let dag = room.room().dag();
+                    self.acked.extend(nodes.iter().map(|&n| dag.id(n)));
                     room.acknowledge(&nodes)
                 }
                 Event::ServerHolds { through_seq } => {
@@ -933,17 +934,23 @@ impl World {
     fn fire_timers(&mut self) -> Result<(), String> {
         let now = self.now;
         for c in 0..self.clients.len() {
-            let Some(cc) = self.clients[c].conn.as_mut() else {
+            let client = &mut self.clients[c];
+            let (Some(cc), Some(room)) = (client.conn.as_mut(), client.room.as_mut()) else {
                 continue;
             };
             if cc.session.poll_timeout().is_some_and(|t| t <= now) {
-                cc.session.handle_timeout(now);
+                // Timers insert nothing: nothing to persist.
+                room.with_room(|r, key| cc.session.handle_timeout(now, r, Some(key)))
+                    .map_err(|e| format!("client {c}: {e}"))?;
                 self.client_events(c)?;
             }
         }
-        for (_, session) in self.relay.sessions.values_mut() {
-            if session.poll_timeout().is_some_and(|t| t <= now) {
-                session.handle_timeout(now);
+        if let Some(room) = self.relay.room.as_mut() {
+            for (_, session) in self.relay.sessions.values_mut() {
+                if session.poll_timeout().is_some_and(|t| t <= now) {
+                    room.with_room(|r, _| session.handle_timeout(now, r, None))
+                        .map_err(|e| format!("the relay: {e}"))?;
+                }
             }
         }
         self.relay_events(0, &[])

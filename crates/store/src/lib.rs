@@ -42,6 +42,10 @@ pub use syncline_core::dag::Segment;
 /// of it, so writers cut larger appends, and merges stop, at this size.
 pub const MAX_SEGMENT_NODES: u32 = 16384;
 
+/// Most content in one segment, about, decoded: writers cut appends of
+/// large nodes at this size.
+pub const MAX_SEGMENT_CONTENT: usize = 1 << 20;
+
 /// One durable write to a room, committed atomically.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Batch {

@@ -9,12 +9,13 @@
 //! (later nodes could otherwise be persisted on top of a missing parent).
 //!
 //! New nodes are stored as segments (one per write, cut at
-//! [`MAX_SEGMENT_NODES`]). A room opens from its
-//! last checkpoint plus the nodes stored after it; a checkpoint is written
-//! (in the same atomic batch as the nodes it covers) once the nodes past
-//! the last one reach a quarter of the room, at least
-//! [`CHECKPOINT_MIN_NODES`], so opening replays a bounded share of the
-//! history and checkpointing costs O(1) per node amortized.
+//! [`MAX_SEGMENT_NODES`]). A room opens from its last checkpoint plus the
+//! nodes stored after it; a checkpoint is written (in the same atomic batch
+//! as the nodes it covers) once the room has doubled since the last one
+//! (and grown by [`CHECKPOINT_MIN_NODES`] at least), and when the room is
+//! unloaded or closed. Writing a checkpoint costs about the room's size, so
+//! doubling keeps the cost of all of them within twice the last, O(1) per
+//! node, while a room that crashes replays at most half its history.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -26,10 +27,14 @@ use syncline_core::room::{Committed, ExportError, ReceiveError, Received, TxnErr
 use syncline_core::{Keypair, NodeId, Room, RoomId, Transaction};
 use thiserror::Error;
 
-use crate::{Batch, MAX_SEGMENT_NODES, Store, StoreError, StoredRoom};
+use crate::{Batch, MAX_SEGMENT_CONTENT, MAX_SEGMENT_NODES, Store, StoreError, StoredRoom};
 
-/// A checkpoint is written once this many nodes (and a quarter of the
-/// room) are past the last one.
+/// zstd level of the segments a write appends: fast, since it is on the
+/// write path (a store may merge and recompress them later).
+const APPEND_LEVEL: i32 = 3;
+
+/// A checkpoint is written once this many nodes (and as many as it
+/// covers) are past the last one.
 pub const CHECKPOINT_MIN_NODES: NodeIdx = 1024;
 
 /// Why a replica operation failed.
@@ -256,8 +261,8 @@ impl DurableRoom {
     }
 
     /// Writes checkpoints once `nodes` (rather than
-    /// [`CHECKPOINT_MIN_NODES`]) and a quarter of the room are past the
-    /// last one: small values make tests and the simulator open rooms from
+    /// [`CHECKPOINT_MIN_NODES`]) and as many as the last covers are past
+    /// it: small values make tests and the simulator open rooms from
     /// checkpoints often.
     pub fn set_checkpoint_min_nodes(&mut self, nodes: NodeIdx) {
         self.checkpoint_min_nodes = nodes.max(1);
@@ -314,12 +319,12 @@ impl DurableRoom {
     }
 
     /// Commits `batch` with the nodes not stored yet (as segments of at
-    /// most [`MAX_SEGMENT_NODES`]) and, when due, a checkpoint covering
-    /// them. On failure, reloads.
+    /// most [`MAX_SEGMENT_NODES`] and about [`MAX_SEGMENT_CONTENT`]) and,
+    /// when due, a checkpoint covering them. On failure, reloads.
     fn persist(&mut self, batch: Batch) -> Result<(), ReplicaError> {
         let next = self.room.dag().next_idx();
         let behind = next - self.checkpointed;
-        let due = next > self.stored && behind >= self.checkpoint_min_nodes.max(next / 4);
+        let due = next > self.stored && behind >= self.checkpoint_min_nodes.max(self.checkpointed);
         self.commit(batch, due)
     }
 
@@ -336,15 +341,21 @@ impl DurableRoom {
     fn commit(&mut self, mut batch: Batch, checkpoint: bool) -> Result<(), ReplicaError> {
         let next = self.room.dag().next_idx();
         let dag = self.room.dag();
-        batch.segments = (self.stored..next)
-            .step_by(MAX_SEGMENT_NODES as usize)
-            .map(|start| {
-                dag.segment(
-                    start..next.min(start + MAX_SEGMENT_NODES),
-                    DEFAULT_ZSTD_LEVEL,
-                )
-            })
-            .collect();
+        // Segments of at most MAX_SEGMENT_NODES nodes and (past the first
+        // node) MAX_SEGMENT_CONTENT bytes.
+        let (mut start, mut bytes) = (self.stored, 0);
+        for idx in self.stored..next {
+            let size = dag.content_size(idx);
+            let full = idx - start == MAX_SEGMENT_NODES || bytes + size > MAX_SEGMENT_CONTENT;
+            if idx > start && full {
+                batch.segments.push(dag.segment(start..idx, APPEND_LEVEL));
+                (start, bytes) = (idx, 0);
+            }
+            bytes += size;
+        }
+        if next > start {
+            batch.segments.push(dag.segment(start..next, APPEND_LEVEL));
+        }
         if checkpoint {
             batch.checkpoint = Some(self.room.checkpoint());
         }
@@ -407,22 +418,18 @@ impl DurableRoom {
         self.remove_from_outbox(held)
     }
 
-    /// Records that the server has these nodes durably (ids of nodes not
-    /// in the outbox are ignored).
-    pub fn acknowledge(&mut self, ids: &[NodeId]) -> Result<(), ReplicaError> {
-        let acked: BTreeSet<&NodeId> = ids.iter().collect();
+    /// Records that the server has these nodes durably (from
+    /// [`Event::Acknowledged`]; other authors' nodes are ignored).
+    ///
+    /// [`Event::Acknowledged`]: syncline_core::proto::session::Event::Acknowledged
+    pub fn acknowledge(&mut self, nodes: &[NodeIdx]) -> Result<(), ReplicaError> {
         let me = self.key.author();
         let dag = self.room.dag();
-        // The outbox is small (what is not acknowledged yet) and recent, so
-        // the ids of its nodes are cheap to compute.
-        let held: Vec<u64> = self
-            .outbox
+        let held: Vec<u64> = nodes
             .iter()
-            .copied()
-            .filter(|&seq| {
-                dag.by_author_seq(&me, seq)
-                    .is_some_and(|idx| acked.contains(&dag.id(idx)))
-            })
+            .filter(|&&n| *dag.author(n) == me)
+            .map(|&n| dag.seq(n))
+            .filter(|seq| self.outbox.contains(seq))
             .collect();
         self.remove_from_outbox(held)
     }

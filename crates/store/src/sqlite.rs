@@ -53,7 +53,7 @@ use std::fmt;
 use std::fs::{File, TryLockError};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -66,7 +66,10 @@ use syncline_core::{AuthorId, NodeId, RoomId, Signature};
 
 use crate::memory::appended;
 use crate::merge::merge_segments;
-use crate::{Batch, MAX_SEGMENT_NODES, RoomBytes, Segment, Store, StoreError, StoredRoom};
+use crate::{
+    Batch, MAX_SEGMENT_CONTENT, MAX_SEGMENT_NODES, RoomBytes, Segment, Store, StoreError,
+    StoredRoom,
+};
 
 /// A data move written in Rust, run after its migration's SQL.
 type DataMove = fn(&Transaction<'_>) -> Result<(), StoreError>;
@@ -169,8 +172,11 @@ const MERGE_FANOUT: usize = 8;
 /// does not queue its room (the room's next write will).
 const MERGE_QUEUE: usize = 256;
 
-/// zstd level of merged segments (written in the background, once per
-/// size class).
+/// Merges stop short of a pack this large (about a MiB of content).
+const MAX_MERGED_BYTES: u64 = 256 << 10;
+
+/// zstd level of merged segments of small content (written in the
+/// background, once per size class).
 const MERGE_LEVEL: i32 = 15;
 
 /// How to open a [`SqliteStore`].
@@ -231,6 +237,9 @@ struct Inner {
     /// close.
     writer: Mutex<Writer>,
     stats: Arc<Counters>,
+    /// Set when the store is dropped: the merger stops between merges
+    /// rather than finish its queue (merging resumes with the next writes).
+    stopping: AtomicBool,
     /// Held (locked) for the store's life; declared last so it is released
     /// after every connection has closed.
     _lock: File,
@@ -402,6 +411,7 @@ impl SqliteStore {
             readers: Mutex::new(Vec::new()),
             writer: Mutex::new(writer),
             stats,
+            stopping: AtomicBool::new(false),
             _lock: lock,
         });
         let merger = options
@@ -579,6 +589,9 @@ impl Inner {
     fn merge_room(&self, key: i64) -> Result<u64, StoreError> {
         let mut merges = 0;
         loop {
+            if self.stopping.load(Ordering::Relaxed) {
+                return Ok(merges);
+            }
             let (name, index) = self.read(|conn| {
                 let name = room_name(conn, key)?;
                 Ok((name, segment_index(conn, key)?))
@@ -587,15 +600,19 @@ impl Inner {
             let Some(run) = merge_run(&index) else {
                 return Ok(merges);
             };
-            let (first, last) = (index[run.start].0, index[run.end - 1]);
-            let end = last.0 + last.1;
+            let (first, last) = (index[run.start].start, index[run.end - 1]);
+            let end = last.start + last.count;
             let (segments, signatures) = self.read(|conn| {
                 Ok((
                     load_segments(conn, key, first, end)?,
                     load_signatures(conn, key, first, end)?,
                 ))
             })?;
-            let merged = merge_segments(&name, &segments, &signatures, MERGE_LEVEL)
+            // Small histories compress much better at a high level; large
+            // content (text) gains little for the time it costs.
+            let bytes: usize = segments.iter().map(|s| s.pack.len()).sum();
+            let level = if bytes <= 64 << 10 { MERGE_LEVEL } else { 3 };
+            let merged = merge_segments(&name, &segments, &signatures, level)
                 .map_err(|e| StoreError::Corrupt(format!("room {name}: merging segments: {e}")))?;
             let replaced = segments
                 .iter()
@@ -622,26 +639,38 @@ fn size_class(count: u32) -> u32 {
     count.max(1).ilog(MERGE_FANOUT as u32)
 }
 
-/// The first run of segments to merge in `index` ((start, count) pairs in
-/// order): [`MERGE_FANOUT`] consecutive segments of one size class below
-/// the largest, or fewer if they would pass [`MAX_SEGMENT_NODES`] (two at
-/// least).
-fn merge_run(index: &[(u32, u32)]) -> Option<std::ops::Range<usize>> {
+/// One stored segment, as the merge policy sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Indexed {
+    start: u32,
+    count: u32,
+    /// Bytes of its pack.
+    bytes: u64,
+}
+
+/// The first run of segments to merge in `index` (in order):
+/// [`MERGE_FANOUT`] consecutive segments of one size class below the
+/// largest, or fewer if they would pass [`MAX_SEGMENT_NODES`] or
+/// [`MAX_MERGED_BYTES`] (two at least).
+fn merge_run(index: &[Indexed]) -> Option<std::ops::Range<usize>> {
     let top = size_class(MAX_SEGMENT_NODES);
     let mut i = 0;
     while i < index.len() {
-        let class = size_class(index[i].1);
-        let mut j = i;
-        let mut nodes = 0u32;
-        while j < index.len() && size_class(index[j].1) == class && j - i < MERGE_FANOUT {
-            if nodes + index[j].1 > MAX_SEGMENT_NODES {
-                break;
-            }
-            nodes += index[j].1;
+        let class = size_class(index[i].count);
+        let (mut j, mut nodes, mut bytes) = (i, 0u32, 0u64);
+        let fits = |nodes: u32, bytes: u64, s: &Indexed| {
+            nodes + s.count <= MAX_SEGMENT_NODES && bytes + s.bytes <= MAX_MERGED_BYTES
+        };
+        while j < index.len()
+            && size_class(index[j].count) == class
+            && j - i < MERGE_FANOUT
+            && fits(nodes, bytes, &index[j])
+        {
+            nodes += index[j].count;
+            bytes += index[j].bytes;
             j += 1;
         }
-        let full =
-            j - i == MERGE_FANOUT || (j < index.len() && nodes + index[j].1 > MAX_SEGMENT_NODES);
+        let full = j - i == MERGE_FANOUT || (j < index.len() && !fits(nodes, bytes, &index[j]));
         if class < top && full && j - i >= 2 {
             return Some(i..j);
         }
@@ -708,9 +737,11 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
 
 impl Drop for SqliteStore {
     fn drop(&mut self) {
-        // The merger first (closing its channel ends its loop), so that the
-        // connections close with the last handle on them.
+        // The merger first (stopping it, and closing its channel ends its
+        // loop), so that the connections close with the last handle on
+        // them.
         if let Some((tx, handle)) = self.merger.take() {
+            self.inner.stopping.store(true, Ordering::Relaxed);
             drop(tx);
             let _ = handle.join();
         }
@@ -927,14 +958,20 @@ fn node_count(conn: &Connection, key: i64) -> Result<u64, StoreError> {
     u64::try_from(count).map_err(|_| StoreError::Corrupt(format!("room key {key} counts {count}")))
 }
 
-/// (start, count) of every segment of room `key`, in order.
-fn segment_index(conn: &Connection, key: i64) -> Result<Vec<(u32, u32)>, StoreError> {
+/// Every segment of room `key`, in order.
+fn segment_index(conn: &Connection, key: i64) -> Result<Vec<Indexed>, StoreError> {
     let mut stmt = conn
-        .prepare_cached("SELECT start, count FROM segments_v2 WHERE room = ?1 ORDER BY start")
+        .prepare_cached(
+            "SELECT start, count, length(pack) FROM segments_v2 WHERE room = ?1 ORDER BY start",
+        )
         .map_err(sql)?;
     let rows = stmt
         .query_map([key], |row| {
-            Ok((row.get::<_, u32>(0)?, row.get::<_, u32>(1)?))
+            Ok(Indexed {
+                start: row.get(0)?,
+                count: row.get(1)?,
+                bytes: row.get(2)?,
+            })
         })
         .map_err(sql)?;
     rows.collect::<Result<Vec<_>, _>>().map_err(sql)
@@ -1093,7 +1130,8 @@ fn migrate(conn: &mut Connection, migrations: &[Migration]) -> Result<bool, Stor
 }
 
 /// Migration 2's data move: each room's `nodes_v1` rows (canonical bytes,
-/// in order) become segments of at most [`MAX_SEGMENT_NODES`] nodes, their
+/// in order) become segments of at most [`MAX_SEGMENT_NODES`] nodes (and
+/// about [`MAX_SEGMENT_CONTENT`] bytes), their
 /// signatures going with them; the outbox's node ids become seqs.
 fn migrate_nodes_to_segments(tx: &Transaction<'_>) -> Result<(), StoreError> {
     let rooms: Vec<(i64, String)> = {
@@ -1120,6 +1158,8 @@ fn migrate_nodes_to_segments(tx: &Transaction<'_>) -> Result<(), StoreError> {
         let mut segment: Vec<RawNode> = Vec::new();
         let mut sigs: Vec<(usize, Signature)> = Vec::new();
         let mut start = 0u32;
+        // Canonical bytes of the nodes in `segment`.
+        let mut content = 0usize;
         let flush = |segment: &mut Vec<RawNode>,
                      sigs: &mut Vec<(usize, Signature)>,
                      start: &mut u32|
@@ -1170,7 +1210,9 @@ fn migrate_nodes_to_segments(tx: &Transaction<'_>) -> Result<(), StoreError> {
                 sigs.push((segment.len(), Signature(sig)));
             }
             segment.push(RawNode { node, parent_refs });
-            if segment.len() == MAX_SEGMENT_NODES as usize {
+            content += bytes.len();
+            if segment.len() == MAX_SEGMENT_NODES as usize || content >= MAX_SEGMENT_CONTENT {
+                content = 0;
                 flush(&mut segment, &mut sigs, &mut start)?;
             }
         }
@@ -1861,22 +1903,45 @@ mod tests {
 
     #[test]
     fn the_merge_policy_merges_runs_of_one_size_class() {
+        let seg = |start: u32, count: u32| Indexed {
+            start,
+            count,
+            bytes: u64::from(count) * 10,
+        };
         // Seven small segments wait for an eighth.
-        assert_eq!(merge_run(&[(0, 1); 7]), None);
-        let index: Vec<(u32, u32)> = (0..8).map(|i| (i, 1)).collect();
+        let seven: Vec<Indexed> = (0..7).map(|i| seg(i, 1)).collect();
+        assert_eq!(merge_run(&seven), None);
+        let index: Vec<Indexed> = (0..8).map(|i| seg(i, 1)).collect();
         assert_eq!(merge_run(&index), Some(0..8));
         // A large segment first, then a full run of small ones.
-        let mut index = vec![(0, 64)];
-        index.extend((0..9).map(|i| (64 + i, 2)));
+        let mut index = vec![seg(0, 64)];
+        index.extend((0..9).map(|i| seg(64 + i, 2)));
         assert_eq!(merge_run(&index), Some(1..9));
         // Eight of the largest class are never merged.
-        let top: Vec<(u32, u32)> = (0..8).map(|i| (i * 4096, 4096)).collect();
+        let top: Vec<Indexed> = (0..8).map(|i| seg(i * 4096, 4096)).collect();
         assert_eq!(merge_run(&top), None);
         // Merging stops short of MAX_SEGMENT_NODES.
-        let big: Vec<(u32, u32)> = (0..8).map(|i| (i * 3000, 3000)).collect();
+        let big: Vec<Indexed> = (0..8).map(|i| seg(i * 3000, 3000)).collect();
         let fit = (MAX_SEGMENT_NODES / 3000) as usize;
         assert!((2..8).contains(&fit));
         assert_eq!(merge_run(&big), Some(0..fit));
+        // And short of MAX_MERGED_BYTES: segments of large nodes.
+        let heavy: Vec<Indexed> = (0..8)
+            .map(|i| Indexed {
+                start: i * 4,
+                count: 4,
+                bytes: MAX_MERGED_BYTES / 3,
+            })
+            .collect();
+        assert_eq!(merge_run(&heavy), Some(0..3));
+        let too_heavy: Vec<Indexed> = (0..8)
+            .map(|i| Indexed {
+                start: i,
+                count: 1,
+                bytes: MAX_MERGED_BYTES,
+            })
+            .collect();
+        assert_eq!(merge_run(&too_heavy), None);
     }
 
     #[test]

@@ -26,9 +26,13 @@ const SEAL_BYTES: usize = 256 * 1024;
 /// zstd level of sealed segments: the fastest, since sealing is on the
 /// commit path (a store recompresses what it keeps for long).
 const SEAL_LEVEL: i32 = 1;
-/// Decoded segments kept for the next reads, at most this many nodes in
-/// all (stored segments can be large).
+/// Decoded segments kept for the next reads, at most this many nodes and
+/// about this many bytes of content in all (stored segments can be large).
 const DECODED_NODES: usize = 16 * 1024;
+const DECODED_BYTES: usize = 8 << 20;
+
+/// A sealed segment decoded: its index, nodes and their content bytes.
+type Decoded = (usize, Arc<[Node]>, usize);
 
 /// See the module docs.
 #[derive(Clone, Debug, Default)]
@@ -40,8 +44,8 @@ pub(crate) struct Log {
     tail_start: NodeIdx,
     /// About how many bytes the tail's content takes.
     tail_bytes: usize,
-    /// Sealed segments decoded lately, newest last: index and nodes.
-    decoded: RefCell<Vec<(usize, Arc<[Node]>)>>,
+    /// Sealed segments decoded lately, newest last.
+    decoded: RefCell<Vec<Decoded>>,
 }
 
 impl Log {
@@ -121,7 +125,7 @@ impl Log {
     fn segment(&self, room: &RoomId, s: usize) -> Arc<[Node]> {
         {
             let mut decoded = self.decoded.borrow_mut();
-            if let Some(at) = decoded.iter().position(|(i, _)| *i == s) {
+            if let Some(at) = decoded.iter().position(|(i, ..)| *i == s) {
                 let hit = decoded.remove(at);
                 let nodes = hit.1.clone();
                 decoded.push(hit);
@@ -136,12 +140,18 @@ impl Log {
     }
 
     fn keep_decoded(&self, s: usize, nodes: Arc<[Node]>) {
+        let bytes: usize = nodes.iter().map(content_bytes).sum();
         let mut decoded = self.decoded.borrow_mut();
-        let mut kept: usize = decoded.iter().map(|(_, n)| n.len()).sum();
-        while !decoded.is_empty() && kept + nodes.len() > DECODED_NODES {
-            kept -= decoded.remove(0).1.len();
+        let mut kept: usize = decoded.iter().map(|(_, n, _)| n.len()).sum();
+        let mut kept_bytes: usize = decoded.iter().map(|(.., b)| b).sum();
+        while !decoded.is_empty()
+            && (kept + nodes.len() > DECODED_NODES || kept_bytes + bytes > DECODED_BYTES)
+        {
+            let (_, gone, gone_bytes) = decoded.remove(0);
+            kept -= gone.len();
+            kept_bytes -= gone_bytes;
         }
-        decoded.push((s, nodes));
+        decoded.push((s, nodes, bytes));
     }
 
     /// Drops the decoded segments kept for the next reads (memory figures
@@ -177,7 +187,7 @@ pub(crate) fn stored_parents(
 }
 
 /// About how many bytes a node's operations take.
-fn content_bytes(node: &Node) -> usize {
+pub(crate) fn content_bytes(node: &Node) -> usize {
     use crate::op::Op;
     node.ops
         .iter()

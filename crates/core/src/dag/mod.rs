@@ -502,6 +502,12 @@ impl Dag {
         1 + parents.iter().map(|&p| self.lamport(p)).max().unwrap_or(0)
     }
 
+    /// About how many bytes node `idx`'s content takes decoded (what
+    /// writers cut segments by).
+    pub fn content_size(&self, idx: NodeIdx) -> usize {
+        self.log.with(&self.room, idx, log::content_bytes)
+    }
+
     /// Bytes the history's sealed node content takes (compressed).
     pub fn sealed_bytes(&self) -> usize {
         self.log.sealed_bytes()

@@ -3,4 +3,5 @@
 
 pub mod message;
 pub mod scope;
+mod send_queue;
 pub mod session;

@@ -21,12 +21,13 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::dag::{NodeIdx, VersionVector};
 use crate::ids::{AuthorId, IdSet, NodeId, RoomId};
 use crate::keys::Keypair;
-use crate::pack::{DEFAULT_ZSTD_LEVEL, PackError};
+use crate::pack::PackError;
 use crate::proto::message::{
     Envelope, FrameError, Limits, MAX_FRAME_BYTES, MAX_IDS, MAX_RANGES, Message, PROTOCOL_VERSION,
     Phase, Reason,
 };
 use crate::proto::scope::Scope;
+use crate::proto::send_queue::SendQueue;
 use crate::recon::SKETCH_CAPACITY;
 use crate::recon::mst::{self, Reconciler};
 use crate::recon::riblt::{CodedSymbol, Decoder, RibltError};
@@ -89,6 +90,19 @@ pub struct Config {
     /// catch-up. Heartbeats keep an idle session open but are not
     /// progress, so a peer that stalls mid-exchange is noticed.
     pub response_timeout_ms: u64,
+    /// Most bytes of packs in flight (sent, not acknowledged): the rest
+    /// waits, as node numbers, until acknowledgements make room. Bounds
+    /// what a slow peer costs the sender.
+    pub send_window_bytes: usize,
+    /// Most packs in flight.
+    pub send_window_packs: usize,
+    /// Packs are cut near this many bytes, compressed and of content (at
+    /// most `max_frame`): each export is a short step, so a driver serving
+    /// many sessions answers the others in between.
+    pub pack_bytes: usize,
+    /// zstd level of the packs sent: fast, since catch-up compresses the
+    /// whole room on the way out.
+    pub zstd_level: i32,
 }
 
 impl Default for Config {
@@ -102,6 +116,10 @@ impl Default for Config {
             vv_inline_limit: 512,
             mst_above: (SKETCH_CAPACITY / 2) as u64,
             response_timeout_ms: 30_000,
+            send_window_bytes: 2 * MAX_FRAME_BYTES,
+            send_window_packs: 4,
+            pack_bytes: 256 << 10,
+            zstd_level: 3,
         }
     }
 }
@@ -122,8 +140,8 @@ pub enum Event {
     },
     /// The peer holds these of our nodes durably.
     Acknowledged {
-        /// Their ids.
-        nodes: Vec<NodeId>,
+        /// The nodes.
+        nodes: Vec<NodeIdx>,
     },
     /// Everything the peer had at the handshake has arrived (client side).
     CaughtUp,
@@ -219,9 +237,16 @@ pub struct Session {
     /// Client: refining MST ranges.
     reconciler: Option<Reconciler>,
     /// Packs sent and not yet acknowledged: correlation id -> when sent,
-    /// and their nodes. Correlation ids grow with time, so the first entry
-    /// is the oldest.
-    in_flight: BTreeMap<u64, (u64, Vec<NodeIdx>)>,
+    /// their nodes and bytes. Correlation ids grow with time, so the first
+    /// entry is the oldest.
+    in_flight: BTreeMap<u64, (u64, Vec<NodeIdx>, usize)>,
+    /// Bytes of the packs in flight.
+    in_flight_bytes: usize,
+    /// Nodes (and messages behind them) waiting for room in the window.
+    queue: SendQueue,
+    /// Since when queued nodes could go (the window has room): the driver
+    /// is due to call [`Session::handle_timeout`], which sends a pack.
+    send_due: u64,
     /// Packs received and reported, awaiting the driver's `acknowledge`:
     /// `None` when every node of the pack was inserted (acknowledged by the
     /// correlation id alone), else the nodes inserted (some wait for
@@ -308,6 +333,9 @@ impl Session {
             symbols_sent: 0,
             reconciler: None,
             in_flight: BTreeMap::new(),
+            in_flight_bytes: 0,
+            queue: SendQueue::default(),
+            send_due: now,
             to_ack: BTreeMap::new(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
@@ -401,11 +429,14 @@ impl Session {
         self.events.pop_front()
     }
 
-    /// When [`Session::handle_timeout`] should next be called.
+    /// When [`Session::handle_timeout`] should next be called: a timer, or
+    /// at once when queued nodes can be sent (one pack per call, so a
+    /// driver serving many sessions interleaves them).
     pub fn poll_timeout(&self) -> Option<u64> {
         match self.state {
             State::Closed => None,
             State::Handshake => Some(self.handshake_deadline),
+            State::Open if self.can_send() => Some(self.send_due),
             State::Open => {
                 let idle = (self.last_received + self.config.idle_timeout_ms)
                     .min(self.last_sent + self.config.heartbeat_ms);
@@ -417,14 +448,24 @@ impl Session {
         }
     }
 
-    /// Fires the timers due at `now`.
-    pub fn handle_timeout(&mut self, now: u64) {
+    /// Whether queued nodes wait and the window has room for a pack.
+    fn can_send(&self) -> bool {
+        !self.queue.is_empty()
+            && self.in_flight.len() < self.config.send_window_packs
+            && self.in_flight_bytes < self.config.send_window_bytes
+    }
+
+    /// Fires the timers due at `now`, and sends the next pack of queued
+    /// nodes if the window has room (`room` is the session's room, `signer`
+    /// signs the local author's nodes).
+    pub fn handle_timeout(&mut self, now: u64, room: &mut Room, signer: Option<&Keypair>) {
         match self.state {
             State::Closed => {}
             State::Handshake if now >= self.handshake_deadline => {
                 self.close(now, Reason::Timeout, "handshake timed out");
             }
             State::Handshake => {}
+            State::Open if self.can_send() => self.pump(now, room, signer, 1),
             State::Open => {
                 if now >= self.last_received + self.config.idle_timeout_ms {
                     self.close(now, Reason::Timeout, "idle timeout");
@@ -444,7 +485,7 @@ impl Session {
     /// delivering it: the oldest unacknowledged pack, or (client) catch-up
     /// that stopped progressing. `None`: nothing is owed.
     fn stalled_since(&self) -> Option<u64> {
-        let oldest_pack = self.in_flight.first_key_value().map(|(_, (t, _))| *t);
+        let oldest_pack = self.in_flight.first_key_value().map(|(_, (t, ..))| *t);
         oldest_pack.into_iter().chain(self.catchup_progress).min()
     }
 
@@ -486,6 +527,7 @@ impl Session {
     pub fn is_settled(&self) -> bool {
         self.state == State::Open
             && self.in_flight.is_empty()
+            && self.queue.is_idle()
             && self.to_ack.is_empty()
             && self.outbox.is_empty()
             && (self.side == Side::Server || self.caught_up)
@@ -548,7 +590,15 @@ impl Session {
         if self.state != State::Open {
             return;
         }
-        if !self.scope.is_everything() || pack.bytes.len() + 256 > self.config.max_frame {
+        // Behind queued nodes, or past the window, it waits its turn (and
+        // is then exported for this session alone).
+        let fits = self.in_flight.len() < self.config.send_window_packs
+            && self.in_flight_bytes + pack.bytes.len() <= self.config.send_window_bytes;
+        if !self.scope.is_everything()
+            || pack.bytes.len() + 256 > self.config.max_frame
+            || !self.queue.is_empty()
+            || !fits
+        {
             return self.send_nodes(now, room, nodes, None);
         }
         self.send_pack(
@@ -574,7 +624,9 @@ impl Session {
     ) {
         let corr = self.next_corr;
         self.next_corr += 1;
-        self.in_flight.insert(corr, (now, nodes.to_vec()));
+        self.in_flight_bytes += pack.len();
+        self.in_flight
+            .insert(corr, (now, nodes.to_vec(), pack.len()));
         self.nodes_sent += nodes.len() as u64;
         if phase == Phase::Catchup {
             self.catchup_sent += nodes.len() as u64;
@@ -607,60 +659,101 @@ impl Session {
         if self.side == Side::Server && !self.scope.is_everything() {
             let chosen = self.scope.select(room, nodes, &self.peer_holds);
             self.note_sent(room, &chosen);
-            self.send_packs(now, room, &chosen, signer, Phase::Live);
+            self.enqueue(now, room, signer, &chosen, Phase::Live, usize::MAX);
         } else {
-            self.send_packs(now, room, nodes, signer, Phase::Live);
+            self.enqueue(now, room, signer, nodes, Phase::Live, usize::MAX);
         }
     }
 
-    /// Packs under both the node and the frame limit, halving chunks that
-    /// come out too large.
-    fn send_packs(
+    /// Queues `nodes` (in causal order) for packs of `phase`, then sends
+    /// up to `burst` packs as the window allows (see `send_queue.rs`); the
+    /// rest goes one pack per [`Session::handle_timeout`]. A burst of 0
+    /// sends nothing yet: what the driver flushes first (a `welcome`) goes
+    /// out before any export.
+    fn enqueue(
         &mut self,
         now: u64,
         room: &mut Room,
-        nodes: &[NodeIdx],
         signer: Option<&Keypair>,
+        nodes: &[NodeIdx],
         phase: Phase,
+        burst: usize,
     ) {
-        // A chunk may reach past its end along an author's chain for a
-        // signature (see `Room::export_pack`); what it took is not sent
-        // again.
-        let mut sent: IdSet<NodeIdx> = IdSet::default();
-        let mut rest: VecDeque<NodeIdx> = nodes.iter().copied().collect();
-        while !rest.is_empty() {
-            let mut take = rest.len().min(self.config.max_pack_nodes);
+        if self.queue.is_empty() {
+            self.send_due = now;
+        }
+        self.queue.push(nodes, phase);
+        self.pump(now, room, signer, burst);
+    }
+
+    /// Sends up to `burst` packs of queued nodes while the window has room,
+    /// each under both the node and the frame limit, and the messages
+    /// queued behind them once they have gone.
+    fn pump(&mut self, now: u64, room: &mut Room, signer: Option<&Keypair>, burst: usize) {
+        let mut packs = 0;
+        loop {
+            while let Some((corr, message)) = self.queue.pop_message() {
+                self.send(now, corr, message);
+            }
+            let full = self.in_flight.len() >= self.config.send_window_packs
+                || self.in_flight_bytes >= self.config.send_window_bytes;
+            if self.state != State::Open || packs >= burst || self.queue.is_empty() || full {
+                return;
+            }
+            // The envelope adds well under 256 bytes.
+            let frame = self.config.max_frame - 256;
+            let size = self.queue.pack_size(
+                frame.min(self.config.pack_bytes),
+                self.config.max_pack_nodes,
+            );
+            let Some((mut chunk, phase)) = self.queue.take(size) else {
+                continue; // Only nodes sent ahead of their turn.
+            };
+            // Export costs what the nodes hold, not what they compress to:
+            // keep a chunk's content near `pack_bytes` too.
+            let mut content = 0;
+            let fit = chunk
+                .iter()
+                .position(|&n| {
+                    content += room.dag().content_size(n);
+                    content > self.config.pack_bytes
+                })
+                .map_or(chunk.len(), |at| at.max(1));
+            self.queue.put_back(&chunk[fit..], phase);
+            chunk.truncate(fit);
             let acked = &self.peer_acked;
             let holds = |a: &AuthorId, s: u64| acked.get(a).is_some_and(|&h| s <= h);
+            let mut take = chunk.len();
             let exported = loop {
-                let chunk: Vec<NodeIdx> = rest.iter().take(take).copied().collect();
-                let exported = match room.export_pack(&chunk, signer, &holds, DEFAULT_ZSTD_LEVEL) {
-                    Ok(exported) => exported,
-                    Err(e) => {
-                        // Another author's nodes with no signature held:
-                        // sending them unsigned would be refused, and
-                        // skipping them would leave the peer silently
-                        // behind. End the session loudly instead.
-                        return self.close(now, Reason::InvalidNode, &e.to_string());
-                    }
-                };
-                // The envelope adds well under 256 bytes.
-                if exported.pack.len() + 256 <= self.config.max_frame || take == 1 {
-                    break exported;
+                let level = self.config.zstd_level;
+                match room.export_pack(&chunk[..take], signer, &holds, level) {
+                    Ok(exported) if exported.pack.len() <= frame || take == 1 => break exported,
+                    // Too large for a frame: halve it.
+                    Ok(_) => take /= 2,
+                    // Another author's nodes with no signature held:
+                    // sending them unsigned would be refused, and skipping
+                    // them would leave the peer silently behind. End the
+                    // session loudly instead.
+                    Err(e) => return self.close(now, Reason::InvalidNode, &e.to_string()),
                 }
-                take /= 2;
             };
-            sent.extend(exported.nodes.iter().copied());
-            rest.retain(|n| !sent.contains(n));
-            let checksum = *blake3::hash(&exported.pack).as_bytes();
-            self.send_pack(
-                now,
-                &exported.nodes,
-                exported.pack,
-                checksum,
-                phase,
-                rest.is_empty(),
+            self.queue.put_back(&chunk[take..], phase);
+            self.queue
+                .observe_pack(exported.nodes.len(), exported.pack.len());
+            // A pack may reach past its chunk along an author's chain for a
+            // signature (see `Room::export_pack`): those go now, not again.
+            let chunk: IdSet<NodeIdx> = chunk[..take].iter().copied().collect();
+            self.queue.sent_ahead(
+                exported
+                    .nodes
+                    .iter()
+                    .copied()
+                    .filter(|n| !chunk.contains(n)),
             );
+            let checksum = *blake3::hash(&exported.pack).as_bytes();
+            let last = !self.queue.next_is(phase);
+            self.send_pack(now, &exported.nodes, exported.pack, checksum, phase, last);
+            packs += 1;
         }
     }
 
@@ -744,7 +837,7 @@ impl Session {
         if self.expecting == 0 {
             self.mark_caught_up();
         }
-        self.send_packs(now, room, &upload, signer, Phase::Live);
+        self.enqueue(now, room, signer, &upload, Phase::Live, 0);
     }
 
     /// Client: refines MST ranges with the server's summaries; once nothing
@@ -800,7 +893,7 @@ impl Session {
             self.send(now, 0, Message::MstDone { need: Vec::new() });
             self.mark_caught_up();
         }
-        self.send_packs(now, room, &upload, signer, Phase::Live);
+        self.enqueue(now, room, signer, &upload, Phase::Live, 0);
     }
 
     /// Handles one frame from the peer.
@@ -995,7 +1088,9 @@ impl Session {
                 self.state = State::Open;
                 self.events.push_back(Event::Connected);
                 if let Some(missing) = missing {
-                    self.send_packs(now, room, &missing, signer, Phase::Catchup);
+                    // Exported after the welcome has gone, a pack per
+                    // timer call, as acknowledgements make room.
+                    self.enqueue(now, room, signer, &missing, Phase::Catchup, 0);
                 } else if diff == CAP_DIFF_IBF {
                     // The node counts bound the difference from below; twice
                     // that (at least a minimum batch) usually decodes in one go.
@@ -1014,8 +1109,10 @@ impl Session {
                 let chosen = scope.select(room, &missing, &self.peer_holds);
                 self.scope = scope;
                 self.note_sent(room, &chosen);
-                self.send_packs(now, room, &chosen, signer, Phase::Live);
-                self.send(now, env.corr, Message::Subscribed { patterns });
+                self.queue.push(&chosen, Phase::Live);
+                self.queue
+                    .push_message(env.corr, Message::Subscribed { patterns });
+                self.pump(now, room, signer, usize::MAX);
             }
             (Side::Client, State::Open, Message::Subscribed { patterns }) => {
                 self.events.push_back(Event::Subscribed { patterns });
@@ -1040,7 +1137,7 @@ impl Session {
             }
             (Side::Server, State::Open, Message::MstDone { need }) => {
                 let nodes = room.nodes_for_ids(&need);
-                self.send_packs(now, room, &nodes, signer, Phase::Catchup);
+                self.enqueue(now, room, signer, &nodes, Phase::Catchup, 0);
             }
             (Side::Client, State::Open, Message::MstSummary { answers }) => {
                 self.receive_summaries(now, room, signer, answers);
@@ -1051,7 +1148,7 @@ impl Session {
             }
             (Side::Server, State::Open, Message::IbfDone { need, .. }) => {
                 let nodes = room.nodes_for_keys(&need);
-                self.send_packs(now, room, &nodes, signer, Phase::Catchup);
+                self.enqueue(now, room, signer, &nodes, Phase::Catchup, 0);
             }
             (Side::Client, State::Open, Message::IbfSymbols { start, symbols }) => {
                 self.receive_symbols(now, room, signer, start, &symbols);
@@ -1087,7 +1184,7 @@ impl Session {
                 }
                 let upload = room.dag().missing_for_version_vector(&server_vv);
                 self.report_held(room, &upload);
-                self.send_packs(now, room, &upload, signer, Phase::Live);
+                self.enqueue(now, room, signer, &upload, Phase::Live, 0);
             }
             (Side::Client, State::Handshake, Message::Reject { reason, message }) => {
                 self.state = State::Closed;
@@ -1160,18 +1257,20 @@ impl Session {
                 }
             }
             (_, State::Open, Message::Ack { nodes }) => {
-                let dag = room.dag();
                 let mut acked: Vec<NodeIdx> = Vec::new();
-                let nodes: Vec<NodeId> = if nodes.is_empty() {
+                if nodes.is_empty() {
                     // An empty list acknowledges the whole pack `corr`.
-                    let (_, sent) = self.in_flight.remove(&env.corr).unwrap_or_default();
-                    acked = sent;
-                    acked.iter().map(|&n| dag.id(n)).collect()
+                    if let Some((_, sent, bytes)) = self.in_flight.remove(&env.corr) {
+                        self.in_flight_bytes -= bytes;
+                        acked = sent;
+                    }
                 } else {
                     // Listed ids may include nodes of earlier packs that
                     // waited for parents at the peer.
                     let listed: IdSet<NodeId> = nodes.iter().copied().collect();
-                    self.in_flight.retain(|_, (_, sent)| {
+                    let dag = room.dag();
+                    let mut freed = 0;
+                    self.in_flight.retain(|_, (_, sent, bytes)| {
                         sent.retain(|&n| {
                             let hit = listed.contains(&dag.id(n));
                             if hit {
@@ -1179,18 +1278,25 @@ impl Session {
                             }
                             !hit
                         });
+                        if sent.is_empty() {
+                            freed += *bytes;
+                        }
                         !sent.is_empty()
                     });
-                    nodes
-                };
-                self.note_acked(room, &acked);
-                if !nodes.is_empty() {
-                    self.events.push_back(Event::Acknowledged { nodes });
+                    self.in_flight_bytes -= freed;
                 }
+                self.note_acked(room, &acked);
+                if !acked.is_empty() {
+                    self.events.push_back(Event::Acknowledged { nodes: acked });
+                }
+                // Room in the window: the next pack now, more as the
+                // driver's timer calls come.
+                self.send_due = now;
+                self.pump(now, room, signer, 1);
             }
             (_, State::Open, Message::Request { ids }) => {
                 let nodes = room.nodes_for_ids(&ids);
-                self.send_packs(now, room, &nodes, signer, Phase::Live);
+                self.enqueue(now, room, signer, &nodes, Phase::Live, usize::MAX);
             }
             (_, _, other) => {
                 let name = format!("unexpected message type {} here", other.type_code());
