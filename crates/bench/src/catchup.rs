@@ -61,7 +61,14 @@ fn partial_history(args: &Args, report: &Report) -> Result<()> {
             .missing_for_version_vector(&client.dag().version_vector());
         let reference = server.pack(&missing, None)?;
         let client_key = Keypair::from_seed([8; 32]);
-        let run = run_session(&mut client, &client_key, &mut server)?;
+        let config = SessionConfig::default();
+        let run = run_session(
+            &mut client,
+            &client_key,
+            &mut server,
+            config.clone(),
+            config,
+        )?;
         anyhow::ensure!(
             client.state_hash() == server.state_hash(),
             "the replicas did not converge"

@@ -245,26 +245,81 @@ fn bench_durable(args: &Args, report: &Report) -> Result<()> {
 struct SessionRun {
     bytes_up: usize,
     bytes_down: usize,
+    /// `hello` and `welcome`.
+    handshake_bytes: usize,
+    /// The difference's own messages (`ibf-*`, `mst-*`).
+    diff_bytes: usize,
+    /// Client flights (frames sent before the next reply) that carried the
+    /// handshake or the difference: the round trips to find the difference.
+    diff_trips: usize,
+    /// Flights either way until both sides were quiet.
     round_trips: usize,
+    strategy: Option<&'static str>,
     took: Duration,
 }
 
+/// Counts a frame in the handshake (`hello`, `welcome`) or the difference
+/// (`ibf-*`, `mst-*`) bytes; returns whether it is one the client sends to
+/// find the difference.
+fn tally(run: &mut SessionRun, frame: &[u8]) -> Result<bool> {
+    use syncline_core::proto::message::{Envelope, Message};
+    let message = Envelope::decode(frame)?.message;
+    let kind = message.type_code();
+    match message {
+        // A hello's RIBLT probe is there for the difference: its bytes
+        // (with the field's name and length) count there.
+        Message::Hello { probe, .. } if !probe.is_empty() => {
+            let field = "probe".len() + 3 + probe.len();
+            run.diff_bytes += field;
+            run.handshake_bytes += frame.len() - field;
+        }
+        _ => match kind {
+            1 | 2 => run.handshake_bytes += frame.len(),
+            7..=12 => run.diff_bytes += frame.len(),
+            _ => {}
+        },
+    }
+    Ok(matches!(kind, 1 | 7..=12))
+}
+
 /// Runs a client and a server session over an in-memory link until both are
-/// quiet, acknowledging accepted nodes at once. A round trip is counted each
-/// time frames flow client→server and then back.
-fn run_session(client: &mut Room, client_key: &Keypair, server: &mut Room) -> Result<SessionRun> {
-    let config = SessionConfig::default();
+/// quiet, acknowledging accepted nodes at once, firing due timers (queued
+/// packs go out through them). Each loop is one flight each way: a round
+/// trip is counted each time frames flow client→server and then back.
+fn run_session(
+    client: &mut Room,
+    client_key: &Keypair,
+    server: &mut Room,
+    client_config: SessionConfig,
+    server_config: SessionConfig,
+) -> Result<SessionRun> {
     let start = Instant::now();
-    let mut c = Session::client(0, 1, client, client_key, config.clone());
-    let mut s = Session::server(0, 1, server.id().clone(), config);
-    let (mut up, mut down, mut trips) = (0usize, 0usize, 0usize);
+    let mut c = Session::client(0, 1, client, client_key, client_config);
+    let mut s = Session::server(0, 1, server.id().clone(), server_config);
+    let mut run = SessionRun {
+        bytes_up: 0,
+        bytes_down: 0,
+        handshake_bytes: 0,
+        diff_bytes: 0,
+        diff_trips: 0,
+        round_trips: 0,
+        strategy: None,
+        took: Duration::ZERO,
+    };
     loop {
-        let mut went_up = false;
+        // The client's timer first: what it queued last turn (an upload
+        // after the welcome) goes out as packs now.
+        while c.poll_timeout().is_some_and(|t| t == 0) {
+            c.handle_timeout(0, client, Some(client_key));
+        }
+        let (mut went_up, mut finding) = (false, false);
         while let Some(f) = c.poll_transmit() {
-            up += f.len();
+            run.bytes_up += f.len();
             went_up = true;
+            finding |= tally(&mut run, &f)?;
             s.handle_input(0, &f, server, None);
         }
+        run.diff_trips += usize::from(finding);
         while let Some(e) = s.poll_event() {
             match e {
                 SessionEvent::Accepted { corr, .. } => s.acknowledge(0, corr, server),
@@ -276,17 +331,14 @@ fn run_session(client: &mut Room, client_key: &Keypair, server: &mut Room) -> Re
                 _ => {}
             }
         }
-        // Queued packs go out through the timer, as a driver's would.
         while s.poll_timeout().is_some_and(|t| t == 0) {
             s.handle_timeout(0, server, None);
         }
-        while c.poll_timeout().is_some_and(|t| t == 0) {
-            c.handle_timeout(0, client, Some(client_key));
-        }
         let mut went_down = false;
         while let Some(f) = s.poll_transmit() {
-            down += f.len();
+            run.bytes_down += f.len();
             went_down = true;
+            tally(&mut run, &f)?;
             c.handle_input(0, &f, client, Some(client_key));
         }
         while let Some(e) = c.poll_event() {
@@ -300,21 +352,19 @@ fn run_session(client: &mut Room, client_key: &Keypair, server: &mut Room) -> Re
                 _ => {}
             }
         }
-        trips += (went_up && went_down) as usize;
-        if !went_up && !went_down {
+        run.round_trips += usize::from(went_up && went_down);
+        let client_due = c.poll_timeout().is_some_and(|t| t == 0);
+        if !went_up && !went_down && !client_due {
             break;
         }
         anyhow::ensure!(
             !c.is_closed() && !s.is_closed(),
-            "a session closed during catch-up"
+            "a session closed during the exchange"
         );
     }
-    Ok(SessionRun {
-        bytes_up: up,
-        bytes_down: down,
-        round_trips: trips,
-        took: start.elapsed(),
-    })
+    run.strategy = c.strategy();
+    run.took = start.elapsed();
+    Ok(run)
 }
 
 fn main() -> Result<()> {

@@ -295,7 +295,7 @@ fn a_server_killed_with_sigkill_loses_no_acknowledged_node_and_clients_resume() 
 
 #[test]
 fn a_client_killed_mid_catch_up_resumes_where_it_stopped() {
-    const TOTAL: u64 = 400;
+    const TOTAL: u64 = 2_000;
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server"), &["--max-pack-nodes", "4"]);
     // Written while connected, so each edit travels (and is signed) on its
@@ -317,7 +317,7 @@ fn a_client_killed_mid_catch_up_resumes_where_it_stopped() {
     // few kilobytes back: the client imports some packs, then stalls, and
     // is killed there.
     let client = dir.path().join("client");
-    let proxy = StallingProxy::start(server.port, 10_000);
+    let proxy = StallingProxy::start(server.port, 8_000);
     let mut child = Command::new(BIN)
         .arg("--replica")
         .arg(&client)

@@ -193,6 +193,7 @@ impl Replica {
                 state: Mutex::new(RoomState {
                     durable,
                     session: None,
+                    send_vv: false,
                 }),
                 listeners: Mutex::new(Vec::new()),
                 wake: Mutex::new(None),
@@ -227,6 +228,10 @@ pub(crate) struct RoomShared {
 pub(crate) struct RoomState {
     pub(crate) durable: DurableRoom,
     pub(crate) session: Option<Session>,
+    /// The next `hello` lists the version vector whatever its size: the
+    /// last set-reconciliation difference was too large for the server's
+    /// sketch (`docs/protocol.md` §5.2).
+    pub(crate) send_vv: bool,
 }
 
 impl RoomShared {
@@ -280,7 +285,9 @@ impl Room {
             let Some(committed) = state.durable.transact(wall_ms(), edit)? else {
                 return Ok(None);
             };
-            let RoomState { durable, session } = &mut *state;
+            let RoomState {
+                durable, session, ..
+            } = &mut *state;
             if let Some(session) = session.as_mut() {
                 durable.with_room(|r, key| {
                     session.send_nodes(session_now(), r, &[committed.idx], Some(key));

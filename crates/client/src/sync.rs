@@ -16,7 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use syncline_core::proto::message::Envelope;
-use syncline_core::proto::session::{Config as SessionConfig, Event, Session};
+use syncline_core::proto::message::Reason;
+use syncline_core::proto::session::{CAP_DIFF_IBF, Config as SessionConfig, Event, Session};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, info};
@@ -278,7 +279,10 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
     let now = session_now();
     for (i, room) in shared.rooms.iter().enumerate() {
         let mut state = room.shared.lock();
-        let config = shared.options.session.clone();
+        let mut config = shared.options.session.clone();
+        if state.send_vv {
+            config.vv_inline_limit = usize::MAX;
+        }
         let session = state
             .durable
             .with_room(|r, key| Session::client(now, i as u64 + 1, r, key, config))
@@ -342,7 +346,9 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
                 let now = session_now();
                 for room in &shared.rooms {
                     let mut state = room.shared.lock();
-                    let crate::replica::RoomState { durable, session } = &mut *state;
+                    let crate::replica::RoomState {
+                durable, session, ..
+            } = &mut *state;
                     if let Some(session) = session.as_mut()
                         && session.poll_timeout().is_some_and(|t| t <= now)
                     {
@@ -361,7 +367,9 @@ fn deliver(shared: &Shared, bytes: &[u8]) {
         // Not attributable to a session: every session sees it and closes.
         for room in &shared.rooms {
             let mut state = room.shared.lock();
-            let crate::replica::RoomState { durable, session } = &mut *state;
+            let crate::replica::RoomState {
+                durable, session, ..
+            } = &mut *state;
             if let Some(session) = session.as_mut() {
                 let _ = durable
                     .with_room(|r, key| session.handle_input(session_now(), bytes, r, Some(key)));
@@ -377,7 +385,9 @@ fn deliver(shared: &Shared, bytes: &[u8]) {
     };
     let inserted = {
         let mut state = room.shared.lock();
-        let crate::replica::RoomState { durable, session } = &mut *state;
+        let crate::replica::RoomState {
+            durable, session, ..
+        } = &mut *state;
         let Some(session) = session.as_mut() else {
             return;
         };
@@ -414,14 +424,21 @@ fn handle_events(
     caught_up: &mut bool,
 ) -> Result<Option<String>, String> {
     let mut state = room.shared.lock();
-    let crate::replica::RoomState { durable, session } = &mut *state;
+    let crate::replica::RoomState {
+        durable,
+        session,
+        send_vv,
+    } = &mut *state;
     let Some(session) = session.as_mut() else {
         return Ok(Some("no session".into()));
     };
     let now = session_now();
     while let Some(event) = session.poll_event() {
         match event {
-            Event::Connected => *connected = true,
+            Event::Connected => {
+                *connected = true;
+                *send_vv = false;
+            }
             Event::CaughtUp => *caught_up = true,
             // `deliver` persisted the nodes before this event was seen.
             Event::Accepted { corr, .. } => session.acknowledge(now, corr, durable.room()),
@@ -438,6 +455,11 @@ fn handle_events(
             Event::Closed {
                 reason, message, ..
             } => {
+                if reason == Reason::TooLarge && session.strategy() == Some(CAP_DIFF_IBF) {
+                    // The difference outgrew the server's sketch: the next
+                    // hello carries the version vector instead.
+                    *send_vv = true;
+                }
                 return Ok(Some(format!(
                     "session for room {} closed: {} ({message})",
                     room.name(),

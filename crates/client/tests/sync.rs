@@ -10,16 +10,25 @@ use syncline_relay::{Config, Server};
 /// Starts a relay on a free loopback port; returns its URL and the runtime
 /// keeping it alive.
 fn relay(dir: &std::path::Path) -> (String, tokio::runtime::Runtime) {
+    relay_with(dir, |_| {})
+}
+
+/// [`relay`] with its configuration adjusted by `adjust`.
+fn relay_with(
+    dir: &std::path::Path,
+    adjust: impl FnOnce(&mut Config),
+) -> (String, tokio::runtime::Runtime) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let config = Config {
+    let mut config = Config {
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     };
+    adjust(&mut config);
     let server = runtime.block_on(Server::bind(config)).unwrap();
     let url = format!("ws://{}/ws", server.local_addr().unwrap());
     runtime.spawn(server.run(std::future::pending()));
@@ -129,4 +138,54 @@ fn endpoints_are_tried_in_order_until_one_answers() {
     let sync = r.connect(&[dead.as_str(), url.as_str()], &["x"]).unwrap();
     sync.flush(WAIT).unwrap();
     assert_eq!(sync.status().endpoint.as_deref(), Some(url.as_str()));
+}
+
+#[test]
+fn a_difference_too_large_for_the_sketch_falls_back_to_the_version_vector() {
+    use std::sync::Arc;
+    use syncline_core::{Keypair, RoomId};
+    use syncline_store::{DurableRoom, SqliteOptions, SqliteStore};
+
+    let dir = tempfile::tempdir().unwrap();
+    // A relay that sends at most 64 RIBLT symbols for one difference.
+    let (url, _runtime) = relay_with(&dir.path().join("relay"), |c| c.session.max_symbols = 64);
+    // A replica whose room holds nodes of more authors than a hello lists
+    // (`vv_inline_limit`, 512): each of 600 authors wrote one node.
+    let crowd = RoomId::new("crowd").unwrap();
+    let path = dir.path().join("crowd");
+    std::fs::create_dir_all(&path).unwrap();
+    {
+        let store = Arc::new(
+            SqliteStore::open(&path.join("replica.db"), SqliteOptions::default()).unwrap(),
+        );
+        let mut held = DurableRoom::load(store, Keypair::from_seed([0; 32]), &crowd).unwrap();
+        for a in 0..600u32 {
+            let mut seed = [7; 32];
+            seed[..4].copy_from_slice(&a.to_le_bytes());
+            let key = Keypair::from_seed(seed);
+            let mut author = syncline_core::Room::new(crowd.clone());
+            let mut tx = author.begin(key.author(), 1_000 + u64::from(a));
+            tx.set(&format!("/people/{a}"), "n", i64::from(a).into())
+                .unwrap();
+            let idx = tx.commit().unwrap().unwrap().idx;
+            held.receive_pack(&author.pack(&[idx], Some(&key)).unwrap())
+                .unwrap();
+        }
+    }
+    let replica = Replica::open(&path).unwrap();
+    let room = replica.room("crowd").unwrap();
+    room.transact(|tx| tx.set("/mine", "v", 1i64.into()))
+        .unwrap();
+    let sync = replica.connect(&[url.as_str()], &["crowd"]).unwrap();
+    // The first difference (RIBLT: the version vector was left out) needs
+    // more symbols than the relay sends and ends as too_large; the replica
+    // reconnects with its version vector and uploads everything.
+    sync.flush(WAIT).unwrap();
+    let first = sync.status().last_error.unwrap_or_default();
+    assert!(first.contains("too_large"), "{first}");
+    let reader = Replica::open(dir.path().join("reader")).unwrap();
+    let copy = reader.room("crowd").unwrap();
+    let _reading = reader.connect(&[url.as_str()], &["crowd"]).unwrap();
+    wait_until(|| copy.node_count() == 601);
+    assert_eq!(copy.state_hash(), room.state_hash());
 }

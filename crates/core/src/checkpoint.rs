@@ -29,7 +29,7 @@ use crate::room::Room;
 const MAGIC: &[u8; 4] = b"SLC1";
 /// Version of the body layout; another version is ignored (the room
 /// replays and writes a new one).
-pub const CHECKPOINT_VERSION: u64 = 1;
+pub const CHECKPOINT_VERSION: u64 = 2;
 /// Largest body once decompressed.
 const MAX_BODY: usize = 1 << 30;
 /// zstd level of checkpoints: harder for small bodies, which it costs

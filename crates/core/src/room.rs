@@ -14,7 +14,7 @@ use crate::doc::{Changes, Doc, PathError, path_names, split_path};
 use crate::hlc::{Hlc, HlcClock};
 use crate::ids::{AuthorId, EntryId, IdMap, NodeId, RoomId, Signature};
 use crate::keys::Keypair;
-use crate::limits::{MAX_NODE_BYTES, MAX_OPS_PER_NODE};
+use crate::limits::{MAX_NODE_BYTES, MAX_OPS_PER_NODE, MAX_PARENTS};
 use crate::node::Node;
 use crate::node::NodeFormat;
 use crate::op::{CharNode, CharRef, CharSpan, EntryKind, Op, Position, is_valid_name};
@@ -110,7 +110,7 @@ pub enum ExportError {
 }
 
 /// One room's replica state.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Room {
     dag: Dag,
     doc: Doc,
@@ -273,12 +273,14 @@ impl Room {
     /// of its own chain, so whoever stores the pack can later cut the
     /// history into small vouched-for packs. Signatures made here are
     /// recorded and returned (to be persisted). `holds` says which nodes
-    /// the receiver surely holds (see [`pack::encode`]).
+    /// the receiver surely holds: they are cited by (author, seq) alone,
+    /// others by id too (see [`pack::encode`]), which for an old node not
+    /// kept by id means rehashing the history behind it.
     pub fn export_pack(
         &mut self,
         nodes: &[NodeIdx],
         local: Option<&Keypair>,
-        holds: &dyn Fn(&AuthorId, u64) -> bool,
+        holds: &dyn Fn(NodeIdx, &AuthorId, u64) -> bool,
         zstd_level: i32,
     ) -> Result<ExportedPack, ExportError> {
         use std::collections::BTreeMap;
@@ -365,7 +367,7 @@ impl Room {
                         Some(&at) => ParentRef::InPack(at),
                         None => {
                             let (author, seq) = (*dag.author(p), dag.seq(p));
-                            if holds(&author, seq) {
+                            if holds(p, &author, seq) {
                                 ParentRef::Held(author, seq)
                             } else {
                                 ParentRef::WithId(author, seq, dag.id(p))
@@ -394,7 +396,7 @@ impl Room {
         local: Option<&Keypair>,
     ) -> Result<Vec<u8>, ExportError> {
         Ok(self
-            .export_pack(nodes, local, &|_, _| false, pack::DEFAULT_ZSTD_LEVEL)?
+            .export_pack(nodes, local, &|_, _, _| false, pack::DEFAULT_ZSTD_LEVEL)?
             .pack)
     }
 
@@ -409,8 +411,20 @@ impl Room {
         {
             parents.push(prev);
         }
+        // A node cites at most MAX_PARENTS: past that (a room of many
+        // concurrent writers), the author's previous node and the newest
+        // heads; the others stay heads for later nodes to cite.
+        if parents.len() > MAX_PARENTS {
+            let dag = &self.dag;
+            let own = dag.by_author_seq(&author, seq - 1);
+            parents.retain(|&p| Some(p) != own);
+            parents.sort_unstable_by_key(|&p| std::cmp::Reverse((dag.lamport(p), p)));
+            parents.truncate(MAX_PARENTS - usize::from(own.is_some()));
+            parents.extend(own);
+        }
         // The author's previous node is an ancestor of a head, so it never
-        // raises the lamport above what the heads give.
+        // raises the lamport above what the heads give; the newest heads
+        // are always cited.
         let lamport = self.dag.lamport_after_heads();
         let hlc = self.clock.tick(now_ms);
         let node = self.dag.next_idx();

@@ -206,7 +206,7 @@ fn relayed_history_can_be_reshipped_in_chunks_at_checkpoints() {
     let order = relay.dag().causal_order();
     // The first 100 nodes: the relay extends to the first signed node only.
     let exported = relay
-        .export_pack(&order[..100], None, &|_, _| false, DEFAULT_ZSTD_LEVEL)
+        .export_pack(&order[..100], None, &|_, _, _| false, DEFAULT_ZSTD_LEVEL)
         .unwrap();
     assert!(
         exported.signatures.is_empty(),
@@ -230,4 +230,48 @@ fn relayed_history_can_be_reshipped_in_chunks_at_checkpoints() {
     let tail = relay.pack(&rest, None).unwrap();
     fresh.receive_pack(&tail).unwrap();
     assert_eq!(fresh.state_hash(), author.state_hash());
+}
+
+#[test]
+fn a_commit_on_more_heads_than_a_node_may_cite_cites_the_newest() {
+    use syncline_core::limits::MAX_PARENTS;
+    let room_id = RoomId::new("scenario").unwrap();
+    let mut room = Room::new(room_id.clone());
+    // 100 authors who never saw each other: 100 heads.
+    for a in 0..100u8 {
+        let key = Keypair::from_seed([a; 32]);
+        let mut author = Room::new(room_id.clone());
+        let mut t = author.begin(key.author(), 1_000 + u64::from(a));
+        t.set(&format!("/by/{a}"), "v", Value::Int(a.into()))
+            .unwrap();
+        let idx = t.commit().unwrap().unwrap().idx;
+        room.receive_pack(&author.pack(&[idx], Some(&key)).unwrap())
+            .unwrap();
+    }
+    assert_eq!(room.dag().heads().len(), 100);
+    let me = Keypair::from_seed([200; 32]);
+    for round in 0..3u64 {
+        let mut t = room.begin(me.author(), 5_000 + round);
+        t.set("/mine", "v", Value::Int(round as i64)).unwrap();
+        let idx = t.commit().unwrap().unwrap().idx;
+        let parents = room.dag().parents(idx).len();
+        assert!(parents <= MAX_PARENTS, "{parents} parents");
+        // The uncited heads stay heads, and the next commits cite them.
+        let heads = room.dag().heads().len();
+        assert_eq!(
+            heads,
+            if round == 0 {
+                100 - (MAX_PARENTS - 1)
+            } else {
+                1
+            }
+        );
+    }
+    // The nodes pass another replica's receive path.
+    let all = room.dag().causal_order();
+    let mut other = Room::new(room_id);
+    other
+        .receive_pack(&room.pack(&all, Some(&me)).unwrap())
+        .unwrap();
+    assert_eq!(other.state_hash(), room.state_hash());
 }

@@ -432,6 +432,7 @@ fn hostile_frames_close_only_their_session() {
             nodes: 0,
             state_hash: [0; 32],
             subscriptions: vec![],
+            probe: vec![],
         },
     };
     s.handle_input(0, &hello.encode(), &mut server, None);

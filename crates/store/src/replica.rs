@@ -384,7 +384,7 @@ impl DurableRoom {
     pub fn export_pack(&mut self, nodes: &[NodeIdx]) -> Result<Vec<u8>, ReplicaError> {
         let exported =
             self.room
-                .export_pack(nodes, Some(&self.key), &|_, _| false, DEFAULT_ZSTD_LEVEL)?;
+                .export_pack(nodes, Some(&self.key), &|_, _, _| false, DEFAULT_ZSTD_LEVEL)?;
         self.persist(Batch {
             signatures: exported.signatures,
             ..Batch::default()

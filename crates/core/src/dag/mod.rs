@@ -577,7 +577,7 @@ impl Dag {
             dag.heads.insert(h);
         }
         dag.max_hlc = input.hlc()?;
-        dag.ids = Ids::load(input, dag.authors.len())?;
+        dag.ids = Ids::load(input, dag.authors.len(), nodes)?;
         for _ in 0..input.count(33)? {
             let idx = input.u32()?;
             let id = NodeId(input.array()?);
@@ -1011,6 +1011,26 @@ impl Dag {
             self.author_index.insert(node.author, a);
             a
         });
+        // Ids another author cites are kept (see ids.rs): a received node
+        // carries them, a local one cites heads, whose ids are known. A
+        // node restored from a segment has none to give.
+        let cited: Vec<(NodeIdx, NodeId)> = match (&content, id) {
+            (Some(c), Some(_)) if c.parents.len() == parents.len() => parents
+                .iter()
+                .zip(&c.parents)
+                .filter(|&(&p, _)| self.runs.author(p) != author)
+                .map(|(&p, &pid)| (p, pid))
+                .collect(),
+            (Some(_), None) => parents
+                .iter()
+                .filter(|&&p| self.runs.author(p) != author)
+                .map(|&p| (p, self.id(p)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (p, pid) in cited {
+            self.ids.cited(p, pid);
+        }
         let prev = self.runs.by_author_seq(author, node.seq - 1);
         let idx = self.runs.push(
             author,

@@ -14,7 +14,7 @@ use crate::codec::mp::{DecodeError, Reader, Writer};
 use crate::dag::VersionVector;
 use crate::ids::{AuthorId, NodeId, RoomId};
 use crate::limits::MAX_ROOM_ID_BYTES;
-use crate::recon::mst::{KeyRange, Summary};
+use crate::recon::mst::{KeyPrefix, KeyRange, Summary};
 
 /// The protocol version this code speaks.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -28,6 +28,8 @@ pub const MAX_VV_ENTRIES: usize = 65_536;
 pub const MAX_LIST: usize = 256;
 /// Most node ids (or keys) in one `ack`, `request` or `ibf-done`.
 pub const MAX_IDS: usize = 65_536;
+/// Largest RIBLT probe in a `hello`.
+pub const MAX_PROBE_BYTES: usize = 256;
 /// Most key ranges in one `mst-request` or `mst-summary`.
 pub const MAX_RANGES: usize = 4096;
 /// Most keys or sub-ranges in one range's summary.
@@ -180,6 +182,11 @@ pub enum Message {
         state_hash: [u8; 32],
         /// Path globs the client subscribes to (empty: everything).
         subscriptions: Vec<String>,
+        /// With the version vector left out: a probe of the client's
+        /// RIBLT sketch (`Sketch::probe`), from which the server estimates
+        /// the difference to size its first symbols. Optional (empty: not
+        /// sent).
+        probe: Vec<u8>,
     },
     /// Accepts a session (server to client).
     Welcome {
@@ -260,8 +267,8 @@ pub enum Message {
     },
     /// The client found the difference by MST.
     MstDone {
-        /// Ids of nodes the client lacks.
-        need: Vec<NodeId>,
+        /// Nodes the client lacks, by the first 8 bytes of their ids.
+        need: Vec<KeyPrefix>,
     },
     /// Narrows what is relayed and caught up.
     Subscribe {
@@ -356,9 +363,14 @@ fn put_strs(w: &mut Writer, items: &[String]) {
     }
 }
 
+/// A range bound, its trailing zero bytes left out: the MST cuts ranges at
+/// short prefixes of keys, padded with zeros.
 fn put_bound(w: &mut Writer, b: &Option<[u8; 32]>) {
     match b {
-        Some(k) => w.bin(k),
+        Some(k) => {
+            let len = k.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+            w.bin(&k[..len]);
+        }
         None => w.nil(),
     }
 }
@@ -374,7 +386,14 @@ fn read_bound(r: &mut Reader<'_>) -> Result<Option<[u8; 32]>, FrameError> {
         r.nil()?;
         return Ok(None);
     }
-    Ok(Some(r.bin_array()?))
+    let bytes = r.bin(32)?;
+    if bytes.last() == Some(&0) {
+        // Not the shortest form: two encodings of one bound.
+        return Err(FrameError::Invalid("range bound"));
+    }
+    let mut bound = [0; 32];
+    bound[..bytes.len()].copy_from_slice(bytes);
+    Ok(Some(bound))
 }
 
 fn read_range(r: &mut Reader<'_>) -> Result<KeyRange, FrameError> {
@@ -458,8 +477,9 @@ fn encode_body(m: &Message, w: &mut Writer) {
             nodes,
             state_hash,
             subscriptions,
+            probe,
         } => {
-            w.map(9 + token.is_some() as usize);
+            w.map(9 + token.is_some() as usize + !probe.is_empty() as usize);
             w.str("caps");
             put_strs(w, caps);
             w.str("heads");
@@ -468,6 +488,10 @@ fn encode_body(m: &Message, w: &mut Writer) {
             w.uint(*nodes);
             w.str("peer");
             w.bin(&peer.0);
+            if !probe.is_empty() {
+                w.str("probe");
+                w.bin(probe);
+            }
             w.str("room");
             w.str(room.as_str());
             w.str("state_hash");
@@ -603,12 +627,17 @@ fn encode_body(m: &Message, w: &mut Writer) {
                             w.bin(k);
                         }
                     }
+                    // Sub-ranges partition the answer's range: only the cuts
+                    // between them travel, then one hash per sub-range.
                     Summary::Ranges(subs) => {
                         w.uint(1);
+                        w.array(2);
+                        w.array(subs.len().saturating_sub(1));
+                        for (sub, _) in &subs[..subs.len().saturating_sub(1)] {
+                            put_bound(w, &sub.end);
+                        }
                         w.array(subs.len());
-                        for (sub, hash) in subs {
-                            w.array(2);
-                            put_range(w, sub);
+                        for (_, hash) in subs {
                             w.bin(hash);
                         }
                     }
@@ -618,7 +647,10 @@ fn encode_body(m: &Message, w: &mut Writer) {
         Message::MstDone { need } => {
             w.map(1);
             w.str("need");
-            put_ids(w, need);
+            w.array(need.len());
+            for prefix in need {
+                w.bin(prefix);
+            }
         }
         Message::Subscribe { patterns } | Message::Subscribed { patterns } => {
             w.map(1);
@@ -742,6 +774,11 @@ fn decode_body(kind: u64, r: &mut Reader<'_>) -> Result<Message, FrameError> {
                 nodes: f.uint("nodes")?,
                 state_hash: f.get("state_hash")?.bin_array()?,
                 subscriptions: f.texts("subscriptions")?,
+                probe: f
+                    .opt("probe")
+                    .map(|mut p| p.bin(MAX_PROBE_BYTES).map(<[u8]>::to_vec))
+                    .transpose()?
+                    .unwrap_or_default(),
             }
         }
         2 => {
@@ -825,30 +862,56 @@ fn decode_body(kind: u64, r: &mut Reader<'_>) -> Result<Message, FrameError> {
                 r.array_exact(3)?;
                 let range = read_range(&mut r)?;
                 let kind = r.uint()?;
-                let items = r.array(MAX_SUMMARY_ITEMS)?;
                 let summary = match kind {
-                    0 => Summary::Keys(
-                        (0..items)
-                            .map(|_| Ok(r.bin_array::<32>()?))
-                            .collect::<Result<_, FrameError>>()?,
-                    ),
-                    1 => Summary::Ranges(
-                        (0..items)
-                            .map(|_| {
-                                r.array_exact(2)?;
-                                Ok((read_range(&mut r)?, r.bin_array::<32>()?))
-                            })
-                            .collect::<Result<_, FrameError>>()?,
-                    ),
+                    0 => {
+                        let items = r.array(MAX_SUMMARY_ITEMS)?;
+                        Summary::Keys(
+                            (0..items)
+                                .map(|_| Ok(r.bin_array::<8>()?))
+                                .collect::<Result<_, FrameError>>()?,
+                        )
+                    }
+                    1 => {
+                        // Cuts, then a hash per sub-range: rebuild the
+                        // sub-ranges from the answer's range.
+                        r.array_exact(2)?;
+                        let cuts = r.array(MAX_SUMMARY_ITEMS)?;
+                        let mut subs = Vec::with_capacity(cuts + 1);
+                        let mut start = range.start;
+                        for _ in 0..cuts {
+                            let end = read_bound(&mut r)?;
+                            if end.is_none() {
+                                return Err(FrameError::Invalid("unbounded cut"));
+                            }
+                            subs.push(KeyRange { start, end });
+                            start = end;
+                        }
+                        subs.push(KeyRange {
+                            start,
+                            end: range.end,
+                        });
+                        r.array_exact(subs.len())?;
+                        Summary::Ranges(
+                            subs.into_iter()
+                                .map(|sub| Ok((sub, r.bin_array::<16>()?)))
+                                .collect::<Result<_, FrameError>>()?,
+                        )
+                    }
                     _ => return Err(FrameError::Invalid("summary kind")),
                 };
                 answers.push((range, summary));
             }
             Message::MstSummary { answers }
         }
-        12 => Message::MstDone {
-            need: f.ids("need", MAX_IDS)?,
-        },
+        12 => {
+            let mut n = f.get("need")?;
+            let len = n.array(MAX_IDS)?;
+            Message::MstDone {
+                need: (0..len)
+                    .map(|_| Ok(n.bin_array::<8>()?))
+                    .collect::<Result<_, FrameError>>()?,
+            }
+        }
         13 => Message::Subscribe {
             patterns: f.texts("patterns")?,
         },
@@ -888,6 +951,7 @@ mod tests {
                 nodes: 8,
                 state_hash: [5; 32],
                 subscriptions: vec!["/projects/alpha/**".into()],
+                probe: vec![9, 8, 7],
             },
             Message::Welcome {
                 version: 1,
@@ -936,22 +1000,29 @@ mod tests {
             },
             Message::MstSummary {
                 answers: vec![
-                    (KeyRange::full(), Summary::Keys(vec![[2; 32]])),
+                    (KeyRange::full(), Summary::Keys(vec![[2; 8]])),
                     (
                         KeyRange::full(),
-                        Summary::Ranges(vec![(
-                            KeyRange {
-                                start: None,
-                                end: Some([3; 32]),
-                            },
-                            [4; 32],
-                        )]),
+                        Summary::Ranges(vec![
+                            (
+                                KeyRange {
+                                    start: None,
+                                    end: Some([3; 32]),
+                                },
+                                [4; 16],
+                            ),
+                            (
+                                KeyRange {
+                                    start: Some([3; 32]),
+                                    end: None,
+                                },
+                                [5; 16],
+                            ),
+                        ]),
                     ),
                 ],
             },
-            Message::MstDone {
-                need: vec![NodeId([5; 32])],
-            },
+            Message::MstDone { need: vec![[5; 8]] },
             Message::Subscribe {
                 patterns: vec!["/a/**".into()],
             },

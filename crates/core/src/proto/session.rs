@@ -30,7 +30,7 @@ use crate::proto::scope::Scope;
 use crate::proto::send_queue::SendQueue;
 use crate::recon::SKETCH_CAPACITY;
 use crate::recon::mst::{self, Reconciler};
-use crate::recon::riblt::{CodedSymbol, Decoder, RibltError};
+use crate::recon::riblt::{self, CodedSymbol, Decoder, RibltError};
 use crate::room::{ReceiveError, Room};
 
 /// The baseline difference capability, always supported.
@@ -39,8 +39,10 @@ pub const CAP_DIFF_HEADS: &str = "diff/heads@1";
 pub const CAP_DIFF_IBF: &str = "diff/ibf@1";
 /// The Merkle Search Tree difference capability.
 pub const CAP_DIFF_MST: &str = "diff/mst@1";
-/// Fewest RIBLT symbols sent or asked for at once.
+/// Fewest RIBLT symbols asked for at once.
 const MIN_SYMBOL_BATCH: usize = 16;
+/// RIBLT symbols sent first beyond 1.5 times the estimated difference.
+const FIRST_SYMBOL_MARGIN: usize = 8;
 
 /// A pack encoded once, to relay to many sessions.
 #[derive(Clone, Debug)]
@@ -103,6 +105,10 @@ pub struct Config {
     /// zstd level of the packs sent: fast, since catch-up compresses the
     /// whole room on the way out.
     pub zstd_level: i32,
+    /// Server: most RIBLT symbols sent for one difference (at most the
+    /// sketch's capacity). A difference that needs more closes the session
+    /// with `too_large`, and the client reconnects with its version vector.
+    pub max_symbols: usize,
 }
 
 impl Default for Config {
@@ -120,6 +126,7 @@ impl Default for Config {
             send_window_packs: 4,
             pack_bytes: 256 << 10,
             zstd_level: 3,
+            max_symbols: SKETCH_CAPACITY,
         }
     }
 }
@@ -228,7 +235,18 @@ pub struct Session {
     /// acknowledged. Packs cite these nodes by (author, seq) alone. Nodes
     /// merely sent are not in it: a pack can be lost, or refused.
     peer_acked: VersionVector,
-    /// Client, until caught up: when the catch-up last made progress.
+    /// RIBLT or MST: the room's length when the difference was taken (at
+    /// the welcome); 0 without one.
+    diff_base: NodeIdx,
+    /// RIBLT or MST, once the whole difference is known: of our nodes
+    /// numbered below `diff_base`, the peer lacks exactly these, and so
+    /// holds every other. Packs cite the others by (author, seq) alone,
+    /// which spares rehashing old history for ids the room does not keep.
+    peer_lacks: Option<IdSet<NodeIdx>>,
+    /// Server, MST: what `mst-done` messages named so far (a full message
+    /// says more follow).
+    mst_need: Vec<NodeIdx>,
+    /// Client until caught up: when the catch-up last made progress.
     catchup_progress: Option<u64>,
     /// Client: decoding the server's RIBLT symbols.
     decoder: Option<Decoder>,
@@ -279,14 +297,17 @@ impl Session {
     ) -> Session {
         let mut s = Session::new(Side::Client, now, id, room.id().clone(), config);
         s.local = Some(peer.author());
-        let dag = room.dag();
-        let mut vv = dag.version_vector();
+        let mut vv = room.dag().version_vector();
+        let mut probe = Vec::new();
         // A scoped catch-up is computed from what the client holds, so the
         // version vector always goes with subscriptions.
         if vv.len() > s.config.vv_inline_limit && scope.is_everything() {
-            // Too many authors to list cheaply: let RIBLT find the difference.
+            // Too many authors to list cheaply: let RIBLT find the
+            // difference, its first symbols sized from a probe.
             vv.clear();
+            probe = room.sketch().probe();
         }
+        let dag = room.dag();
         let hello = Message::Hello {
             versions: (PROTOCOL_VERSION, PROTOCOL_VERSION),
             peer: peer.author(),
@@ -302,6 +323,7 @@ impl Session {
             nodes: dag.len() as u64,
             state_hash: room.state_hash(),
             subscriptions: scope.patterns().to_vec(),
+            probe,
         };
         s.send(now, 0, hello);
         s
@@ -329,6 +351,9 @@ impl Session {
             pending_subscribe: None,
             peer_holds: VersionVector::new(),
             peer_acked: VersionVector::new(),
+            diff_base: 0,
+            peer_lacks: None,
+            mst_need: Vec::new(),
             decoder: None,
             symbols_sent: 0,
             reconciler: None,
@@ -721,8 +746,11 @@ impl Session {
                 .map_or(chunk.len(), |at| at.max(1));
             self.queue.put_back(&chunk[fit..], phase);
             chunk.truncate(fit);
-            let acked = &self.peer_acked;
-            let holds = |a: &AuthorId, s: u64| acked.get(a).is_some_and(|&h| s <= h);
+            let (acked, base, lacks) = (&self.peer_acked, self.diff_base, &self.peer_lacks);
+            let holds = |n: NodeIdx, a: &AuthorId, s: u64| {
+                acked.get(a).is_some_and(|&h| s <= h)
+                    || n < base && lacks.as_ref().is_some_and(|l| !l.contains(&n))
+            };
             let mut take = chunk.len();
             let exported = loop {
                 let level = self.config.zstd_level;
@@ -765,7 +793,8 @@ impl Session {
         let start = self.symbols_sent;
         // Keep each frame well under the limit.
         let per_frame = (self.config.max_frame - 256) / CodedSymbol::WIRE_BYTES;
-        let end = (start + count.min(per_frame)).min(sketch.capacity());
+        let most = sketch.capacity().min(self.config.max_symbols);
+        let end = (start + count.min(per_frame)).min(most);
         if end <= start {
             return self.close(
                 now,
@@ -818,12 +847,15 @@ impl Session {
             return self.close(now, reason, &e.to_string());
         }
         if !decoder.is_decoded() {
-            let more = (decoder.symbols_used() / 2).max(MIN_SYMBOL_BATCH) as u64;
+            // The first batch was sized from an estimate: what is missing
+            // is usually a fraction of it.
+            let more = (decoder.symbols_used() / 4).max(MIN_SYMBOL_BATCH) as u64;
             return self.send(now, 0, Message::IbfMore { count: more });
         }
         let diff = decoder.difference();
         self.decoder = None;
         let upload = room.nodes_for_keys(&diff.local_only);
+        self.peer_lacks = Some(upload.iter().copied().collect());
         self.report_held(room, &upload);
         self.expecting = diff.remote_only.len() as u64;
         self.send(
@@ -875,9 +907,10 @@ impl Session {
             return;
         }
         let diff = self.reconciler.take().expect("checked above").into_diff();
-        let need: Vec<NodeId> = diff.remote_only.into_iter().map(NodeId).collect();
+        let need = diff.remote_only;
         let local: Vec<NodeId> = diff.local_only.iter().map(|k| NodeId(*k)).collect();
         let upload = room.nodes_for_ids(&local);
+        self.peer_lacks = Some(upload.iter().copied().collect());
         self.report_held(room, &upload);
         self.expecting = need.len() as u64;
         for chunk in need.chunks(MAX_IDS) {
@@ -889,8 +922,11 @@ impl Session {
                 },
             );
         }
-        if self.expecting == 0 {
+        if need.len().is_multiple_of(MAX_IDS) {
+            // A full message says more follow: this one says none do.
             self.send(now, 0, Message::MstDone { need: Vec::new() });
+        }
+        if self.expecting == 0 {
             self.mark_caught_up();
         }
         self.enqueue(now, room, signer, &upload, Phase::Live, 0);
@@ -1000,6 +1036,7 @@ impl Session {
                     caps,
                     nodes,
                     subscriptions,
+                    probe,
                     ..
                 },
             ) => {
@@ -1034,8 +1071,14 @@ impl Session {
                 // asks for set reconciliation: RIBLT for a difference its
                 // sketch can hold, the MST beyond. Everyone else gets the
                 // baseline.
+                // The node counts bound the difference from below; a
+                // client's probe of its sketch estimates it.
+                let mut d_est = (room.dag().len() as u64).abs_diff(nodes);
+                if vv.is_empty() && !probe.is_empty() {
+                    let probed = riblt::estimate_difference(room.sketch(), &probe);
+                    d_est = d_est.max(probed.unwrap_or(0));
+                }
                 let dag = room.dag();
-                let d_est = (dag.len() as u64).abs_diff(nodes);
                 let offers = |cap: &str| caps.iter().any(|c| c == cap);
                 let diff = if !vv.is_empty() || nodes == 0 || !self.scope.is_everything() {
                     CAP_DIFF_HEADS
@@ -1084,6 +1127,9 @@ impl Session {
                     peers: Vec::new(),
                 };
                 self.strategy = Some(diff);
+                if diff != CAP_DIFF_HEADS {
+                    self.diff_base = room.dag().next_idx();
+                }
                 self.send(now, env.corr, welcome);
                 self.state = State::Open;
                 self.events.push_back(Event::Connected);
@@ -1092,9 +1138,10 @@ impl Session {
                     // timer call, as acknowledgements make room.
                     self.enqueue(now, room, signer, &missing, Phase::Catchup, 0);
                 } else if diff == CAP_DIFF_IBF {
-                    // The node counts bound the difference from below; twice
-                    // that (at least a minimum batch) usually decodes in one go.
-                    self.send_symbols(now, room, (2 * d_est as usize).max(MIN_SYMBOL_BATCH));
+                    // A difference of d decodes from about 1.35 d to 1.75 d
+                    // symbols, more when d is small.
+                    let first = d_est as usize * 3 / 2 + FIRST_SYMBOL_MARGIN;
+                    self.send_symbols(now, room, first);
                 }
                 // MST: the client asks first.
             }
@@ -1136,7 +1183,19 @@ impl Session {
                 self.send(now, env.corr, Message::MstSummary { answers });
             }
             (Side::Server, State::Open, Message::MstDone { need }) => {
-                let nodes = room.nodes_for_ids(&need);
+                let ids: Vec<NodeId> = need
+                    .iter()
+                    .flat_map(|prefix| room.id_tree().keys_with_prefix(prefix))
+                    .map(NodeId)
+                    .collect();
+                let nodes = room.nodes_for_ids(&ids);
+                // A prefix may name more than the client lacks: a superset
+                // only costs ids cited that needed not be.
+                self.mst_need.extend_from_slice(&nodes);
+                if need.len() < MAX_IDS {
+                    self.peer_lacks =
+                        Some(std::mem::take(&mut self.mst_need).into_iter().collect());
+                }
                 self.enqueue(now, room, signer, &nodes, Phase::Catchup, 0);
             }
             (Side::Client, State::Open, Message::MstSummary { answers }) => {
@@ -1148,6 +1207,7 @@ impl Session {
             }
             (Side::Server, State::Open, Message::IbfDone { need, .. }) => {
                 let nodes = room.nodes_for_keys(&need);
+                self.peer_lacks = Some(nodes.iter().copied().collect());
                 self.enqueue(now, room, signer, &nodes, Phase::Catchup, 0);
             }
             (Side::Client, State::Open, Message::IbfSymbols { start, symbols }) => {
@@ -1158,6 +1218,7 @@ impl Session {
             {
                 self.state = State::Open;
                 self.strategy = Some(CAP_DIFF_MST);
+                self.diff_base = room.dag().next_idx();
                 self.events.push_back(Event::Connected);
                 let (reconciler, first) = Reconciler::new();
                 self.reconciler = Some(reconciler);
@@ -1168,6 +1229,7 @@ impl Session {
             {
                 self.state = State::Open;
                 self.strategy = Some(CAP_DIFF_IBF);
+                self.diff_base = room.dag().next_idx();
                 self.events.push_back(Event::Connected);
                 self.decoder = Some(Decoder::new());
             }

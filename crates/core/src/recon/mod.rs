@@ -17,7 +17,7 @@ pub const SKETCH_CAPACITY: usize = 1 << 16;
 /// sync needs them and then kept up to date as nodes are inserted. They are
 /// not built eagerly because their upkeep (about 0.7 µs per node for the
 /// sketch, 8 µs for the tree) would dominate local editing.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ReconIndex {
     sketch: Option<riblt::Sketch>,
     tree: Option<mst::Mst>,

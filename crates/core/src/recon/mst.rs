@@ -78,6 +78,23 @@ use std::fmt;
 pub type Key = [u8; 32];
 /// A BLAKE3 hash of a (sub)tree.
 pub type Hash = [u8; 32];
+/// A range hash as summaries carry it: its first 16 bytes (a collision
+/// still takes about 2^64 work).
+pub type ShortHash = [u8; 16];
+/// A key as key lists carry it: its first 8 bytes (keys are uniform
+/// hashes, so two of a set sharing them are a 2^-64 accident per pair, and
+/// cost only an extra node sent).
+pub type KeyPrefix = [u8; 8];
+
+/// The first 16 bytes of a hash.
+pub fn short_hash(hash: &Hash) -> ShortHash {
+    hash[..16].try_into().expect("16 of 32 bytes")
+}
+
+/// The first 8 bytes of a key.
+pub fn key_prefix(key: &Key) -> KeyPrefix {
+    key[..8].try_into().expect("8 of 32 bytes")
+}
 
 /// The hash of the empty set (and of an absent child).
 const EMPTY_HASH: Hash = [0; 32];
@@ -291,6 +308,51 @@ fn collect(child: &Child, lo: Option<&Key>, hi: Option<&Key>, out: &mut Vec<Key>
     }
 }
 
+/// The largest key of `child` below `key`.
+fn predecessor(child: &Child, key: &Key) -> Option<Key> {
+    let mut best = None;
+    let mut node = child.as_deref();
+    while let Some(n) = node {
+        let slot = n.slot(key);
+        if slot > 0 {
+            // Keys deeper in this gap lie between this one and `key`.
+            best = Some(n.keys[slot - 1]);
+        }
+        node = n.children[slot].as_deref();
+    }
+    best
+}
+
+/// The smallest key of `child` at or above `key`.
+fn successor(child: &Child, key: &Key) -> Option<Key> {
+    let mut best = None;
+    let mut node = child.as_deref();
+    while let Some(n) = node {
+        let slot = n.slot(key);
+        if let Some(&k) = n.keys.get(slot) {
+            if k == *key {
+                return Some(k);
+            }
+            // Keys deeper in the gap before it lie between `key` and it.
+            best = Some(k);
+        }
+        node = n.children[slot].as_deref();
+    }
+    best
+}
+
+/// The shortest prefix of `key`, padded with zeros, above `lower` (any
+/// prefix when there is none): a boundary that cuts a set between `key`
+/// and every smaller key of it the same way `key` does, in a few bytes.
+fn separator(lower: Option<&Key>, key: &Key) -> Key {
+    let len = lower.map_or(1, |l| {
+        l.iter().zip(key).take_while(|(a, b)| a == b).count() + 1
+    });
+    let mut out = [0; 32];
+    out[..len.min(32)].copy_from_slice(&key[..len.min(32)]);
+    out
+}
+
 /// The keys of the highest level in the open interval `(lo, hi)`, sorted.
 fn top_keys(child: &Child, lo: Option<&Key>, hi: Option<&Key>) -> Vec<Key> {
     let Some(node) = child else {
@@ -368,6 +430,22 @@ impl Mst {
         self.keys_in_range_capped(range, usize::MAX)
     }
 
+    /// The keys that begin with `prefix`, sorted (one but by accident).
+    pub fn keys_with_prefix(&self, prefix: &KeyPrefix) -> Vec<Key> {
+        let mut start = [0; 32];
+        start[..8].copy_from_slice(prefix);
+        let mut end = [0xff; 32];
+        end[..8].copy_from_slice(prefix);
+        let mut keys = self.keys_in_range(&KeyRange {
+            start: Some(start),
+            end: Some(end),
+        });
+        if self.contains(&end) {
+            keys.push(end);
+        }
+        keys
+    }
+
     fn keys_in_range_capped(&self, range: &KeyRange, cap: usize) -> Vec<Key> {
         let mut out = Vec::new();
         if !range.is_empty() {
@@ -383,33 +461,44 @@ impl Mst {
     }
 
     /// Summary of the keys in `range`, used by the protocol: the keys
-    /// themselves if there are at most [`SUMMARY_KEY_LIMIT`], otherwise the
-    /// range cut at the highest-level keys strictly inside it, each sub-range
-    /// with its [`Mst::range_hash`]. The sub-ranges partition `range` in order.
+    /// themselves (their prefixes) if there are at most
+    /// [`SUMMARY_KEY_LIMIT`], otherwise the range cut at the highest-level
+    /// keys strictly inside it, each sub-range with its [`Mst::range_hash`]
+    /// (shortened). The sub-ranges partition `range` in order. The cuts are
+    /// not the keys themselves but their shortest prefixes that cut this
+    /// set the same way (a few bytes): both sides hash the same ranges,
+    /// whatever their bounds.
     pub fn summarize(&self, range: &KeyRange) -> Summary {
         let keys = self.keys_in_range_capped(range, SUMMARY_KEY_LIMIT + 1);
         if keys.len() <= SUMMARY_KEY_LIMIT {
-            return Summary::Keys(keys);
+            return Summary::Keys(keys.iter().map(key_prefix).collect());
         }
         // At least two keys are in the range, so at least one lies strictly
-        // after its start: there is at least one boundary, and every
-        // sub-range is strictly smaller than `range`.
-        let bounds = top_keys(&self.root, range.start.as_ref(), range.end.as_ref());
+        // after its first: there is at least one boundary, and every
+        // sub-range is strictly smaller than `range`. A range's start is a
+        // cut made for its first key (or that key itself): the split is
+        // among the keys after it, as if the range began at that key.
+        let first = range.start.and_then(|s| successor(&self.root, &s));
+        let bounds = top_keys(&self.root, first.as_ref(), range.end.as_ref());
         let mut subs = Vec::with_capacity(bounds.len() + 1);
         let mut start = range.start;
         for bound in bounds {
+            // Above the key before it and above the range's start, so the
+            // sub-ranges stay non-empty and in order.
+            let lower = predecessor(&self.root, &bound).max(start);
+            let cut = separator(lower.as_ref(), &bound);
             let sub = KeyRange {
                 start,
-                end: Some(bound),
+                end: Some(cut),
             };
-            subs.push((sub.clone(), self.range_hash(&sub)));
-            start = Some(bound);
+            subs.push((sub.clone(), short_hash(&self.range_hash(&sub))));
+            start = Some(cut);
         }
         let last = KeyRange {
             start,
             end: range.end,
         };
-        subs.push((last.clone(), self.range_hash(&last)));
+        subs.push((last.clone(), short_hash(&self.range_hash(&last))));
         Summary::Ranges(subs)
     }
 }
@@ -434,6 +523,15 @@ impl KeyRange {
         self.start.is_none_or(|s| *key >= s) && self.end.is_none_or(|e| *key < e)
     }
 
+    /// Whether a key beginning with `prefix` can lie in the range.
+    pub fn may_hold(&self, prefix: &KeyPrefix) -> bool {
+        let mut lowest = [0; 32];
+        lowest[..8].copy_from_slice(prefix);
+        let mut highest = [0xff; 32];
+        highest[..8].copy_from_slice(prefix);
+        self.start.is_none_or(|s| highest >= s) && self.end.is_none_or(|e| lowest < e)
+    }
+
     /// True if no key can lie in the range (`start >= end`).
     pub fn is_empty(&self) -> bool {
         matches!((&self.start, &self.end), (Some(s), Some(e)) if s >= e)
@@ -445,8 +543,8 @@ impl KeyRange {
 /// only into sub-ranges whose hashes differ).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Summary {
-    Keys(Vec<Key>),
-    Ranges(Vec<(KeyRange, Hash)>),
+    Keys(Vec<KeyPrefix>),
+    Ranges(Vec<(KeyRange, ShortHash)>),
 }
 
 /// The responder's side of a round: summarize each requested range of `mst`.
@@ -487,8 +585,9 @@ impl std::error::Error for ReconcileError {}
 /// The outcome of a reconciliation, both lists sorted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Diff {
-    /// Keys the responder has and the initiator lacks.
-    pub remote_only: Vec<Key>,
+    /// Keys the responder has and the initiator lacks (their prefixes:
+    /// the responder resolves them with [`Mst::keys_with_prefix`]).
+    pub remote_only: Vec<KeyPrefix>,
     /// Keys the initiator has and the responder lacks.
     pub local_only: Vec<Key>,
 }
@@ -543,7 +642,7 @@ impl Reconciler {
             self.outstanding.swap_remove(pos);
             match summary {
                 Summary::Keys(mut remote) => {
-                    if !remote.iter().all(|k| range.contains(k)) {
+                    if !remote.iter().all(|p| range.may_hold(p)) {
                         return Err(ReconcileError::KeyOutOfRange(range));
                     }
                     remote.sort_unstable();
@@ -556,10 +655,10 @@ impl Reconciler {
                         return Err(ReconcileError::BadSplit(range));
                     }
                     for (sub, remote_hash) in subs {
-                        if local.range_hash(&sub) == remote_hash {
+                        if short_hash(&local.range_hash(&sub)) == remote_hash {
                             continue;
                         }
-                        if remote_hash == EMPTY_HASH {
+                        if remote_hash == short_hash(&EMPTY_HASH) {
                             // The peer has nothing there: no need to ask.
                             self.diff.local_only.extend(local.keys_in_range(&sub));
                         } else {
@@ -591,7 +690,7 @@ impl Reconciler {
 /// Whether `subs` cut `range` into at least two contiguous non-empty pieces,
 /// in order: each piece is then strictly smaller than `range`, so refinement
 /// always makes progress.
-fn is_partition(range: &KeyRange, subs: &[(KeyRange, Hash)]) -> bool {
+fn is_partition(range: &KeyRange, subs: &[(KeyRange, ShortHash)]) -> bool {
     let (Some((first, _)), Some((last, _))) = (subs.first(), subs.last()) else {
         return false;
     };
@@ -604,11 +703,12 @@ fn is_partition(range: &KeyRange, subs: &[(KeyRange, Hash)]) -> bool {
             .all(|pair| pair[0].0.end.is_some() && pair[0].0.end == pair[1].0.start)
 }
 
-/// Merge two sorted, deduplicated key lists into the difference.
-fn diff_sorted(remote: &[Key], local: &[Key], diff: &mut Diff) {
+/// Merge a sorted, deduplicated list of the responder's key prefixes and
+/// the initiator's sorted keys into the difference.
+fn diff_sorted(remote: &[KeyPrefix], local: &[Key], diff: &mut Diff) {
     let (mut i, mut j) = (0, 0);
     while i < remote.len() && j < local.len() {
-        match remote[i].cmp(&local[j]) {
+        match remote[i].cmp(&key_prefix(&local[j])) {
             Ordering::Less => {
                 diff.remote_only.push(remote[i]);
                 i += 1;
@@ -759,7 +859,7 @@ mod tests {
         let l: BTreeSet<Key> = local.iter().copied().collect();
         let r: BTreeSet<Key> = remote.iter().copied().collect();
         Diff {
-            remote_only: r.difference(&l).copied().collect(),
+            remote_only: r.difference(&l).map(key_prefix).collect(),
             local_only: l.difference(&r).copied().collect(),
         }
     }
@@ -891,7 +991,8 @@ mod tests {
             match mst.summarize(&range) {
                 Summary::Keys(listed) => {
                     assert!(listed.len() <= SUMMARY_KEY_LIMIT);
-                    assert_eq!(listed, in_range);
+                    let prefixes: Vec<KeyPrefix> = in_range.iter().map(key_prefix).collect();
+                    assert_eq!(listed, prefixes);
                 }
                 Summary::Ranges(subs) => {
                     assert!(in_range.len() > SUMMARY_KEY_LIMIT);
@@ -902,7 +1003,7 @@ mod tests {
                             .copied()
                             .filter(|k| sub.contains(k))
                             .collect();
-                        assert_eq!(hash, reference_hash(&sub_keys));
+                        assert_eq!(hash, short_hash(&reference_hash(&sub_keys)));
                         ranges.push(sub);
                     }
                 }
@@ -928,13 +1029,9 @@ mod tests {
             eprintln!("n={n} d={d}: {rounds} round trips, {bytes} bytes");
             // And the other way round.
             let (back, _, _) = reconcile(&mb, &ma);
-            assert_eq!(
-                back,
-                Diff {
-                    remote_only: diff.local_only,
-                    local_only: diff.remote_only
-                }
-            );
+            let prefixes = |keys: &[Key]| keys.iter().map(key_prefix).collect::<Vec<_>>();
+            assert_eq!(back.remote_only, prefixes(&diff.local_only));
+            assert_eq!(prefixes(&back.local_only), diff.remote_only);
         }
     }
 
@@ -959,7 +1056,7 @@ mod tests {
         assert_eq!(
             diff,
             Diff {
-                remote_only: ks.clone(),
+                remote_only: ks.iter().map(key_prefix).collect(),
                 local_only: Vec::new()
             }
         );
@@ -991,7 +1088,7 @@ mod tests {
             Err(ReconcileError::UnexpectedRange(stray))
         );
         let full = requests[0].clone();
-        let self_split = Summary::Ranges(vec![(full.clone(), [1; 32])]);
+        let self_split = Summary::Ranges(vec![(full.clone(), [1; 16])]);
         assert_eq!(
             rec.step(&local, vec![(full.clone(), self_split)]),
             Err(ReconcileError::BadSplit(full.clone()))
@@ -1002,14 +1099,14 @@ mod tests {
                     start: None,
                     end: Some(ks[1]),
                 },
-                [1; 32],
+                [1; 16],
             ),
             (
                 KeyRange {
                     start: Some(ks[2]),
                     end: None,
                 },
-                [1; 32],
+                [1; 16],
             ),
         ]);
         let (mut rec, _) = Reconciler::new();
@@ -1022,40 +1119,14 @@ mod tests {
         let next = rec.step(&local, respond(&remote, &requests)).unwrap();
         let target = next[0].clone();
         let outside = if target.start.is_some() {
-            [0; 32]
+            [0; 8]
         } else {
-            [0xff; 32]
+            [0xff; 8]
         };
         assert_eq!(
             rec.step(&local, vec![(target.clone(), Summary::Keys(vec![outside]))]),
             Err(ReconcileError::KeyOutOfRange(target))
         );
-    }
-
-    /// Insert throughput and reconciliation cost at larger sizes; run with
-    /// `cargo test --release -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "measurement, slow in debug builds"]
-    fn measure() {
-        let mut rng = rng(42);
-        let ks = keys(&mut rng, 100_000, false);
-        let start = std::time::Instant::now();
-        let mst = build(&ks);
-        let elapsed = start.elapsed();
-        eprintln!(
-            "inserted {} keys in {elapsed:?}: {:.0} inserts/s",
-            mst.len(),
-            mst.len() as f64 / elapsed.as_secs_f64()
-        );
-        for d in [10, 100, 1000] {
-            let (a, b) = diverged(d as u64, 100_000, d, false);
-            let (ma, mb) = (build(&a), build(&b));
-            let start = std::time::Instant::now();
-            let (diff, rounds, bytes) = reconcile(&ma, &mb);
-            let elapsed = start.elapsed();
-            assert_eq!(diff, brute_diff(&a, &b));
-            eprintln!("n=100000 d={d}: {rounds} round trips, {bytes} bytes, {elapsed:?}");
-        }
     }
 
     proptest! {

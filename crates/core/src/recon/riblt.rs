@@ -288,6 +288,78 @@ impl Sketch {
     pub fn symbols(&self, range: Range<usize>) -> &[CodedSymbol] {
         &self.symbols[range]
     }
+
+    /// A probe of this sketch, for a peer to estimate the difference with
+    /// before any symbol is sent: the low byte of the checksum of each
+    /// symbol at [`probe_indices`].
+    pub fn probe(&self) -> Vec<u8> {
+        probe_indices(self.capacity())
+            .map(|i| self.symbols[i].checksum as u8)
+            .collect()
+    }
+}
+
+/// The symbol indices a probe samples: 0, then from 1 each about 1.08
+/// times the last, below `capacity` (119 for a capacity of 2^16). The
+/// chance that a difference of `d` elements leaves symbol `i` empty is about
+/// `(i / (i + 2))^d`, so which probed symbols are equal on both sides tells
+/// `d` within a small factor.
+pub fn probe_indices(capacity: usize) -> impl Iterator<Item = usize> {
+    let mut next = Some(0usize);
+    std::iter::from_fn(move || {
+        let i = next.filter(|&i| i < capacity)?;
+        next = Some((i * 27).div_ceil(25).max(i + 1));
+        Some(i)
+    })
+}
+
+/// The most likely size of the difference between `local`'s set and the
+/// set whose sketch made `probe` (see [`Sketch::probe`]), at least 1 once
+/// any probed symbol differs, and 0 when symbol 0 (which holds every
+/// element) is equal. `None` if the probe does not fit the sketch.
+///
+/// Floating point here only sizes a first batch of symbols: nothing that
+/// replicas must agree on depends on it.
+pub fn estimate_difference(local: &Sketch, probe: &[u8]) -> Option<u64> {
+    let indices: Vec<usize> = probe_indices(local.capacity()).collect();
+    if probe.len() != indices.len() {
+        return None;
+    }
+    let equal: Vec<(usize, bool)> = indices
+        .iter()
+        .zip(probe)
+        .map(|(&i, &b)| (i, b == local.symbols[i].checksum as u8))
+        .collect();
+    if equal.first().is_some_and(|&(_, same)| same) {
+        return Some(0);
+    }
+    // Maximum likelihood over a geometric grid of sizes. A symbol that
+    // differs still shows an equal byte once in 256.
+    let log_likelihood = |d: f64| -> f64 {
+        equal
+            .iter()
+            .filter(|(i, _)| *i > 0)
+            .map(|&(i, same)| {
+                let empty = (i as f64 / (i as f64 + 2.0)).powf(d);
+                let p_equal = empty + (1.0 - empty) / 256.0;
+                if same {
+                    p_equal.ln()
+                } else {
+                    (1.0 - p_equal).ln()
+                }
+            })
+            .sum()
+    };
+    let mut best = (1.0f64, f64::NEG_INFINITY);
+    let mut d = 1.0f64;
+    while d <= 2.0 * local.capacity() as f64 {
+        let l = log_likelihood(d);
+        if l > best.1 {
+            best = (d, l);
+        }
+        d *= 1.05;
+    }
+    Some(best.0.round().max(1.0) as u64)
 }
 
 /// Outcome of decoding, in the order elements were recovered.
@@ -500,7 +572,6 @@ mod tests {
     use rand::{Rng, SeedableRng, seq::SliceRandom};
     use rand_chacha::ChaCha8Rng;
     use std::collections::BTreeSet;
-    use std::time::Instant;
 
     /// Two random sets: `common` shared keys, plus `remote_only` and
     /// `local_only` ones.
@@ -712,6 +783,38 @@ mod tests {
     }
 
     #[test]
+    fn a_probe_estimates_the_difference_within_a_small_factor() {
+        let capacity = 1 << 16;
+        let mut within = 0;
+        let mut trials = 0;
+        for d in [1usize, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000] {
+            for seed in 0..6u64 {
+                let case = case(seed * 31 + d as u64, 3_000, d.div_ceil(2), d / 2);
+                let remote = sketch(&case.remote, capacity);
+                let local = sketch(&case.local, capacity);
+                let estimate = estimate_difference(&local, &remote.probe()).unwrap();
+                let ratio = estimate as f64 / d as f64;
+                trials += 1;
+                within += usize::from((0.6..=1.6).contains(&ratio));
+                assert!((0.25..=4.0).contains(&ratio), "d {d}: estimated {estimate}");
+            }
+        }
+        assert!(
+            within * 10 >= trials * 8,
+            "{within} of {trials} within 0.6..1.6"
+        );
+        // Equal sets, and a probe that does not fit the sketch.
+        let same = case(1, 500, 0, 0);
+        let a = sketch(&same.remote, capacity);
+        assert_eq!(
+            estimate_difference(&a, &sketch(&same.local, capacity).probe()),
+            Some(0)
+        );
+        assert_eq!(estimate_difference(&a, &[0; 3]), None);
+        assert!(a.probe().len() <= 128, "{} bytes", a.probe().len());
+    }
+
+    #[test]
     fn stream_beyond_capacity_errors() {
         let case = case(9, 100, 60, 40);
         let remote = sketch(&case.remote, 16);
@@ -910,45 +1013,5 @@ mod tests {
                 "indices {lo}..{hi}: {seen} vs {expected}"
             );
         }
-    }
-
-    /// The figures for the report: `cargo test --release -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "slow; prints measurements"]
-    fn report() {
-        let capacity = 1 << 16;
-        let n = 100_000;
-        for (d, seeds) in [(10, 20), (100, 10), (1000, 4), (10_000, 2)] {
-            let (mut symbols, mut decode_time) = (0, 0.0);
-            for seed in 0..seeds {
-                let case = case(seed, n - d / 2, d / 2, d - d / 2);
-                let remote = sketch(&case.remote, capacity);
-                let local = sketch(&case.local, capacity);
-                let start = Instant::now();
-                let decoder = reconcile(&remote, &local, 1, false).unwrap();
-                decode_time += start.elapsed().as_secs_f64();
-                assert_eq!(decoder.difference().remote_only.len(), d / 2);
-                symbols += decoder.symbols_used();
-            }
-            eprintln!(
-                "d = {d:>5}: {:.3} symbols/diff, decode {:.2} ms ({seeds} seeds, n = {n} each side)",
-                symbols as f64 / (seeds as usize * d) as f64,
-                decode_time * 1e3 / seeds as f64
-            );
-        }
-        let keys = case(99, 1_000_000, 0, 0).remote;
-        let mut sketch = Sketch::new(capacity);
-        let start = Instant::now();
-        keys.iter().for_each(|k| sketch.add(k));
-        let elapsed = start.elapsed();
-        let updates: usize = keys[..10_000]
-            .iter()
-            .map(|k| indices(k, capacity as u64).len())
-            .sum();
-        eprintln!(
-            "10^6 adds to a sketch of capacity 2^16: {elapsed:?}; {:.1} updates/add (2·ln(cap/2) = {:.1})",
-            updates as f64 / 10_000.0,
-            2.0 * (capacity as f64 / 2.0).ln()
-        );
     }
 }
