@@ -780,3 +780,31 @@ fn an_invalid_subscription_closes_the_session_as_malformed() {
         })
     ));
 }
+
+#[test]
+fn a_client_with_more_heads_than_a_hello_lists_still_syncs() {
+    // Writers that never saw each other: every one of their nodes is a
+    // head, more than a hello may list (it lists the newest).
+    let writers = syncline_core::proto::message::MAX_HEADS + 100;
+    let mut client = Room::new(room_id());
+    for i in 0..writers {
+        let key = Keypair::from_seed(*blake3::hash(&(i as u64).to_le_bytes()).as_bytes());
+        let mut own = Room::new(room_id());
+        let mut tx = own.begin(key.author(), 1);
+        tx.set("/w", "v", Value::Int(i as i64)).unwrap();
+        tx.commit().unwrap();
+        let pack = own.pack(&own.dag().causal_order(), Some(&key)).unwrap();
+        client.receive_pack(&pack).unwrap();
+    }
+    assert_eq!(client.dag().head_idxs().len(), writers);
+    let mut w = World::new(
+        Room::new(room_id()),
+        vec![(client, Keypair::from_seed([1; 32]))],
+        Config::default(),
+    );
+    w.drive();
+    let c = &w.clients[0];
+    assert!(!c.session.is_closed(), "the hello was accepted");
+    assert_eq!(w.server.dag().len(), writers);
+    assert_eq!(c.room.state_hash(), w.server.state_hash());
+}

@@ -23,8 +23,8 @@ use crate::ids::{AuthorId, IdSet, NodeId, RoomId};
 use crate::keys::Keypair;
 use crate::pack::PackError;
 use crate::proto::message::{
-    Envelope, FrameError, Limits, MAX_FRAME_BYTES, MAX_IDS, MAX_RANGES, Message, PROTOCOL_VERSION,
-    Phase, Reason,
+    Envelope, FrameError, Limits, MAX_FRAME_BYTES, MAX_HEADS, MAX_IDS, MAX_RANGES, Message,
+    PROTOCOL_VERSION, Phase, Reason,
 };
 use crate::proto::scope::Scope;
 use crate::proto::send_queue::SendQueue;
@@ -318,7 +318,7 @@ impl Session {
                 CAP_DIFF_IBF.to_owned(),
                 CAP_DIFF_MST.to_owned(),
             ],
-            heads: dag.heads(),
+            heads: listed_heads(dag),
             vv,
             nodes: dag.len() as u64,
             state_hash: room.state_hash(),
@@ -1116,7 +1116,7 @@ impl Session {
                         CAP_DIFF_IBF.to_owned(),
                         CAP_DIFF_MST.to_owned(),
                     ],
-                    heads: dag.heads(),
+                    heads: listed_heads(dag),
                     vv: (diff == CAP_DIFF_HEADS).then_some(server_vv),
                     nodes: dag.len() as u64,
                     diff: diff.to_owned(),
@@ -1374,4 +1374,18 @@ fn lacking(mine: &VersionVector, theirs: &VersionVector) -> u64 {
         .iter()
         .map(|(a, &s)| s.saturating_sub(mine.get(a).copied().unwrap_or(0)))
         .sum()
+}
+
+/// The heads a `hello` or `welcome` lists, sorted: a hint, so at most
+/// [`MAX_HEADS`] (the newest by lamport when a history has more
+/// concurrent branches; a longer list would be refused as malformed).
+fn listed_heads(dag: &crate::dag::Dag) -> Vec<NodeId> {
+    let mut heads = dag.head_idxs();
+    if heads.len() > MAX_HEADS {
+        heads.sort_unstable_by_key(|&h| std::cmp::Reverse((dag.lamport(h), h)));
+        heads.truncate(MAX_HEADS);
+    }
+    let mut ids: Vec<NodeId> = heads.iter().map(|&h| dag.id(h)).collect();
+    ids.sort_unstable();
+    ids
 }
