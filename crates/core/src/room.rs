@@ -128,14 +128,7 @@ impl Room {
     /// rebuilt from it.
     pub fn with_dag(dag: Dag) -> Room {
         let doc = Doc::replay(&dag);
-        let mut clock = HlcClock::new();
-        clock.observe(dag.max_hlc());
-        Room {
-            dag,
-            doc,
-            clock,
-            recon: ReconIndex::default(),
-        }
+        Room::from_parts(dag, doc)
     }
 
     /// A room rebuilt from its stored segments (consecutive from node 0)
@@ -211,9 +204,21 @@ impl Room {
         self.recon.nodes_for_ids(&self.dag, ids)
     }
 
-    /// The nodes named by RIBLT keys, in causal order (unknown keys skipped).
+    /// The nodes named by RIBLT keys, in causal order (unknown keys
+    /// skipped; looked up by their 8-byte prefixes, so a prefix two nodes
+    /// share names both).
     pub fn nodes_for_keys(&mut self, keys: &[crate::recon::riblt::Key]) -> Vec<NodeIdx> {
-        self.recon.nodes_for_keys(&self.dag, keys)
+        let prefixes: Vec<_> = keys.iter().map(crate::recon::riblt::key_prefix).collect();
+        self.nodes_for_key_prefixes(&prefixes)
+    }
+
+    /// The nodes named by the 8-byte prefixes of RIBLT keys (what
+    /// `ibf-done` sends), in causal order.
+    pub fn nodes_for_key_prefixes(
+        &mut self,
+        prefixes: &[crate::recon::riblt::KeyPrefix],
+    ) -> Vec<NodeIdx> {
+        self.recon.nodes_for_key_prefixes(&self.dag, prefixes)
     }
 
     /// The canonical hash of the visible state.

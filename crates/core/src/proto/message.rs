@@ -249,8 +249,9 @@ pub enum Message {
     },
     /// The client decoded the difference.
     IbfDone {
-        /// 16-byte keys of nodes the client lacks.
-        need: Vec<[u8; 16]>,
+        /// Nodes the client lacks, by the first 8 bytes of their RIBLT
+        /// keys (of their ids).
+        need: Vec<[u8; 8]>,
         /// Nodes the client will upload.
         has: u64,
     },
@@ -839,7 +840,7 @@ fn decode_body(kind: u64, r: &mut Reader<'_>) -> Result<Message, FrameError> {
             let mut n = f.get("need")?;
             let len = n.array(MAX_IDS)?;
             let need = (0..len)
-                .map(|_| Ok(n.bin_array::<16>()?))
+                .map(|_| Ok(n.bin_array::<8>()?))
                 .collect::<Result<_, FrameError>>()?;
             Message::IbfDone {
                 need,
@@ -986,7 +987,7 @@ mod tests {
             },
             Message::IbfMore { count: 32 },
             Message::IbfDone {
-                need: vec![[8; 16]],
+                need: vec![[8; 8]],
                 has: 3,
             },
             Message::MstRequest {

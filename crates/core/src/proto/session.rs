@@ -862,7 +862,7 @@ impl Session {
             now,
             0,
             Message::IbfDone {
-                need: diff.remote_only,
+                need: diff.remote_only.iter().map(riblt::key_prefix).collect(),
                 has: upload.len() as u64,
             },
         );
@@ -1206,7 +1206,7 @@ impl Session {
                 self.send_symbols(now, room, count);
             }
             (Side::Server, State::Open, Message::IbfDone { need, .. }) => {
-                let nodes = room.nodes_for_keys(&need);
+                let nodes = room.nodes_for_key_prefixes(&need);
                 self.peer_lacks = Some(nodes.iter().copied().collect());
                 self.enqueue(now, room, signer, &nodes, Phase::Catchup, 0);
             }

@@ -7,7 +7,7 @@ pub mod mst;
 pub mod riblt;
 
 use crate::dag::{Dag, NodeIdx};
-use crate::ids::{IdMap, NodeId};
+use crate::ids::{IdMap, IdSet, NodeId};
 
 /// Sketch capacity a room keeps: enough symbols to decode differences of
 /// about 40,000 nodes before falling back to the MST.
@@ -21,8 +21,10 @@ pub const SKETCH_CAPACITY: usize = 1 << 16;
 pub struct ReconIndex {
     sketch: Option<riblt::Sketch>,
     tree: Option<mst::Mst>,
-    /// RIBLT keys (16-byte id prefixes) back to nodes.
-    by_key: IdMap<riblt::Key, NodeIdx>,
+    /// RIBLT key prefixes (the first 8 bytes of ids) back to nodes.
+    by_key: IdMap<u64, NodeIdx>,
+    /// Nodes whose key prefix another node had first (almost never).
+    collided: Vec<(u64, NodeIdx)>,
     /// Nodes indexed so far (a prefix of the DAG's insertion order).
     indexed: NodeIdx,
 }
@@ -33,7 +35,11 @@ impl ReconIndex {
         for idx in self.indexed..dag.next_idx() {
             let id = dag.id(idx);
             let key = riblt::key_of(&id.0);
-            self.by_key.insert(key, idx);
+            let prefix = u64::from_le_bytes(riblt::key_prefix(&key));
+            if let Some(&first) = self.by_key.get(&prefix) {
+                self.collided.push((prefix, first));
+            }
+            self.by_key.insert(prefix, idx);
             if let Some(s) = &mut self.sketch {
                 s.add(&key);
             }
@@ -73,26 +79,38 @@ impl ReconIndex {
     /// The nodes a peer named by id (unknown ids are skipped), in causal
     /// order.
     pub fn nodes_for_ids(&mut self, dag: &Dag, ids: &[NodeId]) -> Vec<NodeIdx> {
-        self.catch_up(dag);
-        let mut out: Vec<NodeIdx> = ids
+        let prefixes: Vec<riblt::KeyPrefix> = ids
             .iter()
-            .filter_map(|id| {
-                let idx = *self.by_key.get(&riblt::key_of(&id.0))?;
-                (dag.id(idx) == *id).then_some(idx)
-            })
+            .map(|id| riblt::key_prefix(&riblt::key_of(&id.0)))
             .collect();
-        dag.sort_causal(&mut out);
+        let mut out = self.nodes_for_key_prefixes(dag, &prefixes);
+        let wanted: IdSet<&NodeId> = ids.iter().collect();
+        out.retain(|&idx| wanted.contains(&dag.id(idx)));
         out
     }
 
-    /// The nodes a peer named by RIBLT key (unknown keys are skipped: a key
-    /// only the peer holds, or a forged one).
-    pub fn nodes_for_keys(&mut self, dag: &Dag, keys: &[riblt::Key]) -> Vec<NodeIdx> {
+    /// The nodes a peer named by RIBLT key prefix, in causal order
+    /// (unknown prefixes are skipped: a node only the peer holds, or a
+    /// forged name; a prefix two nodes share names both).
+    pub fn nodes_for_key_prefixes(
+        &mut self,
+        dag: &Dag,
+        prefixes: &[riblt::KeyPrefix],
+    ) -> Vec<NodeIdx> {
         self.catch_up(dag);
-        let mut out: Vec<NodeIdx> = keys
-            .iter()
-            .filter_map(|k| self.by_key.get(k).copied())
-            .collect();
+        let mut out = Vec::with_capacity(prefixes.len());
+        for prefix in prefixes {
+            let prefix = u64::from_le_bytes(*prefix);
+            out.extend(self.by_key.get(&prefix).copied());
+            out.extend(
+                self.collided
+                    .iter()
+                    .filter(|(p, _)| *p == prefix)
+                    .map(|&(_, idx)| idx),
+            );
+        }
+        out.sort_unstable();
+        out.dedup();
         dag.sort_causal(&mut out);
         out
     }
