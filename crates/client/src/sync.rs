@@ -269,13 +269,19 @@ fn close_sessions(shared: &Shared) {
     }
 }
 
+/// Frames already received that are handled as one batch, at most.
+const READY_FRAMES: usize = 16;
+
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Runs one connection: a session per room. Returns whether every room's
 /// handshake completed, or why it ended badly.
 async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
-    let (mut sink, mut stream) = ws.split();
+    let (mut sink, stream) = ws.split();
+    // Frames that have arrived together are handled together: their nodes
+    // go to disk in one durable write (one fsync, not one per pack).
+    let mut stream = stream.ready_chunks(READY_FRAMES);
     let now = session_now();
     for (i, room) in shared.rooms.iter().enumerate() {
         let mut state = room.shared.lock();
@@ -328,17 +334,32 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
             Duration::from_millis(t.saturating_sub(session_now()))
         });
         tokio::select! {
-            message = stream.next() => {
-                let Some(message) = message else {
+            messages = stream.next() => {
+                let Some(messages) = messages else {
                     return Err("the server closed the connection".into());
                 };
-                match message.map_err(|e| e.to_string())? {
-                    WsMessage::Binary(bytes) => deliver(shared, &bytes),
-                    WsMessage::Close(frame) => {
-                        let why = frame.map_or_else(String::new, |f| f.reason.to_string());
-                        return Err(format!("the server closed the connection: {why}"));
+                let mut frames = Vec::with_capacity(messages.len());
+                let mut ended = None;
+                for message in messages {
+                    match message.map_err(|e| e.to_string()) {
+                        Ok(WsMessage::Binary(bytes)) => frames.push(bytes),
+                        Ok(WsMessage::Close(frame)) => {
+                            let why = frame.map_or_else(String::new, |f| f.reason.to_string());
+                            ended = Some(format!("the server closed the connection: {why}"));
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            ended = Some(e);
+                            break;
+                        }
                     }
-                    _ => {}
+                }
+                // What arrived before the end is still handled (and acked
+                // on the next connection's handshake if this one is gone).
+                deliver(shared, &frames);
+                if let Some(why) = ended {
+                    return Err(why);
                 }
             }
             () = shared.wake.notified() => {}
@@ -361,57 +382,82 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
     }
 }
 
-/// Hands one frame to its room's session, persisting what it inserted.
-fn deliver(shared: &Shared, bytes: &[u8]) {
-    let Ok(env) = Envelope::decode(bytes) else {
-        // Not attributable to a session: every session sees it and closes.
-        for room in &shared.rooms {
+/// Hands frames, in order, to their rooms' sessions, persisting what each
+/// room's frames inserted in one durable write.
+fn deliver(shared: &Shared, frames: &[impl AsRef<[u8]>]) {
+    let mut by_room: Vec<Vec<Envelope>> = vec![Vec::new(); shared.rooms.len()];
+    for bytes in frames {
+        let bytes = bytes.as_ref();
+        let Ok(env) = Envelope::decode(bytes) else {
+            // Not attributable to a session: every session sees it and
+            // closes (after the frames before it).
+            deliver_envelopes(shared, &mut by_room);
+            for room in &shared.rooms {
+                let mut state = room.shared.lock();
+                let crate::replica::RoomState {
+                    durable, session, ..
+                } = &mut *state;
+                if let Some(session) = session.as_mut() {
+                    let _ = durable.with_room(|r, key| {
+                        session.handle_input(session_now(), bytes, r, Some(key))
+                    });
+                }
+            }
+            continue;
+        };
+        // A session this connection never opened is ignored.
+        if let Some(queue) = (env.session as usize)
+            .checked_sub(1)
+            .and_then(|i| by_room.get_mut(i))
+        {
+            queue.push(env);
+        }
+    }
+    deliver_envelopes(shared, &mut by_room);
+}
+
+/// Hands each room its envelopes (taking them) and persists what they
+/// inserted once per room.
+fn deliver_envelopes(shared: &Shared, by_room: &mut [Vec<Envelope>]) {
+    for (room, envelopes) in shared.rooms.iter().zip(by_room.iter_mut()) {
+        if envelopes.is_empty() {
+            continue;
+        }
+        let envelopes = std::mem::take(envelopes);
+        let inserted = {
             let mut state = room.shared.lock();
             let crate::replica::RoomState {
                 durable, session, ..
             } = &mut *state;
-            if let Some(session) = session.as_mut() {
-                let _ = durable
-                    .with_room(|r, key| session.handle_input(session_now(), bytes, r, Some(key)));
+            let Some(session) = session.as_mut() else {
+                continue;
+            };
+            let first = durable.room().dag().next_idx();
+            let now = session_now();
+            let stored = durable.with_room(|r, key| {
+                for env in envelopes {
+                    session.handle_envelope(now, env, r, Some(key));
+                }
+            });
+            if stored.is_err() {
+                // Storage failed: nothing may be acknowledged; end the
+                // session (the connection restarts and the handshake
+                // repairs it).
+                session.close(
+                    now,
+                    syncline_core::proto::message::Reason::Overloaded,
+                    "local storage failed",
+                );
+                continue;
             }
-        }
-        return;
-    };
-    let Some(room) = (env.session as usize)
-        .checked_sub(1)
-        .and_then(|i| shared.rooms.get(i))
-    else {
-        return; // A session this connection never opened.
-    };
-    let inserted = {
-        let mut state = room.shared.lock();
-        let crate::replica::RoomState {
-            durable, session, ..
-        } = &mut *state;
-        let Some(session) = session.as_mut() else {
-            return;
+            let inserted: Vec<_> = (first..durable.room().dag().next_idx()).collect();
+            (!inserted.is_empty())
+                .then(|| (touched_paths(durable.room(), &inserted), inserted.len()))
         };
-        let first = durable.room().dag().next_idx();
-        let now = session_now();
-        if durable
-            .with_room(|r, key| session.handle_envelope(now, env, r, Some(key)))
-            .is_err()
-        {
-            // Storage failed: nothing may be acknowledged; end the session
-            // (the connection restarts and the handshake repairs it).
-            session.close(
-                now,
-                syncline_core::proto::message::Reason::Overloaded,
-                "local storage failed",
-            );
-            return;
+        if let Some((paths, nodes)) = inserted {
+            debug!(room = room.name(), nodes, "imported");
+            room.shared.notify(Origin::Remote, paths, nodes);
         }
-        let inserted: Vec<_> = (first..durable.room().dag().next_idx()).collect();
-        (!inserted.is_empty()).then(|| (touched_paths(durable.room(), &inserted), inserted.len()))
-    };
-    if let Some((paths, nodes)) = inserted {
-        debug!(room = room.name(), nodes, "imported");
-        room.shared.notify(Origin::Remote, paths, nodes);
     }
 }
 
