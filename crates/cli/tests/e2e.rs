@@ -298,10 +298,11 @@ fn a_client_killed_mid_catch_up_resumes_where_it_stopped() {
     const TOTAL: u64 = 2_000;
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server"), &["--max-pack-nodes", "4"]);
-    // Written while connected, so each edit travels (and is signed) on its
-    // own and the relay can re-ship any prefix in small packs. (A history
-    // uploaded as one batch is signed at its end and every 4,096 nodes, so
-    // a relay can only cut it there.)
+    // Written while connected, and flushed every few edits, so the upload
+    // goes in small signed batches and the relay can re-ship any prefix in
+    // small packs. (A history uploaded as one batch is signed at its end
+    // and every 4,096 nodes, so a relay can only cut it there; on a loaded
+    // machine the SDK batches whatever was committed while it waited.)
     let source = syncline::Replica::open(dir.path().join("source")).unwrap();
     let big = source.room("big").unwrap();
     let sync = source.connect(&[server.url().as_str()], &["big"]).unwrap();
@@ -309,6 +310,9 @@ fn a_client_killed_mid_catch_up_resumes_where_it_stopped() {
     for i in 0..TOTAL {
         big.transact(|tx| tx.set(&format!("/n/{}", i % 97), "v", (i as i64).into()))
             .unwrap();
+        if i % 10 == 9 {
+            sync.flush(WAIT).unwrap();
+        }
     }
     sync.flush(WAIT).unwrap();
     drop(sync);
@@ -328,11 +332,15 @@ fn a_client_killed_mid_catch_up_resumes_where_it_stopped() {
         .spawn()
         .unwrap();
     let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
     for line in stderr.lines() {
-        if line.unwrap().contains("imported") {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("imported") {
             break;
         }
     }
+
     // Let it take in whatever else got through, then kill it.
     std::thread::sleep(Duration::from_millis(500));
     child.kill().unwrap();
@@ -349,7 +357,8 @@ fn a_client_killed_mid_catch_up_resumes_where_it_stopped() {
     let partial = node_count(&client, "big");
     assert!(
         partial > 0 && partial < TOTAL,
-        "held {partial} after the kill"
+        "held {partial} after the kill; the client logged:\n{}",
+        seen.join("\n")
     );
 
     let before = server.metric("syncline_catchup_nodes_sum");
