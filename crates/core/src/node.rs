@@ -151,6 +151,9 @@ impl Node {
         if self.ops.len() > MAX_OPS_PER_NODE {
             return Err(NodeDecodeError::Invalid("too many operations"));
         }
+        for op in &self.ops {
+            op.check_limits().map_err(NodeDecodeError::Invalid)?;
+        }
         if self.hlc.wall_ms > MAX_HLC_WALL_MS {
             return Err(NodeDecodeError::Invalid("clock beyond the year 10889"));
         }

@@ -475,6 +475,48 @@ fn decode_char_ref(r: &mut Reader<'_>, format: NodeFormat) -> Result<Option<Char
     }))
 }
 
+impl Op {
+    /// Whether the operation is within what the decoders accept (so a node
+    /// a transaction commits is one every replica's receive path takes,
+    /// and its own store reads back), or the limit it breaks.
+    pub fn check_limits(&self) -> Result<(), &'static str> {
+        let position_ok =
+            |p: &Option<Position>| p.as_ref().is_none_or(|p| p.len() <= MAX_POSITION_BYTES);
+        let field_ok = |f: &str| !f.is_empty() && f.len() <= MAX_NAME_BYTES;
+        match self {
+            Op::Create { name, position, .. } | Op::Move { name, position, .. } => {
+                if !is_valid_name(name) {
+                    return Err("entry name empty, too long or containing '/'");
+                }
+                if !position_ok(position) {
+                    return Err("position longer than the limit");
+                }
+                Ok(())
+            }
+            Op::Set { field, value, .. } => {
+                if !field_ok(field) {
+                    return Err("field name empty or too long");
+                }
+                value.check_limits()
+            }
+            Op::Unset { field, .. } if !field_ok(field) => Err("field name empty or too long"),
+            Op::Unset { .. } | Op::Delete { .. } => Ok(()),
+            Op::TextInsert { text, .. } if text.is_empty() => Err("empty text insert"),
+            Op::TextInsert { text, .. } if text.len() > MAX_STRING_BYTES => {
+                Err("text insert longer than 128 KiB")
+            }
+            Op::TextInsert { .. } => Ok(()),
+            Op::TextDelete { spans, .. } if spans.len() > MAX_DELETE_SPANS => {
+                Err("text delete with too many spans")
+            }
+            Op::TextDelete { spans, .. } if spans.iter().any(|s| s.len == 0) => {
+                Err("empty delete span")
+            }
+            Op::TextDelete { .. } => Ok(()),
+        }
+    }
+}
+
 /// Whether `name` may name an entry: non-empty, bounded, and free of the
 /// path separator (so every entry has a path).
 pub fn is_valid_name(name: &str) -> bool {

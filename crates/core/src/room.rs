@@ -50,6 +50,10 @@ pub enum TxnError {
     /// The transaction exceeds the node limits.
     #[error("transaction too large for one node")]
     TooLarge,
+    /// An operation or the node breaks a limit every replica's receive
+    /// path enforces (a string over 128 KiB, a NaN, too deep a value...).
+    #[error("refused: {0}")]
+    Limit(&'static str),
 }
 
 /// A committed local node.
@@ -492,6 +496,9 @@ impl Transaction<'_> {
         if self.ops.len() >= MAX_OPS_PER_NODE {
             return Err(TxnError::TooLarge);
         }
+        // Checked before it touches the document, so a refused operation
+        // leaves the transaction (and the room) as it was.
+        op.check_limits().map_err(TxnError::Limit)?;
         let ctx = self
             .room
             .doc
@@ -737,11 +744,21 @@ impl Transaction<'_> {
             self.room.doc = Doc::replay(&self.room.dag);
             return Err(TxnError::TooLarge);
         }
+        // The receive path's own checks (the operations' limits above, and
+        // what spans the whole node: characters deleted, parents): a node
+        // that fails them is never committed, and the document goes back.
+        if let Err(e) = node.check_content(parents.len()) {
+            self.room.doc = Doc::replay(&self.room.dag);
+            return Err(match e {
+                crate::node::NodeDecodeError::Invalid(what) => TxnError::Limit(what),
+                _ => TxnError::TooLarge,
+            });
+        }
         let idx = self
             .room
             .dag
             .insert_local(node, &parents)
-            .expect("a local node built on the current heads is valid");
+            .expect("a local node built on the current heads and checked is valid");
         debug_assert_eq!(idx, self.node);
         self.room.doc.end_node(self.chars);
         Ok(Some(Committed {

@@ -181,6 +181,64 @@ impl Value {
         Self::decode_at_depth(r, 0)
     }
 
+    /// Whether the value is within what [`Value::decode`] accepts (a value
+    /// a transaction writes must read back wherever it goes), or the limit
+    /// it breaks.
+    pub fn check_limits(&self) -> Result<(), &'static str> {
+        self.check_at_depth(0)
+    }
+
+    fn check_at_depth(&self, depth: usize) -> Result<(), &'static str> {
+        if depth > MAX_VALUE_DEPTH {
+            return Err("value nested too deeply");
+        }
+        match self {
+            Value::Null | Value::Bool(_) | Value::Int(_) => Ok(()),
+            Value::Float(f) if f.is_nan() => Err("NaN has no canonical form"),
+            Value::Float(_) => Ok(()),
+            Value::Str(s) if s.len() > MAX_STRING_BYTES => Err("string longer than 128 KiB"),
+            Value::Bytes(b) if b.len() > MAX_STRING_BYTES => Err("bytes longer than 128 KiB"),
+            Value::Str(_) | Value::Bytes(_) => Ok(()),
+            Value::Array(items) => {
+                if items.len() > MAX_COLLECTION_LEN {
+                    return Err("array longer than the collection limit");
+                }
+                items.iter().try_for_each(|v| v.check_at_depth(depth + 1))
+            }
+            Value::Map(map) => {
+                if map.len() > MAX_COLLECTION_LEN {
+                    return Err("map larger than the collection limit");
+                }
+                map.iter().try_for_each(|(k, v)| {
+                    if k.len() > MAX_STRING_BYTES {
+                        return Err("map key longer than 128 KiB");
+                    }
+                    v.check_at_depth(depth + 1)
+                })
+            }
+            Value::Blob(b) if b.mime.len() > MAX_MIME_BYTES => Err("blob MIME type too long"),
+            Value::Blob(_) => Ok(()),
+            Value::Vector(Vector::F32(v)) => {
+                if v.len() > MAX_VECTOR_DIMS {
+                    return Err("vector with too many dimensions");
+                }
+                if v.iter().any(|x| x.is_nan()) {
+                    return Err("NaN in vector");
+                }
+                Ok(())
+            }
+            Value::Vector(Vector::Q8 { scale, q }) => {
+                if q.len() > MAX_VECTOR_DIMS {
+                    return Err("vector with too many dimensions");
+                }
+                if !scale.is_finite() {
+                    return Err("non-finite q8 scale");
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn decode_at_depth(r: &mut Reader<'_>, depth: usize) -> Result<Value, DecodeError> {
         let at = r.position();
         if depth > MAX_VALUE_DEPTH {

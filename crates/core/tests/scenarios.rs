@@ -275,3 +275,96 @@ fn a_commit_on_more_heads_than_a_node_may_cite_cites_the_newest() {
         .unwrap();
     assert_eq!(other.state_hash(), room.state_hash());
 }
+
+/// Every limit the receive path enforces, broken by one operation: the
+/// transaction refuses it with a typed error and the room stays as it was;
+/// at the limit, the node commits and reads back through a pack and from
+/// a stored segment.
+#[test]
+fn a_transaction_never_commits_what_the_receive_path_refuses() {
+    use syncline_core::Vector;
+    use syncline_core::limits::{
+        MAX_COLLECTION_LEN, MAX_DELETED_CHARS_PER_NODE, MAX_STRING_BYTES, MAX_VALUE_DEPTH,
+        MAX_VECTOR_DIMS,
+    };
+    use syncline_core::room::TxnError;
+
+    let id = RoomId::new("scenario").unwrap();
+    let key = Keypair::from_seed([5; 32]);
+    let mut room = Room::new(id.clone());
+    let mut tx = room.begin(key.author(), 1);
+    tx.text_insert("/t", 0, "kept").unwrap();
+    tx.set("/e", "f", Value::Int(1)).unwrap();
+    tx.commit().unwrap();
+    let (hash, nodes) = (room.state_hash(), room.dag().len());
+
+    let over = "x".repeat(MAX_STRING_BYTES + 1);
+    let nested = (0..MAX_VALUE_DEPTH + 1).fold(Value::Null, |v, _| Value::Array(vec![v]));
+    let refused: Vec<(&str, Value)> = vec![
+        ("string", Value::Str(over.clone())),
+        ("bytes", Value::Bytes(vec![0; MAX_STRING_BYTES + 1])),
+        ("NaN", Value::Float(f64::NAN)),
+        ("depth", nested),
+        (
+            "array",
+            Value::Array(vec![Value::Null; MAX_COLLECTION_LEN + 1]),
+        ),
+        (
+            "map key",
+            Value::Map([(over.clone(), Value::Null)].into_iter().collect()),
+        ),
+        (
+            "vector",
+            Value::Vector(Vector::F32(vec![0.0; MAX_VECTOR_DIMS + 1])),
+        ),
+    ];
+    for (what, value) in refused {
+        let mut tx = room.begin(key.author(), 2);
+        let r = tx.set("/e", "f", value);
+        assert!(matches!(r, Err(TxnError::Limit(_))), "{what}: {r:?}");
+        assert_eq!(tx.commit().unwrap().map(|c| c.idx), None, "{what}");
+        assert_eq!(
+            (room.state_hash(), room.dag().len()),
+            (hash, nodes),
+            "{what}"
+        );
+    }
+    let mut tx = room.begin(key.author(), 2);
+    let r = tx.text_insert("/t", 0, &over);
+    assert!(matches!(r, Err(TxnError::Limit(_))), "text: {r:?}");
+    drop(tx);
+    assert_eq!((room.state_hash(), room.dag().len()), (hash, nodes));
+
+    // A limit of the whole node: characters deleted by one node, checked
+    // at commit; the document goes back.
+    let chunk = "y".repeat(MAX_STRING_BYTES);
+    let mut total = 0;
+    while total as u64 <= MAX_DELETED_CHARS_PER_NODE {
+        let mut tx = room.begin(key.author(), 3);
+        tx.text_insert("/t", 0, &chunk).unwrap();
+        tx.commit().unwrap();
+        total += chunk.len();
+    }
+    let (hash, nodes) = (room.state_hash(), room.dag().len());
+    let mut tx = room.begin(key.author(), 4);
+    tx.text_delete("/t", 0, total).unwrap();
+    assert!(matches!(tx.commit(), Err(TxnError::Limit(_))));
+    assert_eq!((room.state_hash(), room.dag().len()), (hash, nodes));
+
+    // At the limits: committed, and read back as the receive path and the
+    // store read it.
+    let mut tx = room.begin(key.author(), 5);
+    tx.text_insert("/t", 0, &chunk).unwrap();
+    let at_depth = (0..MAX_VALUE_DEPTH).fold(Value::Null, |v, _| Value::Array(vec![v]));
+    tx.set("/e", "f", at_depth).unwrap();
+    tx.commit().unwrap();
+    let all = room.dag().causal_order();
+    let pack = room.pack(&all, Some(&key)).unwrap();
+    let mut other = Room::new(id.clone());
+    other.receive_pack(&pack).unwrap();
+    assert_eq!(other.state_hash(), room.state_hash());
+    let n = room.dag().next_idx();
+    let stored =
+        Room::from_segments(id, vec![room.dag().segment(0..n, DEFAULT_ZSTD_LEVEL)]).unwrap();
+    assert_eq!(stored.state_hash(), room.state_hash());
+}
