@@ -462,3 +462,30 @@ fn sigterm_closes_sessions_with_shutting_down_and_exits_cleanly() {
     );
     assert_eq!(ok(&reader, &["get", "room", "/a", "v"]), "1");
 }
+
+#[test]
+fn sync_timeout_bounds_a_connect_that_never_completes() {
+    // A "server" that accepts TCP connections and never answers the
+    // WebSocket upgrade.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(16).collect();
+        std::thread::sleep(Duration::from_secs(60));
+        drop(held);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let out = Command::new(BIN)
+        .arg("--replica")
+        .arg(dir.path().join("replica"))
+        .args(["sync", "--server", &format!("ws://127.0.0.1:{port}/ws")])
+        .args(["--once", "--timeout", "2", "room"])
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(took < Duration::from_secs(6), "exited after {took:?}");
+    assert!(stderr.contains("within 2 s"), "{stderr}");
+}

@@ -33,6 +33,9 @@ pub struct SyncOptions {
     pub min_backoff: Duration,
     /// Longest delay between attempts.
     pub max_backoff: Duration,
+    /// How long a connection attempt (TCP, TLS and the WebSocket upgrade)
+    /// may take before the next endpoint is tried.
+    pub connect_timeout: Duration,
     /// Session timers and sizes.
     pub session: SessionConfig,
 }
@@ -44,6 +47,7 @@ impl SyncOptions {
             endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
             session: SessionConfig::default(),
         }
     }
@@ -217,8 +221,32 @@ async fn run(shared: Arc<Shared>) {
             shared.status().endpoint = Some(endpoint.clone());
             // Without TCP_NODELAY a small frame can wait 40 ms for a
             // delayed ACK.
-            match tokio_tungstenite::connect_async_with_config(endpoint.as_str(), None, true).await
-            {
+            let timeout = shared.options.connect_timeout;
+            let connect = tokio::time::timeout(
+                timeout,
+                tokio_tungstenite::connect_async_with_config(endpoint.as_str(), None, true),
+            );
+            tokio::pin!(connect);
+            // A stop ends a hanging attempt at once (other wakes do not).
+            let attempt = loop {
+                tokio::select! {
+                    attempt = &mut connect => break attempt,
+                    () = shared.wake.notified() => {
+                        if shared.stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                    }
+                }
+            };
+            let attempt = attempt.unwrap_or_else(|_| {
+                Err(tokio_tungstenite::tungstenite::Error::Io(
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no connection within {} s", timeout.as_secs_f64()),
+                    ),
+                ))
+            });
+            match attempt {
                 Ok((ws, _)) => {
                     info!(endpoint, "connected");
                     let result = connection(&shared, ws).await;
