@@ -212,16 +212,13 @@ impl Room {
     /// skipped; looked up by their 8-byte prefixes, so a prefix two nodes
     /// share names both).
     pub fn nodes_for_keys(&mut self, keys: &[crate::recon::riblt::Key]) -> Vec<NodeIdx> {
-        let prefixes: Vec<_> = keys.iter().map(crate::recon::riblt::key_prefix).collect();
+        let prefixes: Vec<_> = keys.iter().map(crate::recon::key_prefix).collect();
         self.nodes_for_key_prefixes(&prefixes)
     }
 
     /// The nodes named by the 8-byte prefixes of RIBLT keys (what
     /// `ibf-done` sends), in causal order.
-    pub fn nodes_for_key_prefixes(
-        &mut self,
-        prefixes: &[crate::recon::riblt::KeyPrefix],
-    ) -> Vec<NodeIdx> {
+    pub fn nodes_for_key_prefixes(&mut self, prefixes: &[crate::recon::KeyPrefix]) -> Vec<NodeIdx> {
         self.recon.nodes_for_key_prefixes(&self.dag, prefixes)
     }
 

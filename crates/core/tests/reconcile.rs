@@ -125,11 +125,10 @@ fn mst_finds_the_exact_difference_and_rooms_converge() {
         assert!(rec.is_done());
         let diff = rec.into_diff();
         // The responder resolves the prefixes it was sent.
-        let remote: BTreeSet<NodeId> = diff
-            .remote_only
-            .iter()
-            .flat_map(|p| a_tree.keys_with_prefix(p))
-            .map(NodeId)
+        let remote: BTreeSet<NodeId> = a
+            .nodes_for_key_prefixes(&diff.remote_only)
+            .into_iter()
+            .map(|n| a.dag().id(n))
             .collect();
         assert_eq!(remote.len(), diff.remote_only.len());
         let local: BTreeSet<NodeId> = diff.local_only.iter().map(|k| NodeId(*k)).collect();

@@ -14,7 +14,8 @@ use crate::codec::mp::{DecodeError, Reader, Writer};
 use crate::dag::VersionVector;
 use crate::ids::{AuthorId, NodeId, RoomId};
 use crate::limits::MAX_ROOM_ID_BYTES;
-use crate::recon::mst::{KeyPrefix, KeyRange, Summary};
+use crate::recon::KeyPrefix;
+use crate::recon::mst::{KeyRange, Summary};
 
 /// The protocol version this code speaks.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -251,7 +252,7 @@ pub enum Message {
     IbfDone {
         /// Nodes the client lacks, by the first 8 bytes of their RIBLT
         /// keys (of their ids).
-        need: Vec<[u8; 8]>,
+        need: Vec<KeyPrefix>,
         /// Nodes the client will upload.
         has: u64,
     },

@@ -28,9 +28,9 @@ use crate::proto::message::{
 };
 use crate::proto::scope::Scope;
 use crate::proto::send_queue::SendQueue;
-use crate::recon::SKETCH_CAPACITY;
 use crate::recon::mst::{self, Reconciler};
 use crate::recon::riblt::{self, CodedSymbol, Decoder, RibltError};
+use crate::recon::{SKETCH_CAPACITY, key_prefix};
 use crate::room::{ReceiveError, Room};
 
 /// The baseline difference capability, always supported.
@@ -475,9 +475,13 @@ impl Session {
 
     /// Whether queued nodes wait and the window has room for a pack.
     fn can_send(&self) -> bool {
-        !self.queue.is_empty()
-            && self.in_flight.len() < self.config.send_window_packs
-            && self.in_flight_bytes < self.config.send_window_bytes
+        !self.queue.is_empty() && !self.window_full()
+    }
+
+    /// Whether the packs in flight fill the send window.
+    fn window_full(&self) -> bool {
+        self.in_flight.len() >= self.config.send_window_packs
+            || self.in_flight_bytes >= self.config.send_window_bytes
     }
 
     /// Fires the timers due at `now`, and sends the next pack of queued
@@ -720,9 +724,11 @@ impl Session {
             while let Some((corr, message)) = self.queue.pop_message() {
                 self.send(now, corr, message);
             }
-            let full = self.in_flight.len() >= self.config.send_window_packs
-                || self.in_flight_bytes >= self.config.send_window_bytes;
-            if self.state != State::Open || packs >= burst || self.queue.is_empty() || full {
+            if self.state != State::Open
+                || packs >= burst
+                || self.queue.is_empty()
+                || self.window_full()
+            {
                 return;
             }
             // The envelope adds well under 256 bytes.
@@ -862,7 +868,7 @@ impl Session {
             now,
             0,
             Message::IbfDone {
-                need: diff.remote_only.iter().map(riblt::key_prefix).collect(),
+                need: diff.remote_only.iter().map(key_prefix).collect(),
                 has: upload.len() as u64,
             },
         );
@@ -1183,14 +1189,9 @@ impl Session {
                 self.send(now, env.corr, Message::MstSummary { answers });
             }
             (Side::Server, State::Open, Message::MstDone { need }) => {
-                let ids: Vec<NodeId> = need
-                    .iter()
-                    .flat_map(|prefix| room.id_tree().keys_with_prefix(prefix))
-                    .map(NodeId)
-                    .collect();
-                let nodes = room.nodes_for_ids(&ids);
                 // A prefix may name more than the client lacks: a superset
                 // only costs ids cited that needed not be.
+                let nodes = room.nodes_for_key_prefixes(&need);
                 self.mst_need.extend_from_slice(&nodes);
                 if need.len() < MAX_IDS {
                     self.peer_lacks =

@@ -13,6 +13,17 @@ use crate::ids::{IdMap, IdSet, NodeId};
 /// about 40,000 nodes before falling back to the MST.
 pub const SKETCH_CAPACITY: usize = 1 << 16;
 
+/// A node named by the first 8 bytes of its id (of its RIBLT key and its
+/// MST key alike), as `ibf-done`, `mst-done` and MST key lists name nodes:
+/// ids are uniform hashes, so two of a room sharing a prefix are a 2^-64
+/// accident per pair, and cost only an extra node sent.
+pub type KeyPrefix = [u8; 8];
+
+/// The prefix of an id-derived key (a 16-byte RIBLT key or a 32-byte id).
+pub fn key_prefix<const N: usize>(key: &[u8; N]) -> KeyPrefix {
+    key[..8].try_into().expect("keys are at least 8 bytes")
+}
+
 /// A room's reconciliation structures, built from its DAG the first time a
 /// sync needs them and then kept up to date as nodes are inserted. They are
 /// not built eagerly because their upkeep (about 0.7 µs per node for the
@@ -21,7 +32,7 @@ pub const SKETCH_CAPACITY: usize = 1 << 16;
 pub struct ReconIndex {
     sketch: Option<riblt::Sketch>,
     tree: Option<mst::Mst>,
-    /// RIBLT key prefixes (the first 8 bytes of ids) back to nodes.
+    /// Key prefixes (the first 8 bytes of ids) back to nodes.
     by_key: IdMap<u64, NodeIdx>,
     /// Nodes whose key prefix another node had first (almost never).
     collided: Vec<(u64, NodeIdx)>,
@@ -35,7 +46,7 @@ impl ReconIndex {
         for idx in self.indexed..dag.next_idx() {
             let id = dag.id(idx);
             let key = riblt::key_of(&id.0);
-            let prefix = u64::from_le_bytes(riblt::key_prefix(&key));
+            let prefix = u64::from_le_bytes(key_prefix(&key));
             if let Some(&first) = self.by_key.get(&prefix) {
                 self.collided.push((prefix, first));
             }
@@ -79,10 +90,7 @@ impl ReconIndex {
     /// The nodes a peer named by id (unknown ids are skipped), in causal
     /// order.
     pub fn nodes_for_ids(&mut self, dag: &Dag, ids: &[NodeId]) -> Vec<NodeIdx> {
-        let prefixes: Vec<riblt::KeyPrefix> = ids
-            .iter()
-            .map(|id| riblt::key_prefix(&riblt::key_of(&id.0)))
-            .collect();
+        let prefixes: Vec<KeyPrefix> = ids.iter().map(|id| key_prefix(&id.0)).collect();
         let mut out = self.nodes_for_key_prefixes(dag, &prefixes);
         let wanted: IdSet<&NodeId> = ids.iter().collect();
         out.retain(|&idx| wanted.contains(&dag.id(idx)));
@@ -92,11 +100,7 @@ impl ReconIndex {
     /// The nodes a peer named by RIBLT key prefix, in causal order
     /// (unknown prefixes are skipped: a node only the peer holds, or a
     /// forged name; a prefix two nodes share names both).
-    pub fn nodes_for_key_prefixes(
-        &mut self,
-        dag: &Dag,
-        prefixes: &[riblt::KeyPrefix],
-    ) -> Vec<NodeIdx> {
+    pub fn nodes_for_key_prefixes(&mut self, dag: &Dag, prefixes: &[KeyPrefix]) -> Vec<NodeIdx> {
         self.catch_up(dag);
         let mut out = Vec::with_capacity(prefixes.len());
         for prefix in prefixes {

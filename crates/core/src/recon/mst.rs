@@ -74,6 +74,8 @@
 use std::cmp::Ordering;
 use std::fmt;
 
+use super::{KeyPrefix, key_prefix};
+
 /// A key of the set: a 32-byte BLAKE3 node id.
 pub type Key = [u8; 32];
 /// A BLAKE3 hash of a (sub)tree.
@@ -81,19 +83,10 @@ pub type Hash = [u8; 32];
 /// A range hash as summaries carry it: its first 16 bytes (a collision
 /// still takes about 2^64 work).
 pub type ShortHash = [u8; 16];
-/// A key as key lists carry it: its first 8 bytes (keys are uniform
-/// hashes, so two of a set sharing them are a 2^-64 accident per pair, and
-/// cost only an extra node sent).
-pub type KeyPrefix = [u8; 8];
 
 /// The first 16 bytes of a hash.
 pub fn short_hash(hash: &Hash) -> ShortHash {
     hash[..16].try_into().expect("16 of 32 bytes")
-}
-
-/// The first 8 bytes of a key.
-pub fn key_prefix(key: &Key) -> KeyPrefix {
-    key[..8].try_into().expect("8 of 32 bytes")
 }
 
 /// The hash of the empty set (and of an absent child).
@@ -428,22 +421,6 @@ impl Mst {
     /// The keys in `range`, sorted.
     pub fn keys_in_range(&self, range: &KeyRange) -> Vec<Key> {
         self.keys_in_range_capped(range, usize::MAX)
-    }
-
-    /// The keys that begin with `prefix`, sorted (one but by accident).
-    pub fn keys_with_prefix(&self, prefix: &KeyPrefix) -> Vec<Key> {
-        let mut start = [0; 32];
-        start[..8].copy_from_slice(prefix);
-        let mut end = [0xff; 32];
-        end[..8].copy_from_slice(prefix);
-        let mut keys = self.keys_in_range(&KeyRange {
-            start: Some(start),
-            end: Some(end),
-        });
-        if self.contains(&end) {
-            keys.push(end);
-        }
-        keys
     }
 
     fn keys_in_range_capped(&self, range: &KeyRange, cap: usize) -> Vec<Key> {

@@ -85,15 +85,6 @@ use std::ops::Range;
 /// An element: the first 16 bytes of a node id.
 pub type Key = [u8; 16];
 
-/// The first 8 bytes of a key: what `ibf-done` names a node by (a
-/// collision among a room's keys only makes a lookup name one node more).
-pub type KeyPrefix = [u8; 8];
-
-/// The prefix of a key.
-pub fn key_prefix(key: &Key) -> KeyPrefix {
-    key[..8].try_into().expect("8 of 16 bytes")
-}
-
 /// The key of a node id (its first 16 bytes).
 pub fn key_of(id: &[u8; 32]) -> Key {
     let mut key = [0; 16];
