@@ -428,7 +428,7 @@ fn run(cli: Cli) -> Outcome {
 fn serve(data: PathBuf, listen: std::net::SocketAddr, max_pack_nodes: usize) -> Outcome {
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| Failed::new(Exit::Failure, format!("cannot start the runtime: {e}")))?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let mut config = syncline_relay::Config {
             data_dir: data,
             listen,
@@ -450,7 +450,11 @@ fn serve(data: PathBuf, listen: std::net::SocketAddr, max_pack_nodes: usize) -> 
             .run(syncline_relay::shutdown_signal())
             .await
             .map_err(|e| Failed::new(Exit::Failure, e.to_string()))
-    })
+    });
+    // A room step still running on the blocking pool is not waited for:
+    // everything acknowledged is durable already.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    served
 }
 
 /// Runs one transaction on `room`.

@@ -1,14 +1,25 @@
 //! WebSocket connections: each carries the sessions of any number of
 //! rooms, one envelope per binary frame. The reader decodes each frame once
-//! and routes it by session id to its room's actor; the writer drains a
-//! bounded queue the room actors fill. A frame that does not decode cannot
-//! be attributed to a session, so it closes the whole connection.
+//! and routes it by session id to its room's inbox; the writer drains a
+//! queue the rooms fill, bounded in bytes. A frame that does not decode
+//! cannot be attributed to a session, so it closes the whole connection.
+//!
+//! Bounds, each closing only this connection with a typed reason: a peer
+//! that opens no session within [`Config::session_wait`], or sends nothing
+//! for longer than a session's idle timeout, is closed `timeout`; one that
+//! does not read its frames (the queue passes
+//! [`Config::outbound_queue_bytes`], or a write takes longer than
+//! [`Config::write_timeout`]) is closed `lagging` and its buffers freed;
+//! WebSocket-level errors close `too_large` or `malformed`; a peer above
+//! its byte rate is closed `rate_limited`. Past
+//! [`Config::max_sessions_per_conn`] a `hello` is refused `overloaded`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use axum::Extension;
 use axum::extract::State as AxumState;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -16,10 +27,12 @@ use futures_util::{SinkExt, StreamExt};
 use syncline_core::RoomId;
 use syncline_core::proto::message::{Envelope, Message, Reason};
 use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite;
 use tracing::{Instrument, debug, info_span};
 
 use crate::Config;
-use crate::rooms::{RoomInput, Rooms, Sender};
+use crate::limits::{PeerSlot, TokenBucket};
+use crate::rooms::{Refused, RoomInbox, RoomInput, Rooms};
 use crate::telemetry;
 
 /// Shared by every connection.
@@ -51,27 +64,36 @@ impl State {
     }
 }
 
-/// How room actors reach a connection: a bounded frame queue, and a way to
-/// end it.
+/// How rooms reach a connection: a frame queue bounded in bytes, and a way
+/// to end it.
 #[derive(Clone, Debug)]
 pub(crate) struct ConnHandle {
-    frames: mpsc::Sender<Vec<u8>>,
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    /// Bytes queued and not yet written.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
     /// `Some(reason)` once the connection is to end.
     kill: Arc<watch::Sender<Option<Reason>>>,
 }
 
 impl ConnHandle {
-    /// Queues a frame; `false` if the queue is full (the client lags).
+    /// Queues a frame; `false` if the queue is full (the client lags). One
+    /// frame always fits an empty queue.
     pub(crate) fn send(&self, frame: Vec<u8>) -> bool {
-        match self.frames.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => false,
-            // The connection is gone; its `Gone` is on the way.
-            Err(mpsc::error::TrySendError::Closed(_)) => true,
+        let len = frame.len();
+        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        if before > 0 && before + len > self.max_queued {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return false;
         }
+        // A closed queue: the connection is gone, its `Gone` on the way.
+        if self.frames.send(frame).is_err() {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+        }
+        true
     }
 
-    /// Ends the connection with `reason`.
+    /// Ends the connection with `reason` (the first reason given wins).
     pub(crate) fn kill(&self, reason: Reason) {
         self.kill.send_if_modified(|r| {
             let first = r.is_none();
@@ -85,6 +107,7 @@ impl ConnHandle {
 pub(crate) async fn upgrade(
     ws: WebSocketUpgrade,
     AxumState(state): AxumState<Arc<State>>,
+    Extension(slot): Extension<Arc<PeerSlot>>,
 ) -> Response {
     let max = state.config.session.max_frame;
     // Small socket buffers: an idle session should cost kilobytes, and
@@ -95,15 +118,44 @@ pub(crate) async fn upgrade(
         .write_buffer_size(0)
         .on_upgrade(move |socket| {
             let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
-            serve(socket, state, conn).instrument(info_span!("conn", conn))
+            let peer = slot.ip();
+            serve(socket, state, conn, slot).instrument(info_span!("conn", conn, %peer))
         })
 }
 
-async fn serve(socket: WebSocket, state: Arc<State>, conn: u64) {
+/// The close code that goes with a reason (RFC 6455 §7.4.1).
+fn close_code(reason: &Reason) -> u16 {
+    match reason {
+        Reason::ShuttingDown => 1001,
+        Reason::Malformed => 1002,
+        Reason::TooLarge => 1009,
+        Reason::RateLimited | Reason::QuotaExceeded => 1008,
+        Reason::Overloaded | Reason::Lagging => 1013,
+        _ => 1000,
+    }
+}
+
+/// What a WebSocket-level read error means for the connection.
+fn read_error_reason(error: axum::Error) -> Option<Reason> {
+    let inner = error.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => Some(Reason::TooLarge),
+        Some(tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_)) => {
+            Some(Reason::Malformed)
+        }
+        // The peer went away (reset, closed): nothing to tell it.
+        _ => None,
+    }
+}
+
+async fn serve(socket: WebSocket, state: Arc<State>, conn: u64, slot: Arc<PeerSlot>) {
+    let config = &state.config;
     let (mut sink, mut stream) = socket.split();
-    let (frames, mut queue) = mpsc::channel::<Vec<u8>>(state.config.outbound_queue);
+    let (frames, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
     let handle = ConnHandle {
         frames,
+        queued: Arc::new(AtomicUsize::new(0)),
+        max_queued: config.outbound_queue_bytes,
         kill: Arc::new(watch::Sender::new(None)),
     };
     state
@@ -115,103 +167,70 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64) {
     metrics::counter!(telemetry::CONNECTIONS_TOTAL).increment(1);
 
     let mut killed = handle.kill.subscribe();
+    let queued = handle.queued.clone();
+    let write_timeout = config.write_timeout;
+    let writer_handle = handle.clone();
     let writer = tokio::spawn(async move {
+        let write = async |sink: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
+                           frame: Vec<u8>| {
+            let len = frame.len();
+            let fed = sink.feed(WsMessage::Binary(frame.into())).await;
+            queued.fetch_sub(len, Ordering::AcqRel);
+            fed
+        };
         loop {
             tokio::select! {
-                frame = queue.recv() => match frame {
-                    Some(frame) => {
-                        // Write everything queued, then flush once.
-                        let mut failed = sink.feed(WsMessage::Binary(frame.into())).await.is_err();
-                        while let (false, Ok(frame)) = (failed, queue.try_recv()) {
-                            failed = sink.feed(WsMessage::Binary(frame.into())).await.is_err();
+                frame = queue.recv() => {
+                    let Some(frame) = frame else { break };
+                    // Write everything queued, then flush once; a peer that
+                    // does not read within the timeout lags.
+                    let written = tokio::time::timeout(write_timeout, async {
+                        write(&mut sink, frame).await?;
+                        while let Ok(frame) = queue.try_recv() {
+                            write(&mut sink, frame).await?;
                         }
-                        if failed || sink.flush().await.is_err() {
+                        sink.flush().await
+                    })
+                    .await;
+                    match written {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break,
+                        Err(_) => {
+                            writer_handle.kill(Reason::Lagging);
+                            metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => "lagging").increment(1);
                             break;
                         }
                     }
-                    None => break,
-                },
+                }
                 _ = killed.changed() => {
                     let reason = killed.borrow().clone().unwrap_or(Reason::ShuttingDown);
-                    // Flush what the rooms queued (their close frames), then
-                    // close the socket with the reason.
-                    while let Ok(frame) = queue.try_recv() {
-                        let _ = sink.send(WsMessage::Binary(frame.into())).await;
-                    }
-                    let _ = sink
-                        .send(WsMessage::Close(Some(CloseFrame {
-                            code: 1000,
+                    // Flush what the rooms queued (their close frames),
+                    // unless the peer is not reading, then close the socket
+                    // with the reason; all within the write timeout.
+                    let _ = tokio::time::timeout(write_timeout, async {
+                        if reason != Reason::Lagging {
+                            while let Ok(frame) = queue.try_recv() {
+                                sink.feed(WsMessage::Binary(frame.into())).await?;
+                            }
+                        }
+                        sink.send(WsMessage::Close(Some(CloseFrame {
+                            code: close_code(&reason),
                             reason: reason.as_str().to_owned().into(),
                         })))
-                        .await;
+                        .await
+                    })
+                    .await;
                     break;
                 }
             }
         }
     });
 
-    // Session id -> room (learned from each session's `hello`) and, once
-    // known, the room actor's inbox.
-    let mut sessions: HashMap<u64, (RoomId, Option<Sender<RoomInput>>)> = HashMap::new();
-    let mut killed = handle.kill.subscribe();
-    loop {
-        let message = tokio::select! {
-            m = stream.next() => m,
-            _ = killed.changed() => None,
-        };
-        let Some(Ok(message)) = message else { break };
-        let bytes = match message {
-            WsMessage::Binary(bytes) => bytes,
-            WsMessage::Close(_) => break,
-            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
-            WsMessage::Text(_) => {
-                handle.kill(Reason::Malformed);
-                break;
-            }
-        };
-        metrics::counter!(telemetry::BYTES_IN).increment(bytes.len() as u64);
-        let received = Instant::now();
-        let env = match Envelope::decode(&bytes) {
-            Ok(env) => env,
-            Err(e) => {
-                debug!(error = %e, "undecodable frame: closing the connection");
-                handle.send(Envelope::close_frame(0, Reason::Malformed, e.to_string()));
-                handle.kill(Reason::Malformed);
-                break;
-            }
-        };
-        if let Message::Hello { room, .. } = &env.message {
-            sessions.insert(env.session, (room.clone(), None));
-        }
-        let Some((room, inbox)) = sessions.get_mut(&env.session) else {
-            handle.send(Envelope::close_frame(
-                env.session,
-                Reason::Malformed,
-                "no session with this id: send hello first",
-            ));
-            continue;
-        };
-        let input = RoomInput::Frame {
-            conn,
-            session: env.session,
-            env: Box::new(env),
-            out: handle.clone(),
-            received,
-        };
-        let input = match inbox.as_ref() {
-            Some(tx) => match tx.send(input) {
-                Ok(()) => continue,
-                Err(std::sync::mpsc::SendError(input)) => input,
-            },
-            None => input,
-        };
-        *inbox = state.rooms.send(room, input);
-    }
-    let mut told: Vec<&RoomId> = sessions.values().map(|(room, _)| room).collect();
-    told.sort();
-    told.dedup();
-    for room in told {
-        state.rooms.send(room, RoomInput::Gone { conn });
+    let ended = read_loop(&state, conn, &handle, &mut stream, &slot).await;
+    if let Some(reason) = ended {
+        metrics::counter!(telemetry::CONNECTIONS_CLOSED, "reason" => reason.as_str().to_owned())
+            .increment(1);
+        handle.kill(reason);
     }
     handle.kill(Reason::ShuttingDown);
     let _ = writer.await;
@@ -221,4 +240,159 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64) {
         .unwrap_or_else(|p| p.into_inner())
         .remove(&conn);
     metrics::gauge!(telemetry::CONNECTIONS).decrement(1.0);
+}
+
+/// A session as the connection routes it.
+struct Route {
+    room: RoomId,
+    inbox: Option<RoomInbox>,
+}
+
+/// Reads and routes frames until the connection ends; returns the reason
+/// to close it with, if it is this side's to give.
+async fn read_loop(
+    state: &Arc<State>,
+    conn: u64,
+    handle: &ConnHandle,
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+    slot: &PeerSlot,
+) -> Option<Reason> {
+    let config = &state.config;
+    let idle = Duration::from_millis(config.session.idle_timeout_ms);
+    let mut bucket = TokenBucket::new(config.peer_bytes_per_sec, config.peer_burst_bytes);
+    let mut sessions: HashMap<u64, Route> = HashMap::new();
+    let mut killed = handle.kill.subscribe();
+    let opened = tokio::time::Instant::now();
+    let mut last_frame = opened;
+    let ended = loop {
+        // A connection must open a session soon, and then keep sending
+        // (sessions send heartbeats).
+        let deadline = if sessions.is_empty() {
+            opened + config.session_wait
+        } else {
+            last_frame + idle
+        };
+        let message = tokio::select! {
+            m = stream.next() => m,
+            _ = killed.changed() => break None,
+            () = tokio::time::sleep_until(deadline) => {
+                debug!(sessions = sessions.len(), "connection timed out");
+                break Some(Reason::Timeout);
+            }
+        };
+        let message = match message {
+            None => break None,
+            Some(Ok(message)) => message,
+            Some(Err(e)) => {
+                let reason = read_error_reason(e);
+                debug!(
+                    reason = reason.as_ref().map(Reason::as_str),
+                    "WebSocket error"
+                );
+                break reason;
+            }
+        };
+        let bytes = match message {
+            WsMessage::Binary(bytes) => bytes,
+            WsMessage::Close(_) => break None,
+            WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
+            WsMessage::Text(_) => break Some(Reason::Malformed),
+        };
+        last_frame = tokio::time::Instant::now();
+        metrics::counter!(telemetry::BYTES_IN).increment(bytes.len() as u64);
+        if !bucket.take(bytes.len() as u64, slot.elapsed_ms()) {
+            debug!("peer above its byte rate");
+            break Some(Reason::RateLimited);
+        }
+        let received = Instant::now();
+        let env = match Envelope::decode(&bytes) {
+            Ok(env) => env,
+            Err(e) => {
+                debug!(error = %e, "undecodable frame: closing the connection");
+                handle.send(Envelope::close_frame(0, Reason::Malformed, e.to_string()));
+                break Some(Reason::Malformed);
+            }
+        };
+        if let Message::Hello { room, .. } = &env.message
+            && !sessions.contains_key(&env.session)
+        {
+            if sessions.len() >= config.max_sessions_per_conn {
+                metrics::counter!(telemetry::REFUSED, "why" => "sessions").increment(1);
+                handle.send(Envelope::close_frame(
+                    env.session,
+                    Reason::Overloaded,
+                    "too many sessions on this connection",
+                ));
+                continue;
+            }
+            sessions.insert(
+                env.session,
+                Route {
+                    room: room.clone(),
+                    inbox: None,
+                },
+            );
+        }
+        let session = env.session;
+        let Some(route) = sessions.get_mut(&session) else {
+            handle.send(Envelope::close_frame(
+                session,
+                Reason::Malformed,
+                "no session with this id: send hello first",
+            ));
+            continue;
+        };
+        let mut input = RoomInput::Frame {
+            conn,
+            env: Box::new(env),
+            bytes: bytes.len(),
+            out: handle.clone(),
+            received,
+            permit: None,
+        };
+        // A room that stopped (idle, or storage failed) loads again once.
+        let refused = loop {
+            let inbox = match route.inbox.clone() {
+                Some(inbox) => inbox,
+                None => match state.rooms.inbox(&route.room) {
+                    Ok(inbox) => route.inbox.insert(inbox).clone(),
+                    Err(refused) => break Some(refused),
+                },
+            };
+            match inbox.send(input, config.inbox_wait).await {
+                Ok(()) => break None,
+                Err(Ok(back)) => {
+                    route.inbox = None;
+                    input = back;
+                }
+                Err(Err(refused)) => break Some(refused),
+            }
+        };
+        match refused {
+            None => {}
+            Some(Refused::TooManyRooms) => {
+                // This session only: the client retries later.
+                sessions.remove(&session);
+                handle.send(Envelope::close_frame(
+                    session,
+                    Reason::Overloaded,
+                    "too many rooms are loaded; retry later",
+                ));
+            }
+            Some(Refused::InboxFull) => {
+                metrics::counter!(telemetry::REFUSED, "why" => "inbox").increment(1);
+                break Some(Reason::Overloaded);
+            }
+        }
+    };
+    let told: HashMap<RoomId, RoomInbox> = sessions
+        .into_values()
+        .filter_map(|r| Some((r.room, r.inbox?)))
+        .collect();
+    for inbox in told.into_values() {
+        let _ = inbox
+            .send(RoomInput::Gone { conn }, config.inbox_wait)
+            .await;
+    }
+    ended
 }

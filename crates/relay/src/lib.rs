@@ -3,13 +3,15 @@
 //!
 //! Clients connect over WebSocket (`/ws`, binary frames, one envelope per
 //! frame; many rooms' sessions over one connection, told apart by the
-//! envelope's session id). Each loaded room is an actor on its own thread
-//! (`rooms.rs`): it owns the room's durable history and its sessions, runs
-//! the sans-IO sessions of `syncline_core::proto::session`, persists every
-//! node a frame inserted before anything is acknowledged or relayed, and
-//! relays inserted nodes to the room's other sessions (each filtered by its
-//! subscription). Rooms load on demand and unload when idle. Blocking
-//! storage work stays on the room threads; connections are tokio tasks.
+//! envelope's session id). Each loaded room is a task (`rooms.rs`) that owns
+//! a [`syncline_hub::RoomHub`]: the room's durable history and its server
+//! sessions, which persists every node a frame inserted before anything is
+//! acknowledged or relayed, and relays inserted nodes to the room's other
+//! sessions (each filtered by its subscription). The hub's blocking work
+//! runs on a bounded pool; rooms load on demand and unload when idle.
+//!
+//! Every resource a peer can make the relay spend has a bound in
+//! [`Config`], with a metric and a typed refusal (`docs/security.md`).
 //!
 //! `GET /healthz` answers `ok`; `GET /metrics` is Prometheus text.
 
@@ -21,19 +23,24 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use axum::serve::ListenerExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use syncline_core::proto::session::Config as SessionConfig;
 use syncline_store::{Replica, SqliteOptions, SqliteStore, Store};
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
 
 mod conn;
+mod limits;
 mod rooms;
 mod telemetry;
 
+use limits::ConnLimits;
 use rooms::Rooms;
 
-/// How a relay runs.
+/// How a relay runs, and what it lets a peer spend.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Where the embedded SQLite store lives.
@@ -44,19 +51,70 @@ pub struct Config {
     pub session: SessionConfig,
     /// Unload a room that has had no session for this long.
     pub room_idle: Duration,
-    /// Frames queued for one connection before it counts as lagging and
-    /// is closed (its client reconnects and catches up).
-    pub outbound_queue: usize,
+    /// Most rooms loaded at once. Past it, rooms without sessions unload
+    /// and a `hello` for another room is refused with `overloaded`.
+    pub max_rooms: usize,
+    /// Room steps (load, batch, timers) running at once, each on a thread
+    /// of the blocking pool.
+    pub room_workers: usize,
+    /// Bytes of frames waiting in one room's inbox; a connection that
+    /// cannot queue a frame within `inbox_wait` is closed `overloaded`.
+    pub room_inbox_bytes: usize,
+    /// See `room_inbox_bytes`.
+    pub inbox_wait: Duration,
+    /// Bytes of frames a timer sweep of one room produces before the room
+    /// checks its inbox again (catch-ups take turns with `hello`s).
+    pub slice_bytes: usize,
+    /// Bytes queued for one connection; past it the connection is closed
+    /// `lagging` (its client reconnects and catches up).
+    pub outbound_queue_bytes: usize,
+    /// A write to a peer that takes longer than this closes it `lagging`.
+    pub write_timeout: Duration,
+    /// Most connections open at once (keep it below the process's file
+    /// descriptor limit).
+    pub max_connections: usize,
+    /// Most connections open at once from one IP address.
+    pub max_connections_per_ip: usize,
+    /// A connection must send its HTTP request headers within this.
+    pub upgrade_timeout: Duration,
+    /// A WebSocket connection must open a session within this.
+    pub session_wait: Duration,
+    /// Most sessions one connection opens.
+    pub max_sessions_per_conn: usize,
+    /// Frame bytes per second one connection may send, on average...
+    pub peer_bytes_per_sec: u64,
+    /// ...and at most at once; past it, the connection is closed
+    /// `rate_limited`.
+    pub peer_burst_bytes: u64,
+    /// At shutdown, how long rooms may take to close their sessions and
+    /// write checkpoints before the server stops anyway.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Config {
     fn default() -> Config {
+        let session = SessionConfig::default();
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         Config {
             data_dir: PathBuf::from("./syncline-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
-            session: SessionConfig::default(),
             room_idle: Duration::from_secs(30),
-            outbound_queue: 1024,
+            max_rooms: 10_000,
+            room_workers: (2 * workers).max(4),
+            room_inbox_bytes: 4 * session.max_frame,
+            inbox_wait: Duration::from_secs(5),
+            slice_bytes: 1 << 20,
+            outbound_queue_bytes: 4 * session.max_frame,
+            write_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
+            max_connections_per_ip: 256,
+            upgrade_timeout: Duration::from_secs(5),
+            session_wait: Duration::from_secs(10),
+            max_sessions_per_conn: 256,
+            peer_bytes_per_sec: 32 << 20,
+            peer_burst_bytes: 64 << 20,
+            shutdown_grace: Duration::from_millis(1500),
+            session,
         }
     }
 }
@@ -86,9 +144,6 @@ pub enum RelayError {
         /// Why.
         source: std::io::Error,
     },
-    /// Serving failed.
-    #[error("serving failed: {0}")]
-    Serve(std::io::Error),
 }
 
 /// A bound relay, ready to [`Server::run`].
@@ -136,42 +191,92 @@ impl Server {
 
     /// Serves until `shutdown` completes, then closes every session with
     /// `shutting_down` (everything acknowledged is already durable) and
-    /// returns once the rooms are unloaded.
+    /// returns once the rooms are unloaded, or after
+    /// [`Config::shutdown_grace`] whatever they are doing.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RelayError> {
-        let state = Arc::new(conn::State::new(self.rooms.clone(), self.config.clone()));
+        let config = self.config;
+        let state = Arc::new(conn::State::new(self.rooms.clone(), config.clone()));
         let app = Router::new()
             .route("/ws", get(conn::upgrade))
             .route("/healthz", get(|| async { "ok" }))
             .route("/metrics", get(telemetry::render))
             .with_state(state.clone());
-        let rooms = self.rooms.clone();
-        let signal = async move {
-            shutdown.await;
-            tracing::info!("shutting down: closing sessions");
-            // Closing the sessions ends the WebSocket connections, which
-            // lets the HTTP server finish.
-            let rooms = rooms.clone();
-            let _ = tokio::task::spawn_blocking(move || rooms.shutdown()).await;
-            state.close_all();
-        };
-        // Frames are small and answer one another: without TCP_NODELAY a
-        // welcome can sit behind the peer's delayed ACK for 40 ms.
-        let listener = self.listener.tap_io(|tcp| {
+        let limits = ConnLimits::new(config.max_connections, config.max_connections_per_ip);
+        let (stop, stopping) = watch::channel(false);
+        let mut connections = JoinSet::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            while connections.try_join_next().is_some() {}
+            let (tcp, addr) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: wait for some to close.
+                    warn!(error = %e, "cannot accept a connection");
+                    metrics::counter!(telemetry::REFUSED, "why" => "accept").increment(1);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let slot = match limits.admit(addr.ip()) {
+                Ok(slot) => slot,
+                Err(full) => {
+                    debug!(%addr, why = full.as_str(), "connection refused");
+                    metrics::counter!(telemetry::REFUSED, "why" => full.as_str()).increment(1);
+                    continue;
+                }
+            };
+            // Frames are small and answer one another: without TCP_NODELAY
+            // a welcome can sit behind the peer's delayed ACK for 40 ms.
             if let Err(e) = tcp.set_nodelay(true) {
-                tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
+                warn!(error = %e, "cannot set TCP_NODELAY on a connection");
             }
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(signal)
-            .await
-            .map_err(RelayError::Serve)?;
-        let rooms = self.rooms.clone();
-        let _ = tokio::task::spawn_blocking(move || rooms.shutdown()).await;
+            let app = app.clone();
+            let upgrade_timeout = config.upgrade_timeout;
+            let mut stopping = stopping.clone();
+            connections.spawn(async move {
+                let service = hyper::service::service_fn(move |mut request| {
+                    request.extensions_mut().insert(slot.clone());
+                    let mut app = app.clone();
+                    async move { tower_service::Service::call(&mut app, request).await }
+                });
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(TokioTimer::new())
+                    .header_read_timeout(upgrade_timeout);
+                let served = http
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .with_upgrades();
+                let mut served = std::pin::pin!(served);
+                tokio::select! {
+                    _ = served.as_mut() => {}
+                    () = stopped(&mut stopping) => {
+                        served.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_millis(200), served).await;
+                    }
+                }
+            });
+        }
+        info!("shutting down: closing sessions");
+        // Rooms close their sessions (queueing `close` frames), then the
+        // connections end, flushing them within their write timeout.
+        self.rooms.shutdown(config.shutdown_grace).await;
+        state.close_all();
+        stop.send_replace(true);
+        let drained = async { while connections.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(Duration::from_millis(300), drained).await;
         Ok(())
     }
+}
+
+/// Completes once `stop` says `true`.
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Completes on SIGINT or SIGTERM (what `syncline serve` waits for).

@@ -1,64 +1,88 @@
-//! Rooms as actors: each loaded room runs on its own thread, owns its
-//! durable history and the server sessions of every client in it, and is
-//! fed envelopes by the connections through a channel.
+//! Rooms as tasks: each loaded room is a tokio task that owns a
+//! [`RoomHub`] (the room's durable history and the server sessions in it)
+//! and is fed envelopes by the connections through a bounded inbox.
 //!
-//! Order of work for each envelope: the session handles it, every node it
-//! inserted is persisted (`DurableRoom::with_room`), and only then are acks
-//! sent and the inserted nodes relayed to the room's other sessions. A
-//! storage failure closes every session of the room with `overloaded` and
-//! unloads it: a failed write leaves the disk state unknown, so the room
-//! reloads from disk when next needed and nothing unpersisted is ever
-//! acknowledged.
+//! The hub's work (loading, stepping a batch, persisting, firing timers)
+//! is blocking, so it runs on tokio's blocking pool, at most
+//! [`Config::room_workers`] steps at once: a thousand loaded rooms cost a
+//! thousand small tasks, not a thousand threads. Between steps a room
+//! checks its inbox, so a newcomer's `hello` waits at most one step (timer
+//! sweeps are sliced by the hub).
+//!
+//! Bounds: at most [`Config::max_rooms`] rooms are loaded (past it, rooms
+//! without sessions are asked to unload and the newcomer is refused with
+//! `overloaded`); a room's inbox holds at most
+//! [`Config::room_inbox_bytes`] of frames, and a connection that cannot
+//! queue within [`Config::inbox_wait`] is closed `overloaded`. A storage
+//! failure closes the room's sessions with `overloaded` and unloads it (it
+//! reloads from disk when next needed); a panic in a step does the same,
+//! for that room only.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-pub(crate) use std::sync::mpsc::Sender;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use syncline_core::proto::message::{Envelope, Message, Reason};
-use syncline_core::proto::session::{EncodedPack, Event, Session};
-use syncline_core::{Keypair, NodeIdx, RoomId};
+use syncline_core::proto::message::{Envelope, Reason};
+use syncline_core::{Keypair, RoomId};
+use syncline_hub::{End, HubConfig, HubEvent, Input, RoomHub, SessionKey};
 use syncline_store::{DurableRoom, Store};
-use tracing::{debug, debug_span, info, info_span, warn};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::Config;
 use crate::conn::ConnHandle;
 use crate::telemetry;
 
-/// Most inputs a room handles (and persists) together.
+/// Most inputs a room steps (and persists) together.
 const MAX_BATCH: usize = 256;
+/// Most frame bytes a room steps together.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Inputs a room's inbox holds (besides its byte bound).
+const INBOX_INPUTS: usize = 1024;
 
-/// What a room actor is told.
+/// What a room task is told.
 #[derive(Debug)]
 pub(crate) enum RoomInput {
-    /// An envelope for session `session` of connection `conn`.
+    /// An envelope that came over connection `conn`.
     Frame {
         conn: u64,
-        session: u64,
         env: Box<Envelope>,
+        /// Its size on the wire.
+        bytes: usize,
         out: ConnHandle,
         received: Instant,
+        /// Its share of the inbox's byte bound, returned once stepped.
+        permit: Option<OwnedSemaphorePermit>,
     },
     /// The connection is gone: drop its sessions.
     Gone { conn: u64 },
-    /// Close every session with `shutting_down` and stop.
-    Shutdown,
 }
 
-/// A loaded room's inbox and thread.
+/// Why a frame could not be queued for its room.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// Too many rooms are loaded.
+    TooManyRooms,
+    /// The room's inbox stayed full for [`Config::inbox_wait`].
+    InboxFull,
+}
+
+/// A connection's way into one room.
+#[derive(Clone, Debug)]
+pub(crate) struct RoomInbox {
+    inputs: mpsc::Sender<RoomInput>,
+    bytes: Arc<Semaphore>,
+}
+
+/// A loaded room, as the registry sees it.
 struct Loaded {
-    inbox: Sender<RoomInput>,
-    thread: Option<JoinHandle<()>>,
-}
-
-struct Entry {
-    session: Session,
-    out: ConnHandle,
-    peer: Option<String>,
-    /// Nodes sent already counted in the metrics.
-    counted_sent: u64,
+    inbox: RoomInbox,
+    /// The room's open sessions (0: it may be evicted).
+    sessions: Arc<AtomicUsize>,
+    /// Asks an idle room to unload now.
+    evict: Arc<Notify>,
 }
 
 /// The loaded rooms.
@@ -67,6 +91,11 @@ pub(crate) struct Rooms {
     key: Keypair,
     config: Config,
     loaded: Mutex<HashMap<RoomId, Loaded>>,
+    /// Room steps running on the blocking pool.
+    workers: Arc<Semaphore>,
+    /// `true` once the server stops.
+    stop: watch::Sender<bool>,
+    tasks: Mutex<JoinSet<()>>,
     epoch: Instant,
 }
 
@@ -81,8 +110,11 @@ impl Rooms {
         Arc::new(Rooms {
             store,
             key,
+            workers: Arc::new(Semaphore::new(config.room_workers.max(1))),
             config,
             loaded: Mutex::new(HashMap::new()),
+            stop: watch::Sender::new(false),
+            tasks: Mutex::new(JoinSet::new()),
             epoch: Instant::now(),
         })
     }
@@ -91,59 +123,78 @@ impl Rooms {
         self.loaded.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends `input` to `room`'s actor, loading the room if needed, and
-    /// returns the actor's inbox (connections keep it per session, sparing
-    /// this lock on every frame; when a send to it fails, they come back).
-    pub(crate) fn send(
-        self: &Arc<Self>,
-        room: &RoomId,
-        input: RoomInput,
-    ) -> Option<Sender<RoomInput>> {
+    /// The inbox of `room`, loading it if needed.
+    pub(crate) fn inbox(self: &Arc<Self>, room: &RoomId) -> Result<RoomInbox, Refused> {
         let mut loaded = self.lock();
-        let input = match loaded.get(room) {
-            Some(l) => match l.inbox.send(input) {
-                Ok(()) => return Some(l.inbox.clone()),
-                // The actor stopped (storage failure): load it afresh.
-                Err(mpsc::SendError(input)) => input,
-            },
-            None => input,
-        };
-        if matches!(input, RoomInput::Gone { .. } | RoomInput::Shutdown) {
-            return None; // Nothing to tell an unloaded room.
+        if let Some(l) = loaded.get(room)
+            && !l.inbox.inputs.is_closed()
+        {
+            return Ok(l.inbox.clone());
         }
-        let (tx, rx) = mpsc::channel();
-        let _ = tx.send(input);
-        let rooms = self.clone();
-        let id = room.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("room {}", room.as_str()))
-            .spawn(move || rooms.run_room(id, rx))
-            .expect("spawning a room thread");
+        if loaded.len() >= self.config.max_rooms {
+            // Make room for later: rooms without sessions unload now.
+            for l in loaded.values() {
+                if l.sessions.load(Ordering::Relaxed) == 0 {
+                    l.evict.notify_one();
+                }
+            }
+            metrics::counter!(telemetry::REFUSED, "why" => "rooms").increment(1);
+            return Err(Refused::TooManyRooms);
+        }
+        Ok(self.start(&mut loaded, room.clone(), Vec::new()))
+    }
+
+    /// Starts a task for `room`, with `inputs` already in its inbox.
+    fn start(
+        self: &Arc<Self>,
+        loaded: &mut HashMap<RoomId, Loaded>,
+        room: RoomId,
+        inputs: Vec<RoomInput>,
+    ) -> RoomInbox {
+        let (tx, rx) = mpsc::channel(INBOX_INPUTS.max(inputs.len()));
+        for input in inputs {
+            let _ = tx.try_send(input);
+        }
+        let inbox = RoomInbox {
+            inputs: tx,
+            bytes: Arc::new(Semaphore::new(self.config.room_inbox_bytes)),
+        };
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let evict = Arc::new(Notify::new());
+        let task = RoomTask {
+            rooms: self.clone(),
+            id: room.clone(),
+            inbox: rx,
+            sessions: sessions.clone(),
+            evict: evict.clone(),
+            outs: HashMap::new(),
+            open: BTreeSet::new(),
+        };
+        let span = info_span!("room", room = %room.as_str());
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .spawn(task.run().instrument(span));
         loaded.insert(
-            room.clone(),
+            room,
             Loaded {
-                inbox: tx.clone(),
-                thread: Some(thread),
+                inbox: inbox.clone(),
+                sessions,
+                evict,
             },
         );
         metrics::gauge!(telemetry::ROOMS_LOADED).set(loaded.len() as f64);
-        Some(tx)
+        inbox
     }
 
-    /// Tells every room to close its sessions and waits for them to stop.
-    pub(crate) fn shutdown(&self) {
-        let threads: Vec<JoinHandle<()>> = {
-            let mut loaded = self.lock();
-            loaded
-                .values_mut()
-                .filter_map(|l| {
-                    let _ = l.inbox.send(RoomInput::Shutdown);
-                    l.thread.take()
-                })
-                .collect()
-        };
-        for t in threads {
-            let _ = t.join();
+    /// Tells every room to close its sessions with `shutting_down` and
+    /// waits for them to stop, at most `grace`.
+    pub(crate) async fn shutdown(&self, grace: Duration) {
+        self.stop.send_replace(true);
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let all = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            warn!("rooms still busy at shutdown: stopping without waiting");
         }
     }
 
@@ -151,80 +202,21 @@ impl Rooms {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// The actor: loads the room, then serves its inbox until shut down,
-    /// idle, or broken by a storage failure.
-    fn run_room(self: Arc<Self>, id: RoomId, inbox: Receiver<RoomInput>) {
-        let span = info_span!("room", room = %id.as_str());
-        let _enter = span.enter();
-        let mut actor = match DurableRoom::load(self.store.clone(), self.key.clone(), &id) {
-            Ok(room) => {
-                info!(nodes = room.room().dag().len(), "room loaded");
-                Actor {
-                    rooms: self.clone(),
-                    room,
-                    sessions: BTreeMap::new(),
-                    idle_since: Some(Instant::now()),
-                    dirty: BTreeSet::new(),
-                    all_dirty: false,
-                }
-            }
-            Err(e) => {
-                // Connections waiting on this room time out their
-                // handshakes and retry; the next input loads it again.
-                warn!(error = %e, "cannot load room");
-                self.remove(&id);
-                return;
-            }
-        };
-        loop {
-            let wait = actor.next_wake(self.now());
-            let input = match inbox.recv_timeout(wait) {
-                Ok(input) => Some(input),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let idle = actor
-                .idle_since
-                .is_some_and(|t| t.elapsed() >= self.config.room_idle);
-            if input.is_none() && idle {
-                // The next load then opens from the checkpoint without
-                // replaying anything. A failure costs only that replay.
-                if let Err(e) = actor.room.checkpoint() {
-                    warn!(error = %e, "cannot write the room's checkpoint");
-                }
-            }
-            let input = match (input, idle) {
-                (None, true) => match self.try_unload(&id, &inbox) {
-                    None => {
-                        info!("room unloaded (idle)");
-                        return;
-                    }
-                    Some(input) => Some(input),
-                },
-                (input, _) => input,
-            };
-            let Some(input) = input else {
-                actor.fire_timers();
-                continue;
-            };
-            // Take what else is waiting, to persist it all in one write.
-            let mut batch = vec![input];
-            batch.extend(inbox.try_iter().take(MAX_BATCH));
-            let shutdown = batch.iter().any(|i| matches!(i, RoomInput::Shutdown));
-            if let Err(e) = actor.handle_batch(batch) {
-                warn!(error = %e, "storage failed: closing the room's sessions");
-                actor.close_all(Reason::Overloaded, "storage failed; reconnect");
-                break;
-            }
-            if shutdown {
-                actor.close_all(Reason::ShuttingDown, "the server is stopping");
-                if let Err(e) = actor.room.checkpoint() {
-                    warn!(error = %e, "cannot write the room's checkpoint");
-                }
-                break;
-            }
-        }
-        self.remove(&id);
+    /// Runs `f` on `hub` on the blocking pool, at most
+    /// [`Config::room_workers`] at once. `None` if it panicked (the hub is
+    /// lost; the room's sessions are closed by the caller).
+    async fn step<R: Send + 'static>(
+        &self,
+        mut hub: Box<RoomHub>,
+        f: impl FnOnce(&mut RoomHub) -> R + Send + 'static,
+    ) -> Option<(Box<RoomHub>, R)> {
+        let _permit = self.workers.acquire().await.ok()?;
+        tokio::task::spawn_blocking(move || {
+            let out = f(&mut hub);
+            (hub, out)
+        })
+        .await
+        .ok()
     }
 
     fn remove(&self, id: &RoomId) {
@@ -232,314 +224,320 @@ impl Rooms {
         loaded.remove(id);
         metrics::gauge!(telemetry::ROOMS_LOADED).set(loaded.len() as f64);
     }
-
-    /// Removes the room from the loaded set, unless an input arrived (it
-    /// is returned, and the room stays loaded to handle it). Holding the
-    /// lock, no connection can send to this inbox meanwhile.
-    fn try_unload(&self, id: &RoomId, inbox: &Receiver<RoomInput>) -> Option<RoomInput> {
-        let mut loaded = self.lock();
-        if let Ok(input) = inbox.try_recv() {
-            return Some(input);
-        }
-        loaded.remove(id);
-        metrics::gauge!(telemetry::ROOMS_LOADED).set(loaded.len() as f64);
-        None
-    }
 }
 
-/// One loaded room and its sessions.
-struct Actor {
-    rooms: Arc<Rooms>,
-    room: DurableRoom,
-    sessions: BTreeMap<(u64, u64), Entry>,
-    /// When the last session left (`None` while any is open).
-    idle_since: Option<Instant>,
-    /// Sessions that may have events or frames to handle (all of them
-    /// after a relay or a timer sweep): with many idle subscribers, acks
-    /// then cost per ack, not per session.
-    dirty: BTreeSet<(u64, u64)>,
-    all_dirty: bool,
-}
-
-impl Actor {
-    fn next_wake(&self, now: u64) -> Duration {
-        let timer = self
-            .sessions
-            .values()
-            .filter_map(|e| e.session.poll_timeout())
-            .min()
-            .map_or(Duration::from_secs(1), |t| {
-                Duration::from_millis(t.saturating_sub(now))
-            });
-        timer.min(Duration::from_secs(1))
-    }
-
-    /// Handles a batch of inputs: every frame's session step runs first,
-    /// then everything they inserted is persisted in one write (one fsync
-    /// for the batch: group commit), and only then are acks sent and the
-    /// nodes relayed.
-    fn handle_batch(&mut self, inputs: Vec<RoomInput>) -> Result<(), syncline_store::ReplicaError> {
-        let now = self.rooms.now();
-        let config = &self.rooms.config.session;
-        let room_id = self.room.room().id().clone();
-        let sessions = &mut self.sessions;
-        let dirty = &mut self.dirty;
-        let mut idle_since = self.idle_since;
-        // Per frame: (session, first and end of what it inserted, arrival).
-        let mut steps: Vec<((u64, u64), NodeIdx, NodeIdx, Instant)> = Vec::new();
-        let mut gone = Vec::new();
-        self.room.with_room(|r, _| {
-            for input in inputs {
-                let (conn, session, env, out, received) = match input {
-                    RoomInput::Frame {
-                        conn,
-                        session,
-                        env,
-                        out,
-                        received,
-                    } => (conn, session, env, out, received),
-                    RoomInput::Gone { conn } => {
-                        gone.push(conn);
-                        continue;
-                    }
-                    RoomInput::Shutdown => continue,
-                };
-                let key = (conn, session);
-                if let Message::Hello { peer, .. } = &env.message {
-                    // A new session (or a fresh handshake on a session id
-                    // whose session ended).
-                    if sessions.get(&key).is_none_or(|e| e.session.is_closed()) {
-                        sessions.insert(
-                            key,
-                            Entry {
-                                session: Session::server(
-                                    now,
-                                    session,
-                                    room_id.clone(),
-                                    config.clone(),
-                                ),
-                                out: out.clone(),
-                                peer: Some(peer.to_string()),
-                                counted_sent: 0,
-                            },
-                        );
-                        metrics::gauge!(telemetry::SESSIONS).increment(1.0);
-                        idle_since = None;
-                    }
-                }
-                let Some(entry) = sessions.get_mut(&key) else {
-                    // Not a session here: tell the client.
-                    out.send(Envelope::close_frame(
-                        session,
-                        Reason::Malformed,
-                        "no session: send hello first",
-                    ));
-                    continue;
-                };
-                let first = r.dag().next_idx();
-                let span = debug_span!(
-                    "session",
-                    peer = entry.peer.as_deref().unwrap_or("?"),
-                    session
+impl RoomInbox {
+    /// Queues `input`, waiting at most `wait` for room in the inbox. The
+    /// input comes back if the room's task has stopped (load it again).
+    pub(crate) async fn send(
+        &self,
+        mut input: RoomInput,
+        wait: Duration,
+    ) -> Result<(), Result<RoomInput, Refused>> {
+        let queued = async {
+            if let RoomInput::Frame { bytes, permit, .. } = &mut input {
+                let n = u32::try_from(*bytes).unwrap_or(u32::MAX);
+                *permit = Some(
+                    self.bytes
+                        .clone()
+                        .acquire_many_owned(n)
+                        .await
+                        .expect("the inbox semaphore is never closed"),
                 );
-                let _enter = span.enter();
-                entry.session.handle_envelope(now, *env, r, None);
-                steps.push((key, first, r.dag().next_idx(), received));
-                dirty.insert(key);
             }
-        })?;
-        self.idle_since = idle_since;
-        // Durable now: relay what the batch brought, then ack and flush.
-        let brought: Vec<((u64, u64), Vec<NodeIdx>)> = steps
-            .iter()
-            .filter(|(_, first, end, _)| end > first)
-            .map(|&(key, first, end, _)| (key, (first..end).collect()))
-            .collect();
-        let inserted: usize = brought.iter().map(|(_, nodes)| nodes.len()).sum();
-        if inserted > 0 {
-            metrics::counter!(telemetry::NODES_IN).increment(inserted as u64);
-            self.relay(&brought);
-        }
-        for conn in gone {
-            self.drop_connection(conn);
-        }
-        self.after(now);
-        for (_, _, _, received) in steps {
-            metrics::histogram!(telemetry::RELAY_SECONDS).record(received.elapsed().as_secs_f64());
-        }
-        Ok(())
-    }
-
-    fn drop_connection(&mut self, conn: u64) {
-        let gone: Vec<(u64, u64)> = self
-            .sessions
-            .keys()
-            .filter(|(c, _)| *c == conn)
-            .copied()
-            .collect();
-        for key in gone {
-            if let Some(e) = self.sessions.remove(&key) {
-                if !e.session.is_closed() {
-                    metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => "disconnected")
-                        .increment(1);
-                }
-                end_session(&e, "disconnected");
-            }
+            self.inputs.send(input).await
+        };
+        match tokio::time::timeout(wait, queued).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(mpsc::error::SendError(input))) => Err(Ok(input)),
+            Err(_) => Err(Err(Refused::InboxFull)),
         }
     }
+}
 
-    /// Relays the nodes a batch inserted (durable now), each session
-    /// getting those it did not send itself. Under load a batch holds many
-    /// sessions' edits, so each subscriber gets one pack (one frame, one
-    /// ack) per batch rather than one per edit; the pack is encoded once
-    /// for every session that sent nothing in the batch.
-    fn relay(&mut self, brought: &[((u64, u64), Vec<NodeIdx>)]) {
-        let now = self.rooms.now();
-        self.all_dirty = true;
-        let mut all: Vec<NodeIdx> = brought
-            .iter()
-            .flat_map(|(_, nodes)| nodes.iter().copied())
-            .collect();
-        all.sort_unstable();
-        let encode = |room: &mut DurableRoom, nodes: &[NodeIdx]| {
-            // Encoding inserts nothing, so this writes nothing.
-            match room.with_room(|r, _| EncodedPack::new(r, nodes)) {
-                Ok(Ok(pack)) => Some(pack),
-                Ok(Err(e)) => {
-                    // Nodes a relay cannot vouch for as one pack: sessions
-                    // then send what they can, and close loudly otherwise.
-                    warn!(error = %e, "cannot encode a relayed pack");
+/// One loaded room's task.
+struct RoomTask {
+    rooms: Arc<Rooms>,
+    id: RoomId,
+    inbox: mpsc::Receiver<RoomInput>,
+    sessions: Arc<AtomicUsize>,
+    evict: Arc<Notify>,
+    /// The connections with sessions here.
+    outs: HashMap<u64, ConnHandle>,
+    /// The open sessions (to close them if the hub is lost).
+    open: BTreeSet<SessionKey>,
+}
+
+impl RoomTask {
+    async fn run(mut self) {
+        let rooms = self.rooms.clone();
+        let (store, key, id) = (rooms.store.clone(), rooms.key.clone(), self.id.clone());
+        let hub_config = HubConfig {
+            session: rooms.config.session.clone(),
+            slice_bytes: rooms.config.slice_bytes,
+        };
+        let loaded = {
+            let _permit = rooms.workers.acquire().await;
+            tokio::task::spawn_blocking(move || DurableRoom::load(store, key, &id)).await
+        };
+        let mut hub = match loaded {
+            Ok(Ok(room)) => {
+                info!(nodes = room.room().dag().len(), "room loaded");
+                Box::new(RoomHub::new(room, hub_config))
+            }
+            Ok(Err(e)) => return self.fail(&format!("cannot load the room: {e}")),
+            Err(_) => return self.fail("loading the room panicked"),
+        };
+        let mut stop = rooms.stop.subscribe();
+        let mut idle_since = Some(Instant::now());
+        loop {
+            let wake = hub.poll_timeout().map_or(Duration::from_secs(1), |t| {
+                Duration::from_millis(t.saturating_sub(rooms.now()))
+            });
+            let first = tokio::select! {
+                biased;
+                () = crate::stopped(&mut stop) => return self.shut_down(hub).await,
+                input = self.inbox.recv() => match input {
+                    Some(input) => Some(input),
+                    None => break,
+                },
+                () = self.evict.notified() => {
+                    if hub.session_count() == 0 {
+                        idle_since = Some(Instant::now() - rooms.config.room_idle);
+                    }
                     None
                 }
-                Err(_) => None,
-            }
-        };
-        let shared = encode(&mut self.room, &all);
-        for (key, entry) in &mut self.sessions {
-            let own = brought.iter().find(|(from, _)| from == key);
-            let nodes: Vec<NodeIdx> = match own {
-                None => all.clone(),
-                Some((_, mine)) => all.iter().copied().filter(|n| !mine.contains(n)).collect(),
+                () = tokio::time::sleep(wake.min(Duration::from_secs(1))) => None,
             };
-            if nodes.is_empty() {
-                continue;
-            }
-            let own_pack;
-            let pack = match (own, &shared) {
-                (None, Some(pack)) => Some(pack),
-                _ => {
-                    own_pack = encode(&mut self.room, &nodes);
-                    own_pack.as_ref()
+            let stepped = match first {
+                Some(input) => {
+                    let mut batch = vec![input];
+                    let mut bytes = 0;
+                    while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                        let Ok(input) = self.inbox.try_recv() else {
+                            break;
+                        };
+                        if let RoomInput::Frame { bytes: b, .. } = &input {
+                            bytes += b;
+                        }
+                        batch.push(input);
+                    }
+                    self.handle_batch(hub, batch).await
                 }
+                None if hub.poll_timeout().is_some_and(|t| t <= rooms.now()) => {
+                    let now = rooms.now();
+                    rooms
+                        .step(hub, move |h| h.handle_timeout(now))
+                        .await
+                        .map(|(hub, ())| (hub, true))
+                }
+                None if idle_since.is_some_and(|t| t.elapsed() >= rooms.config.room_idle) => {
+                    return self.unload(hub).await;
+                }
+                None => Some((hub, true)),
             };
-            let session = &mut entry.session;
-            let _ = self.room.with_room(|r, _| match pack {
-                Some(pack) => session.relay_pack(now, r, &nodes, pack),
-                None => session.send_nodes(now, r, &nodes, None),
-            });
+            let Some((stepped, stored)) = stepped else {
+                return self.fail("a room step panicked");
+            };
+            hub = stepped;
+            self.dispatch(&mut hub);
+            if !stored {
+                warn!("storage failed: closed the room's sessions; it reloads when next needed");
+                break;
+            }
+            if hub.session_count() == 0 {
+                idle_since.get_or_insert_with(Instant::now);
+            } else {
+                idle_since = None;
+            }
         }
+        self.rooms.remove(&self.id);
     }
 
-    /// Handles every session's events, sends their frames, and drops the
-    /// sessions that ended.
-    fn after(&mut self, now: u64) {
-        let mut ended = Vec::new();
-        let keys: Vec<(u64, u64)> = if std::mem::take(&mut self.all_dirty) {
-            self.dirty.clear();
-            self.sessions.keys().copied().collect()
-        } else {
-            std::mem::take(&mut self.dirty).into_iter().collect()
-        };
-        for key in &keys {
-            let Some(entry) = self.sessions.get_mut(key) else {
-                continue;
-            };
-            let span = debug_span!(
-                "session",
-                peer = entry.peer.as_deref().unwrap_or("?"),
-                session = key.1
-            );
-            let _enter = span.enter();
-            let (sent, _) = entry.session.nodes_sent();
-            metrics::counter!(telemetry::NODES_OUT).increment(sent - entry.counted_sent);
-            entry.counted_sent = sent;
-            while let Some(event) = entry.session.poll_event() {
-                match event {
-                    Event::Accepted { corr, .. } => {
-                        entry.session.acknowledge(now, corr, self.room.room());
-                    }
-                    Event::Connected => {
-                        let strategy = entry.session.strategy().unwrap_or("none");
-                        metrics::counter!(telemetry::DIFF_STRATEGY, "strategy" => strategy)
-                            .increment(1);
-                        debug!(strategy, "session connected");
-                    }
-                    Event::Closed {
-                        reason, message, ..
-                    } => {
-                        metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => reason.as_str().to_owned())
-                            .increment(1);
-                        debug!(reason = reason.as_str(), message, "session closed");
-                        ended.push(*key);
-                    }
-                    _ => {}
+    /// Steps a batch on the blocking pool: `Some((hub, stored))`, `stored`
+    /// false after a storage failure (the hub closed every session);
+    /// `None` if the step panicked.
+    async fn handle_batch(
+        &mut self,
+        hub: Box<RoomHub>,
+        batch: Vec<RoomInput>,
+    ) -> Option<(Box<RoomHub>, bool)> {
+        let mut inputs = Vec::with_capacity(batch.len());
+        let mut received = Vec::new();
+        let mut gone = Vec::new();
+        for input in batch {
+            match input {
+                RoomInput::Frame {
+                    conn,
+                    env,
+                    out,
+                    received: at,
+                    ..
+                } => {
+                    self.outs.entry(conn).or_insert(out);
+                    received.push(at);
+                    inputs.push(Input::Frame { conn, env });
+                }
+                RoomInput::Gone { conn } => {
+                    gone.push(conn);
+                    inputs.push(Input::Gone { conn });
                 }
             }
-            let mut lagging = false;
-            while let Some(frame) = entry.session.poll_transmit() {
+        }
+        let now = self.rooms.now();
+        let (hub, stored) = self
+            .rooms
+            .step(hub, move |h| h.handle_batch(now, inputs))
+            .await?;
+        if let Err(e) = &stored {
+            warn!(error = %e, "storage failed");
+        }
+        for conn in gone {
+            self.outs.remove(&conn);
+        }
+        for at in received {
+            metrics::histogram!(telemetry::RELAY_SECONDS).record(at.elapsed().as_secs_f64());
+        }
+        Some((hub, stored.is_ok()))
+    }
+
+    /// Sends the hub's frames to their connections (a connection whose
+    /// queue is full is closed `lagging`, its sessions dropped) and turns
+    /// its events into metrics.
+    fn dispatch(&mut self, hub: &mut RoomHub) {
+        loop {
+            let mut lagging = Vec::new();
+            while let Some((conn, frame)) = hub.poll_transmit() {
+                let Some(out) = self.outs.get(&conn) else {
+                    continue; // Gone meanwhile.
+                };
                 metrics::counter!(telemetry::BYTES_OUT).increment(frame.len() as u64);
-                if !entry.out.send(frame) {
-                    lagging = true;
-                    break;
+                if !out.send(frame) {
+                    lagging.push(conn);
                 }
             }
-            if lagging {
-                // Its queue is full: the client reconnects and catches up.
-                entry.out.kill(Reason::Lagging);
-                metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => "lagging").increment(1);
-                ended.push(*key);
+            for conn in &lagging {
+                if let Some(out) = self.outs.remove(conn) {
+                    out.kill(Reason::Lagging);
+                }
+                hub.lagging(*conn);
+            }
+            self.record_events(hub);
+            if lagging.is_empty() {
+                break;
             }
         }
-        for key in ended {
-            if let Some(e) = self.sessions.remove(&key) {
-                end_session(&e, "ended");
+        self.sessions.store(hub.session_count(), Ordering::Relaxed);
+    }
+
+    fn record_events(&mut self, hub: &mut RoomHub) {
+        while let Some(event) = hub.poll_event() {
+            match event {
+                HubEvent::Opened { key, peer } => {
+                    self.open.insert(key);
+                    metrics::gauge!(telemetry::SESSIONS).increment(1.0);
+                    debug!(peer = %peer, session = key.session, conn = key.conn, "session opened");
+                }
+                HubEvent::Connected { key, strategy } => {
+                    metrics::counter!(telemetry::DIFF_STRATEGY, "strategy" => strategy)
+                        .increment(1);
+                    debug!(
+                        strategy,
+                        session = key.session,
+                        conn = key.conn,
+                        "session connected"
+                    );
+                }
+                HubEvent::Ended {
+                    key,
+                    end,
+                    catchup_nodes,
+                } => {
+                    self.open.remove(&key);
+                    metrics::gauge!(telemetry::SESSIONS).decrement(1.0);
+                    metrics::histogram!(telemetry::CATCHUP_NODES).record(catchup_nodes as f64);
+                    let reason = match &end {
+                        End::Closed { reason, .. } => reason.as_str().to_owned(),
+                        End::Disconnected => "disconnected".to_owned(),
+                        End::Lagging => "lagging".to_owned(),
+                    };
+                    debug!(
+                        reason,
+                        session = key.session,
+                        conn = key.conn,
+                        "session ended"
+                    );
+                    metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => reason).increment(1);
+                }
+                HubEvent::Inserted { nodes } => {
+                    metrics::counter!(telemetry::NODES_IN).increment(nodes as u64);
+                }
+                HubEvent::Sent { nodes } => {
+                    metrics::counter!(telemetry::NODES_OUT).increment(nodes);
+                }
             }
-        }
-        if self.sessions.is_empty() && self.idle_since.is_none() {
-            self.idle_since = Some(Instant::now());
         }
     }
 
-    fn fire_timers(&mut self) {
+    /// The room could not be loaded or its hub was lost: every session it
+    /// had, and every frame waiting for it, is refused with `overloaded`
+    /// (the clients reconnect, and the room loads again).
+    fn fail(mut self, why: &str) {
+        error!(why, "room failed");
+        for key in std::mem::take(&mut self.open) {
+            if let Some(out) = self.outs.get(&key.conn) {
+                out.send(Envelope::close_frame(key.session, Reason::Overloaded, why));
+            }
+            metrics::gauge!(telemetry::SESSIONS).decrement(1.0);
+            metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => "overloaded").increment(1);
+        }
+        self.rooms.remove(&self.id);
+        self.inbox.close();
+        while let Ok(input) = self.inbox.try_recv() {
+            if let RoomInput::Frame { env, out, .. } = input {
+                out.send(Envelope::close_frame(env.session, Reason::Overloaded, why));
+            }
+        }
+    }
+
+    /// The server stops: close every session with `shutting_down`, then
+    /// write the checkpoint (a cache: skipped if the grace period ends
+    /// first).
+    async fn shut_down(mut self, hub: Box<RoomHub>) {
         let now = self.rooms.now();
-        self.all_dirty = true;
-        let room = &mut self.room;
-        for entry in self.sessions.values_mut() {
-            if entry.session.poll_timeout().is_some_and(|t| t <= now) {
-                // Timers insert nothing, so this writes nothing.
-                let _ = room.with_room(|r, _| entry.session.handle_timeout(now, r, None));
-            }
+        let closed = self
+            .rooms
+            .step(hub, move |h| {
+                h.close_all(now, Reason::ShuttingDown, "the server is stopping");
+            })
+            .await;
+        let Some((mut hub, ())) = closed else {
+            return self.fail("closing the room panicked");
+        };
+        self.dispatch(&mut hub);
+        let written = self.rooms.step(hub, RoomHub::checkpoint).await;
+        if let Some((_, Err(e))) = written {
+            warn!(error = %e, "cannot write the room's checkpoint");
         }
-        self.after(now);
+        self.rooms.remove(&self.id);
     }
 
-    fn close_all(&mut self, reason: Reason, message: &str) {
-        let now = self.rooms.now();
-        self.all_dirty = true;
-        for entry in self.sessions.values_mut() {
-            entry.session.close(now, reason.clone(), message);
+    /// Unloads an idle room: writes its checkpoint (so the next load
+    /// replays nothing), then leaves the registry. Frames that arrived
+    /// meanwhile go to a fresh load of the room.
+    async fn unload(&mut self, hub: Box<RoomHub>) {
+        let written = self.rooms.step(hub, RoomHub::checkpoint).await;
+        if let Some((_, Err(e))) = written {
+            warn!(error = %e, "cannot write the room's checkpoint");
         }
-        self.after(now);
+        let mut loaded = self.rooms.lock();
+        self.inbox.close();
+        let late: Vec<RoomInput> = std::iter::from_fn(|| self.inbox.try_recv().ok()).collect();
+        loaded.remove(&self.id);
+        if !late.is_empty() {
+            self.rooms.start(&mut loaded, self.id.clone(), late);
+        }
+        metrics::gauge!(telemetry::ROOMS_LOADED).set(loaded.len() as f64);
+        info!("room unloaded (idle)");
     }
-}
-
-/// Records a session's end in the metrics.
-fn end_session(entry: &Entry, why: &str) {
-    metrics::gauge!(telemetry::SESSIONS).decrement(1.0);
-    let (_, catchup) = entry.session.nodes_sent();
-    metrics::histogram!(telemetry::CATCHUP_NODES).record(catchup as f64);
-    debug!(
-        peer = entry.peer.as_deref().unwrap_or("?"),
-        why, "session removed"
-    );
 }

@@ -10,6 +10,13 @@ pub(crate) const SESSIONS: &str = "syncline_sessions";
 pub(crate) const CONNECTIONS: &str = "syncline_connections";
 /// WebSocket connections accepted (counter).
 pub(crate) const CONNECTIONS_TOTAL: &str = "syncline_connections_total";
+/// TCP connections holding a slot, WebSocket or not yet (gauge).
+pub(crate) const TCP_CONNECTIONS: &str = "syncline_tcp_connections";
+/// Connections closed by the relay, by reason (counter, label `reason`).
+pub(crate) const CONNECTIONS_CLOSED: &str = "syncline_connections_closed_total";
+/// Work refused at a bound (counter, label `why`: `connections`,
+/// `connections_per_ip`, `accept`, `rooms`, `sessions`, `inbox`).
+pub(crate) const REFUSED: &str = "syncline_refused_total";
 /// Rooms loaded (gauge).
 pub(crate) const ROOMS_LOADED: &str = "syncline_rooms_loaded";
 /// Nodes received and inserted (counter).

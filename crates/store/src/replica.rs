@@ -255,6 +255,12 @@ impl DurableRoom {
         &self.opened
     }
 
+    /// Nodes stored durably: every node numbered below this is on disk
+    /// (all of them, between calls).
+    pub fn stored(&self) -> NodeIdx {
+        self.stored
+    }
+
     /// Nodes the stored checkpoint covers.
     pub fn checkpointed(&self) -> NodeIdx {
         self.checkpointed

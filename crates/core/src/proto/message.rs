@@ -86,6 +86,9 @@ pub enum Reason {
     Lagging,
     /// The server sheds load.
     Overloaded,
+    /// A room or the server is out of its disk quota: nothing more is
+    /// accepted until an operator raises it.
+    QuotaExceeded,
     /// A frame or pack over its limit.
     TooLarge,
     /// A node failed validation.
@@ -101,7 +104,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    const NAMES: [(Reason, &'static str); 13] = [
+    const NAMES: [(Reason, &'static str); 14] = [
         (Reason::VersionMismatch, "version_mismatch"),
         (Reason::Malformed, "malformed"),
         (Reason::Unauthorized, "unauthorized"),
@@ -110,6 +113,7 @@ impl Reason {
         (Reason::RateLimited, "rate_limited"),
         (Reason::Lagging, "lagging"),
         (Reason::Overloaded, "overloaded"),
+        (Reason::QuotaExceeded, "quota_exceeded"),
         (Reason::TooLarge, "too_large"),
         (Reason::InvalidNode, "invalid_node"),
         (Reason::Equivocation, "equivocation"),

@@ -1,0 +1,503 @@
+//! One room on a server: its durable history and the server sessions of
+//! every connection in it, stepped without I/O.
+//!
+//! Order of work for a batch of inputs: each envelope goes to its session,
+//! then everything the batch inserted is persisted in one write (group
+//! commit), and only then are acks queued and the inserted nodes relayed
+//! to the room's other sessions, encoded once for all of them. A storage
+//! failure closes every session with `overloaded`: the write left the disk
+//! state unknown, the room reloaded from disk, and the sessions' view of it
+//! is stale; nothing the batch inserted is acknowledged.
+//!
+//! Timers are served in slices: one call of [`RoomHub::handle_timeout`]
+//! stops once its frames pass [`HubConfig::slice_bytes`], resuming with the
+//! next session in turn, so a driver that checks its inbox between calls
+//! answers a newcomer's `hello` while other sessions catch up.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use syncline_core::proto::message::{Envelope, Message, Reason};
+use syncline_core::proto::session::{Config as SessionConfig, EncodedPack, Event, Session};
+use syncline_core::{AuthorId, NodeIdx};
+use syncline_store::{DurableRoom, ReplicaError};
+
+/// A session on a server: the connection it came over, and its id there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionKey {
+    /// The connection (any number the driver gives it).
+    pub conn: u64,
+    /// The session id the client chose.
+    pub session: u64,
+}
+
+/// What a hub is fed.
+#[derive(Debug)]
+pub enum Input {
+    /// An envelope that came over connection `conn`.
+    Frame {
+        /// The connection.
+        conn: u64,
+        /// The decoded envelope.
+        env: Box<Envelope>,
+    },
+    /// Connection `conn` is gone: drop its sessions.
+    Gone {
+        /// The connection.
+        conn: u64,
+    },
+}
+
+/// How a hub serves its sessions.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Timers and sizes of each session.
+    pub session: SessionConfig,
+    /// A timer sweep stops once it has produced this many bytes of frames
+    /// (at least one session is always served), so catch-ups of a large
+    /// room take turns with everything else the room has to do.
+    pub slice_bytes: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> HubConfig {
+        HubConfig {
+            session: SessionConfig::default(),
+            slice_bytes: 1 << 20,
+        }
+    }
+}
+
+/// How a session left the hub.
+#[derive(Clone, Debug, PartialEq)]
+pub enum End {
+    /// It closed (a `close` was sent or received).
+    Closed {
+        /// Why.
+        reason: Reason,
+        /// Whether the client ended it.
+        by_peer: bool,
+    },
+    /// Its connection went away.
+    Disconnected,
+    /// Its connection could not take its frames (the driver said so with
+    /// [`RoomHub::lagging`]).
+    Lagging,
+}
+
+/// What a hub tells its driver, for metrics and logs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HubEvent {
+    /// A `hello` opened a session.
+    Opened {
+        /// Which.
+        key: SessionKey,
+        /// The client's author id, as it said in `hello`.
+        peer: AuthorId,
+    },
+    /// A session's handshake completed.
+    Connected {
+        /// Which.
+        key: SessionKey,
+        /// The difference strategy chosen.
+        strategy: &'static str,
+    },
+    /// A session left the hub.
+    Ended {
+        /// Which.
+        key: SessionKey,
+        /// How.
+        end: End,
+        /// Nodes it sent in catch-up packs over its life.
+        catchup_nodes: u64,
+    },
+    /// A batch inserted nodes, now durable.
+    Inserted {
+        /// How many.
+        nodes: usize,
+    },
+    /// Sessions sent nodes in packs.
+    Sent {
+        /// How many, since the last such event.
+        nodes: u64,
+    },
+}
+
+struct Member {
+    session: Session,
+    /// Nodes sent already reported in [`HubEvent::Sent`].
+    reported_sent: u64,
+}
+
+/// One room and the server sessions in it.
+pub struct RoomHub {
+    room: DurableRoom,
+    config: HubConfig,
+    sessions: BTreeMap<SessionKey, Member>,
+    /// Sessions that may have events or frames to handle (all of them after
+    /// a relay): with many idle subscribers, acks then cost per ack, not
+    /// per session.
+    dirty: BTreeSet<SessionKey>,
+    all_dirty: bool,
+    /// The last session a timer sweep served; the next starts after it.
+    turn: Option<SessionKey>,
+    transmit: VecDeque<(u64, Vec<u8>)>,
+    events: VecDeque<HubEvent>,
+}
+
+impl std::fmt::Debug for RoomHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomHub")
+            .field("room", self.room.room().id())
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RoomHub {
+    /// A hub for a loaded room, with no sessions yet.
+    pub fn new(room: DurableRoom, config: HubConfig) -> RoomHub {
+        RoomHub {
+            room,
+            config,
+            sessions: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            all_dirty: false,
+            turn: None,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The room.
+    pub fn room(&self) -> &DurableRoom {
+        &self.room
+    }
+
+    /// Writes the room's checkpoint (before unloading an idle room, so the
+    /// next load replays nothing).
+    pub fn checkpoint(&mut self) -> Result<(), ReplicaError> {
+        self.room.checkpoint()
+    }
+
+    /// How many sessions are open.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Steps a batch of inputs, persists what they inserted in one write,
+    /// then acknowledges and relays it. On a storage failure every session
+    /// is closed with `overloaded` (their frames are queued) and the error
+    /// returned: the driver should drop the hub and load the room afresh.
+    pub fn handle_batch(
+        &mut self,
+        now: u64,
+        inputs: impl IntoIterator<Item = Input>,
+    ) -> Result<(), ReplicaError> {
+        let config = &self.config.session;
+        let room_id = self.room.room().id().clone();
+        let sessions = &mut self.sessions;
+        let dirty = &mut self.dirty;
+        let transmit = &mut self.transmit;
+        let events = &mut self.events;
+        // Per frame that inserted something: its session and what it
+        // inserted.
+        let mut brought: Vec<(SessionKey, Vec<NodeIdx>)> = Vec::new();
+        let mut gone = Vec::new();
+        let stepped = self.room.with_room(|r, _| {
+            for input in inputs {
+                let (conn, env) = match input {
+                    Input::Frame { conn, env } => (conn, env),
+                    Input::Gone { conn } => {
+                        gone.push(conn);
+                        continue;
+                    }
+                };
+                let key = SessionKey {
+                    conn,
+                    session: env.session,
+                };
+                if let Message::Hello { peer, .. } = &env.message {
+                    // A new session, or a fresh handshake on the id of one
+                    // that ended.
+                    if sessions.get(&key).is_none_or(|m| m.session.is_closed()) {
+                        let session =
+                            Session::server(now, key.session, room_id.clone(), config.clone());
+                        sessions.insert(
+                            key,
+                            Member {
+                                session,
+                                reported_sent: 0,
+                            },
+                        );
+                        events.push_back(HubEvent::Opened { key, peer: *peer });
+                    }
+                }
+                let Some(member) = sessions.get_mut(&key) else {
+                    transmit.push_back((
+                        conn,
+                        Envelope::close_frame(
+                            key.session,
+                            Reason::Malformed,
+                            "no session with this id: send hello first",
+                        ),
+                    ));
+                    continue;
+                };
+                let first = r.dag().next_idx();
+                member.session.handle_envelope(now, *env, r, None);
+                let end = r.dag().next_idx();
+                if end > first {
+                    match brought.last_mut() {
+                        Some((k, nodes)) if *k == key => nodes.extend(first..end),
+                        _ => brought.push((key, (first..end).collect())),
+                    }
+                }
+                dirty.insert(key);
+            }
+        });
+        if let Err(e) = stepped {
+            self.close_all(now, Reason::Overloaded, "storage failed; reconnect");
+            return Err(e);
+        }
+        debug_assert_eq!(
+            self.room.stored(),
+            self.room.room().dag().next_idx(),
+            "everything a batch inserted is durable before it is acknowledged"
+        );
+        let inserted: usize = brought.iter().map(|(_, nodes)| nodes.len()).sum();
+        if inserted > 0 {
+            self.events
+                .push_back(HubEvent::Inserted { nodes: inserted });
+            self.relay(now, &brought);
+        }
+        for conn in gone {
+            self.drop_connection(conn, End::Disconnected);
+        }
+        self.after(now);
+        Ok(())
+    }
+
+    /// Connection `conn` cannot take its frames: its sessions leave with
+    /// [`End::Lagging`] (the driver closes the connection; the client
+    /// reconnects and catches up). Their queued frames are dropped.
+    pub fn lagging(&mut self, conn: u64) {
+        self.transmit.retain(|(c, _)| *c != conn);
+        self.drop_connection(conn, End::Lagging);
+    }
+
+    /// When [`RoomHub::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.sessions
+            .values()
+            .filter_map(|m| m.session.poll_timeout())
+            .min()
+    }
+
+    /// Fires the sessions' timers due at `now`, taking turns: a sweep
+    /// starts after the session the last one ended with, and stops once
+    /// its frames pass [`HubConfig::slice_bytes`] (the rest stay due).
+    pub fn handle_timeout(&mut self, now: u64) {
+        let due: Vec<SessionKey> = {
+            let after = self.turn;
+            let is_due = |(k, m): (&SessionKey, &Member)| {
+                m.session
+                    .poll_timeout()
+                    .is_some_and(|t| t <= now)
+                    .then_some(*k)
+            };
+            let (later, earlier): (Vec<_>, Vec<_>) = self
+                .sessions
+                .iter()
+                .filter_map(is_due)
+                .partition(|k| after.is_none_or(|a| *k > a));
+            later.into_iter().chain(earlier).collect()
+        };
+        let mut spent = 0;
+        for key in due {
+            if spent >= self.config.slice_bytes {
+                break;
+            }
+            let Some(member) = self.sessions.get_mut(&key) else {
+                continue;
+            };
+            let session = &mut member.session;
+            let fired = self
+                .room
+                .with_room(|r, _| session.handle_timeout(now, r, None));
+            debug_assert!(
+                fired.is_ok(),
+                "timers insert nothing, so they write nothing"
+            );
+            spent += self.flush(key);
+            self.dirty.insert(key);
+            self.turn = Some(key);
+        }
+        self.after(now);
+    }
+
+    /// Closes every session with `reason`, queueing their `close` frames.
+    pub fn close_all(&mut self, now: u64, reason: Reason, message: &str) {
+        for member in self.sessions.values_mut() {
+            member.session.close(now, reason.clone(), message);
+        }
+        self.all_dirty = true;
+        self.after(now);
+    }
+
+    /// The next frame to send, and the connection it goes to.
+    pub fn poll_transmit(&mut self) -> Option<(u64, Vec<u8>)> {
+        self.transmit.pop_front()
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<HubEvent> {
+        self.events.pop_front()
+    }
+
+    fn drop_connection(&mut self, conn: u64, end: End) {
+        let keys: Vec<SessionKey> = self
+            .sessions
+            .range(
+                SessionKey { conn, session: 0 }..=SessionKey {
+                    conn,
+                    session: u64::MAX,
+                },
+            )
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            self.remove(key, end.clone());
+        }
+    }
+
+    /// Removes a session, reporting how it ended (a session already closed
+    /// reports its close instead).
+    fn remove(&mut self, key: SessionKey, end: End) {
+        let Some(member) = self.sessions.remove(&key) else {
+            return;
+        };
+        self.dirty.remove(&key);
+        let (_, catchup_nodes) = member.session.nodes_sent();
+        self.events.push_back(HubEvent::Ended {
+            key,
+            end,
+            catchup_nodes,
+        });
+    }
+
+    /// Relays what a batch inserted (durable now), each session getting the
+    /// nodes it did not send itself. Under load a batch holds many
+    /// sessions' edits, so each subscriber gets one pack (one frame, one
+    /// ack) per batch rather than one per edit; the pack is encoded once for
+    /// every session that sent nothing in the batch.
+    fn relay(&mut self, now: u64, brought: &[(SessionKey, Vec<NodeIdx>)]) {
+        self.all_dirty = true;
+        let mut all: Vec<NodeIdx> = brought
+            .iter()
+            .flat_map(|(_, nodes)| nodes.iter().copied())
+            .collect();
+        all.sort_unstable();
+        let encode = |room: &mut DurableRoom, nodes: &[NodeIdx]| {
+            // Encoding inserts nothing, so this writes nothing; a pack the
+            // relay cannot vouch for goes node by node instead, and the
+            // sessions close loudly if that fails too.
+            match room.with_room(|r, _| EncodedPack::new(r, nodes)) {
+                Ok(Ok(pack)) => Some(pack),
+                _ => None,
+            }
+        };
+        let shared = encode(&mut self.room, &all);
+        for (key, member) in &mut self.sessions {
+            let own = brought.iter().find(|(from, _)| from == key);
+            let nodes: Vec<NodeIdx> = match own {
+                None => all.clone(),
+                Some((_, mine)) => all.iter().copied().filter(|n| !mine.contains(n)).collect(),
+            };
+            if nodes.is_empty() {
+                continue;
+            }
+            let own_pack;
+            let pack = match (own, &shared) {
+                (None, Some(pack)) => Some(pack),
+                _ => {
+                    own_pack = encode(&mut self.room, &nodes);
+                    own_pack.as_ref()
+                }
+            };
+            let session = &mut member.session;
+            let relayed = self.room.with_room(|r, _| match pack {
+                Some(pack) => session.relay_pack(now, r, &nodes, pack),
+                None => session.send_nodes(now, r, &nodes, None),
+            });
+            debug_assert!(
+                relayed.is_ok(),
+                "relaying inserts nothing, so it writes nothing"
+            );
+        }
+    }
+
+    /// Moves a session's frames to the transmit queue; returns their bytes.
+    fn flush(&mut self, key: SessionKey) -> usize {
+        let Some(member) = self.sessions.get_mut(&key) else {
+            return 0;
+        };
+        let mut bytes = 0;
+        while let Some(frame) = member.session.poll_transmit() {
+            bytes += frame.len();
+            self.transmit.push_back((key.conn, frame));
+        }
+        bytes
+    }
+
+    /// Handles the dirty sessions' events (acknowledging what is durable),
+    /// queues their frames, and removes the sessions that ended.
+    fn after(&mut self, now: u64) {
+        let keys: Vec<SessionKey> = if std::mem::take(&mut self.all_dirty) {
+            self.dirty.clear();
+            self.sessions.keys().copied().collect()
+        } else {
+            std::mem::take(&mut self.dirty).into_iter().collect()
+        };
+        let mut sent = 0;
+        let mut ended = Vec::new();
+        for key in keys {
+            let Some(member) = self.sessions.get_mut(&key) else {
+                continue;
+            };
+            let (nodes_sent, _) = member.session.nodes_sent();
+            sent += nodes_sent - member.reported_sent;
+            member.reported_sent = nodes_sent;
+            while let Some(event) = member.session.poll_event() {
+                match event {
+                    Event::Accepted { corr, nodes } => {
+                        debug_assert!(
+                            nodes.iter().all(|&n| n < self.room.stored()),
+                            "only durable nodes are acknowledged"
+                        );
+                        member.session.acknowledge(now, corr, self.room.room());
+                    }
+                    Event::Connected => self.events.push_back(HubEvent::Connected {
+                        key,
+                        strategy: member.session.strategy().unwrap_or("none"),
+                    }),
+                    Event::Closed {
+                        reason, by_peer, ..
+                    } => ended.push((key, End::Closed { reason, by_peer })),
+                    // Client-side events; a server session raises none.
+                    Event::Acknowledged { .. }
+                    | Event::CaughtUp
+                    | Event::ServerHolds { .. }
+                    | Event::Subscribed { .. }
+                    | Event::PeerError { .. } => {}
+                }
+            }
+            self.flush(key);
+        }
+        if sent > 0 {
+            self.events.push_back(HubEvent::Sent { nodes: sent });
+        }
+        for (key, end) in ended {
+            self.remove(key, end);
+        }
+    }
+}
