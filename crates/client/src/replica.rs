@@ -10,7 +10,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use syncline_core::dag::NodeIdx;
 use syncline_core::doc::{Conflict, PathError};
-use syncline_core::proto::session::Session;
 use syncline_core::room::TxnError;
 use syncline_core::{EntryKind, NodeId, RoomId, Transaction, Value};
 use syncline_store::{DurableRoom, ReplicaError, SqliteOptions, SqliteStore, Store, StoreError};
@@ -227,7 +226,7 @@ pub(crate) struct RoomShared {
 /// A room's durable state and, while connected, its sync session.
 pub(crate) struct RoomState {
     pub(crate) durable: DurableRoom,
-    pub(crate) session: Option<Session>,
+    pub(crate) session: Option<syncline_hub::ClientLink>,
     /// The next `hello` lists the version vector whatever its size: the
     /// last set-reconciliation difference was too large for the server's
     /// sketch (`docs/protocol.md` §5.2).
@@ -288,10 +287,8 @@ impl Room {
             let RoomState {
                 durable, session, ..
             } = &mut *state;
-            if let Some(session) = session.as_mut() {
-                durable.with_room(|r, key| {
-                    session.send_nodes(session_now(), r, &[committed.idx], Some(key));
-                })?;
+            if let Some(link) = session.as_mut() {
+                link.send_local(session_now(), durable, &[committed.idx]);
             }
             let paths = touched_paths(durable.room(), &[committed.idx]);
             (durable.room().dag().id(committed.idx), paths)

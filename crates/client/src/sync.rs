@@ -17,7 +17,9 @@ use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use syncline_core::proto::message::Envelope;
 use syncline_core::proto::message::Reason;
-use syncline_core::proto::session::{CAP_DIFF_IBF, Config as SessionConfig, Event, Session};
+use syncline_core::proto::scope::Scope;
+use syncline_core::proto::session::{CAP_DIFF_IBF, Config as SessionConfig, Event};
+use syncline_hub::ClientLink;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, info};
@@ -160,7 +162,16 @@ impl Sync {
             .shared
             .rooms
             .iter()
-            .filter_map(|r| Some(r.shared.lock().session.as_ref()?.catchup_remaining()))
+            .filter_map(|r| {
+                Some(
+                    r.shared
+                        .lock()
+                        .session
+                        .as_ref()?
+                        .session()
+                        .catchup_remaining(),
+                )
+            })
             .sum();
         status
     }
@@ -317,11 +328,15 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
         if state.send_vv {
             config.vv_inline_limit = usize::MAX;
         }
-        let session = state
-            .durable
-            .with_room(|r, key| Session::client(now, i as u64 + 1, r, key, config))
-            .map_err(|e| e.to_string())?;
-        state.session = Some(session);
+        let link = ClientLink::open(
+            now,
+            i as u64 + 1,
+            &mut state.durable,
+            config,
+            Scope::everything(),
+        )
+        .map_err(|e| e.to_string())?;
+        state.session = Some(link);
     }
     let mut connected = vec![false; shared.rooms.len()];
     let mut caught_up = vec![false; shared.rooms.len()];
@@ -340,8 +355,8 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
         }
         let mut frames = Vec::new();
         for room in &shared.rooms {
-            if let Some(session) = room.shared.lock().session.as_mut() {
-                frames.extend(std::iter::from_fn(|| session.poll_transmit()));
+            if let Some(link) = room.shared.lock().session.as_mut() {
+                frames.extend(std::iter::from_fn(|| link.poll_transmit()));
             }
         }
         for frame in frames {
@@ -398,11 +413,10 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
                     let crate::replica::RoomState {
                 durable, session, ..
             } = &mut *state;
-                    if let Some(session) = session.as_mut()
-                        && session.poll_timeout().is_some_and(|t| t <= now)
+                    if let Some(link) = session.as_mut()
+                        && link.poll_timeout().is_some_and(|t| t <= now)
                     {
-                        // Timers insert nothing, so this writes nothing.
-                        let _ = durable.with_room(|r, key| session.handle_timeout(now, r, Some(key)));
+                        link.handle_timeout(now, durable);
                     }
                 }
             }
@@ -425,10 +439,9 @@ fn deliver(shared: &Shared, frames: &[impl AsRef<[u8]>]) {
                 let crate::replica::RoomState {
                     durable, session, ..
                 } = &mut *state;
-                if let Some(session) = session.as_mut() {
-                    let _ = durable.with_room(|r, key| {
-                        session.handle_input(session_now(), bytes, r, Some(key))
-                    });
+                if let Some(link) = session.as_mut() {
+                    // A storage failure closes the session; its event says so.
+                    let _ = link.handle_frame(session_now(), durable, bytes);
                 }
             }
             continue;
@@ -457,28 +470,16 @@ fn deliver_envelopes(shared: &Shared, by_room: &mut [Vec<Envelope>]) {
             let crate::replica::RoomState {
                 durable, session, ..
             } = &mut *state;
-            let Some(session) = session.as_mut() else {
+            let Some(link) = session.as_mut() else {
                 continue;
             };
-            let first = durable.room().dag().next_idx();
-            let now = session_now();
-            let stored = durable.with_room(|r, key| {
-                for env in envelopes {
-                    session.handle_envelope(now, env, r, Some(key));
-                }
-            });
-            if stored.is_err() {
-                // Storage failed: nothing may be acknowledged; end the
-                // session (the connection restarts and the handshake
-                // repairs it).
-                session.close(
-                    now,
-                    syncline_core::proto::message::Reason::Overloaded,
-                    "local storage failed",
-                );
+            // A storage failure closes the session (nothing is
+            // acknowledged; the connection restarts and the handshake
+            // repairs it).
+            let Ok(inserted) = link.handle_envelopes(session_now(), durable, envelopes) else {
                 continue;
-            }
-            let inserted: Vec<_> = (first..durable.room().dag().next_idx()).collect();
+            };
+            let inserted: Vec<_> = inserted.collect();
             (!inserted.is_empty())
                 .then(|| (touched_paths(durable.room(), &inserted), inserted.len()))
         };
@@ -503,33 +504,27 @@ fn handle_events(
         session,
         send_vv,
     } = &mut *state;
-    let Some(session) = session.as_mut() else {
+    let Some(link) = session.as_mut() else {
         return Ok(Some("no session".into()));
     };
     let now = session_now();
-    while let Some(event) = session.poll_event() {
+    // The link does the durable part of each event (acks after the nodes
+    // are stored, the outbox trimmed) before it is seen here.
+    while let Some(event) = link.poll_event(now, durable).map_err(|e| e.to_string())? {
         match event {
             Event::Connected => {
                 *connected = true;
                 *send_vv = false;
             }
             Event::CaughtUp => *caught_up = true,
-            // `deliver` persisted the nodes before this event was seen.
-            Event::Accepted { corr, .. } => session.acknowledge(now, corr, durable.room()),
-            Event::Acknowledged { nodes } => {
-                durable.acknowledge(&nodes).map_err(|e| e.to_string())?;
-                shared.status().last_ack = Some(SystemTime::now());
-            }
-            Event::ServerHolds { through_seq } => {
-                durable
-                    .acknowledge_through(through_seq)
-                    .map_err(|e| e.to_string())?;
+            Event::Accepted { .. } => {}
+            Event::Acknowledged { .. } | Event::ServerHolds { .. } => {
                 shared.status().last_ack = Some(SystemTime::now());
             }
             Event::Closed {
                 reason, message, ..
             } => {
-                if reason == Reason::TooLarge && session.strategy() == Some(CAP_DIFF_IBF) {
+                if reason == Reason::TooLarge && link.session().strategy() == Some(CAP_DIFF_IBF) {
                     // The difference outgrew the server's sketch: the next
                     // hello carries the version vector instead.
                     *send_vv = true;

@@ -41,6 +41,11 @@ impl ClientLink {
         &self.session
     }
 
+    /// Changes the subscription (see [`Session::subscribe`]).
+    pub fn subscribe(&mut self, now: u64, scope: Scope) {
+        self.session.subscribe(now, scope);
+    }
+
     /// Steps `envelopes` in order and persists what they inserted in one
     /// write; returns the nodes inserted. On a storage failure the session
     /// is closed with `overloaded` and the error returned.

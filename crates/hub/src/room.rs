@@ -184,6 +184,12 @@ impl RoomHub {
         self.sessions.len()
     }
 
+    /// Whether every session is settled (nothing in flight either way) and
+    /// no frame waits to be sent.
+    pub fn is_settled(&self) -> bool {
+        self.transmit.is_empty() && self.sessions.values().all(|m| m.session.is_settled())
+    }
+
     /// Steps a batch of inputs, persists what they inserted in one write,
     /// then acknowledges and relays it. On a storage failure every session
     /// is closed with `overloaded` (their frames are queued) and the error

@@ -74,6 +74,8 @@ pub(crate) enum Refused {
 pub(crate) struct RoomInbox {
     inputs: mpsc::Sender<RoomInput>,
     bytes: Arc<Semaphore>,
+    /// The byte bound (a frame above it takes the whole inbox).
+    capacity: usize,
 }
 
 /// A loaded room, as the registry sees it.
@@ -158,6 +160,7 @@ impl Rooms {
         let inbox = RoomInbox {
             inputs: tx,
             bytes: Arc::new(Semaphore::new(self.config.room_inbox_bytes)),
+            capacity: self.config.room_inbox_bytes,
         };
         let sessions = Arc::new(AtomicUsize::new(0));
         let evict = Arc::new(Notify::new());
@@ -236,7 +239,7 @@ impl RoomInbox {
     ) -> Result<(), Result<RoomInput, Refused>> {
         let queued = async {
             if let RoomInput::Frame { bytes, permit, .. } = &mut input {
-                let n = u32::try_from(*bytes).unwrap_or(u32::MAX);
+                let n = u32::try_from((*bytes).min(self.capacity)).unwrap_or(u32::MAX);
                 *permit = Some(
                     self.bytes
                         .clone()

@@ -50,6 +50,8 @@ pub struct FaultCounts {
     pub write_failures: u64,
     /// Long offline stretches of a client.
     pub offline: u64,
+    /// Connections the relay closed as lagging (too much in flight).
+    pub lagging: u64,
 }
 
 impl FaultCounts {
@@ -64,6 +66,7 @@ impl FaultCounts {
         self.relay_crashes += other.relay_crashes;
         self.write_failures += other.write_failures;
         self.offline += other.offline;
+        self.lagging += other.lagging;
     }
 }
 
@@ -72,7 +75,8 @@ impl std::fmt::Display for FaultCounts {
         write!(
             f,
             "lost {}, duplicated {}, reordered {}, partitioned {} (in {} partitions), \
-             client crashes {}, relay crashes {}, write failures {}, offline stretches {}",
+             client crashes {}, relay crashes {}, write failures {}, offline stretches {}, \
+             lagging closes {}",
             self.lost,
             self.duplicated,
             self.reordered,
@@ -81,7 +85,8 @@ impl std::fmt::Display for FaultCounts {
             self.client_crashes,
             self.relay_crashes,
             self.write_failures,
-            self.offline
+            self.offline,
+            self.lagging
         )
     }
 }

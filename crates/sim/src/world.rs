@@ -1,5 +1,10 @@
 //! One simulated run: a relay and its clients, each with a fault-injecting
-//! store and real sync sessions, driven by a virtual clock from one seed.
+//! store, driven by a virtual clock from one seed. The relay is the shipped
+//! relay core (`syncline_hub::RoomHub`: batches of frames stepped,
+//! persisted, then acknowledged and relayed; storage failures close its
+//! sessions `overloaded` and unload the room; connections that cannot take
+//! their frames close `lagging`), and each client the shipped client half
+//! (`syncline_hub::ClientLink`), as the relay and the SDK drive them.
 //!
 //! The run has two halves. In the *chaos* half clients edit concurrently
 //! while the network loses, duplicates and reorders frames, links are cut
@@ -19,9 +24,11 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use syncline_core::proto::message::Envelope;
 use syncline_core::proto::scope::Scope;
-use syncline_core::proto::session::{CAP_DIFF_IBF, CAP_DIFF_MST, Config, Event, Session};
-use syncline_core::{Keypair, NodeId, NodeIdx, RoomId};
+use syncline_core::proto::session::{CAP_DIFF_IBF, CAP_DIFF_MST, Config, Event};
+use syncline_core::{Keypair, NodeId, RoomId};
+use syncline_hub::{ClientLink, End, HubConfig, HubEvent, Input, RoomHub};
 use syncline_store::{DurableRoom, FaultPlan, FaultyStore, ReplicaError, Store};
 use syncline_testkit::{Namespace, random_ops};
 
@@ -62,6 +69,12 @@ pub(crate) struct Scenario {
     /// planned.
     write_fault: f64,
     config: Config,
+    /// Bytes the relay may have in flight to one connection during the
+    /// chaos before it counts as lagging (unbounded after the heal, and
+    /// in runs without the fault).
+    lag_bytes: Option<usize>,
+    /// The relay's timer slices.
+    slice_bytes: usize,
 }
 
 impl Scenario {
@@ -94,6 +107,10 @@ impl Scenario {
             edit_gap_ms: rng.random_range(200..3_000),
             write_fault: rng.random_range(0.0..0.3),
             config,
+            lag_bytes: rng
+                .random_bool(0.5)
+                .then(|| rng.random_range(512..64 << 10)),
+            slice_bytes: rng.random_range(1 << 10..1 << 20),
         }
     }
 }
@@ -129,13 +146,17 @@ enum Action {
     Uncut(usize),
     CrashRelay,
     RestartRelay,
+    /// The relay steps what its inbox holds, as one batch.
+    RelayStep,
+    /// A store whose writes failed works again (`None`: the relay's).
+    DiskRecovers(Option<usize>),
     Heal,
 }
 
 #[derive(Debug)]
 struct ClientConn {
     id: u64,
-    session: Session,
+    link: ClientLink,
 }
 
 #[derive(Debug)]
@@ -159,10 +180,18 @@ struct Client {
 struct Relay {
     key: Keypair,
     store: FaultyStore,
-    /// `None` while crashed.
-    room: Option<DurableRoom>,
-    /// Sessions by connection id, with the client at the other end.
-    sessions: BTreeMap<u64, (usize, Session)>,
+    /// `false` while crashed.
+    up: bool,
+    /// The loaded room; `None` while crashed, or unloaded after a storage
+    /// failure until the next input loads it again.
+    hub: Option<RoomHub>,
+    /// Open connections, with the client at the other end.
+    conns: BTreeMap<u64, usize>,
+    /// Inputs waiting for the next [`Action::RelayStep`].
+    inbox: Vec<Input>,
+    step_scheduled: bool,
+    /// Bytes sent to each connection and not yet delivered (or lost).
+    in_flight: BTreeMap<u64, usize>,
 }
 
 /// Handshakes completed by each difference strategy.
@@ -254,13 +283,14 @@ impl World {
         let relay_store = FaultyStore::new(FaultPlan::default());
         let relay_key = Keypair::from_seed(rng.random());
         let relay = Relay {
-            room: Some(
-                open_room(&relay_store, &relay_key, &room_id, checkpoint_every)
-                    .expect("an empty store loads"),
-            ),
+            up: true,
+            hub: None,
             key: relay_key,
             store: relay_store,
-            sessions: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            inbox: Vec::new(),
+            step_scheduled: false,
+            in_flight: BTreeMap::new(),
         };
         let clients = (0..scenario.clients)
             .map(|_| {
@@ -389,9 +419,13 @@ impl World {
     /// Runs the world to the end and checks it.
     pub(crate) fn run(mut self, seed: u64) -> Outcome {
         let result = self.run_to_quiet().and_then(|()| self.check());
-        let nodes = self.relay.room.as_ref().map_or(0, |r| r.room().dag().len());
-        if let Some(room) = &self.relay.room {
-            self.trace.update(&room.room().state_hash());
+        let nodes = self
+            .relay
+            .hub
+            .as_ref()
+            .map_or(0, |h| h.room().room().dag().len());
+        if let Some(hub) = &self.relay.hub {
+            self.trace.update(&hub.room().room().state_hash());
         }
         Outcome {
             seed,
@@ -445,14 +479,22 @@ impl World {
                 self.trace("deliver", conn, dir as u64);
                 match dir {
                     Direction::ToRelay => self.deliver_to_relay(conn, &frame),
-                    Direction::ToClient => self.deliver_to_client(client, conn, &frame),
+                    Direction::ToClient => {
+                        if let Some(bytes) = self.relay.in_flight.get_mut(&conn) {
+                            *bytes = bytes.saturating_sub(frame.len());
+                        }
+                        self.deliver_to_client(client, conn, &frame)
+                    }
                 }
             }
             Action::Reset { client, conn, dir } => {
                 self.trace("reset", conn, dir as u64);
                 match dir {
                     Direction::ToRelay => {
-                        self.relay.sessions.remove(&conn);
+                        if self.relay.conns.remove(&conn).is_some() {
+                            self.relay.in_flight.remove(&conn);
+                            self.relay_input(Input::Gone { conn });
+                        }
                     }
                     Direction::ToClient => {
                         if self.clients[client]
@@ -519,6 +561,14 @@ impl World {
             }
             Action::CrashRelay if !self.healed => self.crash_relay(),
             Action::RestartRelay => self.restart_relay(),
+            Action::RelayStep => self.relay_step(),
+            Action::DiskRecovers(who) => {
+                match who {
+                    Some(c) => self.plan_write_fault_client(c),
+                    None => self.plan_write_fault_relay(),
+                }
+                Ok(())
+            }
             Action::Heal => {
                 self.heal();
                 Ok(())
@@ -544,7 +594,7 @@ impl World {
             if std::mem::take(&mut client.scoped)
                 && let Some(cc) = client.conn.as_mut()
             {
-                cc.session.subscribe(self.now, Scope::everything());
+                cc.link.subscribe(self.now, Scope::everything());
                 self.flush_client(c);
             }
             self.reconnect_later(c);
@@ -566,7 +616,7 @@ impl World {
         let Some(room) = client.room.as_mut() else {
             return; // Crashed; the restart reconnects.
         };
-        if self.relay.room.is_none() || self.net.is_cut(c) {
+        if !self.relay.up || self.net.is_cut(c) {
             // The connection attempt fails; try again later.
             self.trace("connect-failed", c as u64, 0);
             return self.reconnect_later(c);
@@ -579,16 +629,11 @@ impl World {
         } else {
             Scope::everything()
         };
-        let session =
-            room.with_room(|r, key| Session::client_scoped(now, id, r, key, config.clone(), scope));
-        let Ok(session) = session else {
-            unreachable!("creating a session inserts no node, so it writes nothing")
+        let Ok(link) = ClientLink::open(now, id, room, config, scope) else {
+            unreachable!("opening a session inserts no node, so it writes nothing")
         };
-        client.conn = Some(ClientConn { id, session });
-        self.relay.sessions.insert(
-            id,
-            (c, Session::server(now, id, self.room_id.clone(), config)),
-        );
+        client.conn = Some(ClientConn { id, link });
+        self.relay.conns.insert(id, c);
         self.trace("connect", c as u64, id);
         self.flush_client(c);
     }
@@ -614,12 +659,7 @@ impl World {
                 client.committed.push(id);
                 self.trace.update(id.0.as_slice());
                 if let Some(cc) = client.conn.as_mut() {
-                    let sent = room.with_room(|r, key| {
-                        cc.session.send_nodes(now, r, &[committed.idx], Some(key));
-                    });
-                    if sent.is_err() {
-                        unreachable!("sending inserts no node, so it writes nothing");
-                    }
+                    cc.link.send_local(now, room, &[committed.idx]);
                 }
                 self.flush_client(c);
                 Ok(())
@@ -644,13 +684,11 @@ impl World {
         if cc.id != conn {
             return Ok(()); // For a connection this client no longer has.
         }
-        if room
-            .with_room(|r, key| cc.session.handle_input(now, frame, r, Some(key)))
-            .is_err()
-        {
+        if cc.link.handle_frame(now, room, frame).is_err() {
+            // As the SDK does: the link closed the session `overloaded`;
+            // the client reconnects, and the disk recovers later.
             self.faults.write_failures += 1;
-            self.crash_client(c);
-            return Ok(());
+            self.after(100, 5_000, Action::DiskRecovers(Some(c)));
         }
         self.client_events(c)
     }
@@ -663,19 +701,23 @@ impl World {
             let (Some(room), Some(cc)) = (client.room.as_mut(), client.conn.as_mut()) else {
                 return Ok(());
             };
-            let Some(event) = cc.session.poll_event() else {
-                break;
-            };
-            let stored = match event {
-                // `with_room` persisted the nodes before the event was seen.
-                Event::Accepted { corr, .. } => {
-                    cc.session.acknowledge(now, corr, room.room());
-                    Ok(())
+            let event = match cc.link.poll_event(now, room) {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                Err(_) => {
+                    // Storage failed: as the SDK does, end the connection;
+                    // the outbox keeps the nodes and the next handshake
+                    // repairs the rest.
+                    self.faults.write_failures += 1;
+                    self.after(100, 5_000, Action::DiskRecovers(Some(c)));
+                    self.end_client_conn(c);
+                    return Ok(());
                 }
+            };
+            match event {
                 Event::Acknowledged { nodes } => {
                     let dag = room.room().dag();
                     self.acked.extend(nodes.iter().map(|&n| dag.id(n)));
-                    room.acknowledge(&nodes)
                 }
                 Event::ServerHolds { through_seq } => {
                     let dag = room.room().dag();
@@ -685,43 +727,45 @@ impl World {
                             .filter_map(|s| dag.by_author_seq(&me, s))
                             .map(|i| dag.id(i)),
                     );
-                    room.acknowledge_through(through_seq)
                 }
                 Event::Connected => {
-                    let slot = match cc.session.strategy() {
+                    let slot = match cc.link.session().strategy() {
                         Some(CAP_DIFF_IBF) => &mut self.strategies.ibf,
                         Some(CAP_DIFF_MST) => &mut self.strategies.mst,
                         _ => &mut self.strategies.heads,
                     };
                     *slot += 1;
-                    Ok(())
                 }
-                Event::CaughtUp | Event::Subscribed { .. } | Event::PeerError { .. } => Ok(()),
+                Event::Accepted { .. }
+                | Event::CaughtUp
+                | Event::Subscribed { .. }
+                | Event::PeerError { .. } => {}
                 Event::Closed { reason, .. } => {
                     self.trace("client-closed", c as u64, reason.as_str().len() as u64);
-                    self.flush_client(c);
-                    let id = self.clients[c].conn.take().map_or(0, |cc| cc.id);
-                    let delay = self.net.delay(&mut self.rng);
-                    self.at(
-                        self.now + delay,
-                        Action::Reset {
-                            client: c,
-                            conn: id,
-                            dir: Direction::ToRelay,
-                        },
-                    );
-                    self.reconnect_later(c);
+                    self.end_client_conn(c);
                     return Ok(());
                 }
-            };
-            if stored.is_err() {
-                self.faults.write_failures += 1;
-                self.crash_client(c);
-                return Ok(());
             }
         }
         self.flush_client(c);
         Ok(())
+    }
+
+    /// The client's connection ends: what it queued goes out, the relay
+    /// learns of it later, and the client reconnects.
+    fn end_client_conn(&mut self, c: usize) {
+        self.flush_client(c);
+        let id = self.clients[c].conn.take().map_or(0, |cc| cc.id);
+        let delay = self.net.delay(&mut self.rng);
+        self.at(
+            self.now + delay,
+            Action::Reset {
+                client: c,
+                conn: id,
+                dir: Direction::ToRelay,
+            },
+        );
+        self.reconnect_later(c);
     }
 
     fn flush_client(&mut self, c: usize) {
@@ -729,7 +773,7 @@ impl World {
             return;
         };
         let id = cc.id;
-        let frames: Vec<Vec<u8>> = std::iter::from_fn(|| cc.session.poll_transmit()).collect();
+        let frames: Vec<Vec<u8>> = std::iter::from_fn(|| cc.link.poll_transmit()).collect();
         for frame in frames {
             self.send(c, id, Direction::ToRelay, frame);
         }
@@ -739,6 +783,11 @@ impl World {
         let arrivals = self
             .net
             .send(self.now, client, conn, dir, &mut self.rng, &mut self.faults);
+        if dir == Direction::ToClient
+            && let Some(bytes) = self.relay.in_flight.get_mut(&conn)
+        {
+            *bytes += frame.len() * arrivals.len();
+        }
         for t in arrivals {
             self.at(
                 t,
@@ -802,61 +851,128 @@ impl World {
     // ----- the relay -----
 
     fn deliver_to_relay(&mut self, conn: u64, frame: &[u8]) -> Result<(), String> {
-        let now = self.now;
-        let relay = &mut self.relay;
-        let (Some(room), Some((_, session))) = (relay.room.as_mut(), relay.sessions.get_mut(&conn))
-        else {
+        if !self.relay.up || !self.relay.conns.contains_key(&conn) {
             return Ok(());
-        };
-        let first_new = room.room().dag().next_idx();
-        if room
-            .with_room(|r, _| session.handle_input(now, frame, r, None))
-            .is_err()
-        {
-            self.faults.write_failures += 1;
-            return self.crash_relay();
         }
-        // Relay every node the frame inserted, including those before a
-        // node that was refused (the session then closed without an
-        // `Accepted` event, but they are in the room, durable).
-        let inserted: Vec<NodeIdx> = (first_new..room.room().dag().next_idx()).collect();
-        self.relay_events(conn, &inserted)
+        let Ok(env) = Envelope::decode(frame) else {
+            return Err("the network delivered a frame that does not decode".into());
+        };
+        self.relay_input(Input::Frame {
+            conn,
+            env: Box::new(env),
+        });
+        Ok(())
     }
 
-    /// Relays the nodes `from` inserted to the other sessions, handles
-    /// every session's events (acknowledges what is durable, drops closed
-    /// sessions) and sends their frames.
-    fn relay_events(&mut self, from: u64, inserted: &[NodeIdx]) -> Result<(), String> {
-        let now = self.now;
-        let Some(room) = self.relay.room.as_mut() else {
-            return Ok(());
-        };
-        let mut closed = Vec::new();
-        for (&conn, (client, session)) in &mut self.relay.sessions {
-            if conn != from && !inserted.is_empty() {
-                let relayed = room.with_room(|r, _| session.send_nodes(now, r, inserted, None));
-                if relayed.is_err() {
-                    unreachable!("relaying inserts no node, so it writes nothing");
-                }
-            }
-            while let Some(event) = session.poll_event() {
-                match event {
-                    Event::Accepted { corr, .. } => session.acknowledge(now, corr, room.room()),
-                    Event::Closed { .. } => closed.push((conn, *client)),
-                    _ => {}
-                }
-            }
+    /// Queues an input for the relay's next step, a few milliseconds away,
+    /// so frames that arrive together are stepped as one batch.
+    fn relay_input(&mut self, input: Input) {
+        if !self.relay.up {
+            return;
         }
+        self.relay.inbox.push(input);
+        if !std::mem::replace(&mut self.relay.step_scheduled, true) {
+            self.after(0, 3, Action::RelayStep);
+        }
+    }
+
+    /// Steps the relay's inbox as one batch (loading the room first if a
+    /// storage failure unloaded it), then sends its frames.
+    fn relay_step(&mut self) -> Result<(), String> {
+        self.relay.step_scheduled = false;
+        let inputs = std::mem::take(&mut self.relay.inbox);
+        if !self.relay.up || inputs.is_empty() {
+            return Ok(());
+        }
+        self.trace("relay-step", inputs.len() as u64, 0);
+        if self.relay.hub.is_none() {
+            let room = self.load_relay_room()?;
+            let config = HubConfig {
+                session: self.scenario.config.clone(),
+                slice_bytes: self.scenario.slice_bytes,
+            };
+            self.relay.hub = Some(RoomHub::new(room, config));
+        }
+        let hub = self.relay.hub.as_mut().expect("loaded above");
+        if hub.handle_batch(self.now, inputs).is_err() {
+            // As the relay does: the hub closed every session
+            // `overloaded`; send that, then unload the room.
+            self.faults.write_failures += 1;
+            self.relay_output();
+            self.relay.hub = None;
+            self.after(100, 5_000, Action::DiskRecovers(None));
+            return Ok(());
+        }
+        self.relay_output();
+        Ok(())
+    }
+
+    /// Loads the relay's room from its store, checking that it is faithful
+    /// and holds every node the relay acknowledged.
+    fn load_relay_room(&mut self) -> Result<DurableRoom, String> {
+        let room = open_room(
+            &self.relay.store,
+            &self.relay.key,
+            &self.room_id,
+            self.checkpoint_every,
+        )
+        .map_err(|e| format!("the relay cannot load its room: {e}"))?;
+        check_reopened(&self.relay.store, &room).map_err(|e| format!("the relay: {e}"))?;
+        self.opened_from_checkpoint += u64::from(room.opened().from_checkpoint > 0);
+        let held = room.room().dag().id_index();
+        if let Some(lost) = self.acked.iter().find(|id| !held.contains_key(id)) {
+            return Err(format!(
+                "the relay lost node {lost:?} after acknowledging it"
+            ));
+        }
+        Ok(room)
+    }
+
+    /// Sends the relay's frames (a connection with too much in flight
+    /// lags, as a full outbound queue does on the relay) and handles its
+    /// events: a session that closed ends its connection.
+    fn relay_output(&mut self) {
+        let Some(hub) = self.relay.hub.as_mut() else {
+            return;
+        };
+        let bound = match self.scenario.lag_bytes {
+            Some(bytes) if !self.healed => bytes,
+            _ => usize::MAX,
+        };
         let mut frames = Vec::new();
-        for (&conn, (client, session)) in &mut self.relay.sessions {
-            frames
-                .extend(std::iter::from_fn(|| session.poll_transmit()).map(|f| (*client, conn, f)));
+        let mut ended = Vec::new();
+        while let Some((conn, frame)) = hub.poll_transmit() {
+            let Some(&client) = self.relay.conns.get(&conn) else {
+                continue;
+            };
+            let in_flight = self.relay.in_flight.get(&conn).copied().unwrap_or(0);
+            if in_flight > 0 && in_flight + frame.len() > bound {
+                self.faults.lagging += 1;
+                hub.lagging(conn);
+                self.relay.conns.remove(&conn);
+                ended.push((conn, client));
+                continue;
+            }
+            self.relay.in_flight.entry(conn).or_insert(0);
+            frames.push((client, conn, frame));
+        }
+        while let Some(event) = hub.poll_event() {
+            // A closed session's connection ends (one session each here).
+            if let HubEvent::Ended {
+                key,
+                end: End::Closed { .. },
+                ..
+            } = event
+                && let Some(client) = self.relay.conns.remove(&key.conn)
+            {
+                ended.push((key.conn, client));
+            }
         }
         for (client, conn, frame) in frames {
             self.send(client, conn, Direction::ToClient, frame);
         }
-        for (conn, client) in closed {
-            self.relay.sessions.remove(&conn);
+        for (conn, client) in ended {
+            self.relay.in_flight.remove(&conn);
             let delay = self.net.delay(&mut self.rng);
             self.at(
                 self.now + delay,
@@ -867,19 +983,21 @@ impl World {
                 },
             );
         }
-        Ok(())
     }
 
     fn crash_relay(&mut self) -> Result<(), String> {
         self.trace("crash-relay", 0, 0);
-        if self.relay.room.is_none() {
+        if !self.relay.up {
             return Ok(());
         }
         self.faults.relay_crashes += 1;
         self.relay.store.crash();
-        self.relay.room = None;
-        let sessions = std::mem::take(&mut self.relay.sessions);
-        for (conn, (client, _)) in sessions {
+        self.relay.up = false;
+        self.relay.hub = None;
+        self.relay.inbox.clear();
+        self.relay.in_flight.clear();
+        let conns = std::mem::take(&mut self.relay.conns);
+        for (conn, client) in conns {
             self.after(
                 1,
                 100,
@@ -896,22 +1014,15 @@ impl World {
 
     fn restart_relay(&mut self) -> Result<(), String> {
         self.trace("restart-relay", 0, 0);
-        let room = open_room(
-            &self.relay.store,
-            &self.relay.key,
-            &self.room_id,
-            self.checkpoint_every,
-        )
-        .map_err(|e| format!("the relay cannot reload after a crash: {e}"))?;
-        check_reopened(&self.relay.store, &room).map_err(|e| format!("the relay: {e}"))?;
-        self.opened_from_checkpoint += u64::from(room.opened().from_checkpoint > 0);
-        let held = room.room().dag().id_index();
-        if let Some(lost) = self.acked.iter().find(|id| !held.contains_key(id)) {
-            return Err(format!(
-                "the relay lost node {lost:?} in a crash after acknowledging it"
-            ));
-        }
-        self.relay.room = Some(room);
+        // The room loads at the first input, as on the relay; loading it
+        // now checks at once that nothing acknowledged was lost.
+        let room = self.load_relay_room()?;
+        let config = HubConfig {
+            session: self.scenario.config.clone(),
+            slice_bytes: self.scenario.slice_bytes,
+        };
+        self.relay.hub = Some(RoomHub::new(room, config));
+        self.relay.up = true;
         self.plan_write_fault_relay();
         Ok(())
     }
@@ -922,12 +1033,8 @@ impl World {
         let clients = self
             .clients
             .iter()
-            .filter_map(|c| c.conn.as_ref()?.session.poll_timeout());
-        let relay = self
-            .relay
-            .sessions
-            .values()
-            .filter_map(|(_, s)| s.poll_timeout());
+            .filter_map(|c| c.conn.as_ref()?.link.poll_timeout());
+        let relay = self.relay.hub.as_ref().and_then(RoomHub::poll_timeout);
         clients.chain(relay).min()
     }
 
@@ -938,22 +1045,18 @@ impl World {
             let (Some(cc), Some(room)) = (client.conn.as_mut(), client.room.as_mut()) else {
                 continue;
             };
-            if cc.session.poll_timeout().is_some_and(|t| t <= now) {
-                // Timers insert nothing: nothing to persist.
-                room.with_room(|r, key| cc.session.handle_timeout(now, r, Some(key)))
-                    .map_err(|e| format!("client {c}: {e}"))?;
+            if cc.link.poll_timeout().is_some_and(|t| t <= now) {
+                cc.link.handle_timeout(now, room);
                 self.client_events(c)?;
             }
         }
-        if let Some(room) = self.relay.room.as_mut() {
-            for (_, session) in self.relay.sessions.values_mut() {
-                if session.poll_timeout().is_some_and(|t| t <= now) {
-                    room.with_room(|r, _| session.handle_timeout(now, r, None))
-                        .map_err(|e| format!("the relay: {e}"))?;
-                }
-            }
+        if let Some(hub) = self.relay.hub.as_mut()
+            && hub.poll_timeout().is_some_and(|t| t <= now)
+        {
+            hub.handle_timeout(now);
+            self.relay_output();
         }
-        self.relay_events(0, &[])
+        Ok(())
     }
 
     // ----- the end -----
@@ -962,8 +1065,9 @@ impl World {
     /// empty outbox, every session settled.
     fn is_quiet(&self) -> Result<bool, String> {
         if !self.queue.is_empty()
-            || self.relay.room.is_none()
-            || !self.relay.sessions.values().all(|(_, s)| s.is_settled())
+            || !self.relay.up
+            || !self.relay.inbox.is_empty()
+            || !self.relay.hub.as_ref().is_some_and(RoomHub::is_settled)
         {
             return Ok(false);
         }
@@ -971,7 +1075,7 @@ impl World {
             let (Some(room), Some(cc)) = (&client.room, &client.conn) else {
                 return Ok(false);
             };
-            if !cc.session.is_settled() {
+            if !cc.link.session().is_settled() {
                 return Ok(false);
             }
             if room.outbox_len() > 0 {
@@ -995,14 +1099,14 @@ impl World {
                     client
                         .conn
                         .as_ref()
-                        .is_some_and(|cc| cc.session.is_settled()),
+                        .is_some_and(|cc| cc.link.session().is_settled()),
                     client.room.as_ref().map_or(0, |r| r.outbox_len())
                 )
             })
             .collect();
         format!(
             "relay up {}, {} actions queued; {}",
-            self.relay.room.is_some(),
+            self.relay.up,
             self.queue.len(),
             clients.join("; ")
         )
@@ -1014,7 +1118,12 @@ impl World {
             .clients
             .iter()
             .map(|c| (&c.store, &c.key, &c.room))
-            .chain([(&self.relay.store, &self.relay.key, &self.relay.room)]);
+            .map(|(store, key, room)| (store, key, room.as_ref()))
+            .chain([(
+                &self.relay.store,
+                &self.relay.key,
+                self.relay.hub.as_ref().map(RoomHub::room),
+            )]);
         for (r, (store, key, live)) in replicas.enumerate() {
             let Some(live) = live else { continue };
             let reopened = open_room(store, key, &self.room_id, self.checkpoint_every)
@@ -1026,7 +1135,13 @@ impl World {
                 ));
             }
         }
-        let relay = self.relay.room.as_ref().ok_or("the relay is down")?.room();
+        let relay = self
+            .relay
+            .hub
+            .as_ref()
+            .ok_or("the relay is down")?
+            .room()
+            .room();
         let ids = |room: &syncline_core::Room| -> Vec<NodeId> {
             let dag = room.dag();
             let mut ids: Vec<NodeId> = (0..dag.next_idx()).map(|i| dag.id(i)).collect();
