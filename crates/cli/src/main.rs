@@ -58,6 +58,8 @@ enum Command {
         /// resumption of interrupted catch-ups, more overhead).
         #[arg(long, default_value_t = 50_000)]
         max_pack_nodes: usize,
+        #[command(flatten)]
+        limits: ServeLimits,
     },
     /// Create the replica (if needed) and print its identity.
     Init,
@@ -288,7 +290,8 @@ fn run(cli: Cli) -> Outcome {
             data,
             listen,
             max_pack_nodes,
-        } => serve(data.clone(), *listen, *max_pack_nodes),
+            limits,
+        } => serve(data.clone(), *listen, *max_pack_nodes, limits),
         Command::Init => {
             let replica = open(&cli)?;
             print(
@@ -425,7 +428,100 @@ fn run(cli: Cli) -> Outcome {
     }
 }
 
-fn serve(data: PathBuf, listen: std::net::SocketAddr, max_pack_nodes: usize) -> Outcome {
+/// What `syncline serve` lets peers spend (`docs/security.md`); each left
+/// out keeps its default.
+#[derive(clap::Args, Debug)]
+#[command(next_help_heading = "Limits")]
+struct ServeLimits {
+    /// Most rooms loaded at once [default: 10000].
+    #[arg(long)]
+    max_rooms: Option<usize>,
+    /// Room steps running at once [default: twice the cores, at least 4].
+    #[arg(long)]
+    room_workers: Option<usize>,
+    /// Most connections open at once [default: 10000].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most connections open at once from one IP address [default: 256].
+    #[arg(long)]
+    max_connections_per_ip: Option<usize>,
+    /// Most sessions on one connection [default: 256].
+    #[arg(long)]
+    max_sessions_per_conn: Option<usize>,
+    /// Most sessions the connections of one IP address open [default:
+    /// 1024].
+    #[arg(long)]
+    max_sessions_per_ip: Option<usize>,
+    /// Seconds a connection has to send its HTTP request [default: 5].
+    #[arg(long, value_name = "SECS")]
+    upgrade_timeout: Option<f64>,
+    /// Seconds a WebSocket connection has to open a session [default: 10].
+    #[arg(long, value_name = "SECS")]
+    session_wait: Option<f64>,
+    /// Seconds a write to a peer may take before it counts as lagging
+    /// [default: 5].
+    #[arg(long, value_name = "SECS")]
+    write_timeout: Option<f64>,
+    /// Bytes queued for one connection before it counts as lagging
+    /// [default: 16 MiB].
+    #[arg(long, value_name = "BYTES")]
+    outbound_queue_bytes: Option<usize>,
+    /// Frame bytes per second one connection may send [default: 32 MiB].
+    #[arg(long, value_name = "BYTES")]
+    peer_bytes_per_sec: Option<u64>,
+    /// Frame bytes one connection may send at once [default: 64 MiB].
+    #[arg(long, value_name = "BYTES")]
+    peer_burst_bytes: Option<u64>,
+    /// Seconds a room without sessions stays loaded [default: 30].
+    #[arg(long, value_name = "SECS")]
+    room_idle: Option<f64>,
+}
+
+impl ServeLimits {
+    fn apply(&self, config: &mut syncline_relay::Config) -> Result<(), Failed> {
+        let secs = |flag: &str, v: f64| {
+            Duration::try_from_secs_f64(v).map_err(|_| {
+                Failed::new(
+                    Exit::Usage,
+                    format!("--{flag} {v}: give a number of seconds, 0 or more"),
+                )
+            })
+        };
+        macro_rules! set {
+            ($field:ident) => {
+                if let Some(v) = self.$field {
+                    config.$field = v;
+                }
+            };
+            ($field:ident, $flag:literal, secs) => {
+                if let Some(v) = self.$field {
+                    config.$field = secs($flag, v)?;
+                }
+            };
+        }
+        set!(max_rooms);
+        set!(room_workers);
+        set!(max_connections);
+        set!(max_connections_per_ip);
+        set!(max_sessions_per_conn);
+        set!(max_sessions_per_ip);
+        set!(outbound_queue_bytes);
+        set!(peer_bytes_per_sec);
+        set!(peer_burst_bytes);
+        set!(upgrade_timeout, "upgrade-timeout", secs);
+        set!(session_wait, "session-wait", secs);
+        set!(write_timeout, "write-timeout", secs);
+        set!(room_idle, "room-idle", secs);
+        Ok(())
+    }
+}
+
+fn serve(
+    data: PathBuf,
+    listen: std::net::SocketAddr,
+    max_pack_nodes: usize,
+    limits: &ServeLimits,
+) -> Outcome {
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| Failed::new(Exit::Failure, format!("cannot start the runtime: {e}")))?;
     let served = runtime.block_on(async {
@@ -435,6 +531,7 @@ fn serve(data: PathBuf, listen: std::net::SocketAddr, max_pack_nodes: usize) -> 
             ..syncline_relay::Config::default()
         };
         config.session.max_pack_nodes = max_pack_nodes.max(1);
+        limits.apply(&mut config)?;
         let server = syncline_relay::Server::bind(config).await.map_err(|e| {
             let exit = match e {
                 syncline_relay::RelayError::Listen { .. } => Exit::Usage,

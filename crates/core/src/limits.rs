@@ -35,5 +35,28 @@ pub const MAX_HLC_WALL_MS: u64 = 1 << 48;
 pub const MAX_NODES_PER_PACK: usize = 1 << 20;
 /// Largest pack body once decompressed.
 pub const MAX_PACK_BYTES: usize = 64 * 1024 * 1024;
+/// A compressed pack body may declare at most this many times its
+/// compressed size (or [`MAX_INFLATE_FLOOR`], whichever is more), so what a
+/// peer makes a receiver inflate follows what it sent: a few kilobytes
+/// cannot become 64 MiB. Packers store a body raw when its compression
+/// would exceed the ratio.
+pub const MAX_INFLATE_RATIO: usize = 32;
+/// Bodies up to this size decompress whatever their ratio.
+pub const MAX_INFLATE_FLOOR: usize = 1 << 20;
+
+/// The most a compressed body of `compressed` bytes may inflate to.
+pub const fn max_inflated(compressed: usize) -> usize {
+    let by_ratio = compressed.saturating_mul(MAX_INFLATE_RATIO);
+    let allowed = if by_ratio > MAX_INFLATE_FLOOR {
+        by_ratio
+    } else {
+        MAX_INFLATE_FLOOR
+    };
+    if allowed < MAX_PACK_BYTES {
+        allowed
+    } else {
+        MAX_PACK_BYTES
+    }
+}
 /// Most nodes held while waiting for their parents, per room.
 pub const MAX_PENDING_NODES: usize = 100_000;

@@ -427,7 +427,7 @@ pub fn encode(
     let compressed = (body.len() >= COMPRESS_THRESHOLD)
         .then(|| compress(&body, zstd_level))
         .flatten()
-        .filter(|c| c.len() < body.len());
+        .filter(|c| c.len() < body.len() && body.len() <= crate::limits::max_inflated(c.len()));
     out.push(if compressed.is_some() { FLAG_ZSTD } else { 0 });
     varint::put(&mut out, body.len() as u64);
     out.extend_from_slice(compressed.as_deref().unwrap_or(&body));
@@ -466,6 +466,9 @@ fn decompress(pack: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, PackError> {
     match flags {
         0 if data.len() as u64 == raw_len => Ok(data.into()),
         0 => Err(PackError::Compression),
+        FLAG_ZSTD if raw_len > crate::limits::max_inflated(data.len()) as u64 => {
+            Err(PackError::TooLarge("compression ratio"))
+        }
         FLAG_ZSTD => {
             let mut dec =
                 zstd::stream::read::Decoder::new(data).map_err(|_| PackError::Compression)?;
@@ -1332,6 +1335,43 @@ mod tests {
         assert_eq!(
             decode(&huge, &room(), &nothing_held).unwrap_err(),
             PackError::TooLarge("declared body size")
+        );
+    }
+
+    #[test]
+    fn a_compression_bomb_is_refused_before_it_inflates() {
+        // 64 MiB of zeros compresses to a few kilobytes.
+        let zeros = vec![0u8; crate::limits::MAX_PACK_BYTES];
+        let bomb_body = zstd::bulk::compress(&zeros, 19).unwrap();
+        assert!(bomb_body.len() < 64 << 10);
+        let mut bomb = MAGIC.to_vec();
+        bomb.push(FLAG_ZSTD);
+        varint::put(&mut bomb, zeros.len() as u64);
+        bomb.extend_from_slice(&bomb_body);
+        assert_eq!(
+            decode(&bomb, &room(), &nothing_held).unwrap_err(),
+            PackError::TooLarge("compression ratio")
+        );
+        // What the packer makes always passes: a body that would compress
+        // past the ratio is stored raw.
+        let k = Keypair::from_seed([4; 32]);
+        let mut nodes = typing(&k, 20, None);
+        let mut prev = None;
+        for (i, (id, node, _)) in nodes.iter_mut().enumerate() {
+            node.parents = prev.into_iter().collect();
+            node.ops = vec![Op::Set {
+                entry: EntryId::derived(&EntryId::ROOT, "doc"),
+                field: format!("f{i}"),
+                value: Value::Str("a".repeat(100_000)),
+            }];
+            *id = Node::id_of(&node.encode());
+            prev = Some(*id);
+        }
+        let pack = pack_of(&k, &nodes);
+        assert_eq!(pack[4], 0, "2 MB of one letter is stored raw");
+        assert_eq!(
+            decode(&pack, &room(), &nothing_held).unwrap().nodes.len(),
+            20
         );
     }
 }

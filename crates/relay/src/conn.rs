@@ -41,6 +41,8 @@ pub(crate) struct State {
     rooms: Arc<Rooms>,
     config: Config,
     next_conn: AtomicU64,
+    /// Bytes queued for all connections.
+    queued_total: Arc<AtomicUsize>,
     /// Every open connection's handle, to end them at shutdown.
     open: Mutex<HashMap<u64, ConnHandle>>,
 }
@@ -51,6 +53,7 @@ impl State {
             rooms,
             config,
             next_conn: AtomicU64::new(1),
+            queued_total: Arc::new(AtomicUsize::new(0)),
             open: Mutex::new(HashMap::new()),
         }
     }
@@ -72,6 +75,9 @@ pub(crate) struct ConnHandle {
     /// Bytes queued and not yet written.
     queued: Arc<AtomicUsize>,
     max_queued: usize,
+    /// The same, for all connections.
+    queued_total: Arc<AtomicUsize>,
+    max_queued_total: usize,
     /// `Some(reason)` once the connection is to end.
     kill: Arc<watch::Sender<Option<Reason>>>,
 }
@@ -82,15 +88,25 @@ impl ConnHandle {
     pub(crate) fn send(&self, frame: Vec<u8>) -> bool {
         let len = frame.len();
         let before = self.queued.fetch_add(len, Ordering::AcqRel);
-        if before > 0 && before + len > self.max_queued {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
+        let total = self.queued_total.fetch_add(len, Ordering::AcqRel);
+        if before > 0 && (before + len > self.max_queued || total + len > self.max_queued_total) {
+            self.unqueue(len);
+            if total + len > self.max_queued_total {
+                metrics::counter!(telemetry::REFUSED, "why" => "outbound_total").increment(1);
+            }
             return false;
         }
         // A closed queue: the connection is gone, its `Gone` on the way.
         if self.frames.send(frame).is_err() {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
+            self.unqueue(len);
         }
         true
+    }
+
+    /// `len` bytes left the queue.
+    fn unqueue(&self, len: usize) {
+        self.queued.fetch_sub(len, Ordering::AcqRel);
+        self.queued_total.fetch_sub(len, Ordering::AcqRel);
     }
 
     /// Ends the connection with `reason` (the first reason given wins).
@@ -156,6 +172,8 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64, slot: Arc<PeerSl
         frames,
         queued: Arc::new(AtomicUsize::new(0)),
         max_queued: config.outbound_queue_bytes,
+        queued_total: state.queued_total.clone(),
+        max_queued_total: config.outbound_total_bytes,
         kill: Arc::new(watch::Sender::new(None)),
     };
     state
@@ -167,7 +185,7 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64, slot: Arc<PeerSl
     metrics::counter!(telemetry::CONNECTIONS_TOTAL).increment(1);
 
     let mut killed = handle.kill.subscribe();
-    let queued = handle.queued.clone();
+    let queued = handle.clone();
     let write_timeout = config.write_timeout;
     let writer_handle = handle.clone();
     let writer = tokio::spawn(async move {
@@ -175,7 +193,7 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64, slot: Arc<PeerSl
                            frame: Vec<u8>| {
             let len = frame.len();
             let fed = sink.feed(WsMessage::Binary(frame.into())).await;
-            queued.fetch_sub(len, Ordering::AcqRel);
+            queued.unqueue(len);
             fed
         };
         loop {
@@ -197,7 +215,7 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64, slot: Arc<PeerSl
                         Ok(Err(_)) => break,
                         Err(_) => {
                             writer_handle.kill(Reason::Lagging);
-                            metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => "lagging").increment(1);
+                            metrics::counter!(telemetry::CONNECTIONS_CLOSED, "reason" => "lagging").increment(1);
                             break;
                         }
                     }
@@ -210,7 +228,7 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64, slot: Arc<PeerSl
                     let _ = tokio::time::timeout(write_timeout, async {
                         if reason != Reason::Lagging {
                             while let Ok(frame) = queue.try_recv() {
-                                sink.feed(WsMessage::Binary(frame.into())).await?;
+                                write(&mut sink, frame).await?;
                             }
                         }
                         sink.send(WsMessage::Close(Some(CloseFrame {
@@ -223,6 +241,11 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64, slot: Arc<PeerSl
                     break;
                 }
             }
+        }
+        // What was never written leaves the byte counts.
+        queue.close();
+        while let Ok(frame) = queue.try_recv() {
+            writer_handle.unqueue(frame.len());
         }
     });
 
@@ -322,6 +345,15 @@ async fn read_loop(
                     env.session,
                     Reason::Overloaded,
                     "too many sessions on this connection",
+                ));
+                continue;
+            }
+            if !slot.open_session() {
+                metrics::counter!(telemetry::REFUSED, "why" => "sessions_per_ip").increment(1);
+                handle.send(Envelope::close_frame(
+                    env.session,
+                    Reason::Overloaded,
+                    "too many sessions from this address",
                 ));
                 continue;
             }

@@ -68,6 +68,13 @@ pub struct Config {
     /// Bytes queued for one connection; past it the connection is closed
     /// `lagging` (its client reconnects and catches up).
     pub outbound_queue_bytes: usize,
+    /// Bytes queued for all connections together: past it, the connection
+    /// whose frame does not fit is closed `lagging`.
+    pub outbound_total_bytes: usize,
+    /// Bytes that frames being stepped may inflate to, for all rooms
+    /// together (each pack may inflate to 32 times its size, at least
+    /// 1 MiB and at most 64 MiB): a batch waits until its share is free.
+    pub inflate_budget_bytes: usize,
     /// A write to a peer that takes longer than this closes it `lagging`.
     pub write_timeout: Duration,
     /// Most connections open at once (keep it below the process's file
@@ -81,6 +88,9 @@ pub struct Config {
     pub session_wait: Duration,
     /// Most sessions one connection opens.
     pub max_sessions_per_conn: usize,
+    /// Most sessions the connections of one IP address open together
+    /// (keep it below `max_rooms`, so one peer cannot fill the rooms).
+    pub max_sessions_per_ip: usize,
     /// Frame bytes per second one connection may send, on average...
     pub peer_bytes_per_sec: u64,
     /// ...and at most at once; past it, the connection is closed
@@ -105,12 +115,15 @@ impl Default for Config {
             inbox_wait: Duration::from_secs(5),
             slice_bytes: 1 << 20,
             outbound_queue_bytes: 4 * session.max_frame,
+            outbound_total_bytes: 512 << 20,
+            inflate_budget_bytes: 256 << 20,
             write_timeout: Duration::from_secs(5),
             max_connections: 10_000,
             max_connections_per_ip: 256,
             upgrade_timeout: Duration::from_secs(5),
             session_wait: Duration::from_secs(10),
             max_sessions_per_conn: 256,
+            max_sessions_per_ip: 1024,
             peer_bytes_per_sec: 32 << 20,
             peer_burst_bytes: 64 << 20,
             shutdown_grace: Duration::from_millis(1500),
@@ -204,7 +217,11 @@ impl Server {
             .route("/healthz", get(|| async { "ok" }))
             .route("/metrics", get(telemetry::render))
             .with_state(state.clone());
-        let limits = ConnLimits::new(config.max_connections, config.max_connections_per_ip);
+        let limits = ConnLimits::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+            config.max_sessions_per_ip,
+        );
         let (stop, stopping) = watch::channel(false);
         let mut connections = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);

@@ -9,12 +9,21 @@ use std::time::Instant;
 
 use crate::telemetry;
 
-/// Open connections, in total and per address.
+/// Open connections, in total and per address, and the sessions each
+/// address holds.
 #[derive(Debug)]
 pub(crate) struct ConnLimits {
     max_total: usize,
     max_per_ip: usize,
-    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    max_sessions_per_ip: usize,
+    open: Mutex<(usize, HashMap<IpAddr, PerIp>)>,
+}
+
+/// What one address holds.
+#[derive(Debug, Default)]
+struct PerIp {
+    connections: usize,
+    sessions: usize,
 }
 
 /// Why a connection was refused at accept.
@@ -36,43 +45,54 @@ impl Full {
 }
 
 impl ConnLimits {
-    pub(crate) fn new(max_total: usize, max_per_ip: usize) -> Arc<ConnLimits> {
+    pub(crate) fn new(
+        max_total: usize,
+        max_per_ip: usize,
+        max_sessions_per_ip: usize,
+    ) -> Arc<ConnLimits> {
         Arc::new(ConnLimits {
             max_total,
             max_per_ip,
+            max_sessions_per_ip,
             open: Mutex::new((0, HashMap::new())),
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, HashMap<IpAddr, PerIp>)> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes a slot for a connection from `ip`, or says which bound is
     /// reached.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Arc<PeerSlot>, Full> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = self.lock();
         let (total, per_ip) = &mut *open;
         if *total >= self.max_total {
             return Err(Full::Total);
         }
-        let mine = per_ip.entry(ip).or_insert(0);
-        if *mine >= self.max_per_ip {
+        let mine = per_ip.entry(ip).or_default();
+        if mine.connections >= self.max_per_ip {
             return Err(Full::PerIp);
         }
-        *mine += 1;
+        mine.connections += 1;
         *total += 1;
         metrics::gauge!(telemetry::TCP_CONNECTIONS).set(*total as f64);
         Ok(Arc::new(PeerSlot {
             limits: self.clone(),
             ip,
             since: Instant::now(),
+            sessions: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
-    fn release(&self, ip: IpAddr) {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+    fn release(&self, ip: IpAddr, sessions: usize) {
+        let mut open = self.lock();
         let (total, per_ip) = &mut *open;
         *total -= 1;
-        if let Some(n) = per_ip.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(mine) = per_ip.get_mut(&ip) {
+            mine.connections -= 1;
+            mine.sessions -= sessions;
+            if mine.connections == 0 {
                 per_ip.remove(&ip);
             }
         }
@@ -87,12 +107,30 @@ pub(crate) struct PeerSlot {
     limits: Arc<ConnLimits>,
     ip: IpAddr,
     since: Instant,
+    /// Sessions this connection opened (held until it ends).
+    sessions: std::sync::atomic::AtomicUsize,
 }
 
 impl PeerSlot {
     /// The peer's address.
     pub(crate) fn ip(&self) -> IpAddr {
         self.ip
+    }
+
+    /// Counts a session opened by this connection against its address;
+    /// `false` if the address holds its most sessions.
+    pub(crate) fn open_session(&self) -> bool {
+        let mut open = self.limits.lock();
+        let Some(mine) = open.1.get_mut(&self.ip) else {
+            return false;
+        };
+        if mine.sessions >= self.limits.max_sessions_per_ip {
+            return false;
+        }
+        mine.sessions += 1;
+        self.sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
     }
 
     /// Milliseconds since the connection was accepted.
@@ -103,7 +141,7 @@ impl PeerSlot {
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        self.limits.release(self.ip);
+        self.limits.release(self.ip, *self.sessions.get_mut());
     }
 }
 
@@ -163,7 +201,7 @@ mod tests {
 
     #[test]
     fn connection_slots_are_bounded_per_address_and_returned() {
-        let limits = ConnLimits::new(3, 2);
+        let limits = ConnLimits::new(3, 2, 3);
         let a: IpAddr = [10, 0, 0, 1].into();
         let b: IpAddr = [10, 0, 0, 2].into();
         let a1 = limits.admit(a).unwrap();
@@ -171,7 +209,14 @@ mod tests {
         assert_eq!(limits.admit(a).unwrap_err(), Full::PerIp);
         let _b1 = limits.admit(b).unwrap();
         assert_eq!(limits.admit(b).unwrap_err(), Full::Total);
+        assert!(a1.open_session() && a1.open_session() && _a2.open_session());
+        assert!(!_a2.open_session(), "the address holds its most sessions");
+        assert!(_b1.open_session(), "another address is not concerned");
         drop(a1);
         assert!(limits.admit(a).is_ok());
+        assert!(
+            _a2.open_session(),
+            "sessions of a closed connection are returned"
+        );
     }
 }

@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use syncline_core::proto::message::{Envelope, Reason};
+use syncline_core::limits::max_inflated;
+use syncline_core::proto::message::{Envelope, Message, Reason};
 use syncline_core::{Keypair, RoomId};
 use syncline_hub::{End, HubConfig, HubEvent, Input, RoomHub, SessionKey};
 use syncline_store::{DurableRoom, Store};
@@ -95,6 +96,8 @@ pub(crate) struct Rooms {
     loaded: Mutex<HashMap<RoomId, Loaded>>,
     /// Room steps running on the blocking pool.
     workers: Arc<Semaphore>,
+    /// What frames being stepped may inflate to, in bytes, process-wide.
+    inflate: Arc<Semaphore>,
     /// `true` once the server stops.
     stop: watch::Sender<bool>,
     tasks: Mutex<JoinSet<()>>,
@@ -113,6 +116,7 @@ impl Rooms {
             store,
             key,
             workers: Arc::new(Semaphore::new(config.room_workers.max(1))),
+            inflate: Arc::new(Semaphore::new(config.inflate_budget_bytes)),
             config,
             loaded: Mutex::new(HashMap::new()),
             stop: watch::Sender::new(false),
@@ -368,6 +372,7 @@ impl RoomTask {
         let mut inputs = Vec::with_capacity(batch.len());
         let mut received = Vec::new();
         let mut gone = Vec::new();
+        let mut inflate = 0usize;
         for input in batch {
             match input {
                 RoomInput::Frame {
@@ -375,8 +380,12 @@ impl RoomTask {
                     env,
                     out,
                     received: at,
+                    bytes,
                     ..
                 } => {
+                    if matches!(env.message, Message::Pack { .. }) {
+                        inflate += max_inflated(bytes);
+                    }
                     self.outs.entry(conn).or_insert(out);
                     received.push(at);
                     inputs.push(Input::Frame { conn, env });
@@ -387,6 +396,13 @@ impl RoomTask {
                 }
             }
         }
+        // The batch's packs inflate within the process-wide budget.
+        let budget =
+            u32::try_from(inflate.min(self.rooms.config.inflate_budget_bytes)).unwrap_or(u32::MAX);
+        let _inflating = match budget {
+            0 => None,
+            n => self.rooms.inflate.clone().acquire_many_owned(n).await.ok(),
+        };
         let now = self.rooms.now();
         let (hub, stored) = self
             .rooms
@@ -422,6 +438,8 @@ impl RoomTask {
             for conn in &lagging {
                 if let Some(out) = self.outs.remove(conn) {
                     out.kill(Reason::Lagging);
+                    metrics::counter!(telemetry::CONNECTIONS_CLOSED, "reason" => "lagging")
+                        .increment(1);
                 }
                 hub.lagging(*conn);
             }
