@@ -33,6 +33,11 @@ pub const MAX_DELETED_CHARS_PER_NODE: u64 = 1 << 20;
 pub const MAX_HLC_WALL_MS: u64 = 1 << 48;
 /// Most nodes in one pack.
 pub const MAX_NODES_PER_PACK: usize = 1 << 20;
+/// Most content (as `content_bytes` counts it) of an author's nodes in a
+/// pack before the signed node that vouches for them: honest packers sign
+/// every [`crate::room::SIGNED_CONTENT`] bytes, so a relay can always cut
+/// what it received into frames.
+pub const MAX_UNSIGNED_RUN: usize = 1 << 20;
 /// Largest pack body once decompressed.
 pub const MAX_PACK_BYTES: usize = 64 * 1024 * 1024;
 /// A compressed pack body may declare at most this many times its

@@ -996,6 +996,19 @@ pub fn verify(
             return Err(PackError::BadSignature(nodes[i].node.author));
         }
     }
+    // Runs of an author's nodes before their signature stay short, so
+    // whoever relays them can cut them into frames.
+    let mut unsigned: IdMap<AuthorId, usize> = IdMap::default();
+    for n in &nodes {
+        let run = unsigned.entry(n.node.author).or_insert(0);
+        *run += crate::dag::content_bytes(&n.node);
+        if *run > crate::limits::MAX_UNSIGNED_RUN {
+            return Err(PackError::TooLarge("content before a signature"));
+        }
+        if n.sig.is_some() {
+            *run = 0;
+        }
+    }
     Ok(DecodedPack {
         room: raw.room,
         nodes,
@@ -1367,7 +1380,18 @@ mod tests {
             *id = Node::id_of(&node.encode());
             prev = Some(*id);
         }
-        let pack = pack_of(&k, &nodes);
+        // Signed only at its end, 2 MB of one chain cannot be relayed in
+        // frames: refused.
+        assert_eq!(
+            decode(&pack_of(&k, &nodes), &room(), &nothing_held).unwrap_err(),
+            PackError::TooLarge("content before a signature")
+        );
+        // Signed every 500 KB, as packers do, it passes.
+        let sigs: Vec<(usize, Signature)> = (4..20)
+            .step_by(5)
+            .map(|i| (i, k.sign(&nodes[i].0)))
+            .collect();
+        let pack = encode(&room(), &raws(&nodes, false), &sigs, DEFAULT_ZSTD_LEVEL);
         assert_eq!(pack[4], 0, "2 MB of one letter is stored raw");
         assert_eq!(
             decode(&pack, &room(), &nothing_held).unwrap().nodes.len(),

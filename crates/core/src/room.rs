@@ -8,7 +8,7 @@
 
 use thiserror::Error;
 
-use crate::dag::{Dag, DagError, NodeIdx, RestoreError, SIGNATURE_STRIDE, Segment, VerifiedNode};
+use crate::dag::{Dag, DagError, NodeIdx, RestoreError, Segment, VerifiedNode};
 use crate::doc::seq::Lv;
 use crate::doc::{Changes, Doc, PathError, path_names, split_path};
 use crate::hlc::{Hlc, HlcClock};
@@ -85,11 +85,11 @@ pub struct Received {
 /// prefix of another author's chain only up to a node that author signed).
 pub const CHECKPOINT_INTERVAL: u64 = 4096;
 
-/// ... and sooner where its nodes are large: at the first node numbered a
-/// multiple of [`SIGNATURE_STRIDE`] (whose signature every
-/// history keeps) once this many bytes of content came since the last
-/// signed one, so a chunk of anyone's history is never much more content
-/// than this.
+/// ... and sooner where its nodes are large: once this many bytes of
+/// content came since the last signed one (histories keep such signatures,
+/// and every [`crate::dag::SIGNATURE_STRIDE`]-th), so a chunk of anyone's history
+/// never reaches much more content than this to a signed node, and fits a
+/// frame. Packs are refused past [`crate::limits::MAX_UNSIGNED_RUN`].
 pub const SIGNED_CONTENT: usize = 256 << 10;
 
 /// An exported pack.
@@ -334,8 +334,8 @@ impl Room {
                 }
                 unsigned += self.dag.content_size(i);
                 let seq = self.dag.seq(i);
-                let checkpoint = seq.is_multiple_of(CHECKPOINT_INTERVAL)
-                    || (seq.is_multiple_of(SIGNATURE_STRIDE) && unsigned >= SIGNED_CONTENT);
+                let checkpoint =
+                    seq.is_multiple_of(CHECKPOINT_INTERVAL) || unsigned >= SIGNED_CONTENT;
                 if checkpoint {
                     sign(&mut self.dag, i, k);
                     unsigned = 0;

@@ -83,15 +83,18 @@ pub(crate) struct ConnHandle {
 }
 
 impl ConnHandle {
-    /// Queues a frame; `false` if the queue is full (the client lags). One
-    /// frame always fits an empty queue.
+    /// Queues a frame; `false` if the queue is full (the client lags): it
+    /// holds its bound already, or all queues together hold theirs. A queue
+    /// under its bound takes any frame, so it holds at most its bound plus
+    /// one frame (a pack may reach past the send window along an author's
+    /// chain to a signed node).
     pub(crate) fn send(&self, frame: Vec<u8>) -> bool {
         let len = frame.len();
         let before = self.queued.fetch_add(len, Ordering::AcqRel);
         let total = self.queued_total.fetch_add(len, Ordering::AcqRel);
-        if before > 0 && (before + len > self.max_queued || total + len > self.max_queued_total) {
+        if before >= self.max_queued || (before > 0 && total >= self.max_queued_total) {
             self.unqueue(len);
-            if total + len > self.max_queued_total {
+            if total >= self.max_queued_total {
                 metrics::counter!(telemetry::REFUSED, "why" => "outbound_total").increment(1);
             }
             return false;
@@ -101,6 +104,11 @@ impl ConnHandle {
             self.unqueue(len);
         }
         true
+    }
+
+    /// Bytes queued and not yet written.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
     }
 
     /// `len` bytes left the queue.

@@ -18,7 +18,7 @@
 //! reloads from disk when next needed); a panic in a step does the same,
 //! for that room only.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -38,8 +38,9 @@ use crate::telemetry;
 
 /// Most inputs a room steps (and persists) together.
 const MAX_BATCH: usize = 256;
-/// Most frame bytes a room steps together.
-const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Most frame bytes a room steps together (a step of a few tens of
+/// milliseconds, so other connections' inputs and the timers wait little).
+const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Inputs a room's inbox holds (besides its byte bound).
 const INBOX_INPUTS: usize = 1024;
 
@@ -176,8 +177,12 @@ impl Rooms {
             evict: evict.clone(),
             outs: HashMap::new(),
             open: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            next_conn: 0,
         };
-        let span = info_span!("room", room = %room.as_str());
+        // Its own root span: the connection that loaded it is not its
+        // parent.
+        let span = info_span!(parent: None, "room", room = %room.as_str());
         self.tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -273,14 +278,37 @@ struct RoomTask {
     outs: HashMap<u64, ConnHandle>,
     /// The open sessions (to close them if the hub is lost).
     open: BTreeSet<SessionKey>,
+    /// Inputs taken from the inbox, per connection in arrival order, so
+    /// batches take turns across connections: a newcomer's `hello` does
+    /// not wait behind a flood of another peer's frames. They keep their
+    /// share of the inbox's byte bound until stepped.
+    pending: BTreeMap<u64, VecDeque<RoomInput>>,
+    /// The connection the next batch starts with.
+    next_conn: u64,
+}
+
+/// What a room does next.
+enum Work {
+    /// Step a batch of pending inputs.
+    Batch,
+    /// Fire the due timers (a slice of them).
+    Timers,
+    /// Nothing due.
+    Idle,
 }
 
 impl RoomTask {
     async fn run(mut self) {
         let rooms = self.rooms.clone();
         let (store, key, id) = (rooms.store.clone(), rooms.key.clone(), self.id.clone());
+        let mut session = rooms.config.session.clone();
+        // A session never has more in flight than its connection's queue
+        // holds, or a client that reads promptly would count as lagging.
+        session.send_window_bytes = session
+            .send_window_bytes
+            .min((rooms.config.outbound_queue_bytes / 2).max(session.pack_bytes));
         let hub_config = HubConfig {
-            session: rooms.config.session.clone(),
+            session,
             slice_bytes: rooms.config.slice_bytes,
         };
         let loaded = {
@@ -297,51 +325,60 @@ impl RoomTask {
         };
         let mut stop = rooms.stop.subscribe();
         let mut idle_since = Some(Instant::now());
+        // After a batch, due timers go first: inputs never starve the
+        // catch-ups, nor catch-ups the inputs.
+        let mut timers_first = false;
         loop {
-            let wake = hub.poll_timeout().map_or(Duration::from_secs(1), |t| {
-                Duration::from_millis(t.saturating_sub(rooms.now()))
-            });
-            let first = tokio::select! {
-                biased;
-                () = crate::stopped(&mut stop) => return self.shut_down(hub).await,
-                input = self.inbox.recv() => match input {
-                    Some(input) => Some(input),
-                    None => break,
-                },
-                () = self.evict.notified() => {
-                    if hub.session_count() == 0 {
-                        idle_since = Some(Instant::now() - rooms.config.room_idle);
-                    }
-                    None
-                }
-                () = tokio::time::sleep(wake.min(Duration::from_secs(1))) => None,
-            };
-            let stepped = match first {
-                Some(input) => {
-                    let mut batch = vec![input];
-                    let mut bytes = 0;
-                    while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-                        let Ok(input) = self.inbox.try_recv() else {
-                            break;
-                        };
-                        if let RoomInput::Frame { bytes: b, .. } = &input {
-                            bytes += b;
+            self.take_inbox();
+            let timers_due = hub.poll_timeout().is_some_and(|t| t <= rooms.now());
+            let work = if timers_due && (timers_first || self.pending.is_empty()) {
+                Work::Timers
+            } else if !self.pending.is_empty() {
+                Work::Batch
+            } else {
+                let wake = hub.poll_timeout().map_or(Duration::from_secs(1), |t| {
+                    Duration::from_millis(t.saturating_sub(rooms.now()))
+                });
+                tokio::select! {
+                    biased;
+                    () = crate::stopped(&mut stop) => return self.shut_down(hub).await,
+                    input = self.inbox.recv() => match input {
+                        Some(input) => {
+                            self.queue(input);
+                            continue;
                         }
-                        batch.push(input);
+                        None => break,
+                    },
+                    () = self.evict.notified() => {
+                        if hub.session_count() == 0 {
+                            idle_since = Some(Instant::now() - rooms.config.room_idle);
+                        }
+                        Work::Idle
                     }
+                    () = tokio::time::sleep(wake.min(Duration::from_secs(1))) => Work::Idle,
+                }
+            };
+            if *stop.borrow() {
+                return self.shut_down(hub).await;
+            }
+            let stepped = match work {
+                Work::Batch => {
+                    timers_first = true;
+                    let batch = self.next_batch();
                     self.handle_batch(hub, batch).await
                 }
-                None if hub.poll_timeout().is_some_and(|t| t <= rooms.now()) => {
+                Work::Timers => {
+                    timers_first = false;
                     let now = rooms.now();
                     rooms
                         .step(hub, move |h| h.handle_timeout(now))
                         .await
                         .map(|(hub, ())| (hub, true))
                 }
-                None if idle_since.is_some_and(|t| t.elapsed() >= rooms.config.room_idle) => {
+                Work::Idle if idle_since.is_some_and(|t| t.elapsed() >= rooms.config.room_idle) => {
                     return self.unload(hub).await;
                 }
-                None => Some((hub, true)),
+                Work::Idle => Some((hub, true)),
             };
             let Some((stepped, stored)) = stepped else {
                 return self.fail("a room step panicked");
@@ -359,6 +396,48 @@ impl RoomTask {
             }
         }
         self.rooms.remove(&self.id);
+    }
+
+    /// Moves what waits in the inbox to the per-connection queues.
+    fn take_inbox(&mut self) {
+        while let Ok(input) = self.inbox.try_recv() {
+            self.queue(input);
+        }
+    }
+
+    fn queue(&mut self, input: RoomInput) {
+        let conn = match &input {
+            RoomInput::Frame { conn, .. } | RoomInput::Gone { conn } => *conn,
+        };
+        self.pending.entry(conn).or_default().push_back(input);
+    }
+
+    /// The next batch: one input per connection in turn, from where the
+    /// last batch stopped, up to [`MAX_BATCH`] inputs and
+    /// [`MAX_BATCH_BYTES`] of frames.
+    fn next_batch(&mut self) -> Vec<RoomInput> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES && !self.pending.is_empty() {
+            let conn = self
+                .pending
+                .range(self.next_conn..)
+                .next()
+                .or_else(|| self.pending.iter().next())
+                .map(|(c, _)| *c)
+                .expect("pending is not empty");
+            let queue = self.pending.get_mut(&conn).expect("just found");
+            let input = queue.pop_front().expect("queues are never left empty");
+            if queue.is_empty() {
+                self.pending.remove(&conn);
+            }
+            if let RoomInput::Frame { bytes: b, .. } = &input {
+                bytes += b;
+            }
+            batch.push(input);
+            self.next_conn = conn + 1;
+        }
+        batch
     }
 
     /// Steps a batch on the blocking pool: `Some((hub, stored))`, `stored`
@@ -431,7 +510,14 @@ impl RoomTask {
                     continue; // Gone meanwhile.
                 };
                 metrics::counter!(telemetry::BYTES_OUT).increment(frame.len() as u64);
+                let len = frame.len();
                 if !out.send(frame) {
+                    debug!(
+                        conn,
+                        frame = len,
+                        queued = out.queued(),
+                        "connection lagging"
+                    );
                     lagging.push(conn);
                 }
             }
@@ -514,7 +600,8 @@ impl RoomTask {
         }
         self.rooms.remove(&self.id);
         self.inbox.close();
-        while let Ok(input) = self.inbox.try_recv() {
+        self.take_inbox();
+        for input in std::mem::take(&mut self.pending).into_values().flatten() {
             if let RoomInput::Frame { env, out, .. } = input {
                 out.send(Envelope::close_frame(env.session, Reason::Overloaded, why));
             }

@@ -28,6 +28,7 @@ use crate::node::{Node, NodeFormat};
 use crate::op::Op;
 use crate::pack::{self, ParentRef, RawNode};
 
+pub(crate) use log::content_bytes;
 pub use runs::Parents;
 
 use ids::Ids;
@@ -438,10 +439,37 @@ impl Dag {
         for old in from..to {
             if !old.is_multiple_of(SIGNATURE_STRIDE)
                 && let Some(i) = self.runs.by_author_seq(author, old)
+                && self.signatures.contains_key(&i)
+                && self.unsigned_content_before(author, old) < crate::room::SIGNED_CONTENT
             {
                 self.signatures.remove(&i);
             }
         }
+    }
+
+    /// Content of the author's nodes after its previous kept signature up
+    /// to and including `seq`: a signature that ends a run this large
+    /// stays, so a chunk cut anywhere in a chain reaches at most about
+    /// [`crate::room::SIGNED_CONTENT`] (plus one node) to a signed node.
+    fn unsigned_content_before(&self, author: u32, seq: u64) -> usize {
+        let mut content = 0;
+        let mut s = seq;
+        while s > 0 {
+            let Some(i) = self.runs.by_author_seq(author, s) else {
+                break;
+            };
+            if s != seq && self.signatures.contains_key(&i) {
+                break;
+            }
+            if i >= self.log.len() {
+                // Restoring: the content is not attached yet, and the
+                // signatures restored are those a history kept.
+                return usize::MAX;
+            }
+            content += self.content_size(i);
+            s -= 1;
+        }
+        content
     }
 
     /// The node with (author, seq), if held.

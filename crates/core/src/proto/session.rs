@@ -685,12 +685,17 @@ impl Session {
         if self.state != State::Open {
             return;
         }
+        // Behind queued nodes (a catch-up), they wait their turn: the
+        // driver's timer sends the queue one pack per call, so relaying to
+        // many catching-up sessions never exports their whole windows in
+        // one step.
+        let burst = if self.queue.is_empty() { usize::MAX } else { 0 };
         if self.side == Side::Server && !self.scope.is_everything() {
             let chosen = self.scope.select(room, nodes, &self.peer_holds);
             self.note_sent(room, &chosen);
-            self.enqueue(now, room, signer, &chosen, Phase::Live, usize::MAX);
+            self.enqueue(now, room, signer, &chosen, Phase::Live, burst);
         } else {
-            self.enqueue(now, room, signer, nodes, Phase::Live, usize::MAX);
+            self.enqueue(now, room, signer, nodes, Phase::Live, burst);
         }
     }
 
