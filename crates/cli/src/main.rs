@@ -472,6 +472,12 @@ struct ServeLimits {
     /// Frame bytes one connection may send at once [default: 64 MiB].
     #[arg(long, value_name = "BYTES")]
     peer_burst_bytes: Option<u64>,
+    /// Bytes of history one room may hold [default: 4 GiB].
+    #[arg(long, value_name = "BYTES")]
+    max_room_bytes: Option<u64>,
+    /// Bytes the server's store may take on disk [default: no limit].
+    #[arg(long, value_name = "BYTES")]
+    max_store_bytes: Option<u64>,
     /// Seconds a room without sessions stays loaded [default: 30].
     #[arg(long, value_name = "SECS")]
     room_idle: Option<f64>,
@@ -508,6 +514,8 @@ impl ServeLimits {
         set!(outbound_queue_bytes);
         set!(peer_bytes_per_sec);
         set!(peer_burst_bytes);
+        set!(max_room_bytes);
+        set!(max_store_bytes);
         set!(upgrade_timeout, "upgrade-timeout", secs);
         set!(session_wait, "session-wait", secs);
         set!(write_timeout, "write-timeout", secs);

@@ -81,6 +81,11 @@ struct Server {
 
 impl Server {
     async fn start() -> Server {
+        Server::start_with(&[]).await
+    }
+
+    /// With [`LIMITS`] and `extra` arguments.
+    async fn start_with(extra: &[&str]) -> Server {
         let data = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -92,6 +97,7 @@ impl Server {
             .arg(data.path())
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(LIMITS)
+            .args(extra)
             .stdout(Stdio::null())
             // SYNCLINE_ATTACK_LOG=FILE keeps the server's log, to see why
             // an attack failed.
@@ -995,5 +1001,48 @@ fn sigterm_stops_within_two_seconds_during_a_large_catch_up() {
             }
         }
         assert!(saw, "no client was told shutting_down");
+    });
+}
+
+#[test]
+fn a_peer_cannot_fill_the_disk() {
+    run(async {
+        // A room may hold 3 MB.
+        let mut server = Server::start_with(&["--max-room-bytes", "3000000"]).await;
+        let mut honest = Honest::measure(&server, &["quiet-room"]).await;
+        let mut filler = Replica::new("filled", 40);
+        filler.write_bulk(60, 100_000);
+        let peak = with_rss(server.child.id(), async {
+            let until = Instant::now() + Duration::from_secs(2);
+            let (filled, ()) = tokio::join!(
+                filler.round(&server, ATTACKER),
+                honest.rounds_until(&server, until)
+            );
+            let refused = filled.expect_err("6 MB went into a room of 3 MB");
+            assert!(refused.contains("quota_exceeded"), "{refused}");
+        })
+        .await;
+        honest.check("disk fill");
+        // What the room holds is still served.
+        let mut reader = Replica::new("filled", 41);
+        let round = reader.round(&server, HONEST).await;
+        let held = reader.room.room().dag().len();
+        eprintln!(
+            "disk fill: the filled room holds {held} of 60 nodes; a reader's round: {round:?}"
+        );
+        assert!(held > 0);
+        after_attack(&mut server, &honest, peak, "disk fill").await;
+        drop(server);
+
+        // The whole store may hold 1 byte: every pack is refused once the
+        // relay has looked (every second), reads go on.
+        let server = Server::start_with(&["--max-store-bytes", "1"]).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut writer = Replica::new("any-room", 42);
+        let refused = writer
+            .round(&server, HONEST)
+            .await
+            .expect_err("the store is full");
+        assert!(refused.contains("quota_exceeded"), "{refused}");
     });
 }

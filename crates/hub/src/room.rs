@@ -56,6 +56,10 @@ pub struct HubConfig {
     /// (at least one session is always served), so catch-ups of a large
     /// room take turns with everything else the room has to do.
     pub slice_bytes: usize,
+    /// Bytes of packs a room's history may grow to: once past, a session
+    /// that sends a pack is closed with `quota_exceeded` (reading goes
+    /// on).
+    pub max_room_bytes: u64,
 }
 
 impl Default for HubConfig {
@@ -63,6 +67,7 @@ impl Default for HubConfig {
         HubConfig {
             session: SessionConfig::default(),
             slice_bytes: 1 << 20,
+            max_room_bytes: u64::MAX,
         }
     }
 }
@@ -142,6 +147,11 @@ pub struct RoomHub {
     turn: Option<SessionKey>,
     transmit: VecDeque<(u64, Vec<u8>)>,
     events: VecDeque<HubEvent>,
+    /// What the history holds, in bytes: stored when loaded, plus the packs
+    /// that inserted nodes since.
+    room_bytes: u64,
+    /// The store as a whole is out of its quota (the driver says so).
+    store_full: bool,
 }
 
 impl std::fmt::Debug for RoomHub {
@@ -154,9 +164,12 @@ impl std::fmt::Debug for RoomHub {
 }
 
 impl RoomHub {
-    /// A hub for a loaded room, with no sessions yet.
-    pub fn new(room: DurableRoom, config: HubConfig) -> RoomHub {
+    /// A hub for a loaded room, with no sessions yet; its history takes
+    /// `room_bytes` in the store.
+    pub fn new(room: DurableRoom, config: HubConfig, room_bytes: u64) -> RoomHub {
         RoomHub {
+            room_bytes,
+            store_full: false,
             room,
             config,
             sessions: BTreeMap::new(),
@@ -177,6 +190,17 @@ impl RoomHub {
     /// next load replays nothing).
     pub fn checkpoint(&mut self) -> Result<(), ReplicaError> {
         self.room.checkpoint()
+    }
+
+    /// Whether the store as a whole is out of its quota: while it is, a
+    /// session that sends a pack is closed with `quota_exceeded`.
+    pub fn set_store_full(&mut self, full: bool) {
+        self.store_full = full;
+    }
+
+    /// Bytes of history: stored at load, plus the packs inserted since.
+    pub fn room_bytes(&self) -> u64 {
+        self.room_bytes
     }
 
     /// How many sessions are open.
@@ -205,6 +229,15 @@ impl RoomHub {
         let dirty = &mut self.dirty;
         let transmit = &mut self.transmit;
         let events = &mut self.events;
+        let over_quota = match (
+            self.store_full,
+            self.room_bytes >= self.config.max_room_bytes,
+        ) {
+            (true, _) => Some("the server is out of its disk quota"),
+            (_, true) => Some("the room is out of its disk quota"),
+            _ => None,
+        };
+        let mut grew = 0u64;
         // Per frame that inserted something: its session and what it
         // inserted.
         let mut brought: Vec<(SessionKey, Vec<NodeIdx>)> = Vec::new();
@@ -249,9 +282,23 @@ impl RoomHub {
                     ));
                     continue;
                 };
+                let pack_bytes = match &env.message {
+                    Message::Pack { pack, .. } => Some(pack.len() as u64),
+                    _ => None,
+                };
+                if let (Some(_), Some(why)) = (pack_bytes, over_quota) {
+                    // Nothing more is stored; what the room holds is still
+                    // served.
+                    member.session.close(now, Reason::QuotaExceeded, why);
+                    dirty.insert(key);
+                    continue;
+                }
                 let first = r.dag().next_idx();
                 member.session.handle_envelope(now, *env, r, None);
                 let end = r.dag().next_idx();
+                if end > first {
+                    grew += pack_bytes.unwrap_or(0);
+                }
                 if end > first {
                     match brought.last_mut() {
                         Some((k, nodes)) if *k == key => nodes.extend(first..end),
@@ -265,6 +312,7 @@ impl RoomHub {
             self.close_all(now, Reason::Overloaded, "storage failed; reconnect");
             return Err(e);
         }
+        self.room_bytes += grew;
         debug_assert_eq!(
             self.room.stored(),
             self.room.room().dag().next_idx(),

@@ -96,6 +96,12 @@ pub struct Config {
     /// ...and at most at once; past it, the connection is closed
     /// `rate_limited`.
     pub peer_burst_bytes: u64,
+    /// Bytes of history (and checkpoint) one room may hold; past it, a
+    /// session that sends a pack is closed `quota_exceeded`.
+    pub max_room_bytes: u64,
+    /// Bytes the store's files may take; past it, every room refuses packs
+    /// with `quota_exceeded` (checked every second).
+    pub max_store_bytes: u64,
     /// At shutdown, how long rooms may take to close their sessions and
     /// write checkpoints before the server stops anyway.
     pub shutdown_grace: Duration,
@@ -127,6 +133,8 @@ impl Default for Config {
             peer_bytes_per_sec: 32 << 20,
             peer_burst_bytes: 64 << 20,
             shutdown_grace: Duration::from_millis(1500),
+            max_room_bytes: 4 << 30,
+            max_store_bytes: u64::MAX,
             session,
         }
     }
@@ -163,6 +171,7 @@ pub enum RelayError {
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
+    store: Arc<SqliteStore>,
     rooms: Arc<Rooms>,
     config: Config,
 }
@@ -176,10 +185,11 @@ impl Server {
             dir: dir.clone(),
             source,
         })?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
+        let sqlite = Arc::new(SqliteStore::open(
             &dir.join("relay.db"),
             SqliteOptions::default(),
         )?);
+        let store: Arc<dyn Store> = sqlite.clone();
         let key = Replica::open_with_os_identity(store.clone())?.key().clone();
         let listener =
             TcpListener::bind(config.listen)
@@ -192,6 +202,7 @@ impl Server {
         let rooms = Rooms::new(store, key, config.clone());
         Ok(Server {
             listener,
+            store: sqlite,
             rooms,
             config,
         })
@@ -223,6 +234,11 @@ impl Server {
             config.max_sessions_per_ip,
         );
         let (stop, stopping) = watch::channel(false);
+        let quota = tokio::spawn(watch_store_size(
+            self.store.clone(),
+            self.rooms.clone(),
+            config.max_store_bytes,
+        ));
         let mut connections = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
@@ -279,6 +295,7 @@ impl Server {
                 }
             });
         }
+        quota.abort();
         info!("shutting down: closing sessions");
         // Rooms close their sessions (queueing `close` frames), then the
         // connections end, flushing them within their write timeout.
@@ -288,6 +305,29 @@ impl Server {
         let drained = async { while connections.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(Duration::from_millis(300), drained).await;
         Ok(())
+    }
+}
+
+/// Checks every second whether the store's files passed `max` bytes, and
+/// tells the rooms.
+async fn watch_store_size(store: Arc<SqliteStore>, rooms: Arc<Rooms>, max: u64) {
+    loop {
+        let s = store.clone();
+        let bytes = tokio::task::spawn_blocking(move || s.file_bytes())
+            .await
+            .unwrap_or(0);
+        metrics::gauge!(telemetry::STORE_BYTES).set(bytes as f64);
+        let full = bytes >= max;
+        let was = rooms
+            .store_full
+            .swap(full, std::sync::atomic::Ordering::Relaxed);
+        if full && !was {
+            warn!(
+                bytes,
+                max, "the store is out of its quota: packs are refused"
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -101,6 +101,8 @@ pub(crate) struct Rooms {
     inflate: Arc<Semaphore>,
     /// `true` once the server stops.
     stop: watch::Sender<bool>,
+    /// The store is past [`Config::max_store_bytes`].
+    pub(crate) store_full: std::sync::atomic::AtomicBool,
     tasks: Mutex<JoinSet<()>>,
     epoch: Instant,
 }
@@ -121,6 +123,7 @@ impl Rooms {
             config,
             loaded: Mutex::new(HashMap::new()),
             stop: watch::Sender::new(false),
+            store_full: std::sync::atomic::AtomicBool::new(false),
             tasks: Mutex::new(JoinSet::new()),
             epoch: Instant::now(),
         })
@@ -310,15 +313,21 @@ impl RoomTask {
         let hub_config = HubConfig {
             session,
             slice_bytes: rooms.config.slice_bytes,
+            max_room_bytes: rooms.config.max_room_bytes,
         };
         let loaded = {
             let _permit = rooms.workers.acquire().await;
-            tokio::task::spawn_blocking(move || DurableRoom::load(store, key, &id)).await
+            tokio::task::spawn_blocking(move || {
+                let bytes = store.room_bytes(&id)?;
+                let room = DurableRoom::load(store, key, &id)?;
+                Ok::<_, syncline_store::ReplicaError>((room, bytes.history + bytes.checkpoint))
+            })
+            .await
         };
         let mut hub = match loaded {
-            Ok(Ok(room)) => {
-                info!(nodes = room.room().dag().len(), "room loaded");
-                Box::new(RoomHub::new(room, hub_config))
+            Ok(Ok((room, bytes))) => {
+                info!(nodes = room.room().dag().len(), bytes, "room loaded");
+                Box::new(RoomHub::new(room, hub_config, bytes))
             }
             Ok(Err(e)) => return self.fail(&format!("cannot load the room: {e}")),
             Err(_) => return self.fail("loading the room panicked"),
@@ -483,9 +492,13 @@ impl RoomTask {
             n => self.rooms.inflate.clone().acquire_many_owned(n).await.ok(),
         };
         let now = self.rooms.now();
+        let store_full = self.rooms.store_full.load(Ordering::Relaxed);
         let (hub, stored) = self
             .rooms
-            .step(hub, move |h| h.handle_batch(now, inputs))
+            .step(hub, move |h| {
+                h.set_store_full(store_full);
+                h.handle_batch(now, inputs)
+            })
             .await?;
         if let Err(e) = &stored {
             warn!(error = %e, "storage failed");

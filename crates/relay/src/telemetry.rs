@@ -17,6 +17,8 @@ pub(crate) const CONNECTIONS_CLOSED: &str = "syncline_connections_closed_total";
 /// Work refused at a bound (counter, label `why`: `connections`,
 /// `connections_per_ip`, `accept`, `rooms`, `sessions`, `inbox`).
 pub(crate) const REFUSED: &str = "syncline_refused_total";
+/// Bytes the store's files take (gauge).
+pub(crate) const STORE_BYTES: &str = "syncline_store_bytes";
 /// Rooms loaded (gauge).
 pub(crate) const ROOMS_LOADED: &str = "syncline_rooms_loaded";
 /// Nodes received and inserted (counter).

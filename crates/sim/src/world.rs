@@ -890,8 +890,9 @@ impl World {
             let config = HubConfig {
                 session: self.scenario.config.clone(),
                 slice_bytes: self.scenario.slice_bytes,
+                max_room_bytes: u64::MAX,
             };
-            self.relay.hub = Some(RoomHub::new(room, config));
+            self.relay.hub = Some(RoomHub::new(room, config, 0));
         }
         let hub = self.relay.hub.as_mut().expect("loaded above");
         if hub.handle_batch(self.now, inputs).is_err() {
@@ -1020,8 +1021,9 @@ impl World {
         let config = HubConfig {
             session: self.scenario.config.clone(),
             slice_bytes: self.scenario.slice_bytes,
+            max_room_bytes: u64::MAX,
         };
-        self.relay.hub = Some(RoomHub::new(room, config));
+        self.relay.hub = Some(RoomHub::new(room, config, 0));
         self.relay.up = true;
         self.plan_write_fault_relay();
         Ok(())

@@ -1,0 +1,210 @@
+//! The relay core in memory: client links and a room hub wired directly,
+//! frames handed across by the test as a driver would.
+
+use std::sync::Arc;
+
+use syncline_core::proto::message::{Envelope, Reason};
+use syncline_core::proto::scope::Scope;
+use syncline_core::proto::session::{Config, Event};
+use syncline_core::{Keypair, RoomId, Value};
+use syncline_hub::{ClientLink, End, HubConfig, HubEvent, Input, RoomHub};
+use syncline_store::{DurableRoom, FaultPlan, FaultyStore, MemoryStore};
+
+fn room_id() -> RoomId {
+    RoomId::new("hub-test").unwrap()
+}
+
+struct Client {
+    room: DurableRoom,
+    link: ClientLink,
+    conn: u64,
+    events: Vec<Event>,
+}
+
+impl Client {
+    fn connect(seed: u8, conn: u64) -> Client {
+        let mut room = DurableRoom::load(
+            Arc::new(MemoryStore::new()),
+            Keypair::from_seed([seed; 32]),
+            &room_id(),
+        )
+        .unwrap();
+        let link =
+            ClientLink::open(0, 1, &mut room, Config::default(), Scope::everything()).unwrap();
+        Client {
+            room,
+            link,
+            conn,
+            events: Vec::new(),
+        }
+    }
+
+    fn commit(&mut self, i: i64) {
+        let c = self
+            .room
+            .transact(1_000 + i as u64, |tx| tx.set("/k", "v", Value::Int(i)))
+            .unwrap()
+            .unwrap();
+        self.link.send_local(0, &mut self.room, &[c.idx]);
+    }
+
+    fn closed(&self) -> Option<Reason> {
+        self.events.iter().find_map(|e| match e {
+            Event::Closed { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+    }
+}
+
+/// Moves frames both ways until nothing moves; returns the hub's events.
+fn settle(hub: &mut RoomHub, clients: &mut [Client]) -> Vec<HubEvent> {
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        let mut moved = false;
+        let mut inputs = Vec::new();
+        for c in clients.iter_mut() {
+            while let Some(frame) = c.link.poll_transmit() {
+                inputs.push(Input::Frame {
+                    conn: c.conn,
+                    env: Box::new(Envelope::decode(&frame).unwrap()),
+                });
+            }
+        }
+        if !inputs.is_empty() {
+            moved = true;
+            hub.handle_batch(0, inputs).unwrap();
+        }
+        // Everything happens at time 0: only sends that are due fire.
+        if hub.poll_timeout() == Some(0) {
+            moved = true;
+            hub.handle_timeout(0);
+        }
+        for c in clients.iter_mut() {
+            if c.link.poll_timeout() == Some(0) {
+                moved = true;
+                c.link.handle_timeout(0, &mut c.room);
+            }
+        }
+        while let Some((conn, frame)) = hub.poll_transmit() {
+            moved = true;
+            let c = clients.iter_mut().find(|c| c.conn == conn).unwrap();
+            c.link.handle_frame(0, &mut c.room, &frame).unwrap();
+            while let Some(e) = c.link.poll_event(0, &mut c.room).unwrap() {
+                c.events.push(e);
+            }
+        }
+        events.extend(std::iter::from_fn(|| hub.poll_event()));
+        if !moved {
+            return events;
+        }
+    }
+    panic!("the exchange did not settle");
+}
+
+fn hub(store: Arc<dyn syncline_store::Store>, config: HubConfig) -> RoomHub {
+    let room = DurableRoom::load(store, Keypair::from_seed([9; 32]), &room_id()).unwrap();
+    RoomHub::new(room, config, 0)
+}
+
+#[test]
+fn a_hub_relays_persists_and_acknowledges() {
+    let store = Arc::new(MemoryStore::new());
+    let mut hub = hub(store.clone(), HubConfig::default());
+    let mut clients = vec![Client::connect(1, 10), Client::connect(2, 20)];
+    let events = settle(&mut hub, &mut clients);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, HubEvent::Connected { .. }))
+            .count(),
+        2
+    );
+    clients[0].commit(1);
+    let events = settle(&mut hub, &mut clients);
+    assert!(events.contains(&HubEvent::Inserted { nodes: 1 }));
+    assert_eq!(clients[0].room.outbox_len(), 0, "acknowledged");
+    assert_eq!(
+        clients[1].room.room().state_hash(),
+        clients[0].room.room().state_hash(),
+        "relayed"
+    );
+    // What was acknowledged is in the store.
+    let reloaded = DurableRoom::load(store, Keypair::from_seed([9; 32]), &room_id()).unwrap();
+    assert_eq!(
+        reloaded.room().state_hash(),
+        clients[0].room.room().state_hash()
+    );
+    // A connection that goes away takes its sessions with it.
+    hub.handle_batch(0, [Input::Gone { conn: 20 }]).unwrap();
+    let ended: Vec<HubEvent> = std::iter::from_fn(|| hub.poll_event()).collect();
+    assert!(ended.iter().any(|e| matches!(
+        e,
+        HubEvent::Ended {
+            end: End::Disconnected,
+            ..
+        }
+    )));
+    assert_eq!(hub.session_count(), 1);
+}
+
+#[test]
+fn past_its_quota_a_room_refuses_packs_and_still_serves_reads() {
+    let config = HubConfig {
+        max_room_bytes: 1,
+        ..HubConfig::default()
+    };
+    let mut hub = hub(Arc::new(MemoryStore::new()), config);
+    let mut clients = vec![Client::connect(1, 10)];
+    settle(&mut hub, &mut clients);
+    clients[0].commit(1);
+    settle(&mut hub, &mut clients);
+    assert!(hub.room_bytes() >= 1, "the first pack was stored");
+    clients[0].commit(2);
+    settle(&mut hub, &mut clients);
+    assert_eq!(clients[0].closed(), Some(Reason::QuotaExceeded));
+    assert_eq!(hub.room().room().dag().len(), 1);
+    // A reader still catches up.
+    let mut reader = vec![Client::connect(3, 30)];
+    settle(&mut hub, &mut reader);
+    assert_eq!(reader[0].room.room().dag().len(), 1);
+    assert_eq!(reader[0].closed(), None);
+}
+
+#[test]
+fn a_storage_failure_closes_every_session_and_acknowledges_nothing() {
+    let store = FaultyStore::new(FaultPlan::default());
+    let mut hub = hub(Arc::new(store.clone()), HubConfig::default());
+    let mut clients = vec![Client::connect(1, 10), Client::connect(2, 20)];
+    settle(&mut hub, &mut clients);
+    store.set_plan(FaultPlan {
+        fail_after_writes: Some(0),
+        seed: 1,
+    });
+    clients[0].commit(1);
+    let frames: Vec<Vec<u8>> = std::iter::from_fn(|| clients[0].link.poll_transmit()).collect();
+    let inputs = frames.iter().map(|f| Input::Frame {
+        conn: 10,
+        env: Box::new(Envelope::decode(f).unwrap()),
+    });
+    assert!(hub.handle_batch(0, inputs).is_err());
+    let mut closes = 0;
+    while let Some((conn, frame)) = hub.poll_transmit() {
+        let c = clients.iter_mut().find(|c| c.conn == conn).unwrap();
+        c.link.handle_frame(0, &mut c.room, &frame).unwrap();
+        while let Some(e) = c.link.poll_event(0, &mut c.room).unwrap() {
+            closes += usize::from(matches!(
+                e,
+                Event::Closed {
+                    reason: Reason::Overloaded,
+                    ..
+                }
+            ));
+            assert!(!matches!(
+                e,
+                Event::Acknowledged { .. } | Event::ServerHolds { .. }
+            ));
+        }
+    }
+    assert_eq!(closes, 2, "both sessions are told");
+    assert_eq!(clients[0].room.outbox_len(), 1, "nothing was acknowledged");
+}
