@@ -474,6 +474,12 @@ struct ServeLimits {
     /// Frame bytes one connection may send at once [default: 64 MiB].
     #[arg(long, value_name = "BYTES")]
     peer_burst_bytes: Option<u64>,
+    /// Nodes per second one connection may insert [default: 20000].
+    #[arg(long)]
+    peer_nodes_per_sec: Option<u64>,
+    /// Nodes one connection may insert at once [default: 200000].
+    #[arg(long)]
+    peer_burst_nodes: Option<u64>,
     /// Bytes of history one room may hold [default: 4 GiB].
     #[arg(long, value_name = "BYTES")]
     max_room_bytes: Option<u64>,
@@ -517,6 +523,8 @@ impl ServeLimits {
         set!(peer_bytes_per_sec);
         set!(peer_burst_bytes);
         set!(max_room_bytes);
+        set!(peer_nodes_per_sec);
+        set!(peer_burst_nodes);
         set!(max_store_bytes);
         set!(upgrade_timeout, "upgrade-timeout", secs);
         set!(session_wait, "session-wait", secs);

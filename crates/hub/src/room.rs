@@ -115,8 +115,10 @@ pub enum HubEvent {
         /// Nodes it sent in catch-up packs over its life.
         catchup_nodes: u64,
     },
-    /// A batch inserted nodes, now durable.
+    /// A session's frames in a batch inserted nodes, now durable.
     Inserted {
+        /// Which session sent them.
+        key: SessionKey,
         /// How many.
         nodes: usize,
     },
@@ -318,10 +320,13 @@ impl RoomHub {
             self.room.room().dag().next_idx(),
             "everything a batch inserted is durable before it is acknowledged"
         );
-        let inserted: usize = brought.iter().map(|(_, nodes)| nodes.len()).sum();
-        if inserted > 0 {
-            self.events
-                .push_back(HubEvent::Inserted { nodes: inserted });
+        for (key, nodes) in &brought {
+            self.events.push_back(HubEvent::Inserted {
+                key: *key,
+                nodes: nodes.len(),
+            });
+        }
+        if !brought.is_empty() {
             self.relay(now, &brought);
         }
         for conn in gone {

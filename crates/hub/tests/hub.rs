@@ -7,7 +7,7 @@ use syncline_core::proto::message::{Envelope, Reason};
 use syncline_core::proto::scope::Scope;
 use syncline_core::proto::session::{Config, Event};
 use syncline_core::{Keypair, RoomId, Value};
-use syncline_hub::{ClientLink, End, HubConfig, HubEvent, Input, RoomHub};
+use syncline_hub::{ClientLink, End, HubConfig, HubEvent, Input, RoomHub, SessionKey};
 use syncline_store::{DurableRoom, FaultPlan, FaultyStore, MemoryStore};
 
 fn room_id() -> RoomId {
@@ -121,7 +121,13 @@ fn a_hub_relays_persists_and_acknowledges() {
     );
     clients[0].commit(1);
     let events = settle(&mut hub, &mut clients);
-    assert!(events.contains(&HubEvent::Inserted { nodes: 1 }));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        HubEvent::Inserted {
+            key: SessionKey { conn: 10, .. },
+            nodes: 1
+        }
+    )));
     assert_eq!(clients[0].room.outbox_len(), 0, "acknowledged");
     assert_eq!(
         clients[1].room.room().state_hash(),

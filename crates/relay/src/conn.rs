@@ -80,9 +80,29 @@ pub(crate) struct ConnHandle {
     max_queued_total: usize,
     /// `Some(reason)` once the connection is to end.
     kill: Arc<watch::Sender<Option<Reason>>>,
+    /// Nodes this peer may still have inserted (rooms debit it).
+    nodes: Arc<Mutex<TokenBucket>>,
+    slot: Arc<PeerSlot>,
 }
 
 impl ConnHandle {
+    /// Debits `n` inserted nodes from the peer's bucket; past its rate,
+    /// the connection is closed `rate_limited`.
+    pub(crate) fn inserted(&self, n: usize) {
+        let now = self.slot.elapsed_ms();
+        let within = self
+            .nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(n as u64, now);
+        if !within {
+            debug!(nodes = n, "peer above its node rate");
+            metrics::counter!(telemetry::CONNECTIONS_CLOSED, "reason" => "rate_limited")
+                .increment(1);
+            self.kill(Reason::RateLimited);
+        }
+    }
+
     /// Queues a frame; `false` if the queue is full (the client lags): it
     /// holds its bound already, or all queues together hold theirs. A queue
     /// under its bound takes any frame, so it holds at most its bound plus
@@ -183,6 +203,11 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64, slot: Arc<PeerSl
         queued_total: state.queued_total.clone(),
         max_queued_total: config.outbound_total_bytes,
         kill: Arc::new(watch::Sender::new(None)),
+        nodes: Arc::new(Mutex::new(TokenBucket::new(
+            config.peer_nodes_per_sec,
+            config.peer_burst_nodes,
+        ))),
+        slot: slot.clone(),
     };
     state
         .open

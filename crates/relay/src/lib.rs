@@ -102,6 +102,12 @@ pub struct Config {
     /// Bytes the store's files may take; past it, every room refuses packs
     /// with `quota_exceeded` (checked every second).
     pub max_store_bytes: u64,
+    /// Nodes per second one connection may have inserted, on average...
+    pub peer_nodes_per_sec: u64,
+    /// ...and at most at once; past it, the connection is closed
+    /// `rate_limited` (after the batch that went past: what it inserted is
+    /// durable and acknowledged).
+    pub peer_burst_nodes: u64,
     /// At shutdown, how long rooms may take to close their sessions and
     /// write checkpoints before the server stops anyway.
     pub shutdown_grace: Duration,
@@ -134,6 +140,8 @@ impl Default for Config {
             peer_burst_bytes: 64 << 20,
             shutdown_grace: Duration::from_millis(1500),
             max_room_bytes: 4 << 30,
+            peer_nodes_per_sec: 20_000,
+            peer_burst_nodes: 200_000,
             max_store_bytes: u64::MAX,
             session,
         }

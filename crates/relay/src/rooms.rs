@@ -589,8 +589,11 @@ impl RoomTask {
                     );
                     metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => reason).increment(1);
                 }
-                HubEvent::Inserted { nodes } => {
+                HubEvent::Inserted { key, nodes } => {
                     metrics::counter!(telemetry::NODES_IN).increment(nodes as u64);
+                    if let Some(out) = self.outs.get(&key.conn) {
+                        out.inserted(nodes);
+                    }
                 }
                 HubEvent::Sent { nodes } => {
                     metrics::counter!(telemetry::NODES_OUT).increment(nodes);
