@@ -1,14 +1,25 @@
 //! `fanout`: one room, N clients over real WebSockets on loopback, W of them
-//! writing 6 edits/s; edit-to-remote latency (p50, p99), server CPU, and
-//! server memory per idle session.
+//! writing 6 edits/s; edit-to-remote latency (p50, p99), deliveries lost,
+//! server CPU, and server memory per idle session, for the Syncline relay
+//! and, in the same run, a bare reference relay.
 //!
-//! The relay runs in a child process (this binary, re-executed with
-//! `fanout-server`), so its CPU time and resident memory are its own. The
-//! clients are tasks in this process speaking the real protocol with
-//! in-memory rooms (the SDK's per-replica SQLite files and threads would
-//! measure the client side, not the server). Each edit carries its send
-//! time; a receiver's latency is its arrival minus that.
+//! Each relay runs in a child process (this binary, re-executed with
+//! `fanout-server` or `fanout-reference`), so its CPU time and resident
+//! memory are its own. The reference relay broadcasts every binary frame
+//! to every other connection: no handshake, no validation, no storage, the
+//! floor that a relay's latency is a ratio to. The clients are tasks in
+//! this process with in-memory rooms (the SDK's per-replica SQLite files
+//! and threads would measure the client side, not the server).
+//!
+//! Writers send on a schedule: edit `n` of a writer is due at its start
+//! plus `n / 6` s, carries that scheduled time, and latency is measured
+//! from it (a writer that falls behind sends late, and the lateness
+//! counts: no coordinated omission). Every edit scheduled inside the
+//! measured window is expected at every probe; one that has not arrived
+//! two seconds after the window counts as lost, and lost deliveries count
+//! as infinitely late in the percentiles.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -18,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION};
+use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION, Phase};
 use syncline_core::proto::session::{Config as SessionConfig, Event, Session};
 use syncline_core::{Keypair, Op, Room, RoomId, Value};
 use tokio::sync::Mutex;
@@ -30,6 +41,8 @@ use super::Report;
 const RATE: f64 = 6.0;
 const WARMUP: Duration = Duration::from_secs(2);
 const MEASURE: Duration = Duration::from_secs(10);
+/// How long after the window a delivery may still arrive.
+const GRACE: Duration = Duration::from_secs(2);
 /// Clients that verify, apply and time every relayed edit.
 const PROBES: usize = 8;
 
@@ -40,6 +53,9 @@ pub(super) fn serve(data: &Path, port: u16) -> Result<()> {
         let config = syncline_relay::Config {
             data_dir: data.to_path_buf(),
             listen: format!("127.0.0.1:{port}").parse()?,
+            // A thousand clients from one address.
+            max_connections_per_ip: 10_000,
+            max_sessions_per_ip: 10_000,
             ..syncline_relay::Config::default()
         };
         let server = syncline_relay::Server::bind(config).await?;
@@ -48,20 +64,81 @@ pub(super) fn serve(data: &Path, port: u16) -> Result<()> {
     })
 }
 
+/// Runs the reference relay (the child process's entry point): every
+/// binary frame a connection sends goes to every other connection.
+pub(super) fn serve_reference(port: u16) -> Result<()> {
+    type Peers = std::sync::Mutex<
+        std::collections::HashMap<u64, tokio::sync::mpsc::UnboundedSender<WsMessage>>,
+    >;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let peers: Arc<Peers> = Arc::default();
+        for id in 0u64.. {
+            let (tcp, _) = listener.accept().await?;
+            tcp.set_nodelay(true)?;
+            let peers = peers.clone();
+            tokio::spawn(async move {
+                let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                let (mut sink, mut stream) = ws.split();
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, tx);
+                let writer = tokio::spawn(async move {
+                    while let Some(m) = rx.recv().await {
+                        if sink.send(m).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                while let Some(Ok(m)) = stream.next().await {
+                    if !m.is_binary() {
+                        continue;
+                    }
+                    let peers = peers.lock().unwrap_or_else(|p| p.into_inner());
+                    for (other, tx) in peers.iter() {
+                        if *other != id {
+                            let _ = tx.send(m.clone());
+                        }
+                    }
+                }
+                peers.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                writer.abort();
+            });
+        }
+        Ok(())
+    })
+}
+
+/// Which relay a run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// `syncline serve`'s relay, with real sessions.
+    Syncline,
+    /// The bare broadcast relay.
+    Reference,
+}
+
 struct ServerProcess {
     child: Child,
     port: u16,
 }
 
 impl ServerProcess {
-    fn start(data: &Path) -> Result<ServerProcess> {
+    fn start(target: Target, data: &Path) -> Result<ServerProcess> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let child = Command::new(std::env::current_exe()?)
-            .arg("fanout-server")
-            .arg("--data")
-            .arg(data)
+        let mut command = Command::new(std::env::current_exe()?);
+        match target {
+            Target::Syncline => command.arg("fanout-server").arg("--data").arg(data),
+            Target::Reference => command.arg("fanout-reference"),
+        };
+        let child = command
             .arg("--port")
             .arg(port.to_string())
             .stdout(Stdio::null())
@@ -109,27 +186,71 @@ impl Drop for ServerProcess {
 
 /// What every client task shares.
 struct Shared {
+    target: Target,
     epoch: Instant,
-    measuring: AtomicBool,
+    /// The measured window, in microseconds since `epoch` (set at `go`).
+    window: std::sync::Mutex<(i64, i64)>,
     stop: AtomicBool,
-    latencies: std::sync::Mutex<Vec<u64>>,
+    /// Edits scheduled inside the window: (writer, scheduled µs).
+    scheduled: std::sync::Mutex<Vec<(usize, i64)>>,
+    /// Deliveries at probes: (probe, writer, scheduled µs, arrived µs).
+    delivered: std::sync::Mutex<Vec<(usize, usize, i64, i64)>>,
+}
+
+impl Shared {
+    fn micros(&self) -> i64 {
+        self.epoch.elapsed().as_micros() as i64
+    }
+
+    fn in_window(&self, t: i64) -> bool {
+        let (from, to) = *self.window.lock().unwrap_or_else(|p| p.into_inner());
+        t >= from && t < to
+    }
 }
 
 /// What a client does after its handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
-    /// Verifies and applies everything relayed, and records latencies.
+    /// Verifies and applies everything relayed, and records deliveries.
     Probe,
-    /// Writes 6 edits/s; acknowledges relayed packs without applying them.
+    /// Writes 6 edits/s on a schedule; acknowledges relayed packs without
+    /// applying them.
     Writer,
     /// Acknowledges relayed packs without applying them.
     Listener,
 }
 
-/// One client. Every client does a real handshake and acknowledges every
-/// pack, as the server expects; only probes decode and verify what is
-/// relayed (on two cores, a thousand clients each verifying every edit
-/// would measure the load generator, not the relay).
+/// An edit's value: its scheduled time and its writer.
+fn stamp(scheduled_us: i64, writer: usize) -> i64 {
+    (scheduled_us << 10) | writer as i64
+}
+
+fn unstamp(v: i64) -> (i64, usize) {
+    (v >> 10, (v & 1023) as usize)
+}
+
+type Sink = futures_util::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    WsMessage,
+>;
+
+async fn send_frames(sink: &Mutex<Sink>, frames: Vec<Vec<u8>>) -> Result<()> {
+    let mut sink = sink.lock().await;
+    for f in frames {
+        sink.send(WsMessage::Binary(f.into()))
+            .await
+            .map_err(|_| anyhow::anyhow!("send failed"))?;
+    }
+    Ok(())
+}
+
+/// One client. With the Syncline relay every client does a real
+/// handshake and acknowledges every pack, as the server expects; only
+/// probes decode and verify what is relayed (on two cores, a thousand
+/// clients each verifying every edit would measure the load generator,
+/// not the relay). With the reference relay writers send the same pack
+/// frames, probes verify and apply them the same way, and nobody
+/// acknowledges (the reference expects nothing).
 async fn client(
     url: String,
     index: usize,
@@ -138,8 +259,8 @@ async fn client(
     ready: Arc<tokio::sync::Barrier>,
     go: Arc<tokio::sync::Barrier>,
 ) -> Result<()> {
-    let writer = role == Role::Writer;
-    let raw = Arc::new(AtomicBool::new(false));
+    let target = shared.target;
+    let raw = Arc::new(AtomicBool::new(target == Target::Reference));
     let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await?;
     let (sink, mut stream) = ws.split();
     let sink = Arc::new(Mutex::new(sink));
@@ -156,25 +277,11 @@ async fn client(
             SessionConfig::default(),
         )))
     };
-    async fn flush(
-        session: &Mutex<Session>,
-        sink: &Mutex<impl SinkExt<WsMessage> + Unpin>,
-    ) -> Result<()> {
-        let frames: Vec<Vec<u8>> = {
-            let mut s = session.lock().await;
-            std::iter::from_fn(|| s.poll_transmit()).collect()
-        };
-        let mut sink = sink.lock().await;
-        for f in frames {
-            sink.send(WsMessage::Binary(f.into()))
-                .await
-                .map_err(|_| anyhow::anyhow!("send failed"))?;
-        }
-        Ok(())
+    let pending = |s: &mut Session| std::iter::from_fn(|| s.poll_transmit()).collect::<Vec<_>>();
+    if target == Target::Syncline {
+        let frames = pending(&mut *session.lock().await);
+        send_frames(&sink, frames).await?;
     }
-    flush(&session, &sink).await?;
-    // Read until connected and caught up.
-    let mut connected = false;
     let reader = {
         let (session, room, sink, shared, raw) = (
             session.clone(),
@@ -185,14 +292,22 @@ async fn client(
         );
         let key = key.clone();
         async move {
+            let now = || shared.epoch.elapsed().as_millis() as u64;
             while let Some(Ok(message)) = stream.next().await {
                 let WsMessage::Binary(bytes) = message else {
                     continue;
                 };
+                let arrived = shared.micros();
+                if target == Target::Reference && role != Role::Probe {
+                    continue;
+                }
                 let Ok(env) = Envelope::decode(&bytes) else {
                     continue;
                 };
-                if raw.load(Ordering::Relaxed) {
+                if raw.load(Ordering::Relaxed) && role != Role::Probe {
+                    // Listeners and writers of the Syncline run ack packs
+                    // unread; acks for a writer's own packs go to its
+                    // session (they open its send window).
                     match env.message {
                         Message::Pack { .. } => {
                             let ack = Envelope {
@@ -201,12 +316,7 @@ async fn client(
                                 corr: env.corr,
                                 message: Message::Ack { nodes: Vec::new() },
                             };
-                            let mut sink = sink.lock().await;
-                            if sink
-                                .send(WsMessage::Binary(ack.encode().into()))
-                                .await
-                                .is_err()
-                            {
+                            if send_frames(&sink, vec![ack.encode()]).await.is_err() {
                                 break;
                             }
                             continue;
@@ -215,77 +325,112 @@ async fn client(
                         _ => continue,
                     }
                 }
-                let arrived = shared.epoch.elapsed().as_micros() as i64;
-                let mut latencies = Vec::new();
-                {
+                let mut stamps = Vec::new();
+                let frames = {
                     let mut r = room.lock().await;
-                    let mut s = session.lock().await;
                     let first = r.dag().next_idx();
-                    s.handle_envelope(
-                        shared.epoch.elapsed().as_millis() as u64,
-                        env,
-                        &mut r,
-                        Some(&key),
-                    );
+                    let mut s = session.lock().await;
+                    match (target, env.message) {
+                        (Target::Reference, Message::Pack { pack, .. }) => {
+                            let _ = r.receive_pack(&pack);
+                        }
+                        (Target::Reference, _) => {}
+                        (Target::Syncline, message) => {
+                            let env = Envelope { message, ..env };
+                            s.handle_envelope(now(), env, &mut r, Some(&key));
+                            while let Some(event) = s.poll_event() {
+                                if let Event::Accepted { corr, .. } = event {
+                                    s.acknowledge(now(), corr, &r);
+                                }
+                            }
+                        }
+                    }
                     for idx in first..r.dag().next_idx() {
                         if let Some(Op::Set {
-                            value: Value::Int(sent),
+                            value: Value::Int(v),
                             ..
                         }) = r.dag().ops(idx).first()
                         {
-                            latencies.push((arrived - sent).max(0) as u64);
+                            stamps.push(unstamp(*v));
                         }
                     }
-                    while let Some(event) = s.poll_event() {
-                        if let Event::Accepted { corr, .. } = event {
-                            s.acknowledge(shared.epoch.elapsed().as_millis() as u64, corr, &r);
-                        }
+                    pending(&mut s)
+                };
+                if !stamps.is_empty() {
+                    let mut delivered = shared.delivered.lock().unwrap_or_else(|p| p.into_inner());
+                    for (scheduled, writer) in stamps {
+                        delivered.push((index, writer, scheduled, arrived));
                     }
                 }
-                if shared.measuring.load(Ordering::Relaxed) && !latencies.is_empty() {
-                    shared
-                        .latencies
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(latencies);
-                }
-                if flush(&session, &sink).await.is_err() || shared.stop.load(Ordering::Relaxed) {
+                if send_frames(&sink, frames).await.is_err() || shared.stop.load(Ordering::Relaxed)
+                {
                     break;
                 }
             }
         }
     };
     let reader = tokio::spawn(reader);
-    // Wait for the handshake before counting this client ready.
-    while !connected {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        connected = session.lock().await.is_settled();
+    if target == Target::Syncline {
+        // Wait for the handshake before counting this client ready.
+        while !session.lock().await.is_settled() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        raw.store(role != Role::Probe, Ordering::Relaxed);
     }
-    raw.store(role != Role::Probe, Ordering::Relaxed);
     // Everyone connected (the idle memory is measured now), then go.
     ready.wait().await;
     go.wait().await;
-    if writer {
-        let period = Duration::from_secs_f64(1.0 / RATE);
-        // Spread writers over the period.
-        tokio::time::sleep(period.mul_f64((index % 97) as f64 / 97.0)).await;
-        let mut tick = tokio::time::interval(period);
-        let mut n = 0i64;
-        while !shared.stop.load(Ordering::Relaxed) {
-            tick.tick().await;
-            let sent = shared.epoch.elapsed().as_micros() as i64;
-            {
-                let mut r = room.lock().await;
-                let mut tx = r.begin(key.author(), 1_767_225_600_000 + sent as u64 / 1000);
-                tx.set(&format!("/w{index}/{}", n % 8), "t", Value::Int(sent))?;
-                let Some(c) = tx.commit()? else { continue };
-                session
-                    .lock()
-                    .await
-                    .send_nodes(now(), &mut r, &[c.idx], Some(&key));
+    if role == Role::Writer {
+        let period = Duration::from_secs_f64(1.0 / RATE).as_micros() as i64;
+        // Writers spread over the period.
+        let start = shared.micros() + period * (index % 97) as i64 / 97;
+        for n in 0i64.. {
+            let scheduled = start + n * period;
+            let due = shared.epoch + Duration::from_micros(scheduled as u64);
+            tokio::time::sleep_until(due.into()).await;
+            if shared.stop.load(Ordering::Relaxed) {
+                break;
             }
-            flush(&session, &sink).await?;
-            n += 1;
+            let frames = {
+                let mut r = room.lock().await;
+                let mut tx = r.begin(key.author(), 1_767_225_600_000 + scheduled as u64 / 1000);
+                tx.set(
+                    &format!("/w{index}/{}", n % 8),
+                    "t",
+                    Value::Int(stamp(scheduled, index)),
+                )?;
+                let Some(c) = tx.commit()? else { continue };
+                match target {
+                    Target::Syncline => {
+                        let mut s = session.lock().await;
+                        s.send_nodes(now(), &mut r, &[c.idx], Some(&key));
+                        pending(&mut s)
+                    }
+                    Target::Reference => {
+                        let pack = r.pack(&[c.idx], Some(&key))?;
+                        let env = Envelope {
+                            version: PROTOCOL_VERSION,
+                            session: 1,
+                            corr: n as u64 + 1,
+                            message: Message::Pack {
+                                checksum: *blake3::hash(&pack).as_bytes(),
+                                pack,
+                                phase: Phase::Live,
+                                last: true,
+                            },
+                        };
+                        vec![env.encode()]
+                    }
+                }
+            };
+            if shared.in_window(scheduled) {
+                shared
+                    .scheduled
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((index, scheduled));
+            }
+            send_frames(&sink, frames).await?;
         }
     } else {
         while !shared.stop.load(Ordering::Relaxed) {
@@ -296,12 +441,122 @@ async fn client(
     Ok(())
 }
 
+/// The `p` quantile in milliseconds; `u64::MAX` (lost) is infinite.
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i] as f64 / 1000.0
+    match sorted[i] {
+        u64::MAX => f64::INFINITY,
+        us => us as f64 / 1000.0,
+    }
+}
+
+/// What one run measured.
+struct Measured {
+    p50: f64,
+    p99: f64,
+    expected: usize,
+    lost: usize,
+    cpu: f64,
+    generator: f64,
+    per_idle_session: f64,
+}
+
+fn measure(target: Target, clients: usize, writers: usize) -> Result<Measured> {
+    let dir = tempfile::tempdir()?;
+    let server = ServerProcess::start(target, dir.path())?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, rss_empty) = server.usage()?;
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let shared = Arc::new(Shared {
+        target,
+        epoch: Instant::now(),
+        window: std::sync::Mutex::new((i64::MAX, i64::MAX)),
+        stop: AtomicBool::new(false),
+        scheduled: std::sync::Mutex::new(Vec::new()),
+        delivered: std::sync::Mutex::new(Vec::new()),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let ready = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let go = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let probes = PROBES.min(clients - writers);
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let role = if i < writers {
+                Role::Writer
+            } else if i < writers + probes {
+                Role::Probe
+            } else {
+                Role::Listener
+            };
+            runtime.spawn(client(
+                url.clone(),
+                i,
+                role,
+                shared.clone(),
+                ready.clone(),
+                go.clone(),
+            ))
+        })
+        .collect();
+    runtime.block_on(ready.wait());
+    // Idle: every client connected, nobody writes until `go`.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, rss_idle) = server.usage()?;
+    let per_idle_session = rss_idle.saturating_sub(rss_empty) as f64 / clients as f64;
+    let from = shared.micros() + WARMUP.as_micros() as i64;
+    *shared.window.lock().unwrap_or_else(|p| p.into_inner()) =
+        (from, from + MEASURE.as_micros() as i64);
+    runtime.block_on(go.wait());
+    std::thread::sleep(WARMUP);
+    let (cpu0, _) = server.usage()?;
+    let (gen0, _) = usage_of("self")?;
+    let start = Instant::now();
+    std::thread::sleep(MEASURE);
+    let (cpu1, _) = server.usage()?;
+    let (gen1, _) = usage_of("self")?;
+    let wall = start.elapsed().as_secs_f64();
+    // Writers go on through the grace period, so the window's last edits
+    // are not the last frames (a relay that batches is not favoured).
+    std::thread::sleep(GRACE);
+    shared.stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        let _ = runtime.block_on(t);
+    }
+    let scheduled =
+        std::mem::take(&mut *shared.scheduled.lock().unwrap_or_else(|p| p.into_inner()));
+    let delivered =
+        std::mem::take(&mut *shared.delivered.lock().unwrap_or_else(|p| p.into_inner()));
+    let deadline =
+        shared.window.lock().unwrap_or_else(|p| p.into_inner()).1 + GRACE.as_micros() as i64;
+    let expected_edits: HashSet<(usize, i64)> = scheduled.into_iter().collect();
+    let mut latencies = Vec::new();
+    let mut seen = HashSet::new();
+    for (probe, writer, sched, arrived) in delivered {
+        if expected_edits.contains(&(writer, sched))
+            && arrived <= deadline
+            && seen.insert((probe, writer, sched))
+        {
+            latencies.push((arrived - sched).max(0) as u64);
+        }
+    }
+    let expected = expected_edits.len() * probes;
+    let lost = expected - latencies.len();
+    latencies.extend(std::iter::repeat_n(u64::MAX, lost));
+    latencies.sort_unstable();
+    Ok(Measured {
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        expected,
+        lost,
+        cpu: (cpu1 - cpu0) / wall * 100.0,
+        generator: (gen1 - gen0) / wall * 100.0,
+        per_idle_session,
+    })
 }
 
 pub(super) fn bench_fanout(report: &Report) -> Result<()> {
@@ -315,83 +570,35 @@ pub(super) fn bench_fanout(report: &Report) -> Result<()> {
         None => vec![(10usize, 2usize), (100, 10), (1_000, 50)],
     };
     for (clients, writers) in configs {
-        let dir = tempfile::tempdir()?;
-        let server = ServerProcess::start(dir.path())?;
-        std::thread::sleep(Duration::from_millis(300));
-        let (_, rss_empty) = server.usage()?;
-        let url = format!("ws://127.0.0.1:{}/ws", server.port);
-        let shared = Arc::new(Shared {
-            epoch: Instant::now(),
-            measuring: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            latencies: std::sync::Mutex::new(Vec::new()),
-        });
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?;
-        let ready = Arc::new(tokio::sync::Barrier::new(clients + 1));
-        let go = Arc::new(tokio::sync::Barrier::new(clients + 1));
-        let tasks: Vec<_> = (0..clients)
-            .map(|i| {
-                let role = if i < writers {
-                    Role::Writer
-                } else if i < writers + PROBES {
-                    Role::Probe
-                } else {
-                    Role::Listener
-                };
-                runtime.spawn(client(
-                    url.clone(),
-                    i,
-                    role,
-                    shared.clone(),
-                    ready.clone(),
-                    go.clone(),
-                ))
-            })
-            .collect();
-        runtime.block_on(ready.wait());
-        // Idle: every client connected, nobody writes until `go`.
-        std::thread::sleep(Duration::from_millis(500));
-        let (_, rss_idle) = server.usage()?;
-        let per_session = rss_idle.saturating_sub(rss_empty) as f64 / clients as f64;
-        runtime.block_on(go.wait());
-        std::thread::sleep(WARMUP);
-        shared.measuring.store(true, Ordering::SeqCst);
-        let (cpu0, _) = server.usage()?;
-        let (gen0, _) = usage_of("self")?;
-        let start = Instant::now();
-        std::thread::sleep(MEASURE);
-        let (cpu1, _) = server.usage()?;
-        let (gen1, _) = usage_of("self")?;
-        let wall = start.elapsed().as_secs_f64();
-        shared.measuring.store(false, Ordering::SeqCst);
-        shared.stop.store(true, Ordering::SeqCst);
-        for t in tasks {
-            let _ = runtime.block_on(t);
-        }
-        let mut lat =
-            std::mem::take(&mut *shared.latencies.lock().unwrap_or_else(|p| p.into_inner()));
-        lat.sort_unstable();
-        let (p50, p99) = (percentile(&lat, 0.50), percentile(&lat, 0.99));
-        let cpu = (cpu1 - cpu0) / wall * 100.0;
-        let generator = (gen1 - gen0) / wall * 100.0;
-        let probes = PROBES.min(clients - writers);
-        let expected = (writers as f64 * RATE * wall * probes as f64) as usize;
+        let ours = measure(Target::Syncline, clients, writers)?;
+        let floor = measure(Target::Reference, clients, writers)?;
+        let ratio = ours.p99 / floor.p99;
         report.emit(
             "fanout",
             &[
-                ("clients / writers", format!("{clients} / {writers} (6 edits/s each)")),
-                ("deliveries timed (at probes)", format!("{} (of ~{expected} expected)", lat.len())),
-                ("edit-to-remote p50 / p99", format!("{p50:.2} / {p99:.2} ms")),
-                ("server CPU", format!("{cpu:.0} % of one core")),
-                ("load generator CPU", format!("{generator:.0} % of one core")),
-                ("server memory per idle session", format!("{:.1} KiB", per_session / 1024.0)),
+                ("clients / writers", format!("{clients} / {writers} (6 edits/s each, on a schedule)")),
+                (
+                    "deliveries expected at probes",
+                    format!("{} (lost: Syncline {}, reference {})", ours.expected, ours.lost, floor.lost),
+                ),
+                ("Syncline p50 / p99", format!("{:.2} / {:.2} ms", ours.p50, ours.p99)),
+                ("reference p50 / p99", format!("{:.2} / {:.2} ms", floor.p50, floor.p99)),
+                ("p99 ratio to the reference", format!("{ratio:.1} x")),
+                ("server CPU (Syncline / reference)", format!("{:.0} / {:.0} % of one core", ours.cpu, floor.cpu)),
+                ("load generator CPU", format!("{:.0} % of one core", ours.generator)),
+                (
+                    "server memory per idle session",
+                    format!("{:.1} KiB (reference {:.1} KiB)", ours.per_idle_session / 1024.0, floor.per_idle_session / 1024.0),
+                ),
             ],
-            json!({"clients": clients, "writers": writers, "deliveries": lat.len(), "expected": expected,
-                   "p50_ms": p50, "p99_ms": p99, "server_cpu_pct": cpu, "generator_cpu_pct": generator, "bytes_per_idle_session": per_session}),
+            json!({"clients": clients, "writers": writers, "expected": ours.expected,
+                   "lost": ours.lost, "reference_lost": floor.lost,
+                   "p50_ms": ours.p50, "p99_ms": ours.p99,
+                   "reference_p50_ms": floor.p50, "reference_p99_ms": floor.p99, "p99_ratio": ratio,
+                   "server_cpu_pct": ours.cpu, "reference_cpu_pct": floor.cpu,
+                   "generator_cpu_pct": ours.generator, "bytes_per_idle_session": ours.per_idle_session,
+                   "reference_bytes_per_idle_session": floor.per_idle_session}),
         );
-        drop(server);
     }
     Ok(())
 }

@@ -373,7 +373,7 @@ fn run_session(
 }
 
 fn main() -> Result<()> {
-    // `fanout` re-executes this binary as its relay process.
+    // `fanout` re-executes this binary as its relay processes.
     let raw: Vec<String> = std::env::args().collect();
     if let [_, cmd, data_flag, data, port_flag, port] = raw.as_slice()
         && cmd == "fanout-server"
@@ -381,6 +381,12 @@ fn main() -> Result<()> {
         && port_flag == "--port"
     {
         return fanout::serve(std::path::Path::new(data), port.parse()?);
+    }
+    if let [_, cmd, port_flag, port] = raw.as_slice()
+        && cmd == "fanout-reference"
+        && port_flag == "--port"
+    {
+        return fanout::serve_reference(port.parse()?);
     }
     let args = Args::parse();
     let report = Report { json: args.json };
