@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use serde_json::json;
-use syncline_core::proto::session::{Config as SessionConfig, Event as SessionEvent, Session};
+use syncline_core::proto::session::{
+    Config as SessionConfig, Event as SessionEvent, Session, Strategy,
+};
 use syncline_core::{Keypair, Room};
 use syncline_store::{Batch, DurableRoom, Segment, SqliteOptions, SqliteStore, Store, conformance};
 
@@ -363,7 +365,7 @@ fn run_session(
             "a session closed during the exchange"
         );
     }
-    run.strategy = c.strategy();
+    run.strategy = c.strategy().map(Strategy::capability);
     run.took = start.elapsed();
     anyhow::ensure!(
         client.state_hash() == server.state_hash(),

@@ -18,7 +18,7 @@ use rand::Rng;
 use syncline_core::proto::message::Envelope;
 use syncline_core::proto::message::Reason;
 use syncline_core::proto::scope::Scope;
-use syncline_core::proto::session::{CAP_DIFF_IBF, Config as SessionConfig, Event};
+use syncline_core::proto::session::{Config as SessionConfig, Event, Strategy};
 use syncline_hub::ClientLink;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -524,7 +524,7 @@ fn handle_events(
             Event::Closed {
                 reason, message, ..
             } => {
-                if reason == Reason::TooLarge && link.session().strategy() == Some(CAP_DIFF_IBF) {
+                if reason == Reason::TooLarge && link.session().strategy() == Some(Strategy::Ibf) {
                     // The difference outgrew the server's sketch: the next
                     // hello carries the version vector instead.
                     *send_vv = true;

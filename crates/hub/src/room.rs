@@ -17,7 +17,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use syncline_core::proto::message::{Envelope, Message, Reason};
-use syncline_core::proto::session::{Config as SessionConfig, EncodedPack, Event, Session};
+use syncline_core::proto::session::{
+    Config as SessionConfig, EncodedPack, Event, Session, Strategy,
+};
 use syncline_core::{AuthorId, NodeIdx};
 use syncline_store::{DurableRoom, ReplicaError};
 
@@ -104,7 +106,7 @@ pub enum HubEvent {
         /// Which.
         key: SessionKey,
         /// The difference strategy chosen.
-        strategy: &'static str,
+        strategy: Strategy,
     },
     /// A session left the hub.
     Ended {
@@ -537,7 +539,7 @@ impl RoomHub {
                     }
                     Event::Connected => self.events.push_back(HubEvent::Connected {
                         key,
-                        strategy: member.session.strategy().unwrap_or("none"),
+                        strategy: member.session.strategy().unwrap_or(Strategy::Heads),
                     }),
                     Event::Closed {
                         reason, by_peer, ..

@@ -559,6 +559,7 @@ impl RoomTask {
                     debug!(peer = %peer, session = key.session, conn = key.conn, "session opened");
                 }
                 HubEvent::Connected { key, strategy } => {
+                    let strategy = strategy.capability();
                     metrics::counter!(telemetry::DIFF_STRATEGY, "strategy" => strategy)
                         .increment(1);
                     debug!(

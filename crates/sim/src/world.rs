@@ -26,7 +26,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use syncline_core::proto::message::Envelope;
 use syncline_core::proto::scope::Scope;
-use syncline_core::proto::session::{CAP_DIFF_IBF, CAP_DIFF_MST, Config, Event};
+use syncline_core::proto::session::{Config, Event, Strategy};
 use syncline_core::{Keypair, NodeId, RoomId};
 use syncline_hub::{ClientLink, End, HubConfig, HubEvent, Input, RoomHub};
 use syncline_store::{DurableRoom, FaultPlan, FaultyStore, ReplicaError, Store};
@@ -730,8 +730,8 @@ impl World {
                 }
                 Event::Connected => {
                     let slot = match cc.link.session().strategy() {
-                        Some(CAP_DIFF_IBF) => &mut self.strategies.ibf,
-                        Some(CAP_DIFF_MST) => &mut self.strategies.mst,
+                        Some(Strategy::Ibf) => &mut self.strategies.ibf,
+                        Some(Strategy::Mst) => &mut self.strategies.mst,
                         _ => &mut self.strategies.heads,
                     };
                     *slot += 1;
