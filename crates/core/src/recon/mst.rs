@@ -563,7 +563,7 @@ impl std::error::Error for ReconcileError {}
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Diff {
     /// Keys the responder has and the initiator lacks (their prefixes:
-    /// the responder resolves them with [`Mst::keys_with_prefix`]).
+    /// the responder resolves them with `Room::nodes_for_key_prefixes`).
     pub remote_only: Vec<KeyPrefix>,
     /// Keys the initiator has and the responder lacks.
     pub local_only: Vec<Key>,

@@ -20,7 +20,7 @@
 //! public interface and the routing of messages; `handshake.rs` the
 //! `hello`/`welcome`, `difference.rs` RIBLT and the MST, `transfer.rs` packs,
 //! the send window and acknowledgements, `subscriptions.rs` scopes. What
-//! only one end keeps is in its [`Role`] (a client's catch-up and decoders,
+//! only one end keeps is in its `Role` (a client's catch-up and decoders,
 //! a server's view of what the client holds); the strategy is a
 //! [`Strategy`].
 
