@@ -786,7 +786,15 @@ fn silent_and_idle_connections_time_out_and_others_get_in() {
             server
                 .metric("syncline_connections_closed_total", "reason=\"timeout\"")
                 .await
-                >= 1.0
+                >= 1.0,
+            "idle WebSockets closed timeout"
+        );
+        assert!(
+            server
+                .metric("syncline_connections_closed_total", "reason=\"http\"")
+                .await
+                >= 1.0,
+            "silent TCP connections closed at the header timeout"
         );
         after_attack(&mut server, &honest, peak, "silent connections").await;
         drop(held);
@@ -829,17 +837,6 @@ fn a_peer_that_never_reads_is_closed_lagging_and_freed() {
             held = Some(h);
         })
         .await;
-        eprintln!(
-            "{}",
-            server
-                .get("/metrics")
-                .await
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| l.contains("relay_seconds"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
         honest.check("never reads");
         let lagging = server
             .metric("syncline_connections_closed_total", "reason=\"lagging\"")

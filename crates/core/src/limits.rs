@@ -46,8 +46,10 @@ pub const MAX_PACK_BYTES: usize = 64 * 1024 * 1024;
 /// cannot become 64 MiB. Packers store a body raw when its compression
 /// would exceed the ratio.
 pub const MAX_INFLATE_RATIO: usize = 32;
-/// Bodies up to this size decompress whatever their ratio.
-pub const MAX_INFLATE_FLOOR: usize = 1 << 20;
+/// Bodies up to this size decompress whatever their ratio (a store's
+/// segments and a session's packs stay below it; a whole history exported
+/// as one pack may be stored raw).
+pub const MAX_INFLATE_FLOOR: usize = 8 << 20;
 
 /// The most a compressed body of `compressed` bytes may inflate to.
 pub const fn max_inflated(compressed: usize) -> usize {

@@ -452,6 +452,20 @@ fn compress(body: &[u8], level: i32) -> Option<Vec<u8>> {
     })
 }
 
+/// What a pack's body will take once decompressed, as far as a receiver
+/// lets it: its declared size, at most [`crate::limits::max_inflated`] of
+/// its compressed size (a body declaring more is refused before it
+/// inflates). `None` if the header does not parse. A relay reserves this
+/// much of its inflation budget before it steps the pack.
+pub fn inflated_len(pack: &[u8]) -> Option<usize> {
+    if pack.len() < 5 || &pack[..4] != MAGIC {
+        return None;
+    }
+    let mut c = Cursor::new(&pack[5..]);
+    let declared = usize::try_from(c.get().ok()?).ok()?;
+    Some(declared.min(crate::limits::max_inflated(c.rest().len())))
+}
+
 fn decompress(pack: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, PackError> {
     if pack.len() < 5 || &pack[..4] != MAGIC {
         return Err(PackError::BadHeader);
@@ -1368,7 +1382,7 @@ mod tests {
         // What the packer makes always passes: a body that would compress
         // past the ratio is stored raw.
         let k = Keypair::from_seed([4; 32]);
-        let mut nodes = typing(&k, 20, None);
+        let mut nodes = typing(&k, 100, None);
         let mut prev = None;
         for (i, (id, node, _)) in nodes.iter_mut().enumerate() {
             node.parents = prev.into_iter().collect();
@@ -1380,22 +1394,22 @@ mod tests {
             *id = Node::id_of(&node.encode());
             prev = Some(*id);
         }
-        // Signed only at its end, 2 MB of one chain cannot be relayed in
+        // Signed only at its end, 10 MB of one chain cannot be relayed in
         // frames: refused.
         assert_eq!(
             decode(&pack_of(&k, &nodes), &room(), &nothing_held).unwrap_err(),
             PackError::TooLarge("content before a signature")
         );
         // Signed every 500 KB, as packers do, it passes.
-        let sigs: Vec<(usize, Signature)> = (4..20)
+        let sigs: Vec<(usize, Signature)> = (4..100)
             .step_by(5)
             .map(|i| (i, k.sign(&nodes[i].0)))
             .collect();
         let pack = encode(&room(), &raws(&nodes, false), &sigs, DEFAULT_ZSTD_LEVEL);
-        assert_eq!(pack[4], 0, "2 MB of one letter is stored raw");
+        assert_eq!(pack[4], 0, "10 MB of one letter is stored raw");
         assert_eq!(
             decode(&pack, &room(), &nothing_held).unwrap().nodes.len(),
-            20
+            100
         );
     }
 }

@@ -71,9 +71,9 @@ pub struct Config {
     /// Bytes queued for all connections together: past it, the connection
     /// whose frame does not fit is closed `lagging`.
     pub outbound_total_bytes: usize,
-    /// Bytes that frames being stepped may inflate to, for all rooms
-    /// together (each pack may inflate to 32 times its size, at least
-    /// 1 MiB and at most 64 MiB): a batch waits until its share is free.
+    /// Bytes that packs being stepped may inflate to, for all rooms
+    /// together (what each declares, at most 32 times its size or 8 MiB,
+    /// and at most 64 MiB): a batch waits until its share is free.
     pub inflate_budget_bytes: usize,
     /// A write to a peer that takes longer than this closes it `lagging`.
     pub write_timeout: Duration,
@@ -295,7 +295,15 @@ impl Server {
                     .with_upgrades();
                 let mut served = std::pin::pin!(served);
                 tokio::select! {
-                    _ = served.as_mut() => {}
+                    served = served.as_mut() => {
+                        // A peer that never finished its request (the
+                        // header timeout), or sent one that does not parse.
+                        if let Err(e) = served {
+                            debug!(%addr, error = %e, "HTTP connection failed");
+                            metrics::counter!(telemetry::CONNECTIONS_CLOSED, "reason" => "http")
+                                .increment(1);
+                        }
+                    }
                     () = stopped(&mut stopping) => {
                         served.as_mut().graceful_shutdown();
                         let _ = tokio::time::timeout(Duration::from_millis(200), served).await;

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use syncline_core::limits::max_inflated;
+use syncline_core::pack::inflated_len;
 use syncline_core::proto::message::{Envelope, Message, Reason};
 use syncline_core::{Keypair, RoomId};
 use syncline_hub::{End, HubConfig, HubEvent, Input, RoomHub, SessionKey};
@@ -468,11 +468,10 @@ impl RoomTask {
                     env,
                     out,
                     received: at,
-                    bytes,
                     ..
                 } => {
-                    if matches!(env.message, Message::Pack { .. }) {
-                        inflate += max_inflated(bytes);
+                    if let Message::Pack { pack, .. } = &env.message {
+                        inflate += inflated_len(pack).unwrap_or(0);
                     }
                     self.outs.entry(conn).or_insert(out);
                     received.push(at);
