@@ -163,14 +163,22 @@ impl Server {
             self.child.try_wait().unwrap().is_none(),
             "the server process died"
         );
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
-        kb << 10
+        rss_of(self.child.id()).expect("the server's /proc status")
     }
+}
+
+/// Resident bytes of process `pid`, from `/proc`.
+fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb << 10)
 }
 
 impl Drop for Server {
@@ -471,29 +479,34 @@ async fn after_attack(server: &mut Server, honest: &Honest, peak_rss: u64, attac
     }
 }
 
-/// Samples the server's RSS every 50 ms while `attack` runs; the peak.
-async fn with_rss<F: std::future::Future<Output = ()>>(pid: u32, attack: F) -> u64 {
+/// Runs `attack` while honest rounds go on for at least `secs` seconds,
+/// sampling the server's RSS every 50 ms; the peak and what the attack
+/// returned (connections it holds open, say).
+async fn under_attack<T>(
+    server: &Server,
+    honest: &mut Honest,
+    secs: u64,
+    attack: impl std::future::Future<Output = T>,
+) -> (u64, T) {
+    let pid = server.child.id();
     let peak = Arc::new(Mutex::new(0));
     let sampler = {
         let peak = peak.clone();
         tokio::spawn(async move {
             loop {
-                if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    && let Some(kb) = status
-                        .lines()
-                        .find_map(|l| l.strip_prefix("VmRSS:"))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                {
+                if let Some(rss) = rss_of(pid) {
                     let mut p = peak.lock().unwrap();
-                    *p = (*p).max(kb << 10);
+                    *p = (*p).max(rss);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
     };
-    attack.await;
+    let until = Instant::now() + Duration::from_secs(secs);
+    let (out, ()) = tokio::join!(attack, honest.rounds_until(server, until));
     sampler.abort();
-    *peak.lock().unwrap()
+    let peak = *peak.lock().unwrap();
+    (peak, out)
 }
 
 fn envelope(session: u64, corr: u64, message: Message) -> Vec<u8> {
@@ -599,11 +612,7 @@ fn garbage_protocol_violations_and_oversized_frames_close_only_their_connection(
                 let _ = tcp.write_all(&[0x0f; 64]).await;
             }
         };
-        let peak = with_rss(server.child.id(), async {
-            let until = Instant::now() + Duration::from_secs(3);
-            tokio::join!(attack, honest.rounds_until(&server, until));
-        })
-        .await;
+        let (peak, ()) = under_attack(&server, &mut honest, 3, attack).await;
         honest.check("garbage");
         assert!(
             server
@@ -668,11 +677,7 @@ fn compression_bombs_are_refused_without_inflating() {
                 let _ = t.await;
             }
         };
-        let peak = with_rss(server.child.id(), async {
-            let until = Instant::now() + Duration::from_secs(3);
-            tokio::join!(attack, honest.rounds_until(&server, until));
-        })
-        .await;
+        let (peak, ()) = under_attack(&server, &mut honest, 3, attack).await;
         honest.check("compression bombs");
         assert!(
             server
@@ -712,16 +717,7 @@ fn thousands_of_rooms_from_one_peer_do_not_lock_others_out() {
             tokio::time::sleep(Duration::from_secs(2)).await;
             conns
         };
-        let (peak, conns) = {
-            let mut conns = Vec::new();
-            let peak = with_rss(server.child.id(), async {
-                let until = Instant::now() + Duration::from_secs(4);
-                let (c, ()) = tokio::join!(attack, honest.rounds_until(&server, until));
-                conns = c;
-            })
-            .await;
-            (peak, conns)
-        };
+        let (peak, conns) = under_attack(&server, &mut honest, 4, attack).await;
         honest.check("thousands of rooms");
         let loaded = server.metric("syncline_rooms_loaded", "").await;
         eprintln!("thousands of rooms: {loaded} rooms loaded with the attacker connected");
@@ -765,13 +761,7 @@ fn silent_and_idle_connections_time_out_and_others_get_in() {
             tokio::time::sleep(Duration::from_secs(3)).await;
             (silent, idle)
         };
-        let mut held = None;
-        let peak = with_rss(server.child.id(), async {
-            let until = Instant::now() + Duration::from_secs(4);
-            let (h, ()) = tokio::join!(attack, honest.rounds_until(&server, until));
-            held = Some(h);
-        })
-        .await;
+        let (peak, held) = under_attack(&server, &mut honest, 4, attack).await;
         honest.check("silent connections");
         // Every silent and idle connection has been closed by now.
         let open = server.metric("syncline_tcp_connections", "").await;
@@ -830,13 +820,7 @@ fn a_peer_that_never_reads_is_closed_lagging_and_freed() {
             tokio::time::sleep(Duration::from_secs(4)).await;
             stalled
         };
-        let mut held = None;
-        let peak = with_rss(server.child.id(), async {
-            let until = Instant::now() + Duration::from_secs(4);
-            let (h, ()) = tokio::join!(attack, honest.rounds_until(&server, until));
-            held = Some(h);
-        })
-        .await;
+        let (peak, held) = under_attack(&server, &mut honest, 4, attack).await;
         honest.check("never reads");
         let lagging = server
             .metric("syncline_connections_closed_total", "reason=\"lagging\"")
@@ -879,11 +863,7 @@ fn repeated_hellos_for_a_large_room_do_not_starve_a_newcomer() {
                 let _ = t.await;
             }
         };
-        let peak = with_rss(server.child.id(), async {
-            let until = Instant::now() + Duration::from_secs(4);
-            tokio::join!(attack, honest.rounds_until(&server, until));
-        })
-        .await;
+        let (peak, ()) = under_attack(&server, &mut honest, 4, attack).await;
         honest.check("repeated hellos");
         after_attack(&mut server, &honest, peak, "repeated hellos").await;
     });
@@ -939,13 +919,7 @@ fn a_flood_is_rate_limited() {
             }
             closed
         };
-        let mut closed = Vec::new();
-        let peak = with_rss(server.child.id(), async {
-            let until = Instant::now() + Duration::from_secs(3);
-            let (c, ()) = tokio::join!(attack, honest.rounds_until(&server, until));
-            closed = c;
-        })
-        .await;
+        let (peak, closed) = under_attack(&server, &mut honest, 3, attack).await;
         honest.check("flood");
         assert!(
             closed
@@ -1009,16 +983,10 @@ fn a_peer_cannot_fill_the_disk() {
         let mut honest = Honest::measure(&server, &["quiet-room"]).await;
         let mut filler = Replica::new("filled", 40);
         filler.write_bulk(60, 100_000);
-        let peak = with_rss(server.child.id(), async {
-            let until = Instant::now() + Duration::from_secs(2);
-            let (filled, ()) = tokio::join!(
-                filler.round(&server, ATTACKER),
-                honest.rounds_until(&server, until)
-            );
-            let refused = filled.expect_err("6 MB went into a room of 3 MB");
-            assert!(refused.contains("quota_exceeded"), "{refused}");
-        })
-        .await;
+        let (peak, filled) =
+            under_attack(&server, &mut honest, 2, filler.round(&server, ATTACKER)).await;
+        let refused = filled.expect_err("6 MB went into a room of 3 MB");
+        assert!(refused.contains("quota_exceeded"), "{refused}");
         honest.check("disk fill");
         // What the room holds is still served.
         let mut reader = Replica::new("filled", 41);

@@ -886,13 +886,7 @@ impl World {
         }
         self.trace("relay-step", inputs.len() as u64, 0);
         if self.relay.hub.is_none() {
-            let room = self.load_relay_room()?;
-            let config = HubConfig {
-                session: self.scenario.config.clone(),
-                slice_bytes: self.scenario.slice_bytes,
-                max_room_bytes: u64::MAX,
-            };
-            self.relay.hub = Some(RoomHub::new(room, config, 0));
+            self.relay.hub = Some(self.load_relay_hub()?);
         }
         let hub = self.relay.hub.as_mut().expect("loaded above");
         if hub.handle_batch(self.now, inputs).is_err() {
@@ -906,6 +900,17 @@ impl World {
         }
         self.relay_output();
         Ok(())
+    }
+
+    /// The relay's hub over its room loaded from its store (checked).
+    fn load_relay_hub(&mut self) -> Result<RoomHub, String> {
+        let room = self.load_relay_room()?;
+        let config = HubConfig {
+            session: self.scenario.config.clone(),
+            slice_bytes: self.scenario.slice_bytes,
+            max_room_bytes: u64::MAX,
+        };
+        Ok(RoomHub::new(room, config, 0))
     }
 
     /// Loads the relay's room from its store, checking that it is faithful
@@ -1017,13 +1022,7 @@ impl World {
         self.trace("restart-relay", 0, 0);
         // The room loads at the first input, as on the relay; loading it
         // now checks at once that nothing acknowledged was lost.
-        let room = self.load_relay_room()?;
-        let config = HubConfig {
-            session: self.scenario.config.clone(),
-            slice_bytes: self.scenario.slice_bytes,
-            max_room_bytes: u64::MAX,
-        };
-        self.relay.hub = Some(RoomHub::new(room, config, 0));
+        self.relay.hub = Some(self.load_relay_hub()?);
         self.relay.up = true;
         self.plan_write_fault_relay();
         Ok(())
