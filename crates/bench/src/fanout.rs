@@ -8,8 +8,9 @@
 //! memory are its own. The reference relay broadcasts every binary frame
 //! to every other connection: no handshake, no validation, no storage, the
 //! floor that a relay's latency is a ratio to. The clients are tasks in
-//! this process with in-memory rooms (the SDK's per-replica SQLite files
-//! and threads would measure the client side, not the server).
+//! this process, each a replica over a memory store synced through the
+//! SDK's client half (`syncline_hub::ClientLink`); the SDK's per-replica
+//! SQLite files and threads would measure the client side, not the server.
 //!
 //! Writers send on a schedule: edit `n` of a writer is due at its start
 //! plus `n / 6` s, carries that scheduled time, and latency is measured
@@ -30,8 +31,11 @@ use anyhow::{Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION, Phase};
-use syncline_core::proto::session::{Config as SessionConfig, Event, Session};
-use syncline_core::{Keypair, Op, Room, RoomId, Value};
+use syncline_core::proto::scope::Scope;
+use syncline_core::proto::session::Config as SessionConfig;
+use syncline_core::{Keypair, Op, RoomId, Value};
+use syncline_hub::ClientLink;
+use syncline_store::{DurableRoom, MemoryStore};
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -265,32 +269,33 @@ async fn client(
     let (sink, mut stream) = ws.split();
     let sink = Arc::new(Mutex::new(sink));
     let key = Keypair::from_seed(*blake3::hash(&(index as u64).to_le_bytes()).as_bytes());
-    let room = Arc::new(Mutex::new(Room::new(RoomId::new("fanout")?)));
     let now = || shared.epoch.elapsed().as_millis() as u64;
-    let session = {
-        let mut r = room.lock().await;
-        Arc::new(Mutex::new(Session::client(
-            now(),
-            1,
-            &mut r,
-            &key,
-            SessionConfig::default(),
-        )))
-    };
-    let pending = |s: &mut Session| std::iter::from_fn(|| s.poll_transmit()).collect::<Vec<_>>();
+    // A replica in memory, synced through the SDK's client half.
+    let mut durable = DurableRoom::load(
+        Arc::new(MemoryStore::new()),
+        key.clone(),
+        &RoomId::new("fanout")?,
+    )?;
+    let link = ClientLink::open(
+        now(),
+        1,
+        &mut durable,
+        SessionConfig::default(),
+        Scope::everything(),
+    )?;
+    let replica = Arc::new(Mutex::new((durable, link)));
+    let pending = |l: &mut ClientLink| std::iter::from_fn(|| l.poll_transmit()).collect::<Vec<_>>();
     if target == Target::Syncline {
-        let frames = pending(&mut *session.lock().await);
+        let frames = pending(&mut replica.lock().await.1);
         send_frames(&sink, frames).await?;
     }
     let reader = {
-        let (session, room, sink, shared, raw) = (
-            session.clone(),
-            room.clone(),
+        let (replica, sink, shared, raw) = (
+            replica.clone(),
             sink.clone(),
             shared.clone(),
             raw.clone(),
         );
-        let key = key.clone();
         async move {
             let now = || shared.epoch.elapsed().as_millis() as u64;
             while let Some(Ok(message)) = stream.next().await {
@@ -327,34 +332,34 @@ async fn client(
                 }
                 let mut stamps = Vec::new();
                 let frames = {
-                    let mut r = room.lock().await;
-                    let first = r.dag().next_idx();
-                    let mut s = session.lock().await;
+                    let mut guard = replica.lock().await;
+                    let (durable, link) = &mut *guard;
+                    let first = durable.room().dag().next_idx();
                     match (target, env.message) {
                         (Target::Reference, Message::Pack { pack, .. }) => {
-                            let _ = r.receive_pack(&pack);
+                            let _ = durable.receive_pack(&pack);
                         }
                         (Target::Reference, _) => {}
                         (Target::Syncline, message) => {
                             let env = Envelope { message, ..env };
-                            s.handle_envelope(now(), env, &mut r, Some(&key));
-                            while let Some(event) = s.poll_event() {
-                                if let Event::Accepted { corr, .. } = event {
-                                    s.acknowledge(now(), corr, &r);
-                                }
+                            if link.handle_envelopes(now(), durable, [env]).is_err() {
+                                break;
                             }
+                            // Acknowledges what arrived, trims the outbox.
+                            while let Ok(Some(_)) = link.poll_event(now(), durable) {}
                         }
                     }
-                    for idx in first..r.dag().next_idx() {
+                    let dag = durable.room().dag();
+                    for idx in first..dag.next_idx() {
                         if let Some(Op::Set {
                             value: Value::Int(v),
                             ..
-                        }) = r.dag().ops(idx).first()
+                        }) = dag.ops(idx).first()
                         {
                             stamps.push(unstamp(*v));
                         }
                     }
-                    pending(&mut s)
+                    pending(link)
                 };
                 if !stamps.is_empty() {
                     let mut delivered = shared.delivered.lock().unwrap_or_else(|p| p.into_inner());
@@ -372,7 +377,7 @@ async fn client(
     let reader = tokio::spawn(reader);
     if target == Target::Syncline {
         // Wait for the handshake before counting this client ready.
-        while !session.lock().await.is_settled() {
+        while !replica.lock().await.1.session().is_settled() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         raw.store(role != Role::Probe, Ordering::Relaxed);
@@ -392,22 +397,26 @@ async fn client(
                 break;
             }
             let frames = {
-                let mut r = room.lock().await;
-                let mut tx = r.begin(key.author(), 1_767_225_600_000 + scheduled as u64 / 1000);
-                tx.set(
-                    &format!("/w{index}/{}", n % 8),
-                    "t",
-                    Value::Int(stamp(scheduled, index)),
-                )?;
-                let Some(c) = tx.commit()? else { continue };
+                let mut guard = replica.lock().await;
+                let (durable, link) = &mut *guard;
+                let wall_ms = 1_767_225_600_000 + scheduled as u64 / 1000;
+                let Some(c) = durable.transact(wall_ms, |tx| {
+                    tx.set(
+                        &format!("/w{index}/{}", n % 8),
+                        "t",
+                        Value::Int(stamp(scheduled, index)),
+                    )
+                })?
+                else {
+                    continue;
+                };
                 match target {
                     Target::Syncline => {
-                        let mut s = session.lock().await;
-                        s.send_nodes(now(), &mut r, &[c.idx], Some(&key));
-                        pending(&mut s)
+                        link.send_local(now(), durable, &[c.idx]);
+                        pending(link)
                     }
                     Target::Reference => {
-                        let pack = r.pack(&[c.idx], Some(&key))?;
+                        let pack = durable.export_pack(&[c.idx])?;
                         let env = Envelope {
                             version: PROTOCOL_VERSION,
                             session: 1,
