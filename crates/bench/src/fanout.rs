@@ -290,12 +290,8 @@ async fn client(
         send_frames(&sink, frames).await?;
     }
     let reader = {
-        let (replica, sink, shared, raw) = (
-            replica.clone(),
-            sink.clone(),
-            shared.clone(),
-            raw.clone(),
-        );
+        let (replica, sink, shared, raw) =
+            (replica.clone(), sink.clone(), shared.clone(), raw.clone());
         async move {
             let now = || shared.epoch.elapsed().as_millis() as u64;
             while let Some(Ok(message)) = stream.next().await {

@@ -101,6 +101,9 @@ pub(crate) struct Rooms {
     inflate: Arc<Semaphore>,
     /// `true` once the server stops.
     stop: watch::Sender<bool>,
+    /// Rooms whose last write failed: their next load makes what the store
+    /// reads back durable first.
+    write_failed: Mutex<std::collections::HashSet<RoomId>>,
     /// The store is past [`Config::max_store_bytes`].
     pub(crate) store_full: std::sync::atomic::AtomicBool,
     tasks: Mutex<JoinSet<()>>,
@@ -124,6 +127,7 @@ impl Rooms {
             loaded: Mutex::new(HashMap::new()),
             stop: watch::Sender::new(false),
             store_full: std::sync::atomic::AtomicBool::new(false),
+            write_failed: Mutex::new(std::collections::HashSet::new()),
             tasks: Mutex::new(JoinSet::new()),
             epoch: Instant::now(),
         })
@@ -131,6 +135,10 @@ impl Rooms {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<RoomId, Loaded>> {
         self.loaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_write_failed(&self) -> MutexGuard<'_, std::collections::HashSet<RoomId>> {
+        self.write_failed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The inbox of `room`, loading it if needed.
@@ -315,15 +323,25 @@ impl RoomTask {
             slice_bytes: rooms.config.slice_bytes,
             max_room_bytes: rooms.config.max_room_bytes,
         };
+        // After a failed write, what the store reads back may not be
+        // durable: the load makes it so first (or fails).
+        let after_failure = rooms.lock_write_failed().remove(&id);
         let loaded = {
             let _permit = rooms.workers.acquire().await;
             tokio::task::spawn_blocking(move || {
+                let room = if after_failure {
+                    DurableRoom::load_after_failure(store.clone(), key, &id)?
+                } else {
+                    DurableRoom::load(store.clone(), key, &id)?
+                };
                 let bytes = store.room_bytes(&id)?;
-                let room = DurableRoom::load(store, key, &id)?;
                 Ok::<_, syncline_store::ReplicaError>((room, bytes.history + bytes.checkpoint))
             })
             .await
         };
+        if after_failure && !matches!(loaded, Ok(Ok(_))) {
+            rooms.lock_write_failed().insert(self.id.clone());
+        }
         let mut hub = match loaded {
             Ok(Ok((room, bytes))) => {
                 info!(nodes = room.room().dag().len(), bytes, "room loaded");
@@ -396,6 +414,7 @@ impl RoomTask {
             self.dispatch(&mut hub);
             if !stored {
                 warn!("storage failed: closed the room's sessions; it reloads when next needed");
+                self.rooms.lock_write_failed().insert(self.id.clone());
                 break;
             }
             if hub.session_count() == 0 {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use syncline_core::proto::message::Envelope;
+use syncline_core::proto::message::{Envelope, Reason};
 use syncline_core::proto::scope::Scope;
 use syncline_core::proto::session::{Config, Event, Strategy};
 use syncline_core::{Keypair, NodeId, RoomId};
@@ -50,6 +50,9 @@ const NAMESPACE: Namespace = Namespace {
     texts: &["/t1", "/projects/alpha/doc"],
     fields: &["x", "y", "title"],
 };
+
+/// Why the relay's room does not load while its disk fails.
+const STILL_FAILING: &str = "the relay's storage still fails";
 
 /// Wall-clock origin of the virtual clock (2026-01-01), so HLC times look
 /// real.
@@ -192,6 +195,9 @@ struct Relay {
     step_scheduled: bool,
     /// Bytes sent to each connection and not yet delivered (or lost).
     in_flight: BTreeMap<u64, usize>,
+    /// A write failed since the room was last loaded: the next load makes
+    /// what the store holds durable first, as the relay does.
+    write_failed: bool,
 }
 
 /// Handshakes completed by each difference strategy.
@@ -291,6 +297,7 @@ impl World {
             inbox: Vec::new(),
             step_scheduled: false,
             in_flight: BTreeMap::new(),
+            write_failed: false,
         };
         let clients = (0..scenario.clients)
             .map(|_| {
@@ -886,7 +893,14 @@ impl World {
         }
         self.trace("relay-step", inputs.len() as u64, 0);
         if self.relay.hub.is_none() {
-            self.relay.hub = Some(self.load_relay_hub()?);
+            match self.load_relay_hub() {
+                Ok(hub) => self.relay.hub = Some(hub),
+                Err(e) if e == STILL_FAILING => {
+                    self.refuse(inputs);
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
         }
         let hub = self.relay.hub.as_mut().expect("loaded above");
         if hub.handle_batch(self.now, inputs).is_err() {
@@ -895,11 +909,37 @@ impl World {
             self.faults.write_failures += 1;
             self.relay_output();
             self.relay.hub = None;
+            self.relay.write_failed = true;
             self.after(100, 5_000, Action::DiskRecovers(None));
             return Ok(());
         }
         self.relay_output();
         Ok(())
+    }
+
+    /// The room cannot load (its disk still fails): as the relay does, every
+    /// session that sent a frame is closed `overloaded`, and its
+    /// connection ends.
+    fn refuse(&mut self, inputs: Vec<Input>) {
+        for input in inputs {
+            let Input::Frame { conn, env } = input else {
+                continue;
+            };
+            let Some(client) = self.relay.conns.remove(&conn) else {
+                continue;
+            };
+            let close = Envelope::close_frame(env.session, Reason::Overloaded, STILL_FAILING);
+            self.send(client, conn, Direction::ToClient, close);
+            let delay = self.net.delay(&mut self.rng);
+            self.at(
+                self.now + delay,
+                Action::Reset {
+                    client,
+                    conn,
+                    dir: Direction::ToClient,
+                },
+            );
+        }
     }
 
     /// The relay's hub over its room loaded from its store (checked).
@@ -916,13 +956,23 @@ impl World {
     /// Loads the relay's room from its store, checking that it is faithful
     /// and holds every node the relay acknowledged.
     fn load_relay_room(&mut self) -> Result<DurableRoom, String> {
-        let room = open_room(
-            &self.relay.store,
-            &self.relay.key,
-            &self.room_id,
-            self.checkpoint_every,
-        )
-        .map_err(|e| format!("the relay cannot load its room: {e}"))?;
+        let store: Arc<dyn Store> = Arc::new(self.relay.store.clone());
+        let key = self.relay.key.clone();
+        let loaded = if self.relay.write_failed {
+            DurableRoom::load_after_failure(store, key, &self.room_id)
+        } else {
+            DurableRoom::load(store, key, &self.room_id)
+        };
+        let mut room = match loaded {
+            Ok(room) => room,
+            // The disk still fails: the inputs wait for the next try.
+            Err(ReplicaError::Store(_)) if self.relay.write_failed => {
+                return Err(STILL_FAILING.into());
+            }
+            Err(e) => return Err(format!("the relay cannot load its room: {e}")),
+        };
+        room.set_checkpoint_min_nodes(self.checkpoint_every);
+        self.relay.write_failed = false;
         check_reopened(&self.relay.store, &room).map_err(|e| format!("the relay: {e}"))?;
         self.opened_from_checkpoint += u64::from(room.opened().from_checkpoint > 0);
         let held = room.room().dag().id_index();
@@ -998,6 +1048,8 @@ impl World {
         }
         self.faults.relay_crashes += 1;
         self.relay.store.crash();
+        // The cache of failed writes is gone with the process.
+        self.relay.write_failed = false;
         self.relay.up = false;
         self.relay.hub = None;
         self.relay.inbox.clear();

@@ -12,7 +12,11 @@ use syncline_sim::{replay_command, run};
 ///   never noticed and the client kept nodes waiting for parents forever.
 /// - 58, 91: nodes inserted before a refused node of the same pack were
 ///   persisted but never relayed to the room's other sessions.
-const REGRESSION_SEEDS: [u64; 6] = [0, 1, 10, 31, 58, 91];
+/// - 1720: after a failed write the relay reloaded its room from a store
+///   that still served the failed write from its cache, acknowledged those
+///   nodes, and lost them in a crash (the relay now makes what it reads
+///   back durable before loading: `DurableRoom::load_after_failure`).
+const REGRESSION_SEEDS: [u64; 7] = [0, 1, 10, 31, 58, 91, 1720];
 
 #[test]
 fn regression_seeds_pass() {

@@ -146,6 +146,10 @@ impl Replica {
     }
 }
 
+/// The metadata key [`DurableRoom::load_after_failure`] writes to make what
+/// a failed write left behind durable.
+const SYNCED_AFTER_FAILURE: &str = "synced-after-failure";
+
 /// One room of a durable replica.
 pub struct DurableRoom {
     room: Room,
@@ -243,6 +247,22 @@ impl DurableRoom {
             opened,
             checkpoint_min_nodes: CHECKPOINT_MIN_NODES,
         })
+    }
+
+    /// Loads room `id` after a write to `store` failed in this process.
+    /// What a store reads back after a failed write may include writes
+    /// that never became durable (a failed fsync leaves them in the cache,
+    /// readable), and a room loaded from them would acknowledge nodes a
+    /// crash then loses. One successful write makes everything written
+    /// before it durable, as an fsync does: that write comes first, and if
+    /// it fails too, so does the load.
+    pub fn load_after_failure(
+        store: Arc<dyn Store>,
+        key: Keypair,
+        id: &RoomId,
+    ) -> Result<DurableRoom, ReplicaError> {
+        store.put_meta(SYNCED_AFTER_FAILURE, id.as_str().as_bytes())?;
+        DurableRoom::load(store, key, id)
     }
 
     /// The in-memory room (history and document).

@@ -263,3 +263,35 @@ fn a_damaged_checkpoint_costs_a_replay_not_the_room() {
     assert_eq!(opened.replayed, room.room().dag().next_idx());
     assert_eq!(room.room().state_hash(), hash);
 }
+
+#[test]
+fn a_room_loaded_after_a_failed_write_holds_only_durable_nodes() {
+    use syncline_core::Keypair;
+    use syncline_store::DurableRoom;
+    let store = FaultyStore::new(FaultPlan::default());
+    let shared: Arc<dyn Store> = Arc::new(store.clone());
+    let key = Keypair::from_seed([3; 32]);
+    let mut r = DurableRoom::load(shared.clone(), key.clone(), &room()).unwrap();
+    r.transact(1, |tx| tx.set("/a", "v", Value::Int(1))).unwrap();
+    // The next write fails after reaching the cache: readable, not durable.
+    store.set_plan(FaultPlan {
+        fail_after_writes: Some(0),
+        seed: 9,
+    });
+    assert!(r.transact(2, |tx| tx.set("/a", "v", Value::Int(2))).is_err());
+    let cached = DurableRoom::load(shared.clone(), key.clone(), &room()).unwrap();
+    assert_eq!(cached.room().dag().len(), 2, "a plain load sees the failed write");
+    // While the disk fails, loading after the failure fails too.
+    assert!(DurableRoom::load_after_failure(shared.clone(), key.clone(), &room()).is_err());
+    // Once a write succeeds, everything before it is durable: what the room
+    // holds survives a crash.
+    store.set_plan(FaultPlan::default());
+    let loaded = DurableRoom::load_after_failure(shared.clone(), key.clone(), &room()).unwrap();
+    store.crash();
+    let after_crash = DurableRoom::load(shared, key, &room()).unwrap();
+    assert_eq!(
+        after_crash.room().state_hash(),
+        loaded.room().state_hash(),
+        "what the room loaded after the failure is durable"
+    );
+}
