@@ -493,18 +493,30 @@ struct ServeLimits {
 
 impl ServeLimits {
     fn apply(&self, config: &mut syncline_relay::Config) -> Result<(), Failed> {
-        let secs = |flag: &str, v: f64| {
-            Duration::try_from_secs_f64(v).map_err(|_| {
-                Failed::new(
-                    Exit::Usage,
-                    format!("--{flag} {v}: give a number of seconds, 0 or more"),
-                )
-            })
+        // A bound of 0 would refuse everything: a typo, not a policy.
+        let secs = |flag: &str, v: f64| match Duration::try_from_secs_f64(v) {
+            Ok(d) if !d.is_zero() => Ok(d),
+            _ => Err(Failed::new(
+                Exit::Usage,
+                format!("--{flag} {v}: give a number of seconds above 0"),
+            )),
         };
+        fn positive<T: PartialEq + Default + std::fmt::Display>(
+            flag: &str,
+            v: T,
+        ) -> Result<T, Failed> {
+            if v == T::default() {
+                return Err(Failed::new(
+                    Exit::Usage,
+                    format!("--{flag} 0 would refuse everything: give 1 or more"),
+                ));
+            }
+            Ok(v)
+        }
         macro_rules! set {
-            ($field:ident) => {
+            ($field:ident, $flag:literal) => {
                 if let Some(v) = self.$field {
-                    config.$field = v;
+                    config.$field = positive($flag, v)?;
                 }
             };
             ($field:ident, $flag:literal, secs) => {
@@ -513,19 +525,19 @@ impl ServeLimits {
                 }
             };
         }
-        set!(max_rooms);
-        set!(room_workers);
-        set!(max_connections);
-        set!(max_connections_per_ip);
-        set!(max_sessions_per_conn);
-        set!(max_sessions_per_ip);
-        set!(outbound_queue_bytes);
-        set!(peer_bytes_per_sec);
-        set!(peer_burst_bytes);
-        set!(max_room_bytes);
-        set!(peer_nodes_per_sec);
-        set!(peer_burst_nodes);
-        set!(max_store_bytes);
+        set!(max_rooms, "max-rooms");
+        set!(room_workers, "room-workers");
+        set!(max_connections, "max-connections");
+        set!(max_connections_per_ip, "max-connections-per-ip");
+        set!(max_sessions_per_conn, "max-sessions-per-conn");
+        set!(max_sessions_per_ip, "max-sessions-per-ip");
+        set!(outbound_queue_bytes, "outbound-queue-bytes");
+        set!(peer_bytes_per_sec, "peer-bytes-per-sec");
+        set!(peer_burst_bytes, "peer-burst-bytes");
+        set!(max_room_bytes, "max-room-bytes");
+        set!(peer_nodes_per_sec, "peer-nodes-per-sec");
+        set!(peer_burst_nodes, "peer-burst-nodes");
+        set!(max_store_bytes, "max-store-bytes");
         set!(upgrade_timeout, "upgrade-timeout", secs);
         set!(session_wait, "session-wait", secs);
         set!(write_timeout, "write-timeout", secs);

@@ -272,15 +272,23 @@ fn a_room_loaded_after_a_failed_write_holds_only_durable_nodes() {
     let shared: Arc<dyn Store> = Arc::new(store.clone());
     let key = Keypair::from_seed([3; 32]);
     let mut r = DurableRoom::load(shared.clone(), key.clone(), &room()).unwrap();
-    r.transact(1, |tx| tx.set("/a", "v", Value::Int(1))).unwrap();
+    r.transact(1, |tx| tx.set("/a", "v", Value::Int(1)))
+        .unwrap();
     // The next write fails after reaching the cache: readable, not durable.
     store.set_plan(FaultPlan {
         fail_after_writes: Some(0),
         seed: 9,
     });
-    assert!(r.transact(2, |tx| tx.set("/a", "v", Value::Int(2))).is_err());
+    assert!(
+        r.transact(2, |tx| tx.set("/a", "v", Value::Int(2)))
+            .is_err()
+    );
     let cached = DurableRoom::load(shared.clone(), key.clone(), &room()).unwrap();
-    assert_eq!(cached.room().dag().len(), 2, "a plain load sees the failed write");
+    assert_eq!(
+        cached.room().dag().len(),
+        2,
+        "a plain load sees the failed write"
+    );
     // While the disk fails, loading after the failure fails too.
     assert!(DurableRoom::load_after_failure(shared.clone(), key.clone(), &room()).is_err());
     // Once a write succeeds, everything before it is durable: what the room
