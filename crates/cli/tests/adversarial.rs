@@ -84,8 +84,16 @@ impl Server {
         Server::start_with(&[]).await
     }
 
-    /// With [`LIMITS`] and `extra` arguments.
+    /// With [`LIMITS`], `extra` arguments (flag and value pairs) replacing
+    /// or adding to them.
     async fn start_with(extra: &[&str]) -> Server {
+        let mut args: Vec<&str> = Vec::new();
+        for pair in LIMITS.chunks(2) {
+            if !extra.chunks(2).any(|e| e[0] == pair[0]) {
+                args.extend_from_slice(pair);
+            }
+        }
+        args.extend_from_slice(extra);
         let data = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -96,8 +104,7 @@ impl Server {
             .args(["serve", "--data"])
             .arg(data.path())
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(LIMITS)
-            .args(extra)
+            .args(&args)
             .stdout(Stdio::null())
             // SYNCLINE_ATTACK_LOG=FILE keeps the server's log, to see why
             // an attack failed.
@@ -1009,5 +1016,40 @@ fn a_peer_cannot_fill_the_disk() {
             .await
             .expect_err("the store is full");
         assert!(refused.contains("quota_exceeded"), "{refused}");
+    });
+}
+
+#[test]
+fn at_the_room_cap_idle_rooms_make_way() {
+    run(async {
+        // 10 rooms at most, idle ones kept a minute unless room is needed.
+        let server = Server::start_with(&["--max-rooms", "10", "--room-idle", "60"]).await;
+        let mut refused = 0;
+        for i in 0..25 {
+            let mut replica = Replica::new(&format!("room-{i}"), 50);
+            let mut tries = 0;
+            loop {
+                match replica.round(&server, HONEST).await {
+                    Ok(_) => break,
+                    Err(e) if e.contains("overloaded") && tries < 20 => {
+                        // Past the cap: idle rooms were asked to unload.
+                        refused += 1;
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => panic!("room {i}: {e}"),
+                }
+            }
+        }
+        let loaded = server.metric("syncline_rooms_loaded", "").await;
+        eprintln!("room cap: 25 rooms through a cap of 10, {refused} refusals, {loaded} loaded");
+        assert!(loaded <= 10.0, "{loaded} rooms loaded");
+        assert!(refused >= 1, "the cap was never reached");
+        assert!(
+            server
+                .metric("syncline_refused_total", "why=\"rooms\"")
+                .await
+                >= 1.0
+        );
     });
 }
