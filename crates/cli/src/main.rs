@@ -60,6 +60,11 @@ enum Command {
         /// resumption of interrupted catch-ups, more overhead).
         #[arg(long, default_value_t = 50_000)]
         max_pack_nodes: usize,
+        /// Serve on a non-loopback address although every room is open
+        /// (no access control yet: anyone who reaches it may read and
+        /// write every room).
+        #[arg(long)]
+        open: bool,
         #[command(flatten)]
         limits: ServeLimits,
     },
@@ -292,8 +297,9 @@ fn run(cli: Cli) -> Outcome {
             data,
             listen,
             max_pack_nodes,
+            open,
             limits,
-        } => serve(data.clone(), *listen, *max_pack_nodes, limits),
+        } => serve(data.clone(), *listen, *max_pack_nodes, *open, limits),
         Command::Init => {
             let replica = open(&cli)?;
             print(
@@ -550,6 +556,7 @@ fn serve(
     data: PathBuf,
     listen: std::net::SocketAddr,
     max_pack_nodes: usize,
+    open: bool,
     limits: &ServeLimits,
 ) -> Outcome {
     let runtime = tokio::runtime::Runtime::new()
@@ -561,10 +568,12 @@ fn serve(
             ..syncline_relay::Config::default()
         };
         config.session.max_pack_nodes = max_pack_nodes.max(1);
+        config.open_on_network = open;
         limits.apply(&mut config)?;
         let server = syncline_relay::Server::bind(config).await.map_err(|e| {
             let exit = match e {
-                syncline_relay::RelayError::Listen { .. } => Exit::Usage,
+                syncline_relay::RelayError::Listen { .. }
+                | syncline_relay::RelayError::OpenOnNetwork(_) => Exit::Usage,
                 _ => Exit::Storage,
             };
             Failed::new(exit, e.to_string())

@@ -489,3 +489,42 @@ fn sync_timeout_bounds_a_connect_that_never_completes() {
     assert!(took < Duration::from_secs(6), "exited after {took:?}");
     assert!(stderr.contains("within 2 s"), "{stderr}");
 }
+
+#[test]
+fn serve_refuses_an_open_relay_on_a_network_address_unless_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args(["serve", "--data"])
+        .arg(dir.path().join("server"))
+        .args(["--listen", &format!("0.0.0.0:{port}")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--open"), "{stderr}");
+    assert!(
+        !dir.path().join("server").exists(),
+        "nothing is created when refusing"
+    );
+    // Told so, it serves (0.0.0.0 includes loopback).
+    let child = Command::new(BIN)
+        .args(["serve", "--open", "--data"])
+        .arg(dir.path().join("server"))
+        .args(["--listen", &format!("0.0.0.0:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server {
+        child: Some(child),
+        port,
+        data: dir.path().join("server"),
+        extra: Vec::new(),
+    };
+    let deadline = Instant::now() + WAIT;
+    while server.get("/healthz").as_deref() != Some("ok") {
+        assert!(Instant::now() < deadline, "the open relay did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

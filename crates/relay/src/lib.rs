@@ -108,6 +108,11 @@ pub struct Config {
     /// `rate_limited` (after the batch that went past: what it inserted is
     /// durable and acknowledged).
     pub peer_burst_nodes: u64,
+    /// Serve on an address other peers can reach although every room is
+    /// open (anyone connected may read and write any room: there is no
+    /// access control yet). Without it, binding a non-loopback address
+    /// fails with [`RelayError::OpenOnNetwork`].
+    pub open_on_network: bool,
     /// At shutdown, how long rooms may take to close their sessions and
     /// write checkpoints before the server stops anyway.
     pub shutdown_grace: Duration,
@@ -140,6 +145,7 @@ impl Default for Config {
             peer_burst_bytes: 64 << 20,
             shutdown_grace: Duration::from_millis(1500),
             max_room_bytes: 4 << 30,
+            open_on_network: false,
             peer_nodes_per_sec: 20_000,
             peer_burst_nodes: 200_000,
             max_store_bytes: u64::MAX,
@@ -151,6 +157,14 @@ impl Default for Config {
 /// Why the relay could not start or stopped.
 #[derive(Debug, Error)]
 pub enum RelayError {
+    /// A non-loopback address without [`Config::open_on_network`]: every
+    /// room would be readable and writable by anyone who reaches it.
+    #[error(
+        "refusing to serve on {0}: rooms have no access control yet, so anyone who reaches \
+         this address could read and write every room; listen on 127.0.0.1 (behind a proxy \
+         that authenticates), or pass --open to serve open rooms anyway"
+    )]
+    OpenOnNetwork(SocketAddr),
     /// The data directory could not be created.
     #[error("cannot use data directory {dir}: {source}")]
     DataDir {
@@ -188,6 +202,9 @@ impl Server {
     /// Opens the store under `config.data_dir` (creating it) and binds the
     /// listening socket.
     pub async fn bind(config: Config) -> Result<Server, RelayError> {
+        if !config.listen.ip().is_loopback() && !config.open_on_network {
+            return Err(RelayError::OpenOnNetwork(config.listen));
+        }
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|source| RelayError::DataDir {
             dir: dir.clone(),
