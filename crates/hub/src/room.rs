@@ -302,8 +302,6 @@ impl RoomHub {
                 let end = r.dag().next_idx();
                 if end > first {
                     grew += pack_bytes.unwrap_or(0);
-                }
-                if end > first {
                     match brought.last_mut() {
                         Some((k, nodes)) if *k == key => nodes.extend(first..end),
                         _ => brought.push((key, (first..end).collect())),

@@ -372,21 +372,20 @@ async fn read_loop(
         if let Message::Hello { room, .. } = &env.message
             && !sessions.contains_key(&env.session)
         {
-            if sessions.len() >= config.max_sessions_per_conn {
-                metrics::counter!(telemetry::REFUSED, "why" => "sessions").increment(1);
+            // The address is charged only once the connection has room.
+            let refused = if sessions.len() >= config.max_sessions_per_conn {
+                Some(("sessions", "too many sessions on this connection"))
+            } else if !slot.open_session() {
+                Some(("sessions_per_ip", "too many sessions from this address"))
+            } else {
+                None
+            };
+            if let Some((why, message)) = refused {
+                metrics::counter!(telemetry::REFUSED, "why" => why).increment(1);
                 handle.send(Envelope::close_frame(
                     env.session,
                     Reason::Overloaded,
-                    "too many sessions on this connection",
-                ));
-                continue;
-            }
-            if !slot.open_session() {
-                metrics::counter!(telemetry::REFUSED, "why" => "sessions_per_ip").increment(1);
-                handle.send(Envelope::close_frame(
-                    env.session,
-                    Reason::Overloaded,
-                    "too many sessions from this address",
+                    message,
                 ));
                 continue;
             }

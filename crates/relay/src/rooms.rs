@@ -357,13 +357,16 @@ impl RoomTask {
         let mut timers_first = false;
         loop {
             self.take_inbox();
-            let timers_due = hub.poll_timeout().is_some_and(|t| t <= rooms.now());
+            // One pass over the sessions' timers per turn (a room may hold
+            // thousands).
+            let next_timer = hub.poll_timeout();
+            let timers_due = next_timer.is_some_and(|t| t <= rooms.now());
             let work = if timers_due && (timers_first || self.pending.is_empty()) {
                 Work::Timers
             } else if !self.pending.is_empty() {
                 Work::Batch
             } else {
-                let wake = hub.poll_timeout().map_or(Duration::from_secs(1), |t| {
+                let wake = next_timer.map_or(Duration::from_secs(1), |t| {
                     Duration::from_millis(t.saturating_sub(rooms.now()))
                 });
                 tokio::select! {

@@ -763,16 +763,15 @@ impl World {
     fn end_client_conn(&mut self, c: usize) {
         self.flush_client(c);
         let id = self.clients[c].conn.take().map_or(0, |cc| cc.id);
-        let delay = self.net.delay(&mut self.rng);
-        self.at(
-            self.now + delay,
-            Action::Reset {
-                client: c,
-                conn: id,
-                dir: Direction::ToRelay,
-            },
-        );
+        self.reset_after_delay(c, id, Direction::ToRelay);
         self.reconnect_later(c);
+    }
+
+    /// The far end of connection `conn` learns it is gone one network
+    /// delay from now.
+    fn reset_after_delay(&mut self, client: usize, conn: u64, dir: Direction) {
+        let delay = self.net.delay(&mut self.rng);
+        self.at(self.now + delay, Action::Reset { client, conn, dir });
     }
 
     fn flush_client(&mut self, c: usize) {
@@ -930,15 +929,7 @@ impl World {
             };
             let close = Envelope::close_frame(env.session, Reason::Overloaded, STILL_FAILING);
             self.send(client, conn, Direction::ToClient, close);
-            let delay = self.net.delay(&mut self.rng);
-            self.at(
-                self.now + delay,
-                Action::Reset {
-                    client,
-                    conn,
-                    dir: Direction::ToClient,
-                },
-            );
+            self.reset_after_delay(client, conn, Direction::ToClient);
         }
     }
 
@@ -1029,15 +1020,7 @@ impl World {
         }
         for (conn, client) in ended {
             self.relay.in_flight.remove(&conn);
-            let delay = self.net.delay(&mut self.rng);
-            self.at(
-                self.now + delay,
-                Action::Reset {
-                    client,
-                    conn,
-                    dir: Direction::ToClient,
-                },
-            );
+            self.reset_after_delay(client, conn, Direction::ToClient);
         }
     }
 

@@ -104,9 +104,6 @@ impl Session {
         let diff = decoder.difference();
         self.client_state().decoder = None;
         let upload = room.nodes_for_keys(&diff.local_only);
-        self.peer_lacks = Some(upload.iter().copied().collect());
-        self.report_held(room, &upload);
-        self.client_state().expecting = diff.remote_only.len() as u64;
         self.send(
             now,
             0,
@@ -115,10 +112,7 @@ impl Session {
                 has: upload.len() as u64,
             },
         );
-        if self.client_state().expecting == 0 {
-            self.mark_caught_up();
-        }
-        self.enqueue(now, room, signer, &upload, Phase::Live, 0);
+        self.difference_known(now, room, signer, upload, diff.remote_only.len() as u64);
     }
 
     /// Client: refines MST ranges with the server's summaries; once nothing
@@ -164,9 +158,6 @@ impl Session {
         let need = diff.remote_only;
         let local: Vec<NodeId> = diff.local_only.iter().map(|k| NodeId(*k)).collect();
         let upload = room.nodes_for_ids(&local);
-        self.peer_lacks = Some(upload.iter().copied().collect());
-        self.report_held(room, &upload);
-        self.client_state().expecting = need.len() as u64;
         for chunk in need.chunks(MAX_IDS) {
             self.send(
                 now,
@@ -180,7 +171,24 @@ impl Session {
             // A full message says more follow: this one says none do.
             self.send(now, 0, Message::MstDone { need: Vec::new() });
         }
-        if self.client_state().expecting == 0 {
+        self.difference_known(now, room, signer, upload, need.len() as u64);
+    }
+
+    /// Client, RIBLT or MST, once the whole difference is known and the
+    /// server told what to send: the server lacks exactly `upload` of our
+    /// older nodes, and `expecting` nodes are on their way.
+    fn difference_known(
+        &mut self,
+        now: u64,
+        room: &mut Room,
+        signer: Option<&Keypair>,
+        upload: Vec<NodeIdx>,
+        expecting: u64,
+    ) {
+        self.peer_lacks = Some(upload.iter().copied().collect());
+        self.report_held(room, &upload);
+        self.client_state().expecting = expecting;
+        if expecting == 0 {
             self.mark_caught_up();
         }
         self.enqueue(now, room, signer, &upload, Phase::Live, 0);
