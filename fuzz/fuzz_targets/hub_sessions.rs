@@ -8,15 +8,18 @@
 //! few nodes, and its upload), so the fuzzer's frames on it reach an open
 //! session; the rest of the input is length-prefixed chunks: one control
 //! byte (connection, whether time passes, whether the connection goes),
-//! then frame bytes, decoded as the relay's connections decode them.
+//! then frame bytes, decoded as the relay's connections decode them. A
+//! `hello` is admitted as the relay would, with access the control byte
+//! picks: full, read-only, or expiring a few seconds on.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use syncline_core::proto::message::Envelope;
+use syncline_core::auth::Access;
+use syncline_core::proto::message::{Envelope, Message};
 use syncline_core::proto::scope::Scope;
-use syncline_core::proto::session::Config;
+use syncline_core::proto::session::{Config, Credentials};
 use syncline_core::{Keypair, RoomId, Value};
 use syncline_hub::{ClientLink, HubConfig, Input, RoomHub};
 use syncline_store::{DurableRoom, MemoryStore};
@@ -39,8 +42,15 @@ fn opening() -> &'static [Vec<u8>] {
             room.transact(1_000 + i, |tx| tx.set("/a", "n", Value::Int(i as i64)))
                 .expect("a small commit");
         }
-        let mut link = ClientLink::open(0, 1, &mut room, Config::default(), Scope::everything())
-            .expect("opening writes nothing");
+        let mut link = ClientLink::open(
+            0,
+            1,
+            &mut room,
+            Config::default(),
+            Scope::everything(),
+            &Credentials::default(),
+        )
+        .expect("opening writes nothing");
         let mut frames: Vec<Vec<u8>> = std::iter::from_fn(|| link.poll_transmit()).collect();
         // What it would upload once welcomed: its nodes, as a pack.
         let all: Vec<_> = (0..room.room().dag().next_idx()).collect();
@@ -63,6 +73,28 @@ fn opening() -> &'static [Vec<u8>] {
     })
 }
 
+/// An envelope as the relay's connection hands it to the hub: a `hello`
+/// with the access `pick` chooses (0-7: full, 8-11: read-only, 12-15:
+/// expiring 3 s after `now`).
+fn input(conn: u64, env: Envelope, pick: u8, now: u64) -> Input {
+    let env = Box::new(env);
+    if !matches!(env.message, Message::Hello { .. }) {
+        return Input::Frame { conn, env };
+    }
+    let access = match pick {
+        0..=7 => Access::full(),
+        8..=11 => Access {
+            write: None,
+            ..Access::full()
+        },
+        _ => Access {
+            expires_at: Some(now + 3_000),
+            ..Access::full()
+        },
+    };
+    Input::Hello { conn, env, access }
+}
+
 fuzz_target!(|data: &[u8]| {
     let store = Arc::new(MemoryStore::new());
     let room = DurableRoom::load(store.clone(), Keypair::from_seed([9; 32]), &room_id())
@@ -82,10 +114,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let opening: Vec<Input> = opening()
         .iter()
-        .map(|f| Input::Frame {
-            conn: 0,
-            env: Box::new(Envelope::decode(f).expect("an honest frame decodes")),
-        })
+        .map(|f| input(0, Envelope::decode(f).expect("an honest frame decodes"), 0, 0))
         .collect();
     step(&mut hub, now, opening);
     let mut rest = data;
@@ -102,10 +131,7 @@ fuzz_target!(|data: &[u8]| {
         }
         let mut inputs = Vec::new();
         if let Ok(env) = Envelope::decode(bytes) {
-            inputs.push(Input::Frame {
-                conn,
-                env: Box::new(env),
-            });
+            inputs.push(input(conn, env, control >> 4, now));
         }
         if control & 8 != 0 {
             inputs.push(Input::Gone { conn });

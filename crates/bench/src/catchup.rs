@@ -21,8 +21,10 @@ use anyhow::{Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use syncline_core::proto::message::{Envelope, Message};
-use syncline_core::proto::session::{Config as SessionConfig, Session};
+use syncline_core::proto::session::{Config as SessionConfig, Credentials, Session};
 use syncline_core::{Keypair, Room, RoomId};
+
+use crate::challenge::read_challenge;
 use syncline_store::{DurableRoom, SqliteOptions, SqliteStore};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -201,9 +203,20 @@ fn probe_welcome(runtime: &tokio::runtime::Runtime, url: &str, room: &RoomId) ->
     runtime.block_on(async {
         let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true).await?;
         let (mut sink, mut stream) = ws.split();
+        let credentials = Credentials {
+            challenge: read_challenge(&mut stream).await?,
+            token: None,
+        };
         let key = Keypair::from_seed([13; 32]);
         let mut fresh = Room::new(room.clone());
-        let mut session = Session::client(0, 1, &mut fresh, &key, SessionConfig::default());
+        let mut session = Session::client(
+            0,
+            1,
+            &mut fresh,
+            &key,
+            SessionConfig::default(),
+            &credentials,
+        );
         let hello = session.poll_transmit().context("no hello")?;
         let sent = Instant::now();
         sink.send(WsMessage::Binary(hello.into())).await?;

@@ -32,7 +32,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION, Phase};
 use syncline_core::proto::scope::Scope;
-use syncline_core::proto::session::Config as SessionConfig;
+use syncline_core::proto::session::{Config as SessionConfig, Credentials};
 use syncline_core::{Keypair, Op, RoomId, Value};
 use syncline_hub::ClientLink;
 use syncline_store::{DurableRoom, MemoryStore};
@@ -40,6 +40,7 @@ use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::Report;
+use crate::challenge::read_challenge;
 
 /// Edits per second per writer.
 const RATE: f64 = 6.0;
@@ -267,6 +268,11 @@ async fn client(
     let raw = Arc::new(AtomicBool::new(target == Target::Reference));
     let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await?;
     let (sink, mut stream) = ws.split();
+    // The reference relay sends no challenge (and checks nothing).
+    let challenge = match target {
+        Target::Syncline => read_challenge(&mut stream).await?,
+        Target::Reference => [0; 32],
+    };
     let sink = Arc::new(Mutex::new(sink));
     let key = Keypair::from_seed(*blake3::hash(&(index as u64).to_le_bytes()).as_bytes());
     let now = || shared.epoch.elapsed().as_millis() as u64;
@@ -282,6 +288,10 @@ async fn client(
         &mut durable,
         SessionConfig::default(),
         Scope::everything(),
+        &Credentials {
+            challenge,
+            token: None,
+        },
     )?;
     let replica = Arc::new(Mutex::new((durable, link)));
     let pending = |l: &mut ClientLink| std::iter::from_fn(|| l.poll_transmit()).collect::<Vec<_>>();

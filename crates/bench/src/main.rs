@@ -19,13 +19,15 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use serde_json::json;
+use syncline_core::auth::Access;
 use syncline_core::proto::session::{
-    Config as SessionConfig, Event as SessionEvent, Session, Strategy,
+    Config as SessionConfig, Credentials, Event as SessionEvent, Session, Strategy,
 };
 use syncline_core::{Keypair, Room};
 use syncline_store::{Batch, DurableRoom, Segment, SqliteOptions, SqliteStore, Store, conformance};
 
 mod catchup;
+mod challenge;
 mod fanout;
 mod recon;
 mod trace;
@@ -297,8 +299,15 @@ fn run_session(
     server_config: SessionConfig,
 ) -> Result<SessionRun> {
     let start = Instant::now();
-    let mut c = Session::client(0, 1, client, client_key, client_config);
-    let mut s = Session::server(0, 1, server.id().clone(), server_config);
+    let mut c = Session::client(
+        0,
+        1,
+        client,
+        client_key,
+        client_config,
+        &Credentials::default(),
+    );
+    let mut s = Session::server(0, 1, server.id().clone(), server_config, Access::full());
     let mut run = SessionRun {
         bytes_up: 0,
         bytes_down: 0,

@@ -18,6 +18,7 @@ use syncline_core::doc::PathError;
 use syncline_core::ids::to_hex;
 use syncline_core::{EntryKind, Value};
 
+mod access;
 mod demo;
 mod json;
 mod sync_cmd;
@@ -60,13 +61,15 @@ enum Command {
         /// resumption of interrupted catch-ups, more overhead).
         #[arg(long, default_value_t = 50_000)]
         max_pack_nodes: usize,
-        /// Serve on a non-loopback address although every room is open
-        /// (no access control yet: anyone who reaches it may read and
-        /// write every room).
-        #[arg(long)]
-        open: bool,
+        #[command(flatten)]
+        access: access::ServeAccess,
         #[command(flatten)]
         limits: ServeLimits,
+    },
+    /// Issue and inspect capability tokens for locked rooms.
+    Token {
+        #[command(subcommand)]
+        action: access::TokenAction,
     },
     /// Create the replica (if needed) and print its identity.
     Init,
@@ -163,6 +166,9 @@ enum Command {
         /// Give up after this many seconds (with --once).
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// A capability token for locked rooms (`syncline token issue`).
+        #[arg(long, env = "SYNCLINE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Print live changes of a room (local and from a relay).
     Watch {
@@ -173,6 +179,9 @@ enum Command {
         /// Relay URL to sync with while watching.
         #[arg(long, env = "SYNCLINE_SERVER")]
         server: Vec<String>,
+        /// A capability token for locked rooms (`syncline token issue`).
+        #[arg(long, env = "SYNCLINE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Print the replica's rooms, their sizes and unacknowledged nodes.
     Status {
@@ -217,6 +226,9 @@ pub(crate) enum Exit {
     Sync = 4,
     /// Local storage failed or is locked by another process.
     Storage = 5,
+    /// The relay refused access: no token, a bad or expired one, or a
+    /// token without the rights needed.
+    Unauthorized = 6,
 }
 
 /// A command's failure: what to print and how to exit.
@@ -297,9 +309,10 @@ fn run(cli: Cli) -> Outcome {
             data,
             listen,
             max_pack_nodes,
-            open,
+            access,
             limits,
-        } => serve(data.clone(), *listen, *max_pack_nodes, *open, limits),
+        } => serve(data.clone(), *listen, *max_pack_nodes, access, limits),
+        Command::Token { action } => access::token(&cli, action),
         Command::Init => {
             let replica = open(&cli)?;
             print(
@@ -424,13 +437,22 @@ fn run(cli: Cli) -> Outcome {
             rooms,
             watch,
             timeout,
+            token,
             ..
-        } => sync_cmd::sync(&cli, server, rooms, *watch, Duration::from_secs(*timeout)),
+        } => sync_cmd::sync(
+            &cli,
+            server,
+            token.as_deref(),
+            rooms,
+            *watch,
+            Duration::from_secs(*timeout),
+        ),
         Command::Watch {
             room,
             pattern,
             server,
-        } => sync_cmd::watch(&cli, room, pattern.as_deref(), server),
+            token,
+        } => sync_cmd::watch(&cli, room, pattern.as_deref(), server, token.as_deref()),
         Command::Status { room } => status(&cli, room.as_deref()),
         Command::Demo => demo::run(&cli),
     }
@@ -556,7 +578,7 @@ fn serve(
     data: PathBuf,
     listen: std::net::SocketAddr,
     max_pack_nodes: usize,
-    open: bool,
+    access: &access::ServeAccess,
     limits: &ServeLimits,
 ) -> Outcome {
     let runtime = tokio::runtime::Runtime::new()
@@ -568,12 +590,17 @@ fn serve(
             ..syncline_relay::Config::default()
         };
         config.session.max_pack_nodes = max_pack_nodes.max(1);
-        config.open_on_network = open;
+        access.apply(&mut config)?;
         limits.apply(&mut config)?;
+        let open_rooms: Vec<String> = config
+            .open_rooms
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect();
         let server = syncline_relay::Server::bind(config).await.map_err(|e| {
             let exit = match e {
                 syncline_relay::RelayError::Listen { .. }
-                | syncline_relay::RelayError::OpenOnNetwork(_) => Exit::Usage,
+                | syncline_relay::RelayError::OpenOnNetwork { .. } => Exit::Usage,
                 _ => Exit::Storage,
             };
             Failed::new(exit, e.to_string())
@@ -582,6 +609,15 @@ fn serve(
             .local_addr()
             .map_err(|e| Failed::new(Exit::Failure, e.to_string()))?;
         tracing::info!(%addr, "syncline relay listening (ws://{addr}/ws)");
+        tracing::info!(key = %server.public_key(), "relay key (the root of the tokens it issues)");
+        if open_rooms.is_empty() {
+            tracing::info!("every room is locked: clients need a token (syncline token issue)");
+        } else {
+            tracing::warn!(
+                open = open_rooms.join(", "),
+                "rooms open to anyone who connects; the rest are locked"
+            );
+        }
         server
             .run(syncline_relay::shutdown_signal())
             .await

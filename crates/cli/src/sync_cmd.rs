@@ -6,15 +6,34 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use syncline::{Origin, Replica};
+use syncline::auth::Capability;
+use syncline::{Origin, Replica, SyncOptions, TokenSource};
 use syncline_core::ids::to_hex;
 use syncline_core::proto::scope::Scope;
 
 use crate::{Cli, Exit, Failed, Outcome, open, print};
 
+/// The SDK's options for `servers`, presenting `token` if given (checked
+/// here, so a mistyped token fails at once rather than at every connect).
+fn options(servers: &[String], token: Option<&str>) -> Result<SyncOptions, Failed> {
+    let endpoints: Vec<&str> = servers.iter().map(String::as_str).collect();
+    let mut options = SyncOptions::new(&endpoints);
+    if let Some(token) = token {
+        Capability::from_token(token).map_err(|e| {
+            Failed::new(
+                Exit::Usage,
+                format!("--token / SYNCLINE_TOKEN: {e} (tokens start with sl1.; see syncline token show)"),
+            )
+        })?;
+        options.token = Some(TokenSource::fixed(token));
+    }
+    Ok(options)
+}
+
 pub(crate) fn sync(
     cli: &Cli,
     servers: &[String],
+    token: Option<&str>,
     rooms: &[String],
     watch: bool,
     timeout: Duration,
@@ -31,9 +50,8 @@ pub(crate) fn sync(
             "this replica has no rooms yet: name the rooms to sync (syncline sync --server URL ROOM...)",
         ));
     }
-    let endpoints: Vec<&str> = servers.iter().map(String::as_str).collect();
     let names: Vec<&str> = rooms.iter().map(String::as_str).collect();
-    let sync = replica.connect(&endpoints, &names)?;
+    let sync = replica.connect_with(options(servers, token)?, &names)?;
     if watch {
         return follow(cli, &replica, &names, None);
     }
@@ -73,6 +91,26 @@ pub(crate) fn sync(
         }
         if status.connected && status.caught_up && status.unacknowledged == 0 {
             break;
+        }
+        let refused = status.refused.clone().or_else(|| {
+            (status.connected && status.caught_up && status.read_only).then(|| {
+                format!(
+                    "the token allows reading only: {} local nodes were not uploaded",
+                    status.unacknowledged
+                )
+            })
+        });
+        if let Some(why) = refused {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            return Err(Failed::new(
+                Exit::Unauthorized,
+                format!(
+                    "the relay refused access: {why} (get a token: syncline token issue, or \
+                     pass it with --token / SYNCLINE_TOKEN)"
+                ),
+            ));
         }
         if Instant::now() >= deadline {
             if let Some(bar) = &bar {
@@ -119,7 +157,13 @@ pub(crate) fn sync(
     Ok(())
 }
 
-pub(crate) fn watch(cli: &Cli, room: &str, pattern: Option<&str>, servers: &[String]) -> Outcome {
+pub(crate) fn watch(
+    cli: &Cli,
+    room: &str,
+    pattern: Option<&str>,
+    servers: &[String],
+    token: Option<&str>,
+) -> Outcome {
     let replica = open(cli)?;
     let scope = match pattern {
         Some(p) => {
@@ -130,8 +174,7 @@ pub(crate) fn watch(cli: &Cli, room: &str, pattern: Option<&str>, servers: &[Str
     let _sync = if servers.is_empty() {
         None
     } else {
-        let endpoints: Vec<&str> = servers.iter().map(String::as_str).collect();
-        Some(replica.connect(&endpoints, &[room])?)
+        Some(replica.connect_with(options(servers, token)?, &[room])?)
     };
     follow(cli, &replica, &[room], Some(&scope))
 }

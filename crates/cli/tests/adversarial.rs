@@ -18,9 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use syncline_core::auth;
 use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION, Phase};
 use syncline_core::proto::scope::Scope;
-use syncline_core::proto::session::{Config as SessionConfig, Event};
+use syncline_core::proto::session::{Config as SessionConfig, Credentials, Event};
 use syncline_core::{Keypair, RoomId, Value};
 use syncline_hub::ClientLink;
 use syncline_store::{DurableRoom, MemoryStore};
@@ -205,7 +206,9 @@ async fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-async fn ws_from(server: &Server, from: IpAddr) -> Result<Ws, String> {
+/// A WebSocket from `from`, with the challenge its first frame carries
+/// (every `hello` on it signs that).
+async fn ws_from(server: &Server, from: IpAddr) -> Result<(Ws, [u8; 32]), String> {
     let tcp = timeout(Duration::from_secs(5), connect_from(from, server.addr()))
         .await
         .map_err(|_| "connect timed out".to_owned())?
@@ -217,7 +220,17 @@ async fn ws_from(server: &Server, from: IpAddr) -> Result<Ws, String> {
     .await
     .map_err(|_| "upgrade timed out".to_owned())?
     .map_err(|e| e.to_string())?;
-    Ok(ws)
+    let mut ws = ws;
+    let first = timeout(Duration::from_secs(5), ws.next())
+        .await
+        .map_err(|_| "no challenge within 5 s".to_owned())?;
+    let Some(Ok(WsMessage::Binary(bytes))) = first else {
+        return Err(format!("the first frame is not a challenge: {first:?}"));
+    };
+    match Envelope::decode(&bytes).map_err(|e| e.to_string())?.message {
+        Message::Challenge { nonce, .. } => Ok((ws, nonce)),
+        other => Err(format!("the first frame is not a challenge: {other:?}")),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -291,7 +304,7 @@ impl Replica {
 
     async fn round_inner(&mut self, server: &Server, from: IpAddr) -> Result<Round, String> {
         let started = Instant::now();
-        let ws = ws_from(server, from).await?;
+        let (ws, challenge) = ws_from(server, from).await?;
         let (mut sink, mut stream) = ws.split();
         let mut link = ClientLink::open(
             now_ms(),
@@ -299,6 +312,7 @@ impl Replica {
             &mut self.room,
             SessionConfig::default(),
             Scope::everything(),
+            &credentials(challenge),
         )
         .map_err(|e| e.to_string())?;
         let mut welcome = None;
@@ -526,8 +540,17 @@ fn envelope(session: u64, corr: u64, message: Message) -> Vec<u8> {
     .encode()
 }
 
-/// A `hello` for `room` as a fresh client would send it.
-fn hello(room: &str, session: u64, seed: u8) -> Vec<u8> {
+/// What a client presents on a connection with `challenge` (open rooms).
+fn credentials(challenge: [u8; 32]) -> Credentials {
+    Credentials {
+        challenge,
+        token: None,
+    }
+}
+
+/// A `hello` for `room` as a fresh client would send it on a connection
+/// with `challenge`.
+fn hello(room: &str, session: u64, seed: u8, challenge: &[u8; 32]) -> Vec<u8> {
     let mut replica = Replica::new(room, seed);
     let mut link = ClientLink::open(
         0,
@@ -535,6 +558,7 @@ fn hello(room: &str, session: u64, seed: u8) -> Vec<u8> {
         &mut replica.room,
         SessionConfig::default(),
         Scope::everything(),
+        &credentials(*challenge),
     )
     .unwrap();
     link.poll_transmit().unwrap()
@@ -572,7 +596,7 @@ fn garbage_protocol_violations_and_oversized_frames_close_only_their_connection(
         let attack = async {
             let mut reasons = Vec::new();
             for i in 0..40u64 {
-                let mut ws = ws_from(&server, ATTACKER).await.unwrap();
+                let (mut ws, _) = ws_from(&server, ATTACKER).await.unwrap();
                 let frame = match i % 4 {
                     // Bytes that are no envelope.
                     0 => WsMessage::Binary(vec![0xff; 100].into()),
@@ -612,7 +636,7 @@ fn garbage_protocol_violations_and_oversized_frames_close_only_their_connection(
             // Raw bytes that are not WebSocket framing after an upgrade.
             for _ in 0..10 {
                 use tokio::io::AsyncWriteExt;
-                let ws = ws_from(&server, ATTACKER).await.unwrap();
+                let (ws, _) = ws_from(&server, ATTACKER).await.unwrap();
                 let MaybeTlsStream::Plain(mut tcp) = ws.into_inner() else {
                     unreachable!()
                 };
@@ -654,13 +678,15 @@ fn compression_bombs_are_refused_without_inflating() {
             let mut tasks = Vec::new();
             for c in 0..20u64 {
                 let bomb = bomb.clone();
-                let mut ws = ws_from(&server, ATTACKER).await.unwrap();
+                let (mut ws, challenge) = ws_from(&server, ATTACKER).await.unwrap();
                 tasks.push(tokio::spawn(async move {
                     let rooms = ["bombed".to_owned(), format!("bomb-{c}")];
                     for (s, room) in rooms.iter().enumerate() {
                         let session = s as u64 + 1;
                         let _ = ws
-                            .send(WsMessage::Binary(hello(room, session, 50).into()))
+                            .send(WsMessage::Binary(
+                                hello(room, session, 50, &challenge).into(),
+                            ))
                             .await;
                         for corr in 1..=10 {
                             let frame = envelope(
@@ -702,20 +728,23 @@ fn thousands_of_rooms_from_one_peer_do_not_lock_others_out() {
     run(async {
         let mut server = Server::start().await;
         let mut honest = Honest::measure(&server, &["quiet-room"]).await;
-        let hellos: Vec<Vec<u8>> = (0..64u64)
-            .map(|s| hello(&format!("spam-{s}"), s + 1, 60))
-            .collect();
+        let key = Keypair::from_seed([60; 32]);
+        let template = Envelope::decode(&hello("spam", 1, 60, &[0; 32])).unwrap();
         let attack = async {
             let mut conns = Vec::new();
             for c in 0..40u64 {
-                let Ok(mut ws) = ws_from(&server, ATTACKER).await else {
+                let Ok((mut ws, challenge)) = ws_from(&server, ATTACKER).await else {
                     continue; // Refused: the address holds its most.
                 };
-                for (s, hello) in hellos.iter().enumerate() {
-                    // A distinct room per session and connection.
-                    let mut env = Envelope::decode(hello).unwrap();
-                    if let Message::Hello { room, .. } = &mut env.message {
-                        *room = RoomId::new(&format!("spam-{c}-{s}")).unwrap();
+                for s in 1..=64u64 {
+                    // A distinct room per session and connection, each
+                    // hello signed for its room, session and connection.
+                    let mut env = template.clone();
+                    env.session = s;
+                    let spam = RoomId::new(&format!("spam-{c}-{s}")).unwrap();
+                    if let Message::Hello { room, proof, .. } = &mut env.message {
+                        *proof = Some(auth::hello_proof(&key, &challenge, &spam, s));
+                        *room = spam;
                     }
                     let _ = ws.send(WsMessage::Binary(env.encode().into())).await;
                 }
@@ -749,7 +778,7 @@ fn silent_and_idle_connections_time_out_and_others_get_in() {
             // Upgraded connections that never open a session.
             let mut idle = Vec::new();
             for _ in 0..40 {
-                if let Ok(ws) = ws_from(&server, ATTACKER).await {
+                if let Ok((ws, _)) = ws_from(&server, ATTACKER).await {
                     idle.push(ws);
                 }
             }
@@ -815,10 +844,12 @@ fn a_peer_that_never_reads_is_closed_lagging_and_freed() {
         let attack = async {
             let mut stalled = Vec::new();
             for c in 0..10u8 {
-                let mut ws = ws_from(&server, ATTACKER).await.unwrap();
+                let (mut ws, challenge) = ws_from(&server, ATTACKER).await.unwrap();
                 for s in 1..=5u64 {
                     let _ = ws
-                        .send(WsMessage::Binary(hello("large", s, 70 + c).into()))
+                        .send(WsMessage::Binary(
+                            hello("large", s, 70 + c, &challenge).into(),
+                        ))
                         .await;
                 }
                 // Never read: the server's writes stall.
@@ -847,11 +878,13 @@ fn repeated_hellos_for_a_large_room_do_not_starve_a_newcomer() {
         let attack = async {
             let mut tasks = Vec::new();
             for c in 0..6u8 {
-                let mut ws = ws_from(&server, ATTACKER).await.unwrap();
+                let (mut ws, challenge) = ws_from(&server, ATTACKER).await.unwrap();
                 tasks.push(tokio::spawn(async move {
                     for s in 1..=8u64 {
                         let _ = ws
-                            .send(WsMessage::Binary(hello("large", s, 80 + c).into()))
+                            .send(WsMessage::Binary(
+                                hello("large", s, 80 + c, &challenge).into(),
+                            ))
                             .await;
                     }
                     // Read everything (the catch-ups), acknowledging nothing.
@@ -890,23 +923,12 @@ fn a_flood_is_rate_limited() {
             .chunks(10)
             .map(|chunk| flooder.room.export_pack(chunk).unwrap())
             .collect();
-        let hello = {
-            let mut fresh = Replica::new("flooded", 90);
-            let mut link = ClientLink::open(
-                0,
-                1,
-                &mut fresh.room,
-                SessionConfig::default(),
-                Scope::everything(),
-            )
-            .unwrap();
-            link.poll_transmit().unwrap()
-        };
         let attack = async {
             let mut closed = Vec::new();
             for _ in 0..3 {
-                let mut ws = ws_from(&server, ATTACKER).await.unwrap();
-                let _ = ws.send(WsMessage::Binary(hello.clone().into())).await;
+                let (mut ws, challenge) = ws_from(&server, ATTACKER).await.unwrap();
+                let hello = hello("flooded", 1, 90, &challenge);
+                let _ = ws.send(WsMessage::Binary(hello.into())).await;
                 for (corr, pack) in packs.iter().enumerate() {
                     let frame = envelope(
                         1,
@@ -946,9 +968,11 @@ fn sigterm_stops_within_two_seconds_during_a_large_catch_up() {
         // Catch-ups in progress, read slowly.
         let mut readers = Vec::new();
         for c in 0..4u8 {
-            let mut ws = ws_from(&server, HONEST).await.unwrap();
+            let (mut ws, challenge) = ws_from(&server, HONEST).await.unwrap();
             let _ = ws
-                .send(WsMessage::Binary(hello("large", 1, 120 + c).into()))
+                .send(WsMessage::Binary(
+                    hello("large", 1, 120 + c, &challenge).into(),
+                ))
                 .await;
             let _ = timeout(Duration::from_millis(200), ws.next()).await;
             readers.push(ws);

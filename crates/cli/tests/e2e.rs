@@ -5,119 +5,14 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use syncline_store::{DurableRoom, SqliteOptions, SqliteStore};
 
-const BIN: &str = env!("CARGO_BIN_EXE_syncline");
-const WAIT: Duration = Duration::from_secs(30);
+mod common;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `syncline serve` process.
-struct Server {
-    child: Option<Child>,
-    port: u16,
-    data: PathBuf,
-    extra: Vec<String>,
-}
-
-impl Server {
-    fn start(data: &Path, extra: &[&str]) -> Server {
-        let mut s = Server {
-            child: None,
-            port: free_port(),
-            data: data.to_path_buf(),
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new(BIN)
-            .args(["serve", "--data"])
-            .arg(&self.data)
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        while self.get("/healthz").as_deref() != Some("ok") {
-            assert!(Instant::now() < deadline, "the server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://127.0.0.1:{}/ws", self.port)
-    }
-
-    /// A plain HTTP GET; the body, if the server answered.
-    fn get(&self, path: &str) -> Option<String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let body = response.split("\r\n\r\n").nth(1)?;
-        Some(body.trim().to_owned())
-    }
-
-    /// The value of an unlabelled metric (0 if absent).
-    fn metric(&self, name: &str) -> f64 {
-        let text = self.get("/metrics").unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap(); // SIGKILL
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// Runs `syncline --replica DIR args...`; returns (exit code, stdout).
-fn cli(replica: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN)
-        .arg("--replica")
-        .arg(replica)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-    )
-}
-
-fn ok(replica: &Path, args: &[&str]) -> String {
-    let (code, out) = cli(replica, args);
-    assert_eq!(code, 0, "syncline {args:?} failed: {out}");
-    out
-}
+use common::{BIN, Server, WAIT, cli, ok};
 
 fn node_count(replica: &Path, room: &str) -> u64 {
     let out = ok(replica, &["--json", "status", room]);
@@ -488,43 +383,4 @@ fn sync_timeout_bounds_a_connect_that_never_completes() {
     assert!(!out.status.success(), "{stderr}");
     assert!(took < Duration::from_secs(6), "exited after {took:?}");
     assert!(stderr.contains("within 2 s"), "{stderr}");
-}
-
-#[test]
-fn serve_refuses_an_open_relay_on_a_network_address_unless_told() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let out = Command::new(BIN)
-        .args(["serve", "--data"])
-        .arg(dir.path().join("server"))
-        .args(["--listen", &format!("0.0.0.0:{port}")])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--open"), "{stderr}");
-    assert!(
-        !dir.path().join("server").exists(),
-        "nothing is created when refusing"
-    );
-    // Told so, it serves (0.0.0.0 includes loopback).
-    let child = Command::new(BIN)
-        .args(["serve", "--open", "--data"])
-        .arg(dir.path().join("server"))
-        .args(["--listen", &format!("0.0.0.0:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server {
-        child: Some(child),
-        port,
-        data: dir.path().join("server"),
-        extra: Vec::new(),
-    };
-    let deadline = Instant::now() + WAIT;
-    while server.get("/healthz").as_deref() != Some("ok") {
-        assert!(Instant::now() < deadline, "the open relay did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

@@ -23,6 +23,9 @@ mod replica;
 mod sync;
 
 pub use replica::{Change, Entry, Error, Origin, Replica, Room};
-pub use sync::{Status, Sync, SyncOptions};
+pub use sync::{Status, Sync, SyncOptions, TokenSource};
+/// Capabilities for locked rooms: mint them in an app backend
+/// (`auth::Capability::issue`), check them, delegate them.
+pub use syncline_core::auth;
 pub use syncline_core::doc::Conflict;
 pub use syncline_core::{EntryKind, Value};

@@ -8,6 +8,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use syncline_core::auth::{Capability, Claims};
 use syncline_core::dag::NodeIdx;
 use syncline_core::doc::{Conflict, PathError};
 use syncline_core::room::TxnError;
@@ -159,6 +160,21 @@ impl Replica {
     /// The replica's author id (hex), which signs its nodes.
     pub fn author(&self) -> String {
         self.inner.key.author().to_string()
+    }
+
+    /// Delegates a capability this replica holds (`parent`, issued to its
+    /// key with `admin`) to another key: `claims` must be no wider than
+    /// `parent` (rights, rooms, write paths, expiry), or relays refuse the
+    /// result. Signed with this replica's key.
+    pub fn delegate(&self, parent: Capability, claims: Claims) -> Result<Capability, Error> {
+        if parent.claims.subject != self.inner.key.author() {
+            return Err(Error::Sync(format!(
+                "the parent token was issued to {}, not to this replica ({})",
+                parent.claims.subject,
+                self.author()
+            )));
+        }
+        Ok(Capability::issue(&self.inner.key, claims, Some(parent)))
     }
 
     /// The directory.

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
-use syncline_core::proto::message::Envelope;
-use syncline_core::proto::message::Reason;
+use syncline_core::auth::Capability;
+use syncline_core::proto::message::{Envelope, Message, Reason};
 use syncline_core::proto::scope::Scope;
-use syncline_core::proto::session::{Config as SessionConfig, Event, Strategy};
+use syncline_core::proto::session::{Config as SessionConfig, Credentials, Event, Strategy};
 use syncline_hub::ClientLink;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -40,6 +40,48 @@ pub struct SyncOptions {
     pub connect_timeout: Duration,
     /// Session timers and sizes.
     pub session: SessionConfig,
+    /// Where the capability for locked rooms comes from (`None`: open
+    /// rooms only). Asked at every connection, so a source that fetches a
+    /// fresh token refreshes an expired one: a session closed with
+    /// `token_expired` reconnects with the next token, and the outbox
+    /// resends whatever was not acknowledged.
+    pub token: Option<TokenSource>,
+}
+
+/// A capability token (`sl1.…`), or a callback that returns a fresh one
+/// (an app fetching it from its backend), asked at each connection.
+#[derive(Clone)]
+pub struct TokenSource(Arc<dyn Fn() -> Result<String, String> + Send + std::marker::Sync>);
+
+impl TokenSource {
+    /// Always this token.
+    pub fn fixed(token: impl Into<String>) -> TokenSource {
+        let token = token.into();
+        TokenSource(Arc::new(move || Ok(token.clone())))
+    }
+
+    /// Calls `refresh` for a token at each connection; an error is
+    /// reported in [`Status::last_error`] and the connection retried after
+    /// the backoff.
+    pub fn refresh(
+        refresh: impl Fn() -> Result<String, String> + Send + std::marker::Sync + 'static,
+    ) -> TokenSource {
+        TokenSource(Arc::new(refresh))
+    }
+
+    /// The token to present now, decoded.
+    fn current(&self) -> Result<Vec<u8>, String> {
+        let token = (self.0)().map_err(|e| format!("no token: {e}"))?;
+        let cap = Capability::from_token(&token).map_err(|e| format!("bad token: {e}"))?;
+        Ok(cap.encode())
+    }
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.write_str("TokenSource(..)")
+    }
 }
 
 impl SyncOptions {
@@ -51,6 +93,7 @@ impl SyncOptions {
             max_backoff: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             session: SessionConfig::default(),
+            token: None,
         }
     }
 }
@@ -73,6 +116,13 @@ pub struct Status {
     pub last_ack: Option<SystemTime>,
     /// Why the last connection attempt or connection failed.
     pub last_error: Option<String>,
+    /// The relay refused access to a room (`unauthorized`, or
+    /// `token_expired` and the token source gave no fresh one): retrying
+    /// with the same token will not help. Cleared by a handshake.
+    pub refused: Option<String>,
+    /// Some room's session may only read (its token lacks `write`): local
+    /// changes stay in the outbox.
+    pub read_only: bool,
 }
 
 struct Shared {
@@ -317,7 +367,40 @@ type Ws =
 /// Runs one connection: a session per room. Returns whether every room's
 /// handshake completed, or why it ended badly.
 async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
-    let (mut sink, stream) = ws.split();
+    let (mut sink, mut stream) = ws.split();
+    // The server speaks first: the challenge every hello signs.
+    let first = tokio::time::timeout(shared.options.connect_timeout, stream.next()).await;
+    let challenge = match first {
+        Ok(Some(Ok(WsMessage::Binary(bytes)))) => match Envelope::decode(&bytes) {
+            Ok(Envelope {
+                message: Message::Challenge { nonce, .. },
+                ..
+            }) => nonce,
+            Ok(other) => {
+                return Err(format!(
+                    "the server did not start with a challenge (message type {}): is it a \
+                     Syncline relay of this version?",
+                    other.message.type_code()
+                ));
+            }
+            Err(e) => return Err(format!("the server's first frame does not decode: {e}")),
+        },
+        Ok(Some(Ok(WsMessage::Close(frame)))) => {
+            let why = frame.map_or_else(String::new, |f| f.reason.to_string());
+            return Err(format!("the server closed the connection: {why}"));
+        }
+        Ok(Some(Ok(_))) => return Err("the server's first frame is not binary".into()),
+        Ok(Some(Err(e))) => return Err(e.to_string()),
+        Ok(None) => return Err("the server closed the connection".into()),
+        Err(_) => return Err("no challenge from the server in time".into()),
+    };
+    let token = shared
+        .options
+        .token
+        .as_ref()
+        .map(TokenSource::current)
+        .transpose()?;
+    let credentials = Credentials { challenge, token };
     // Frames that have arrived together are handled together: their nodes
     // go to disk in one durable write (one fsync, not one per pack).
     let mut stream = stream.ready_chunks(READY_FRAMES);
@@ -334,6 +417,7 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
             &mut state.durable,
             config,
             Scope::everything(),
+            &credentials,
         )
         .map_err(|e| e.to_string())?;
         state.session = Some(link);
@@ -515,6 +599,9 @@ fn handle_events(
             Event::Connected => {
                 *connected = true;
                 *send_vv = false;
+                let mut status = shared.status();
+                status.refused = None;
+                status.read_only |= !link.session().may_write();
             }
             Event::CaughtUp => *caught_up = true,
             Event::Accepted { .. } => {}
@@ -524,6 +611,13 @@ fn handle_events(
             Event::Closed {
                 reason, message, ..
             } => {
+                if matches!(reason, Reason::Unauthorized | Reason::TokenExpired) {
+                    shared.status().refused = Some(format!(
+                        "room {}: {} ({message})",
+                        room.name(),
+                        reason.as_str()
+                    ));
+                }
                 if reason == Reason::TooLarge && link.session().strategy() == Some(Strategy::Ibf) {
                     // The difference outgrew the server's sketch: the next
                     // hello carries the version vector instead.

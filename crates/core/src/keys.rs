@@ -41,6 +41,15 @@ impl Keypair {
     pub fn sign(&self, id: &NodeId) -> Signature {
         Signature(self.signing.sign(&id.0).to_bytes())
     }
+
+    /// Signs a message other than a node id: a capability, a handshake
+    /// proof. Callers put a domain tag first, so that no such message is
+    /// ever a 32-byte node id (a signature over one never vouches for the
+    /// other).
+    pub fn sign_message(&self, message: &[u8]) -> Signature {
+        debug_assert!(message.len() != 32, "messages are longer than node ids");
+        Signature(self.signing.sign(message).to_bytes())
+    }
 }
 
 /// Checks `sig` over `id` by `author`. An author key that is not a valid
@@ -50,6 +59,16 @@ pub fn verify(author: &AuthorId, id: &NodeId, sig: &Signature) -> bool {
         return false;
     };
     key.verify(&id.0, &ed25519_dalek::Signature::from_bytes(&sig.0))
+        .is_ok()
+}
+
+/// Checks `sig` over `message` by `author` ([`Keypair::sign_message`]),
+/// refusing the malleable forms of a signature.
+pub fn verify_message(author: &AuthorId, message: &[u8], sig: &Signature) -> bool {
+    let Ok(key) = VerifyingKey::from_bytes(&author.0) else {
+        return false;
+    };
+    key.verify_strict(message, &ed25519_dalek::Signature::from_bytes(&sig.0))
         .is_ok()
 }
 

@@ -6,6 +6,7 @@
 //! clock or reads the OS random number generator. Time and key material are
 //! arguments.
 
+pub mod auth;
 pub mod checkpoint;
 pub mod codec;
 pub mod dag;

@@ -2,8 +2,9 @@
 //! move between client and server sessions until nothing is left to send;
 //! no sockets, no sleeps, time is a number.
 
+use syncline_core::auth::Access;
 use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION, Reason};
-use syncline_core::proto::session::{Config, Event, Session};
+use syncline_core::proto::session::{Config, Credentials, Event, Session};
 use syncline_core::{Keypair, NodeIdx, Room, RoomId, Value};
 
 fn room_id() -> RoomId {
@@ -34,14 +35,27 @@ impl World {
         let mut sessions = Vec::new();
         let mut clients = Vec::new();
         for (i, (mut room, key)) in rooms.into_iter().enumerate() {
-            let session = Session::client(now, i as u64, &mut room, &key, config.clone());
+            let session = Session::client(
+                now,
+                i as u64,
+                &mut room,
+                &key,
+                config.clone(),
+                &Credentials::default(),
+            );
             clients.push(Client {
                 room,
                 key,
                 session,
                 events: Vec::new(),
             });
-            sessions.push(Session::server(now, i as u64, room_id(), config.clone()));
+            sessions.push(Session::server(
+                now,
+                i as u64,
+                room_id(),
+                config.clone(),
+                Access::full(),
+            ));
         }
         World {
             server,
@@ -198,8 +212,15 @@ fn catch_up_goes_after_welcome_and_is_clocked_by_acknowledgements() {
     };
     let key = Keypair::from_seed([1; 32]);
     let mut room = Room::new(room_id());
-    let mut client = Session::client(0, 1, &mut room, &key, config.clone());
-    let mut session = Session::server(0, 1, room_id(), config);
+    let mut client = Session::client(
+        0,
+        1,
+        &mut room,
+        &key,
+        config.clone(),
+        &Credentials::default(),
+    );
+    let mut session = Session::server(0, 1, room_id(), config, Access::full());
     let hello = client.poll_transmit().unwrap();
     session.handle_input(0, &hello, &mut server, None);
     // The welcome alone: nothing is exported before the driver has sent it.
@@ -331,7 +352,7 @@ fn timers_send_heartbeats_and_close_idle_and_silent_sessions() {
         })
     ));
 
-    let mut silent = Session::server(0, 7, room_id(), Config::default());
+    let mut silent = Session::server(0, 7, room_id(), Config::default(), Access::full());
     silent.handle_timeout(9_999, &mut w.server, None);
     assert!(!silent.is_closed());
     silent.handle_timeout(10_000, &mut w.server, None);
@@ -341,7 +362,7 @@ fn timers_send_heartbeats_and_close_idle_and_silent_sessions() {
 #[test]
 fn hostile_frames_close_only_their_session() {
     let mut server = Room::new(room_id());
-    let mut s = Session::server(0, 1, room_id(), Config::default());
+    let mut s = Session::server(0, 1, room_id(), Config::default(), Access::full());
     s.handle_input(1, &[0xde, 0xad], &mut server, None);
     assert!(matches!(
         s.poll_event(),
@@ -355,8 +376,15 @@ fn hostile_frames_close_only_their_session() {
     let key = Keypair::from_seed([1; 32]);
     let mallory = Keypair::from_seed([6; 32]);
     let mut client = Room::new(room_id());
-    let mut s = Session::server(0, 2, room_id(), Config::default());
-    let mut c = Session::client(0, 2, &mut client, &key, Config::default());
+    let mut s = Session::server(0, 2, room_id(), Config::default(), Access::full());
+    let mut c = Session::client(
+        0,
+        2,
+        &mut client,
+        &key,
+        Config::default(),
+        &Credentials::default(),
+    );
     s.handle_input(0, &c.poll_transmit().unwrap(), &mut server, None);
     let mut tx = client.begin(key.author(), 5);
     tx.set("/x", "v", Value::Int(1)).unwrap();
@@ -396,7 +424,7 @@ fn hostile_frames_close_only_their_session() {
     assert_eq!(server.dag().len(), 0, "nothing of a forged pack is kept");
 
     // Optional messages (presence, unknown types >= 64) never close a session.
-    let mut quiet = Session::server(0, 4, room_id(), Config::default());
+    let mut quiet = Session::server(0, 4, room_id(), Config::default(), Access::full());
     for message in [
         Message::Presence {
             peer: key.author(),
@@ -416,7 +444,7 @@ fn hostile_frames_close_only_their_session() {
     assert!(!quiet.is_closed());
 
     // An unsupported version is rejected.
-    let mut s = Session::server(0, 3, room_id(), Config::default());
+    let mut s = Session::server(0, 3, room_id(), Config::default(), Access::full());
     let hello = Envelope {
         version: PROTOCOL_VERSION,
         session: 3,
@@ -425,6 +453,7 @@ fn hostile_frames_close_only_their_session() {
             versions: (PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2),
             peer: key.author(),
             room: room_id(),
+            proof: None,
             token: None,
             caps: vec![],
             heads: vec![],
@@ -640,9 +669,16 @@ fn a_reconnecting_client_learns_what_the_server_holds_when_an_ack_was_lost() {
     assert_eq!(w.server.dag().len(), 2);
     // Reconnect: the difference shows the server holds both.
     let c = &mut w.clients[0];
-    c.session = Session::client(w.now, 1, &mut c.room, &key, Config::default());
+    c.session = Session::client(
+        w.now,
+        1,
+        &mut c.room,
+        &key,
+        Config::default(),
+        &Credentials::default(),
+    );
     c.events.clear();
-    w.sessions[0] = Session::server(w.now, 1, room_id(), Config::default());
+    w.sessions[0] = Session::server(w.now, 1, room_id(), Config::default(), Access::full());
     w.drive();
     let c = &w.clients[0];
     assert!(c.events.contains(&Event::ServerHolds { through_seq: 2 }));
@@ -694,7 +730,15 @@ fn a_subscription_narrows_catch_up_and_relay_to_its_paths() {
     );
     let alpha = Scope::parse(&["/projects/alpha/**".to_owned()]).unwrap();
     let c = &mut w.clients[0];
-    c.session = Session::client_scoped(w.now, 0, &mut c.room, &reader, Config::default(), alpha);
+    c.session = Session::client_scoped(
+        w.now,
+        0,
+        &mut c.room,
+        &reader,
+        Config::default(),
+        alpha,
+        &Credentials::default(),
+    );
     w.drive();
 
     // Catch-up: alpha's ten nodes, plus beta's first, whose create of

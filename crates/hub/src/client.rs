@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use syncline_core::proto::message::{Envelope, Reason};
 use syncline_core::proto::scope::Scope;
-use syncline_core::proto::session::{Config as SessionConfig, Event, Session};
+use syncline_core::proto::session::{Config as SessionConfig, Credentials, Event, Session};
 use syncline_core::{Keypair, NodeIdx, Room};
 use syncline_store::{DurableRoom, ReplicaError};
 
@@ -22,17 +22,19 @@ pub struct ClientLink {
 }
 
 impl ClientLink {
-    /// Opens session `id` for `room`, subscribed to `scope`; its `hello`
-    /// is ready in [`ClientLink::poll_transmit`].
+    /// Opens session `id` for `room`, subscribed to `scope`, presenting
+    /// `credentials`; its `hello` is ready in [`ClientLink::poll_transmit`].
     pub fn open(
         now: u64,
         id: u64,
         room: &mut DurableRoom,
         config: SessionConfig,
         scope: Scope,
+        credentials: &Credentials,
     ) -> Result<ClientLink, ReplicaError> {
-        let session =
-            room.with_room(|r, key| Session::client_scoped(now, id, r, key, config, scope))?;
+        let session = room.with_room(|r, key| {
+            Session::client_scoped(now, id, r, key, config, scope, credentials)
+        })?;
         Ok(ClientLink { session })
     }
 

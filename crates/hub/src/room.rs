@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use syncline_core::auth::Access;
 use syncline_core::proto::message::{Envelope, Message, Reason};
 use syncline_core::proto::session::{
     Config as SessionConfig, EncodedPack, Event, Session, Strategy,
@@ -35,7 +36,18 @@ pub struct SessionKey {
 /// What a hub is fed.
 #[derive(Debug)]
 pub enum Input {
-    /// An envelope that came over connection `conn`.
+    /// A `hello` that came over connection `conn`, which the driver
+    /// admitted with `access` (`auth::admit`, its expiry on the hub's
+    /// clock). A `hello` fed as a plain [`Input::Frame`] is refused.
+    Hello {
+        /// The connection.
+        conn: u64,
+        /// The decoded envelope.
+        env: Box<Envelope>,
+        /// What the session may do.
+        access: Access,
+    },
+    /// Any other envelope that came over connection `conn`.
     Frame {
         /// The connection.
         conn: u64,
@@ -248,8 +260,9 @@ impl RoomHub {
         let mut gone = Vec::new();
         let stepped = self.room.with_room(|r, _| {
             for input in inputs {
-                let (conn, env) = match input {
-                    Input::Frame { conn, env } => (conn, env),
+                let (conn, env, access) = match input {
+                    Input::Hello { conn, env, access } => (conn, env, Some(access)),
+                    Input::Frame { conn, env } => (conn, env, None),
                     Input::Gone { conn } => {
                         gone.push(conn);
                         continue;
@@ -260,11 +273,27 @@ impl RoomHub {
                     session: env.session,
                 };
                 if let Message::Hello { peer, .. } = &env.message {
+                    let Some(access) = access else {
+                        transmit.push_back((
+                            conn,
+                            Envelope::close_frame(
+                                key.session,
+                                Reason::Unauthorized,
+                                "hello not admitted",
+                            ),
+                        ));
+                        continue;
+                    };
                     // A new session, or a fresh handshake on the id of one
                     // that ended.
                     if sessions.get(&key).is_none_or(|m| m.session.is_closed()) {
-                        let session =
-                            Session::server(now, key.session, room_id.clone(), config.clone());
+                        let session = Session::server(
+                            now,
+                            key.session,
+                            room_id.clone(),
+                            config.clone(),
+                            access,
+                        );
                         sessions.insert(
                             key,
                             Member {
@@ -401,6 +430,28 @@ impl RoomHub {
         }
         self.all_dirty = true;
         self.after(now);
+    }
+
+    /// Closes with `unauthorized` every session whose access rests on
+    /// capability `id`: a revocation takes effect on open sessions.
+    /// Returns how many were closed.
+    pub fn revoke(&mut self, now: u64, id: &[u8; 16]) -> usize {
+        let mut closed = 0;
+        for (key, member) in &mut self.sessions {
+            if !member.session.is_closed()
+                && member.session.access().is_some_and(|a| a.rests_on(id))
+            {
+                member.session.close(
+                    now,
+                    Reason::Unauthorized,
+                    "the session's capability was revoked",
+                );
+                self.dirty.insert(*key);
+                closed += 1;
+            }
+        }
+        self.after(now);
+        closed
     }
 
     /// The next frame to send, and the connection it goes to.

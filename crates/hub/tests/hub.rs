@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use syncline_core::proto::message::{Envelope, Reason};
+use syncline_core::auth::Access;
+use syncline_core::proto::message::{Envelope, Message, Reason};
 use syncline_core::proto::scope::Scope;
-use syncline_core::proto::session::{Config, Event};
+use syncline_core::proto::session::{Config, Credentials, Event};
 use syncline_core::{Keypair, RoomId, Value};
 use syncline_hub::{ClientLink, End, HubConfig, HubEvent, Input, RoomHub, SessionKey};
 use syncline_store::{DurableRoom, FaultPlan, FaultyStore, MemoryStore};
@@ -19,23 +20,54 @@ struct Client {
     link: ClientLink,
     conn: u64,
     events: Vec<Event>,
+    /// What the driver admits its `hello` with.
+    access: Access,
 }
 
 impl Client {
     fn connect(seed: u8, conn: u64) -> Client {
+        Client::with_access(seed, conn, Access::full())
+    }
+
+    fn with_access(seed: u8, conn: u64, access: Access) -> Client {
         let mut room = DurableRoom::load(
             Arc::new(MemoryStore::new()),
             Keypair::from_seed([seed; 32]),
             &room_id(),
         )
         .unwrap();
-        let link =
-            ClientLink::open(0, 1, &mut room, Config::default(), Scope::everything()).unwrap();
+        let link = ClientLink::open(
+            0,
+            1,
+            &mut room,
+            Config::default(),
+            Scope::everything(),
+            &Credentials::default(),
+        )
+        .unwrap();
         Client {
             room,
             link,
             conn,
             events: Vec::new(),
+            access,
+        }
+    }
+
+    /// A frame of this client's as the hub's driver feeds it: a `hello`
+    /// with what it was admitted with.
+    fn input(&self, frame: &[u8]) -> Input {
+        let env = Box::new(Envelope::decode(frame).unwrap());
+        match env.message {
+            Message::Hello { .. } => Input::Hello {
+                conn: self.conn,
+                env,
+                access: self.access.clone(),
+            },
+            _ => Input::Frame {
+                conn: self.conn,
+                env,
+            },
         }
     }
 
@@ -64,10 +96,7 @@ fn settle(hub: &mut RoomHub, clients: &mut [Client]) -> Vec<HubEvent> {
         let mut inputs = Vec::new();
         for c in clients.iter_mut() {
             while let Some(frame) = c.link.poll_transmit() {
-                inputs.push(Input::Frame {
-                    conn: c.conn,
-                    env: Box::new(Envelope::decode(&frame).unwrap()),
-                });
+                inputs.push(c.input(&frame));
             }
         }
         if !inputs.is_empty() {
@@ -213,4 +242,139 @@ fn a_storage_failure_closes_every_session_and_acknowledges_nothing() {
     }
     assert_eq!(closes, 2, "both sessions are told");
     assert_eq!(clients[0].room.outbox_len(), 1, "nothing was acknowledged");
+}
+
+#[test]
+fn a_read_only_session_reads_and_its_packs_are_refused() {
+    let store = Arc::new(MemoryStore::new());
+    let mut hub = hub(store, HubConfig::default());
+    let read_only = Access {
+        write: None,
+        ..Access::full()
+    };
+    let mut clients = vec![
+        Client::connect(1, 10),
+        Client::with_access(2, 20, read_only),
+    ];
+    settle(&mut hub, &mut clients);
+    assert!(
+        !clients[1].link.session().may_write(),
+        "the welcome said so"
+    );
+    clients[0].commit(1);
+    settle(&mut hub, &mut clients);
+    assert_eq!(clients[1].room.room().dag().len(), 1, "a reader reads");
+
+    // The reader's own commit is not even sent: it stays in its outbox.
+    clients[1].commit(2);
+    settle(&mut hub, &mut clients);
+    assert_eq!(clients[1].room.outbox_len(), 1);
+    assert_eq!(hub.room().room().dag().len(), 1);
+
+    // A pack pushed anyway (a client that ignores the welcome) is refused
+    // with `unauthorized`; nothing is stored or relayed; the session goes
+    // on.
+    let mut rogue = Client::with_access(
+        3,
+        30,
+        Access {
+            write: None,
+            ..Access::full()
+        },
+    );
+    rogue.commit(3);
+    let pack = rogue.room.export_pack(&[0]).unwrap();
+    let mut frames: Vec<Vec<u8>> = std::iter::from_fn(|| rogue.link.poll_transmit()).collect();
+    frames.push(
+        Envelope {
+            version: syncline_core::proto::message::PROTOCOL_VERSION,
+            session: 1,
+            corr: 99,
+            message: Message::Pack {
+                checksum: *blake3::hash(&pack).as_bytes(),
+                pack,
+                phase: syncline_core::proto::message::Phase::Live,
+                last: true,
+            },
+        }
+        .encode(),
+    );
+    let inputs: Vec<Input> = frames.iter().map(|f| rogue.input(f)).collect();
+    hub.handle_batch(0, inputs).unwrap();
+    let mut refused = false;
+    while let Some((conn, frame)) = hub.poll_transmit() {
+        if conn != 30 {
+            continue;
+        }
+        if let Message::Error { code, related, .. } = Envelope::decode(&frame).unwrap().message {
+            assert_eq!((code, related), (Reason::Unauthorized, 99));
+            refused = true;
+        }
+    }
+    assert!(refused, "the pack was refused unauthorized");
+    assert_eq!(hub.room().room().dag().len(), 1, "nothing stored");
+    assert_eq!(hub.session_count(), 3, "the session goes on");
+}
+
+#[test]
+fn an_expiring_or_revoked_capability_closes_its_session() {
+    let mut hub = hub(Arc::new(MemoryStore::new()), HubConfig::default());
+    let expiring = Access {
+        expires_at: Some(5_000),
+        chain: vec![[1; 16]],
+        ..Access::full()
+    };
+    let revocable = Access {
+        chain: vec![[7; 16], [2; 16]],
+        ..Access::full()
+    };
+    let mut clients = vec![
+        Client::with_access(1, 10, expiring),
+        Client::with_access(2, 20, revocable),
+        Client::connect(3, 30),
+    ];
+    settle(&mut hub, &mut clients);
+    assert!(
+        hub.poll_timeout().is_some_and(|t| t <= 5_000),
+        "the expiry is a timer"
+    );
+    hub.handle_timeout(5_000);
+    assert_eq!(hub.revoke(5_000, &[2; 16]), 1);
+    settle_at(&mut hub, &mut clients);
+    assert_eq!(clients[0].closed(), Some(Reason::TokenExpired));
+    assert_eq!(clients[1].closed(), Some(Reason::Unauthorized));
+    assert_eq!(clients[2].closed(), None, "an open-room session goes on");
+}
+
+#[test]
+fn a_hello_the_driver_did_not_admit_is_refused() {
+    let mut hub = hub(Arc::new(MemoryStore::new()), HubConfig::default());
+    let mut c = Client::connect(1, 10);
+    let hello = c.link.poll_transmit().unwrap();
+    let input = Input::Frame {
+        conn: 10,
+        env: Box::new(Envelope::decode(&hello).unwrap()),
+    };
+    hub.handle_batch(0, [input]).unwrap();
+    let (_, frame) = hub.poll_transmit().unwrap();
+    c.link.handle_frame(0, &mut c.room, &frame).unwrap();
+    assert_eq!(hub.session_count(), 0);
+    assert!(matches!(
+        Envelope::decode(&frame).unwrap().message,
+        Message::Close {
+            reason: Reason::Unauthorized,
+            ..
+        }
+    ));
+}
+
+/// Hands the hub's pending frames to the clients.
+fn settle_at(hub: &mut RoomHub, clients: &mut [Client]) {
+    while let Some((conn, frame)) = hub.poll_transmit() {
+        let c = clients.iter_mut().find(|c| c.conn == conn).unwrap();
+        c.link.handle_frame(5_000, &mut c.room, &frame).unwrap();
+        while let Some(e) = c.link.poll_event(5_000, &mut c.room).unwrap() {
+            c.events.push(e);
+        }
+    }
 }

@@ -13,6 +13,12 @@
 //! WebSocket-level errors close `too_large` or `malformed`; a peer above
 //! its byte rate is closed `rate_limited`. Past
 //! [`Config::max_sessions_per_conn`] a `hello` is refused `overloaded`.
+//!
+//! Authority: the first frame on a connection is a `challenge` with a
+//! fresh nonce; every `hello` must sign it (proof that the client holds
+//! its key) and, for a locked room, carry a capability. [`auth::admit`]
+//! decides before the room is looked up, so a refusal costs no room load
+//! and reads the same whether the room exists or not.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,8 +30,9 @@ use axum::extract::State as AxumState;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
-use syncline_core::RoomId;
-use syncline_core::proto::message::{Envelope, Message, Reason};
+use syncline_core::auth::{self, Policy, Presented};
+use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION, Reason};
+use syncline_core::{AuthorId, RoomId};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite;
 use tracing::{Instrument, debug, info_span};
@@ -40,6 +47,10 @@ use crate::telemetry;
 pub(crate) struct State {
     rooms: Arc<Rooms>,
     config: Config,
+    /// Who may open which rooms; revocations update it.
+    pub(crate) policy: std::sync::RwLock<Policy>,
+    /// The relay's key, named in every challenge.
+    server: AuthorId,
     next_conn: AtomicU64,
     /// Bytes queued for all connections.
     queued_total: Arc<AtomicUsize>,
@@ -48,10 +59,17 @@ pub(crate) struct State {
 }
 
 impl State {
-    pub(crate) fn new(rooms: Arc<Rooms>, config: Config) -> State {
+    pub(crate) fn new(
+        rooms: Arc<Rooms>,
+        config: Config,
+        policy: Policy,
+        server: AuthorId,
+    ) -> State {
         State {
             rooms,
             config,
+            policy: std::sync::RwLock::new(policy),
+            server,
             next_conn: AtomicU64::new(1),
             queued_total: Arc::new(AtomicUsize::new(0)),
             open: Mutex::new(HashMap::new()),
@@ -179,6 +197,13 @@ fn close_code(reason: &Reason) -> u16 {
     }
 }
 
+/// Unix time in milliseconds (capabilities expire on it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// What a WebSocket-level read error means for the connection.
 fn read_error_reason(error: axum::Error) -> Option<Reason> {
     let inner = error.into_inner();
@@ -282,7 +307,25 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64, slot: Arc<PeerSl
         }
     });
 
-    let ended = read_loop(&state, conn, &handle, &mut stream, &slot).await;
+    // Every hello on this connection signs this nonce.
+    let mut challenge = [0u8; 32];
+    if let Err(e) = getrandom::fill(&mut challenge) {
+        tracing::error!(error = %e, "no randomness for a challenge: closing the connection");
+        handle.kill(Reason::Overloaded);
+    }
+    handle.send(
+        Envelope {
+            version: PROTOCOL_VERSION,
+            session: 0,
+            corr: 0,
+            message: Message::Challenge {
+                nonce: challenge,
+                server: state.server,
+            },
+        }
+        .encode(),
+    );
+    let ended = read_loop(&state, conn, &handle, &mut stream, &slot, &challenge).await;
     if let Some(reason) = ended {
         metrics::counter!(telemetry::CONNECTIONS_CLOSED, "reason" => reason.as_str().to_owned())
             .increment(1);
@@ -312,6 +355,7 @@ async fn read_loop(
     handle: &ConnHandle,
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
     slot: &PeerSlot,
+    challenge: &[u8; 32],
 ) -> Option<Reason> {
     let config = &state.config;
     let idle = Duration::from_millis(config.session.idle_timeout_ms);
@@ -369,6 +413,41 @@ async fn read_loop(
                 break Some(Reason::Malformed);
             }
         };
+        let mut access = None;
+        if let Message::Hello {
+            room,
+            peer,
+            proof,
+            token,
+            ..
+        } = &env.message
+        {
+            let presented = Presented {
+                room,
+                session: env.session,
+                peer,
+                proof: proof.as_ref(),
+                token: token.as_deref(),
+            };
+            let admitted = {
+                let policy = state.policy.read().unwrap_or_else(|p| p.into_inner());
+                auth::admit(&policy, challenge, presented, unix_ms())
+            };
+            match admitted {
+                Ok(a) => access = Some(a.on_clock(unix_ms(), state.rooms.now())),
+                Err(refusal) => {
+                    debug!(reason = refusal.reason.as_str(), "hello refused");
+                    metrics::counter!(telemetry::AUTH_REFUSED, "reason" => refusal.reason.as_str().to_owned())
+                        .increment(1);
+                    handle.send(Envelope::reject_frame(
+                        env.session,
+                        refusal.reason,
+                        refusal.message,
+                    ));
+                    continue;
+                }
+            }
+        }
         if let Message::Hello { room, .. } = &env.message
             && !sessions.contains_key(&env.session)
         {
@@ -409,6 +488,7 @@ async fn read_loop(
         let mut input = RoomInput::Frame {
             conn,
             env: Box::new(env),
+            access,
             bytes: bytes.len(),
             out: handle.clone(),
             received,

@@ -24,7 +24,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use syncline_core::auth::{Policy, RoomPattern};
 use syncline_core::proto::session::Config as SessionConfig;
+use syncline_core::{AuthorId, Keypair};
 use syncline_store::{Replica, SqliteOptions, SqliteStore, Store};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -108,11 +110,16 @@ pub struct Config {
     /// `rate_limited` (after the batch that went past: what it inserted is
     /// durable and acknowledged).
     pub peer_burst_nodes: u64,
-    /// Serve on an address other peers can reach although every room is
-    /// open (anyone connected may read and write any room: there is no
-    /// access control yet). Without it, binding a non-loopback address
-    /// fails with [`RelayError::OpenOnNetwork`].
+    /// Rooms anyone may open, read and write (with a proven key, no
+    /// capability); every other room is locked. Default: every room (`*`).
+    pub open_rooms: Vec<RoomPattern>,
+    /// Serve open rooms on an address other peers can reach. Without it,
+    /// binding a non-loopback address with any open room fails with
+    /// [`RelayError::OpenOnNetwork`]: lock them, or say so.
     pub open_on_network: bool,
+    /// Keys besides the relay's own whose capabilities it trusts (an app
+    /// backend minting tokens with `syncline_core::auth`).
+    pub trusted_keys: Vec<AuthorId>,
     /// At shutdown, how long rooms may take to close their sessions and
     /// write checkpoints before the server stops anyway.
     pub shutdown_grace: Duration,
@@ -145,7 +152,9 @@ impl Default for Config {
             peer_burst_bytes: 64 << 20,
             shutdown_grace: Duration::from_millis(1500),
             max_room_bytes: 4 << 30,
+            open_rooms: vec![RoomPattern::parse("*").expect("* is a room pattern")],
             open_on_network: false,
+            trusted_keys: Vec::new(),
             peer_nodes_per_sec: 20_000,
             peer_burst_nodes: 200_000,
             max_store_bytes: u64::MAX,
@@ -157,19 +166,35 @@ impl Default for Config {
 /// Why the relay could not start or stopped.
 #[derive(Debug, Error)]
 pub enum RelayError {
-    /// A non-loopback address without [`Config::open_on_network`]: every
-    /// room would be readable and writable by anyone who reaches it.
+    /// A non-loopback address with open rooms and without
+    /// [`Config::open_on_network`]: anyone who reaches it could read and
+    /// write them.
     #[error(
-        "refusing to serve on {0}: rooms have no access control yet, so anyone who reaches \
-         this address could read and write every room; listen on 127.0.0.1 (behind a proxy \
-         that authenticates), or pass --open to serve open rooms anyway"
+        "refusing to serve open rooms ({rooms}) on {addr}: anyone who reaches this address \
+         could read and write them; leave rooms locked (drop --open-room), or pass --open \
+         to serve open rooms anyway"
     )]
-    OpenOnNetwork(SocketAddr),
+    OpenOnNetwork {
+        /// The address.
+        addr: SocketAddr,
+        /// The open room patterns.
+        rooms: String,
+    },
     /// The data directory could not be created.
     #[error("cannot use data directory {dir}: {source}")]
     DataDir {
         /// The directory.
         dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The relay's key file could not be read or written.
+    #[error(
+        "relay key file {path}: {source} (`syncline serve --data DIR` writes it on its first run)"
+    )]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
         /// Why.
         source: std::io::Error,
     },
@@ -196,14 +221,22 @@ pub struct Server {
     store: Arc<SqliteStore>,
     rooms: Arc<Rooms>,
     config: Config,
+    server_key: AuthorId,
 }
 
 impl Server {
     /// Opens the store under `config.data_dir` (creating it) and binds the
     /// listening socket.
     pub async fn bind(config: Config) -> Result<Server, RelayError> {
-        if !config.listen.ip().is_loopback() && !config.open_on_network {
-            return Err(RelayError::OpenOnNetwork(config.listen));
+        if !config.listen.ip().is_loopback()
+            && !config.open_rooms.is_empty()
+            && !config.open_on_network
+        {
+            let rooms: Vec<&str> = config.open_rooms.iter().map(RoomPattern::as_str).collect();
+            return Err(RelayError::OpenOnNetwork {
+                addr: config.listen,
+                rooms: rooms.join(", "),
+            });
         }
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|source| RelayError::DataDir {
@@ -216,6 +249,7 @@ impl Server {
         )?);
         let store: Arc<dyn Store> = sqlite.clone();
         let key = Replica::open_with_os_identity(store.clone())?.key().clone();
+        write_key_file(&dir, &key)?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -224,13 +258,40 @@ impl Server {
                     source,
                 })?;
         telemetry::install();
+        let server_key = key.author();
         let rooms = Rooms::new(store, key, config.clone());
         Ok(Server {
             listener,
             store: sqlite,
             rooms,
             config,
+            server_key,
         })
+    }
+
+    /// The key of the relay whose data directory is `data_dir` (its
+    /// `relay.key`, written by its first run): `syncline token issue`
+    /// signs with it, also while the relay runs.
+    pub fn key_in(data_dir: &std::path::Path) -> Result<Keypair, RelayError> {
+        let path = data_dir.join(KEY_FILE);
+        let failed = |source| RelayError::KeyFile {
+            path: path.clone(),
+            source,
+        };
+        let text = std::fs::read_to_string(&path).map_err(failed)?;
+        let seed = syncline_core::ids::from_hex::<32>(text.trim()).ok_or_else(|| {
+            failed(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not 64 hex digits",
+            ))
+        })?;
+        Ok(Keypair::from_seed(seed))
+    }
+
+    /// The relay's public key: capabilities it issues (and that name it as
+    /// their root) are trusted here.
+    pub fn public_key(&self) -> AuthorId {
+        self.server_key
     }
 
     /// The address actually bound (useful with port 0).
@@ -247,7 +308,19 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RelayError> {
         let config = self.config;
-        let state = Arc::new(conn::State::new(self.rooms.clone(), config.clone()));
+        let mut roots = vec![self.server_key];
+        roots.extend(config.trusted_keys.iter().copied());
+        let policy = Policy {
+            open: config.open_rooms.clone(),
+            roots,
+            revoked: Default::default(),
+        };
+        let state = Arc::new(conn::State::new(
+            self.rooms.clone(),
+            config.clone(),
+            policy,
+            self.server_key,
+        ));
         let app = Router::new()
             .route("/ws", get(conn::upgrade))
             .route("/healthz", get(|| async { "ok" }))
@@ -339,6 +412,35 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_millis(300), drained).await;
         Ok(())
     }
+}
+
+/// The file beside the store holding the relay's key seed (hex), readable
+/// by its owner only.
+const KEY_FILE: &str = "relay.key";
+
+/// Writes the relay's key to [`KEY_FILE`] unless it is there: tools that
+/// sign for the relay read it there while the store is locked by the
+/// running relay.
+fn write_key_file(dir: &std::path::Path, key: &Keypair) -> Result<(), RelayError> {
+    let path = dir.join(KEY_FILE);
+    if path.exists() {
+        return Ok(());
+    }
+    let failed = |source| RelayError::KeyFile {
+        path: path.clone(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&path).map_err(failed)?;
+    std::io::Write::write_all(
+        &mut file,
+        format!("{}\n", syncline_core::ids::to_hex(&key.seed())).as_bytes(),
+    )
+    .and_then(|()| file.sync_all())
+    .map_err(failed)
 }
 
 /// Checks every second whether the store's files passed `max` bytes, and

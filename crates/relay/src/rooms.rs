@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use syncline_core::auth::Access;
 use syncline_core::pack::inflated_len;
 use syncline_core::proto::message::{Envelope, Message, Reason};
 use syncline_core::{Keypair, RoomId};
@@ -51,6 +52,9 @@ pub(crate) enum RoomInput {
     Frame {
         conn: u64,
         env: Box<Envelope>,
+        /// For a `hello`: what the connection admitted it with (its
+        /// expiry on the rooms' clock).
+        access: Option<Access>,
         /// Its size on the wire.
         bytes: usize,
         out: ConnHandle,
@@ -221,7 +225,9 @@ impl Rooms {
         }
     }
 
-    fn now(&self) -> u64 {
+    /// The rooms' clock (milliseconds since the server started), which
+    /// their sessions' timers and expiries read.
+    pub(crate) fn now(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
@@ -488,6 +494,7 @@ impl RoomTask {
                 RoomInput::Frame {
                     conn,
                     env,
+                    access,
                     out,
                     received: at,
                     ..
@@ -497,7 +504,10 @@ impl RoomTask {
                     }
                     self.outs.entry(conn).or_insert(out);
                     received.push(at);
-                    inputs.push(Input::Frame { conn, env });
+                    inputs.push(match access {
+                        Some(access) => Input::Hello { conn, env, access },
+                        None => Input::Frame { conn, env },
+                    });
                 }
                 RoomInput::Gone { conn } => {
                     gone.push(conn);

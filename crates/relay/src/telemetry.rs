@@ -17,6 +17,9 @@ pub(crate) const CONNECTIONS_CLOSED: &str = "syncline_connections_closed_total";
 /// Work refused at a bound (counter, label `why`: `connections`,
 /// `connections_per_ip`, `accept`, `rooms`, `sessions`, `inbox`).
 pub(crate) const REFUSED: &str = "syncline_refused_total";
+/// `hello`s refused by access control, by reason (counter, label
+/// `reason`: `unauthorized`, `token_expired`).
+pub(crate) const AUTH_REFUSED: &str = "syncline_auth_refused_total";
 /// Bytes the store's files take (gauge).
 pub(crate) const STORE_BYTES: &str = "syncline_store_bytes";
 /// Rooms loaded (gauge).

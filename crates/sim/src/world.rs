@@ -24,9 +24,10 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use syncline_core::proto::message::{Envelope, Reason};
+use syncline_core::auth::{self, Policy, Presented};
+use syncline_core::proto::message::{Envelope, Message, Reason};
 use syncline_core::proto::scope::Scope;
-use syncline_core::proto::session::{Config, Event, Strategy};
+use syncline_core::proto::session::{Config, Credentials, Event, Strategy};
 use syncline_core::{Keypair, NodeId, RoomId};
 use syncline_hub::{ClientLink, End, HubConfig, HubEvent, Input, RoomHub};
 use syncline_store::{DurableRoom, FaultPlan, FaultyStore, ReplicaError, Store};
@@ -190,6 +191,9 @@ struct Relay {
     hub: Option<RoomHub>,
     /// Open connections, with the client at the other end.
     conns: BTreeMap<u64, usize>,
+    /// Who may open sessions (every `hello` is admitted as the relay
+    /// admits it).
+    policy: Policy,
     /// Inputs waiting for the next [`Action::RelayStep`].
     inbox: Vec<Input>,
     step_scheduled: bool,
@@ -294,6 +298,7 @@ impl World {
             key: relay_key,
             store: relay_store,
             conns: BTreeMap::new(),
+            policy: Policy::open(),
             inbox: Vec::new(),
             step_scheduled: false,
             in_flight: BTreeMap::new(),
@@ -636,7 +641,11 @@ impl World {
         } else {
             Scope::everything()
         };
-        let Ok(link) = ClientLink::open(now, id, room, config, scope) else {
+        let credentials = Credentials {
+            challenge: challenge(id),
+            token: None,
+        };
+        let Ok(link) = ClientLink::open(now, id, room, config, scope, &credentials) else {
             unreachable!("opening a session inserts no node, so it writes nothing")
         };
         client.conn = Some(ClientConn { id, link });
@@ -863,10 +872,41 @@ impl World {
         let Ok(env) = Envelope::decode(frame) else {
             return Err("the network delivered a frame that does not decode".into());
         };
-        self.relay_input(Input::Frame {
-            conn,
-            env: Box::new(env),
-        });
+        let env = Box::new(env);
+        let input = match &env.message {
+            Message::Hello {
+                room,
+                peer,
+                proof,
+                token,
+                ..
+            } => {
+                let presented = Presented {
+                    room,
+                    session: env.session,
+                    peer,
+                    proof: proof.as_ref(),
+                    token: token.as_deref(),
+                };
+                match auth::admit(
+                    &self.relay.policy,
+                    &challenge(conn),
+                    presented,
+                    EPOCH_MS + self.now,
+                ) {
+                    Ok(access) => Input::Hello {
+                        conn,
+                        env,
+                        access: access.on_clock(EPOCH_MS + self.now, self.now),
+                    },
+                    Err(refusal) => {
+                        return Err(format!("an honest client's hello was refused: {refusal:?}"));
+                    }
+                }
+            }
+            _ => Input::Frame { conn, env },
+        };
+        self.relay_input(input);
         Ok(())
     }
 
@@ -921,7 +961,7 @@ impl World {
     /// connection ends.
     fn refuse(&mut self, inputs: Vec<Input>) {
         for input in inputs {
-            let Input::Frame { conn, env } = input else {
+            let (Input::Frame { conn, env } | Input::Hello { conn, env, .. }) = input else {
                 continue;
             };
             let Some(client) = self.relay.conns.remove(&conn) else {
@@ -1253,4 +1293,13 @@ fn check_reopened(store: &FaultyStore, room: &DurableRoom) -> Result<(), String>
         return Err("its heads differ from a replay of its history".into());
     }
     Ok(())
+}
+
+/// Connection `conn`'s challenge, as the relay's first frame would carry
+/// it: distinct per connection, and derived rather than drawn so that the
+/// seed's random stream is the same with or without it.
+fn challenge(conn: u64) -> [u8; 32] {
+    let mut nonce = [0x5a; 32];
+    nonce[..8].copy_from_slice(&conn.to_le_bytes());
+    nonce
 }

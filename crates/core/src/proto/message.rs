@@ -12,13 +12,13 @@ use thiserror::Error;
 
 use crate::codec::mp::{DecodeError, Reader, Writer};
 use crate::dag::VersionVector;
-use crate::ids::{AuthorId, NodeId, RoomId};
+use crate::ids::{AuthorId, NodeId, RoomId, Signature};
 use crate::limits::MAX_ROOM_ID_BYTES;
 use crate::recon::KeyPrefix;
 use crate::recon::mst::{KeyRange, Summary};
 
 /// The protocol version this code speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame accepted or sent.
 pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 /// Most heads listed in a `hello` or `welcome`.
@@ -173,7 +173,11 @@ pub enum Message {
         peer: AuthorId,
         /// The room.
         room: RoomId,
-        /// A signed access token for locked rooms.
+        /// The peer's signature over this connection's challenge, the room
+        /// and the session (`auth::hello_proof`): proof that it holds the
+        /// key it claims.
+        proof: Option<Signature>,
+        /// A capability for locked rooms (`auth::Capability`, encoded).
         token: Option<Vec<u8>>,
         /// Capabilities the client supports.
         caps: Vec<String>,
@@ -211,6 +215,10 @@ pub enum Message {
         limits: Limits,
         /// Authors present in the room.
         peers: Vec<AuthorId>,
+        /// Where the session may write (path globs; empty: anywhere);
+        /// `None`: it may only read, and the client keeps its nodes in its
+        /// outbox.
+        write: Option<Vec<String>>,
     },
     /// Refuses a session.
     Reject {
@@ -304,6 +312,15 @@ pub enum Message {
         /// For people.
         message: String,
     },
+    /// The server's first frame on a connection (session 0): a fresh
+    /// nonce each `hello` signs, and the server's key.
+    Challenge {
+        /// Never used on another connection.
+        nonce: [u8; 32],
+        /// The server's public key (the root of the capabilities it
+        /// issues).
+        server: AuthorId,
+    },
     /// Ephemeral presence (never in history).
     Presence {
         /// Whose.
@@ -349,6 +366,7 @@ impl Message {
             Message::Heartbeat => 15,
             Message::Error { .. } => 16,
             Message::Close { .. } => 17,
+            Message::Challenge { .. } => 18,
             Message::Presence { .. } => 64,
             Message::Unknown(t) => *t,
         }
@@ -435,6 +453,20 @@ impl Envelope {
         .encode()
     }
 
+    /// A `reject` frame for `session`: its `hello` was refused.
+    pub fn reject_frame(session: u64, reason: Reason, message: impl Into<String>) -> Vec<u8> {
+        Envelope {
+            version: PROTOCOL_VERSION,
+            session,
+            corr: 0,
+            message: Message::Reject {
+                reason,
+                message: message.into(),
+            },
+        }
+        .encode()
+    }
+
     /// The frame bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
@@ -476,6 +508,7 @@ fn encode_body(m: &Message, w: &mut Writer) {
             versions,
             peer,
             room,
+            proof,
             token,
             caps,
             heads,
@@ -485,7 +518,11 @@ fn encode_body(m: &Message, w: &mut Writer) {
             subscriptions,
             probe,
         } => {
-            w.map(9 + token.is_some() as usize + !probe.is_empty() as usize);
+            w.map(
+                9 + proof.is_some() as usize
+                    + token.is_some() as usize
+                    + !probe.is_empty() as usize,
+            );
             w.str("caps");
             put_strs(w, caps);
             w.str("heads");
@@ -497,6 +534,10 @@ fn encode_body(m: &Message, w: &mut Writer) {
             if !probe.is_empty() {
                 w.str("probe");
                 w.bin(probe);
+            }
+            if let Some(proof) = proof {
+                w.str("proof");
+                w.bin(&proof.0);
             }
             w.str("room");
             w.str(room.as_str());
@@ -524,8 +565,9 @@ fn encode_body(m: &Message, w: &mut Writer) {
             diff,
             limits,
             peers,
+            write,
         } => {
-            w.map(7 + vv.is_some() as usize);
+            w.map(7 + vv.is_some() as usize + write.is_some() as usize);
             w.str("caps");
             put_strs(w, caps);
             w.str("diff");
@@ -550,6 +592,10 @@ fn encode_body(m: &Message, w: &mut Writer) {
             if let Some(vv) = vv {
                 w.str("vv");
                 put_vv(w, vv);
+            }
+            if let Some(write) = write {
+                w.str("write");
+                put_strs(w, write);
             }
         }
         Message::Reject { reason, message } | Message::Close { reason, message } => {
@@ -677,6 +723,13 @@ fn encode_body(m: &Message, w: &mut Writer) {
             w.str("related");
             w.uint(*related);
         }
+        Message::Challenge { nonce, server } => {
+            w.map(2);
+            w.str("nonce");
+            w.bin(nonce);
+            w.str("server");
+            w.bin(&server.0);
+        }
         Message::Presence { peer, data } => {
             w.map(2);
             w.str("data");
@@ -770,6 +823,10 @@ fn decode_body(kind: u64, r: &mut Reader<'_>) -> Result<Message, FrameError> {
                 versions,
                 peer: AuthorId(f.get("peer")?.bin_array()?),
                 room: RoomId::new(room).map_err(|_| FrameError::Invalid("room"))?,
+                proof: f
+                    .opt("proof")
+                    .map(|mut p| p.bin_array().map(Signature))
+                    .transpose()?,
                 token: f
                     .opt("token")
                     .map(|mut t| t.bin(MAX_BLOB_FIELD_BYTES).map(<[u8]>::to_vec))
@@ -807,6 +864,7 @@ fn decode_body(kind: u64, r: &mut Reader<'_>) -> Result<Message, FrameError> {
                     max_pack_nodes: limits.uint("max_pack_nodes")?,
                 },
                 peers,
+                write: f.opt("write").map(|_| f.texts("write")).transpose()?,
             }
         }
         3 | 17 => {
@@ -930,6 +988,10 @@ fn decode_body(kind: u64, r: &mut Reader<'_>) -> Result<Message, FrameError> {
             message: f.text("message")?,
             related: f.uint("related")?,
         },
+        18 => Message::Challenge {
+            nonce: f.get("nonce")?.bin_array()?,
+            server: AuthorId(f.get("server")?.bin_array()?),
+        },
         64 => Message::Presence {
             peer: AuthorId(f.get("peer")?.bin_array()?),
             data: f.bytes("data", MAX_BLOB_FIELD_BYTES)?,
@@ -950,6 +1012,7 @@ mod tests {
                 versions: (1, 1),
                 peer: AuthorId([3; 32]),
                 room: RoomId::new("projects/alpha").unwrap(),
+                proof: Some(Signature([2; 64])),
                 token: Some(vec![1, 2, 3]),
                 caps: vec!["diff/heads@1".into(), "diff/ibf@1".into()],
                 heads: vec![NodeId([4; 32])],
@@ -971,6 +1034,7 @@ mod tests {
                     max_pack_nodes: 50_000,
                 },
                 peers: vec![AuthorId([9; 32])],
+                write: Some(vec!["/docs/**".into()]),
             },
             Message::Reject {
                 reason: Reason::RoomLocked,
@@ -1042,6 +1106,10 @@ mod tests {
             Message::Close {
                 reason: Reason::Lagging,
                 message: String::new(),
+            },
+            Message::Challenge {
+                nonce: [3; 32],
+                server: AuthorId([4; 32]),
             },
             Message::Presence {
                 peer: AuthorId([1; 32]),

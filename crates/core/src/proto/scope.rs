@@ -115,6 +115,22 @@ impl Scope {
         self.is_everything() || self.compiled.iter().any(|p| leads_from(p, names))
     }
 
+    /// Whether every path this scope matches is one `wider` matches too
+    /// (delegated write paths may only narrow). Conservative: a pattern is
+    /// within another when it is, name by name, no more general; a `*`
+    /// inside a narrower name counts as wider unless the wider name is
+    /// `*` itself.
+    pub fn within(&self, wider: &Scope) -> bool {
+        if wider.is_everything() {
+            return true;
+        }
+        !self.is_everything()
+            && self
+                .compiled
+                .iter()
+                .all(|c| wider.compiled.iter().any(|w| pattern_within(c, w)))
+    }
+
     /// Whether node `idx` of `room` touches the scope.
     pub fn touches(&self, room: &Room, idx: NodeIdx) -> bool {
         if self.is_everything() {
@@ -197,6 +213,22 @@ fn leads_from(pattern: &[Segment], names: &[&str]) -> bool {
     (0..=pattern.len()).any(|k| matches_from(&pattern[..k], names))
 }
 
+/// Whether every path `narrow` matches, `wide` matches too.
+fn pattern_within(narrow: &[Segment], wide: &[Segment]) -> bool {
+    match (narrow.first(), wide.first()) {
+        (None, None) => true,
+        // `**` takes any number of names, `**` among them.
+        (_, Some(Segment::AnyDepth)) => {
+            (0..=narrow.len()).any(|k| pattern_within(&narrow[k..], &wide[1..]))
+        }
+        (Some(Segment::Name(n)), Some(Segment::Name(w))) => {
+            let covered = w == n || w == "*" || (!n.contains('*') && glob_matches(w, n));
+            covered && pattern_within(&narrow[1..], &wide[1..])
+        }
+        _ => false,
+    }
+}
+
 /// Whether `name` matches `glob`, where `*` is any run of characters.
 fn glob_matches(glob: &str, name: &str) -> bool {
     let (g, n): (Vec<char>, Vec<char>) = (glob.chars().collect(), name.chars().collect());
@@ -265,6 +297,23 @@ mod tests {
         assert!(!s.leads_into(&path("/b")));
 
         assert!(Scope::everything().matches(&path("/anything")));
+    }
+
+    #[test]
+    fn narrower_scopes_are_within_wider_ones() {
+        let within = |a: &[&str], b: &[&str]| scope(a).within(&scope(b));
+        assert!(within(&["/a/b"], &["/a/**"]));
+        assert!(within(&["/a/**"], &["/a/**"]));
+        assert!(within(&["/a/b/**", "/a/c"], &["/a/**"]));
+        assert!(within(&["/notes/x.md"], &["/notes/*.md"]));
+        assert!(within(&["/notes/*.md"], &["/notes/*"]));
+        assert!(within(&["/x/**"], &["/**"]));
+        assert!(within(&["/a"], &[]), "everything holds everything");
+        assert!(!within(&[], &["/a/**"]), "everything is wider");
+        assert!(!within(&["/a/**"], &["/a/b/**"]));
+        assert!(!within(&["/notes/*"], &["/notes/*.md"]));
+        assert!(!within(&["/a/**"], &["/a/*"]), "** is deeper than *");
+        assert!(!within(&["/b/c"], &["/a/**"]));
     }
 
     #[test]

@@ -112,6 +112,12 @@ impl Session {
                 max_pack_nodes: self.config.max_pack_nodes as u64,
             },
             peers: Vec::new(),
+            write: self
+                .server_state()
+                .access
+                .write
+                .as_ref()
+                .map(|scope| scope.patterns().to_vec()),
         };
         self.strategy = Some(diff);
         if diff != Strategy::Heads {

@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::auth::{Access, hello_proof};
 use crate::dag::{NodeIdx, VersionVector};
 use crate::ids::{AuthorId, IdSet, NodeId, RoomId};
 use crate::keys::Keypair;
@@ -250,11 +251,24 @@ pub enum Side {
     Server,
 }
 
+/// What a client presents in its `hello`.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// The connection's challenge (the server's first frame), which the
+    /// `hello` signs to prove the client holds its key.
+    pub challenge: [u8; 32],
+    /// A capability for a locked room (`auth::Capability`, encoded).
+    pub token: Option<Vec<u8>>,
+}
+
 /// What only a client session keeps.
 #[derive(Debug)]
 struct ClientState {
     /// The local author, whose nodes the outbox tracks.
     local: AuthorId,
+    /// The server lets this session write (its `welcome` said so): a
+    /// read-only client uploads nothing and keeps its nodes in its outbox.
+    may_write: bool,
     /// Nodes still expected from the server's catch-up.
     expecting: u64,
     /// The catch-up is complete.
@@ -272,6 +286,8 @@ struct ClientState {
 /// What only a server session keeps.
 #[derive(Debug)]
 struct ServerState {
+    /// What the client may do (its expiry on the session's clock).
+    access: Access,
     /// What the client subscribed to.
     scope: Scope,
     /// What the client is known to hold (every node of an author up to
@@ -344,8 +360,23 @@ pub struct Session {
 
 impl Session {
     /// A client session for `room`, which sends its `hello` at once.
-    pub fn client(now: u64, id: u64, room: &mut Room, peer: &Keypair, config: Config) -> Session {
-        Session::client_scoped(now, id, room, peer, config, Scope::everything())
+    pub fn client(
+        now: u64,
+        id: u64,
+        room: &mut Room,
+        peer: &Keypair,
+        config: Config,
+        credentials: &Credentials,
+    ) -> Session {
+        Session::client_scoped(
+            now,
+            id,
+            room,
+            peer,
+            config,
+            Scope::everything(),
+            credentials,
+        )
     }
 
     /// A client session that subscribes to `scope` only: the server sends
@@ -358,9 +389,11 @@ impl Session {
         peer: &Keypair,
         config: Config,
         scope: Scope,
+        credentials: &Credentials,
     ) -> Session {
         let role = Role::Client(Box::new(ClientState {
             local: peer.author(),
+            may_write: false,
             expecting: 0,
             caught_up: false,
             catchup_progress: None,
@@ -384,7 +417,8 @@ impl Session {
             versions: (PROTOCOL_VERSION, PROTOCOL_VERSION),
             peer: peer.author(),
             room: room.id().clone(),
-            token: None,
+            proof: Some(hello_proof(peer, &credentials.challenge, room.id(), id)),
+            token: credentials.token.clone(),
             caps: Strategy::ALL
                 .iter()
                 .map(|s| s.capability().to_owned())
@@ -400,9 +434,12 @@ impl Session {
         s
     }
 
-    /// A server session for `room`, waiting for the client's `hello`.
-    pub fn server(now: u64, id: u64, room: RoomId, config: Config) -> Session {
+    /// A server session for `room`, waiting for the client's `hello`,
+    /// which the driver admitted with `access` (`auth::admit`; its expiry
+    /// on this session's clock).
+    pub fn server(now: u64, id: u64, room: RoomId, config: Config, access: Access) -> Session {
         let role = Role::Server(ServerState {
+            access,
             scope: Scope::everything(),
             peer_holds: VersionVector::new(),
             mst_need: Vec::new(),
@@ -533,7 +570,8 @@ impl Session {
     /// at once when queued nodes can be sent (one pack per call, so a
     /// driver serving many sessions interleaves them).
     pub fn poll_timeout(&self) -> Option<u64> {
-        match self.state {
+        let expiry = self.expires_at().unwrap_or(u64::MAX);
+        let timer = match self.state {
             State::Closed => None,
             State::Handshake => Some(self.handshake_deadline),
             State::Open if self.can_send() => Some(self.send_due),
@@ -545,6 +583,32 @@ impl Session {
                     .map_or(u64::MAX, |t| t + self.config.response_timeout_ms);
                 Some(idle.min(stalled))
             }
+        };
+        timer.map(|t| t.min(expiry))
+    }
+
+    /// Server: when the client's capability ends.
+    fn expires_at(&self) -> Option<u64> {
+        match &self.role {
+            Role::Server(s) => s.access.expires_at,
+            Role::Client(_) => None,
+        }
+    }
+
+    /// Client: whether the server lets this session write (known from
+    /// its `welcome`; a read-only session keeps its nodes in the outbox).
+    pub fn may_write(&self) -> bool {
+        match &self.role {
+            Role::Client(c) => c.may_write,
+            Role::Server(s) => s.access.write.is_some(),
+        }
+    }
+
+    /// Server: what the client may do.
+    pub fn access(&self) -> Option<&Access> {
+        match &self.role {
+            Role::Server(s) => Some(&s.access),
+            Role::Client(_) => None,
         }
     }
 
@@ -552,6 +616,13 @@ impl Session {
     /// nodes if the window has room (`room` is the session's room, `signer`
     /// signs the local author's nodes).
     pub fn handle_timeout(&mut self, now: u64, room: &mut Room, signer: Option<&Keypair>) {
+        if self.expires_at().is_some_and(|t| now >= t) {
+            return self.close(
+                now,
+                Reason::TokenExpired,
+                "the token expired: refresh it and reconnect",
+            );
+        }
         match self.state {
             State::Closed => {}
             State::Handshake if now >= self.handshake_deadline => {
@@ -682,6 +753,11 @@ impl Session {
                     related,
                 },
             ) => {
+                // A pack the peer refused will not be acknowledged: it
+                // leaves the window (its nodes stay in the outbox).
+                if let Some((_, _, bytes)) = self.in_flight.remove(&related) {
+                    self.in_flight_bytes -= bytes;
+                }
                 self.events.push_back(Event::PeerError {
                     code,
                     message,
@@ -691,7 +767,14 @@ impl Session {
             (Side::Server, State::Handshake, hello @ Message::Hello { .. }) => {
                 self.on_hello(now, corr, hello, room, signer);
             }
-            (Side::Client, State::Handshake, Message::Welcome { diff, vv, .. }) => {
+            (
+                Side::Client,
+                State::Handshake,
+                Message::Welcome {
+                    diff, vv, write, ..
+                },
+            ) => {
+                self.client_state().may_write = write.is_some();
                 self.on_welcome(now, &diff, vv, room, signer);
             }
             (Side::Client, State::Handshake, Message::Reject { reason, message }) => {

@@ -191,6 +191,12 @@ impl Session {
         phase: Phase,
         burst: usize,
     ) {
+        if let Role::Client(c) = &self.role
+            && !c.may_write
+        {
+            // A read-only session uploads nothing; the outbox keeps it.
+            return;
+        }
         if self.queue.is_empty() {
             self.send_due = now;
         }
@@ -293,6 +299,21 @@ impl Session {
     ) {
         if *blake3::hash(pack).as_bytes() != checksum {
             return self.close(now, Reason::Malformed, "pack checksum mismatch");
+        }
+        if let Role::Server(s) = &self.role
+            && s.access.write.is_none()
+        {
+            // Nothing stored, nothing relayed; reading goes on.
+            let message = "this session may only read: the pack was refused";
+            return self.send(
+                now,
+                0,
+                Message::Error {
+                    code: Reason::Unauthorized,
+                    message: message.into(),
+                    related: corr,
+                },
+            );
         }
         match room.receive_pack(pack) {
             Ok(received) => {

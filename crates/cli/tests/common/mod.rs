@@ -1,0 +1,142 @@
+//! Shared by the end-to-end tests: a `syncline serve` process and the
+//! `syncline` command line, both the built binary.
+
+// Each test binary uses part of this.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_syncline");
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
+
+pub(crate) fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `syncline serve` process.
+pub(crate) struct Server {
+    pub(crate) child: Option<Child>,
+    pub(crate) port: u16,
+    pub(crate) data: PathBuf,
+    pub(crate) extra: Vec<String>,
+}
+
+impl Server {
+    pub(crate) fn start(data: &Path, extra: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            port: free_port(),
+            data: data.to_path_buf(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    pub(crate) fn spawn(&mut self) {
+        let child = Command::new(BIN)
+            .args(["serve", "--data"])
+            .arg(&self.data)
+            .args(
+                (!self.extra.iter().any(|a| a == "--listen"))
+                    .then(|| ["--listen".to_owned(), format!("127.0.0.1:{}", self.port)])
+                    .into_iter()
+                    .flatten(),
+            )
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while self.get("/healthz").as_deref() != Some("ok") {
+            assert!(Instant::now() < deadline, "the server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    /// A plain HTTP GET; the body, if the server answered.
+    pub(crate) fn get(&self, path: &str) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let body = response.split("\r\n\r\n").nth(1)?;
+        Some(body.trim().to_owned())
+    }
+
+    /// The value of an unlabelled metric (0 if absent).
+    pub(crate) fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics").unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub(crate) fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs `syncline --replica DIR args...`; returns (exit code, stdout).
+pub(crate) fn cli(replica: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("--replica")
+        .arg(replica)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+pub(crate) fn ok(replica: &Path, args: &[&str]) -> String {
+    let (code, out) = cli(replica, args);
+    assert_eq!(code, 0, "syncline {args:?} failed: {out}");
+    out
+}
+
+/// Runs `syncline --replica DIR args...` with `env` set; returns (exit
+/// code, stdout, stderr).
+pub(crate) fn run(replica: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("--replica")
+        .arg(replica)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    )
+}
