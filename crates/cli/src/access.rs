@@ -102,6 +102,16 @@ pub(crate) enum TokenAction {
         #[arg(long, env = "SYNCLINE_TOKEN")]
         parent: Option<String>,
     },
+    /// Revoke a token (by its id, or the token itself) at a relay: sessions
+    /// resting on it close within a second, and it opens no more.
+    Revoke {
+        /// The token's id (32 hex digits, as `token issue --json` and
+        /// `token show` print it), or the token.
+        id: String,
+        /// The relay's data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
     /// Print what a token claims; with --data, check it against that
     /// relay's key.
     Show {
@@ -165,6 +175,36 @@ pub(crate) fn token(cli: &Cli, action: &TokenAction) -> Outcome {
                 json!({"token": cap.to_token(), "id": hex(&cap.claims.id)}),
                 || cap.to_token(),
             );
+            Ok(())
+        }
+        TokenAction::Revoke { id, data } => {
+            let id =
+                match syncline_core::ids::from_hex::<16>(id.trim()) {
+                    Some(id) => id,
+                    None => Capability::from_token(id)
+                        .map_err(|e| {
+                            Failed::new(
+                                Exit::Usage,
+                                format!(
+                                    "{id:?} is neither a token id (32 hex digits) nor a token: {e}"
+                                ),
+                            )
+                        })?
+                        .claims
+                        .id,
+                };
+            syncline_relay::Server::revoke_in(data, &id).map_err(|e| {
+                Failed::new(
+                    Exit::Usage,
+                    format!("cannot revoke at {}: {e}", data.display()),
+                )
+            })?;
+            print(cli, json!({"revoked": hex(&id)}), || {
+                format!(
+                    "revoked {} (a running relay applies it within a second)",
+                    hex(&id)
+                )
+            });
             Ok(())
         }
         TokenAction::Show { token, data } => {

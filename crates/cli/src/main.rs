@@ -57,6 +57,10 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:7700")]
         listen: std::net::SocketAddr,
+        /// Serve /metrics and /healthz without a token on this loopback
+        /// address (on --listen, /metrics needs an admin token).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// Most nodes per pack the server sends (smaller packs: finer
         /// resumption of interrupted catch-ups, more overhead).
         #[arg(long, default_value_t = 50_000)]
@@ -309,9 +313,20 @@ fn run(cli: Cli) -> Outcome {
             data,
             listen,
             max_pack_nodes,
+            metrics_listen,
             access,
             limits,
-        } => serve(data.clone(), *listen, *max_pack_nodes, access, limits),
+        } => serve(
+            syncline_relay::Config {
+                data_dir: data.clone(),
+                listen: *listen,
+                metrics_listen: *metrics_listen,
+                ..syncline_relay::Config::default()
+            },
+            *max_pack_nodes,
+            access,
+            limits,
+        ),
         Command::Token { action } => access::token(&cli, action),
         Command::Init => {
             let replica = open(&cli)?;
@@ -575,8 +590,7 @@ impl ServeLimits {
 }
 
 fn serve(
-    data: PathBuf,
-    listen: std::net::SocketAddr,
+    mut config: syncline_relay::Config,
     max_pack_nodes: usize,
     access: &access::ServeAccess,
     limits: &ServeLimits,
@@ -584,11 +598,6 @@ fn serve(
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| Failed::new(Exit::Failure, format!("cannot start the runtime: {e}")))?;
     let served = runtime.block_on(async {
-        let mut config = syncline_relay::Config {
-            data_dir: data,
-            listen,
-            ..syncline_relay::Config::default()
-        };
         config.session.max_pack_nodes = max_pack_nodes.max(1);
         access.apply(&mut config)?;
         limits.apply(&mut config)?;
@@ -600,7 +609,8 @@ fn serve(
         let server = syncline_relay::Server::bind(config).await.map_err(|e| {
             let exit = match e {
                 syncline_relay::RelayError::Listen { .. }
-                | syncline_relay::RelayError::OpenOnNetwork { .. } => Exit::Usage,
+                | syncline_relay::RelayError::OpenOnNetwork { .. }
+                | syncline_relay::RelayError::MetricsOnNetwork(_) => Exit::Usage,
                 _ => Exit::Storage,
             };
             Failed::new(exit, e.to_string())

@@ -77,6 +77,8 @@ const HONEST: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 struct Server {
     child: Child,
     port: u16,
+    /// Where `/metrics` is served without a token.
+    metrics_port: u16,
     _data: tempfile::TempDir,
 }
 
@@ -101,10 +103,16 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(BIN)
             .args(["serve", "--data"])
             .arg(data.path())
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
             .args(&args)
             .stdout(Stdio::null())
             // SYNCLINE_ATTACK_LOG=FILE keeps the server's log, to see why
@@ -118,6 +126,7 @@ impl Server {
         let server = Server {
             child,
             port,
+            metrics_port,
             _data: data,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -138,8 +147,14 @@ impl Server {
 
     /// A plain HTTP GET from the honest address; the body, if answered.
     async fn get(&self, path: &str) -> Option<String> {
+        self.get_at(self.port, path).await
+    }
+
+    /// A plain HTTP GET of `path` on `port` from the honest address.
+    async fn get_at(&self, port: u16, path: &str) -> Option<String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = timeout(Duration::from_secs(5), connect_from(HONEST, self.addr()))
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut stream = timeout(Duration::from_secs(5), connect_from(HONEST, addr))
             .await
             .ok()?
             .ok()?;
@@ -158,7 +173,10 @@ impl Server {
     /// A metric's value, summed over its labels matching `label` (0 if
     /// absent).
     async fn metric(&self, name: &str, label: &str) -> f64 {
-        let text = self.get("/metrics").await.unwrap_or_default();
+        let text = self
+            .get_at(self.metrics_port, "/metrics")
+            .await
+            .unwrap_or_default();
         text.lines()
             .filter(|l| l.starts_with(name) && l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

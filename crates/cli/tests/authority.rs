@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 mod common;
 
-use common::{Server, free_port, ok, run};
+use common::{Server, free_port, http_get, ok, run};
 
 /// Exit code of a refused access.
 const UNAUTHORIZED: i32 = 6;
@@ -415,6 +415,7 @@ fn a_network_address_is_locked_unless_told_open() {
         let mut server = Server {
             child: None,
             port,
+            metrics_port: free_port(),
             data: dir.path().join(format!("server-{open}")),
             extra: args,
         };
@@ -443,4 +444,95 @@ fn a_network_address_is_locked_unless_told_open() {
         &[],
     );
     assert_eq!(code, 2, "--open and --locked conflict: {err}");
+}
+
+#[test]
+fn metrics_need_an_admin_token_on_the_main_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--locked"]);
+    let someone = author(&dir.path().join("someone"));
+    let (status, body) = http_get(server.port, "/metrics", None).unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("admin token"), "{body}");
+    let writer = issue(&server, &someone, &["--room", "*"]);
+    assert_eq!(
+        http_get(server.port, "/metrics", Some(&writer)).unwrap().0,
+        401
+    );
+    let one_room = issue(&server, &someone, &["--room", "team", "--rights", "admin"]);
+    assert_eq!(
+        http_get(server.port, "/metrics", Some(&one_room))
+            .unwrap()
+            .0,
+        401
+    );
+    let admin = issue(&server, &someone, &["--room", "*", "--rights", "admin"]);
+    let (status, body) = http_get(server.port, "/metrics", Some(&admin)).unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("syncline_"), "{body}");
+    // The separate loopback address needs none.
+    assert_eq!(
+        http_get(server.metrics_port, "/metrics", None).unwrap().0,
+        200
+    );
+}
+
+#[test]
+fn a_revoked_token_closes_its_session_and_opens_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--locked"]);
+    let writer = Replica::open(dir.path().join("writer")).unwrap();
+    let token = issue(&server, &writer.author(), &["--room", "team"]);
+    let mut options = SyncOptions::new(&[&server.url()]);
+    options.token = Some(TokenSource::fixed(token.clone()));
+    let room = writer.room("team").unwrap();
+    room.transact(|tx| tx.set("/a", "v", Value::Int(1)))
+        .unwrap();
+    let engine = writer.connect_with(options, &["team"]).unwrap();
+    engine.flush(Duration::from_secs(20)).unwrap();
+
+    let data = server.data.to_str().unwrap().to_owned();
+    let id = Capability::from_token(&token).unwrap().claims.id;
+    let revoked = ok(
+        Path::new("/nonexistent-replica"),
+        &["token", "revoke", &token, "--data", &data],
+    );
+    assert!(revoked.contains(&syncline::auth::hex(&id)), "{revoked}");
+    // The open session closes within about a second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = engine.status();
+        if let Some(why) = status.refused {
+            assert!(
+                why.contains("unauthorized") && why.contains("revoked"),
+                "{why}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revoked session stayed open: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Writes after the revocation stay local.
+    room.transact(|tx| tx.set("/b", "v", Value::Int(2)))
+        .unwrap();
+    assert!(engine.flush(Duration::from_secs(2)).is_err());
+    drop((engine, room, writer));
+    let (code, err) = sync(
+        Path::new(&dir.path().join("writer")),
+        &server,
+        "team",
+        Some(&token),
+    );
+    assert_eq!(code, UNAUTHORIZED, "{err}");
+    assert!(err.contains("revoked"), "{err}");
+    // A garbage id is a usage error.
+    let (code, _, err) = run(
+        Path::new("/nonexistent-replica"),
+        &["token", "revoke", "zz", "--data", &data],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
 }

@@ -76,6 +76,11 @@ impl State {
         }
     }
 
+    /// The loaded rooms.
+    pub(crate) fn rooms(&self) -> &Arc<Rooms> {
+        &self.rooms
+    }
+
     /// Ends every connection (after the rooms sent their `close` frames).
     pub(crate) fn close_all(&self) {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -198,7 +203,7 @@ fn close_code(reason: &Reason) -> u16 {
 }
 
 /// Unix time in milliseconds (capabilities expire on it).
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -13,7 +13,8 @@
 //! Every resource a peer can make the relay spend has a bound in
 //! [`Config`], with a metric and a typed refusal (`docs/security.md`).
 //!
-//! `GET /healthz` answers `ok`; `GET /metrics` is Prometheus text.
+//! `GET /healthz` answers `ok`; `GET /metrics` is Prometheus text, for an
+//! admin token or on [`Config::metrics_listen`] (`admin.rs`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,6 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+mod admin;
 mod conn;
 mod limits;
 mod rooms;
@@ -120,6 +122,9 @@ pub struct Config {
     /// Keys besides the relay's own whose capabilities it trusts (an app
     /// backend minting tokens with `syncline_core::auth`).
     pub trusted_keys: Vec<AuthorId>,
+    /// A loopback address serving `/metrics` (and `/healthz`) without a
+    /// token; on the main address `/metrics` needs an admin token.
+    pub metrics_listen: Option<SocketAddr>,
     /// At shutdown, how long rooms may take to close their sessions and
     /// write checkpoints before the server stops anyway.
     pub shutdown_grace: Duration,
@@ -155,6 +160,7 @@ impl Default for Config {
             open_rooms: vec![RoomPattern::parse("*").expect("* is a room pattern")],
             open_on_network: false,
             trusted_keys: Vec::new(),
+            metrics_listen: None,
             peer_nodes_per_sec: 20_000,
             peer_burst_nodes: 200_000,
             max_store_bytes: u64::MAX,
@@ -188,6 +194,13 @@ pub enum RelayError {
         /// Why.
         source: std::io::Error,
     },
+    /// `metrics_listen` on an address others can reach: metrics without a
+    /// token belong on loopback.
+    #[error(
+        "refusing to serve metrics without a token on {0}: use a loopback address \
+         (127.0.0.1:PORT), or scrape /metrics on the main address with an admin token"
+    )]
+    MetricsOnNetwork(SocketAddr),
     /// The relay's key file could not be read or written.
     #[error(
         "relay key file {path}: {source} (`syncline serve --data DIR` writes it on its first run)"
@@ -222,6 +235,7 @@ pub struct Server {
     rooms: Arc<Rooms>,
     config: Config,
     server_key: AuthorId,
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -257,6 +271,17 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) if !addr.ip().is_loopback() => {
+                return Err(RelayError::MetricsOnNetwork(addr));
+            }
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RelayError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         telemetry::install();
         let server_key = key.author();
         let rooms = Rooms::new(store, key, config.clone());
@@ -266,6 +291,7 @@ impl Server {
             rooms,
             config,
             server_key,
+            metrics_listener,
         })
     }
 
@@ -286,6 +312,13 @@ impl Server {
             ))
         })?;
         Ok(Keypair::from_seed(seed))
+    }
+
+    /// Revokes capability `id` at the relay whose data directory is
+    /// `data_dir` (appends it to the `revoked` list there): a running relay
+    /// refuses it and closes the sessions resting on it within a second.
+    pub fn revoke_in(data_dir: &std::path::Path, id: &[u8; 16]) -> std::io::Result<()> {
+        admin::append_revoked(data_dir, id)
     }
 
     /// The relay's public key: capabilities it issues (and that name it as
@@ -313,7 +346,7 @@ impl Server {
         let policy = Policy {
             open: config.open_rooms.clone(),
             roots,
-            revoked: Default::default(),
+            revoked: admin::read_revoked(&config.data_dir),
         };
         let state = Arc::new(conn::State::new(
             self.rooms.clone(),
@@ -324,8 +357,23 @@ impl Server {
         let app = Router::new()
             .route("/ws", get(conn::upgrade))
             .route("/healthz", get(|| async { "ok" }))
-            .route("/metrics", get(telemetry::render))
+            .route("/metrics", get(admin::metrics))
             .with_state(state.clone());
+        let revocations =
+            tokio::spawn(admin::watch_revoked(state.clone(), config.data_dir.clone()));
+        let metrics_listener = match self.metrics_listener {
+            Some(listener) => {
+                let app = Router::new()
+                    .route("/metrics", get(telemetry::render))
+                    .route("/healthz", get(|| async { "ok" }));
+                Some(tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        warn!(error = %e, "the metrics listener failed");
+                    }
+                }))
+            }
+            None => None,
+        };
         let limits = ConnLimits::new(
             config.max_connections,
             config.max_connections_per_ip,
@@ -402,6 +450,10 @@ impl Server {
             });
         }
         quota.abort();
+        revocations.abort();
+        if let Some(m) = metrics_listener {
+            m.abort();
+        }
         info!("shutting down: closing sessions");
         // Rooms close their sessions (queueing `close` frames), then the
         // connections end, flushing them within their write timeout.

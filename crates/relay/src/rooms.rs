@@ -110,6 +110,9 @@ pub(crate) struct Rooms {
     write_failed: Mutex<std::collections::HashSet<RoomId>>,
     /// The store is past [`Config::max_store_bytes`].
     pub(crate) store_full: std::sync::atomic::AtomicBool,
+    /// Capability ids revoked while the relay runs: rooms close the
+    /// sessions resting on them.
+    revoked: watch::Sender<Arc<std::collections::HashSet<[u8; 16]>>>,
     tasks: Mutex<JoinSet<()>>,
     epoch: Instant,
 }
@@ -131,6 +134,7 @@ impl Rooms {
             loaded: Mutex::new(HashMap::new()),
             stop: watch::Sender::new(false),
             store_full: std::sync::atomic::AtomicBool::new(false),
+            revoked: watch::Sender::new(Arc::default()),
             write_failed: Mutex::new(std::collections::HashSet::new()),
             tasks: Mutex::new(JoinSet::new()),
             epoch: Instant::now(),
@@ -225,6 +229,14 @@ impl Rooms {
         }
     }
 
+    /// Revokes capability `id`: every loaded room closes, with
+    /// `unauthorized`, the sessions whose access rests on it.
+    pub(crate) async fn revoke(&self, id: [u8; 16]) {
+        self.revoked.send_modify(|ids| {
+            Arc::make_mut(ids).insert(id);
+        });
+    }
+
     /// The rooms' clock (milliseconds since the server started), which
     /// their sessions' timers and expiries read.
     pub(crate) fn now(&self) -> u64 {
@@ -310,6 +322,8 @@ enum Work {
     Batch,
     /// Fire the due timers (a slice of them).
     Timers,
+    /// Close the sessions resting on revoked capabilities.
+    Revoked,
     /// Nothing due.
     Idle,
 }
@@ -357,6 +371,10 @@ impl RoomTask {
             Err(_) => return self.fail("loading the room panicked"),
         };
         let mut stop = rooms.stop.subscribe();
+        let mut revoked = rooms.revoked.subscribe();
+        // Sessions of this room open from now on were admitted against
+        // the revocations known at admission.
+        revoked.mark_unchanged();
         let mut idle_since = Some(Instant::now());
         // After a batch, due timers go first: inputs never starve the
         // catch-ups, nor catch-ups the inputs.
@@ -385,6 +403,7 @@ impl RoomTask {
                         }
                         None => break,
                     },
+                    Ok(()) = revoked.changed() => Work::Revoked,
                     () = self.evict.notified() => {
                         if hub.session_count() == 0 {
                             idle_since = Some(Instant::now() - rooms.config.room_idle);
@@ -410,6 +429,17 @@ impl RoomTask {
                         .step(hub, move |h| h.handle_timeout(now))
                         .await
                         .map(|(hub, ())| (hub, true))
+                }
+                Work::Revoked => {
+                    let now = rooms.now();
+                    let ids = revoked.borrow_and_update().clone();
+                    for id in ids.iter() {
+                        let closed = hub.revoke(now, id);
+                        if closed > 0 {
+                            info!(closed, "sessions closed: their capability was revoked");
+                        }
+                    }
+                    Some((hub, true))
                 }
                 Work::Idle if idle_since.is_some_and(|t| t.elapsed() >= rooms.config.room_idle) => {
                     return self.unload(hub).await;

@@ -25,6 +25,8 @@ pub(crate) fn free_port() -> u16 {
 pub(crate) struct Server {
     pub(crate) child: Option<Child>,
     pub(crate) port: u16,
+    /// Where `/metrics` is served without a token (`--metrics-listen`).
+    pub(crate) metrics_port: u16,
     pub(crate) data: PathBuf,
     pub(crate) extra: Vec<String>,
 }
@@ -34,6 +36,7 @@ impl Server {
         let mut s = Server {
             child: None,
             port: free_port(),
+            metrics_port: free_port(),
             data: data.to_path_buf(),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
@@ -51,6 +54,10 @@ impl Server {
                     .into_iter()
                     .flatten(),
             )
+            .args([
+                "--metrics-listen",
+                &format!("127.0.0.1:{}", self.metrics_port),
+            ])
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -68,23 +75,18 @@ impl Server {
         format!("ws://127.0.0.1:{}/ws", self.port)
     }
 
-    /// A plain HTTP GET; the body, if the server answered.
+    /// A plain HTTP GET on the main address; the body, if the server
+    /// answered.
     pub(crate) fn get(&self, path: &str) -> Option<String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let body = response.split("\r\n\r\n").nth(1)?;
-        Some(body.trim().to_owned())
+        http_get(self.port, path, None).map(|(_, body)| body)
     }
 
-    /// The value of an unlabelled metric (0 if absent).
+    /// The value of an unlabelled metric (0 if absent), from the metrics
+    /// address.
     pub(crate) fn metric(&self, name: &str) -> f64 {
-        let text = self.get("/metrics").unwrap_or_default();
+        let text = http_get(self.metrics_port, "/metrics", None)
+            .map(|(_, body)| body)
+            .unwrap_or_default();
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
@@ -139,4 +141,21 @@ pub(crate) fn run(replica: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, 
         String::from_utf8_lossy(&out.stdout).trim().to_owned(),
         String::from_utf8_lossy(&out.stderr).trim().to_owned(),
     )
+}
+
+/// A plain HTTP GET of `path` on 127.0.0.1:`port`, with a bearer token if
+/// given: the status code and the body, if the server answered.
+pub(crate) fn http_get(port: u16, path: &str, bearer: Option<&str>) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let auth = bearer.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split("\r\n\r\n").nth(1)?;
+    Some((status, body.trim().to_owned()))
 }
