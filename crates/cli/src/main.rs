@@ -20,6 +20,7 @@ use syncline_core::{EntryKind, Value};
 
 mod access;
 mod demo;
+mod invite;
 mod json;
 mod sync_cmd;
 
@@ -69,6 +70,44 @@ enum Command {
         access: access::ServeAccess,
         #[command(flatten)]
         limits: ServeLimits,
+    },
+    /// Invite a device: print a one-time code that `syncline join` trades
+    /// for a capability (needs an admin token for the room).
+    Invite {
+        /// The room (or a prefix ending in `*`).
+        room: String,
+        /// Relay URL (ws://host:port/ws).
+        #[arg(long, env = "SYNCLINE_SERVER")]
+        server: String,
+        /// An admin token for the room.
+        #[arg(long, env = "SYNCLINE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// read, write or admin, comma-separated (no more than the admin
+        /// token holds).
+        #[arg(long, default_value = "write")]
+        rights: String,
+        /// A path glob the device may write (/docs/**); repeatable; none:
+        /// the whole room.
+        #[arg(long = "write", value_name = "GLOB")]
+        write_paths: Vec<String>,
+        /// How long the code can be used: 90s, 10m, 12h (at most 7d).
+        #[arg(long, default_value = "10m")]
+        expires: String,
+        /// How long the device's capability lasts once joined.
+        #[arg(long, default_value = "30d")]
+        lasts: String,
+    },
+    /// Join a room with an invite code: get a capability for this
+    /// replica's key, keep it, and sync the room once.
+    Join {
+        /// The code `syncline invite` printed (sli1.…).
+        code: String,
+        /// The room, when the invite names several (a prefix ending in *).
+        #[arg(long)]
+        room: Option<String>,
+        /// Give up syncing after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
     /// Issue and inspect capability tokens for locked rooms.
     Token {
@@ -328,6 +367,31 @@ fn run(cli: Cli) -> Outcome {
             limits,
         ),
         Command::Token { action } => access::token(&cli, action),
+        Command::Invite {
+            room,
+            server,
+            token,
+            rights,
+            write_paths,
+            expires,
+            lasts,
+        } => invite::invite(
+            &cli,
+            &invite::InviteRequest {
+                room,
+                server,
+                token: token.as_deref(),
+                rights,
+                write_paths,
+                expires,
+                lasts,
+            },
+        ),
+        Command::Join {
+            code,
+            room,
+            timeout,
+        } => invite::join(&cli, code, room.as_deref(), Duration::from_secs(*timeout)),
         Command::Init => {
             let replica = open(&cli)?;
             print(

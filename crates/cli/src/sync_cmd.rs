@@ -13,20 +13,33 @@ use syncline_core::proto::scope::Scope;
 
 use crate::{Cli, Exit, Failed, Outcome, open, print};
 
-/// The SDK's options for `servers`, presenting `token` if given (checked
-/// here, so a mistyped token fails at once rather than at every connect).
-fn options(servers: &[String], token: Option<&str>) -> Result<SyncOptions, Failed> {
+/// The SDK's options for `servers`: presenting `token` for every room if
+/// given (checked here, so a mistyped token fails at once rather than at
+/// every connect), else each room's token kept by `syncline join`.
+fn options(
+    replica: &Replica,
+    servers: &[String],
+    token: Option<&str>,
+) -> Result<SyncOptions, Failed> {
     let endpoints: Vec<&str> = servers.iter().map(String::as_str).collect();
     let mut options = SyncOptions::new(&endpoints);
-    if let Some(token) = token {
-        Capability::from_token(token).map_err(|e| {
-            Failed::new(
-                Exit::Usage,
-                format!("--token / SYNCLINE_TOKEN: {e} (tokens start with sl1.; see syncline token show)"),
-            )
-        })?;
-        options.token = Some(TokenSource::fixed(token));
-    }
+    options.token = Some(match token {
+        Some(token) => {
+            Capability::from_token(token).map_err(|e| {
+                Failed::new(
+                    Exit::Usage,
+                    format!(
+                        "--token / SYNCLINE_TOKEN: {e} (tokens start with sl1.; see syncline token show)"
+                    ),
+                )
+            })?;
+            TokenSource::fixed(token)
+        }
+        None => {
+            let replica = replica.clone();
+            TokenSource::refresh(move |room| replica.saved_token(room).map_err(|e| e.to_string()))
+        }
+    });
     Ok(options)
 }
 
@@ -51,7 +64,7 @@ pub(crate) fn sync(
         ));
     }
     let names: Vec<&str> = rooms.iter().map(String::as_str).collect();
-    let sync = replica.connect_with(options(servers, token)?, &names)?;
+    let sync = replica.connect_with(options(&replica, servers, token)?, &names)?;
     if watch {
         return follow(cli, &replica, &names, None);
     }
@@ -174,7 +187,7 @@ pub(crate) fn watch(
     let _sync = if servers.is_empty() {
         None
     } else {
-        Some(replica.connect_with(options(servers, token)?, &[room])?)
+        Some(replica.connect_with(options(&replica, servers, token)?, &[room])?)
     };
     follow(cli, &replica, &[room], Some(&scope))
 }

@@ -353,7 +353,7 @@ fn an_expiring_token_is_refreshed_and_nothing_is_lost_or_doubled() {
     // Tokens that last 1.5 s, minted as an app backend would.
     let mut options = SyncOptions::new(&[&server.url()]);
     options.min_backoff = Duration::from_millis(20);
-    options.token = Some(TokenSource::refresh(move || {
+    options.token = Some(TokenSource::refresh(move |_room| {
         let n = counter.fetch_add(1, Ordering::SeqCst);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -367,7 +367,7 @@ fn an_expiring_token_is_refreshed_and_nothing_is_lost_or_doubled() {
             write_paths: Vec::new(),
             not_after_ms: now + 1500,
         };
-        Ok(Capability::issue(&relay_key, claims, None).to_token())
+        Ok(Some(Capability::issue(&relay_key, claims, None).to_token()))
     }));
     let room = writer.room("team").unwrap();
     let engine = writer.connect_with(options, &["team"]).unwrap();
@@ -534,5 +534,85 @@ fn a_revoked_token_closes_its_session_and_opens_no_more() {
         &["token", "revoke", "zz", "--data", &data],
         &[],
     );
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn an_invite_pairs_a_device_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--locked"]);
+    let (alice, bob, carol) = (
+        dir.path().join("alice"),
+        dir.path().join("bob"),
+        dir.path().join("carol"),
+    );
+    let admin = issue(
+        &server,
+        &author(&alice),
+        &[
+            "--room",
+            "team",
+            "--rights",
+            "admin,write",
+            "--write-path",
+            "/docs/**",
+        ],
+    );
+    set(&alice, "team", "/docs/a", "1");
+    assert_eq!(sync(&alice, &server, "team", Some(&admin)).0, 0);
+    let url = server.url();
+    let invite = |extra: &[&str]| {
+        let mut args = vec![
+            "invite",
+            "team",
+            "--server",
+            url.as_str(),
+            "--token",
+            admin.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        run(&alice, &args, &[])
+    };
+    let (code, out, err) = invite(&["--write", "/docs/bob/**"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("sli1."), "{out}");
+
+    // Bob joins with his own key: he gets a token, keeps it, and syncs.
+    let (code, _, err) = run(&bob, &["join", &out], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("joined team"), "{err}");
+    assert_eq!(node_count(&bob, "team"), 1, "bob caught up");
+    set(&bob, "team", "/docs/bob/x", "2");
+    // Later syncs use the kept token.
+    let (code, err) = sync(&bob, &server, "team", None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(sync(&alice, &server, "team", Some(&admin)).0, 0);
+    assert_eq!(node_count(&alice, "team"), 2, "alice got bob's node");
+
+    // The code works once.
+    let (code, _, err) = run(&carol, &["join", &out], &[]);
+    assert_eq!(code, UNAUTHORIZED, "{err}");
+    assert!(err.contains("already used"), "{err}");
+
+    // An expired code.
+    let (_, short, _) = invite(&["--expires", "1s", "--write", "/docs/**"]);
+    std::thread::sleep(Duration::from_millis(1200));
+    let (code, _, err) = run(&carol, &["join", &short], &[]);
+    assert_eq!(code, UNAUTHORIZED, "{err}");
+    assert!(err.contains("expired"), "{err}");
+
+    // Wider than the inviter's token, or from a token without admin.
+    let (code, _, err) = invite(&["--write", "/**"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("wider"), "{err}");
+    let writer = issue(&server, &author(&alice), &["--room", "team"]);
+    let (code, _, err) = run(
+        &alice,
+        &["invite", "team", "--server", &url, "--token", &writer],
+        &[],
+    );
+    assert_eq!(code, UNAUTHORIZED, "{err}");
+    // A garbled code.
+    let (code, _, err) = run(&carol, &["join", "sli1.garbage"], &[]);
     assert_eq!(code, 2, "{err}");
 }

@@ -162,6 +162,23 @@ impl Replica {
         self.inner.key.author().to_string()
     }
 
+    /// Keeps `token` as this replica's capability for `room` (what
+    /// `syncline join` got for it), for [`Replica::saved_token`].
+    pub fn save_token(&self, room: &str, token: &str) -> Result<(), Error> {
+        RoomId::new(room).map_err(|_| Error::RoomName(room.to_owned()))?;
+        Capability::from_token(token).map_err(|e| Error::Sync(format!("not a token: {e}")))?;
+        self.inner
+            .store
+            .put_meta(&format!("token/{room}"), token.as_bytes())?;
+        Ok(())
+    }
+
+    /// The token kept for `room`, if any.
+    pub fn saved_token(&self, room: &str) -> Result<Option<String>, Error> {
+        let bytes = self.inner.store.get_meta(&format!("token/{room}"))?;
+        Ok(bytes.and_then(|b| String::from_utf8(b).ok()))
+    }
+
     /// Delegates a capability this replica holds (`parent`, issued to its
     /// key with `admin`) to another key: `claims` must be no wider than
     /// `parent` (rights, rooms, write paths, expiry), or relays refuse the

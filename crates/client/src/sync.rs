@@ -48,32 +48,39 @@ pub struct SyncOptions {
     pub token: Option<TokenSource>,
 }
 
-/// A capability token (`sl1.…`), or a callback that returns a fresh one
-/// (an app fetching it from its backend), asked at each connection.
+/// Where a room's capability token comes from: one token (`sl1.…`) for
+/// every room, or a callback asked for each room at each connection (an
+/// app fetching a fresh one from its backend), which may answer `None`
+/// for an open room.
 #[derive(Clone)]
-pub struct TokenSource(Arc<dyn Fn() -> Result<String, String> + Send + std::marker::Sync>);
+pub struct TokenSource(TokenFn);
+
+type TokenFn = Arc<dyn Fn(&str) -> Result<Option<String>, String> + Send + std::marker::Sync>;
 
 impl TokenSource {
     /// Always this token.
     pub fn fixed(token: impl Into<String>) -> TokenSource {
         let token = token.into();
-        TokenSource(Arc::new(move || Ok(token.clone())))
+        TokenSource(Arc::new(move |_| Ok(Some(token.clone()))))
     }
 
-    /// Calls `refresh` for a token at each connection; an error is
+    /// Calls `refresh(room)` for a token at each connection; an error is
     /// reported in [`Status::last_error`] and the connection retried after
     /// the backoff.
     pub fn refresh(
-        refresh: impl Fn() -> Result<String, String> + Send + std::marker::Sync + 'static,
+        refresh: impl Fn(&str) -> Result<Option<String>, String> + Send + std::marker::Sync + 'static,
     ) -> TokenSource {
         TokenSource(Arc::new(refresh))
     }
 
-    /// The token to present now, decoded.
-    fn current(&self) -> Result<Vec<u8>, String> {
-        let token = (self.0)().map_err(|e| format!("no token: {e}"))?;
-        let cap = Capability::from_token(&token).map_err(|e| format!("bad token: {e}"))?;
-        Ok(cap.encode())
+    /// The token to present for `room` now, decoded.
+    fn current(&self, room: &str) -> Result<Option<Vec<u8>>, String> {
+        let Some(token) = (self.0)(room).map_err(|e| format!("no token for {room}: {e}"))? else {
+            return Ok(None);
+        };
+        let cap =
+            Capability::from_token(&token).map_err(|e| format!("bad token for {room}: {e}"))?;
+        Ok(Some(cap.encode()))
     }
 }
 
@@ -394,13 +401,6 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
         Ok(None) => return Err("the server closed the connection".into()),
         Err(_) => return Err("no challenge from the server in time".into()),
     };
-    let token = shared
-        .options
-        .token
-        .as_ref()
-        .map(TokenSource::current)
-        .transpose()?;
-    let credentials = Credentials { challenge, token };
     // Frames that have arrived together are handled together: their nodes
     // go to disk in one durable write (one fsync, not one per pack).
     let mut stream = stream.ready_chunks(READY_FRAMES);
@@ -411,6 +411,11 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
         if state.send_vv {
             config.vv_inline_limit = usize::MAX;
         }
+        let token = match &shared.options.token {
+            Some(source) => source.current(room.name())?,
+            None => None,
+        };
+        let credentials = Credentials { challenge, token };
         let link = ClientLink::open(
             now,
             i as u64 + 1,

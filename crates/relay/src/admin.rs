@@ -7,6 +7,12 @@
 //! 401. [`Config::metrics_listen`] serves `/metrics` and `/healthz` on a
 //! separate loopback address instead, without a token.
 //!
+//! Invites: `POST /admin/invites` (a bearer token with `admin` on the
+//! room) stores what the invite grants, no more than the token, under the
+//! hash of a fresh secret, and answers the secret; `POST /invites/redeem`
+//! (the secret and a key) uses it once and answers a capability for that
+//! key, signed with the relay's key (`syncline_core::auth::invite`).
+//!
 //! Revocation: the file `revoked` in the data directory lists capability
 //! ids (hex, one per line; `syncline token revoke` appends). The relay
 //! reads it at start and every second after: a listed id refuses every
@@ -21,7 +27,11 @@ use std::time::Duration;
 use axum::extract::State as AxumState;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use syncline_core::auth::{Capability, Rights};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use syncline_core::AuthorId;
+use syncline_core::auth::{Capability, Claims, Grant, Invite, InviteCode, Rights, RoomPattern};
+use syncline_core::proto::scope::Scope;
 use tracing::{info, warn};
 
 use crate::conn::State;
@@ -52,6 +62,16 @@ pub(crate) async fn metrics(
 /// Whether `headers` carry a bearer capability with `admin` on every room,
 /// valid now.
 pub(crate) fn admin_bearer(state: &State, headers: &HeaderMap) -> Result<(), String> {
+    let grant = bearer_grant(state, headers)?;
+    if !grant.rights.contains(Rights::ADMIN) || grant.room.as_str() != "*" {
+        return Err("the token is not an admin token for every room (*)".into());
+    }
+    Ok(())
+}
+
+/// The bearer capability in `headers`, verified against the relay's roots,
+/// unrevoked and unexpired.
+fn bearer_grant(state: &State, headers: &HeaderMap) -> Result<Grant, String> {
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or("no Authorization header")?;
@@ -63,16 +83,188 @@ pub(crate) fn admin_bearer(state: &State, headers: &HeaderMap) -> Result<(), Str
     let cap = Capability::from_token(token).map_err(|e| e.to_string())?;
     let policy = state.policy.read().unwrap_or_else(|p| p.into_inner());
     let grant = cap.verify(&policy.roots).map_err(|e| e.to_string())?;
-    if !grant.rights.contains(Rights::ADMIN) || grant.room.as_str() != "*" {
-        return Err("the token is not an admin token for every room (*)".into());
-    }
     if grant.chain.iter().any(|id| policy.revoked.contains(id)) {
         return Err("the token was revoked".into());
     }
     if grant.not_after_ms <= crate::conn::unix_ms() {
         return Err("the token expired".into());
     }
-    Ok(())
+    Ok(grant)
+}
+
+/// Longest an invite code may stay usable.
+const MAX_CODE_MS: u64 = 7 * 24 * 3_600_000;
+
+/// `POST /admin/invites`: the body is `key=value` lines: `room`, `rights`
+/// (`read`, `write`, `admin`, comma-separated), `write` (a path glob;
+/// repeatable), `expires_ms` (how long the code is usable), `lasts_ms`
+/// (how long the capability lasts once used). Answers the secret, base64url.
+pub(crate) async fn create_invite(
+    AxumState(state): AxumState<Arc<State>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let grant = match bearer_grant(&state, &headers) {
+        Ok(g) if g.rights.contains(Rights::ADMIN) => g,
+        Ok(_) => return refuse(StatusCode::FORBIDDEN, "the token has no admin right"),
+        Err(why) => return refuse(StatusCode::UNAUTHORIZED, &why),
+    };
+    let invite = match parse_invite(&body, &grant) {
+        Ok(invite) => invite,
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, &why),
+    };
+    let mut secret = [0u8; 16];
+    if getrandom::fill(&mut secret).is_err() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no randomness for a secret",
+        );
+    }
+    let store = state.rooms().store();
+    let key = InviteCode::store_key(&secret);
+    let stored = tokio::task::spawn_blocking(move || store.put_meta(&key, &invite.encode())).await;
+    match stored {
+        Ok(Ok(())) => {
+            metrics::counter!(telemetry::INVITES, "what" => "created").increment(1);
+            URL_SAFE_NO_PAD.encode(secret).into_response()
+        }
+        _ => refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cannot store the invite; retry",
+        ),
+    }
+}
+
+/// What an invite request asks, if `grant` covers it.
+fn parse_invite(body: &str, grant: &Grant) -> Result<Invite, String> {
+    let (mut room, mut rights, mut write_paths) = (None, Rights::READ, Vec::new());
+    let (mut expires_ms, mut lasts_ms) = (600_000u64, 30 * 24 * 3_600_000u64);
+    for line in body.lines().filter(|l| !l.trim().is_empty()) {
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| format!("not key=value: {line:?}"))?;
+        let number = || {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("{key}: not a number"))
+        };
+        match key {
+            "room" => room = Some(RoomPattern::parse(value).map_err(|e| e.to_string())?),
+            "rights" => rights = Rights::parse(value).map_err(|e| e.to_string())?,
+            "write" => write_paths.push(value.to_owned()),
+            "expires_ms" => expires_ms = number()?,
+            "lasts_ms" => lasts_ms = number()?,
+            _ => return Err(format!("unknown field {key:?}")),
+        }
+    }
+    let room = room.ok_or("no room")?;
+    let scope = Scope::parse(&write_paths).map_err(|e| e.to_string())?;
+    if !room.within(&grant.room) {
+        return Err(format!("the token does not cover room {room}"));
+    }
+    if !grant.rights.contains(rights) {
+        return Err(format!("the token does not hold {rights}"));
+    }
+    if rights.contains(Rights::WRITE) && !scope.within(&grant.write) {
+        return Err("the write paths are wider than the token's".into());
+    }
+    if expires_ms == 0 || expires_ms > MAX_CODE_MS || lasts_ms == 0 {
+        return Err("expires_ms: 1 ms to 7 days; lasts_ms above 0".into());
+    }
+    let now = crate::conn::unix_ms();
+    Ok(Invite {
+        room,
+        rights,
+        write_paths,
+        code_expires_ms: now.saturating_add(expires_ms),
+        // No longer than the inviter's own token.
+        grant_ms: lasts_ms.min(grant.not_after_ms.saturating_sub(now)),
+    })
+}
+
+/// `POST /invites/redeem`: the body is the secret (base64url) and the key
+/// (hex), one per line. Uses the invite (once) and answers a token.
+pub(crate) async fn redeem_invite(
+    AxumState(state): AxumState<Arc<State>>,
+    body: String,
+) -> Response {
+    let mut lines = body.lines().map(str::trim);
+    let secret = lines
+        .next()
+        .and_then(|s| URL_SAFE_NO_PAD.decode(s).ok())
+        .and_then(|s| <[u8; 16]>::try_from(s).ok());
+    let subject = lines.next().and_then(AuthorId::from_hex);
+    let (Some(secret), Some(subject)) = (secret, subject) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "send the invite secret and your key, one per line",
+        );
+    };
+    let rooms = state.rooms().clone();
+    let redeemed = tokio::task::spawn_blocking(move || rooms.redeem(&secret, subject)).await;
+    let outcome = match redeemed {
+        Ok(Ok(token)) => (StatusCode::OK, token),
+        Ok(Err((status, why))) => (status, why),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redeeming failed; retry".to_owned(),
+        ),
+    };
+    let what = if outcome.0 == StatusCode::OK {
+        "redeemed"
+    } else {
+        "refused"
+    };
+    metrics::counter!(telemetry::INVITES, "what" => what).increment(1);
+    (outcome.0, outcome.1).into_response()
+}
+
+/// Uses the invite stored under `secret`'s hash once: the token for
+/// `subject`, or why not.
+pub(crate) fn redeem(
+    store: &dyn syncline_store::Store,
+    key_pair: &syncline_core::Keypair,
+    secret: &[u8; 16],
+    subject: AuthorId,
+) -> Result<String, (StatusCode, String)> {
+    let key = InviteCode::store_key(secret);
+    let unavailable = |_| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage failed; retry".to_owned(),
+        )
+    };
+    let gone = |why: &str| (StatusCode::GONE, why.to_owned());
+    let stored = store.get_meta(&key).map_err(unavailable)?;
+    let Some(bytes) = stored else {
+        return Err((StatusCode::NOT_FOUND, "no such invite".into()));
+    };
+    if bytes.is_empty() {
+        return Err(gone("the invite was already used"));
+    }
+    let invite = Invite::decode(&bytes).map_err(|_| gone("the invite is damaged"))?;
+    let now = crate::conn::unix_ms();
+    if invite.code_expires_ms <= now {
+        return Err(gone("the invite expired"));
+    }
+    // Used: an empty record, durably, before the token goes out.
+    store.put_meta(&key, &[]).map_err(unavailable)?;
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id)
+        .map_err(|_| (StatusCode::SERVICE_UNAVAILABLE, "no randomness".to_owned()))?;
+    let claims = Claims {
+        id,
+        room: invite.room,
+        subject,
+        rights: invite.rights,
+        write_paths: invite.write_paths,
+        not_after_ms: now.saturating_add(invite.grant_ms),
+    };
+    Ok(Capability::issue(key_pair, claims, None).to_token())
+}
+
+fn refuse(status: StatusCode, why: &str) -> Response {
+    (status, format!("{why}\n")).into_response()
 }
 
 /// Appends `id` to the revocation list of `data_dir`; a running relay

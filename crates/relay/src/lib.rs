@@ -358,6 +358,8 @@ impl Server {
             .route("/ws", get(conn::upgrade))
             .route("/healthz", get(|| async { "ok" }))
             .route("/metrics", get(admin::metrics))
+            .route("/admin/invites", axum::routing::post(admin::create_invite))
+            .route("/invites/redeem", axum::routing::post(admin::redeem_invite))
             .with_state(state.clone());
         let revocations =
             tokio::spawn(admin::watch_revoked(state.clone(), config.data_dir.clone()));

@@ -110,6 +110,8 @@ pub(crate) struct Rooms {
     write_failed: Mutex<std::collections::HashSet<RoomId>>,
     /// The store is past [`Config::max_store_bytes`].
     pub(crate) store_full: std::sync::atomic::AtomicBool,
+    /// Held while an invite is redeemed.
+    invites: Mutex<()>,
     /// Capability ids revoked while the relay runs: rooms close the
     /// sessions resting on them.
     revoked: watch::Sender<Arc<std::collections::HashSet<[u8; 16]>>>,
@@ -135,6 +137,7 @@ impl Rooms {
             stop: watch::Sender::new(false),
             store_full: std::sync::atomic::AtomicBool::new(false),
             revoked: watch::Sender::new(Arc::default()),
+            invites: Mutex::new(()),
             write_failed: Mutex::new(std::collections::HashSet::new()),
             tasks: Mutex::new(JoinSet::new()),
             epoch: Instant::now(),
@@ -227,6 +230,22 @@ impl Rooms {
         if tokio::time::timeout(grace, all).await.is_err() {
             warn!("rooms still busy at shutdown: stopping without waiting");
         }
+    }
+
+    /// The store the rooms live in.
+    pub(crate) fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// Uses an invite once, serialized so that one code never yields two
+    /// tokens (see `admin::redeem`).
+    pub(crate) fn redeem(
+        &self,
+        secret: &[u8; 16],
+        subject: syncline_core::AuthorId,
+    ) -> Result<String, (axum::http::StatusCode, String)> {
+        let _one_at_a_time = self.invites.lock().unwrap_or_else(|p| p.into_inner());
+        crate::admin::redeem(self.store.as_ref(), &self.key, secret, subject)
     }
 
     /// Revokes capability `id`: every loaded room closes, with

@@ -20,6 +20,8 @@ pub(crate) const REFUSED: &str = "syncline_refused_total";
 /// `hello`s refused by access control, by reason (counter, label
 /// `reason`: `unauthorized`, `token_expired`).
 pub(crate) const AUTH_REFUSED: &str = "syncline_auth_refused_total";
+/// Invites, by `what`: `created`, `redeemed`, `refused` (counter).
+pub(crate) const INVITES: &str = "syncline_invites_total";
 /// Bytes the store's files take (gauge).
 pub(crate) const STORE_BYTES: &str = "syncline_store_bytes";
 /// Rooms loaded (gauge).

@@ -78,7 +78,13 @@ impl Rights {
         Ok(rights)
     }
 
-    fn from_bits(bits: u64) -> Result<Rights, CapabilityError> {
+    /// The bits on the wire (read 1, write 2, admin 4).
+    pub fn bits(self) -> u64 {
+        u64::from(self.0)
+    }
+
+    /// Rights from their wire bits.
+    pub fn from_wire(bits: u64) -> Result<Rights, CapabilityError> {
         if bits == 0 || bits > 7 {
             return Err(CapabilityError::Invalid("rights"));
         }
@@ -370,7 +376,7 @@ impl Capability {
         w.bin(&c.id);
         w.str(c.room.as_str());
         w.bin(&c.subject.0);
-        w.uint(c.rights.0 as u64);
+        w.uint(c.rights.bits());
         w.array(c.write_paths.len());
         for p in &c.write_paths {
             w.str(p);
@@ -397,7 +403,7 @@ impl Capability {
         let id = r.bin_array()?;
         let room = RoomPattern::parse(r.str(MAX_TEXT_BYTES)?)?;
         let subject = AuthorId(r.bin_array()?);
-        let rights = Rights::from_bits(r.uint()?)?;
+        let rights = Rights::from_wire(r.uint()?)?;
         let n = r.array(MAX_WRITE_PATHS)?;
         let write_paths = (0..n)
             .map(|_| Ok(r.str(MAX_TEXT_BYTES)?.to_owned()))

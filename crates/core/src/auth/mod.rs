@@ -14,10 +14,12 @@
 //! and the time, made by the driver before the room is even looked up.
 
 pub mod capability;
+pub mod invite;
 
 use std::collections::HashSet;
 
 pub use capability::{Capability, CapabilityError, Claims, Grant, Rights, RoomPattern};
+pub use invite::{Invite, InviteCode};
 
 use crate::ids::{AuthorId, RoomId, Signature};
 use crate::keys::{Keypair, verify_message};
