@@ -294,6 +294,7 @@ impl From<Error> for Failed {
     fn from(e: Error) -> Failed {
         let exit = match &e {
             Error::Path(PathError::NotFound(_)) => Exit::NotFound,
+            Error::Txn(syncline_core::room::TxnError::Unauthorized(_)) => Exit::Unauthorized,
             Error::Path(_) | Error::RoomName(_) | Error::Txn(_) => Exit::Usage,
             Error::Timeout(_) | Error::Sync(_) => Exit::Sync,
             Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => Exit::Storage,

@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use syncline::auth::Capability;
 use syncline::{Origin, Replica, SyncOptions, TokenSource};
+use syncline_core::RoomId;
 use syncline_core::ids::to_hex;
 use syncline_core::proto::scope::Scope;
 
@@ -41,6 +42,24 @@ fn options(
         }
     });
     Ok(options)
+}
+
+/// Keeps `token`, which just worked, for the rooms it names whose key is
+/// this replica's: later commits there carry it (a locked room's replicas
+/// find it in their history), and later syncs present it.
+fn keep_token(replica: &Replica, rooms: &[&str], token: &str) -> Outcome {
+    let Ok(cap) = Capability::from_token(token) else {
+        return Ok(());
+    };
+    if cap.claims.subject.to_string() != replica.author() {
+        return Ok(());
+    }
+    for room in rooms {
+        if RoomId::new(room).is_ok_and(|id| cap.claims.room.matches(&id)) {
+            replica.save_token(room, token)?;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn sync(
@@ -147,6 +166,9 @@ pub(crate) fn sync(
         bar.finish_and_clear();
     }
     sync.stop();
+    if let Some(token) = token {
+        keep_token(&replica, &names, token)?;
+    }
     let mut rows = Vec::new();
     for name in &names {
         let room = replica.room(name)?;

@@ -68,7 +68,6 @@ fn a_locked_room_needs_a_valid_token_for_its_key() {
     let server = Server::start(&dir.path().join("server"), &["--locked"]);
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     let (alice_key, bob_key) = (author(&alice), author(&bob));
-    set(&alice, "team", "/docs/a", "1");
 
     // No token.
     let (code, err) = sync(&alice, &server, "team", None);
@@ -122,14 +121,18 @@ fn a_locked_room_needs_a_valid_token_for_its_key() {
         &["--room", "team", "--rights", "read"],
     );
     assert_eq!(sync(&reader, &server, "team", Some(&reading)).0, 0);
-    assert_eq!(node_count(&reader, "team"), 0);
+    assert_eq!(node_count(&reader, "team"), 1, "only the relay's policy");
 
-    // A valid token, for a room prefix.
+    // A valid token, for a room prefix: kept, then carried by the first
+    // write and presented by later syncs.
     let good = issue(&server, &alice_key, &["--room", "te*"]);
     let (code, err) = sync(&alice, &server, "team", Some(&good));
     assert_eq!(code, 0, "{err}");
+    set(&alice, "team", "/docs/a", "1");
+    let (code, err) = sync(&alice, &server, "team", None);
+    assert_eq!(code, 0, "{err}");
     assert_eq!(sync(&reader, &server, "team", Some(&reading)).0, 0);
-    assert_eq!(node_count(&reader, "team"), 1);
+    assert_eq!(node_count(&reader, "team"), 2);
 }
 
 #[test]
@@ -137,26 +140,43 @@ fn a_read_only_token_reads_and_pushes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server"), &["--locked"]);
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    set(&alice, "team", "/a", "1");
     let writer = issue(&server, &author(&alice), &["--room", "team"]);
     assert_eq!(sync(&alice, &server, "team", Some(&writer)).0, 0);
+    set(&alice, "team", "/a", "1");
+    assert_eq!(sync(&alice, &server, "team", None).0, 0);
 
     let reader = issue(
         &server,
         &author(&bob),
         &["--room", "team", "--rights", "read"],
     );
-    set(&bob, "team", "/b", "2");
-    let (code, err) = sync(&bob, &server, "team", Some(&reader));
+    assert_eq!(sync(&bob, &server, "team", Some(&reader)).0, 0);
+    assert_eq!(
+        node_count(&bob, "team"),
+        2,
+        "bob read the policy and alice's node"
+    );
+    // A reader's change is refused locally: every replica would refuse it.
+    let (code, _, err) = run(&bob, &["set", "team", "/b", "v", "2"], &[]);
+    assert_eq!(code, UNAUTHORIZED, "{err}");
+    assert!(err.contains("unauthorized"), "{err}");
+    // A change made before the room was known to be locked is not pushed.
+    let carol = dir.path().join("carol");
+    set(&carol, "team", "/c", "3");
+    let reading = issue(
+        &server,
+        &author(&carol),
+        &["--room", "team", "--rights", "read"],
+    );
+    let (code, err) = sync(&carol, &server, "team", Some(&reading));
     assert_eq!(code, UNAUTHORIZED, "{err}");
     assert!(
         err.contains("reading only") && err.contains("1 local"),
         "{err}"
     );
-    assert_eq!(node_count(&bob, "team"), 2, "bob read alice's node");
-    // The server never took bob's.
-    assert_eq!(sync(&alice, &server, "team", Some(&writer)).0, 0);
-    assert_eq!(node_count(&alice, "team"), 1);
+    // The server never took theirs.
+    assert_eq!(sync(&alice, &server, "team", None).0, 0);
+    assert_eq!(node_count(&alice, "team"), 2);
 }
 
 #[test]
@@ -191,10 +211,16 @@ fn delegation_narrows_or_is_refused() {
         args.extend_from_slice(extra);
         ok(&alice, &args)
     };
-    set(&bob, "team", "/docs/x", "1");
     let narrower = delegate(&["--write-path", "/docs/x"]);
     let (code, err) = sync(&bob, &server, "team", Some(&narrower));
     assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(&bob, &["set", "team", "/docs/x", "v", "1"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(sync(&bob, &server, "team", None).0, 0);
+    // Outside his paths, refused at once.
+    let (code, _, err) = run(&bob, &["set", "team", "/docs/y", "v", "2"], &[]);
+    assert_eq!(code, UNAUTHORIZED, "{err}");
+    assert!(err.contains("/docs/y") && err.contains("outside"), "{err}");
 
     let wider = delegate(&["--write-path", "/**"]);
     let (code, err) = sync(&bob, &server, "team", Some(&wider));
@@ -294,7 +320,6 @@ fn handshakes_prove_the_key_and_reveal_nothing_about_locked_rooms() {
         &["--open-room", "public/*", "--room-idle", "0.2"],
     );
     let alice = dir.path().join("alice");
-    set(&alice, "secret", "/a", "1");
     let token = issue(&server, &author(&alice), &["--room", "secret"]);
     assert_eq!(sync(&alice, &server, "secret", Some(&token)).0, 0);
     std::thread::sleep(Duration::from_millis(600));
@@ -371,14 +396,27 @@ fn an_expiring_token_is_refreshed_and_nothing_is_lost_or_doubled() {
     }));
     let room = writer.room("team").unwrap();
     let engine = writer.connect_with(options, &["team"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !engine.status().connected {
+        assert!(Instant::now() < deadline, "never connected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Write for 5 s across three expiries. Between an expiry and the
+    // refreshed token, a write is refused locally (its node would be
+    // refused everywhere) and retried.
     let started = Instant::now();
-    let mut commits = 0;
+    let (mut commits, mut refused) = (0, 0);
     while started.elapsed() < Duration::from_secs(5) {
-        room.transact(|tx| tx.set(&format!("/n/{commits}"), "v", Value::Int(commits)))
-            .unwrap();
-        commits += 1;
+        match room.transact(|tx| tx.set(&format!("/n/{commits}"), "v", Value::Int(commits))) {
+            Ok(_) => commits += 1,
+            Err(syncline::Error::Txn(syncline_core::room::TxnError::Unauthorized(_))) => {
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(commits > 20, "{commits} commits, {refused} refused");
     engine.flush(Duration::from_secs(20)).unwrap();
     let status = engine.status();
     assert_eq!(status.unacknowledged, 0);
@@ -398,8 +436,8 @@ fn an_expiring_token_is_refreshed_and_nothing_is_lost_or_doubled() {
     assert_eq!(sync(&reader, &server, "team", Some(&reading)).0, 0);
     assert_eq!(
         node_count(&reader, "team"),
-        commits as u64,
-        "every commit, once"
+        commits as u64 + 1,
+        "every commit, once (and the relay's policy)"
     );
 }
 
@@ -485,11 +523,15 @@ fn a_revoked_token_closes_its_session_and_opens_no_more() {
     let token = issue(&server, &writer.author(), &["--room", "team"]);
     let mut options = SyncOptions::new(&[&server.url()]);
     options.token = Some(TokenSource::fixed(token.clone()));
+    // Kept: the first commit carries it.
+    writer.save_token("team", &token).unwrap();
     let room = writer.room("team").unwrap();
     room.transact(|tx| tx.set("/a", "v", Value::Int(1)))
         .unwrap();
     let engine = writer.connect_with(options, &["team"]).unwrap();
-    engine.flush(Duration::from_secs(20)).unwrap();
+    if let Err(e) = engine.flush(Duration::from_secs(20)) {
+        panic!("{e}: {:?}", engine.status());
+    }
 
     let data = server.data.to_str().unwrap().to_owned();
     let id = Capability::from_token(&token).unwrap().claims.id;
@@ -558,8 +600,9 @@ fn an_invite_pairs_a_device_once() {
             "/docs/**",
         ],
     );
-    set(&alice, "team", "/docs/a", "1");
     assert_eq!(sync(&alice, &server, "team", Some(&admin)).0, 0);
+    set(&alice, "team", "/docs/a", "1");
+    assert_eq!(sync(&alice, &server, "team", None).0, 0);
     let url = server.url();
     let invite = |extra: &[&str]| {
         let mut args = vec![
@@ -581,13 +624,16 @@ fn an_invite_pairs_a_device_once() {
     let (code, _, err) = run(&bob, &["join", &out], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("joined team"), "{err}");
-    assert_eq!(node_count(&bob, "team"), 1, "bob caught up");
+    assert_eq!(node_count(&bob, "team"), 2, "bob caught up");
     set(&bob, "team", "/docs/bob/x", "2");
     // Later syncs use the kept token.
     let (code, err) = sync(&bob, &server, "team", None);
     assert_eq!(code, 0, "{err}");
     assert_eq!(sync(&alice, &server, "team", Some(&admin)).0, 0);
-    assert_eq!(node_count(&alice, "team"), 2, "alice got bob's node");
+    assert_eq!(node_count(&alice, "team"), 3, "alice got bob's node");
+    // Outside the invite's paths: refused at once.
+    let (code, _, err) = run(&bob, &["set", "team", "/docs/a", "v", "3"], &[]);
+    assert_eq!(code, UNAUTHORIZED, "{err}");
 
     // The code works once.
     let (code, _, err) = run(&carol, &["join", &out], &[]);
@@ -615,4 +661,96 @@ fn an_invite_pairs_a_device_once() {
     // A garbled code.
     let (code, _, err) = run(&carol, &["join", "sli1.garbage"], &[]);
     assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn a_node_outside_its_authors_paths_is_refused_and_the_session_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--locked"]);
+    let key = Keypair::from_seed([4; 32]);
+    let token = issue(
+        &server,
+        &key.author().to_string(),
+        &["--room", "team", "--write-path", "/docs/**"],
+    );
+    let cap = Capability::from_token(&token).unwrap();
+    // A node its own replica would refuse, made where nothing checks.
+    let mut rogue = syncline_core::Room::new(RoomId::new("team").unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut tx = rogue.begin(key.author(), now);
+    tx.record_grant(&cap).unwrap();
+    tx.set("/secrets/x", "v", Value::Int(1)).unwrap();
+    let idx = tx.commit().unwrap().unwrap().idx;
+    let pack = rogue.pack(&[idx], Some(&key)).unwrap();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (mut ws, challenge) = connect(&server).await;
+        let hello = hello(&key, "team", challenge, Some(cap.encode()));
+        assert!(matches!(
+            answer(&mut ws, hello).await,
+            Message::Welcome { .. }
+        ));
+        // The catch-up (the relay's policy) arrives first.
+        let frame = |message| {
+            Envelope {
+                version: syncline_core::proto::message::PROTOCOL_VERSION,
+                session: 1,
+                corr: 7,
+                message,
+            }
+            .encode()
+        };
+        ws.send(WsMessage::Binary(
+            frame(Message::Pack {
+                checksum: *blake3::hash(&pack).as_bytes(),
+                pack: pack.clone(),
+                phase: syncline_core::proto::message::Phase::Live,
+                last: true,
+            })
+            .into(),
+        ))
+        .await
+        .unwrap();
+        let refused = loop {
+            let next = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("an answer within 10 s")
+                .unwrap()
+                .unwrap();
+            let WsMessage::Binary(bytes) = next else {
+                continue;
+            };
+            if let Message::Error {
+                code,
+                message,
+                related,
+            } = Envelope::decode(&bytes).unwrap().message
+            {
+                break (code, message, related);
+            }
+        };
+        assert_eq!(refused.0.as_str(), "unauthorized");
+        assert!(refused.1.contains("/secrets"), "{}", refused.1);
+        assert_eq!(refused.2, 7);
+        // The session goes on: it answers a subscribe (after whatever
+        // else it had to send).
+        let mut reply = answer(&mut ws, frame(Message::Subscribe { patterns: vec![] })).await;
+        while matches!(reply, Message::Pack { .. } | Message::Heartbeat) {
+            let next = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("an answer within 10 s")
+                .unwrap()
+                .unwrap();
+            let WsMessage::Binary(bytes) = next else {
+                continue;
+            };
+            reply = Envelope::decode(&bytes).unwrap().message;
+        }
+        assert!(matches!(reply, Message::Subscribed { .. }), "{reply:?}");
+    });
+    assert!(server.metric("syncline_nodes_refused_total") >= 1.0);
 }

@@ -8,11 +8,12 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use syncline_core::auth::governance::{policy_entry, should_carry};
 use syncline_core::auth::{Capability, Claims};
 use syncline_core::dag::NodeIdx;
 use syncline_core::doc::{Conflict, PathError};
 use syncline_core::room::TxnError;
-use syncline_core::{EntryKind, NodeId, RoomId, Transaction, Value};
+use syncline_core::{AuthorId, EntryKind, NodeId, RoomId, Transaction, Value};
 use syncline_store::{DurableRoom, ReplicaError, SqliteOptions, SqliteStore, Store, StoreError};
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -162,6 +163,31 @@ impl Replica {
         self.inner.key.author().to_string()
     }
 
+    /// The relays' keys this replica has synced with: trusted to declare a
+    /// locked room's policy.
+    pub(crate) fn trusted_relays(&self) -> Result<Vec<AuthorId>, Error> {
+        let bytes = self
+            .inner
+            .store
+            .get_meta(TRUSTED_RELAYS)?
+            .unwrap_or_default();
+        Ok(bytes
+            .chunks_exact(32)
+            .map(|c| AuthorId(c.try_into().expect("32-byte chunks")))
+            .collect())
+    }
+
+    /// Adds `relay` to [`Replica::trusted_relays`].
+    pub(crate) fn trust_relay(&self, relay: AuthorId) -> Result<(), Error> {
+        let mut keys = self.trusted_relays()?;
+        if !keys.contains(&relay) {
+            keys.push(relay);
+            let bytes: Vec<u8> = keys.iter().flat_map(|k| k.0).collect();
+            self.inner.store.put_meta(TRUSTED_RELAYS, &bytes)?;
+        }
+        Ok(())
+    }
+
     /// Keeps `token` as this replica's capability for `room` (what
     /// `syncline join` got for it), for [`Replica::saved_token`].
     pub fn save_token(&self, room: &str, token: &str) -> Result<(), Error> {
@@ -170,6 +196,16 @@ impl Replica {
         self.inner
             .store
             .put_meta(&format!("token/{room}"), token.as_bytes())?;
+        let loaded = self
+            .inner
+            .rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&RoomId::new(room).map_err(|_| Error::RoomName(room.to_owned()))?)
+            .cloned();
+        if let Some(open) = loaded {
+            open.shared.lock().grant = Capability::from_token(token).ok();
+        }
         Ok(())
     }
 
@@ -218,7 +254,12 @@ impl Replica {
         if let Some(room) = rooms.get(&id) {
             return Ok(room.clone());
         }
-        let durable = DurableRoom::load(self.inner.store.clone(), self.inner.key.clone(), &id)?;
+        let mut durable = DurableRoom::load(self.inner.store.clone(), self.inner.key.clone(), &id)?;
+        // A room whose history declares a policy is checked from the start,
+        // so a local change every replica would refuse is refused here.
+        if has_policy(durable.room()) {
+            durable.govern(self.trusted_relays()?);
+        }
         let room = Room {
             shared: Arc::new(RoomShared {
                 id: id.clone(),
@@ -226,6 +267,9 @@ impl Replica {
                     durable,
                     session: None,
                     send_vv: false,
+                    grant: self
+                        .saved_token(name)?
+                        .and_then(|t| Capability::from_token(&t).ok()),
                 }),
                 listeners: Mutex::new(Vec::new()),
                 wake: Mutex::new(None),
@@ -264,6 +308,33 @@ pub(crate) struct RoomState {
     /// last set-reconciliation difference was too large for the server's
     /// sketch (`docs/protocol.md` §5.2).
     pub(crate) send_vv: bool,
+    /// The capability this replica writes with here (kept by `join`, or
+    /// given to the sync engine): the first node it commits in the room
+    /// carries it, so that every replica of a locked room finds it in that
+    /// node's history (`auth::governance`).
+    pub(crate) grant: Option<Capability>,
+}
+
+/// Metadata key of the relays' keys a replica trusts.
+const TRUSTED_RELAYS: &str = "trusted-relays";
+
+/// Whether `room`'s history declares a policy (`auth::governance`).
+pub(crate) fn has_policy(room: &syncline_core::Room) -> bool {
+    room.doc()
+        .field(
+            &policy_entry(),
+            syncline_core::auth::governance::ROOTS_FIELD,
+        )
+        .is_some()
+}
+
+impl RoomState {
+    /// The capability a commit should carry: this replica's, allowing
+    /// writes, not yet recorded in the room.
+    fn grant_to_carry(&self) -> Option<Capability> {
+        let cap = self.grant.as_ref()?;
+        should_carry(self.durable.room(), &self.durable.author(), cap).then(|| cap.clone())
+    }
 }
 
 impl RoomShared {
@@ -314,7 +385,20 @@ impl Room {
     ) -> Result<Option<String>, Error> {
         let (id, paths) = {
             let mut state = self.shared.lock();
-            let Some(committed) = state.durable.transact(wall_ms(), edit)? else {
+            let carry = state.grant_to_carry();
+            let Some(committed) = state
+                .durable
+                .transact(wall_ms(), |tx| {
+                    if let Some(cap) = &carry {
+                        tx.record_grant(cap)?;
+                    }
+                    edit(tx)
+                })
+                .map_err(|e| match e {
+                    ReplicaError::Txn(t) => Error::Txn(t),
+                    other => Error::Replica(other),
+                })?
+            else {
                 return Ok(None);
             };
             let RoomState {

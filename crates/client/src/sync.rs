@@ -133,6 +133,7 @@ pub struct Status {
 }
 
 struct Shared {
+    replica: Replica,
     rooms: Vec<Room>,
     options: SyncOptions,
     status: Mutex<Status>,
@@ -181,6 +182,7 @@ impl Replica {
             *room.shared.wake.lock().unwrap_or_else(|p| p.into_inner()) = Some(wake.clone());
         }
         let shared = Arc::new(Shared {
+            replica: self.clone(),
             rooms,
             options,
             status: Mutex::new(Status::default()),
@@ -377,12 +379,12 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
     let (mut sink, mut stream) = ws.split();
     // The server speaks first: the challenge every hello signs.
     let first = tokio::time::timeout(shared.options.connect_timeout, stream.next()).await;
-    let challenge = match first {
+    let (challenge, server) = match first {
         Ok(Some(Ok(WsMessage::Binary(bytes)))) => match Envelope::decode(&bytes) {
             Ok(Envelope {
-                message: Message::Challenge { nonce, .. },
+                message: Message::Challenge { nonce, server },
                 ..
-            }) => nonce,
+            }) => (nonce, server),
             Ok(other) => {
                 return Err(format!(
                     "the server did not start with a challenge (message type {}): is it a \
@@ -411,10 +413,32 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
         if state.send_vv {
             config.vv_inline_limit = usize::MAX;
         }
+        // A locked room's policy is declared in its history with the
+        // relay's key: trust it to declare one. A room still empty (or
+        // declaring one already) is checked from here on; another learns
+        // its policy in this catch-up, checked by the relay, and is checked
+        // from its next opening.
+        if i == 0 {
+            shared
+                .replica
+                .trust_relay(server)
+                .map_err(|e| e.to_string())?;
+        }
+        let room_state = state.durable.room();
+        if room_state.dag().governance().is_none()
+            && (room_state.dag().is_empty() || crate::replica::has_policy(room_state))
+        {
+            let trusted = shared.replica.trusted_relays().map_err(|e| e.to_string())?;
+            state.durable.govern(trusted);
+        }
         let token = match &shared.options.token {
             Some(source) => source.current(room.name())?,
             None => None,
         };
+        if let Some(cap) = token.as_deref().and_then(|t| Capability::decode(t).ok()) {
+            // Local commits carry it (the first one records it).
+            state.grant = Some(cap);
+        }
         let credentials = Credentials { challenge, token };
         let link = ClientLink::open(
             now,
@@ -592,6 +616,7 @@ fn handle_events(
         durable,
         session,
         send_vv,
+        ..
     } = &mut *state;
     let Some(link) = session.as_mut() else {
         return Ok(Some("no session".into()));
@@ -634,7 +659,18 @@ fn handle_events(
                     reason.as_str()
                 )));
             }
-            Event::Subscribed { .. } | Event::PeerError { .. } => {}
+            Event::PeerError {
+                code: Reason::Unauthorized,
+                message,
+                ..
+            } => {
+                // A local change the relay refused: it stays in the outbox.
+                shared.status().refused = Some(format!(
+                    "room {}: a local change was refused ({message})",
+                    room.name()
+                ));
+            }
+            Event::Subscribed { .. } | Event::PeerError { .. } | Event::Refused { .. } => {}
         }
     }
     Ok(None)

@@ -36,11 +36,12 @@ fn idle_rooms_unload_and_load_again_on_demand() {
         data_dir: dir.path().join("server"),
         listen: "127.0.0.1:0".parse().unwrap(),
         room_idle: Duration::from_millis(200),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..Config::default()
     };
     let server = runtime.block_on(Server::bind(config)).unwrap();
-    let addr = server.local_addr().unwrap();
-    let url = format!("ws://{addr}/ws");
+    let url = format!("ws://{}/ws", server.local_addr().unwrap());
+    let addr = server.metrics_addr().unwrap();
     runtime.spawn(server.run(std::future::pending()));
 
     let a = Replica::open(dir.path().join("a")).unwrap();

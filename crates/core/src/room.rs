@@ -54,6 +54,10 @@ pub enum TxnError {
     /// path enforces (a string over 128 KiB, a NaN, too deep a value...).
     #[error("refused: {0}")]
     Limit(&'static str),
+    /// The room's policy does not let this replica's key do it
+    /// (`auth::governance`): every replica would refuse the node.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
 }
 
 /// A committed local node.
@@ -406,6 +410,12 @@ impl Room {
             .pack)
     }
 
+    /// Checks write authority from now on (see [`Dag::govern`]): keys in
+    /// `trusted` may declare the room's policy.
+    pub fn govern(&mut self, trusted: Vec<AuthorId>) {
+        self.dag.govern(trusted);
+    }
+
     /// Starts a transaction by `author` at wall time `now_ms`.
     pub fn begin(&mut self, author: AuthorId, now_ms: u64) -> Transaction<'_> {
         // Parents: every head, plus the author's own previous node, which
@@ -539,6 +549,23 @@ impl Transaction<'_> {
             },
             index,
         }
+    }
+
+    /// Records capability `cap` in the room's history, so that its
+    /// subject's nodes that follow may use it (`auth::governance`).
+    pub fn record_grant(&mut self, cap: &crate::auth::Capability) -> Result<(), TxnError> {
+        self.push(crate::auth::governance::grant_op(cap))
+    }
+
+    /// Revokes capability `id` in the room's history (needs `admin`).
+    pub fn revoke(&mut self, id: &[u8; 16]) -> Result<(), TxnError> {
+        self.push(crate::auth::governance::revocation_op(id))
+    }
+
+    /// Declares the room's policy: from this node on, `roots` govern it
+    /// (replicas that trust this transaction's author take it).
+    pub fn declare_policy(&mut self, roots: &[AuthorId]) -> Result<(), TxnError> {
+        self.push(crate::auth::governance::policy_op(roots))
     }
 
     /// The entry at `path`, creating missing entries on the way by path
@@ -750,6 +777,11 @@ impl Transaction<'_> {
                 crate::node::NodeDecodeError::Invalid(what) => TxnError::Limit(what),
                 _ => TxnError::TooLarge,
             });
+        }
+        // Write authority, as every replica will check it.
+        if let Err(reason) = self.room.dag.check_authority(&node, &parents) {
+            self.room.doc = Doc::replay(&self.room.dag);
+            return Err(TxnError::Unauthorized(reason));
         }
         let idx = self
             .room

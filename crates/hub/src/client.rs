@@ -157,6 +157,7 @@ impl ClientLink {
             | Event::CaughtUp
             | Event::Subscribed { .. }
             | Event::PeerError { .. }
+            | Event::Refused { .. }
             | Event::Closed { .. } => {}
         }
         Ok(Some(event))

@@ -16,7 +16,9 @@
 //! milliseconds, and nothing here reads a clock, a socket or the OS RNG.
 
 mod client;
+mod govern;
 mod room;
 
 pub use client::ClientLink;
+pub use govern::govern;
 pub use room::{End, HubConfig, HubEvent, Input, RoomHub, SessionKey};

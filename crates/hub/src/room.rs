@@ -136,6 +136,14 @@ pub enum HubEvent {
         /// How many.
         nodes: usize,
     },
+    /// A session's pack held a node its author may not write (the
+    /// room's policy); it was refused, the session goes on.
+    Refused {
+        /// Which session sent it.
+        key: SessionKey,
+        /// What was refused, and why.
+        message: String,
+    },
     /// Sessions sent nodes in packs.
     Sent {
         /// How many, since the last such event.
@@ -593,6 +601,9 @@ impl RoomHub {
                     Event::Closed {
                         reason, by_peer, ..
                     } => ended.push((key, End::Closed { reason, by_peer })),
+                    Event::Refused { message } => {
+                        self.events.push_back(HubEvent::Refused { key, message });
+                    }
                     // Client-side events; a server session raises none.
                     Event::Acknowledged { .. }
                     | Event::CaughtUp

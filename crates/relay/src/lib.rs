@@ -327,6 +327,12 @@ impl Server {
         self.server_key
     }
 
+    /// The address `/metrics` is served on without a token, if
+    /// [`Config::metrics_listen`] asked for one (useful with port 0).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref()?.local_addr().ok()
+    }
+
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()

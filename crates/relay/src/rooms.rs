@@ -97,6 +97,9 @@ struct Loaded {
 pub(crate) struct Rooms {
     store: Arc<dyn Store>,
     key: Keypair,
+    /// The keys whose capabilities the relay trusts (its own first): a
+    /// locked room's policy roots.
+    roots: Vec<syncline_core::AuthorId>,
     config: Config,
     loaded: Mutex<HashMap<RoomId, Loaded>>,
     /// Room steps running on the blocking pool.
@@ -127,9 +130,12 @@ impl std::fmt::Debug for Rooms {
 
 impl Rooms {
     pub(crate) fn new(store: Arc<dyn Store>, key: Keypair, config: Config) -> Arc<Rooms> {
+        let mut roots = vec![key.author()];
+        roots.extend(config.trusted_keys.iter().copied());
         Arc::new(Rooms {
             store,
             key,
+            roots,
             workers: Arc::new(Semaphore::new(config.room_workers.max(1))),
             inflate: Arc::new(Semaphore::new(config.inflate_budget_bytes)),
             config,
@@ -365,14 +371,25 @@ impl RoomTask {
         // After a failed write, what the store reads back may not be
         // durable: the load makes it so first (or fails).
         let after_failure = rooms.lock_write_failed().remove(&id);
+        // A locked room is governed by the relay's roots, declared in its
+        // history (`auth::governance`).
+        let governed_by =
+            (!rooms.config.open_rooms.iter().any(|p| p.matches(&id))).then(|| rooms.roots.clone());
         let loaded = {
             let _permit = rooms.workers.acquire().await;
             tokio::task::spawn_blocking(move || {
-                let room = if after_failure {
+                let mut room = if after_failure {
                     DurableRoom::load_after_failure(store.clone(), key, &id)?
                 } else {
                     DurableRoom::load(store.clone(), key, &id)?
                 };
+                if let Some(roots) = governed_by {
+                    let fresh = room.room().dag().is_empty();
+                    syncline_hub::govern(&mut room, roots, crate::conn::unix_ms())?;
+                    if fresh {
+                        info!("room locked: its policy is declared in its history");
+                    }
+                }
                 let bytes = store.room_bytes(&id)?;
                 Ok::<_, syncline_store::ReplicaError>((room, bytes.history + bytes.checkpoint))
             })
@@ -678,6 +695,15 @@ impl RoomTask {
                 }
                 HubEvent::Sent { nodes } => {
                     metrics::counter!(telemetry::NODES_OUT).increment(nodes);
+                }
+                HubEvent::Refused { key, message } => {
+                    metrics::counter!(telemetry::NODES_REFUSED).increment(1);
+                    info!(
+                        session = key.session,
+                        conn = key.conn,
+                        message,
+                        "refused a node its author may not write"
+                    );
                 }
             }
         }

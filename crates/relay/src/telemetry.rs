@@ -20,6 +20,8 @@ pub(crate) const REFUSED: &str = "syncline_refused_total";
 /// `hello`s refused by access control, by reason (counter, label
 /// `reason`: `unauthorized`, `token_expired`).
 pub(crate) const AUTH_REFUSED: &str = "syncline_auth_refused_total";
+/// Nodes refused because their author may not write them (counter).
+pub(crate) const NODES_REFUSED: &str = "syncline_nodes_refused_total";
 /// Invites, by `what`: `created`, `redeemed`, `refused` (counter).
 pub(crate) const INVITES: &str = "syncline_invites_total";
 /// Bytes the store's files take (gauge).

@@ -32,6 +32,9 @@ pub fn run(seed: u64) -> Outcome {
             nodes: 0,
             clients: 0,
             opened_from_checkpoint: 0,
+            locked: false,
+            refused_edits: 0,
+            revocations: 0,
             result: Err(format!("panicked: {message}")),
         }
     })

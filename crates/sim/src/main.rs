@@ -72,8 +72,12 @@ fn report(outcomes: &[(Outcome, Option<[u8; 32]>)], verbose: bool) -> std::proce
     let mut failed = 0;
     let mut nodes = 0;
     let mut from_checkpoint = 0;
+    let (mut locked, mut refused, mut revoked) = (0, 0, 0);
     for (o, again) in outcomes {
         from_checkpoint += o.opened_from_checkpoint;
+        locked += u64::from(o.locked);
+        refused += o.refused_edits;
+        revoked += o.revocations;
         totals.add(&o.faults);
         strategies.add(&o.strategies);
         nodes += o.nodes;
@@ -108,7 +112,7 @@ fn report(outcomes: &[(Outcome, Option<[u8; 32]>)], verbose: bool) -> std::proce
         out,
         "syncline-sim: {} seeds, {} passed, {} failed; {} nodes in all; \
          handshakes by strategy: heads {}, ibf {}, mst {}; restarts opened from a \
-         checkpoint: {}; faults fired: {}",
+         checkpoint: {}; locked rooms: {} ({} edits refused, {} revocations); faults fired: {}",
         outcomes.len(),
         outcomes.len() - failed,
         failed,
@@ -117,6 +121,9 @@ fn report(outcomes: &[(Outcome, Option<[u8; 32]>)], verbose: bool) -> std::proce
         strategies.ibf,
         strategies.mst,
         from_checkpoint,
+        locked,
+        refused,
+        revoked,
         totals
     );
     if failed == 0 {

@@ -16,6 +16,14 @@
 //! follow: one node set and one state hash everywhere, no acknowledged or
 //! durably committed node lost.
 //!
+//! Half the seeds lock the room: the relay declares its policy in history
+//! and admits only clients with capabilities; one client may only read,
+//! one may write under `/projects` only, one is an admin who revokes that
+//! writer during the chaos. Every replica checks write authority, edits
+//! the policy refuses are refused before they commit, and the checks add
+//! that a fresh replica accepts every node the relay holds (none is
+//! unauthorized).
+//!
 //! Everything that happens is hashed into a trace hash, so a run can be
 //! compared with a replay of its seed.
 
@@ -24,11 +32,13 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use syncline_core::auth::{self, Policy, Presented};
+use syncline_core::auth::governance::should_carry;
+use syncline_core::auth::{self, Capability, Claims, Policy, Presented, Rights, RoomPattern};
 use syncline_core::proto::message::{Envelope, Message, Reason};
 use syncline_core::proto::scope::Scope;
 use syncline_core::proto::session::{Config, Credentials, Event, Strategy};
-use syncline_core::{Keypair, NodeId, RoomId};
+use syncline_core::room::TxnError;
+use syncline_core::{AuthorId, Keypair, NodeId, RoomId};
 use syncline_hub::{ClientLink, End, HubConfig, HubEvent, Input, RoomHub};
 use syncline_store::{DurableRoom, FaultPlan, FaultyStore, ReplicaError, Store};
 use syncline_testkit::{Namespace, random_ops};
@@ -155,6 +165,8 @@ enum Action {
     /// A store whose writes failed works again (`None`: the relay's).
     DiskRecovers(Option<usize>),
     Heal,
+    /// The admin client revokes the `/projects` writer's capability.
+    Revoke,
 }
 
 #[derive(Debug)]
@@ -166,6 +178,8 @@ struct ClientConn {
 #[derive(Debug)]
 struct Client {
     key: Keypair,
+    /// Its capability, in a locked room.
+    cap: Option<Capability>,
     store: FaultyStore,
     /// `None` while crashed.
     room: Option<DurableRoom>,
@@ -241,6 +255,12 @@ pub struct Outcome {
     pub clients: usize,
     /// Restarts (after crashes) that opened the room from a checkpoint.
     pub opened_from_checkpoint: u64,
+    /// The room was locked.
+    pub locked: bool,
+    /// Edits refused before they committed (locked rooms).
+    pub refused_edits: u64,
+    /// Capabilities revoked in history (locked rooms).
+    pub revocations: u64,
     /// `Err` says which check failed.
     pub result: Result<(), String>,
 }
@@ -269,19 +289,67 @@ pub(crate) struct World {
     checkpoint_every: u32,
     /// Restarts that opened a room from a checkpoint.
     opened_from_checkpoint: u64,
+    /// The room is locked (drawn from the seed apart from the scenario's
+    /// stream): write authority is checked everywhere.
+    locked: bool,
+    /// Edits refused before they committed: the policy does not allow them.
+    refused_edits: u64,
+    /// Capabilities revoked in history.
+    revocations: u64,
+    /// The first node the relay refused as unauthorized.
+    relay_refused: Option<String>,
 }
 
 /// Opens the simulated room from `store`, writing checkpoints every
-/// `checkpoint_every` nodes (and quarter of the room).
+/// `checkpoint_every` nodes (and quarter of the room), checking write
+/// authority with `relay` trusted to declare the policy (as the SDK trusts
+/// the relays it syncs with).
 fn open_room(
     store: &FaultyStore,
     key: &Keypair,
     room_id: &RoomId,
     checkpoint_every: u32,
+    relay: AuthorId,
 ) -> Result<DurableRoom, ReplicaError> {
     let mut room = DurableRoom::load(Arc::new(store.clone()), key.clone(), room_id)?;
     room.set_checkpoint_min_nodes(checkpoint_every);
+    room.govern(vec![relay]);
     Ok(room)
+}
+
+/// A capability for `subject` in the simulated room, issued by the relay.
+fn capability(
+    relay: &Keypair,
+    subject: &Keypair,
+    rights: &str,
+    paths: &[&str],
+    id: u8,
+) -> Capability {
+    let claims = Claims {
+        id: [id; 16],
+        room: RoomPattern::parse("sim").expect("a room pattern"),
+        subject: subject.author(),
+        rights: Rights::parse(rights).expect("rights"),
+        write_paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+        not_after_ms: EPOCH_MS + 30 * 86_400_000,
+    };
+    Capability::issue(relay, claims, None)
+}
+
+/// Client roles in a locked room: 0 reads only, 1 writes under
+/// `/projects` (and is revoked), 2 is an admin, the others write anywhere.
+fn role(c: usize) -> (&'static str, &'static [&'static str]) {
+    match c {
+        0 => ("read", &[]),
+        1 => ("write", &["/projects/**"]),
+        2 => ("admin,write", &[]),
+        _ => ("write", &[]),
+    }
+}
+
+/// The capability id of client `c`'s capability.
+fn cap_id(c: usize) -> u8 {
+    c as u8 + 1
 }
 
 impl World {
@@ -292,27 +360,37 @@ impl World {
         let checkpoint_every = 4 + (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as u32;
         let relay_store = FaultyStore::new(FaultPlan::default());
         let relay_key = Keypair::from_seed(rng.random());
+        let locked = (seed.wrapping_mul(0xd134_2543_de82_ef95) >> 63) == 1;
         let relay = Relay {
             up: true,
             hub: None,
-            key: relay_key,
+            key: relay_key.clone(),
             store: relay_store,
             conns: BTreeMap::new(),
-            policy: Policy::open(),
+            policy: if locked {
+                Policy {
+                    roots: vec![relay_key.author()],
+                    ..Policy::default()
+                }
+            } else {
+                Policy::open()
+            },
             inbox: Vec::new(),
             step_scheduled: false,
             in_flight: BTreeMap::new(),
             write_failed: false,
         };
         let clients = (0..scenario.clients)
-            .map(|_| {
+            .map(|c| {
                 let store = FaultyStore::new(FaultPlan::default());
                 let key = Keypair::from_seed(rng.random());
+                let (rights, paths) = role(c);
                 Client {
                     room: Some(
-                        open_room(&store, &key, &room_id, checkpoint_every)
+                        open_room(&store, &key, &room_id, checkpoint_every, relay_key.author())
                             .expect("an empty store loads"),
                     ),
+                    cap: locked.then(|| capability(&relay_key, &key, rights, paths, cap_id(c))),
                     key,
                     store,
                     conn: None,
@@ -342,6 +420,10 @@ impl World {
             scenario,
             checkpoint_every,
             opened_from_checkpoint: 0,
+            locked,
+            refused_edits: 0,
+            revocations: 0,
+            relay_refused: None,
         };
         world.plan_chaos();
         world
@@ -381,6 +463,10 @@ impl World {
             self.at(t, Action::CrashRelay);
         }
         self.plan_write_fault_relay();
+        if self.locked && self.clients.len() > 2 {
+            let t = self.rng.random_range(0..chaos);
+            self.at(t, Action::Revoke);
+        }
         for _ in 0..self.rng.random_range(0..=4) {
             let client = self.rng.random_range(0..self.clients.len());
             let (to_relay, to_client) = match self.rng.random_range(0..3) {
@@ -447,6 +533,9 @@ impl World {
             nodes,
             clients: self.clients.len(),
             opened_from_checkpoint: self.opened_from_checkpoint,
+            locked: self.locked,
+            refused_edits: self.refused_edits,
+            revocations: self.revocations,
             result,
         }
     }
@@ -464,9 +553,12 @@ impl World {
             };
             if t > deadline {
                 return Err(format!(
-                    "not quiet {} s after healing: {}",
+                    "not quiet {} s after healing: {}{}",
                     self.scenario.settle_ms / 1000,
-                    self.describe()
+                    self.describe(),
+                    self.relay_refused
+                        .as_ref()
+                        .map_or_else(String::new, |r| format!("; the relay refused: {r}"))
                 ));
             }
             self.now = t;
@@ -523,6 +615,7 @@ impl World {
                 Ok(())
             }
             Action::Edit(c) => self.edit(c),
+            Action::Revoke => self.revoke(),
             Action::Connect(c) => {
                 self.connect(c);
                 Ok(())
@@ -643,7 +736,7 @@ impl World {
         };
         let credentials = Credentials {
             challenge: challenge(id),
-            token: None,
+            token: client.cap.as_ref().map(Capability::encode),
         };
         let Ok(link) = ClientLink::open(now, id, room, config, scope, &credentials) else {
             unreachable!("opening a session inserts no node, so it writes nothing")
@@ -665,8 +758,23 @@ impl World {
         let Some(room) = client.room.as_mut() else {
             return Ok(()); // Crashed.
         };
+        let governed = room
+            .room()
+            .dag()
+            .governance()
+            .is_some_and(|g| g.is_governed());
+        if self.locked && !governed {
+            return Ok(()); // Join first, then write.
+        }
+        let carry = client
+            .cap
+            .as_ref()
+            .filter(|cap| should_carry(room.room(), &client.key.author(), cap));
         let rng = &mut self.rng;
         match room.transact(EPOCH_MS + now + client.skew_ms, |tx| {
+            if let Some(cap) = carry {
+                tx.record_grant(cap)?;
+            }
             random_ops(tx, rng, &NAMESPACE);
             Ok(())
         }) {
@@ -681,6 +789,12 @@ impl World {
                 Ok(())
             }
             Ok(None) => Ok(()),
+            Err(ReplicaError::Txn(TxnError::Unauthorized(_))) => {
+                // Every replica would refuse it: refused before it commits.
+                self.refused_edits += 1;
+                self.trace("refused-edit", c as u64, 0);
+                Ok(())
+            }
             Err(ReplicaError::Store(_)) => {
                 // The commit was not acknowledged; the process dies.
                 self.faults.write_failures += 1;
@@ -688,6 +802,57 @@ impl World {
                 Ok(())
             }
             Err(e) => Err(format!("client {c}: a random edit failed: {e}")),
+        }
+    }
+
+    /// The admin (client 2) revokes client 1's capability in history, if
+    /// it is up and holds the policy; else it tries again later.
+    fn revoke(&mut self) -> Result<(), String> {
+        if self.healed {
+            return Ok(()); // Edits stop at the heal; so does this one.
+        }
+        let (admin, revoked) = (2, 1);
+        let now = self.now;
+        let client = &mut self.clients[admin];
+        let governed = client
+            .room
+            .as_ref()
+            .and_then(|r| r.room().dag().governance())
+            .is_some_and(|g| g.is_governed());
+        let (Some(room), true) = (client.room.as_mut(), governed) else {
+            self.after(500, 5_000, Action::Revoke);
+            return Ok(());
+        };
+        let carry = client
+            .cap
+            .as_ref()
+            .filter(|cap| should_carry(room.room(), &client.key.author(), cap));
+        let committed = room.transact(EPOCH_MS + now + client.skew_ms, |tx| {
+            if let Some(cap) = carry {
+                tx.record_grant(cap)?;
+            }
+            tx.revoke(&[cap_id(revoked); 16])
+        });
+        match committed {
+            Ok(Some(committed)) => {
+                let id = room.room().dag().id(committed.idx);
+                client.committed.push(id);
+                self.trace.update(id.0.as_slice());
+                if let Some(cc) = client.conn.as_mut() {
+                    cc.link.send_local(now, room, &[committed.idx]);
+                }
+                self.revocations += 1;
+                self.flush_client(admin);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(ReplicaError::Store(_)) => {
+                self.faults.write_failures += 1;
+                self.crash_client(admin);
+                self.after(500, 5_000, Action::Revoke);
+                Ok(())
+            }
+            Err(e) => Err(format!("the admin's revocation failed: {e}")),
         }
     }
 
@@ -755,7 +920,8 @@ impl World {
                 Event::Accepted { .. }
                 | Event::CaughtUp
                 | Event::Subscribed { .. }
-                | Event::PeerError { .. } => {}
+                | Event::PeerError { .. }
+                | Event::Refused { .. } => {}
                 Event::Closed { reason, .. } => {
                     self.trace("client-closed", c as u64, reason.as_str().len() as u64);
                     self.end_client_conn(c);
@@ -847,6 +1013,7 @@ impl World {
             &client.key,
             &self.room_id,
             self.checkpoint_every,
+            self.relay.key.author(),
         )
         .map_err(|e| format!("client {c} cannot reload after a crash: {e}"))?;
         check_reopened(&client.store, &room).map_err(|e| format!("client {c}: {e}"))?;
@@ -975,7 +1142,19 @@ impl World {
 
     /// The relay's hub over its room loaded from its store (checked).
     fn load_relay_hub(&mut self) -> Result<RoomHub, String> {
-        let room = self.load_relay_room()?;
+        let mut room = self.load_relay_room()?;
+        if self.locked {
+            // As the relay does with a locked room: declared in history.
+            let roots = vec![self.relay.key.author()];
+            match syncline_hub::govern(&mut room, roots, EPOCH_MS + self.now) {
+                Ok(()) => {}
+                Err(ReplicaError::Store(_)) => {
+                    self.relay.write_failed = true;
+                    return Err(STILL_FAILING.into());
+                }
+                Err(e) => return Err(format!("the relay cannot lock its room: {e}")),
+            }
+        }
         let config = HubConfig {
             session: self.scenario.config.clone(),
             slice_bytes: self.scenario.slice_bytes,
@@ -1044,6 +1223,11 @@ impl World {
             frames.push((client, conn, frame));
         }
         while let Some(event) = hub.poll_event() {
+            if let HubEvent::Refused { message, .. } = &event {
+                // Honest clients check what they commit: the relay refusing
+                // one of their nodes is a bug.
+                self.relay_refused.get_or_insert_with(|| message.clone());
+            }
             // A closed session's connection ends (one session each here).
             if let HubEvent::Ended {
                 key,
@@ -1189,6 +1373,11 @@ impl World {
     }
 
     fn check(&self) -> Result<(), String> {
+        if let Some(refused) = &self.relay_refused {
+            return Err(format!(
+                "the relay refused an honest client's node: {refused}"
+            ));
+        }
         // What each replica would open from its store is what it holds.
         let replicas = self
             .clients
@@ -1202,8 +1391,14 @@ impl World {
             )]);
         for (r, (store, key, live)) in replicas.enumerate() {
             let Some(live) = live else { continue };
-            let reopened = open_room(store, key, &self.room_id, self.checkpoint_every)
-                .map_err(|e| format!("replica {r} cannot reopen: {e}"))?;
+            let reopened = open_room(
+                store,
+                key,
+                &self.room_id,
+                self.checkpoint_every,
+                self.relay.key.author(),
+            )
+            .map_err(|e| format!("replica {r} cannot reopen: {e}"))?;
             check_reopened(store, &reopened).map_err(|e| format!("replica {r}: {e}"))?;
             if reopened.room().state_hash() != live.room().state_hash() {
                 return Err(format!(
@@ -1225,6 +1420,30 @@ impl World {
             ids
         };
         let relay_ids = ids(relay);
+        if self.locked {
+            // No unauthorized node anywhere: a fresh replica that checks
+            // write authority takes every node the relay holds.
+            let mut relay_room = self
+                .relay
+                .hub
+                .as_ref()
+                .ok_or("the relay is down")?
+                .room()
+                .room()
+                .clone();
+            let all: Vec<_> = (0..relay_room.dag().next_idx()).collect();
+            let pack = relay_room
+                .pack(&all, None)
+                .map_err(|e| format!("cannot export the relay's history: {e}"))?;
+            let mut fresh = syncline_core::Room::new(self.room_id.clone());
+            fresh.govern(vec![self.relay.key.author()]);
+            fresh
+                .receive_pack(&pack)
+                .map_err(|e| format!("a fresh replica refuses the relay's history: {e}"))?;
+            if fresh.dag().len() != relay.dag().len() {
+                return Err("a fresh replica holds less than the relay".into());
+            }
+        }
         if relay.dag().pending_len() != 0 {
             return Err(format!(
                 "the relay has {} nodes still waiting for parents",

@@ -16,7 +16,15 @@ use syncline_sim::{replay_command, run};
 ///   that still served the failed write from its cache, acknowledged those
 ///   nodes, and lost them in a crash (the relay now makes what it reads
 ///   back durable before loading: `DurableRoom::load_after_failure`).
-const REGRESSION_SEEDS: [u64; 7] = [0, 1, 10, 31, 58, 91, 1720];
+/// - 95 (a locked room): two clients created one path concurrently; the
+///   relay remembered one creation of the entry and refused the other
+///   client's later writes to it as touching an entry not created in their
+///   history, while that client, remembering its own, had allowed them.
+///   Write authority now accepts any creation in a node's causal past.
+/// - 947 (a locked room): a storage failure reloaded a replica's room
+///   without its write-authority checks (the admin's revocation then waited
+///   forever for a policy it no longer saw); reloads keep them now.
+const REGRESSION_SEEDS: [u64; 9] = [0, 1, 10, 31, 58, 91, 95, 947, 1720];
 
 #[test]
 fn regression_seeds_pass() {

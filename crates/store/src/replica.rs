@@ -296,9 +296,25 @@ impl DurableRoom {
 
     fn reload(&mut self) -> Result<(), ReplicaError> {
         let min = self.checkpoint_min_nodes;
+        let trusted = self.room.dag().governance().map(|g| g.trusted().to_vec());
         *self = DurableRoom::load(self.store.clone(), self.key.clone(), self.room.id())?;
         self.checkpoint_min_nodes = min;
+        // Write authority is checked after a reload as before it.
+        if let Some(trusted) = trusted {
+            self.govern(trusted);
+        }
         Ok(())
+    }
+
+    /// The key this replica writes with.
+    pub fn author(&self) -> syncline_core::AuthorId {
+        self.key.author()
+    }
+
+    /// Checks write authority in this room from now on, `trusted` keys
+    /// declaring its policy (`Room::govern`; reads the history once).
+    pub fn govern(&mut self, trusted: Vec<syncline_core::AuthorId>) {
+        self.room.govern(trusted);
     }
 
     /// Runs `edit` in a transaction at wall time `now_ms`, commits it as one

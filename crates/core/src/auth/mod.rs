@@ -14,11 +14,13 @@
 //! and the time, made by the driver before the room is even looked up.
 
 pub mod capability;
+pub mod governance;
 pub mod invite;
 
 use std::collections::HashSet;
 
 pub use capability::{Capability, CapabilityError, Claims, Grant, Rights, RoomPattern};
+pub use governance::Governance;
 pub use invite::{Invite, InviteCode};
 
 use crate::ids::{AuthorId, RoomId, Signature};

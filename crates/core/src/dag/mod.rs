@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
+use crate::auth::Governance;
 use crate::checkpoint::{CheckpointError, In, Out, Read};
 use crate::hlc::Hlc;
 use crate::ids::{AuthorId, IdMap, IdSet, NodeId, RoomId, Signature};
@@ -157,6 +158,15 @@ pub enum DagError {
         /// The broken rule.
         reason: &'static str,
     },
+    /// The room's policy does not let the node's author do what it does
+    /// (`auth::governance`).
+    #[error("unauthorized node {id:?}: {reason}")]
+    Unauthorized {
+        /// The node.
+        id: NodeId,
+        /// What it may not do.
+        reason: String,
+    },
     /// The pending queue is full; the node was not kept.
     #[error("pending queue full ({0} nodes waiting for parents)")]
     PendingFull(usize),
@@ -199,6 +209,10 @@ pub struct Dag {
     /// Per author: the seq of its newest signed node.
     newest_signed: IdMap<u32, u64>,
     pending: Pending,
+    /// Write authority, when the driver asked for it
+    /// ([`Dag::govern`]): nodes a policy in history does not allow are
+    /// refused.
+    governance: Option<Box<Governance>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -234,7 +248,25 @@ impl Dag {
                 limit,
                 ..Pending::default()
             },
+            governance: None,
         }
+    }
+
+    /// Checks write authority from now on: keys in `trusted` may declare
+    /// the room's policy in history, and once one is declared every node
+    /// inserted must be valid under it (`auth::governance`). The history
+    /// held is read first (what it created, granted, revoked, declared).
+    pub fn govern(&mut self, trusted: Vec<AuthorId>) {
+        let mut governance = Governance::new(self.room.clone(), trusted);
+        for idx in 0..self.next_idx() {
+            self.with_content(idx, |node| governance.observe(idx, node));
+        }
+        self.governance = Some(Box::new(governance));
+    }
+
+    /// The room's write authority, if it is checked.
+    pub fn governance(&self) -> Option<&Governance> {
+        self.governance.as_deref()
     }
 
     /// The room.
@@ -942,6 +974,12 @@ impl Dag {
         let author = self
             .validate(&v.node, parents)
             .map_err(|reason| DagError::Invalid { id: v.id, reason })?;
+        self.check_authority(&v.node, parents)
+            .map_err(|reason| DagError::Unauthorized { id: v.id, reason })?;
+        let idx = self.next_idx();
+        if let Some(g) = self.governance.as_mut() {
+            g.observe(idx, &v.node);
+        }
         let meta = Meta::of(&v.node);
         let idx = self.record(
             Some(v.id),
@@ -989,8 +1027,25 @@ impl Dag {
             reason,
         });
         let author = checked?;
+        self.check_authority(&node, parents)
+            .map_err(|reason| DagError::Unauthorized {
+                id: unhashed,
+                reason,
+            })?;
+        let idx = self.next_idx();
+        if let Some(g) = self.governance.as_mut() {
+            g.observe(idx, &node);
+        }
         let meta = Meta::of(&node);
         Ok(self.record(None, Some(node), meta, None, author, parents))
+    }
+
+    /// Whether the room's policy, if one governs it, allows `node`.
+    pub(crate) fn check_authority(&self, node: &Node, parents: &[NodeIdx]) -> Result<(), String> {
+        match &self.governance {
+            Some(g) => g.check(self, node, parents),
+            None => Ok(()),
+        }
     }
 
     /// The checks that need the parents (lamport, author chain, clock

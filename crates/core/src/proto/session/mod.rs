@@ -213,6 +213,13 @@ pub enum Event {
         /// The patterns in effect (empty: the whole room).
         patterns: Vec<String>,
     },
+    /// A node from the peer was refused because its author may not do what
+    /// it does (`auth::governance`); the session goes on, and the peer
+    /// was told with `error{unauthorized}`.
+    Refused {
+        /// What was refused, and why.
+        message: String,
+    },
     /// The peer reported a problem that did not end the session.
     PeerError {
         /// What kind.

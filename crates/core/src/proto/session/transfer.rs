@@ -315,6 +315,7 @@ impl Session {
                 },
             );
         }
+        let first = room.dag().next_idx();
         match room.receive_pack(pack) {
             Ok(received) => {
                 let nodes: Vec<NodeIdx> = received.accepted.iter().map(|(i, _)| *i).collect();
@@ -348,6 +349,34 @@ impl Session {
                     _ => Reason::Malformed,
                 };
                 self.close(now, reason, &e.to_string());
+            }
+            Err(ReceiveError::Node {
+                error: crate::dag::DagError::Unauthorized { reason, .. },
+                ..
+            }) => {
+                // The node's author may not do that: refused and reported,
+                // the session goes on. What the pack held before it is
+                // kept and acknowledged by id once durable.
+                let nodes: Vec<NodeIdx> = (first..room.dag().next_idx()).collect();
+                if !nodes.is_empty() {
+                    if self.side() == Side::Server {
+                        self.note_sent(room, &nodes);
+                    }
+                    self.note_acked(room, &nodes);
+                    self.to_ack.insert(corr, Some(nodes.clone()));
+                    self.events.push_back(Event::Accepted { corr, nodes });
+                }
+                let message = format!("a node was refused: {reason}");
+                self.send(
+                    now,
+                    0,
+                    Message::Error {
+                        code: Reason::Unauthorized,
+                        message: message.clone(),
+                        related: corr,
+                    },
+                );
+                self.events.push_back(Event::Refused { message });
             }
             Err(ReceiveError::Node { error, .. }) => {
                 let reason = match error {
