@@ -2,10 +2,11 @@
 //! never panics, what decodes re-encodes to the same bytes (one encoding
 //! per capability), verifying a decoded chain never panics, and admitting a
 //! `hello` that carries the bytes refuses anything not signed by the root.
+//! Invite records and codes decode without panicking, and round-trip.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use syncline_core::auth::{self, Capability, Policy, Presented};
+use syncline_core::auth::{self, Capability, Invite, InviteCode, Policy, Presented};
 use syncline_core::{Keypair, RoomId};
 
 fuzz_target!(|data: &[u8]| {
@@ -19,6 +20,12 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = Capability::from_token(text);
+        if let Ok(code) = InviteCode::parse(text) {
+            assert_eq!(InviteCode::parse(&code.to_code()).as_ref(), Ok(&code));
+        }
+    }
+    if let Ok(invite) = Invite::decode(data) {
+        assert_eq!(Invite::decode(&invite.encode()).as_ref(), Ok(&invite));
     }
     // A proven hello carrying the bytes, for a locked room.
     let peer = Keypair::from_seed([2; 32]);

@@ -754,3 +754,75 @@ fn a_node_outside_its_authors_paths_is_refused_and_the_session_goes_on() {
     });
     assert!(server.metric("syncline_nodes_refused_total") >= 1.0);
 }
+
+#[test]
+fn a_read_only_session_that_pushes_anyway_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--locked"]);
+    let key = Keypair::from_seed([5; 32]);
+    let token = issue(
+        &server,
+        &key.author().to_string(),
+        &["--room", "team", "--rights", "read"],
+    );
+    let cap = Capability::from_token(&token).unwrap();
+    let mut rogue = syncline_core::Room::new(RoomId::new("team").unwrap());
+    let mut tx = rogue.begin(key.author(), 1_800_000_000_000);
+    tx.set("/x", "v", Value::Int(1)).unwrap();
+    let idx = tx.commit().unwrap().unwrap().idx;
+    let pack = rogue.pack(&[idx], Some(&key)).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (mut ws, challenge) = connect(&server).await;
+        let welcome = answer(&mut ws, hello(&key, "team", challenge, Some(cap.encode()))).await;
+        assert!(
+            matches!(welcome, Message::Welcome { write: None, .. }),
+            "a read-only welcome: {welcome:?}"
+        );
+        let push = Envelope {
+            version: syncline_core::proto::message::PROTOCOL_VERSION,
+            session: 1,
+            corr: 3,
+            message: Message::Pack {
+                checksum: *blake3::hash(&pack).as_bytes(),
+                pack,
+                phase: syncline_core::proto::message::Phase::Live,
+                last: true,
+            },
+        };
+        ws.send(WsMessage::Binary(push.encode().into()))
+            .await
+            .unwrap();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("an answer within 10 s")
+                .unwrap()
+                .unwrap();
+            let WsMessage::Binary(bytes) = next else {
+                continue;
+            };
+            match Envelope::decode(&bytes).unwrap().message {
+                Message::Error {
+                    code,
+                    related,
+                    message,
+                } => {
+                    assert_eq!((code.as_str(), related), ("unauthorized", 3), "{message}");
+                    break;
+                }
+                Message::Ack { .. } => panic!("a read-only push was acknowledged"),
+                _ => {}
+            }
+        }
+    });
+    // Nothing was stored: a reader sees only the relay's policy.
+    let reader = dir.path().join("reader");
+    let reading = issue(
+        &server,
+        &author(&reader),
+        &["--room", "team", "--rights", "read"],
+    );
+    assert_eq!(sync(&reader, &server, "team", Some(&reading)).0, 0);
+    assert_eq!(node_count(&reader, "team"), 1);
+}

@@ -179,25 +179,15 @@ impl Governance {
         self.grants.iter().any(|g| g.cap.claims.id == *id)
     }
 
-    /// Learns what node `idx` (inserted) records: creations, grants,
-    /// revocations, a policy.
-    pub fn observe(&mut self, idx: NodeIdx, node: &Node) {
+    /// Learns what node `idx` (being inserted) records: a policy, grants,
+    /// revocations, and once governed the entries it creates. Returns
+    /// whether this node declared the policy: the caller then hands over the
+    /// earlier nodes' creations ([`Governance::observe_creations`]), which
+    /// an ungoverned room does not keep.
+    pub fn observe(&mut self, idx: NodeIdx, node: &Node) -> bool {
+        let was = self.policy.is_some();
         for op in &node.ops {
             match op {
-                Op::Create { parent, name, .. } => {
-                    let Some(id) = created_id(node, op) else {
-                        continue;
-                    };
-                    self.creations
-                        .entry(id)
-                        .or_insert_with(|| Creation {
-                            parent: *parent,
-                            name: name.as_str().into(),
-                            nodes: Vec::new(),
-                        })
-                        .nodes
-                        .push(idx);
-                }
                 Op::Set {
                     entry,
                     field,
@@ -226,6 +216,29 @@ impl Governance {
                     }
                 }
                 _ => {}
+            }
+        }
+        if self.policy.is_some() {
+            self.observe_creations(idx, node);
+        }
+        !was && self.policy.is_some()
+    }
+
+    /// Learns which entries node `idx` created.
+    pub fn observe_creations(&mut self, idx: NodeIdx, node: &Node) {
+        for op in &node.ops {
+            if let Op::Create { parent, name, .. } = op
+                && let Some(id) = created_id(node, op)
+            {
+                self.creations
+                    .entry(id)
+                    .or_insert_with(|| Creation {
+                        parent: *parent,
+                        name: name.as_str().into(),
+                        nodes: Vec::new(),
+                    })
+                    .nodes
+                    .push(idx);
             }
         }
     }

@@ -259,9 +259,28 @@ impl Dag {
     pub fn govern(&mut self, trusted: Vec<AuthorId>) {
         let mut governance = Governance::new(self.room.clone(), trusted);
         for idx in 0..self.next_idx() {
-            self.with_content(idx, |node| governance.observe(idx, node));
+            if self.with_content(idx, |node| governance.observe(idx, node)) {
+                for earlier in 0..idx {
+                    self.with_content(earlier, |n| governance.observe_creations(earlier, n));
+                }
+            }
         }
         self.governance = Some(Box::new(governance));
+    }
+
+    /// Lets the governance learn what node `idx` records (before the node
+    /// is recorded); when it declares the policy, the creations of every
+    /// node before it too (a room without a policy keeps none).
+    fn observe_governance(&mut self, idx: NodeIdx, node: &Node) {
+        let Some(mut governance) = self.governance.take() else {
+            return;
+        };
+        if governance.observe(idx, node) {
+            for earlier in 0..idx {
+                self.with_content(earlier, |n| governance.observe_creations(earlier, n));
+            }
+        }
+        self.governance = Some(governance);
     }
 
     /// The room's write authority, if it is checked.
@@ -976,10 +995,7 @@ impl Dag {
             .map_err(|reason| DagError::Invalid { id: v.id, reason })?;
         self.check_authority(&v.node, parents)
             .map_err(|reason| DagError::Unauthorized { id: v.id, reason })?;
-        let idx = self.next_idx();
-        if let Some(g) = self.governance.as_mut() {
-            g.observe(idx, &v.node);
-        }
+        self.observe_governance(self.next_idx(), &v.node);
         let meta = Meta::of(&v.node);
         let idx = self.record(
             Some(v.id),
@@ -1032,10 +1048,7 @@ impl Dag {
                 id: unhashed,
                 reason,
             })?;
-        let idx = self.next_idx();
-        if let Some(g) = self.governance.as_mut() {
-            g.observe(idx, &node);
-        }
+        self.observe_governance(self.next_idx(), &node);
         let meta = Meta::of(&node);
         Ok(self.record(None, Some(node), meta, None, author, parents))
     }
