@@ -27,6 +27,16 @@ use common::{Server, free_port, http_get, ok, run};
 /// Exit code of a refused access.
 const UNAUTHORIZED: i32 = 6;
 
+/// `token issue` arguments: an admin of room `team` who writes `/docs`.
+const ADMIN_OF_DOCS: &[&str] = &[
+    "--room",
+    "team",
+    "--rights",
+    "admin,write",
+    "--write-path",
+    "/docs/**",
+];
+
 fn author(replica: &Path) -> String {
     let out = ok(replica, &["--json", "init"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -185,18 +195,7 @@ fn delegation_narrows_or_is_refused() {
     let server = Server::start(&dir.path().join("server"), &["--locked"]);
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     let bob_key = author(&bob);
-    let admin = issue(
-        &server,
-        &author(&alice),
-        &[
-            "--room",
-            "team",
-            "--rights",
-            "admin,write",
-            "--write-path",
-            "/docs/**",
-        ],
-    );
+    let admin = issue(&server, &author(&alice), ADMIN_OF_DOCS);
     let delegate = |extra: &[&str]| {
         let mut args = vec![
             "token",
@@ -588,18 +587,7 @@ fn an_invite_pairs_a_device_once() {
         dir.path().join("bob"),
         dir.path().join("carol"),
     );
-    let admin = issue(
-        &server,
-        &author(&alice),
-        &[
-            "--room",
-            "team",
-            "--rights",
-            "admin,write",
-            "--write-path",
-            "/docs/**",
-        ],
-    );
+    let admin = issue(&server, &author(&alice), ADMIN_OF_DOCS);
     assert_eq!(sync(&alice, &server, "team", Some(&admin)).0, 0);
     set(&alice, "team", "/docs/a", "1");
     assert_eq!(sync(&alice, &server, "team", None).0, 0);
@@ -663,28 +651,38 @@ fn an_invite_pairs_a_device_once() {
     assert_eq!(code, 2, "{err}");
 }
 
-#[test]
-fn a_node_outside_its_authors_paths_is_refused_and_the_session_goes_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), &["--locked"]);
-    let key = Keypair::from_seed([4; 32]);
-    let token = issue(
-        &server,
-        &key.author().to_string(),
-        &["--room", "team", "--write-path", "/docs/**"],
-    );
-    let cap = Capability::from_token(&token).unwrap();
-    // A node its own replica would refuse, made where nothing checks.
+/// A key from `seed`, and a capability the relay issued it with `args`.
+fn keyed_token(server: &Server, seed: u8, args: &[&str]) -> (Keypair, Capability) {
+    let key = Keypair::from_seed([seed; 32]);
+    let token = issue(server, &key.author().to_string(), args);
+    (key, Capability::from_token(&token).unwrap())
+}
+
+/// A pack of one node by `key` in room `team` setting a field at `path`,
+/// carrying `grant` if given, made in a room that checks nothing (as a
+/// hostile client would).
+fn rogue_pack(key: &Keypair, grant: Option<&Capability>, path: &str) -> Vec<u8> {
     let mut rogue = syncline_core::Room::new(RoomId::new("team").unwrap());
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
     let mut tx = rogue.begin(key.author(), now);
-    tx.record_grant(&cap).unwrap();
-    tx.set("/secrets/x", "v", Value::Int(1)).unwrap();
+    if let Some(cap) = grant {
+        tx.record_grant(cap).unwrap();
+    }
+    tx.set(path, "v", Value::Int(1)).unwrap();
     let idx = tx.commit().unwrap().unwrap().idx;
-    let pack = rogue.pack(&[idx], Some(&key)).unwrap();
+    rogue.pack(&[idx], Some(key)).unwrap()
+}
+
+#[test]
+fn a_node_outside_its_authors_paths_is_refused_and_the_session_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &["--locked"]);
+    let (key, cap) = keyed_token(&server, 4, &["--room", "team", "--write-path", "/docs/**"]);
+    // A node its own replica would refuse, made where nothing checks.
+    let pack = rogue_pack(&key, Some(&cap), "/secrets/x");
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -759,18 +757,8 @@ fn a_node_outside_its_authors_paths_is_refused_and_the_session_goes_on() {
 fn a_read_only_session_that_pushes_anyway_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server"), &["--locked"]);
-    let key = Keypair::from_seed([5; 32]);
-    let token = issue(
-        &server,
-        &key.author().to_string(),
-        &["--room", "team", "--rights", "read"],
-    );
-    let cap = Capability::from_token(&token).unwrap();
-    let mut rogue = syncline_core::Room::new(RoomId::new("team").unwrap());
-    let mut tx = rogue.begin(key.author(), 1_800_000_000_000);
-    tx.set("/x", "v", Value::Int(1)).unwrap();
-    let idx = tx.commit().unwrap().unwrap().idx;
-    let pack = rogue.pack(&[idx], Some(&key)).unwrap();
+    let (key, cap) = keyed_token(&server, 5, &["--room", "team", "--rights", "read"]);
+    let pack = rogue_pack(&key, None, "/x");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let (mut ws, challenge) = connect(&server).await;

@@ -419,21 +419,7 @@ async fn read_loop(
             }
         };
         let mut access = None;
-        if let Message::Hello {
-            room,
-            peer,
-            proof,
-            token,
-            ..
-        } = &env.message
-        {
-            let presented = Presented {
-                room,
-                session: env.session,
-                peer,
-                proof: proof.as_ref(),
-                token: token.as_deref(),
-            };
+        if let Some(presented) = Presented::of_hello(&env) {
             let admitted = {
                 let policy = state.policy.read().unwrap_or_else(|p| p.into_inner());
                 auth::admit(&policy, challenge, presented, unix_ms())

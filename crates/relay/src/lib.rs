@@ -252,6 +252,11 @@ impl Server {
                 rooms: rooms.join(", "),
             });
         }
+        if let Some(addr) = config.metrics_listen
+            && !addr.ip().is_loopback()
+        {
+            return Err(RelayError::MetricsOnNetwork(addr));
+        }
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|source| RelayError::DataDir {
             dir: dir.clone(),
@@ -272,9 +277,6 @@ impl Server {
                     source,
                 })?;
         let metrics_listener = match config.metrics_listen {
-            Some(addr) if !addr.ip().is_loopback() => {
-                return Err(RelayError::MetricsOnNetwork(addr));
-            }
             Some(addr) => Some(
                 TcpListener::bind(addr)
                     .await

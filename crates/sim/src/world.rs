@@ -34,11 +34,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use syncline_core::auth::governance::should_carry;
 use syncline_core::auth::{self, Capability, Claims, Policy, Presented, Rights, RoomPattern};
-use syncline_core::proto::message::{Envelope, Message, Reason};
+use syncline_core::proto::message::{Envelope, Reason};
 use syncline_core::proto::scope::Scope;
 use syncline_core::proto::session::{Config, Credentials, Event, Strategy};
 use syncline_core::room::TxnError;
-use syncline_core::{AuthorId, Keypair, NodeId, RoomId};
+use syncline_core::{AuthorId, Keypair, NodeId, RoomId, Transaction};
 use syncline_hub::{ClientLink, End, HubConfig, HubEvent, Input, RoomHub};
 use syncline_store::{DurableRoom, FaultPlan, FaultyStore, ReplicaError, Store};
 use syncline_testkit::{Namespace, random_ops};
@@ -753,55 +753,18 @@ impl World {
         }
         let gap = self.scenario.edit_gap_ms;
         self.after(1, 2 * gap, Action::Edit(c));
-        let now = self.now;
-        let client = &mut self.clients[c];
-        let Some(room) = client.room.as_mut() else {
-            return Ok(()); // Crashed.
-        };
-        let governed = room
-            .room()
-            .dag()
-            .governance()
-            .is_some_and(|g| g.is_governed());
-        if self.locked && !governed {
-            return Ok(()); // Join first, then write.
-        }
-        let carry = client
-            .cap
-            .as_ref()
-            .filter(|cap| should_carry(room.room(), &client.key.author(), cap));
-        let rng = &mut self.rng;
-        match room.transact(EPOCH_MS + now + client.skew_ms, |tx| {
-            if let Some(cap) = carry {
-                tx.record_grant(cap)?;
-            }
+        match self.commit(c, |tx, rng| {
             random_ops(tx, rng, &NAMESPACE);
             Ok(())
         }) {
-            Ok(Some(committed)) => {
-                let id = room.room().dag().id(committed.idx);
-                client.committed.push(id);
-                self.trace.update(id.0.as_slice());
-                if let Some(cc) = client.conn.as_mut() {
-                    cc.link.send_local(now, room, &[committed.idx]);
-                }
-                self.flush_client(c);
-                Ok(())
-            }
-            Ok(None) => Ok(()),
-            Err(ReplicaError::Txn(TxnError::Unauthorized(_))) => {
+            Some(Err(ReplicaError::Txn(TxnError::Unauthorized(_)))) => {
                 // Every replica would refuse it: refused before it commits.
                 self.refused_edits += 1;
                 self.trace("refused-edit", c as u64, 0);
                 Ok(())
             }
-            Err(ReplicaError::Store(_)) => {
-                // The commit was not acknowledged; the process dies.
-                self.faults.write_failures += 1;
-                self.crash_client(c);
-                Ok(())
-            }
-            Err(e) => Err(format!("client {c}: a random edit failed: {e}")),
+            Some(Err(e)) => Err(format!("client {c}: a random edit failed: {e}")),
+            Some(Ok(_)) | None => Ok(()),
         }
     }
 
@@ -812,17 +775,41 @@ impl World {
             return Ok(()); // Edits stop at the heal; so does this one.
         }
         let (admin, revoked) = (2, 1);
+        match self.commit(admin, |tx, _| tx.revoke(&[cap_id(revoked); 16])) {
+            Some(Ok(true)) => {
+                self.revocations += 1;
+                Ok(())
+            }
+            Some(Err(e)) => Err(format!("the admin's revocation failed: {e}")),
+            Some(Ok(false)) | None => {
+                self.after(500, 5_000, Action::Revoke);
+                Ok(())
+            }
+        }
+    }
+
+    /// Client `c` commits `edit` (carrying its capability into the room's
+    /// history the first time, as the SDK does), and sends it: `None` if
+    /// it is down or (in a locked room) has not learnt the policy yet,
+    /// `Ok(false)` if its disk failed (it crashed), `Ok(true)` once
+    /// committed, `Err` if the edit was refused.
+    fn commit(
+        &mut self,
+        c: usize,
+        edit: impl FnOnce(&mut Transaction<'_>, &mut ChaCha8Rng) -> Result<(), TxnError>,
+    ) -> Option<Result<bool, ReplicaError>> {
         let now = self.now;
-        let client = &mut self.clients[admin];
-        let governed = client
-            .room
-            .as_ref()
-            .and_then(|r| r.room().dag().governance())
+        let rng = &mut self.rng;
+        let client = &mut self.clients[c];
+        let room = client.room.as_mut()?;
+        let governed = room
+            .room()
+            .dag()
+            .governance()
             .is_some_and(|g| g.is_governed());
-        let (Some(room), true) = (client.room.as_mut(), governed) else {
-            self.after(500, 5_000, Action::Revoke);
-            return Ok(());
-        };
+        if self.locked && !governed {
+            return None; // Join first, then write.
+        }
         let carry = client
             .cap
             .as_ref()
@@ -831,7 +818,7 @@ impl World {
             if let Some(cap) = carry {
                 tx.record_grant(cap)?;
             }
-            tx.revoke(&[cap_id(revoked); 16])
+            edit(tx, rng)
         });
         match committed {
             Ok(Some(committed)) => {
@@ -841,18 +828,17 @@ impl World {
                 if let Some(cc) = client.conn.as_mut() {
                     cc.link.send_local(now, room, &[committed.idx]);
                 }
-                self.revocations += 1;
-                self.flush_client(admin);
-                Ok(())
+                self.flush_client(c);
+                Some(Ok(true))
             }
-            Ok(None) => Ok(()),
+            Ok(None) => Some(Ok(true)),
             Err(ReplicaError::Store(_)) => {
+                // The commit was not acknowledged; the process dies.
                 self.faults.write_failures += 1;
-                self.crash_client(admin);
-                self.after(500, 5_000, Action::Revoke);
-                Ok(())
+                self.crash_client(c);
+                Some(Ok(false))
             }
-            Err(e) => Err(format!("the admin's revocation failed: {e}")),
+            Err(e) => Some(Err(e)),
         }
     }
 
@@ -1040,21 +1026,8 @@ impl World {
             return Err("the network delivered a frame that does not decode".into());
         };
         let env = Box::new(env);
-        let input = match &env.message {
-            Message::Hello {
-                room,
-                peer,
-                proof,
-                token,
-                ..
-            } => {
-                let presented = Presented {
-                    room,
-                    session: env.session,
-                    peer,
-                    proof: proof.as_ref(),
-                    token: token.as_deref(),
-                };
+        let input = match Presented::of_hello(&env) {
+            Some(presented) => {
                 match auth::admit(
                     &self.relay.policy,
                     &challenge(conn),
@@ -1071,7 +1044,7 @@ impl World {
                     }
                 }
             }
-            _ => Input::Frame { conn, env },
+            None => Input::Frame { conn, env },
         };
         self.relay_input(input);
         Ok(())

@@ -158,6 +158,29 @@ pub struct Presented<'a> {
     pub token: Option<&'a [u8]>,
 }
 
+impl<'a> Presented<'a> {
+    /// What `env` presents, if it is a `hello`.
+    pub fn of_hello(env: &'a crate::proto::message::Envelope) -> Option<Presented<'a>> {
+        let crate::proto::message::Message::Hello {
+            room,
+            peer,
+            proof,
+            token,
+            ..
+        } = &env.message
+        else {
+            return None;
+        };
+        Some(Presented {
+            room,
+            session: env.session,
+            peer,
+            proof: proof.as_ref(),
+            token: token.as_deref(),
+        })
+    }
+}
+
 /// Decides whether a `hello` opens a session, and with what access: the
 /// proof must verify against this connection's `challenge`; an open room
 /// then admits anyone, a locked one needs a capability for this room and
