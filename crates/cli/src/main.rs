@@ -29,7 +29,17 @@ use json::{conflict_json, from_json, to_json};
 /// Syncline: a local-first sync engine. Edit rooms of a local replica
 /// offline; sync them through a relay.
 #[derive(Debug, Parser)]
-#[command(name = "syncline", version, about)]
+#[command(
+    name = "syncline",
+    version,
+    about,
+    after_help = "Exit codes: 0 success; 1 other failure; 2 bad arguments; 3 path or field not \
+found; 4 the server could not be reached, is no relay, or did not acknowledge in time; 5 local \
+storage failed or the replica is in use; 6 the relay refused access.\n\
+Environment: SYNCLINE_REPLICA (--replica), SYNCLINE_SERVER (--server), SYNCLINE_TOKEN \
+(--token), SYNCLINE_LOG (log filter, e.g. debug).\n\
+Server URLs: ws://HOST:PORT/ws (the path defaults to /ws)."
+)]
 struct Cli {
     /// The replica directory.
     #[arg(
@@ -292,10 +302,16 @@ impl Failed {
 
 impl From<Error> for Failed {
     fn from(e: Error) -> Failed {
+        use syncline_core::room::TxnError;
         let exit = match &e {
-            Error::Path(PathError::NotFound(_)) => Exit::NotFound,
-            Error::Txn(syncline_core::room::TxnError::Unauthorized(_)) => Exit::Unauthorized,
-            Error::Path(_) | Error::RoomName(_) | Error::Txn(_) => Exit::Usage,
+            Error::Path(PathError::NotFound(_))
+            | Error::Txn(TxnError::Path(PathError::NotFound(_))) => Exit::NotFound,
+            Error::Txn(TxnError::Unauthorized(_)) => Exit::Unauthorized,
+            Error::Path(_)
+            | Error::RoomName(_)
+            | Error::Txn(_)
+            | Error::Url { .. }
+            | Error::NotADirectory(_) => Exit::Usage,
             Error::Timeout(_) | Error::Sync(_) => Exit::Sync,
             Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => Exit::Storage,
         };
@@ -672,13 +688,21 @@ fn serve(
             .map(|p| p.as_str().to_owned())
             .collect();
         let server = syncline_relay::Server::bind(config).await.map_err(|e| {
-            let exit = match e {
+            let (exit, hint) = match &e {
+                syncline_relay::RelayError::Listen { source, .. }
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    (
+                        Exit::Failure,
+                        " (another process listens there: stop it, or pick another --listen)",
+                    )
+                }
                 syncline_relay::RelayError::Listen { .. }
                 | syncline_relay::RelayError::OpenOnNetwork { .. }
-                | syncline_relay::RelayError::MetricsOnNetwork(_) => Exit::Usage,
-                _ => Exit::Storage,
+                | syncline_relay::RelayError::MetricsOnNetwork(_) => (Exit::Usage, ""),
+                _ => (Exit::Storage, ""),
             };
-            Failed::new(exit, e.to_string())
+            Failed::new(exit, format!("{e}{hint}"))
         })?;
         let addr = server
             .local_addr()

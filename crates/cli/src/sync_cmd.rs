@@ -62,6 +62,56 @@ fn keep_token(replica: &Replica, rooms: &[&str], token: &str) -> Outcome {
     Ok(())
 }
 
+/// Says on stderr what the sync engine's connection does (connected,
+/// disconnected and retrying), once per change, and turns what retrying
+/// cannot fix into a failure.
+#[derive(Default)]
+struct Reporter {
+    said: Option<String>,
+    /// A progress bar shows the connection instead.
+    quiet: bool,
+}
+
+impl Reporter {
+    fn report(&mut self, status: &syncline::Status) -> Outcome {
+        if let Some(why) = &status.fatal {
+            return Err(Failed::new(
+                Exit::Sync,
+                format!("{why} (check --server: relays serve ws://HOST:PORT/ws)"),
+            ));
+        }
+        if let Some(why) = &status.refused {
+            return Err(Failed::new(
+                Exit::Unauthorized,
+                format!(
+                    "the relay refused access: {why} (get a token: syncline token issue, or \
+                     pass it with --token / SYNCLINE_TOKEN)"
+                ),
+            ));
+        }
+        let now = if status.connected {
+            format!(
+                "connected to {}",
+                status.endpoint.as_deref().unwrap_or("the relay")
+            )
+        } else if status.failures > 0 {
+            format!(
+                "disconnected ({}); retrying",
+                status.last_error.as_deref().unwrap_or("no connection")
+            )
+        } else {
+            return Ok(());
+        };
+        if self.said.as_deref() != Some(now.as_str()) {
+            if !self.quiet {
+                eprintln!("syncline: {now}");
+            }
+            self.said = Some(now);
+        }
+        Ok(())
+    }
+}
+
 pub(crate) fn sync(
     cli: &Cli,
     servers: &[String],
@@ -85,8 +135,9 @@ pub(crate) fn sync(
     let names: Vec<&str> = rooms.iter().map(String::as_str).collect();
     let sync = replica.connect_with(options(&replica, servers, token)?, &names)?;
     if watch {
-        return follow(cli, &replica, &names, None);
+        return follow(cli, &replica, &names, None, Some(&sync));
     }
+    let mut reporter = Reporter::default();
     // A bar of nodes moved: received by catch-ups plus uploads acknowledged,
     // out of that plus what is still to come.
     let bar = std::io::stderr().is_terminal().then(|| {
@@ -123,6 +174,13 @@ pub(crate) fn sync(
         }
         if status.connected && status.caught_up && status.unacknowledged == 0 {
             break;
+        }
+        reporter.quiet = bar.is_some();
+        if let Err(failed) = reporter.report(&status) {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            return Err(failed);
         }
         let refused = status.refused.clone().or_else(|| {
             (status.connected && status.caught_up && status.read_only).then(|| {
@@ -206,16 +264,22 @@ pub(crate) fn watch(
         }
         None => Scope::everything(),
     };
-    let _sync = if servers.is_empty() {
+    let sync = if servers.is_empty() {
         None
     } else {
         Some(replica.connect_with(options(&replica, servers, token)?, &[room])?)
     };
-    follow(cli, &replica, &[room], Some(&scope))
+    follow(cli, &replica, &[room], Some(&scope), sync.as_ref())
 }
 
 /// Prints the rooms' changes as they happen, until interrupted.
-fn follow(cli: &Cli, replica: &Replica, rooms: &[&str], scope: Option<&Scope>) -> Outcome {
+fn follow(
+    cli: &Cli,
+    replica: &Replica,
+    rooms: &[&str],
+    scope: Option<&Scope>,
+    sync: Option<&syncline::Sync>,
+) -> Outcome {
     let (tx, rx) = std::sync::mpsc::channel();
     for name in rooms {
         let changes = replica.room(name)?.changes();
@@ -229,7 +293,16 @@ fn follow(cli: &Cli, replica: &Replica, rooms: &[&str], scope: Option<&Scope>) -
         });
     }
     drop(tx);
-    for change in rx {
+    let mut reporter = Reporter::default();
+    loop {
+        if let Some(sync) = sync {
+            reporter.report(&sync.status())?;
+        }
+        let change = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(change) => change,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         let paths: Vec<&String> = change
             .paths
             .iter()

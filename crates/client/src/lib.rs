@@ -23,7 +23,7 @@ mod replica;
 mod sync;
 
 pub use replica::{Change, Entry, Error, Origin, Replica, Room};
-pub use sync::{Status, Sync, SyncOptions, TokenSource};
+pub use sync::{Status, Sync, SyncOptions, TokenSource, normalize_endpoint};
 /// Capabilities for locked rooms: mint them in an app backend
 /// (`auth::Capability::issue`), check them, delegate them.
 pub use syncline_core::auth;

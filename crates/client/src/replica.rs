@@ -50,6 +50,17 @@ pub enum Error {
     /// No server could be reached or a URL is unusable.
     #[error("sync: {0}")]
     Sync(String),
+    /// A server URL that can never work (not `ws://host:port[/path]`).
+    #[error("bad server URL {url:?}: {why}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The replica directory is a file.
+    #[error("{0} is a file, not a replica directory: pass a directory to --replica")]
+    NotADirectory(PathBuf),
 }
 
 /// Where a change came from.
@@ -137,6 +148,9 @@ impl Replica {
     /// Opens (creating if needed) the replica in directory `dir`.
     pub fn open(dir: impl AsRef<Path>) -> Result<Replica, Error> {
         let dir = dir.as_ref().to_path_buf();
+        if dir.is_file() {
+            return Err(Error::NotADirectory(dir));
+        }
         std::fs::create_dir_all(&dir).map_err(|source| Error::Dir {
             dir: dir.clone(),
             source,

@@ -130,6 +130,47 @@ pub struct Status {
     /// Some room's session may only read (its token lacks `write`): local
     /// changes stay in the outbox.
     pub read_only: bool,
+    /// An answer retrying will not change: the last endpoint tried is no
+    /// Syncline relay there (an HTTP 404 or another refusal of the
+    /// WebSocket upgrade). Cleared by a handshake.
+    pub fatal: Option<String>,
+    /// Connection attempts that failed since the last handshake.
+    pub failures: u32,
+}
+
+/// `url` as the engine dials it: `ws://` or `wss://`, a host, and a path
+/// (`/ws` when none is given).
+pub fn normalize_endpoint(url: &str) -> Result<String, Error> {
+    let bad = |why: &str| Error::Url {
+        url: url.to_owned(),
+        why: why.to_owned(),
+    };
+    let trimmed = url.trim();
+    let rest = match trimmed.split_once("://") {
+        Some(("ws" | "wss", rest)) => rest,
+        Some(("http" | "https", _)) => {
+            return Err(bad("use ws:// (or wss://), e.g. ws://127.0.0.1:7700/ws"));
+        }
+        Some((scheme, _)) => {
+            return Err(bad(&format!(
+                "scheme {scheme}:// is not a WebSocket; use ws://HOST:PORT/ws"
+            )));
+        }
+        None => return Err(bad("no scheme; use ws://HOST:PORT/ws")),
+    };
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if host.is_empty() {
+        return Err(bad("no host; use ws://HOST:PORT/ws"));
+    }
+    if let Some((_, port)) = host.rsplit_once(':')
+        && !host.ends_with(']')
+        && port.parse::<u16>().is_err()
+    {
+        return Err(bad(&format!("port {port:?} is not a number")));
+    }
+    let path = if path.is_empty() { "ws" } else { path };
+    let scheme = trimmed.split_once("://").map_or("ws", |(s, _)| s);
+    Ok(format!("{scheme}://{host}/{path}"))
 }
 
 struct Shared {
@@ -173,6 +214,12 @@ impl Replica {
         if options.endpoints.is_empty() {
             return Err(Error::Sync("no endpoint given".into()));
         }
+        let mut options = options;
+        options.endpoints = options
+            .endpoints
+            .iter()
+            .map(|e| normalize_endpoint(e))
+            .collect::<Result<_, _>>()?;
         let rooms = rooms
             .iter()
             .map(|r| self.room(r))
@@ -338,7 +385,21 @@ async fn run(shared: Arc<Shared>) {
                     break;
                 }
                 Err(e) => {
-                    shared.status().last_error = Some(format!("{endpoint}: {e}"));
+                    let mut status = shared.status();
+                    if let tokio_tungstenite::tungstenite::Error::Http(response) = &e {
+                        // The server is there but is no relay at this path
+                        // (404) or refuses the upgrade: retrying will not help.
+                        status.fatal = Some(format!(
+                            "{endpoint} answered HTTP {}{}",
+                            response.status(),
+                            if response.status().as_u16() == 404 {
+                                ": no Syncline relay at this path (it serves /ws)"
+                            } else {
+                                ""
+                            }
+                        ));
+                    }
+                    status.last_error = Some(format!("{endpoint}: {e}"));
                 }
             }
             if shared.stop.load(Ordering::SeqCst) {
@@ -354,6 +415,7 @@ async fn run(shared: Arc<Shared>) {
         let ceiling = base.saturating_mul(1 << failures.min(16)).min(cap).max(1);
         let delay = rand::rng().random_range(ceiling / 2..=ceiling);
         failures = failures.saturating_add(1);
+        shared.status().failures = failures;
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(delay)) => {}
             () = shared.wake.notified() => {}
@@ -631,6 +693,8 @@ fn handle_events(
                 *send_vv = false;
                 let mut status = shared.status();
                 status.refused = None;
+                status.fatal = None;
+                status.failures = 0;
                 status.read_only |= !link.session().may_write();
             }
             Event::CaughtUp => *caught_up = true,
@@ -674,4 +738,37 @@ fn handle_events(
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_checked_and_default_to_ws() {
+        assert_eq!(
+            normalize_endpoint("ws://127.0.0.1:7700").unwrap(),
+            "ws://127.0.0.1:7700/ws"
+        );
+        assert_eq!(
+            normalize_endpoint(" wss://relay.example/sync/ws ").unwrap(),
+            "wss://relay.example/sync/ws"
+        );
+        assert_eq!(
+            normalize_endpoint("ws://[::1]:7700/ws").unwrap(),
+            "ws://[::1]:7700/ws"
+        );
+        for bad in [
+            "http://h:1/ws",
+            "h:1",
+            "ftp://h/ws",
+            "ws:///ws",
+            "ws://h:port/ws",
+        ] {
+            assert!(
+                matches!(normalize_endpoint(bad), Err(Error::Url { .. })),
+                "{bad:?}"
+            );
+        }
+    }
 }
