@@ -169,6 +169,10 @@ enum Command {
         path: String,
         /// New path.
         new_path: String,
+        /// Move even onto a name that exists (both entries then carry it,
+        /// listed by `conflicts`).
+        #[arg(long)]
+        force: bool,
     },
     /// Edit or print a collaborative text.
     Text {
@@ -468,7 +472,20 @@ fn run(cli: Cli) -> Outcome {
             room,
             path,
             new_path,
-        } => edit(&cli, room, |tx| tx.mv(path, new_path)),
+            force,
+        } => {
+            let exists = open(&cli)?.room(room)?.exists(new_path)?;
+            if exists && !*force {
+                return Err(Failed::new(
+                    Exit::Usage,
+                    format!(
+                        "{new_path} exists already: move somewhere else, or pass --force to give \
+                         both entries the name (a name conflict, see syncline conflicts)"
+                    ),
+                ));
+            }
+            edit(&cli, room, |tx| tx.mv(path, new_path))
+        }
         Command::Text { room, path, action } => match action {
             TextAction::Insert { pos, string } => edit(&cli, room, |tx| {
                 tx.ensure(path, EntryKind::Text)?;

@@ -29,6 +29,7 @@ fn every_error_class_exits_with_its_code_and_says_what_to_do() {
     let replica = dir.path().join("replica");
     ok(&replica, &["set", "room", "/a", "f", "1"]);
     ok(&replica, &["text", "room", "/t", "insert", "0", "hello"]);
+    ok(&replica, &["set", "room", "/b", "f", "2"]);
     let server = Server::start(&dir.path().join("server"), &[]);
     let not_found_url = format!("ws://127.0.0.1:{}/nope", server.port);
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -65,6 +66,11 @@ fn every_error_class_exits_with_its_code_and_says_what_to_do() {
             &["paths look like /a/b"],
         ),
         case(&["mv", "room", "/a", "/a/b"], 2, &["under itself"]),
+        case(
+            &["mv", "room", "/a", "/b"],
+            2,
+            &["exists already", "--force"],
+        ),
         case(
             &["set", "room", "/a", "f", "notjson"],
             2,

@@ -452,6 +452,15 @@ impl Room {
         f(self.shared.lock().durable.room())
     }
 
+    /// Whether an entry lives at `path`.
+    pub fn exists(&self, path: &str) -> Result<bool, Error> {
+        match self.shared.lock().durable.room().doc().resolve(path) {
+            Ok(_) => Ok(true),
+            Err(PathError::NotFound(_)) => Ok(false),
+            Err(e) => Err(Error::Path(e)),
+        }
+    }
+
     /// The value of `field` of the entry at `path`.
     pub fn get(&self, path: &str, field: &str) -> Result<Option<Value>, Error> {
         self.read(|r| {
