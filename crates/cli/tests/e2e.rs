@@ -242,7 +242,7 @@ fn a_client_killed_mid_catch_up_resumes_where_it_stopped() {
     child.wait().unwrap();
     proxy.close();
     let deadline = Instant::now() + WAIT;
-    while server.metric("syncline_sessions") != 0.0 {
+    while server.metric("syncline_sessions_open") != 0.0 {
         assert!(
             Instant::now() < deadline,
             "the server kept the dead session"

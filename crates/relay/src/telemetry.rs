@@ -1,13 +1,20 @@
 //! Metric names, the Prometheus recorder, and `GET /metrics`.
+//!
+//! Every metric is in [`METRICS`] with its kind, unit and help text: the
+//! recorder describes each (`# HELP`, `# TYPE`) and registers it at zero
+//! when installed, so a scrape of an idle relay lists them all;
+//! `docs/metrics.md` is the same table for people (a test keeps them in
+//! step).
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::Unit;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Open sessions (gauge).
-pub(crate) const SESSIONS: &str = "syncline_sessions";
+pub(crate) const SESSIONS: &str = "syncline_sessions_open";
 /// Open WebSocket connections (gauge).
-pub(crate) const CONNECTIONS: &str = "syncline_connections";
+pub(crate) const CONNECTIONS: &str = "syncline_connections_open";
 /// WebSocket connections accepted (counter).
 pub(crate) const CONNECTIONS_TOTAL: &str = "syncline_connections_total";
 /// TCP connections holding a slot, WebSocket or not yet (gauge).
@@ -46,6 +53,138 @@ pub(crate) const SESSIONS_CLOSED: &str = "syncline_sessions_closed_total";
 /// queued for sending (histogram, seconds).
 pub(crate) const RELAY_SECONDS: &str = "syncline_relay_seconds";
 
+/// What a metric counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric: name, kind, unit, help.
+pub(crate) const METRICS: &[(&str, Kind, Unit, &str)] = &[
+    (SESSIONS, Kind::Gauge, Unit::Count, "Sessions open now."),
+    (
+        CONNECTIONS,
+        Kind::Gauge,
+        Unit::Count,
+        "WebSocket connections open now.",
+    ),
+    (
+        CONNECTIONS_TOTAL,
+        Kind::Counter,
+        Unit::Count,
+        "WebSocket connections accepted.",
+    ),
+    (
+        TCP_CONNECTIONS,
+        Kind::Gauge,
+        Unit::Count,
+        "TCP connections holding a slot, upgraded or not yet.",
+    ),
+    (
+        CONNECTIONS_CLOSED,
+        Kind::Counter,
+        Unit::Count,
+        "Connections the relay closed, by reason.",
+    ),
+    (
+        REFUSED,
+        Kind::Counter,
+        Unit::Count,
+        "Work refused at a bound, by why (connections, connections_per_ip, accept, rooms, sessions, sessions_per_ip, inbox, outbound_total).",
+    ),
+    (
+        AUTH_REFUSED,
+        Kind::Counter,
+        Unit::Count,
+        "Hellos refused by access control, by reason (unauthorized, token_expired).",
+    ),
+    (
+        NODES_REFUSED,
+        Kind::Counter,
+        Unit::Count,
+        "Nodes refused because their author may not write them.",
+    ),
+    (
+        INVITES,
+        Kind::Counter,
+        Unit::Count,
+        "Invites, by what (created, redeemed, refused).",
+    ),
+    (
+        STORE_BYTES,
+        Kind::Gauge,
+        Unit::Bytes,
+        "Bytes the store's files take on disk.",
+    ),
+    (
+        ROOMS_LOADED,
+        Kind::Gauge,
+        Unit::Count,
+        "Rooms loaded in memory now.",
+    ),
+    (
+        NODES_IN,
+        Kind::Counter,
+        Unit::Count,
+        "Nodes received and inserted.",
+    ),
+    (
+        NODES_OUT,
+        Kind::Counter,
+        Unit::Count,
+        "Nodes sent in packs (catch-up and relay).",
+    ),
+    (
+        BYTES_IN,
+        Kind::Counter,
+        Unit::Bytes,
+        "Frame bytes received.",
+    ),
+    (BYTES_OUT, Kind::Counter, Unit::Bytes, "Frame bytes sent."),
+    (
+        DIFF_STRATEGY,
+        Kind::Counter,
+        Unit::Count,
+        "Handshakes, by difference strategy.",
+    ),
+    (
+        CATCHUP_NODES,
+        Kind::Histogram,
+        Unit::Count,
+        "Nodes sent in catch-up packs over a session's life, per session.",
+    ),
+    (
+        SESSIONS_CLOSED,
+        Kind::Counter,
+        Unit::Count,
+        "Sessions ended, by reason.",
+    ),
+    (
+        RELAY_SECONDS,
+        Kind::Histogram,
+        Unit::Seconds,
+        "From a frame's arrival to its effects (persisted, acknowledged, relayed) queued for sending.",
+    ),
+];
+
+/// Buckets of [`RELAY_SECONDS`].
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// Buckets of [`CATCHUP_NODES`].
+const NODE_BUCKETS: &[f64] = &[
+    0.0,
+    1.0,
+    10.0,
+    100.0,
+    1_000.0,
+    10_000.0,
+    100_000.0,
+    1_000_000.0,
+];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the Prometheus recorder once per process (several relays in
@@ -53,15 +192,30 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub(crate) fn install() {
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
-            .set_buckets(&[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ])
+            .set_buckets_for_metric(Matcher::Full(RELAY_SECONDS.into()), SECONDS_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(CATCHUP_NODES.into()), NODE_BUCKETS)
+            })
             .expect("static buckets are valid")
             .build_recorder();
         let handle = recorder.handle();
         // Another recorder may be installed already (an embedding app's);
         // then this handle renders nothing, which is the app's choice.
-        let _ = metrics::set_global_recorder(recorder);
+        if metrics::set_global_recorder(recorder).is_ok() {
+            for &(name, kind, unit, help) in METRICS {
+                match kind {
+                    Kind::Counter => {
+                        metrics::describe_counter!(name, unit, help);
+                        metrics::counter!(name).increment(0);
+                    }
+                    Kind::Gauge => {
+                        metrics::describe_gauge!(name, unit, help);
+                        metrics::gauge!(name).increment(0.0);
+                    }
+                    Kind::Histogram => metrics::describe_histogram!(name, unit, help),
+                }
+            }
+        }
         handle
     });
 }
@@ -72,4 +226,31 @@ pub(crate) async fn render() -> String {
         .get()
         .map(PrometheusHandle::render)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_in_the_docs_and_named_by_convention() {
+        let docs = include_str!("../../../docs/metrics.md");
+        for (name, kind, unit, _) in METRICS {
+            assert!(
+                docs.contains(&format!("`{name}`")),
+                "{name} is not in docs/metrics.md"
+            );
+            assert_eq!(
+                name.ends_with("_total"),
+                *kind == Kind::Counter,
+                "{name}: counters, and only counters, end in _total"
+            );
+            if *unit == Unit::Bytes {
+                assert!(name.contains("bytes"), "{name} is in bytes");
+            }
+            if *unit == Unit::Seconds {
+                assert!(name.ends_with("_seconds"), "{name} is in seconds");
+            }
+        }
+    }
 }
