@@ -205,8 +205,9 @@ impl Replica {
     /// Keeps `token` as this replica's capability for `room` (what
     /// `syncline join` got for it), for [`Replica::saved_token`].
     pub fn save_token(&self, room: &str, token: &str) -> Result<(), Error> {
-        RoomId::new(room).map_err(|_| Error::RoomName(room.to_owned()))?;
-        Capability::from_token(token).map_err(|e| Error::Sync(format!("not a token: {e}")))?;
+        let id = RoomId::new(room).map_err(|_| Error::RoomName(room.to_owned()))?;
+        let cap =
+            Capability::from_token(token).map_err(|e| Error::Sync(format!("not a token: {e}")))?;
         self.inner
             .store
             .put_meta(&format!("token/{room}"), token.as_bytes())?;
@@ -215,10 +216,10 @@ impl Replica {
             .rooms
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&RoomId::new(room).map_err(|_| Error::RoomName(room.to_owned()))?)
+            .get(&id)
             .cloned();
         if let Some(open) = loaded {
-            open.shared.lock().grant = Capability::from_token(token).ok();
+            open.shared.lock().grant = Some(cap);
         }
         Ok(())
     }

@@ -349,11 +349,9 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RelayError> {
         let config = self.config;
-        let mut roots = vec![self.server_key];
-        roots.extend(config.trusted_keys.iter().copied());
         let policy = Policy {
             open: config.open_rooms.clone(),
-            roots,
+            roots: self.rooms.roots().to_vec(),
             revoked: admin::read_revoked(&config.data_dir),
         };
         let state = Arc::new(conn::State::new(

@@ -238,6 +238,11 @@ impl Rooms {
         }
     }
 
+    /// The keys whose capabilities the relay trusts, its own first.
+    pub(crate) fn roots(&self) -> &[syncline_core::AuthorId] {
+        &self.roots
+    }
+
     /// The store the rooms live in.
     pub(crate) fn store(&self) -> Arc<dyn Store> {
         self.store.clone()

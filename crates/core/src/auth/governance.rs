@@ -138,8 +138,8 @@ struct Creation {
 pub struct Governance {
     room: RoomId,
     trusted: Vec<AuthorId>,
-    /// The policy node and its roots, once one is in the room.
-    policy: Option<(NodeIdx, Vec<AuthorId>)>,
+    /// The policy's roots, once one is in the room.
+    policy: Option<Vec<AuthorId>>,
     grants: Vec<Recorded>,
     revocations: Vec<([u8; 16], NodeIdx)>,
     creations: IdMap<EntryId, Creation>,
@@ -169,16 +169,6 @@ impl Governance {
         self.policy.is_some()
     }
 
-    /// The roots of the policy in effect.
-    pub fn roots(&self) -> Option<&[AuthorId]> {
-        self.policy.as_ref().map(|(_, r)| r.as_slice())
-    }
-
-    /// Whether capability `id` is recorded in the room.
-    pub fn has_grant(&self, id: &[u8; 16]) -> bool {
-        self.grants.iter().any(|g| g.cap.claims.id == *id)
-    }
-
     /// Learns what node `idx` (being inserted) records: a policy, grants,
     /// revocations, and once governed the entries it creates. Returns
     /// whether this node declared the policy: the caller then hands over the
@@ -201,7 +191,7 @@ impl Governance {
                         .chunks_exact(32)
                         .map(|c| AuthorId(c.try_into().expect("32-byte chunks")))
                         .collect();
-                    self.policy = Some((idx, roots));
+                    self.policy = Some(roots);
                 }
                 Op::Set {
                     entry,
@@ -226,9 +216,9 @@ impl Governance {
 
     /// Learns which entries node `idx` created.
     pub fn observe_creations(&mut self, idx: NodeIdx, node: &Node) {
-        for op in &node.ops {
+        for (index, op) in node.ops.iter().enumerate() {
             if let Op::Create { parent, name, .. } = op
-                && let Some(id) = created_id(node, op)
+                && let Some(id) = created_id(node, index, op)
             {
                 self.creations
                     .entry(id)
@@ -257,14 +247,15 @@ impl Governance {
     /// Whether `node`, about to be inserted with `parents` into `dag`, is
     /// valid: `Ok` or why not.
     pub fn check(&self, dag: &Dag, node: &Node, parents: &[NodeIdx]) -> Result<(), String> {
-        let Some((_, roots)) = &self.policy else {
+        let Some(roots) = &self.policy else {
             return Ok(());
         };
         if roots.contains(&node.author) {
             return Ok(());
         }
-        // What the node itself records counts for it.
-        let own: Vec<Capability> = node
+        // What the node itself records counts for it: each capability it
+        // records, decoded and verified once.
+        let own: Vec<(Option<Capability>, Option<Grant>)> = node
             .ops
             .iter()
             .filter_map(|op| match op {
@@ -272,17 +263,20 @@ impl Governance {
                     entry,
                     value: Value::Bytes(b),
                     ..
-                } if *entry == grants_entry() => Capability::decode(b).ok(),
+                } if *entry == grants_entry() => {
+                    let cap = Capability::decode(b).ok();
+                    let grant = cap.as_ref().and_then(|c| c.verify(roots).ok());
+                    Some((cap, grant))
+                }
                 _ => None,
             })
             .collect();
-        let in_past = |at: NodeIdx| parents.iter().any(|&p| p == at || dag.is_ancestor(at, p));
+        let in_past = |at: NodeIdx| in_causal_past(dag, parents, at);
         let revoked = |chain: &[[u8; 16]]| {
             self.revocations
                 .iter()
                 .any(|(id, at)| chain.contains(id) && in_past(*at))
         };
-        let mut usable: Vec<(Rights, Scope)> = Vec::new();
         let mine = |cap: &Capability| {
             cap.claims.subject == node.author && cap.claims.room.matches(&self.room)
         };
@@ -290,17 +284,15 @@ impl Governance {
             .grants
             .iter()
             .filter(|g| mine(&g.cap) && in_past(g.node))
-            .filter_map(|g| g.verified.get_or_init(|| g.cap.verify(roots).ok()).clone());
+            .filter_map(|g| g.verified.get_or_init(|| g.cap.verify(roots).ok()).as_ref());
         let carried = own
             .iter()
-            .filter(|c| mine(c))
-            .filter_map(|c| c.verify(roots).ok());
-        for grant in recorded.chain(carried) {
-            if node.hlc.wall_ms > grant.not_after_ms || revoked(&grant.chain) {
-                continue;
-            }
-            usable.push((grant.rights, grant.write));
-        }
+            .filter_map(|(cap, grant)| cap.as_ref().filter(|c| mine(c)).and(grant.as_ref()));
+        let usable: Vec<(Rights, &Scope)> = recorded
+            .chain(carried)
+            .filter(|g| node.hlc.wall_ms <= g.not_after_ms && !revoked(&g.chain))
+            .map(|g| (g.rights, &g.write))
+            .collect();
         if usable.is_empty() {
             return Err(format!(
                 "author {} holds no capability for this room in the node's history",
@@ -308,17 +300,17 @@ impl Governance {
             ));
         }
         let may = |rights: Rights| usable.iter().any(|(r, _)| r.contains(rights));
+        let mut own = own.iter();
         for op in &node.ops {
             match op {
                 Op::Set {
                     entry,
                     field,
-                    value: Value::Bytes(b),
+                    value: Value::Bytes(_),
                 } if *entry == grants_entry() => {
-                    let valid = Capability::decode(b)
-                        .ok()
-                        .filter(|c| hex(&c.claims.id) == *field)
-                        .is_some_and(|c| c.verify(roots).is_ok());
+                    let (cap, grant) = own.next().expect("one entry per recorded capability");
+                    let valid = grant.is_some()
+                        && cap.as_ref().is_some_and(|c| hex(&c.claims.id) == *field);
                     if !valid {
                         return Err("records a capability that does not verify".into());
                     }
@@ -422,11 +414,7 @@ impl Governance {
                 return Err("an entry nested deeper than 256".into());
             }
             let (parent, name) = match self.creations.get(&at) {
-                Some(c)
-                    if c.nodes
-                        .iter()
-                        .any(|&at| parents.iter().any(|&p| p == at || dag.is_ancestor(at, p))) =>
-                {
+                Some(c) if c.nodes.iter().any(|&by| in_causal_past(dag, parents, by)) => {
                     (c.parent, c.name.clone())
                 }
                 _ => own_creation(node, &at).ok_or_else(|| {
@@ -441,8 +429,15 @@ impl Governance {
     }
 }
 
-/// The id of the entry `op` (a create of `node`) creates.
-fn created_id(node: &Node, op: &Op) -> Option<EntryId> {
+/// Whether node `at` is one of `parents` or an ancestor of one: in the
+/// causal past of a node with those parents.
+fn in_causal_past(dag: &Dag, parents: &[NodeIdx], at: NodeIdx) -> bool {
+    parents.iter().any(|&p| p == at || dag.is_ancestor(at, p))
+}
+
+/// The id of the entry `op`, operation `index` of `node`, creates (if it
+/// is a create).
+fn created_id(node: &Node, index: usize, op: &Op) -> Option<EntryId> {
     let Op::Create {
         parent,
         name,
@@ -453,7 +448,6 @@ fn created_id(node: &Node, op: &Op) -> Option<EntryId> {
         return None;
     };
     Some(if *unique {
-        let index = node.ops.iter().position(|o| std::ptr::eq(o, op))?;
         EntryId::unique(&node.author, node.seq, index as u32)
     } else {
         EntryId::derived(parent, name)
@@ -462,10 +456,13 @@ fn created_id(node: &Node, op: &Op) -> Option<EntryId> {
 
 /// Where `node` itself creates `entry`.
 fn own_creation(node: &Node, entry: &EntryId) -> Option<(EntryId, Box<str>)> {
-    node.ops.iter().find_map(|op| match op {
-        Op::Create { parent, name, .. } if created_id(node, op) == Some(*entry) => {
-            Some((*parent, name.as_str().into()))
-        }
-        _ => None,
-    })
+    node.ops
+        .iter()
+        .enumerate()
+        .find_map(|(index, op)| match op {
+            Op::Create { parent, name, .. } if created_id(node, index, op) == Some(*entry) => {
+                Some((*parent, name.as_str().into()))
+            }
+            _ => None,
+        })
 }

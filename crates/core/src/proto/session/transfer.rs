@@ -305,31 +305,18 @@ impl Session {
         {
             // Nothing stored, nothing relayed; reading goes on.
             let message = "this session may only read: the pack was refused";
-            return self.send(
-                now,
-                0,
-                Message::Error {
-                    code: Reason::Unauthorized,
-                    message: message.into(),
-                    related: corr,
-                },
-            );
+            return self.refuse_pack(now, corr, message.into());
         }
         let first = room.dag().next_idx();
         match room.receive_pack(pack) {
             Ok(received) => {
                 let nodes: Vec<NodeIdx> = received.accepted.iter().map(|(i, _)| *i).collect();
-                if self.side() == Side::Server {
-                    self.note_sent(room, &nodes);
-                }
-                self.note_acked(room, &nodes);
+                let arrived = (nodes.len() + received.duplicates) as u64;
                 // The correlation id alone acknowledges exactly the pack's
                 // nodes: with some waiting, or nodes of earlier packs
                 // released, the ack lists ids.
                 let whole = received.pending == 0 && received.released == 0;
-                self.to_ack.insert(corr, (!whole).then(|| nodes.clone()));
-                let arrived = (nodes.len() + received.duplicates) as u64;
-                self.events.push_back(Event::Accepted { corr, nodes });
+                self.took_in(room, corr, nodes, whole);
                 if let Role::Client(c) = &mut self.role
                     && phase == Phase::Catchup
                     && c.expecting > 0
@@ -359,23 +346,10 @@ impl Session {
                 // kept and acknowledged by id once durable.
                 let nodes: Vec<NodeIdx> = (first..room.dag().next_idx()).collect();
                 if !nodes.is_empty() {
-                    if self.side() == Side::Server {
-                        self.note_sent(room, &nodes);
-                    }
-                    self.note_acked(room, &nodes);
-                    self.to_ack.insert(corr, Some(nodes.clone()));
-                    self.events.push_back(Event::Accepted { corr, nodes });
+                    self.took_in(room, corr, nodes, false);
                 }
                 let message = format!("a node was refused: {reason}");
-                self.send(
-                    now,
-                    0,
-                    Message::Error {
-                        code: Reason::Unauthorized,
-                        message: message.clone(),
-                        related: corr,
-                    },
-                );
+                self.refuse_pack(now, corr, message.clone());
                 self.events.push_back(Event::Refused { message });
             }
             Err(ReceiveError::Node { error, .. }) => {
@@ -387,6 +361,32 @@ impl Session {
                 self.close(now, reason, &error.to_string());
             }
         }
+    }
+
+    /// Nodes of pack `corr` are in the room: the peer holds them, and they
+    /// are acknowledged once the driver has persisted them (by the
+    /// correlation id alone when they are `whole` pack, else by id).
+    fn took_in(&mut self, room: &Room, corr: u64, nodes: Vec<NodeIdx>, whole: bool) {
+        if self.side() == Side::Server {
+            self.note_sent(room, &nodes);
+        }
+        self.note_acked(room, &nodes);
+        self.to_ack.insert(corr, (!whole).then(|| nodes.clone()));
+        self.events.push_back(Event::Accepted { corr, nodes });
+    }
+
+    /// Tells the peer that pack `corr` was refused (wholly or from a node
+    /// on) with `unauthorized`; the session goes on.
+    fn refuse_pack(&mut self, now: u64, corr: u64, message: String) {
+        self.send(
+            now,
+            0,
+            Message::Error {
+                code: Reason::Unauthorized,
+                message,
+                related: corr,
+            },
+        );
     }
 
     /// The peer acknowledges a pack (`nodes` empty) or listed nodes; the
