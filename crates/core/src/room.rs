@@ -145,6 +145,23 @@ impl Room {
         Ok(Room::with_dag(Dag::from_segments(id, segments)?))
     }
 
+    /// Appends what `segments` hold past this room's history (nodes
+    /// another process stored after it was loaded) and applies them to the
+    /// document. Returns the nodes appended. Nodes before a refused one
+    /// stay appended and applied.
+    pub fn append_stored(
+        &mut self,
+        segments: &[Segment],
+    ) -> Result<std::ops::Range<NodeIdx>, RestoreError> {
+        let first = self.dag.next_idx();
+        let appended = segments
+            .iter()
+            .try_for_each(|segment| self.dag.append_stored(segment));
+        self.clock.observe(self.dag.max_hlc());
+        self.apply_from(first);
+        appended.map(|()| first..self.dag.next_idx())
+    }
+
     /// A room of a history and its document, materialized from the same
     /// nodes.
     pub(crate) fn from_parts(dag: Dag, doc: Doc) -> Room {

@@ -22,6 +22,13 @@
 //!   the segment's (see [`held`]).
 //! - The outbox is a set of seqs, listed ascending.
 //! - The last checkpoint written is the one loaded.
+//! - A batch with `expect_nodes` applies only to a history of exactly
+//!   that many nodes; otherwise it is refused with [`StoreError::Invalid`]
+//!   and nothing of it is written (even a segment that would be skipped as
+//!   a retry).
+//! - `load_tail(room, from)` holds the nodes from `from` on (its first
+//!   segment may start before), their signatures, the whole outbox and the
+//!   stored checkpoint's node count: what `load` holds past `from`.
 //! - `rooms()` lists, sorted, rooms with at least one node: a room with only
 //!   an outbox or a checkpoint, or only empty batches, is not listed.
 //!
@@ -35,7 +42,7 @@ use syncline_core::node::NodeFormat;
 use syncline_core::pack::{self, ParentRef, RawNode};
 use syncline_core::{AuthorId, EntryId, Hlc, Node, Op, RoomId, Signature, Value};
 
-use crate::{Batch, Segment, Store, StoreError, StoredRoom};
+use crate::{Batch, Segment, Store, StoreError, StoredRoom, StoredTail};
 
 /// A deterministic segment of `count` nodes (at least 1) of `room`, the
 /// history's nodes `start..start + count`: one author per `tag`, writing
@@ -215,6 +222,8 @@ pub fn run_all(store: &dyn Store) {
     rooms_sorted(store);
     batch_is_atomic(store);
     concurrent_commits(store);
+    tails_hold_what_follows(store);
+    stale_batches_refuse(store);
 }
 
 /// A fresh store holds nothing, and reading an unknown room is not an error.
@@ -633,6 +642,7 @@ pub fn batch_is_atomic(store: &dyn Store) {
                         outbox_add: (u64::from(start) + 1..=u64::from(last) + 1).collect(),
                         outbox_remove: Vec::new(),
                         checkpoint: Some(last.to_be_bytes().to_vec()),
+                        expect_nodes: Some(u64::from(start)),
                     },
                 );
             }
@@ -793,6 +803,7 @@ pub fn run_reopen(open: &mut dyn FnMut() -> Box<dyn Store>) {
             outbox_remove: vec![2],
             signatures: vec![(0, test_signature(99))],
             checkpoint: Some(b"at 505".to_vec()),
+            expect_nodes: Some(500),
         },
     );
     check(&*store, 505, &[1, 3, 4], b"at 505");
@@ -800,4 +811,91 @@ pub fn run_reopen(open: &mut dyn FnMut() -> Box<dyn Store>) {
 
     let store = open();
     check(&*store, 505, &[1, 3, 4], b"at 505");
+}
+
+/// `load_tail` holds what `load` holds from a node on: the nodes from it
+/// (whole segments), their signatures, the outbox and the checkpoint's
+/// coverage; an unknown room's tail and the tail at the end are empty.
+pub fn tails_hold_what_follows(store: &dyn Store) {
+    let r = room("conf-tail");
+    let tail = |from: u64| -> StoredTail {
+        store
+            .load_tail(&r, from)
+            .unwrap_or_else(|e| panic!("load_tail({r}, {from}) failed: {e}"))
+    };
+    assert_eq!(tail(0), StoredTail::default(), "an unknown room's tail");
+    append(store, &r, 6, 4);
+    append(store, &r, 7, 3);
+    commit(
+        store,
+        &r,
+        Batch {
+            signatures: vec![(1, test_signature(1)), (5, test_signature(5))],
+            outbox_add: vec![2, 9],
+            ..Batch::default()
+        },
+    );
+    let stored = load(store, &r).segments;
+    for from in [0u64, 2, 4, 6] {
+        let t = tail(from);
+        let first = t.segments.first().map_or(0, |s| u64::from(s.start));
+        assert!(first <= from, "the tail from {from} starts at {first}");
+        let expected: Vec<&Segment> = stored
+            .iter()
+            .filter(|s| u64::from(s.start + s.len) > from)
+            .collect();
+        assert_eq!(
+            t.segments.iter().collect::<Vec<_>>(),
+            expected,
+            "the tail from {from} holds the segments holding it and what follows"
+        );
+        let signed: Vec<u32> = t.signatures.iter().map(|(n, _)| *n).collect();
+        let expected: Vec<u32> = [1u32, 5]
+            .into_iter()
+            .filter(|&n| u64::from(n) >= from)
+            .collect();
+        assert_eq!(signed, expected, "signatures from node {from} on");
+        assert_eq!(t.outbox, vec![2, 9], "the whole outbox");
+        assert_eq!(t.checkpointed, 0, "no checkpoint stored");
+    }
+    let end = tail(7);
+    assert!(
+        end.segments.is_empty() && end.signatures.is_empty(),
+        "nothing follows the end: {end:?}"
+    );
+}
+
+/// A batch expecting another history length is refused whole; one
+/// expecting the stored length applies.
+pub fn stale_batches_refuse(store: &dyn Store) {
+    let r = room("conf-stale");
+    append(store, &r, 8, 3);
+    // Another writer's node 2 (same position, different content): without
+    // the expectation it would pass for a retry and be skipped.
+    let stale = Batch {
+        segments: vec![test_segment(&r, 9, 2, 1)],
+        outbox_add: vec![3],
+        expect_nodes: Some(2),
+        ..Batch::default()
+    };
+    match store.commit(&r, stale) {
+        Err(StoreError::Invalid(_)) => {}
+        other => panic!("a stale batch must be refused as invalid, got {other:?}"),
+    }
+    assert_eq!(count_of(store, &r), 3, "nothing of the stale batch");
+    assert!(outbox(store, &r).is_empty(), "not even its outbox entry");
+    commit(
+        store,
+        &r,
+        Batch {
+            segments: vec![test_segment(&r, 8, 3, 1)],
+            expect_nodes: Some(3),
+            ..Batch::default()
+        },
+    );
+    assert_eq!(
+        count_of(store, &r),
+        4,
+        "a batch expecting the stored length"
+    );
 }

@@ -65,6 +65,12 @@ pub struct Batch {
     pub outbox_remove: Vec<u64>,
     /// A new checkpoint of the room, replacing the stored one.
     pub checkpoint: Option<Vec<u8>>,
+    /// The history must hold exactly this many nodes before the batch
+    /// applies, or the batch is refused with [`StoreError::Invalid`]: a
+    /// writer whose view is stale (another process sharing the store
+    /// appended meanwhile) must not have its segments taken for a retry
+    /// of nodes stored already and skipped.
+    pub expect_nodes: Option<u64>,
 }
 
 impl Batch {
@@ -100,6 +106,46 @@ impl StoredRoom {
         self.segments
             .last()
             .map_or(0, |s| u64::from(s.start + s.len))
+    }
+}
+
+/// What is stored of a room from some node on: what another process
+/// wrote since this one loaded the room ([`Store::load_tail`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredTail {
+    /// The segments holding nodes from the one asked for on, consecutive
+    /// (the first may start before it: segments are merged).
+    pub segments: Vec<Segment>,
+    /// Signatures stored beside the segments for those nodes, ascending.
+    pub signatures: Vec<(u32, Signature)>,
+    /// The whole outbox, ascending.
+    pub outbox: Vec<u64>,
+    /// Nodes the stored checkpoint covers (0 without one).
+    pub checkpointed: u64,
+}
+
+impl StoredTail {
+    /// The tail of `stored` from node `from` on.
+    pub fn of(stored: StoredRoom, from: u64) -> StoredTail {
+        let checkpointed = stored
+            .checkpoint
+            .as_deref()
+            .and_then(|c| syncline_core::checkpoint::header(c).ok())
+            .map_or(0, |h| h.nodes);
+        StoredTail {
+            segments: stored
+                .segments
+                .into_iter()
+                .filter(|s| u64::from(s.start + s.len) > from)
+                .collect(),
+            signatures: stored
+                .signatures
+                .into_iter()
+                .filter(|(n, _)| u64::from(*n) >= from)
+                .collect(),
+            outbox: stored.outbox,
+            checkpointed,
+        }
     }
 }
 
@@ -162,4 +208,18 @@ pub trait Store: Send + Sync {
 
     /// Durably writes replica metadata.
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+
+    /// What is stored of `room` from node `from` on, read at one instant:
+    /// what other processes sharing the store appended since this one
+    /// loaded the room, and the outbox and checkpoint as they are now.
+    fn load_tail(&self, room: &RoomId, from: u64) -> Result<StoredTail, StoreError> {
+        Ok(StoredTail::of(self.load(room)?, from))
+    }
+
+    /// A number that changes when another process commits to the store:
+    /// polled to notice their writes. Constant for a store no other
+    /// process opens (the default).
+    fn foreign_version(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 }

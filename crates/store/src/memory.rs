@@ -121,6 +121,18 @@ pub(crate) fn appended(stored: u64, segments: &[Segment]) -> Result<Vec<&Segment
     Ok(out)
 }
 
+/// Refuses a batch written for a history of `expected` nodes when `stored`
+/// are stored: the rule every backend follows for [`Batch::expect_nodes`].
+pub(crate) fn check_expected(stored: u64, expected: Option<u64>) -> Result<(), StoreError> {
+    match expected {
+        Some(expected) if expected != stored => Err(StoreError::Invalid(format!(
+            "the batch was written for a history of {expected} nodes, and {stored} are stored \
+             (another writer appended meanwhile)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl MemState {
     /// Applies `batch` whole, or nothing of it: segment, then signatures
     /// (so they may name the segment's nodes), outbox additions and
@@ -130,6 +142,7 @@ impl MemState {
             return Ok(());
         }
         let stored = self.node_count(room);
+        check_expected(stored, batch.expect_nodes)?;
         let append: Vec<Segment> = appended(stored, &batch.segments)?
             .into_iter()
             .cloned()

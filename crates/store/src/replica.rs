@@ -306,6 +306,43 @@ impl DurableRoom {
         Ok(())
     }
 
+    /// Catches up with what other processes sharing the store wrote to
+    /// this room since it was loaded or last refreshed: appends the nodes
+    /// they stored (applied to the document) and takes the outbox as
+    /// stored. Returns the nodes appended. A writer sharing its store with
+    /// other processes calls this, holding the room's write lock across
+    /// processes, before it appends (see `SqliteOptions::shared`).
+    pub fn refresh(&mut self) -> Result<std::ops::Range<NodeIdx>, ReplicaError> {
+        debug_assert_eq!(
+            self.stored,
+            self.room.dag().next_idx(),
+            "between calls, memory holds exactly the stored nodes"
+        );
+        let tail = self
+            .store
+            .load_tail(self.room.id(), u64::from(self.stored))?;
+        let appended = self
+            .room
+            .append_stored(&tail.segments)
+            .map_err(|e| ReplicaError::Corrupt {
+                room: self.room.id().clone(),
+                reason: e.to_string(),
+            });
+        // Whatever was appended is stored, even if a later node failed.
+        self.stored = self.room.dag().next_idx();
+        let appended = appended?;
+        for (idx, sig) in tail.signatures {
+            if idx < self.stored && self.room.dag().signature(idx).is_none() {
+                self.room.set_signature(idx, sig);
+            }
+        }
+        self.outbox = tail.outbox.into_iter().collect();
+        self.checkpointed = NodeIdx::try_from(tail.checkpointed)
+            .unwrap_or(NodeIdx::MAX)
+            .min(self.stored);
+        Ok(appended)
+    }
+
     /// The key this replica writes with.
     pub fn author(&self) -> syncline_core::AuthorId {
         self.key.author()
@@ -397,6 +434,9 @@ impl DurableRoom {
         }
         if next > start {
             batch.segments.push(dag.segment(start..next, APPEND_LEVEL));
+        }
+        if !batch.segments.is_empty() {
+            batch.expect_nodes = Some(u64::from(self.stored));
         }
         if checkpoint {
             batch.checkpoint = Some(self.room.checkpoint());

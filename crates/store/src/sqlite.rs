@@ -64,11 +64,11 @@ use syncline_core::node::{Node, NodeFormat};
 use syncline_core::pack::{self, ParentRef, RawNode};
 use syncline_core::{AuthorId, NodeId, RoomId, Signature};
 
-use crate::memory::appended;
+use crate::memory::{appended, check_expected};
 use crate::merge::merge_segments;
 use crate::{
     Batch, MAX_SEGMENT_CONTENT, MAX_SEGMENT_NODES, RoomBytes, Segment, Store, StoreError,
-    StoredRoom,
+    StoredRoom, StoredTail,
 };
 
 /// A data move written in Rust, run after its migration's SQL.
@@ -193,6 +193,13 @@ pub struct SqliteOptions {
     /// Merge segments on a background thread (the default). Without it,
     /// segments merge only when [`SqliteStore::settle`] is called.
     pub merge_in_background: bool,
+    /// Let other processes open the file at once (a replica shared by an
+    /// app and the command line). Its writers must then keep to one
+    /// writer per room at a time and catch up with the others before
+    /// appending ([`Store::load_tail`]); the client SDK does. Without it
+    /// (the default: a relay) the store is the file's only user, and an
+    /// open of a file another store holds fails.
+    pub shared: bool,
 }
 
 impl Default for SqliteOptions {
@@ -201,6 +208,7 @@ impl Default for SqliteOptions {
             synchronous_full: true,
             busy_timeout: Duration::from_secs(5),
             merge_in_background: true,
+            shared: false,
         }
     }
 }
@@ -240,8 +248,12 @@ struct Inner {
     /// Set when the store is dropped: the merger stops between merges
     /// rather than finish its queue (merging resumes with the next writes).
     stopping: AtomicBool,
-    /// Held (locked) for the store's life; declared last so it is released
-    /// after every connection has closed.
+    /// The connection [`Store::foreign_version`] asks (its `data_version`
+    /// counts commits by every other connection), opened on first use.
+    watcher: Mutex<Option<Connection>>,
+    /// Held (locked: exclusively, or shared by shared stores) for the
+    /// store's life; declared last so it is released after every
+    /// connection has closed.
     _lock: File,
 }
 
@@ -361,7 +373,7 @@ impl SqliteStore {
     /// store or was written by a newer version of this crate, and with
     /// [`StoreError::Io`] if another `SqliteStore` has it open.
     pub fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore, StoreError> {
-        let lock = lock_file(path)?;
+        let lock = lock_file(path, options.shared)?;
         let mut conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(options.busy_timeout).map_err(sql)?;
         // Before anything writes: a foreign or newer file is left untouched.
@@ -412,6 +424,7 @@ impl SqliteStore {
             writer: Mutex::new(writer),
             stats,
             stopping: AtomicBool::new(false),
+            watcher: Mutex::new(None),
             _lock: lock,
         });
         let merger = options
@@ -712,10 +725,11 @@ fn spawn_merger(inner: Arc<Inner>) -> Result<(SyncSender<RoomId>, JoinHandle<()>
     Ok((tx, handle))
 }
 
-/// Takes the exclusive lock that makes this process the file's only writer.
-/// A separate file, because SQLite's own locks live on the database file
+/// Takes the lock that makes this store the file's only user (`shared`:
+/// one of several shared stores, and never beside an exclusive one). A
+/// separate file, because SQLite's own locks live on the database file
 /// and, on some platforms, would collide with a whole-file lock.
-fn lock_file(path: &Path) -> Result<File, StoreError> {
+fn lock_file(path: &Path, shared: bool) -> Result<File, StoreError> {
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push("-lock");
     let lock_path = PathBuf::from(lock_path);
@@ -725,11 +739,17 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
         .write(true)
         .open(&lock_path)
         .map_err(|e| StoreError::Io(format!("{}: {e}", lock_path.display())))?;
-    match file.try_lock() {
+    let locked = if shared {
+        file.try_lock_shared()
+    } else {
+        file.try_lock()
+    };
+    match locked {
         Ok(()) => Ok(file),
         Err(TryLockError::WouldBlock) => Err(StoreError::Io(format!(
-            "{} is already open in another SqliteStore",
-            path.display()
+            "{} is already open in another SqliteStore{}",
+            path.display(),
+            if shared { " (not shared)" } else { "" }
         ))),
         Err(TryLockError::Error(e)) => Err(StoreError::Io(format!("{}: {e}", lock_path.display()))),
     }
@@ -757,6 +777,10 @@ impl Drop for Inner {
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        self.watcher
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 }
 
@@ -818,14 +842,7 @@ impl Store for SqliteStore {
                         rows.next()?.map(|row| row.get::<_, Vec<u8>>(0)).transpose()
                     })
                     .map_err(sql)?;
-                let mut stmt = conn
-                    .prepare_cached("SELECT seq FROM outbox_v2 WHERE room = ?1 ORDER BY seq")
-                    .map_err(sql)?;
-                let outbox = stmt
-                    .query_map([key], |row| row.get::<_, i64>(0))
-                    .map_err(sql)?
-                    .map(|seq| seq.map_err(sql).map(|s| s as u64))
-                    .collect::<Result<Vec<u64>, _>>()?;
+                let outbox = load_outbox(conn, key)?;
                 Ok(StoredRoom {
                     segments,
                     signatures,
@@ -836,6 +853,56 @@ impl Store for SqliteStore {
             conn.execute_batch("COMMIT").map_err(sql)?;
             loaded
         })
+    }
+
+    fn load_tail(&self, room: &RoomId, from: u64) -> Result<StoredTail, StoreError> {
+        let from = u32::try_from(from)
+            .map_err(|_| StoreError::Invalid(format!("no history reaches node {from}")))?;
+        self.inner.read(|conn| {
+            let Some(key) = room_key(conn, room)? else {
+                return Ok(StoredTail::default());
+            };
+            conn.execute_batch("BEGIN").map_err(sql)?;
+            let loaded = (|| {
+                let mut tail = StoredTail::default();
+                if node_count(conn, key)? > u64::from(from) {
+                    // The segment holding node `from` may start before it.
+                    let first: u32 = conn
+                        .prepare_cached(
+                            "SELECT coalesce(max(start), 0) FROM segments_v2 \
+                             WHERE room = ?1 AND start <= ?2",
+                        )
+                        .and_then(|mut stmt| stmt.query_row(params![key, from], |r| r.get(0)))
+                        .map_err(sql)?;
+                    tail.segments = load_segments(conn, key, first, u32::MAX)?;
+                    tail.signatures = load_signatures(conn, key, from, u32::MAX)?;
+                }
+                tail.checkpointed = conn
+                    .prepare_cached("SELECT nodes FROM checkpoints_v2 WHERE room = ?1")
+                    .and_then(|mut stmt| {
+                        let mut rows = stmt.query([key])?;
+                        rows.next()?.map(|row| row.get::<_, i64>(0)).transpose()
+                    })
+                    .map_err(sql)?
+                    .map_or(0, |n| n.max(0) as u64);
+                tail.outbox = load_outbox(conn, key)?;
+                Ok(tail)
+            })();
+            conn.execute_batch("COMMIT").map_err(sql)?;
+            loaded
+        })
+    }
+
+    fn foreign_version(&self) -> Result<u64, StoreError> {
+        let mut watcher = self.inner.watcher.lock().map_err(|_| StoreError::Closed)?;
+        if watcher.is_none() {
+            *watcher = Some(self.inner.open_reader()?);
+        }
+        let conn = watcher.as_ref().expect("opened above");
+        let version: i64 = conn
+            .query_row("PRAGMA data_version", [], |row| row.get(0))
+            .map_err(sql)?;
+        Ok(version as u64)
     }
 
     fn node_count(&self, room: &RoomId) -> Result<u64, StoreError> {
@@ -1016,6 +1083,17 @@ fn load_segments(
         });
     }
     Ok(out)
+}
+
+/// Room `key`'s outbox, ascending.
+fn load_outbox(conn: &Connection, key: i64) -> Result<Vec<u64>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT seq FROM outbox_v2 WHERE room = ?1 ORDER BY seq")
+        .map_err(sql)?;
+    stmt.query_map([key], |row| row.get::<_, i64>(0))
+        .map_err(sql)?
+        .map(|seq| seq.map_err(sql).map(|s| s as u64))
+        .collect()
 }
 
 fn load_signatures(
@@ -1274,8 +1352,8 @@ fn insert_segment(
 /// The write connection and what it caches, used by the current leader.
 struct Writer {
     conn: Connection,
-    /// Room name -> (key, node count), as committed.
-    rooms: HashMap<RoomId, (i64, u64)>,
+    /// Room name -> key, as committed (rooms are never deleted).
+    rooms: HashMap<RoomId, i64>,
     stats: Arc<Counters>,
     /// Tests only: writing metadata under this key panics mid-transaction.
     #[cfg(test)]
@@ -1357,25 +1435,28 @@ impl Writer {
 /// checkpoint.
 fn apply_batch(
     tx: &Connection,
-    rooms: &mut HashMap<RoomId, (i64, u64)>,
+    rooms: &mut HashMap<RoomId, i64>,
     room: &RoomId,
     batch: &Batch,
 ) -> Result<(), StoreError> {
     if batch.is_empty() {
         return Ok(());
     }
-    let (key, stored) = match rooms.get(room) {
-        Some(&state) => state,
+    let key = match rooms.get(room) {
+        Some(&key) => key,
         None => {
             let key = match room_key(tx, room)? {
                 Some(key) => key,
                 None => create_room(tx, room)?,
             };
-            let state = (key, node_count(tx, key)?);
-            rooms.insert(room.clone(), state);
-            state
+            rooms.insert(room.clone(), key);
+            key
         }
     };
+    // Read in the transaction, not cached: another process sharing the
+    // file may have appended since this one last wrote.
+    let stored = node_count(tx, key)?;
+    check_expected(stored, batch.expect_nodes)?;
     let mut count = stored;
     let append = appended(stored, &batch.segments)?;
     for segment in &append {
@@ -1386,7 +1467,6 @@ fn apply_batch(
         tx.prepare_cached("UPDATE rooms_v1 SET node_count = ?2 WHERE key = ?1")
             .and_then(|mut stmt| stmt.execute(params![key, count as i64]))
             .map_err(sql)?;
-        rooms.insert(room.clone(), (key, count));
     }
     if !batch.signatures.is_empty() {
         let mut sign = tx

@@ -303,3 +303,67 @@ fn a_room_loaded_after_a_failed_write_holds_only_durable_nodes() {
         "what the room loaded after the failure is durable"
     );
 }
+
+/// Two stores sharing one file, as two processes do: each room catches up
+/// with the other's writes by `refresh` (nodes, document, outbox), across
+/// checkpoints and merges, and a write that did not catch up first is
+/// refused by the store rather than fork the history.
+#[test]
+fn stores_sharing_a_file_catch_up_with_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = || -> Arc<dyn Store> {
+        let options = SqliteOptions {
+            shared: true,
+            ..SqliteOptions::default()
+        };
+        Arc::new(SqliteStore::open(&dir.path().join("replica.db"), options).unwrap())
+    };
+    let (one, two) = (shared(), shared());
+    // An exclusive store cannot join them.
+    assert!(SqliteStore::open(&dir.path().join("replica.db"), SqliteOptions::default()).is_err());
+    let mut a = Replica::open(one, || [5; 32]).unwrap();
+    let mut b = Replica::open(two, || [6; 32]).unwrap();
+    assert_eq!(a.key().author(), b.key().author(), "one identity");
+    a.room(&room()).unwrap().set_checkpoint_min_nodes(4);
+    b.room(&room()).unwrap().set_checkpoint_min_nodes(4);
+    for i in 0..40u64 {
+        let (writer, reader) = if i % 3 == 0 {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
+        let w = writer.room(&room()).unwrap();
+        w.refresh().unwrap();
+        w.transact(1_000 + i, |tx| {
+            tx.set(&format!("/n/{}", i % 4), "v", Value::Int(i as i64))?;
+            tx.text_insert("/text", 0, "x")
+        })
+        .unwrap();
+        let hash = w.room().state_hash();
+        let r = reader.room(&room()).unwrap();
+        let appended = r.refresh().unwrap();
+        assert_eq!(appended.len(), 1, "step {i}: one node appended");
+        assert_eq!(r.room().state_hash(), hash, "step {i}: same state");
+        assert_eq!(
+            r.outbox_len(),
+            i as usize + 1,
+            "step {i}: the shared outbox"
+        );
+    }
+    // A write on a stale room is refused, and the room reloads.
+    a.room(&room())
+        .unwrap()
+        .transact(5_000, |tx| tx.set("/n/0", "v", Value::Int(-1)))
+        .unwrap();
+    let refused = b
+        .room(&room())
+        .unwrap()
+        .transact(5_001, |tx| tx.set("/n/0", "v", Value::Int(-2)));
+    assert!(refused.is_err(), "a write on a stale room must fail");
+    let b_room = b.room(&room()).unwrap();
+    assert_eq!(
+        b_room.room().state_hash(),
+        a.room(&room()).unwrap().room().state_hash(),
+        "the refused write reloaded the room as stored"
+    );
+}

@@ -723,6 +723,29 @@ impl Dag {
     /// Appends the nodes of a stored segment not indexed yet to the index
     /// (not their content).
     fn restore_segment(&mut self, segment: &Segment) -> Result<(), RestoreError> {
+        self.index_stored(segment, false)
+    }
+
+    /// Appends the nodes of `segment` past those held, content included:
+    /// nodes another process stored after this history was loaded (see
+    /// `Room::append_stored`). The segment may start at or before the
+    /// history's end (a store merges segments), never after it. Like a
+    /// load, this trusts the store: nodes are not hashed or checked for
+    /// authority again, but a governed history learns what they record.
+    pub fn append_stored(&mut self, segment: &Segment) -> Result<(), RestoreError> {
+        if segment.start > self.next_idx() {
+            return Err(RestoreError::Gap {
+                expected: self.next_idx(),
+                found: segment.start,
+            });
+        }
+        self.index_stored(segment, true)
+    }
+
+    /// Indexes the nodes of `segment` past those held; `with_content` also
+    /// appends their content to the log (which a load instead attaches
+    /// whole).
+    fn index_stored(&mut self, segment: &Segment, with_content: bool) -> Result<(), RestoreError> {
         let start = segment.start;
         let raw = pack::decode_raw(&segment.pack, &self.room)
             .map_err(|error| RestoreError::Pack { start, error })?;
@@ -782,7 +805,20 @@ impl Dag {
                     reason,
                 })
             })?;
+            if with_content {
+                self.observe_governance(idx, &r.node);
+            }
             self.record(id, None, Meta::of(&r.node), None, author, &parents);
+            if with_content {
+                // Content goes in without its ids (`record` would compute
+                // the ids it cites): they are computed when first needed,
+                // as for a loaded node.
+                self.log.push(r.node);
+                if self.log.wants_seal() {
+                    self.log.seal(&self.room, &self.runs, &self.authors);
+                }
+                debug_assert_eq!(self.log.len(), self.runs.len());
+            }
         }
         for (at, sig) in raw.signatures {
             let idx = start + at as NodeIdx;
