@@ -318,10 +318,14 @@ impl From<Error> for Failed {
             | Error::NotADirectory(_) => Exit::Usage,
             Error::Timeout(_) | Error::Sync(_) => Exit::Sync,
             Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => Exit::Storage,
+            // The replica is in use in a way that excludes this command.
+            Error::Locked { .. } | Error::SyncRunning { .. } => Exit::Storage,
         };
-        let hint = match exit {
-            Exit::Storage => " (is another syncline process using this replica? see --replica)",
-            Exit::Sync => " (is the server running? check --server)",
+        let hint = match &e {
+            Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => {
+                " (is --replica a writable directory on a disk with free space?)"
+            }
+            Error::Timeout(_) | Error::Sync(_) => " (is the server running? check --server)",
             _ => "",
         };
         Failed::new(exit, format!("{e}{hint}"))
@@ -417,11 +421,11 @@ fn run(cli: Cli) -> Outcome {
             let replica = open(&cli)?;
             print(
                 &cli,
-                json!({"replica": replica.dir(), "author": replica.author()}),
+                json!({"replica": cli.replica, "author": replica.author()}),
                 || {
                     format!(
                         "replica {} (author {})",
-                        replica.dir().display(),
+                        cli.replica.display(),
                         replica.author()
                     )
                 },
@@ -808,11 +812,11 @@ fn status(cli: &Cli, room: Option<&str>) -> Outcome {
     }
     print(
         cli,
-        json!({"replica": replica.dir(), "author": replica.author(), "rooms": rows}),
+        json!({"replica": cli.replica, "author": replica.author(), "rooms": rows}),
         || {
             let mut out = format!(
                 "replica {} (author {})",
-                replica.dir().display(),
+                cli.replica.display(),
                 replica.author()
             );
             for r in &rows {

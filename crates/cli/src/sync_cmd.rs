@@ -317,6 +317,7 @@ fn follow(
         let origin = match change.origin {
             Origin::Local => "local",
             Origin::Remote => "remote",
+            Origin::OtherProcess => "other-process",
         };
         print(
             cli,

@@ -19,6 +19,7 @@
 //! # }
 //! ```
 
+mod lock;
 mod replica;
 mod sync;
 

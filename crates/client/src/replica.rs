@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use syncline_core::auth::governance::{policy_entry, should_carry};
 use syncline_core::auth::{Capability, Claims};
@@ -14,9 +14,14 @@ use syncline_core::dag::NodeIdx;
 use syncline_core::doc::{Conflict, PathError};
 use syncline_core::room::TxnError;
 use syncline_core::{AuthorId, EntryKind, NodeId, RoomId, Transaction, Value};
-use syncline_store::{DurableRoom, ReplicaError, SqliteOptions, SqliteStore, Store, StoreError};
+use syncline_store::{
+    DurableRoom, MemoryStore, ReplicaError, SqliteOptions, SqliteStore, Store, StoreError,
+};
 use thiserror::Error;
 use tokio::sync::Notify;
+use tracing::warn;
+
+use crate::lock::{Locks, RoomLock};
 
 /// Why an SDK call failed.
 #[derive(Debug, Error)]
@@ -61,6 +66,30 @@ pub enum Error {
     /// The replica directory is a file.
     #[error("{0} is a file, not a replica directory: pass a directory to --replica")]
     NotADirectory(PathBuf),
+    /// Another process held the room's write lock for longer than the
+    /// wait allowed (it writes for milliseconds at a time: a process that
+    /// holds it longer is stuck).
+    #[error(
+        "room {room}: another process kept it locked for writing for {} s; is one stuck?",
+        waited.as_secs_f64()
+    )]
+    Locked {
+        /// The room.
+        room: String,
+        /// How long this process waited.
+        waited: Duration,
+    },
+    /// Another process runs this replica's sync engine: it carries this
+    /// process's changes too (they share the outbox).
+    #[error(
+        "another process{} is syncing this replica already; its sync uploads this process's \
+         changes too (stop it to sync from here)",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    SyncRunning {
+        /// Its process id, if it could be read.
+        pid: Option<u32>,
+    },
 }
 
 /// Where a change came from.
@@ -70,6 +99,9 @@ pub enum Origin {
     Local,
     /// Nodes received from the server.
     Remote,
+    /// Nodes another process sharing the replica directory stored: its
+    /// transactions, or what its sync received.
+    OtherProcess,
 }
 
 /// A change to a room: which paths it touched.
@@ -116,11 +148,50 @@ pub struct Replica {
     inner: Arc<ReplicaInner>,
 }
 
-struct ReplicaInner {
-    dir: PathBuf,
+pub(crate) struct ReplicaInner {
+    /// `None` for an in-memory replica.
+    dir: Option<PathBuf>,
     store: Arc<dyn Store>,
     key: syncline_core::Keypair,
     rooms: Mutex<HashMap<RoomId, Room>>,
+    pub(crate) locks: Arc<Locks>,
+}
+
+/// How often a replica looks for commits of other processes sharing its
+/// directory: their changes reach this process's rooms (and listeners,
+/// and sync engine) this much later at most.
+const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Catches the open rooms of a replica up with what other processes
+/// stored, whenever the store says another connection committed, until
+/// the replica is dropped.
+fn spawn_watcher(inner: Weak<ReplicaInner>, mut seen: u64) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("syncline replica watcher".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(WATCH_INTERVAL);
+                let Some(replica) = inner.upgrade() else {
+                    return;
+                };
+                let version = replica.store.foreign_version();
+                let rooms: Vec<Room> = match version {
+                    Ok(v) if v != seen => {
+                        seen = v;
+                        let rooms = replica.rooms.lock().unwrap_or_else(|p| p.into_inner());
+                        rooms.values().cloned().collect()
+                    }
+                    _ => Vec::new(),
+                };
+                drop(replica);
+                for room in rooms {
+                    if let Err(e) = room.shared.catch_up() {
+                        warn!(room = room.name(), error = %e, "catching up with another process");
+                    }
+                }
+            }
+        })
+        .map(drop)
 }
 
 impl Drop for ReplicaInner {
@@ -155,19 +226,53 @@ impl Replica {
             dir: dir.clone(),
             source,
         })?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
-            &dir.join("replica.db"),
-            SqliteOptions::default(),
-        )?);
+        let options = SqliteOptions {
+            shared: true,
+            ..SqliteOptions::default()
+        };
+        let locks = Arc::new(Locks::in_dir(&dir, options.busy_timeout));
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("replica.db"), options)?);
+        // Before any room loads: a commit of another process after this
+        // is noticed.
+        let seen = store.foreign_version()?;
+        let key = syncline_store::Replica::open_with_os_identity(store.clone())?
+            .key()
+            .clone();
+        let inner = Arc::new(ReplicaInner {
+            dir: Some(dir.clone()),
+            store,
+            key,
+            rooms: Mutex::new(HashMap::new()),
+            locks,
+        });
+        spawn_watcher(Arc::downgrade(&inner), seen).map_err(|source| Error::Dir { dir, source })?;
+        Ok(Replica { inner })
+    }
+
+    /// A replica held in memory, with a fresh identity: for tests of an
+    /// app, and for state that need not survive the process. It behaves as
+    /// a directory's replica does (rooms, transactions, sync), but what it
+    /// holds is gone when its last handle is dropped.
+    ///
+    /// ```
+    /// let replica = syncline::Replica::in_memory()?;
+    /// let notes = replica.room("notes")?;
+    /// notes.transact(|tx| tx.set("/todo/1", "title", "milk".into()))?;
+    /// assert_eq!(notes.get("/todo/1", "title")?, Some("milk".into()));
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
+    pub fn in_memory() -> Result<Replica, Error> {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let key = syncline_store::Replica::open_with_os_identity(store.clone())?
             .key()
             .clone();
         Ok(Replica {
             inner: Arc::new(ReplicaInner {
-                dir,
+                dir: None,
                 store,
                 key,
                 rooms: Mutex::new(HashMap::new()),
+                locks: Arc::new(Locks::none()),
             }),
         })
     }
@@ -245,9 +350,14 @@ impl Replica {
         Ok(Capability::issue(&self.inner.key, claims, Some(parent)))
     }
 
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.inner.dir
+    /// The directory (`None` for an in-memory replica).
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.dir.as_deref()
+    }
+
+    /// The replica's locks across processes.
+    pub(crate) fn locks(&self) -> &Locks {
+        &self.inner.locks
     }
 
     /// Rooms with any stored history.
@@ -288,6 +398,7 @@ impl Replica {
                 }),
                 listeners: Mutex::new(Vec::new()),
                 wake: Mutex::new(None),
+                locks: self.inner.locks.clone(),
             }),
         };
         rooms.insert(id, room.clone());
@@ -313,6 +424,41 @@ pub(crate) struct RoomShared {
     listeners: Mutex<Vec<Sender<Change>>>,
     /// Wakes the sync engine when a local commit queued frames.
     pub(crate) wake: Mutex<Option<Arc<Notify>>>,
+    /// The replica's locks across processes.
+    locks: Arc<Locks>,
+}
+
+/// A room locked for a write: by this process (its state's mutex) and
+/// across processes (its write lock), caught up with what other processes
+/// stored. Dropping it unlocks, then tells listeners what was caught up.
+pub(crate) struct Writing<'a> {
+    room: &'a RoomShared,
+    state: Option<MutexGuard<'a, RoomState>>,
+    across: Option<RoomLock>,
+    caught_up: Option<(Vec<String>, usize)>,
+}
+
+impl std::ops::Deref for Writing<'_> {
+    type Target = RoomState;
+    fn deref(&self) -> &RoomState {
+        self.state.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Writing<'_> {
+    fn deref_mut(&mut self) -> &mut RoomState {
+        self.state.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.state.take();
+        self.across.take();
+        if let Some((paths, nodes)) = self.caught_up.take() {
+            self.room.caught_up(paths, nodes);
+        }
+    }
 }
 
 /// A room's durable state and, while connected, its sync session.
@@ -352,9 +498,76 @@ impl RoomState {
     }
 }
 
+impl RoomState {
+    /// Appends what other processes stored in the room since it was loaded
+    /// or last caught up, and passes this replica's own nodes among them to
+    /// the sync session, if one runs here. Returns the paths they touched
+    /// and how many there were, if any.
+    fn catch_up(&mut self) -> Result<Option<(Vec<String>, usize)>, Error> {
+        let appended = self.durable.refresh()?;
+        if appended.is_empty() {
+            return Ok(None);
+        }
+        let nodes: Vec<NodeIdx> = appended.collect();
+        let RoomState {
+            durable, session, ..
+        } = self;
+        if let Some(link) = session.as_mut() {
+            let me = durable.author();
+            let dag = durable.room().dag();
+            let own: Vec<NodeIdx> = nodes
+                .iter()
+                .copied()
+                .filter(|&n| *dag.author(n) == me)
+                .collect();
+            if !own.is_empty() {
+                link.send_local(session_now(), durable, &own);
+            }
+        }
+        Ok(Some((touched_paths(durable.room(), &nodes), nodes.len())))
+    }
+}
+
 impl RoomShared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, RoomState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Locks the room for a write (see [`Writing`]).
+    pub(crate) fn write(&self) -> Result<Writing<'_>, Error> {
+        let mut state = self.lock();
+        let across = self.locks.room(&self.id)?;
+        let caught_up = state.catch_up()?;
+        Ok(Writing {
+            room: self,
+            state: Some(state),
+            across,
+            caught_up,
+        })
+    }
+
+    /// Catches up with what other processes stored (no write follows, so
+    /// no lock across processes is needed).
+    pub(crate) fn catch_up(&self) -> Result<(), Error> {
+        let caught_up = self.lock().catch_up()?;
+        if let Some((paths, nodes)) = caught_up {
+            self.caught_up(paths, nodes);
+        }
+        Ok(())
+    }
+
+    /// Tells listeners about nodes another process stored, and the sync
+    /// engine about any it should upload.
+    fn caught_up(&self, paths: Vec<String>, nodes: usize) {
+        self.wake_engine();
+        self.notify(Origin::OtherProcess, paths, nodes);
+    }
+
+    /// Wakes the sync engine, if one runs here, to send what was queued.
+    fn wake_engine(&self) {
+        if let Some(wake) = self.wake.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            wake.notify_one();
+        }
     }
 
     /// Tells every listener about a change.
@@ -399,7 +612,7 @@ impl Room {
         edit: impl FnOnce(&mut Transaction<'_>) -> Result<(), TxnError>,
     ) -> Result<Option<String>, Error> {
         let (id, paths) = {
-            let mut state = self.shared.lock();
+            let mut state = self.shared.write()?;
             let carry = state.grant_to_carry();
             let Some(committed) = state
                 .durable
@@ -425,15 +638,7 @@ impl Room {
             let paths = touched_paths(durable.room(), &[committed.idx]);
             (durable.room().dag().id(committed.idx), paths)
         };
-        if let Some(wake) = self
-            .shared
-            .wake
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            wake.notify_one();
-        }
+        self.shared.wake_engine();
         self.shared.notify(Origin::Local, paths, 1);
         Ok(Some(id.to_string()))
     }

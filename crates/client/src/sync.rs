@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, info};
 
+use crate::lock::EngineLock;
 use crate::replica::{Error, Origin, Replica, Room, session_now, touched_paths};
 
 /// How to sync.
@@ -192,6 +193,8 @@ impl Shared {
 pub struct Sync {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// This process runs the replica's one sync engine while it holds it.
+    engine: Option<EngineLock>,
 }
 
 impl std::fmt::Debug for Sync {
@@ -215,6 +218,7 @@ impl Replica {
             return Err(Error::Sync("no endpoint given".into()));
         }
         let mut options = options;
+        let engine = self.locks().engine()?;
         options.endpoints = options
             .endpoints
             .iter()
@@ -236,7 +240,7 @@ impl Replica {
             wake,
             stop: AtomicBool::new(false),
         });
-        let engine = shared.clone();
+        let driven = shared.clone();
         let thread = std::thread::Builder::new()
             .name("syncline sync".into())
             .spawn(move || {
@@ -244,12 +248,13 @@ impl Replica {
                     .enable_all()
                     .build()
                     .expect("a tokio runtime");
-                runtime.block_on(run(engine));
+                runtime.block_on(run(driven));
             })
             .map_err(|e| Error::Sync(format!("cannot start the sync thread: {e}")))?;
         Ok(Sync {
             shared,
             thread: Some(thread),
+            engine,
         })
     }
 }
@@ -320,6 +325,8 @@ impl Sync {
             *room.shared.wake.lock().unwrap_or_else(|p| p.into_inner()) = None;
             room.shared.lock().session = None;
         }
+        // Another process may sync the replica from now on.
+        self.engine.take();
     }
 }
 
@@ -575,7 +582,7 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
                 }
                 // What arrived before the end is still handled (and acked
                 // on the next connection's handshake if this one is gone).
-                deliver(shared, &frames);
+                deliver(shared, &frames)?;
                 if let Some(why) = ended {
                     return Err(why);
                 }
@@ -600,15 +607,16 @@ async fn connection(shared: &Shared, ws: Ws) -> Result<bool, String> {
 }
 
 /// Hands frames, in order, to their rooms' sessions, persisting what each
-/// room's frames inserted in one durable write.
-fn deliver(shared: &Shared, frames: &[impl AsRef<[u8]>]) {
+/// room's frames inserted in one durable write. Fails (ending the
+/// connection) if a room cannot be locked for writing.
+fn deliver(shared: &Shared, frames: &[impl AsRef<[u8]>]) -> Result<(), String> {
     let mut by_room: Vec<Vec<Envelope>> = vec![Vec::new(); shared.rooms.len()];
     for bytes in frames {
         let bytes = bytes.as_ref();
         let Ok(env) = Envelope::decode(bytes) else {
             // Not attributable to a session: every session sees it and
             // closes (after the frames before it).
-            deliver_envelopes(shared, &mut by_room);
+            deliver_envelopes(shared, &mut by_room)?;
             for room in &shared.rooms {
                 let mut state = room.shared.lock();
                 let crate::replica::RoomState {
@@ -629,19 +637,19 @@ fn deliver(shared: &Shared, frames: &[impl AsRef<[u8]>]) {
             queue.push(env);
         }
     }
-    deliver_envelopes(shared, &mut by_room);
+    deliver_envelopes(shared, &mut by_room)
 }
 
 /// Hands each room its envelopes (taking them) and persists what they
-/// inserted once per room.
-fn deliver_envelopes(shared: &Shared, by_room: &mut [Vec<Envelope>]) {
+/// inserted once per room, holding the room's write lock across processes.
+fn deliver_envelopes(shared: &Shared, by_room: &mut [Vec<Envelope>]) -> Result<(), String> {
     for (room, envelopes) in shared.rooms.iter().zip(by_room.iter_mut()) {
         if envelopes.is_empty() {
             continue;
         }
         let envelopes = std::mem::take(envelopes);
         let inserted = {
-            let mut state = room.shared.lock();
+            let mut state = room.shared.write().map_err(|e| e.to_string())?;
             let crate::replica::RoomState {
                 durable, session, ..
             } = &mut *state;
@@ -663,6 +671,7 @@ fn deliver_envelopes(shared: &Shared, by_room: &mut [Vec<Envelope>]) {
             room.shared.notify(Origin::Remote, paths, nodes);
         }
     }
+    Ok(())
 }
 
 /// Handles one room's session events. Returns `Some(reason)` when the

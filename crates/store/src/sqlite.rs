@@ -20,6 +20,15 @@
 //! **Reads** use a small pool of read-only connections: WAL lets them read
 //! the last committed state while the leader writes.
 //!
+//! **Shared files.** A store opened `shared` lets other processes' shared
+//! stores open the file at once (a replica used by an app and the command
+//! line). SQLite serializes their transactions; every batch reads the
+//! room's node count inside its transaction, and one carrying
+//! `expect_nodes` is refused unless the history is that long, so a writer
+//! whose view is stale fails rather than write past nodes it never saw.
+//! `foreign_version` (`PRAGMA data_version` on a connection of its own)
+//! tells a process that another committed; `load_tail` reads what.
+//!
 //! **Segments merged in the background.** Each write appends its nodes as
 //! one segment; a merger thread merges runs of segments of one size class
 //! into one (LSM-style: a node is re-encoded about once per eightfold

@@ -1,0 +1,149 @@
+//! Several `syncline` processes on one replica at once, as a user with a
+//! few terminals runs them: `watch` prints another terminal's `set`,
+//! parallel `set`s all land, and a running `sync --watch` uploads what
+//! other processes write while a second sync engine is refused with a
+//! clear message.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{BIN, Server, WAIT, cli, ok, run};
+
+/// A long-running `syncline` process whose stdout lines arrive on a
+/// channel; killed when dropped.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(replica: &std::path::Path, args: &[&str]) -> Running {
+        let mut child = Command::new(BIN)
+            .arg("--replica")
+            .arg(replica)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// The first line holding `words`, within `WAIT`.
+    fn line_with(&self, words: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(words) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no line with {words:?} within {WAIT:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn watch_sees_another_terminals_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("replica");
+    ok(&replica, &["init"]);
+    let watch = Running::start(&replica, &["watch", "notes"]);
+    // Until watch has the room open, a set could land before it looks.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    ok(&replica, &["set", "notes", "/todo/1", "title", "\"milk\""]);
+    let line = watch.line_with("/todo/1");
+    assert!(line.contains("notes other-process"), "{line}");
+    eprintln!(
+        "watch printed the set {:?} after it began",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn parallel_sets_on_one_replica_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("replica");
+    ok(&replica, &["init"]);
+    let children: Vec<Child> = (0..10)
+        .map(|i| {
+            Command::new(BIN)
+                .arg("--replica")
+                .arg(&replica)
+                .args(["set", "notes", "/counts", &format!("f{i}"), &i.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "a parallel set failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let all = ok(&replica, &["--json", "get", "notes", "/counts"]);
+    let fields: serde_json::Value = serde_json::from_str(&all).unwrap();
+    for i in 0..10 {
+        assert_eq!(fields[format!("f{i}")], i, "{all}");
+    }
+}
+
+#[test]
+fn a_running_sync_uploads_other_processes_writes_and_is_the_only_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let url = server.url();
+    let replica = dir.path().join("replica");
+    ok(&replica, &["set", "notes", "/a", "n", "1"]);
+    let _sync = Running::start(&replica, &["sync", "--watch", "--server", &url, "notes"]);
+    // Once it is connected, a second engine is refused at once.
+    let deadline = Instant::now() + WAIT;
+    let (code, _, err) = loop {
+        let attempt = run(&replica, &["sync", "--server", &url, "notes"], &[]);
+        if attempt.0 != 0 || Instant::now() > deadline {
+            break attempt;
+        }
+    };
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("is syncing this replica already"), "{err}");
+    // Another terminal's write goes up through the running sync.
+    ok(&replica, &["set", "notes", "/b", "n", "2"]);
+    let reader = dir.path().join("reader");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        ok(&reader, &["sync", "--server", &url, "notes"]);
+        if cli(&reader, &["get", "notes", "/b", "n"]).1 == "2" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the write never reached the server"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
