@@ -20,11 +20,13 @@ use syncline_core::{EntryKind, Value};
 
 mod access;
 mod demo;
+mod history;
 mod invite;
 mod json;
+mod resolve;
 mod sync_cmd;
 
-use json::{conflict_json, from_json, to_json};
+use json::{from_json, to_json};
 
 /// Syncline: a local-first sync engine. Edit rooms of a local replica
 /// offline; sync them through a relay.
@@ -183,7 +185,8 @@ enum Command {
         #[command(subcommand)]
         action: TextAction,
     },
-    /// List conflicts at and below a path.
+    /// List conflicts at and below a path, each with numbered candidates
+    /// and the `resolve` command that settles it.
     Conflicts {
         /// Room name.
         room: String,
@@ -191,10 +194,36 @@ enum Command {
         #[arg(default_value = "/")]
         path: String,
     },
-    /// Print the room's history, oldest first.
+    /// Settle a conflict by picking a candidate as `conflicts` numbers
+    /// them: a field's value (or a new one with --value), which entry
+    /// keeps a shared name (the others are renamed NAME~2, …), or where a
+    /// concurrently moved entry goes.
+    Resolve {
+        /// Room name.
+        room: String,
+        /// The entry's path (for a name conflict: the shared path).
+        path: String,
+        /// The field, for a field conflict.
+        field: Option<String>,
+        /// The candidate to keep (0: the one in effect).
+        #[arg(long, conflicts_with = "value")]
+        pick: Option<usize>,
+        /// A value of your own for the field, as JSON.
+        #[arg(long)]
+        value: Option<String>,
+    },
+    /// Print the room's history, oldest first: time (UTC), node id, author
+    /// and seq, and what each node did.
     Log {
         /// Room name.
         room: String,
+    },
+    /// Print one node: author, time, parents and every edit.
+    Show {
+        /// Room name.
+        room: String,
+        /// The node's id, or its first hex digits (at least 4).
+        node: String,
     },
     /// Print the room's state hash (hex): equal on replicas that converged.
     Hash {
@@ -309,12 +338,16 @@ impl From<Error> for Failed {
         use syncline_core::room::TxnError;
         let exit = match &e {
             Error::Path(PathError::NotFound(_))
-            | Error::Txn(TxnError::Path(PathError::NotFound(_))) => Exit::NotFound,
+            | Error::Txn(TxnError::Path(PathError::NotFound(_)))
+            | Error::NodeNotFound { .. }
+            | Error::NoConflict { .. } => Exit::NotFound,
             Error::Txn(TxnError::Unauthorized(_)) => Exit::Unauthorized,
             Error::Path(_)
             | Error::RoomName(_)
             | Error::Txn(_)
             | Error::Url { .. }
+            | Error::NodeId { .. }
+            | Error::NoSuchCandidate { .. }
             | Error::NotADirectory(_) => Exit::Usage,
             Error::Timeout(_) | Error::Sync(_) => Exit::Sync,
             Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => Exit::Storage,
@@ -504,37 +537,16 @@ fn run(cli: Cli) -> Outcome {
                 Ok(())
             }
         },
-        Command::Conflicts { room, path } => {
-            let conflicts = open(&cli)?.room(room)?.conflicts(path)?;
-            let all: Vec<serde_json::Value> = conflicts.iter().map(conflict_json).collect();
-            print(&cli, json!(all), || {
-                if all.is_empty() {
-                    "no conflicts".to_owned()
-                } else {
-                    all.iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                }
-            });
-            Ok(())
-        }
-        Command::Log { room } => {
-            let log = open(&cli)?.room(room)?.log();
-            let rows: Vec<serde_json::Value> = log
-                .iter()
-                .map(|(id, author, seq, wall)| json!({"node": id.to_string(), "author": author, "seq": seq, "wall_ms": wall}))
-                .collect();
-            print(&cli, json!(rows), || {
-                log.iter()
-                    .map(|(id, author, seq, wall)| {
-                        format!("{id}  {}…#{seq}  {wall}", &author[..12])
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
-            Ok(())
-        }
+        Command::Conflicts { room, path } => resolve::conflicts(&cli, room, path),
+        Command::Resolve {
+            room,
+            path,
+            field,
+            pick,
+            value,
+        } => resolve::resolve(&cli, room, path, field.as_deref(), *pick, value.as_deref()),
+        Command::Log { room } => history::log(&cli, room),
+        Command::Show { room, node } => history::show(&cli, room, node),
         Command::Hash { room } => {
             let hash = to_hex(&open(&cli)?.room(room)?.state_hash());
             print(&cli, json!({"room": room, "hash": hash}), || hash.clone());

@@ -143,7 +143,7 @@ fn a_server_killed_with_sigkill_loses_no_acknowledged_node_and_clients_resume() 
     let acked: Vec<String> = room
         .log()
         .into_iter()
-        .map(|(id, ..)| id.to_string())
+        .map(|node| node.id)
         .filter(|id| !unacked.contains(id))
         .collect();
     assert!(

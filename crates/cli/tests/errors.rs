@@ -54,7 +54,24 @@ fn every_error_class_exits_with_its_code_and_says_what_to_do() {
             3,
             &["no entry"],
         ),
+        case(&["show", "room", "0000"], 3, &["holds no node 0000"]),
+        case(
+            &["resolve", "room", "/a", "f", "--pick", "1"],
+            3,
+            &["nothing to resolve", "syncline conflicts"],
+        ),
         // 2: bad arguments.
+        case(&["show", "room", "zz"], 2, &["at least 4 hex digits"]),
+        case(
+            &["resolve", "room", "/a", "f"],
+            2,
+            &["give --pick N or --value JSON"],
+        ),
+        case(
+            &["resolve", "room", "/a", "--value", "1"],
+            2,
+            &["give the FIELD"],
+        ),
         case(
             &["text", "room", "/t", "insert", "99", "x"],
             2,

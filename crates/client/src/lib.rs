@@ -19,14 +19,18 @@
 //! # }
 //! ```
 
+mod history;
 mod lock;
 mod replica;
+mod resolve;
 mod sync;
 
+pub use history::NodeInfo;
 pub use replica::{Change, Entry, Error, Origin, Replica, Room};
+pub use resolve::Pick;
 pub use sync::{Status, Sync, SyncOptions, TokenSource, normalize_endpoint};
 /// Capabilities for locked rooms: mint them in an app backend
 /// (`auth::Capability::issue`), check them, delegate them.
 pub use syncline_core::auth;
-pub use syncline_core::doc::Conflict;
+pub use syncline_core::doc::{Conflict, Edit};
 pub use syncline_core::{EntryKind, Value};

@@ -13,7 +13,7 @@ use syncline_core::auth::{Capability, Claims};
 use syncline_core::dag::NodeIdx;
 use syncline_core::doc::{Conflict, PathError};
 use syncline_core::room::TxnError;
-use syncline_core::{AuthorId, EntryKind, NodeId, RoomId, Transaction, Value};
+use syncline_core::{AuthorId, EntryKind, RoomId, Transaction, Value};
 use syncline_store::{
     DurableRoom, MemoryStore, ReplicaError, SqliteOptions, SqliteStore, Store, StoreError,
 };
@@ -89,6 +89,38 @@ pub enum Error {
     SyncRunning {
         /// Its process id, if it could be read.
         pid: Option<u32>,
+    },
+    /// No node of the room has this id.
+    #[error("room {room} holds no node {id} (syncline log lists them)")]
+    NodeNotFound {
+        /// The room.
+        room: String,
+        /// The id or prefix asked for.
+        id: String,
+    },
+    /// There is no conflict of that kind to settle there.
+    #[error("{path}: nothing to resolve ({what}; syncline conflicts lists them)")]
+    NoConflict {
+        /// The path (or node) asked about.
+        path: String,
+        /// What was looked for.
+        what: &'static str,
+    },
+    /// A conflict candidate that is not listed.
+    #[error("candidate {picked} does not exist: pick 0 to {}", candidates - 1)]
+    NoSuchCandidate {
+        /// The candidate asked for.
+        picked: usize,
+        /// How many there are.
+        candidates: usize,
+    },
+    /// A node id (or prefix) that cannot name one node.
+    #[error("node id {id:?}: {why}")]
+    NodeId {
+        /// As given.
+        id: String,
+        /// What is wrong with it.
+        why: &'static str,
     },
 }
 
@@ -730,24 +762,6 @@ impl Room {
     /// Nodes in the room's history.
     pub fn node_count(&self) -> usize {
         self.read(|r| r.dag().len())
-    }
-
-    /// The history in causal order: (node id, author, seq, wall ms).
-    pub fn log(&self) -> Vec<(NodeId, String, u64, u64)> {
-        self.read(|r| {
-            let dag = r.dag();
-            dag.causal_order()
-                .into_iter()
-                .map(|i| {
-                    (
-                        dag.id(i),
-                        dag.author(i).to_string(),
-                        dag.seq(i),
-                        dag.hlc(i).wall_ms,
-                    )
-                })
-                .collect()
-        })
     }
 
     /// Local nodes the server has not acknowledged as durable.

@@ -189,3 +189,97 @@ fn a_difference_too_large_for_the_sketch_falls_back_to_the_version_vector() {
     wait_until(|| copy.node_count() == 601);
     assert_eq!(copy.state_hash(), room.state_hash());
 }
+
+/// Two in-memory replicas make each kind of conflict offline, meet through
+/// the relay, and one settles each: the other receives the settlement and
+/// the conflicts are gone on both.
+#[test]
+fn conflicts_settle_by_a_change_both_replicas_accept() {
+    use syncline::{Conflict, Pick};
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _runtime) = relay(&dir.path().join("relay"));
+    let a = Replica::in_memory().unwrap();
+    let b = Replica::in_memory().unwrap();
+    let (ra, rb) = (a.room("c").unwrap(), b.room("c").unwrap());
+    ra.transact(|tx| {
+        tx.set("/e", "v", 0.into())?;
+        tx.set("/p1", "v", 0.into())?;
+        tx.set("/p2", "v", 0.into())
+    })
+    .unwrap();
+    let sa = a.connect(&[url.as_str()], &["c"]).unwrap();
+    let sb = b.connect(&[url.as_str()], &["c"]).unwrap();
+    sa.flush(WAIT).unwrap();
+    sb.flush(WAIT).unwrap();
+    wait_until(|| rb.node_count() == 1);
+    drop((sa, sb));
+    // Offline: the same field, one name, and one entry's place.
+    ra.transact(|tx| {
+        tx.set("/todo", "title", "milk".into())?;
+        tx.create_unique("/", "inbox", syncline::EntryKind::Map, None)?;
+        tx.mv("/e", "/p1/e")
+    })
+    .unwrap();
+    rb.transact(|tx| {
+        tx.set("/todo", "title", "bread".into())?;
+        tx.create_unique("/", "inbox", syncline::EntryKind::Map, None)?;
+        tx.mv("/e", "/p2/e")
+    })
+    .unwrap();
+    let sa = a.connect(&[url.as_str()], &["c"]).unwrap();
+    let sb = b.connect(&[url.as_str()], &["c"]).unwrap();
+    sa.flush(WAIT).unwrap();
+    sb.flush(WAIT).unwrap();
+    wait_until(|| ra.node_count() == 3 && rb.node_count() == 3);
+    let kinds = |room: &syncline::Room| -> Vec<&'static str> {
+        let mut kinds: Vec<&str> = room
+            .conflicts("/")
+            .unwrap()
+            .iter()
+            .map(|c| match c {
+                Conflict::Field { .. } => "field",
+                Conflict::Name { .. } => "name",
+                Conflict::Move { .. } => "move",
+                Conflict::Delete { .. } => "delete",
+            })
+            .collect();
+        kinds.sort_unstable();
+        kinds
+    };
+    assert_eq!(kinds(&ra), ["field", "move", "name"]);
+    let lost = match ra.conflicts("/todo").unwrap().remove(0) {
+        Conflict::Field { losers, .. } => losers[0].value.clone().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    ra.resolve_field("/todo", "title", Pick::Candidate(1))
+        .unwrap();
+    let renamed = ra.resolve_name("/inbox", 0).unwrap();
+    assert_eq!(renamed, ["/inbox~2"]);
+    let moved_to = match ra
+        .conflicts("/")
+        .unwrap()
+        .into_iter()
+        .find_map(|c| match c {
+            Conflict::Move { path, .. } => Some(path),
+            _ => None,
+        }) {
+        Some(path) => ra.resolve_move(&path, 1).unwrap(),
+        None => panic!("the move conflict went away"),
+    };
+    assert!(
+        matches!(
+            ra.resolve_name("/todo", 0),
+            Err(syncline::Error::NoConflict { .. })
+        ),
+        "nothing to resolve there"
+    );
+    sa.flush(WAIT).unwrap();
+    wait_until(|| rb.node_count() == 6);
+    for room in [&ra, &rb] {
+        assert!(kinds(room).is_empty(), "{:?}", room.conflicts("/"));
+        assert_eq!(room.get("/todo", "title").unwrap(), Some(lost.clone()));
+        assert!(room.exists("/inbox").unwrap() && room.exists("/inbox~2").unwrap());
+        assert!(room.exists(&moved_to).unwrap());
+    }
+    assert_eq!(ra.state_hash(), rb.state_hash());
+}

@@ -662,6 +662,12 @@ impl Transaction<'_> {
     /// Moves the entry at `path` to `new_path` (whose parent must exist).
     pub fn mv(&mut self, path: &str, new_path: &str) -> Result<(), TxnError> {
         let entry = self.room.doc.resolve(path)?;
+        self.move_entry(entry, new_path)
+    }
+
+    /// Moves `entry` to `new_path` (whose parent must exist): for an entry
+    /// its path does not name, as when siblings share a name.
+    pub fn move_entry(&mut self, entry: EntryId, new_path: &str) -> Result<(), TxnError> {
         if entry == EntryId::ROOT {
             return Err(TxnError::Root);
         }

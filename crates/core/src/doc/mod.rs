@@ -8,6 +8,7 @@
 //! (deterministically) for the characters they reference.
 
 mod chars;
+mod describe;
 mod fields;
 pub mod seq;
 mod tree;
@@ -25,6 +26,8 @@ use crate::node::Node;
 use crate::node::NodeFormat;
 use crate::op::{CharNode, CharRef, EntryKind, Op, is_valid_name};
 use crate::value::Value;
+
+pub use describe::Edit;
 
 use chars::Chars;
 use fields::{Register, Write};
