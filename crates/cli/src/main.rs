@@ -88,9 +88,9 @@ enum Command {
     Invite {
         /// The room (or a prefix ending in `*`).
         room: String,
-        /// Relay URL (ws://host:port/ws).
+        /// Relay URL (ws://host:port/ws; default: the remembered remote).
         #[arg(long, env = "SYNCLINE_SERVER")]
-        server: String,
+        server: Option<String>,
         /// An admin token for the room.
         #[arg(long, env = "SYNCLINE_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -225,6 +225,15 @@ enum Command {
         /// The node's id, or its first hex digits (at least 4).
         node: String,
     },
+    /// Load a JSON file into a room: what `export` printed (the same
+    /// state), or any JSON object, whose nested objects become entries and
+    /// other values fields.
+    Import {
+        /// Room name.
+        room: String,
+        /// The JSON file (`-` for stdin).
+        file: PathBuf,
+    },
     /// Print the room's state hash (hex): equal on replicas that converged.
     Hash {
         /// Room name.
@@ -235,10 +244,17 @@ enum Command {
         /// Room name.
         room: String,
     },
+    /// Remember the relay this replica syncs with (used when --server is
+    /// not given), show it, or forget it.
+    Remote {
+        #[command(subcommand)]
+        action: Option<RemoteAction>,
+    },
     /// Sync rooms with a relay.
     Sync {
-        /// Relay URL (ws://host:port/ws); repeat for fallbacks, tried in order.
-        #[arg(long, env = "SYNCLINE_SERVER", required = true)]
+        /// Relay URL (ws://host:port/ws); repeat for fallbacks, tried in
+        /// order (default: the remembered remote).
+        #[arg(long, env = "SYNCLINE_SERVER")]
         server: Vec<String>,
         /// Rooms (default: every room of the replica).
         rooms: Vec<String>,
@@ -277,6 +293,20 @@ enum Command {
     /// Start a relay and three replicas in this process, edit one room
     /// concurrently offline, reconnect, and show that they converge.
     Demo,
+}
+
+#[derive(Debug, Subcommand)]
+enum RemoteAction {
+    /// Remember these relay URLs (tried in order).
+    Set {
+        /// ws://host:port/ws (the path defaults to /ws).
+        #[arg(required = true)]
+        urls: Vec<String>,
+    },
+    /// Print the remembered relay URLs (the default).
+    Show,
+    /// Forget them.
+    Clear,
 }
 
 #[derive(Debug, Subcommand)]
@@ -348,6 +378,7 @@ impl From<Error> for Failed {
             | Error::Url { .. }
             | Error::NodeId { .. }
             | Error::NoSuchCandidate { .. }
+            | Error::Import { .. }
             | Error::NotADirectory(_) => Exit::Usage,
             Error::Timeout(_) | Error::Sync(_) => Exit::Sync,
             Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => Exit::Storage,
@@ -437,7 +468,7 @@ fn run(cli: Cli) -> Outcome {
             &cli,
             &invite::InviteRequest {
                 room,
-                server,
+                server: &servers_or_remote(&open(&cli)?, server.as_slice())?[0],
                 token: token.as_deref(),
                 rights,
                 write_paths,
@@ -547,6 +578,7 @@ fn run(cli: Cli) -> Outcome {
         } => resolve::resolve(&cli, room, path, field.as_deref(), *pick, value.as_deref()),
         Command::Log { room } => history::log(&cli, room),
         Command::Show { room, node } => history::show(&cli, room, node),
+        Command::Import { room, file } => import(&cli, room, file),
         Command::Hash { room } => {
             let hash = to_hex(&open(&cli)?.room(room)?.state_hash());
             print(&cli, json!({"room": room, "hash": hash}), || hash.clone());
@@ -561,6 +593,7 @@ fn run(cli: Cli) -> Outcome {
             );
             Ok(())
         }
+        Command::Remote { action } => remote(&cli, action.as_ref()),
         Command::Sync {
             server,
             rooms,
@@ -773,6 +806,88 @@ fn edit(
         Some(id) => format!("committed {id}"),
         None => "nothing changed".to_owned(),
     });
+    Ok(())
+}
+
+fn remote(cli: &Cli, action: Option<&RemoteAction>) -> Outcome {
+    let replica = open(cli)?;
+    match action {
+        Some(RemoteAction::Set { urls }) => {
+            let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+            replica.set_remotes(&urls)?;
+        }
+        Some(RemoteAction::Clear) => replica.set_remotes(&[])?,
+        Some(RemoteAction::Show) | None => {}
+    }
+    let remotes = replica.remotes()?;
+    print(cli, json!({"remotes": remotes}), || {
+        if remotes.is_empty() {
+            "no remote: syncline remote set ws://HOST:PORT/ws".to_owned()
+        } else {
+            remotes.join("\n")
+        }
+    });
+    Ok(())
+}
+
+/// `given` servers, else the replica's remembered ones, else a usage
+/// error saying how to name one.
+pub(crate) fn servers_or_remote(
+    replica: &Replica,
+    given: &[String],
+) -> Result<Vec<String>, Failed> {
+    if !given.is_empty() {
+        return Ok(given.to_vec());
+    }
+    let remembered = replica.remotes()?;
+    if remembered.is_empty() {
+        return Err(Failed::new(
+            Exit::Usage,
+            "no server: pass --server ws://HOST:PORT/ws, set SYNCLINE_SERVER, or remember one \
+             with syncline remote set URL",
+        ));
+    }
+    Ok(remembered)
+}
+
+fn import(cli: &Cli, room: &str, file: &std::path::Path) -> Outcome {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(file)
+    }
+    .map_err(|e| {
+        let exit = if e.kind() == std::io::ErrorKind::NotFound {
+            Exit::NotFound
+        } else {
+            Exit::Failure
+        };
+        Failed::new(exit, format!("cannot read {}: {e}", file.display()))
+    })?;
+    let parsed: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Failed::new(Exit::Usage, format!("{} is not JSON: {e}", file.display())))?;
+    let value = from_json(&parsed).map_err(|e| Failed::new(Exit::Usage, e))?;
+    let imported = open(cli)?.room(room)?.import(&value)?;
+    print(
+        cli,
+        json!({
+            "room": room, "entries": imported.entries, "fields": imported.fields,
+            "texts": imported.texts, "nodes": imported.nodes,
+        }),
+        || {
+            format!(
+                "imported {} entries, {} fields and {} texts into {room}: {}",
+                imported.entries,
+                imported.fields,
+                imported.texts,
+                match imported.nodes {
+                    0 => "nothing changed".to_owned(),
+                    1 => "1 node".to_owned(),
+                    n => format!("{n} nodes"),
+                }
+            )
+        },
+    );
     Ok(())
 }
 

@@ -121,6 +121,7 @@ pub(crate) fn sync(
     timeout: Duration,
 ) -> Outcome {
     let replica = open(cli)?;
+    let servers = &crate::servers_or_remote(&replica, servers)?;
     let rooms: Vec<String> = if rooms.is_empty() {
         replica.stored_rooms()?
     } else {

@@ -79,3 +79,49 @@ fn conflicts_are_numbered_and_resolve_settles_them_everywhere() {
         3
     );
 }
+
+#[test]
+fn import_loads_json_and_what_export_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let plain = dir.path().join("plain.json");
+    std::fs::write(
+        &plain,
+        r#"{"todo": {"1": {"title": "milk", "done": false}}, "owner": "me"}"#,
+    )
+    .unwrap();
+    let said = ok(&a, &["import", "notes", plain.to_str().unwrap()]);
+    assert!(said.contains("2 entries, 3 fields"), "{said}");
+    assert_eq!(ok(&a, &["get", "notes", "/todo/1", "title"]), "milk");
+    assert_eq!(ok(&a, &["get", "notes", "/", "owner"]), "me");
+    ok(&a, &["text", "notes", "/doc", "insert", "0", "hello"]);
+    let exported = dir.path().join("export.json");
+    std::fs::write(&exported, ok(&a, &["export", "notes"])).unwrap();
+    ok(&b, &["import", "notes", exported.to_str().unwrap()]);
+    assert_eq!(ok(&b, &["export", "notes"]), ok(&a, &["export", "notes"]));
+    let again = ok(&b, &["import", "notes", exported.to_str().unwrap()]);
+    assert!(again.ends_with("nothing changed"), "{again}");
+    assert_eq!(cli(&b, &["import", "notes", "/no/such.json"]).0, 3);
+    std::fs::write(&plain, "[1, 2]").unwrap();
+    assert_eq!(cli(&b, &["import", "notes", plain.to_str().unwrap()]).0, 2);
+}
+
+#[test]
+fn a_remembered_remote_is_the_default_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let replica = dir.path().join("r");
+    assert!(ok(&replica, &["remote"]).starts_with("no remote"));
+    let (code, _, err) = common::run(&replica, &["sync", "notes"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("syncline remote set URL"), "{err}");
+    // Without the /ws path: it is the default, and kept normalized.
+    let bare = format!("ws://127.0.0.1:{}", server.port);
+    assert_eq!(ok(&replica, &["remote", "set", &bare]), server.url());
+    ok(&replica, &["set", "notes", "/a", "n", "1"]);
+    let synced = ok(&replica, &["sync", "notes"]);
+    assert!(synced.contains("notes: 1 nodes"), "{synced}");
+    assert_eq!(cli(&replica, &["remote", "set", "http://x:1"]).0, 2);
+    ok(&replica, &["remote", "clear"]);
+    assert!(ok(&replica, &["remote", "show"]).starts_with("no remote"));
+}

@@ -20,12 +20,14 @@
 //! ```
 
 mod history;
+mod import;
 mod lock;
 mod replica;
 mod resolve;
 mod sync;
 
 pub use history::NodeInfo;
+pub use import::Imported;
 pub use replica::{Change, Entry, Error, Origin, Replica, Room};
 pub use resolve::Pick;
 pub use sync::{Status, Sync, SyncOptions, TokenSource, normalize_endpoint};

@@ -114,6 +114,12 @@ pub enum Error {
         /// How many there are.
         candidates: usize,
     },
+    /// A value that cannot be imported (see `Room::import`).
+    #[error("cannot import: {why}")]
+    Import {
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A node id (or prefix) that cannot name one node.
     #[error("node id {id:?}: {why}")]
     NodeId {
@@ -361,6 +367,39 @@ impl Replica {
         Ok(())
     }
 
+    /// Remembers `servers` (relay URLs, tried in this order) as this
+    /// replica's default, for apps and commands that are given none; an
+    /// empty list forgets them. Each URL is checked as
+    /// [`Replica::connect`] checks it, and kept normalized.
+    ///
+    /// ```
+    /// let replica = syncline::Replica::in_memory()?;
+    /// replica.set_remotes(&["ws://127.0.0.1:7700"])?;
+    /// assert_eq!(replica.remotes()?, ["ws://127.0.0.1:7700/ws"]);
+    /// assert!(replica.set_remotes(&["http://127.0.0.1:7700"]).is_err());
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
+    pub fn set_remotes(&self, servers: &[&str]) -> Result<(), Error> {
+        let normalized = servers
+            .iter()
+            .map(|s| crate::sync::normalize_endpoint(s))
+            .collect::<Result<Vec<String>, Error>>()?;
+        self.inner
+            .store
+            .put_meta(REMOTES, normalized.join("\n").as_bytes())?;
+        Ok(())
+    }
+
+    /// The servers [`Replica::set_remotes`] remembered (none by default).
+    pub fn remotes(&self) -> Result<Vec<String>, Error> {
+        let bytes = self.inner.store.get_meta(REMOTES)?.unwrap_or_default();
+        Ok(String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// The token kept for `room`, if any.
     pub fn saved_token(&self, room: &str) -> Result<Option<String>, Error> {
         let bytes = self.inner.store.get_meta(&format!("token/{room}"))?;
@@ -507,6 +546,9 @@ pub(crate) struct RoomState {
     /// node's history (`auth::governance`).
     pub(crate) grant: Option<Capability>,
 }
+
+/// Metadata key of the servers a replica syncs with by default.
+const REMOTES: &str = "remotes";
 
 /// Metadata key of the relays' keys a replica trusts.
 const TRUSTED_RELAYS: &str = "trusted-relays";

@@ -597,6 +597,15 @@ impl Doc {
         self.fields.get(id)?.get(field)?.winner()?.value.as_ref()
     }
 
+    /// Whether `field` of entry `id` has concurrent writes still listed as
+    /// a conflict.
+    pub fn has_conflict(&self, id: &EntryId, field: &str) -> bool {
+        self.fields
+            .get(id)
+            .and_then(|f| f.get(field))
+            .is_some_and(|reg| !reg.losers().is_empty())
+    }
+
     /// Every set field of entry `id`.
     pub fn fields(&self, id: &EntryId) -> BTreeMap<&str, &Value> {
         self.fields
