@@ -379,8 +379,11 @@ impl From<Error> for Failed {
             | Error::NodeId { .. }
             | Error::NoSuchCandidate { .. }
             | Error::Import { .. }
+            | Error::Pattern { .. }
             | Error::NotADirectory(_) => Exit::Usage,
-            Error::Timeout(_) | Error::Sync(_) => Exit::Sync,
+            Error::Timeout { .. } | Error::NoEndpoint => Exit::Sync,
+            Error::Token(_) | Error::NotHolder { .. } => Exit::Usage,
+            Error::Thread(_) => Exit::Failure,
             Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => Exit::Storage,
             // The replica is in use in a way that excludes this command.
             Error::Locked { .. } | Error::SyncRunning { .. } => Exit::Storage,
@@ -389,7 +392,7 @@ impl From<Error> for Failed {
             Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => {
                 " (is --replica a writable directory on a disk with free space?)"
             }
-            Error::Timeout(_) | Error::Sync(_) => " (is the server running? check --server)",
+            Error::Timeout { .. } => " (is the server running? check --server)",
             _ => "",
         };
         Failed::new(exit, format!("{e}{hint}"))

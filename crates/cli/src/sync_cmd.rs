@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use syncline::auth::Capability;
-use syncline::{Origin, Replica, SyncOptions, TokenSource};
+use syncline::{Change, Origin, Replica, Subscription, SyncHandle, SyncOptions, TokenSource};
 use syncline_core::RoomId;
 use syncline_core::ids::to_hex;
-use syncline_core::proto::scope::Scope;
 
+use crate::json::to_json;
 use crate::{Cli, Exit, Failed, Outcome, open, print};
 
 /// The SDK's options for `servers`: presenting `token` for every room if
@@ -134,9 +134,19 @@ pub(crate) fn sync(
         ));
     }
     let names: Vec<&str> = rooms.iter().map(String::as_str).collect();
+    // Subscribed before syncing starts, so nothing it brings is missed.
+    let subscriptions = if watch {
+        let subscriptions = names
+            .iter()
+            .map(|name| Ok(replica.room(name)?.changes()))
+            .collect::<Result<Vec<_>, Failed>>()?;
+        Some(subscriptions)
+    } else {
+        None
+    };
     let sync = replica.connect_with(options(&replica, servers, token)?, &names)?;
-    if watch {
-        return follow(cli, &replica, &names, None, Some(&sync));
+    if let Some(subscriptions) = subscriptions {
+        return follow(cli, subscriptions, Some(&sync));
     }
     let mut reporter = Reporter::default();
     // A bar of nodes moved: received by catch-ups plus uploads acknowledged,
@@ -259,34 +269,28 @@ pub(crate) fn watch(
     token: Option<&str>,
 ) -> Outcome {
     let replica = open(cli)?;
-    let scope = match pattern {
-        Some(p) => {
-            Scope::parse(&[p.to_owned()]).map_err(|e| Failed::new(Exit::Usage, e.to_string()))?
-        }
-        None => Scope::everything(),
+    // Subscribed before syncing starts, so nothing it brings is missed.
+    let subscription = match pattern {
+        Some(p) => replica.room(room)?.subscribe(p)?,
+        None => replica.room(room)?.changes(),
     };
     let sync = if servers.is_empty() {
         None
     } else {
         Some(replica.connect_with(options(&replica, servers, token)?, &[room])?)
     };
-    follow(cli, &replica, &[room], Some(&scope), sync.as_ref())
+    follow(cli, vec![subscription], sync.as_ref())
 }
 
-/// Prints the rooms' changes as they happen, until interrupted.
-fn follow(
-    cli: &Cli,
-    replica: &Replica,
-    rooms: &[&str],
-    scope: Option<&Scope>,
-    sync: Option<&syncline::Sync>,
-) -> Outcome {
+/// Prints the subscriptions' changes as they happen, until interrupted:
+/// each field with its old and new value, each text edit, and the other
+/// paths touched.
+fn follow(cli: &Cli, subscriptions: Vec<Subscription>, sync: Option<&SyncHandle>) -> Outcome {
     let (tx, rx) = std::sync::mpsc::channel();
-    for name in rooms {
-        let changes = replica.room(name)?.changes();
+    for subscription in subscriptions {
         let tx = tx.clone();
         std::thread::spawn(move || {
-            for change in changes {
+            for change in subscription {
                 if tx.send(change).is_err() {
                     break;
                 }
@@ -304,37 +308,69 @@ fn follow(
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        let paths: Vec<&String> = change
-            .paths
-            .iter()
-            .filter(|p| {
-                let names: Vec<&str> = p.split('/').filter(|s| !s.is_empty()).collect();
-                scope.is_none_or(|s| s.matches(&names))
-            })
-            .collect();
-        if paths.is_empty() {
-            continue;
-        }
         let origin = match change.origin {
             Origin::Local => "local",
             Origin::Remote => "remote",
             Origin::OtherProcess => "other-process",
         };
+        let fields: Vec<serde_json::Value> = change
+            .fields
+            .iter()
+            .map(|f| {
+                json!({
+                    "path": f.path, "field": f.field,
+                    "old": f.old.as_ref().map(to_json), "new": f.new.as_ref().map(to_json),
+                })
+            })
+            .collect();
+        let texts: Vec<serde_json::Value> = change
+            .texts
+            .iter()
+            .map(|t| json!({"path": t.path, "pos": t.pos, "deleted": t.deleted, "inserted": t.inserted}))
+            .collect();
         print(
             cli,
-            json!({"room": change.room, "origin": origin, "paths": paths}),
-            || {
-                format!(
-                    "{} {origin}: {}",
-                    change.room,
-                    paths
-                        .iter()
-                        .map(|p| p.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                )
-            },
+            json!({
+                "room": change.room, "origin": origin, "paths": change.paths,
+                "fields": fields, "texts": texts, "missed": change.missed,
+            }),
+            || describe_change(&change, origin),
         );
     }
     Ok(())
+}
+
+/// A change in one line per field and text edit (the paths alone if it
+/// has neither): `ROOM ORIGIN: PATH FIELD: OLD -> NEW`.
+fn describe_change(change: &Change, origin: &str) -> String {
+    let show = |v: &Option<syncline::Value>| {
+        v.as_ref()
+            .map_or("(unset)".to_owned(), |v| to_json(v).to_string())
+    };
+    let head = format!("{} {origin}:", change.room);
+    let mut lines: Vec<String> = Vec::new();
+    if change.missed > 0 {
+        lines.push(format!("{head} ({} changes missed)", change.missed));
+    }
+    for f in &change.fields {
+        lines.push(format!(
+            "{head} {} {}: {} -> {}",
+            f.path,
+            f.field,
+            show(&f.old),
+            show(&f.new)
+        ));
+    }
+    for t in &change.texts {
+        let what = match (t.deleted, t.inserted.is_empty()) {
+            (0, _) => format!("insert {:?} at {}", t.inserted, t.pos),
+            (n, true) => format!("delete {n} at {}", t.pos),
+            (n, false) => format!("replace {n} at {} with {:?}", t.pos, t.inserted),
+        };
+        lines.push(format!("{head} {} {what}", t.path));
+    }
+    if change.fields.is_empty() && change.texts.is_empty() {
+        lines.push(format!("{head} {}", change.paths.join(" ")));
+    }
+    lines.join("\n")
 }

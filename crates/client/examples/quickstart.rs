@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use syncline::{Origin, Replica, Value};
+use syncline::{Origin, Replica};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
@@ -39,18 +39,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     a.flush(Duration::from_secs(10))?;
     b.flush(Duration::from_secs(10))?;
 
-    // Live: bob sees alice's next edit as a remote change.
-    let changes = bob.room("notes")?.changes();
+    // Live: bob sees alice's next edit as a remote change, with the
+    // field's old and new value.
+    let todo = bob.room("notes")?.subscribe("/todo/**")?;
     alice
         .room("notes")?
         .transact(|tx| tx.set("/todo/1", "done", true.into()))?;
     let change = loop {
-        let c = changes.recv_timeout(Duration::from_secs(10))?;
-        if c.origin == Origin::Remote && c.paths.iter().any(|p| p == "/todo/1") {
+        let c = todo.recv_timeout(Duration::from_secs(10))?;
+        if c.origin == Origin::Remote && !c.fields.is_empty() {
             break c;
         }
     };
-    println!("bob saw a remote change of {:?}", change.paths);
+    for field in &change.fields {
+        println!(
+            "bob saw {} {} change: {:?} -> {:?}",
+            field.path, field.field, field.old, field.new
+        );
+    }
 
     // Both hold both todos and the same state.
     let notes = bob.room("notes")?;
@@ -62,10 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .list("/todo")?
         .iter()
         .filter_map(|e| notes.get(&e.path, "title").ok().flatten())
-        .map(|v| match v {
-            Value::Str(s) => s,
-            other => format!("{other:?}"),
-        })
+        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
         .collect();
     println!("bob's todos: {}", titles.join(", "));
     let same = alice.room("notes")?.state_hash() == notes.state_hash();

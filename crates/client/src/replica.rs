@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,6 +20,7 @@ use thiserror::Error;
 use tokio::sync::Notify;
 use tracing::warn;
 
+use crate::changes::{Change, Listener, Subscription};
 use crate::lock::{Locks, RoomLock};
 
 /// Why an SDK call failed.
@@ -50,11 +50,42 @@ pub enum Error {
     #[error("invalid room name {0:?}: use 1-128 bytes of letters, digits, '-', '_', '.', '/'")]
     RoomName(String),
     /// The server did not acknowledge everything in time.
-    #[error("timed out: {0}")]
-    Timeout(String),
-    /// No server could be reached or a URL is unusable.
-    #[error("sync: {0}")]
-    Sync(String),
+    #[error(
+        "timed out after {} s: {}",
+        waited.as_secs_f64(),
+        match (connected, last_error) {
+            (true, _) => format!("{unacknowledged} local nodes still unacknowledged"),
+            (false, Some(e)) => format!("not connected: {e}"),
+            (false, None) => "not connected yet".to_owned(),
+        }
+    )]
+    Timeout {
+        /// How long the wait was.
+        waited: Duration,
+        /// Whether the engine was connected when it ended.
+        connected: bool,
+        /// Local nodes the server had not acknowledged.
+        unacknowledged: usize,
+        /// Why the last connection attempt failed, if one did.
+        last_error: Option<String>,
+    },
+    /// A sync was asked for with no server to sync with.
+    #[error("no server given to sync with")]
+    NoEndpoint,
+    /// The sync engine's thread could not start.
+    #[error("cannot start the sync thread: {0}")]
+    Thread(std::io::Error),
+    /// A capability token that does not decode or verify.
+    #[error("not a usable token: {0}")]
+    Token(#[from] syncline_core::auth::CapabilityError),
+    /// A capability to delegate that was issued to another key.
+    #[error("the parent token was issued to {subject}, not to this replica ({replica})")]
+    NotHolder {
+        /// Whom the parent token names.
+        subject: String,
+        /// This replica's key.
+        replica: String,
+    },
     /// A server URL that can never work (not `ws://host:port[/path]`).
     #[error("bad server URL {url:?}: {why}")]
     Url {
@@ -120,6 +151,14 @@ pub enum Error {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// A path pattern that does not parse.
+    #[error("path pattern {pattern:?}: {source}")]
+    Pattern {
+        /// As given.
+        pattern: String,
+        /// Why.
+        source: syncline_core::proto::scope::ScopeError,
+    },
     /// A node id (or prefix) that cannot name one node.
     #[error("node id {id:?}: {why}")]
     NodeId {
@@ -140,19 +179,6 @@ pub enum Origin {
     /// Nodes another process sharing the replica directory stored: its
     /// transactions, or what its sync received.
     OtherProcess,
-}
-
-/// A change to a room: which paths it touched.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Change {
-    /// The room.
-    pub room: String,
-    /// Local or remote.
-    pub origin: Origin,
-    /// Paths of the entries changed (deduplicated, sorted).
-    pub paths: Vec<String>,
-    /// Nodes this change consists of.
-    pub nodes: usize,
 }
 
 /// One child entry as listed.
@@ -255,6 +281,17 @@ impl std::fmt::Debug for Replica {
 
 impl Replica {
     /// Opens (creating if needed) the replica in directory `dir`.
+    ///
+    /// ```
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let replica = syncline::Replica::open(dir.path().join("my-replica"))?;
+    /// replica.room("notes")?.transact(|tx| tx.set("/a", "n", 1.into()))?;
+    /// drop(replica);
+    /// // Reopened, it holds what was written.
+    /// let again = syncline::Replica::open(dir.path().join("my-replica"))?;
+    /// assert_eq!(again.room("notes")?.get("/a", "n")?, Some(1.into()));
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
     pub fn open(dir: impl AsRef<Path>) -> Result<Replica, Error> {
         let dir = dir.as_ref().to_path_buf();
         if dir.is_file() {
@@ -349,8 +386,7 @@ impl Replica {
     /// `syncline join` got for it), for [`Replica::saved_token`].
     pub fn save_token(&self, room: &str, token: &str) -> Result<(), Error> {
         let id = RoomId::new(room).map_err(|_| Error::RoomName(room.to_owned()))?;
-        let cap =
-            Capability::from_token(token).map_err(|e| Error::Sync(format!("not a token: {e}")))?;
+        let cap = Capability::from_token(token)?;
         self.inner
             .store
             .put_meta(&format!("token/{room}"), token.as_bytes())?;
@@ -412,11 +448,10 @@ impl Replica {
     /// result. Signed with this replica's key.
     pub fn delegate(&self, parent: Capability, claims: Claims) -> Result<Capability, Error> {
         if parent.claims.subject != self.inner.key.author() {
-            return Err(Error::Sync(format!(
-                "the parent token was issued to {}, not to this replica ({})",
-                parent.claims.subject,
-                self.author()
-            )));
+            return Err(Error::NotHolder {
+                subject: parent.claims.subject.to_string(),
+                replica: self.author(),
+            });
         }
         Ok(Capability::issue(&self.inner.key, claims, Some(parent)))
     }
@@ -492,7 +527,7 @@ impl std::fmt::Debug for Room {
 pub(crate) struct RoomShared {
     pub(crate) id: RoomId,
     pub(crate) state: Mutex<RoomState>,
-    listeners: Mutex<Vec<Sender<Change>>>,
+    listeners: Mutex<Vec<Listener>>,
     /// Wakes the sync engine when a local commit queued frames.
     pub(crate) wake: Mutex<Option<Arc<Notify>>>,
     /// The replica's locks across processes.
@@ -506,7 +541,7 @@ pub(crate) struct Writing<'a> {
     room: &'a RoomShared,
     state: Option<MutexGuard<'a, RoomState>>,
     across: Option<RoomLock>,
-    caught_up: Option<(Vec<String>, usize)>,
+    caught_up: Option<Change>,
 }
 
 impl std::ops::Deref for Writing<'_> {
@@ -526,8 +561,8 @@ impl Drop for Writing<'_> {
     fn drop(&mut self) {
         self.state.take();
         self.across.take();
-        if let Some((paths, nodes)) = self.caught_up.take() {
-            self.room.caught_up(paths, nodes);
+        if let Some(change) = self.caught_up.take() {
+            self.room.caught_up(change);
         }
     }
 }
@@ -577,7 +612,7 @@ impl RoomState {
     /// or last caught up, and passes this replica's own nodes among them to
     /// the sync session, if one runs here. Returns the paths they touched
     /// and how many there were, if any.
-    fn catch_up(&mut self) -> Result<Option<(Vec<String>, usize)>, Error> {
+    fn catch_up(&mut self) -> Result<Option<Change>, Error> {
         let appended = self.durable.refresh()?;
         if appended.is_empty() {
             return Ok(None);
@@ -598,7 +633,13 @@ impl RoomState {
                 link.send_local(session_now(), durable, &own);
             }
         }
-        Ok(Some((touched_paths(durable.room(), &nodes), nodes.len())))
+        let details = durable.take_details();
+        Ok(Some(Change::of(
+            durable.room(),
+            Origin::OtherProcess,
+            &nodes,
+            details,
+        )))
     }
 }
 
@@ -624,17 +665,23 @@ impl RoomShared {
     /// no lock across processes is needed).
     pub(crate) fn catch_up(&self) -> Result<(), Error> {
         let caught_up = self.lock().catch_up()?;
-        if let Some((paths, nodes)) = caught_up {
-            self.caught_up(paths, nodes);
+        if let Some(change) = caught_up {
+            self.caught_up(change);
         }
         Ok(())
     }
 
     /// Tells listeners about nodes another process stored, and the sync
     /// engine about any it should upload.
-    fn caught_up(&self, paths: Vec<String>, nodes: usize) {
+    fn caught_up(&self, change: Change) {
         self.wake_engine();
-        self.notify(Origin::OtherProcess, paths, nodes);
+        self.notify(&change);
+    }
+
+    /// Makes `wake` the sync engine to wake on local commits (`None`: no
+    /// engine syncs the room).
+    pub(crate) fn set_wake(&self, wake: Option<Arc<Notify>>) {
+        *self.wake.lock().unwrap_or_else(|p| p.into_inner()) = wake;
     }
 
     /// Wakes the sync engine, if one runs here, to send what was queued.
@@ -644,16 +691,11 @@ impl RoomShared {
         }
     }
 
-    /// Tells every listener about a change.
-    pub(crate) fn notify(&self, origin: Origin, paths: Vec<String>, nodes: usize) {
-        let change = Change {
-            room: self.id.as_str().to_owned(),
-            origin,
-            paths,
-            nodes,
-        };
+    /// Tells every listener about a change (dropping those whose
+    /// subscription was dropped).
+    pub(crate) fn notify(&self, change: &Change) {
         let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
-        listeners.retain(|l| l.send(change.clone()).is_ok());
+        listeners.retain_mut(|l| l.offer(change));
     }
 }
 
@@ -681,11 +723,25 @@ impl Room {
     /// Runs `edit` as one transaction, durable when this returns, and sends
     /// it to the server if connected. Returns the new node's id (`None` if
     /// `edit` changed nothing).
+    ///
+    /// ```
+    /// let notes = syncline::Replica::in_memory()?.room("notes")?;
+    /// let id = notes.transact(|tx| {
+    ///     tx.set("/todo/1", "title", "milk".into())?;
+    ///     tx.text_insert("/todo/1/details", 0, "two litres")?;
+    ///     tx.mv("/todo/1", "/done")
+    /// })?;
+    /// assert!(id.is_some());
+    /// // A refused step refuses the whole transaction: nothing is written.
+    /// assert!(notes.transact(|tx| tx.delete("/missing")).is_err());
+    /// assert_eq!(notes.node_count(), 1);
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
     pub fn transact(
         &self,
         edit: impl FnOnce(&mut Transaction<'_>) -> Result<(), TxnError>,
     ) -> Result<Option<String>, Error> {
-        let (id, paths) = {
+        let (id, change) = {
             let mut state = self.shared.write()?;
             let carry = state.grant_to_carry();
             let Some(committed) = state
@@ -709,23 +765,60 @@ impl Room {
             if let Some(link) = session.as_mut() {
                 link.send_local(session_now(), durable, &[committed.idx]);
             }
-            let paths = touched_paths(durable.room(), &[committed.idx]);
-            (durable.room().dag().id(committed.idx), paths)
+            let details = durable.take_details();
+            let change = Change::of(durable.room(), Origin::Local, &[committed.idx], details);
+            (durable.room().dag().id(committed.idx), change)
         };
         self.shared.wake_engine();
-        self.shared.notify(Origin::Local, paths, 1);
+        self.shared.notify(&change);
         Ok(Some(id.to_string()))
     }
 
-    /// A stream of this room's changes, local and remote, from now on.
-    pub fn changes(&self) -> Receiver<Change> {
-        let (tx, rx) = channel();
+    /// This room's changes, local, remote and from other processes, from
+    /// now until the subscription is dropped.
+    ///
+    /// ```
+    /// let notes = syncline::Replica::in_memory()?.room("notes")?;
+    /// let changes = notes.changes();
+    /// notes.transact(|tx| tx.text_insert("/doc", 0, "hi"))?;
+    /// let change = changes.try_recv().expect("a change");
+    /// assert_eq!((change.texts[0].pos, change.texts[0].inserted.as_str()), (0, "hi"));
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
+    pub fn changes(&self) -> Subscription {
+        self.listen(None).expect("no pattern to refuse")
+    }
+
+    /// This room's changes at paths matching `pattern` (`/todo/**`: the
+    /// entry and everything under it; `*` matches within one name), from
+    /// now until the subscription is dropped. Each change lists only what
+    /// falls inside.
+    ///
+    /// ```
+    /// let notes = syncline::Replica::in_memory()?.room("notes")?;
+    /// let todo = notes.subscribe("/todo/**")?;
+    /// notes.transact(|tx| tx.set("/todo/1", "title", "milk".into()))?;
+    /// notes.transact(|tx| tx.set("/elsewhere", "n", 1.into()))?;
+    /// let change = todo.try_recv().expect("the first change");
+    /// assert_eq!(change.fields[0].path, "/todo/1");
+    /// assert_eq!(change.fields[0].new, Some("milk".into()));
+    /// assert!(todo.try_recv().is_none(), "the second is outside the pattern");
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
+    pub fn subscribe(&self, pattern: &str) -> Result<Subscription, Error> {
+        self.listen(Some(pattern))
+    }
+
+    fn listen(&self, pattern: Option<&str>) -> Result<Subscription, Error> {
+        let (subscription, listener) = Subscription::new(pattern)?;
+        // Changes carry their details from now on.
+        self.shared.lock().durable.record_details(true);
         self.shared
             .listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(tx);
-        rx
+            .push(listener);
+        Ok(subscription)
     }
 
     fn read<T>(&self, f: impl FnOnce(&syncline_core::Room) -> T) -> T {
@@ -742,6 +835,16 @@ impl Room {
     }
 
     /// The value of `field` of the entry at `path`.
+    ///
+    /// ```
+    /// let notes = syncline::Replica::in_memory()?.room("notes")?;
+    /// notes.transact(|tx| tx.set("/todo/1", "title", "milk".into()))?;
+    /// let title = notes.get("/todo/1", "title")?;
+    /// assert_eq!(title.as_ref().and_then(|v| v.as_str()), Some("milk"));
+    /// assert_eq!(notes.get("/todo/1", "done")?, None);
+    /// assert!(notes.get("/missing", "title").is_err());
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
     pub fn get(&self, path: &str, field: &str) -> Result<Option<Value>, Error> {
         self.read(|r| {
             let id = r.doc().resolve(path)?;
@@ -762,6 +865,17 @@ impl Room {
     }
 
     /// The children of the entry at `path`, in display order.
+    ///
+    /// ```
+    /// let notes = syncline::Replica::in_memory()?.room("notes")?;
+    /// notes.transact(|tx| {
+    ///     tx.set("/todo/1", "title", "milk".into())?;
+    ///     tx.set("/todo/2", "title", "bread".into())
+    /// })?;
+    /// let names: Vec<String> = notes.list("/todo")?.into_iter().map(|e| e.name).collect();
+    /// assert_eq!(names, ["1", "2"]);
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
     pub fn list(&self, path: &str) -> Result<Vec<Entry>, Error> {
         self.read(|r| {
             let id = r.doc().resolve(path)?;
@@ -779,6 +893,14 @@ impl Room {
     }
 
     /// The text of the text entry at `path`.
+    ///
+    /// ```
+    /// let notes = syncline::Replica::in_memory()?.room("notes")?;
+    /// notes.transact(|tx| tx.text_insert("/doc", 0, "hello"))?;
+    /// notes.transact(|tx| tx.text_insert("/doc", 5, " world"))?;
+    /// assert_eq!(notes.text("/doc")?, "hello world");
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
     pub fn text(&self, path: &str) -> Result<String, Error> {
         self.read(|r| {
             let id = r.doc().resolve(path)?;
@@ -787,11 +909,28 @@ impl Room {
     }
 
     /// Conflicts at and below `path`.
+    ///
+    /// ```
+    /// let notes = syncline::Replica::in_memory()?.room("notes")?;
+    /// notes.transact(|tx| tx.set("/a", "n", 1.into()))?;
+    /// // One replica's own writes never conflict; concurrent ones do.
+    /// assert!(notes.conflicts("/")?.is_empty());
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
     pub fn conflicts(&self, path: &str) -> Result<Vec<Conflict>, Error> {
         self.read(|r| Ok(r.doc().conflicts(r.dag(), path)?))
     }
 
     /// The whole visible state as a value (see `Doc::export`).
+    ///
+    /// ```
+    /// let notes = syncline::Replica::in_memory()?.room("notes")?;
+    /// notes.transact(|tx| tx.set("/a", "n", 1.into()))?;
+    /// let state = notes.export();
+    /// let a = &state.as_map().unwrap()["children"].as_map().unwrap()["a"];
+    /// assert_eq!(a.as_map().unwrap()["fields"].as_map().unwrap()["n"], 1.into());
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
     pub fn export(&self) -> Value {
         self.read(|r| r.doc().export())
     }
@@ -807,6 +946,13 @@ impl Room {
     }
 
     /// Local nodes the server has not acknowledged as durable.
+    ///
+    /// ```
+    /// let notes = syncline::Replica::in_memory()?.room("notes")?;
+    /// notes.transact(|tx| tx.set("/a", "n", 1.into()))?;
+    /// assert_eq!(notes.unacknowledged()?, 1, "no server has it yet");
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
     pub fn unacknowledged(&self) -> Result<usize, Error> {
         Ok(self.shared.lock().durable.outbox_len())
     }

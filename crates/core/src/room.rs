@@ -191,6 +191,18 @@ impl Room {
         self.dag.set_signature(idx, sig);
     }
 
+    /// Starts (or stops) recording what applied operations change (see
+    /// [`Doc::record_details`]).
+    pub fn record_details(&mut self, on: bool) {
+        self.doc.record_details(on);
+    }
+
+    /// What applied operations changed since the last call (see
+    /// [`Doc::take_details`]).
+    pub fn take_details(&mut self) -> (Vec<crate::doc::Detail>, usize) {
+        self.doc.take_details()
+    }
+
     /// The room id.
     pub fn id(&self) -> &RoomId {
         self.dag.room()
@@ -823,7 +835,10 @@ impl Transaction<'_> {
 impl Drop for Transaction<'_> {
     fn drop(&mut self) {
         if !self.done && !self.ops.is_empty() {
+            // What the undone changes recorded goes with them.
+            let details = self.room.doc.records_details();
             self.room.doc = Doc::replay(&self.room.dag);
+            self.room.doc.record_details(details);
         }
     }
 }

@@ -212,6 +212,17 @@ impl std::fmt::Display for Value {
     }
 }
 
+/// Accessors: each gives the value if it is of that kind.
+///
+/// ```
+/// use syncline_core::Value;
+/// let v = Value::from("milk");
+/// assert_eq!(v.as_str(), Some("milk"));
+/// assert_eq!(v.as_i64(), None);
+/// assert_eq!(Value::from(3).as_f64(), Some(3.0));
+/// assert_eq!(Value::from(None::<bool>), Value::Null);
+/// assert_eq!(Value::from(vec![Value::from(true)]).to_string(), "[true]");
+/// ```
 impl Value {
     /// The string, if this is one.
     pub fn as_str(&self) -> Option<&str> {

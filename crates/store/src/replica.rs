@@ -165,6 +165,8 @@ pub struct DurableRoom {
     opened: Opened,
     /// See [`DurableRoom::set_checkpoint_min_nodes`].
     checkpoint_min_nodes: NodeIdx,
+    /// Whether the room records details (kept across reloads).
+    details: bool,
 }
 
 /// How a room was opened.
@@ -246,6 +248,7 @@ impl DurableRoom {
             outbox: outbox.into_iter().collect(),
             opened,
             checkpoint_min_nodes: CHECKPOINT_MIN_NODES,
+            details: false,
         })
     }
 
@@ -296,9 +299,11 @@ impl DurableRoom {
 
     fn reload(&mut self) -> Result<(), ReplicaError> {
         let min = self.checkpoint_min_nodes;
+        let details = self.details;
         let trusted = self.room.dag().governance().map(|g| g.trusted().to_vec());
         *self = DurableRoom::load(self.store.clone(), self.key.clone(), self.room.id())?;
         self.checkpoint_min_nodes = min;
+        self.record_details(details);
         // Write authority is checked after a reload as before it.
         if let Some(trusted) = trusted {
             self.govern(trusted);
@@ -341,6 +346,19 @@ impl DurableRoom {
             .unwrap_or(NodeIdx::MAX)
             .min(self.stored);
         Ok(appended)
+    }
+
+    /// Starts (or stops) recording what changes apply (see
+    /// `Doc::record_details`); kept when the room reloads.
+    pub fn record_details(&mut self, on: bool) {
+        self.details = on;
+        self.room.record_details(on);
+    }
+
+    /// What applied changes did since the last call (see
+    /// `Doc::take_details`).
+    pub fn take_details(&mut self) -> (Vec<syncline_core::doc::Detail>, usize) {
+        self.room.take_details()
     }
 
     /// The key this replica writes with.

@@ -277,6 +277,51 @@ pub struct Changes {
     pub entries: Vec<EntryId>,
 }
 
+/// What an applied operation changed in a field or a text, as
+/// [`Doc::record_details`] records it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Detail {
+    /// The value of a field in effect changed.
+    Field {
+        /// The entry.
+        entry: EntryId,
+        /// The field.
+        field: String,
+        /// The value in effect before (`None`: unset).
+        old: Option<Value>,
+        /// The value in effect after.
+        new: Option<Value>,
+    },
+    /// A text changed.
+    Text {
+        /// The text entry.
+        entry: EntryId,
+        /// Where and how, in characters.
+        edit: seq::TextEdit,
+    },
+}
+
+/// Details a document keeps until taken, at most: past this, it counts
+/// what it drops (a reader that never takes them costs this much).
+pub const MAX_DETAILS: usize = 65_536;
+
+/// Details recorded and not yet taken.
+#[derive(Clone, Debug, Default)]
+struct Details {
+    kept: Vec<Detail>,
+    dropped: usize,
+}
+
+impl Details {
+    fn push(&mut self, detail: Detail) {
+        if self.kept.len() < MAX_DETAILS {
+            self.kept.push(detail);
+        } else {
+            self.dropped += 1;
+        }
+    }
+}
+
 /// The materialized state of one room.
 #[derive(Clone, Debug, Default)]
 pub struct Doc {
@@ -285,6 +330,8 @@ pub struct Doc {
     texts: IdMap<EntryId, TextState>,
     /// Local numbers of every character the history inserted.
     chars: Chars,
+    /// What applied operations changed, while recorded.
+    details: Option<Details>,
 }
 
 impl Doc {
@@ -337,6 +384,33 @@ impl Doc {
     /// Numbers the characters of the node just applied (`count` of them).
     pub(crate) fn end_node(&mut self, count: u32) {
         let _ = self.chars.push(count);
+    }
+
+    /// Starts (or stops) recording what each applied operation changes in
+    /// fields (old and new value) and texts (position, characters deleted,
+    /// text inserted), for [`Doc::take_details`]. Off by default: it costs
+    /// a copy of every value and text written.
+    pub fn record_details(&mut self, on: bool) {
+        if on != self.details.is_some() {
+            self.details = on.then(Details::default);
+        }
+        for t in self.texts.values_mut() {
+            t.seq.record_edits(on);
+        }
+    }
+
+    /// Whether details are recorded.
+    pub fn records_details(&self) -> bool {
+        self.details.is_some()
+    }
+
+    /// The details recorded since the last call, in the order they
+    /// happened, and how many were dropped past [`MAX_DETAILS`].
+    pub fn take_details(&mut self) -> (Vec<Detail>, usize) {
+        match self.details.as_mut() {
+            Some(d) => (std::mem::take(&mut d.kept), std::mem::take(&mut d.dropped)),
+            None => (Vec::new(), 0),
+        }
     }
 
     /// Applies node `idx` (already inserted in `dag`).
@@ -433,6 +507,7 @@ impl Doc {
             } => {
                 let chars_of = &self.chars;
                 let t = self.texts.entry(*entry).or_default();
+                t.seq.record_edits(self.details.is_some());
                 t.editors.insert(ctx.author, ctx.node);
                 let insert = Insert {
                     node: ctx.node,
@@ -442,11 +517,20 @@ impl Doc {
                     right: right.map(|c| resolve_ref(ctx, chars_of, c)),
                 };
                 integrate(ctx, chars_of, t, insert, text);
+                if let Some(details) = self.details.as_mut() {
+                    for edit in t.seq.take_edits() {
+                        details.push(Detail::Text {
+                            entry: *entry,
+                            edit,
+                        });
+                    }
+                }
                 changes.entries.push(*entry);
             }
             Op::TextDelete { entry, spans } => {
                 let chars_of = &self.chars;
                 let t = self.texts.entry(*entry).or_default();
+                t.seq.record_edits(self.details.is_some());
                 t.editors.insert(ctx.author, ctx.node);
                 for span in spans {
                     let target = resolve_ref(ctx, chars_of, span.start);
@@ -461,6 +545,14 @@ impl Doc {
                         // waits): delete them when they arrive.
                         let (node, _) = wait_key(ctx, chars_of, target);
                         t.deleted_early.entry(node).or_default().push((start, len));
+                    }
+                }
+                if let Some(details) = self.details.as_mut() {
+                    for edit in t.seq.take_edits() {
+                        details.push(Detail::Text {
+                            entry: *entry,
+                            edit,
+                        });
                     }
                 }
                 changes.entries.push(*entry);
@@ -496,7 +588,23 @@ impl Doc {
             node: ctx.node,
             value,
         };
+        let Some(details) = self.details.as_mut() else {
+            reg.write(w, &|a, b| ctx.before(a, b));
+            changes.entries.push(entry);
+            return;
+        };
+        let in_effect = |reg: &Register| reg.winner().and_then(|w| w.value.clone());
+        let old = in_effect(reg);
         reg.write(w, &|a, b| ctx.before(a, b));
+        let new = in_effect(reg);
+        if old != new {
+            details.push(Detail::Field {
+                entry,
+                field: field.to_owned(),
+                old,
+                new,
+            });
+        }
         changes.entries.push(entry);
     }
 
@@ -1117,6 +1225,7 @@ impl Doc {
             fields,
             texts,
             chars,
+            details: None,
         })
     }
 }

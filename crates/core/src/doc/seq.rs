@@ -264,6 +264,18 @@ struct Pos {
     off: u32,
 }
 
+/// A change of the visible text: at visible position `pos` (in
+/// characters), `deleted` characters went and `inserted` came.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TextEdit {
+    /// Where, in characters from the start, when it happened.
+    pub pos: usize,
+    /// Characters removed there.
+    pub deleted: usize,
+    /// Text inserted there.
+    pub inserted: String,
+}
+
 /// Sequence of characters, visible and deleted, in document order.
 #[derive(Clone, Debug)]
 pub struct Sequence {
@@ -287,6 +299,9 @@ pub struct Sequence {
     cursor: (usize, usize),
     leaf_cap: usize,
     fanout: usize,
+    /// Edits of the visible text since last taken, while recorded (see
+    /// [`Sequence::record_edits`]).
+    edits: Option<Vec<TextEdit>>,
 }
 
 impl Default for Sequence {
@@ -335,7 +350,42 @@ impl Sequence {
             cursor: (NIL, 0),
             leaf_cap: leaf_cap.clamp(3, LEAF_CAP),
             fanout: fanout.max(3),
+            edits: None,
         }
+    }
+
+    /// Starts (or stops) recording each change of the visible text as a
+    /// [`TextEdit`], for [`Sequence::take_edits`].
+    pub fn record_edits(&mut self, on: bool) {
+        match (on, &self.edits) {
+            (true, None) => self.edits = Some(Vec::new()),
+            (false, _) => self.edits = None,
+            (true, Some(_)) => {}
+        }
+    }
+
+    /// The edits recorded since the last call, in the order they happened.
+    pub fn take_edits(&mut self) -> Vec<TextEdit> {
+        self.edits.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Visible items before item (or gap) `p`.
+    fn visible_position(&self, p: Pos) -> usize {
+        let leaf = &self.leaves[p.leaf];
+        let mut pos: usize = (0..p.span.min(leaf.spans.len()))
+            .filter(|&i| leaf.is_visible(i))
+            .map(|i| leaf.spans[i].len as usize)
+            .sum();
+        if p.span < leaf.spans.len() && leaf.is_visible(p.span) {
+            pos += p.off as usize;
+        }
+        let (mut node, mut slot) = (leaf.parent, leaf.slot);
+        while node != NIL {
+            let inner = &self.inners[node];
+            pos += inner.counts[..slot].iter().sum::<usize>();
+            (node, slot) = (inner.parent, inner.slot);
+        }
+        pos
     }
 
     /// Visible characters.
@@ -450,6 +500,19 @@ impl Sequence {
             right: raw(right),
         };
         self.insert_span(at, span, text, count);
+        if self.edits.is_some()
+            && count > 0
+            && let Some(p) = self.locate(first)
+        {
+            let pos = self.visible_position(p);
+            if let Some(edits) = self.edits.as_mut() {
+                edits.push(TextEdit {
+                    pos,
+                    deleted: 0,
+                    inserted: text.to_owned(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -468,6 +531,22 @@ impl Sequence {
             };
             let s = self.leaves[p.leaf].spans[p.span];
             let take = (u64::from(s.end()) - lv).min(end - lv) as u32;
+            if self.edits.is_some() && self.leaves[p.leaf].is_visible(p.span) {
+                let pos = self.visible_position(p);
+                if let Some(edits) = self.edits.as_mut() {
+                    match edits.last_mut() {
+                        // Runs deleted one after another at one place.
+                        Some(e) if e.pos == pos && e.inserted.is_empty() => {
+                            e.deleted += take as usize;
+                        }
+                        _ => edits.push(TextEdit {
+                            pos,
+                            deleted: take as usize,
+                            inserted: String::new(),
+                        }),
+                    }
+                }
+            }
             self.delete_in_span(p, take);
             lv += u64::from(take);
         }
@@ -1808,12 +1887,24 @@ mod tests {
         cursor: usize,
         /// Operations applied, to space out the costly invariant checks.
         ops: usize,
+        /// The text as the recorded edits rebuild it.
+        edited: Vec<char>,
     }
 
     impl Replica {
         fn agrees(&mut self) {
             assert_eq!(self.seq.raw(), self.naive.raw());
             assert_eq!(self.seq.text(), self.naive.text());
+            for edit in self.seq.take_edits() {
+                let end = edit.pos + edit.deleted;
+                assert!(end <= self.edited.len(), "{edit:?} past the text");
+                self.edited.splice(edit.pos..end, edit.inserted.chars());
+            }
+            assert_eq!(
+                self.edited.iter().collect::<String>(),
+                self.seq.text(),
+                "the recorded edits rebuild the text"
+            );
             assert_eq!(self.seq.len(), self.naive.visible_ids().len());
             self.ops += 1;
             if self.ops.is_multiple_of(8) || self.seq.leaves.len() < 4 {
@@ -1846,14 +1937,19 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut log: Vec<Logged> = Vec::new();
         let mut reps: Vec<Replica> = (0..replicas)
-            .map(|i| Replica {
-                node: 5 + 3 * i as u32,
-                seq: Sequence::with_caps(caps.0, caps.1),
-                naive: Naive::default(),
-                next: 0,
-                seen: vec![0; replicas],
-                cursor: 0,
-                ops: 0,
+            .map(|i| {
+                let mut seq = Sequence::with_caps(caps.0, caps.1);
+                seq.record_edits(true);
+                Replica {
+                    node: 5 + 3 * i as u32,
+                    seq,
+                    naive: Naive::default(),
+                    next: 0,
+                    seen: vec![0; replicas],
+                    cursor: 0,
+                    ops: 0,
+                    edited: Vec::new(),
+                }
             })
             .collect();
         for _ in 0..steps {

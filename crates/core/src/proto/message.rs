@@ -99,12 +99,14 @@ pub enum Reason {
     Timeout,
     /// The server is stopping.
     ShuttingDown,
+    /// The client stopped syncing the room (the connection goes on).
+    Left,
     /// A reason from a newer peer.
     Other(String),
 }
 
 impl Reason {
-    const NAMES: [(Reason, &'static str); 14] = [
+    const NAMES: [(Reason, &'static str); 15] = [
         (Reason::VersionMismatch, "version_mismatch"),
         (Reason::Malformed, "malformed"),
         (Reason::Unauthorized, "unauthorized"),
@@ -119,6 +121,7 @@ impl Reason {
         (Reason::Equivocation, "equivocation"),
         (Reason::Timeout, "timeout"),
         (Reason::ShuttingDown, "shutting_down"),
+        (Reason::Left, "left"),
     ];
 
     /// The wire name.

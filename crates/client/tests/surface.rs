@@ -1,0 +1,198 @@
+//! The SDK surface an app uses: change events with what changed, filtered
+//! subscriptions that end when dropped, async waits, and rooms added to
+//! and removed from a running sync.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use syncline::{Origin, Replica, TextChange};
+use syncline_relay::{Config, Server};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn relay(dir: &std::path::Path) -> (String, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    let server = runtime.block_on(Server::bind(config)).unwrap();
+    let url = format!("ws://{}/ws", server.local_addr().unwrap());
+    runtime.spawn(server.run(std::future::pending()));
+    (url, runtime)
+}
+
+#[test]
+fn changes_carry_old_and_new_values_and_text_edits() {
+    let notes = Replica::in_memory().unwrap().room("notes").unwrap();
+    notes
+        .transact(|tx| tx.set("/todo/1", "title", "milk".into()))
+        .unwrap();
+    let all = notes.changes();
+    notes
+        .transact(|tx| {
+            tx.set("/todo/1", "title", "bread".into())?;
+            tx.unset("/todo/1", "title")?;
+            tx.set("/todo/1", "title", "eggs".into())?;
+            tx.text_insert("/doc", 0, "hello world")?;
+            tx.text_delete("/doc", 0, 6)?;
+            tx.text_insert("/doc", 5, "!")
+        })
+        .unwrap();
+    let change = all.recv_timeout(WAIT).unwrap();
+    assert_eq!(change.origin, Origin::Local);
+    let values: Vec<(Option<String>, Option<String>)> = change
+        .fields
+        .iter()
+        .map(|f| {
+            (
+                f.old.as_ref().and_then(|v| v.as_str().map(str::to_owned)),
+                f.new.as_ref().and_then(|v| v.as_str().map(str::to_owned)),
+            )
+        })
+        .collect();
+    let s = |v: &str| Some(v.to_owned());
+    assert_eq!(
+        values,
+        [
+            (s("milk"), s("bread")),
+            (s("bread"), None),
+            (None, s("eggs"))
+        ]
+    );
+    // Replaying the edits on the old text gives the new one.
+    let mut text: Vec<char> = Vec::new();
+    for TextChange {
+        pos,
+        deleted,
+        inserted,
+        ..
+    } in &change.texts
+    {
+        text.splice(*pos..pos + deleted, inserted.chars());
+    }
+    assert_eq!(text.iter().collect::<String>(), notes.text("/doc").unwrap());
+    assert_eq!(notes.text("/doc").unwrap(), "world!");
+}
+
+#[test]
+fn subscriptions_filter_by_pattern_and_end_when_dropped() {
+    let notes = Replica::in_memory().unwrap().room("notes").unwrap();
+    let todo = notes.subscribe("/todo/**").unwrap();
+    let dropped = notes.subscribe("/todo/**").unwrap();
+    drop(dropped);
+    notes
+        .transact(|tx| {
+            tx.set("/todo/1", "title", "milk".into())?;
+            tx.set("/other", "n", 1.into())
+        })
+        .unwrap();
+    notes
+        .transact(|tx| tx.set("/other", "n", 2.into()))
+        .unwrap();
+    let change = todo.try_recv().expect("the change under /todo");
+    assert!(
+        change.paths.iter().all(|p| p.starts_with("/todo")),
+        "{change:?}"
+    );
+    assert_eq!(change.fields.len(), 1, "only the field inside: {change:?}");
+    assert!(
+        todo.try_recv().is_none(),
+        "the change outside is not delivered"
+    );
+    assert!(matches!(
+        notes.subscribe("no-slash"),
+        Err(syncline::Error::Pattern { .. })
+    ));
+}
+
+#[test]
+fn a_subscriber_that_falls_behind_is_told_how_much_it_missed() {
+    let notes = Replica::in_memory().unwrap().room("notes").unwrap();
+    let slow = notes.changes();
+    let extra = 10;
+    for i in 0..syncline::SUBSCRIPTION_QUEUE + extra {
+        notes
+            .transact(|tx| tx.set("/n", "v", (i as i64).into()))
+            .unwrap();
+    }
+    for _ in 0..syncline::SUBSCRIPTION_QUEUE {
+        assert_eq!(slow.try_recv().unwrap().missed, 0);
+    }
+    assert!(slow.try_recv().is_none());
+    notes.transact(|tx| tx.set("/n", "v", (-1).into())).unwrap();
+    assert_eq!(slow.try_recv().unwrap().missed, extra);
+}
+
+#[test]
+fn async_waits_and_rooms_added_and_removed_while_syncing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, runtime) = relay(&dir.path().join("relay"));
+    let a = Replica::in_memory().unwrap();
+    let b = Replica::in_memory().unwrap();
+    a.room("one")
+        .unwrap()
+        .transact(|tx| tx.set("/x", "v", 1.into()))
+        .unwrap();
+    a.room("two")
+        .unwrap()
+        .transact(|tx| tx.set("/y", "v", 2.into()))
+        .unwrap();
+    let sync = a.connect(&[url.as_str()], &["one"]).unwrap();
+    runtime.block_on(async {
+        sync.flush_async(WAIT).await.unwrap();
+        let mut updates = std::pin::pin!(sync.status_updates());
+        let first = updates.next().await.unwrap();
+        assert!(first.connected && first.unacknowledged == 0, "{first:?}");
+        // A room added to the running sync uploads over the same connection.
+        sync.add_room("two").unwrap();
+        assert_eq!(sync.rooms(), ["one", "two"]);
+        sync.flush_async(WAIT).await.unwrap();
+    });
+    assert_eq!(a.room("two").unwrap().unacknowledged().unwrap(), 0);
+    // A removed room is no longer synced: its new writes stay local.
+    assert!(sync.remove_room("one"));
+    assert!(!sync.remove_room("one"));
+    a.room("one")
+        .unwrap()
+        .transact(|tx| tx.set("/x", "v", 3.into()))
+        .unwrap();
+    sync.flush(WAIT).unwrap();
+    assert_eq!(a.room("one").unwrap().unacknowledged().unwrap(), 1);
+    // Another replica sees room two's data and room one's first value.
+    let reader = b.connect(&[url.as_str()], &["one", "two"]).unwrap();
+    reader.flush(WAIT).unwrap();
+    assert_eq!(
+        b.room("two").unwrap().get("/y", "v").unwrap(),
+        Some(2.into())
+    );
+    assert_eq!(
+        b.room("one").unwrap().get("/x", "v").unwrap(),
+        Some(1.into())
+    );
+    // Added again, it gets a new session on the same connection and
+    // uploads what waited.
+    sync.add_room("one").unwrap();
+    sync.flush(WAIT).unwrap();
+    assert_eq!(a.room("one").unwrap().unacknowledged().unwrap(), 0);
+    let b_one = b.room("one").unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while b_one.get("/x", "v").unwrap() != Some(3.into()) {
+        assert!(std::time::Instant::now() < deadline, "never relayed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A flush that cannot finish says why, typed.
+    let offline = Replica::in_memory().unwrap();
+    let nowhere = offline.connect(&["ws://127.0.0.1:1/ws"], &["one"]).unwrap();
+    match nowhere.flush(Duration::from_millis(300)) {
+        Err(syncline::Error::Timeout {
+            connected: false, ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+}
