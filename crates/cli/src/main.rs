@@ -388,7 +388,14 @@ impl From<Error> for Failed {
             // The replica is in use in a way that excludes this command.
             Error::Locked { .. } | Error::SyncRunning { .. } => Exit::Storage,
         };
+        use syncline::{ReplicaError, StoreError};
         let hint = match &e {
+            Error::Store(StoreError::Corrupt(_))
+            | Error::Replica(ReplicaError::Store(StoreError::Corrupt(_)))
+            | Error::Replica(ReplicaError::Corrupt { .. }) => {
+                " (the replica's database is damaged or from a newer syncline: move the \
+                 --replica directory aside and sync its rooms again from the server)"
+            }
             Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => {
                 " (is --replica a writable directory on a disk with free space?)"
             }

@@ -94,10 +94,12 @@ impl Reporter {
                 "connected to {}",
                 status.endpoint.as_deref().unwrap_or("the relay")
             )
-        } else if status.failures > 0 {
+        } else if let Some(wait) = status.retry_in {
             format!(
-                "disconnected ({}); retrying",
-                status.last_error.as_deref().unwrap_or("no connection")
+                "disconnected ({}); retrying in {:.1} s (attempt {})",
+                status.last_error.as_deref().unwrap_or("no connection"),
+                wait.as_secs_f64(),
+                status.failures + 1
             )
         } else {
             return Ok(());

@@ -171,4 +171,22 @@ fn every_error_class_exits_with_its_code_and_says_what_to_do() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is a file"), "{err}");
     drop(busy);
+    // 5: storage that fails, with the place to look named.
+    let damaged = dir.path().join("damaged");
+    std::fs::create_dir_all(&damaged).unwrap();
+    std::fs::write(damaged.join("replica.db"), vec![0x5a; 8192]).unwrap();
+    let (code, _, err) = run(&damaged, &["get", "room", "/a"], &[]);
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains("damaged") && err.contains("--replica"),
+        "{err}"
+    );
+    // 6: a locked room without a token.
+    let locked = Server::start(&dir.path().join("locked"), &["--locked"]);
+    let (code, _, err) = run(&replica, &["sync", "--server", &locked.url(), "room"], &[]);
+    assert_eq!(code, 6, "{err}");
+    assert!(
+        err.contains("refused access") && err.contains("--token"),
+        "{err}"
+    );
 }

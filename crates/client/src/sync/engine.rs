@@ -130,12 +130,17 @@ pub(super) async fn run(shared: Arc<Shared>) {
         let ceiling = base.saturating_mul(1 << failures.min(16)).min(cap).max(1);
         let delay = rand::rng().random_range(ceiling / 2..=ceiling);
         failures = failures.saturating_add(1);
-        shared.status().failures = failures;
+        {
+            let mut status = shared.status();
+            status.failures = failures;
+            status.retry_in = Some(Duration::from_millis(delay));
+        }
         shared.publish();
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(delay)) => {}
             () = shared.wake.notified() => {}
         }
+        shared.status().retry_in = None;
     }
 }
 

@@ -135,6 +135,8 @@ pub struct Status {
     pub fatal: Option<String>,
     /// Connection attempts that failed since the last handshake.
     pub failures: u32,
+    /// While waiting to try again: how long the wait is.
+    pub retry_in: Option<Duration>,
 }
 
 /// `url` as the engine dials it: `ws://` or `wss://`, a host, and a path
