@@ -13,20 +13,23 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use syncline::{Error, Replica, Room};
-use syncline_core::doc::PathError;
+use syncline::{Replica, Room};
 use syncline_core::ids::to_hex;
 use syncline_core::{EntryKind, Value};
 
 mod access;
 mod demo;
+mod exit;
 mod history;
 mod invite;
 mod json;
+mod remote;
 mod resolve;
 mod sync_cmd;
 
+use exit::{Exit, Failed, Outcome};
 use json::{from_json, to_json};
+use remote::servers_or_remote;
 
 /// Syncline: a local-first sync engine. Edit rooms of a local replica
 /// offline; sync them through a relay.
@@ -329,85 +332,6 @@ enum TextAction {
     Cat,
 }
 
-/// Exit codes, stable for scripts.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Exit {
-    /// Something else failed (the message says what).
-    Failure = 1,
-    /// Bad arguments (clap's own code too).
-    Usage = 2,
-    /// A path or field that does not exist.
-    NotFound = 3,
-    /// The server could not be reached or did not acknowledge in time.
-    Sync = 4,
-    /// Local storage failed or is locked by another process.
-    Storage = 5,
-    /// The relay refused access: no token, a bad or expired one, or a
-    /// token without the rights needed.
-    Unauthorized = 6,
-}
-
-/// A command's failure: what to print and how to exit.
-#[derive(Debug)]
-pub(crate) struct Failed {
-    pub(crate) exit: Exit,
-    pub(crate) message: String,
-}
-
-impl Failed {
-    pub(crate) fn new(exit: Exit, message: impl Into<String>) -> Failed {
-        Failed {
-            exit,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<Error> for Failed {
-    fn from(e: Error) -> Failed {
-        use syncline_core::room::TxnError;
-        let exit = match &e {
-            Error::Path(PathError::NotFound(_))
-            | Error::Txn(TxnError::Path(PathError::NotFound(_)))
-            | Error::NodeNotFound { .. }
-            | Error::NoConflict { .. } => Exit::NotFound,
-            Error::Txn(TxnError::Unauthorized(_)) => Exit::Unauthorized,
-            Error::Path(_)
-            | Error::RoomName(_)
-            | Error::Txn(_)
-            | Error::Url { .. }
-            | Error::NodeId { .. }
-            | Error::NoSuchCandidate { .. }
-            | Error::Import { .. }
-            | Error::Pattern { .. }
-            | Error::NotADirectory(_) => Exit::Usage,
-            Error::Timeout { .. } | Error::NoEndpoint => Exit::Sync,
-            Error::Token(_) | Error::NotHolder { .. } => Exit::Usage,
-            Error::Thread(_) => Exit::Failure,
-            Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => Exit::Storage,
-            // The replica is in use in a way that excludes this command.
-            Error::Locked { .. } | Error::SyncRunning { .. } => Exit::Storage,
-        };
-        use syncline::{ReplicaError, StoreError};
-        let hint = match &e {
-            Error::Store(StoreError::Corrupt(_))
-            | Error::Replica(ReplicaError::Store(StoreError::Corrupt(_)))
-            | Error::Replica(ReplicaError::Corrupt { .. }) => {
-                " (the replica's database is damaged or from a newer syncline: move the \
-                 --replica directory aside and sync its rooms again from the server)"
-            }
-            Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => {
-                " (is --replica a writable directory on a disk with free space?)"
-            }
-            Error::Timeout { .. } => " (is the server running? check --server)",
-            _ => "",
-        };
-        Failed::new(exit, format!("{e}{hint}"))
-    }
-}
-
-pub(crate) type Outcome = Result<(), Failed>;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs its work; other commands only problems.
@@ -603,7 +527,7 @@ fn run(cli: Cli) -> Outcome {
             );
             Ok(())
         }
-        Command::Remote { action } => remote(&cli, action.as_ref()),
+        Command::Remote { action } => remote::remote(&cli, action.as_ref()),
         Command::Sync {
             server,
             rooms,
@@ -817,47 +741,6 @@ fn edit(
         None => "nothing changed".to_owned(),
     });
     Ok(())
-}
-
-fn remote(cli: &Cli, action: Option<&RemoteAction>) -> Outcome {
-    let replica = open(cli)?;
-    match action {
-        Some(RemoteAction::Set { urls }) => {
-            let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
-            replica.set_remotes(&urls)?;
-        }
-        Some(RemoteAction::Clear) => replica.set_remotes(&[])?,
-        Some(RemoteAction::Show) | None => {}
-    }
-    let remotes = replica.remotes()?;
-    print(cli, json!({"remotes": remotes}), || {
-        if remotes.is_empty() {
-            "no remote: syncline remote set ws://HOST:PORT/ws".to_owned()
-        } else {
-            remotes.join("\n")
-        }
-    });
-    Ok(())
-}
-
-/// `given` servers, else the replica's remembered ones, else a usage
-/// error saying how to name one.
-pub(crate) fn servers_or_remote(
-    replica: &Replica,
-    given: &[String],
-) -> Result<Vec<String>, Failed> {
-    if !given.is_empty() {
-        return Ok(given.to_vec());
-    }
-    let remembered = replica.remotes()?;
-    if remembered.is_empty() {
-        return Err(Failed::new(
-            Exit::Usage,
-            "no server: pass --server ws://HOST:PORT/ws, set SYNCLINE_SERVER, or remember one \
-             with syncline remote set URL",
-        ));
-    }
-    Ok(remembered)
 }
 
 fn import(cli: &Cli, room: &str, file: &std::path::Path) -> Outcome {

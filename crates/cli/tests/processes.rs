@@ -120,16 +120,25 @@ fn a_running_sync_uploads_other_processes_writes_and_is_the_only_one() {
     let url = server.url();
     let replica = dir.path().join("replica");
     ok(&replica, &["set", "notes", "/a", "n", "1"]);
-    let _sync = Running::start(&replica, &["sync", "--watch", "--server", &url, "notes"]);
-    // Once it is connected, a second engine is refused at once.
+    let sync = Running::start(&replica, &["sync", "--watch", "--server", &url, "notes"]);
+    // Once it runs the engine (the lock file names it), a second engine is
+    // refused at once.
     let deadline = Instant::now() + WAIT;
-    let (code, _, err) = loop {
-        let attempt = run(&replica, &["sync", "--server", &url, "notes"], &[]);
-        if attempt.0 != 0 || Instant::now() > deadline {
-            break attempt;
-        }
-    };
+    let pid = sync.child.id().to_string();
+    while std::fs::read_to_string(replica.join("sync.lock"))
+        .ok()
+        .as_deref()
+        != Some(pid.as_str())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "sync --watch never started its engine"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (code, _, err) = run(&replica, &["sync", "--server", &url, "notes"], &[]);
     assert_eq!(code, 5, "{err}");
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
     assert!(err.contains("is syncing this replica already"), "{err}");
     // Another terminal's write goes up through the running sync.
     ok(&replica, &["set", "notes", "/b", "n", "2"]);

@@ -31,6 +31,7 @@
 //! ```
 
 mod changes;
+mod error;
 mod history;
 mod import;
 mod lock;
