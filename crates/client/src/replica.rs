@@ -678,6 +678,13 @@ impl Room {
     }
 
     /// Whether an entry lives at `path`.
+    ///
+    /// ```
+    /// let notes = syncline::Replica::in_memory()?.room("notes")?;
+    /// notes.transact(|tx| tx.set("/a", "n", 1.into()))?;
+    /// assert!(notes.exists("/a")? && !notes.exists("/b")?);
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
     pub fn exists(&self, path: &str) -> Result<bool, Error> {
         match self.shared.lock().durable.room().doc().resolve(path) {
             Ok(_) => Ok(true),
@@ -705,6 +712,17 @@ impl Room {
     }
 
     /// Every field of the entry at `path`.
+    ///
+    /// ```
+    /// let notes = syncline::Replica::in_memory()?.room("notes")?;
+    /// notes.transact(|tx| {
+    ///     tx.set("/todo/1", "title", "milk".into())?;
+    ///     tx.set("/todo/1", "done", false.into())
+    /// })?;
+    /// let fields = notes.fields("/todo/1")?;
+    /// assert_eq!(fields.keys().collect::<Vec<_>>(), ["done", "title"]);
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
     pub fn fields(&self, path: &str) -> Result<BTreeMap<String, Value>, Error> {
         self.read(|r| {
             let id = r.doc().resolve(path)?;
@@ -788,6 +806,15 @@ impl Room {
     }
 
     /// The canonical state hash (equal on replicas with equal histories).
+    ///
+    /// ```
+    /// let (a, b) = (syncline::Replica::in_memory()?, syncline::Replica::in_memory()?);
+    /// // Two empty rooms agree; a change makes them differ until synced.
+    /// assert_eq!(a.room("r")?.state_hash(), b.room("r")?.state_hash());
+    /// a.room("r")?.transact(|tx| tx.set("/a", "n", 1.into()))?;
+    /// assert_ne!(a.room("r")?.state_hash(), b.room("r")?.state_hash());
+    /// # Ok::<(), syncline::Error>(())
+    /// ```
     pub fn state_hash(&self) -> [u8; 32] {
         self.read(syncline_core::Room::state_hash)
     }

@@ -66,6 +66,14 @@ impl TokenSource {
     /// Calls `refresh(room)` for a token at each connection; an error is
     /// reported in [`Status::last_error`] and the connection retried after
     /// the backoff.
+    ///
+    /// ```no_run
+    /// # fn fetch_token_from_backend(room: &str) -> Result<String, String> { Ok(room.into()) }
+    /// let mut options = syncline::SyncOptions::new(&["ws://127.0.0.1:7700/ws"]);
+    /// options.token = Some(syncline::TokenSource::refresh(|room| {
+    ///     fetch_token_from_backend(room).map(Some)
+    /// }));
+    /// ```
     pub fn refresh(
         refresh: impl Fn(&str) -> Result<Option<String>, String> + Send + std::marker::Sync + 'static,
     ) -> TokenSource {
@@ -255,6 +263,16 @@ impl std::fmt::Debug for SyncHandle {
 impl Replica {
     /// Syncs `rooms` with the relay at `endpoints` (tried in order) in the
     /// background.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), syncline::Error> {
+    /// let replica = syncline::Replica::open("./my-replica")?;
+    /// // Tried in order; ws://HOST:PORT means ws://HOST:PORT/ws.
+    /// let sync = replica.connect(&["ws://relay-a:7700", "ws://relay-b:7700"], &["notes"])?;
+    /// sync.flush(std::time::Duration::from_secs(10))?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn connect(&self, endpoints: &[&str], rooms: &[&str]) -> Result<SyncHandle, Error> {
         self.connect_with(SyncOptions::new(endpoints), rooms)
     }
@@ -319,6 +337,15 @@ fn settled(status: &Status) -> bool {
 
 impl SyncHandle {
     /// The engine's status now.
+    ///
+    /// ```no_run
+    /// # fn show(sync: &syncline::SyncHandle) {
+    /// let status = sync.status();
+    /// if !status.connected {
+    ///     eprintln!("offline: {:?}, retrying in {:?}", status.last_error, status.retry_in);
+    /// }
+    /// # }
+    /// ```
     pub fn status(&self) -> Status {
         self.shared.current()
     }
@@ -351,6 +378,19 @@ impl SyncHandle {
     /// Waits until every local node of the synced rooms is acknowledged as
     /// durable by the server, and every room has caught up; fails with
     /// [`Error::Timeout`] after `timeout`.
+    ///
+    /// ```no_run
+    /// # fn save(sync: &syncline::SyncHandle) -> Result<(), syncline::Error> {
+    /// match sync.flush(std::time::Duration::from_secs(5)) {
+    ///     Ok(()) => println!("the server holds everything"),
+    ///     Err(syncline::Error::Timeout { unacknowledged, .. }) => {
+    ///         println!("{unacknowledged} changes wait for the server")
+    ///     }
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn flush(&self, timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         loop {
