@@ -166,7 +166,7 @@ enum Command {
         /// Entry path.
         path: String,
     },
-    /// Move or rename an entry.
+    /// Move or rename an entry (creating the destination's parents).
     Mv {
         /// Room name.
         room: String,
@@ -275,7 +275,8 @@ enum Command {
         #[arg(long, env = "SYNCLINE_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
-    /// Print live changes of a room (local and from a relay).
+    /// Print live changes of a room: local, from a relay, and from other
+    /// processes on this replica; fields with old and new values, text edits.
     Watch {
         /// Room name.
         room: String,
@@ -486,7 +487,16 @@ fn run(cli: Cli) -> Outcome {
                     ),
                 ));
             }
-            edit(&cli, room, |tx| tx.mv(path, new_path))
+            edit(&cli, room, |tx| {
+                // As `set` does, a move creates the destination's missing
+                // parents (a refused move takes them back with it).
+                if let Some((parent, _)) = new_path.trim_end_matches('/').rsplit_once('/')
+                    && !parent.is_empty()
+                {
+                    tx.ensure(parent, EntryKind::Map)?;
+                }
+                tx.mv(path, new_path)
+            })
         }
         Command::Text { room, path, action } => match action {
             TextAction::Insert { pos, string } => edit(&cli, room, |tx| {

@@ -687,7 +687,8 @@ impl Transaction<'_> {
         let Some((name, parents)) = names.split_last() else {
             return Err(TxnError::Root);
         };
-        let parent = self.room.doc.resolve_names(parents, new_path)?;
+        let parent_path = format!("/{}", parents.join("/"));
+        let parent = self.room.doc.resolve_names(parents, &parent_path)?;
         let mut cur = Some(parent);
         while let Some(c) = cur {
             if c == entry {
