@@ -4,20 +4,11 @@
 //! each sees the other's within a moment as `OtherProcess` changes, only
 //! one runs the sync engine, and that engine uploads the other's writes.
 
-use std::time::Duration;
-
 use syncline::{Error, Origin, Replica};
-use syncline_relay::{Config, Server};
 
-const WAIT: Duration = Duration::from_secs(20);
+mod common;
 
-fn wait_until(mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
+use common::{WAIT, relay, wait_until};
 
 #[test]
 fn two_handles_on_one_directory_write_at_once_and_see_each_other() {
@@ -65,20 +56,7 @@ fn two_handles_on_one_directory_write_at_once_and_see_each_other() {
 #[test]
 fn one_sync_engine_per_directory_uploads_every_handles_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let config = Config {
-        data_dir: dir.path().join("relay"),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
-    };
-    let server = runtime.block_on(Server::bind(config)).unwrap();
-    let url = format!("ws://{}/ws", server.local_addr().unwrap());
-    runtime.spawn(server.run(std::future::pending()));
-
+    let (url, _runtime) = relay(&dir.path().join("relay"));
     let syncing = Replica::open(dir.path().join("r")).unwrap();
     let other = Replica::open(dir.path().join("r")).unwrap();
     let sync = syncing.connect(&[url.as_str()], &["notes"]).unwrap();

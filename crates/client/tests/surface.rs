@@ -6,26 +6,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use syncline::{Origin, Replica, TextChange};
-use syncline_relay::{Config, Server};
 
-const WAIT: Duration = Duration::from_secs(20);
+mod common;
 
-fn relay(dir: &std::path::Path) -> (String, tokio::runtime::Runtime) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let config = Config {
-        data_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
-    };
-    let server = runtime.block_on(Server::bind(config)).unwrap();
-    let url = format!("ws://{}/ws", server.local_addr().unwrap());
-    runtime.spawn(server.run(std::future::pending()));
-    (url, runtime)
-}
+use common::{WAIT, relay};
 
 #[test]
 fn changes_carry_old_and_new_values_and_text_edits() {

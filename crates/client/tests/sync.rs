@@ -2,49 +2,11 @@
 //! WebSocket): offline edits converge, several rooms share one connection,
 //! and flush waits for durable acknowledgement.
 
-use std::time::Duration;
-
 use syncline::{Origin, Replica};
-use syncline_relay::{Config, Server};
 
-/// Starts a relay on a free loopback port; returns its URL and the runtime
-/// keeping it alive.
-fn relay(dir: &std::path::Path) -> (String, tokio::runtime::Runtime) {
-    relay_with(dir, |_| {})
-}
+mod common;
 
-/// [`relay`] with its configuration adjusted by `adjust`.
-fn relay_with(
-    dir: &std::path::Path,
-    adjust: impl FnOnce(&mut Config),
-) -> (String, tokio::runtime::Runtime) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut config = Config {
-        data_dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
-    };
-    adjust(&mut config);
-    let server = runtime.block_on(Server::bind(config)).unwrap();
-    let url = format!("ws://{}/ws", server.local_addr().unwrap());
-    runtime.spawn(server.run(std::future::pending()));
-    (url, runtime)
-}
-
-const WAIT: Duration = Duration::from_secs(20);
-
-/// Polls `done` until it holds, failing after `WAIT`.
-fn wait_until(mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
+use common::{WAIT, relay, relay_with, wait_until};
 
 #[test]
 fn offline_edits_converge_through_the_relay() {
