@@ -3,12 +3,13 @@
 //! edits), delivered to subscriptions filtered by path pattern.
 //!
 //! Each subscription has a bounded queue: a subscriber that falls behind by
-//! more than [`SUBSCRIPTION_QUEUE`] changes misses the ones past it, and
-//! the next change it gets says how many it missed (it should read the
-//! state again). A dropped subscription ends: it is removed at the next
-//! change.
+//! more than [`SUBSCRIPTION_QUEUE`] changes or [`SUBSCRIPTION_BYTES`] of
+//! them misses the ones past that, and the next change it gets says how
+//! many it missed (it should read the state again). A dropped subscription
+//! ends: it is removed at the next change.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::time::Duration;
 
@@ -22,6 +23,10 @@ use crate::replica::{Error, Origin, touched_paths};
 
 /// Changes a subscription holds before it starts missing them.
 pub const SUBSCRIPTION_QUEUE: usize = 1024;
+
+/// Bytes of changes (about) a subscription holds before it starts missing
+/// them.
+pub const SUBSCRIPTION_BYTES: usize = 64 << 20;
 
 /// A change to a room.
 #[derive(Clone, Debug, PartialEq)]
@@ -121,6 +126,26 @@ impl Change {
         }
     }
 
+    /// About how many bytes the change takes in memory.
+    fn approx_bytes(&self) -> usize {
+        let fields: usize = self
+            .fields
+            .iter()
+            .map(|f| {
+                48 + f.path.len()
+                    + f.field.len()
+                    + f.old.as_ref().map_or(0, Value::approx_size)
+                    + f.new.as_ref().map_or(0, Value::approx_size)
+            })
+            .sum();
+        let texts: usize = self
+            .texts
+            .iter()
+            .map(|t| 48 + t.path.len() + t.inserted.len())
+            .sum();
+        128 + self.paths.iter().map(|p| 24 + p.len()).sum::<usize>() + fields + texts
+    }
+
     /// What of this change falls in `scope`, if anything does.
     fn within(&self, scope: &Scope) -> Option<Change> {
         if scope.is_everything() {
@@ -156,8 +181,10 @@ impl Change {
 /// The sending end of a subscription, kept by its room.
 pub(crate) struct Listener {
     scope: Scope,
-    tx: SyncSender<Change>,
+    tx: SyncSender<(Change, usize)>,
     ready: Arc<Notify>,
+    /// Bytes queued and not yet read (the subscription subtracts).
+    queued: Arc<AtomicUsize>,
     missed: usize,
 }
 
@@ -168,13 +195,21 @@ impl Listener {
             return true;
         };
         mine.missed = self.missed;
-        match self.tx.try_send(mine) {
+        let bytes = mine.approx_bytes();
+        if self.queued.load(Ordering::Relaxed) + bytes > SUBSCRIPTION_BYTES {
+            self.missed += 1;
+            // A dropped subscription is noticed at the next send.
+            return true;
+        }
+        self.queued.fetch_add(bytes, Ordering::Relaxed);
+        match self.tx.try_send((mine, bytes)) {
             Ok(()) => {
                 self.missed = 0;
                 self.ready.notify_one();
                 true
             }
             Err(TrySendError::Full(_)) => {
+                self.queued.fetch_sub(bytes, Ordering::Relaxed);
                 self.missed += 1;
                 true
             }
@@ -187,8 +222,9 @@ impl Listener {
 /// is dropped. Blocking (`recv`, iteration) and async (`next`) reads.
 #[derive(Debug)]
 pub struct Subscription {
-    rx: Receiver<Change>,
+    rx: Receiver<(Change, usize)>,
     ready: Arc<Notify>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl Subscription {
@@ -204,40 +240,49 @@ impl Subscription {
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(SUBSCRIPTION_QUEUE);
         let ready = Arc::new(Notify::new());
+        let queued = Arc::new(AtomicUsize::new(0));
         Ok((
             Subscription {
                 rx,
                 ready: ready.clone(),
+                queued: queued.clone(),
             },
             Listener {
                 scope,
                 tx,
                 ready,
+                queued,
                 missed: 0,
             },
         ))
     }
 
+    /// A change taken off the queue, its bytes no longer queued.
+    fn taken(&self, (change, bytes): (Change, usize)) -> Change {
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+        change
+    }
+
     /// The next change, waiting for it.
     pub fn recv(&self) -> Option<Change> {
-        self.rx.recv().ok()
+        self.rx.recv().ok().map(|c| self.taken(c))
     }
 
     /// The next change, waiting up to `timeout`.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Change, RecvTimeoutError> {
-        self.rx.recv_timeout(timeout)
+        self.rx.recv_timeout(timeout).map(|c| self.taken(c))
     }
 
     /// The next change if one is waiting.
     pub fn try_recv(&self) -> Option<Change> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv().ok().map(|c| self.taken(c))
     }
 
     /// The next change, awaited (any async runtime).
     pub async fn next(&mut self) -> Option<Change> {
         loop {
             match self.rx.try_recv() {
-                Ok(change) => return Some(change),
+                Ok(change) => return Some(self.taken(change)),
                 Err(TryRecvError::Disconnected) => return None,
                 // A change sent after this check leaves a permit behind, so
                 // the wait below returns at once.

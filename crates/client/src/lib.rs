@@ -39,7 +39,9 @@ mod replica;
 mod resolve;
 mod sync;
 
-pub use changes::{Change, FieldChange, SUBSCRIPTION_QUEUE, Subscription, TextChange};
+pub use changes::{
+    Change, FieldChange, SUBSCRIPTION_BYTES, SUBSCRIPTION_QUEUE, Subscription, TextChange,
+};
 pub use history::NodeInfo;
 pub use import::Imported;
 pub use replica::{Entry, Error, Origin, Replica, Room};

@@ -180,3 +180,25 @@ fn async_waits_and_rooms_added_and_removed_while_syncing() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_subscription_holds_a_bounded_number_of_bytes() {
+    let notes = Replica::in_memory().unwrap().room("notes").unwrap();
+    let slow = notes.changes();
+    // Each change carries about 2 x 100 KB (old and new value).
+    let value = |i: usize| syncline::Value::from(format!("{i:06}{}", "x".repeat(100_000)));
+    let sent = 400;
+    for i in 0..sent {
+        notes.transact(|tx| tx.set("/n", "v", value(i))).unwrap();
+    }
+    let mut received = 0;
+    while slow.try_recv().is_some() {
+        received += 1;
+    }
+    assert!(
+        received < sent && received * 200_000 <= syncline::SUBSCRIPTION_BYTES + 200_000,
+        "{received} of {sent} changes queued"
+    );
+    notes.transact(|tx| tx.set("/n", "v", value(0))).unwrap();
+    assert_eq!(slow.try_recv().unwrap().missed, sent - received);
+}
