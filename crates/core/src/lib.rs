@@ -7,6 +7,7 @@
 //! arguments.
 
 pub mod auth;
+pub mod blob;
 pub mod checkpoint;
 pub mod codec;
 pub mod dag;
