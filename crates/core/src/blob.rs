@@ -347,7 +347,7 @@ impl Bitfield {
         };
         // Bits past the last group mean nothing.
         if let Some(last) = field.bits.last_mut()
-            && groups % 64 != 0
+            && !groups.is_multiple_of(64)
         {
             *last &= (1 << (groups % 64)) - 1;
         }
