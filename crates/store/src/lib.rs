@@ -24,6 +24,7 @@
 use syncline_core::{RoomId, Signature};
 use thiserror::Error;
 
+mod blobs;
 pub mod conformance;
 mod faulty;
 mod memory;
@@ -31,6 +32,9 @@ mod merge;
 pub mod replica;
 mod sqlite;
 
+pub use blobs::{
+    BlobKey, BlobReader, BlobState, BlobStore, BlobStoreError, BlobStoreOptions, Written,
+};
 pub use faulty::{FaultPlan, FaultyStore};
 pub use memory::MemoryStore;
 pub use merge::merge_segments;
