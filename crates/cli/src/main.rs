@@ -620,6 +620,12 @@ struct ServeLimits {
     /// Bytes the server's store may take on disk [default: no limit].
     #[arg(long, value_name = "BYTES")]
     max_store_bytes: Option<u64>,
+    /// Presence updates one session may send at once [default: 10].
+    #[arg(long)]
+    presence_burst: Option<u32>,
+    /// Presence updates one session may send per second [default: 5].
+    #[arg(long)]
+    presence_per_sec: Option<u32>,
     /// Seconds a room without sessions stays loaded [default: 30].
     #[arg(long, value_name = "SECS")]
     room_idle: Option<f64>,
@@ -672,6 +678,8 @@ impl ServeLimits {
         set!(peer_nodes_per_sec, "peer-nodes-per-sec");
         set!(peer_burst_nodes, "peer-burst-nodes");
         set!(max_store_bytes, "max-store-bytes");
+        set!(presence_burst, "presence-burst");
+        set!(presence_per_sec, "presence-per-sec");
         set!(upgrade_timeout, "upgrade-timeout", secs);
         set!(session_wait, "session-wait", secs);
         set!(write_timeout, "write-timeout", secs);

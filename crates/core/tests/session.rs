@@ -428,6 +428,9 @@ fn hostile_frames_close_only_their_session() {
     for message in [
         Message::Presence {
             peer: key.author(),
+            client: 0,
+            status: syncline_core::proto::message::PresenceStatus::Online,
+            message: String::new(),
             data: vec![1],
         },
         Message::Unknown(99),

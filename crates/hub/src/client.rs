@@ -9,10 +9,10 @@
 
 use std::ops::Range;
 
-use syncline_core::proto::message::{Envelope, Reason};
+use syncline_core::proto::message::{Envelope, PresenceStatus, Reason};
 use syncline_core::proto::scope::Scope;
 use syncline_core::proto::session::{Config as SessionConfig, Credentials, Event, Session};
-use syncline_core::{Keypair, NodeIdx, Room};
+use syncline_core::{AuthorId, Keypair, NodeIdx, Room};
 use syncline_store::{DurableRoom, ReplicaError};
 
 /// A client session and the durable work its events call for.
@@ -123,6 +123,15 @@ impl ClientLink {
     /// The next frame to send.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.session.poll_transmit()
+    }
+
+    /// Shows this client's presence in the room (`offline` ends it): the
+    /// server relays it to the room's other sessions (ephemeral, never in
+    /// history).
+    pub fn send_presence(&mut self, now: u64, status: PresenceStatus, message: &str, data: &[u8]) {
+        // The server names the sender itself: key and client are its own.
+        self.session
+            .send_presence(now, AuthorId([0; 32]), 0, status, message, data);
     }
 
     /// Ends the session with `reason`, telling the server.

@@ -17,6 +17,7 @@
 
 mod client;
 mod govern;
+mod presence;
 mod room;
 
 pub use client::ClientLink;

@@ -17,12 +17,14 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use syncline_core::auth::Access;
-use syncline_core::proto::message::{Envelope, Message, Reason};
+use syncline_core::proto::message::{Envelope, Message, PresenceStatus, Reason};
 use syncline_core::proto::session::{
     Config as SessionConfig, EncodedPack, Event, Session, Strategy,
 };
 use syncline_core::{AuthorId, NodeIdx};
 use syncline_store::{DurableRoom, ReplicaError};
+
+use crate::presence::{Presence, Shown, refused_frame};
 
 /// A session on a server: the connection it came over, and its id there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -74,6 +76,10 @@ pub struct HubConfig {
     /// that sends a pack is closed with `quota_exceeded` (reading goes
     /// on).
     pub max_room_bytes: u64,
+    /// Presence updates a session may send at once.
+    pub presence_burst: u32,
+    /// Presence updates a session may send per second, sustained.
+    pub presence_per_sec: u32,
 }
 
 impl Default for HubConfig {
@@ -82,6 +88,8 @@ impl Default for HubConfig {
             session: SessionConfig::default(),
             slice_bytes: 1 << 20,
             max_room_bytes: u64::MAX,
+            presence_burst: 10,
+            presence_per_sec: 5,
         }
     }
 }
@@ -149,12 +157,19 @@ pub enum HubEvent {
         /// How many, since the last such event.
         nodes: u64,
     },
+    /// A session's presence update came past its budget and was dropped.
+    PresenceRefused {
+        /// Which session sent it.
+        key: SessionKey,
+    },
 }
 
 struct Member {
     session: Session,
     /// Nodes sent already reported in [`HubEvent::Sent`].
     reported_sent: u64,
+    /// Its presence (shown once it sends one).
+    presence: Presence,
 }
 
 /// One room and the server sessions in it.
@@ -176,6 +191,8 @@ pub struct RoomHub {
     room_bytes: u64,
     /// The store as a whole is out of its quota (the driver says so).
     store_full: bool,
+    /// The number the next session gets among the room's presences.
+    next_client: u64,
 }
 
 impl std::fmt::Debug for RoomHub {
@@ -202,6 +219,7 @@ impl RoomHub {
             turn: None,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
+            next_client: 1,
         }
     }
 
@@ -266,6 +284,9 @@ impl RoomHub {
         // inserted.
         let mut brought: Vec<(SessionKey, Vec<NodeIdx>)> = Vec::new();
         let mut gone = Vec::new();
+        let mut presence_in: Vec<(SessionKey, Shown)> = Vec::new();
+        let next_client = &mut self.next_client;
+        let presence_burst = self.config.presence_burst;
         let stepped = self.room.with_room(|r, _| {
             for input in inputs {
                 let (conn, env, access) = match input {
@@ -295,18 +316,29 @@ impl RoomHub {
                     // A new session, or a fresh handshake on the id of one
                     // that ended.
                     if sessions.get(&key).is_none_or(|m| m.session.is_closed()) {
-                        let session = Session::server(
+                        let mut session = Session::server(
                             now,
                             key.session,
                             room_id.clone(),
                             config.clone(),
                             access,
                         );
+                        let mut present: Vec<AuthorId> = sessions
+                            .values()
+                            .filter(|m| m.presence.shown.is_some())
+                            .map(|m| m.presence.peer)
+                            .collect();
+                        present.sort_unstable();
+                        present.dedup();
+                        session.set_welcome_peers(present);
+                        let client = *next_client;
+                        *next_client += 1;
                         sessions.insert(
                             key,
                             Member {
                                 session,
                                 reported_sent: 0,
+                                presence: Presence::new(*peer, client, presence_burst, now),
                             },
                         );
                         events.push_back(HubEvent::Opened { key, peer: *peer });
@@ -323,6 +355,24 @@ impl RoomHub {
                     ));
                     continue;
                 };
+                if let Message::Presence {
+                    status,
+                    message,
+                    data,
+                    ..
+                } = env.message
+                {
+                    // Ephemeral: the hub handles it, not the session.
+                    presence_in.push((
+                        key,
+                        Shown {
+                            status,
+                            message,
+                            data,
+                        },
+                    ));
+                    continue;
+                }
                 let pack_bytes = match &env.message {
                     Message::Pack { pack, .. } => Some(pack.len() as u64),
                     _ => None,
@@ -366,11 +416,68 @@ impl RoomHub {
         if !brought.is_empty() {
             self.relay(now, &brought);
         }
+        for (key, shown) in presence_in {
+            self.show(now, key, shown);
+        }
         for conn in gone {
             self.drop_connection(conn, End::Disconnected);
         }
         self.after(now);
         Ok(())
+    }
+
+    /// Records what session `key` shows now and tells the others (an
+    /// update past its budget is refused instead).
+    fn show(&mut self, now: u64, key: SessionKey, shown: Shown) {
+        let (burst, per_sec) = (self.config.presence_burst, self.config.presence_per_sec);
+        let Some(member) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if !member.session.is_open() {
+            // Before the handshake there is no one to tell it to.
+            return;
+        }
+        if !member.presence.take(now, burst, per_sec) {
+            self.transmit
+                .push_back((key.conn, refused_frame(key.session, per_sec)));
+            self.events.push_back(HubEvent::PresenceRefused { key });
+            return;
+        }
+        let was_shown = member.presence.shown.is_some();
+        member.presence.shown = (shown.status != PresenceStatus::Offline).then_some(shown);
+        if was_shown || member.presence.shown.is_some() {
+            self.tell_others(key);
+        }
+    }
+
+    /// Sends session `key`'s presence to every other open session that
+    /// takes presence.
+    fn tell_others(&mut self, key: SessionKey) {
+        let Some(presence) = self.sessions.get(&key).map(|m| &m.presence) else {
+            return;
+        };
+        for (other, member) in &self.sessions {
+            if *other != key && member.session.is_open() && member.session.wants_presence() {
+                self.transmit
+                    .push_back((other.conn, presence.frame(other.session)));
+            }
+        }
+    }
+
+    /// Sends a session that just opened the presence of everyone shown.
+    fn tell_newcomer(&mut self, key: SessionKey) {
+        let Some(newcomer) = self.sessions.get(&key) else {
+            return;
+        };
+        if !newcomer.session.wants_presence() {
+            return;
+        }
+        for (other, member) in &self.sessions {
+            if *other != key && member.presence.shown.is_some() {
+                self.transmit
+                    .push_back((key.conn, member.presence.frame(key.session)));
+            }
+        }
     }
 
     /// Connection `conn` cannot take its frames: its sessions leave with
@@ -491,10 +598,19 @@ impl RoomHub {
     /// Removes a session, reporting how it ended (a session already closed
     /// reports its close instead).
     fn remove(&mut self, key: SessionKey, end: End) {
-        let Some(member) = self.sessions.remove(&key) else {
+        let Some(mut member) = self.sessions.remove(&key) else {
             return;
         };
         self.dirty.remove(&key);
+        if member.presence.shown.take().is_some() {
+            // It leaves: the others hear `offline`.
+            for (other, m) in &self.sessions {
+                if m.session.is_open() && m.session.wants_presence() {
+                    self.transmit
+                        .push_back((other.conn, member.presence.frame(other.session)));
+                }
+            }
+        }
         let (_, catchup_nodes) = member.session.nodes_sent();
         self.events.push_back(HubEvent::Ended {
             key,
@@ -578,6 +694,7 @@ impl RoomHub {
         };
         let mut sent = 0;
         let mut ended = Vec::new();
+        let mut opened = Vec::new();
         for key in keys {
             let Some(member) = self.sessions.get_mut(&key) else {
                 continue;
@@ -594,10 +711,13 @@ impl RoomHub {
                         );
                         member.session.acknowledge(now, corr, self.room.room());
                     }
-                    Event::Connected => self.events.push_back(HubEvent::Connected {
-                        key,
-                        strategy: member.session.strategy().unwrap_or(Strategy::Heads),
-                    }),
+                    Event::Connected => {
+                        opened.push(key);
+                        self.events.push_back(HubEvent::Connected {
+                            key,
+                            strategy: member.session.strategy().unwrap_or(Strategy::Heads),
+                        });
+                    }
                     Event::Closed {
                         reason, by_peer, ..
                     } => ended.push((key, End::Closed { reason, by_peer })),
@@ -616,6 +736,9 @@ impl RoomHub {
         }
         if sent > 0 {
             self.events.push_back(HubEvent::Sent { nodes: sent });
+        }
+        for key in opened {
+            self.tell_newcomer(key);
         }
         for (key, end) in ended {
             self.remove(key, end);

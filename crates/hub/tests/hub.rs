@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use syncline_core::auth::Access;
-use syncline_core::proto::message::{Envelope, Message, Reason};
+use syncline_core::proto::message::{Envelope, Message, PresenceStatus, Reason};
 use syncline_core::proto::scope::Scope;
 use syncline_core::proto::session::{Config, Credentials, Event};
 use syncline_core::{Keypair, RoomId, Value};
@@ -20,6 +20,8 @@ struct Client {
     link: ClientLink,
     conn: u64,
     events: Vec<Event>,
+    /// Presence frames it received.
+    presence: Vec<Message>,
     /// What the driver admits its `hello` with.
     access: Access,
 }
@@ -50,6 +52,7 @@ impl Client {
             link,
             conn,
             events: Vec::new(),
+            presence: Vec::new(),
             access,
         }
     }
@@ -78,6 +81,20 @@ impl Client {
             .unwrap()
             .unwrap();
         self.link.send_local(0, &mut self.room, &[c.idx]);
+    }
+
+    /// Hands the client a frame from the hub, keeping presence apart (as
+    /// the SDK's engine does: sessions ignore it).
+    fn receive(&mut self, now: u64, frame: &[u8]) {
+        let env = Envelope::decode(frame).unwrap();
+        if let Message::Presence { .. } = env.message {
+            self.presence.push(env.message);
+            return;
+        }
+        self.link.handle_frame(now, &mut self.room, frame).unwrap();
+        while let Some(e) = self.link.poll_event(now, &mut self.room).unwrap() {
+            self.events.push(e);
+        }
     }
 
     fn closed(&self) -> Option<Reason> {
@@ -117,10 +134,7 @@ fn settle(hub: &mut RoomHub, clients: &mut [Client]) -> Vec<HubEvent> {
         while let Some((conn, frame)) = hub.poll_transmit() {
             moved = true;
             let c = clients.iter_mut().find(|c| c.conn == conn).unwrap();
-            c.link.handle_frame(0, &mut c.room, &frame).unwrap();
-            while let Some(e) = c.link.poll_event(0, &mut c.room).unwrap() {
-                c.events.push(e);
-            }
+            c.receive(0, &frame);
         }
         events.extend(std::iter::from_fn(|| hub.poll_event()));
         if !moved {
@@ -372,9 +386,90 @@ fn a_hello_the_driver_did_not_admit_is_refused() {
 fn settle_at(hub: &mut RoomHub, clients: &mut [Client]) {
     while let Some((conn, frame)) = hub.poll_transmit() {
         let c = clients.iter_mut().find(|c| c.conn == conn).unwrap();
-        c.link.handle_frame(5_000, &mut c.room, &frame).unwrap();
-        while let Some(e) = c.link.poll_event(5_000, &mut c.room).unwrap() {
-            c.events.push(e);
-        }
+        c.receive(5_000, &frame);
     }
+}
+
+/// The presence frames `client` received: (peer seed byte, status, message).
+fn shown(client: &Client) -> Vec<(u8, PresenceStatus, String)> {
+    client
+        .presence
+        .iter()
+        .map(|m| match m {
+            Message::Presence {
+                peer,
+                status,
+                message,
+                ..
+            } => (
+                (0..=255u8)
+                    .find(|s| Keypair::from_seed([*s; 32]).author() == *peer)
+                    .unwrap(),
+                *status,
+                message.clone(),
+            ),
+            _ => unreachable!("only presence is kept"),
+        })
+        .collect()
+}
+
+#[test]
+fn presence_is_relayed_shown_to_newcomers_limited_and_ends_with_its_session() {
+    let mut hub = hub(Arc::new(MemoryStore::new()), HubConfig::default());
+    let mut clients = vec![Client::connect(1, 10), Client::connect(2, 20)];
+    settle(&mut hub, &mut clients);
+    clients[0]
+        .link
+        .send_presence(0, PresenceStatus::Online, "hi", b"cursor 3");
+    settle(&mut hub, &mut clients);
+    assert_eq!(
+        shown(&clients[1]),
+        [(1, PresenceStatus::Online, "hi".into())]
+    );
+    assert!(
+        clients[0].presence.is_empty(),
+        "a session is not told its own"
+    );
+    // A newcomer hears who is here.
+    clients.push(Client::connect(3, 30));
+    settle(&mut hub, &mut clients);
+    assert_eq!(
+        shown(&clients[2]),
+        [(1, PresenceStatus::Online, "hi".into())]
+    );
+    // A flood: past the burst, updates are refused and dropped.
+    for i in 0..20 {
+        clients[0]
+            .link
+            .send_presence(0, PresenceStatus::Busy, &format!("{i}"), &[]);
+    }
+    let events = settle(&mut hub, &mut clients);
+    let refused = events
+        .iter()
+        .filter(|e| matches!(e, HubEvent::PresenceRefused { .. }))
+        .count();
+    assert_eq!(refused, 11, "a burst of 10, one spent already");
+    assert_eq!(shown(&clients[1]).len(), 1 + 9);
+    assert!(clients[0].events.iter().any(|e| matches!(
+        e,
+        Event::PeerError {
+            code: Reason::RateLimited,
+            ..
+        }
+    )));
+    assert!(clients[0].closed().is_none(), "the session goes on");
+    // Its connection goes: the others hear it leave.
+    hub.handle_batch(0, [Input::Gone { conn: 10 }]).unwrap();
+    settle(&mut hub, &mut clients);
+    for c in &clients[1..] {
+        assert_eq!(
+            shown(c).last().map(|(who, status, _)| (*who, *status)),
+            Some((1, PresenceStatus::Offline))
+        );
+    }
+    // A session that never showed presence leaves silently.
+    let before = shown(&clients[2]).len();
+    hub.handle_batch(0, [Input::Gone { conn: 20 }]).unwrap();
+    settle(&mut hub, &mut clients);
+    assert_eq!(shown(&clients[2]).len(), before);
 }

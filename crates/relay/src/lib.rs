@@ -106,6 +106,11 @@ pub struct Config {
     /// Bytes the store's files may take; past it, every room refuses packs
     /// with `quota_exceeded` (checked every second).
     pub max_store_bytes: u64,
+    /// Presence updates one session may send at once...
+    pub presence_burst: u32,
+    /// ...and per second, sustained; past it, an update is dropped with
+    /// `error{rate_limited}` (the session goes on).
+    pub presence_per_sec: u32,
     /// Nodes per second one connection may have inserted, on average...
     pub peer_nodes_per_sec: u64,
     /// ...and at most at once; past it, the connection is closed
@@ -157,6 +162,8 @@ impl Default for Config {
             peer_burst_bytes: 64 << 20,
             shutdown_grace: Duration::from_millis(1500),
             max_room_bytes: 4 << 30,
+            presence_burst: 10,
+            presence_per_sec: 5,
             open_rooms: vec![RoomPattern::parse("*").expect("* is a room pattern")],
             open_on_network: false,
             trusted_keys: Vec::new(),

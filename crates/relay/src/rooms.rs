@@ -372,6 +372,8 @@ impl RoomTask {
             session,
             slice_bytes: rooms.config.slice_bytes,
             max_room_bytes: rooms.config.max_room_bytes,
+            presence_burst: rooms.config.presence_burst,
+            presence_per_sec: rooms.config.presence_per_sec,
         };
         // After a failed write, what the store reads back may not be
         // durable: the load makes it so first (or fails).
@@ -700,6 +702,14 @@ impl RoomTask {
                 }
                 HubEvent::Sent { nodes } => {
                     metrics::counter!(telemetry::NODES_OUT).increment(nodes);
+                }
+                HubEvent::PresenceRefused { key } => {
+                    metrics::counter!(telemetry::REFUSED, "why" => "presence_rate").increment(1);
+                    debug!(
+                        session = key.session,
+                        conn = key.conn,
+                        "dropped a presence update past its budget"
+                    );
                 }
                 HubEvent::Refused { key, message } => {
                     metrics::counter!(telemetry::NODES_REFUSED).increment(1);

@@ -1131,7 +1131,7 @@ impl World {
         let config = HubConfig {
             session: self.scenario.config.clone(),
             slice_bytes: self.scenario.slice_bytes,
-            max_room_bytes: u64::MAX,
+            ..HubConfig::default()
         };
         Ok(RoomHub::new(room, config, 0))
     }

@@ -37,8 +37,14 @@ pub const MAX_RANGES: usize = 4096;
 pub const MAX_SUMMARY_ITEMS: usize = 1024;
 /// Longest capability, pattern, reason or message string.
 pub const MAX_TEXT_BYTES: usize = 1024;
-/// Longest token or presence payload.
+/// Longest token.
 pub const MAX_BLOB_FIELD_BYTES: usize = 64 * 1024;
+/// Longest presence message (for people: "in a meeting").
+pub const MAX_PRESENCE_MESSAGE: usize = 256;
+/// Most bytes of app data in one presence (a cursor, a selection).
+pub const MAX_PRESENCE_DATA: usize = 4096;
+/// The capability a client names in `hello` to receive presence.
+pub const PRESENCE_CAPABILITY: &str = "presence@1";
 /// Deepest value a newer peer's unknown field may nest.
 const MAX_SKIP_DEPTH: usize = 8;
 /// Message types at or above this are optional: unknown ones are ignored.
@@ -154,6 +160,42 @@ pub struct Limits {
     pub max_frame: u64,
     /// Most nodes per pack the server sends or accepts.
     pub max_pack_nodes: u64,
+}
+
+/// A peer's presence status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PresenceStatus {
+    /// Here.
+    Online,
+    /// Here, not looking.
+    Away,
+    /// Here, not to be disturbed.
+    Busy,
+    /// Gone: its presence ends.
+    Offline,
+}
+
+impl PresenceStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceStatus::Online => "online",
+            PresenceStatus::Away => "away",
+            PresenceStatus::Busy => "busy",
+            PresenceStatus::Offline => "offline",
+        }
+    }
+
+    /// The status for a wire name (`None` for an unknown one).
+    pub fn from_wire(s: &str) -> Option<PresenceStatus> {
+        Some(match s {
+            "online" => PresenceStatus::Online,
+            "away" => PresenceStatus::Away,
+            "busy" => PresenceStatus::Busy,
+            "offline" => PresenceStatus::Offline,
+            _ => return None,
+        })
+    }
 }
 
 /// Whether a pack is part of a catch-up or a live update.
@@ -324,11 +366,21 @@ pub enum Message {
         /// issues).
         server: AuthorId,
     },
-    /// Ephemeral presence (never in history).
+    /// Ephemeral presence (never in history): a client's own (its `peer`
+    /// and `client` are ignored; the server fills them in), or, from the
+    /// server, one of another session of the room: its joining, changing,
+    /// or leaving (status `offline`).
     Presence {
-        /// Whose.
+        /// Whose key.
         peer: AuthorId,
-        /// App-defined bytes.
+        /// Which of the room's sessions (one key may have several).
+        client: u64,
+        /// Online, away, busy or offline.
+        status: PresenceStatus,
+        /// For people, at most [`MAX_PRESENCE_MESSAGE`] bytes.
+        message: String,
+        /// App data (a cursor, a selection), at most [`MAX_PRESENCE_DATA`]
+        /// bytes.
         data: Vec<u8>,
     },
     /// An optional message type from a newer peer (ignored).
@@ -733,12 +785,24 @@ fn encode_body(m: &Message, w: &mut Writer) {
             w.str("server");
             w.bin(&server.0);
         }
-        Message::Presence { peer, data } => {
-            w.map(2);
+        Message::Presence {
+            peer,
+            client,
+            status,
+            message,
+            data,
+        } => {
+            w.map(5);
+            w.str("client");
+            w.uint(*client);
             w.str("data");
             w.bin(data);
+            w.str("message");
+            w.str(message);
             w.str("peer");
             w.bin(&peer.0);
+            w.str("status");
+            w.str(status.as_str());
         }
     }
 }
@@ -997,7 +1061,11 @@ fn decode_body(kind: u64, r: &mut Reader<'_>) -> Result<Message, FrameError> {
         },
         64 => Message::Presence {
             peer: AuthorId(f.get("peer")?.bin_array()?),
-            data: f.bytes("data", MAX_BLOB_FIELD_BYTES)?,
+            client: f.uint("client")?,
+            status: PresenceStatus::from_wire(&f.text("status")?)
+                .ok_or(FrameError::Invalid("unknown presence status"))?,
+            message: f.get("message")?.str(MAX_PRESENCE_MESSAGE)?.to_owned(),
+            data: f.bytes("data", MAX_PRESENCE_DATA)?,
         },
         t if t >= FIRST_OPTIONAL_TYPE => Message::Unknown(t),
         t => return Err(FrameError::UnknownType(t)),
@@ -1116,6 +1184,9 @@ mod tests {
             },
             Message::Presence {
                 peer: AuthorId([1; 32]),
+                client: 7,
+                status: PresenceStatus::Busy,
+                message: "in a meeting".into(),
                 data: vec![42],
             },
         ]

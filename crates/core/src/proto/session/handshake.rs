@@ -53,6 +53,7 @@ impl Session {
             Ok(scope) => self.server_state().scope = scope,
             Err(e) => return self.close(now, Reason::Malformed, &e.to_string()),
         }
+        self.server_state().wants_presence = caps.iter().any(|c| c == PRESENCE_CAPABILITY);
         self.server_state().peer_holds = vv.clone();
         self.peer_acked = vv.clone();
         // A client with history that left its version vector out asks for
@@ -111,7 +112,7 @@ impl Session {
                 max_frame: self.config.max_frame as u64,
                 max_pack_nodes: self.config.max_pack_nodes as u64,
             },
-            peers: Vec::new(),
+            peers: self.server_state().peers.clone(),
             write: self
                 .server_state()
                 .access

@@ -33,7 +33,7 @@ use crate::keys::Keypair;
 use crate::pack::PackError;
 use crate::proto::message::{
     Envelope, FrameError, Limits, MAX_FRAME_BYTES, MAX_HEADS, MAX_IDS, MAX_RANGES, Message,
-    PROTOCOL_VERSION, Phase, Reason,
+    PRESENCE_CAPABILITY, PROTOCOL_VERSION, Phase, PresenceStatus, Reason,
 };
 use crate::proto::scope::Scope;
 use crate::proto::send_queue::SendQueue;
@@ -305,6 +305,10 @@ struct ServerState {
     mst_need: Vec<NodeIdx>,
     /// RIBLT symbols sent so far.
     symbols_sent: usize,
+    /// The peers present in the room, for the `welcome` (the driver says).
+    peers: Vec<AuthorId>,
+    /// The client named [`PRESENCE_CAPABILITY`]: it is sent presence.
+    wants_presence: bool,
 }
 
 /// Which end of the session this is, with what that end alone keeps.
@@ -429,6 +433,7 @@ impl Session {
             caps: Strategy::ALL
                 .iter()
                 .map(|s| s.capability().to_owned())
+                .chain(std::iter::once(PRESENCE_CAPABILITY.to_owned()))
                 .collect(),
             heads: listed_heads(dag),
             vv,
@@ -451,8 +456,60 @@ impl Session {
             peer_holds: VersionVector::new(),
             mst_need: Vec::new(),
             symbols_sent: 0,
+            peers: Vec::new(),
+            wants_presence: false,
         });
         Session::new(role, now, id, room, config)
+    }
+
+    /// Sets the peers a server session's `welcome` lists as present (the
+    /// driver knows them; the session does not).
+    pub fn set_welcome_peers(&mut self, peers: Vec<AuthorId>) {
+        if let Role::Server(state) = &mut self.role {
+            state.peers = peers;
+        }
+    }
+
+    /// Whether the handshake is done and the session not closed.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    /// Whether the client of this server session asked for presence (it
+    /// named [`PRESENCE_CAPABILITY`] in its `hello`); a client session
+    /// always takes it.
+    pub fn wants_presence(&self) -> bool {
+        match &self.role {
+            Role::Server(state) => state.wants_presence,
+            Role::Client(_) => true,
+        }
+    }
+
+    /// Queues a `presence` frame (ephemeral: nothing of the session's state
+    /// changes). A client's `peer` and `client` are ignored by the server.
+    pub fn send_presence(
+        &mut self,
+        now: u64,
+        peer: AuthorId,
+        client: u64,
+        status: PresenceStatus,
+        message: &str,
+        data: &[u8],
+    ) {
+        if self.is_closed() {
+            return;
+        }
+        self.send(
+            now,
+            0,
+            Message::Presence {
+                peer,
+                client,
+                status,
+                message: message.to_owned(),
+                data: data.to_vec(),
+            },
+        );
     }
 
     fn new(role: Role, now: u64, id: u64, room: RoomId, config: Config) -> Session {
