@@ -316,7 +316,7 @@ struct ServerState {
 enum Role {
     // Boxed: a RIBLT decoder is large, and servers hold many sessions.
     Client(Box<ClientState>),
-    Server(ServerState),
+    Server(Box<ServerState>),
 }
 
 /// One sync session for one room.
@@ -450,7 +450,7 @@ impl Session {
     /// which the driver admitted with `access` (`auth::admit`; its expiry
     /// on this session's clock).
     pub fn server(now: u64, id: u64, room: RoomId, config: Config, access: Access) -> Session {
-        let role = Role::Server(ServerState {
+        let role = Role::Server(Box::new(ServerState {
             access,
             scope: Scope::everything(),
             peer_holds: VersionVector::new(),
@@ -458,7 +458,7 @@ impl Session {
             symbols_sent: 0,
             peers: Vec::new(),
             wants_presence: false,
-        });
+        }));
         Session::new(role, now, id, room, config)
     }
 
