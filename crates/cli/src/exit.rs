@@ -55,6 +55,7 @@ impl From<Error> for Failed {
             | Error::NodeId { .. }
             | Error::NoSuchCandidate { .. }
             | Error::Import { .. }
+            | Error::Presence { .. }
             | Error::Pattern { .. }
             | Error::NotADirectory(_) => Exit::Usage,
             Error::Timeout { .. } | Error::NoEndpoint => Exit::Sync,

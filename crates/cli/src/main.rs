@@ -289,6 +289,24 @@ enum Command {
         #[arg(long, env = "SYNCLINE_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Show this replica as present in a room while it runs, and print
+    /// who else is there as they join, change and leave (never in history).
+    Presence {
+        /// Room name.
+        room: String,
+        /// online, away or busy.
+        #[arg(long, default_value = "online", value_parser = parse_status)]
+        status: syncline::PresenceStatus,
+        /// A message for people ("in a meeting"), at most 256 bytes.
+        #[arg(long, default_value = "")]
+        message: String,
+        /// Relay URL (default: the remembered remote).
+        #[arg(long, env = "SYNCLINE_SERVER")]
+        server: Vec<String>,
+        /// A capability token for locked rooms.
+        #[arg(long, env = "SYNCLINE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Print the replica's rooms, their sizes and unacknowledged nodes.
     Status {
         /// One room (default: all).
@@ -560,6 +578,13 @@ fn run(cli: Cli) -> Outcome {
             token,
         } => sync_cmd::watch(&cli, room, pattern.as_deref(), server, token.as_deref()),
         Command::Status { room } => status(&cli, room.as_deref()),
+        Command::Presence {
+            room,
+            status,
+            message,
+            server,
+            token,
+        } => sync_cmd::presence(&cli, room, *status, message, server, token.as_deref()),
         Command::Demo => demo::run(&cli),
     }
 }
@@ -759,6 +784,16 @@ fn edit(
         None => "nothing changed".to_owned(),
     });
     Ok(())
+}
+
+/// A presence status as `--status` takes it.
+fn parse_status(s: &str) -> Result<syncline::PresenceStatus, String> {
+    match syncline::PresenceStatus::from_wire(s) {
+        Some(syncline::PresenceStatus::Offline) | None => {
+            Err("online, away or busy (leave by stopping the command)".to_owned())
+        }
+        Some(status) => Ok(status),
+    }
 }
 
 fn import(cli: &Cli, room: &str, file: &std::path::Path) -> Outcome {

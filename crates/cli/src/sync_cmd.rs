@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use syncline::auth::Capability;
-use syncline::{Change, Origin, Replica, Subscription, SyncHandle, SyncOptions, TokenSource};
+use syncline::{
+    Change, Origin, PresenceEvent, PresenceFeed, PresenceKind, Replica, Subscription, SyncHandle,
+    SyncOptions, TokenSource,
+};
 use syncline_core::RoomId;
 use syncline_core::ids::to_hex;
 
@@ -148,7 +151,7 @@ pub(crate) fn sync(
     };
     let sync = replica.connect_with(options(&replica, servers, token)?, &names)?;
     if let Some(subscriptions) = subscriptions {
-        return follow(cli, subscriptions, Some(&sync));
+        return follow(cli, subscriptions, Vec::new(), Some(&sync));
     }
     let mut reporter = Reporter::default();
     // A bar of nodes moved: received by catch-ups plus uploads acknowledged,
@@ -276,24 +279,48 @@ pub(crate) fn watch(
         Some(p) => replica.room(room)?.subscribe(p)?,
         None => replica.room(room)?.changes(),
     };
-    let sync = if servers.is_empty() {
-        None
+    let (sync, feeds) = if servers.is_empty() {
+        (None, Vec::new())
     } else {
-        Some(replica.connect_with(options(&replica, servers, token)?, &[room])?)
+        let feed = replica.room(room)?.presence_events();
+        let sync = replica.connect_with(options(&replica, servers, token)?, &[room])?;
+        (Some(sync), vec![feed])
     };
-    follow(cli, vec![subscription], sync.as_ref())
+    follow(cli, vec![subscription], feeds, sync.as_ref())
 }
 
 /// Prints the subscriptions' changes as they happen, until interrupted:
 /// each field with its old and new value, each text edit, and the other
 /// paths touched.
-fn follow(cli: &Cli, subscriptions: Vec<Subscription>, sync: Option<&SyncHandle>) -> Outcome {
-    let (tx, rx) = std::sync::mpsc::channel();
+/// What `follow` prints: a change, or a peer joining, changing or leaving.
+enum Seen {
+    Change(Change),
+    Presence(PresenceEvent),
+}
+
+pub(crate) fn follow(
+    cli: &Cli,
+    subscriptions: Vec<Subscription>,
+    feeds: Vec<PresenceFeed>,
+    sync: Option<&SyncHandle>,
+) -> Outcome {
+    // Bounded: the readers wait while this prints.
+    let (tx, rx) = std::sync::mpsc::sync_channel(256);
     for subscription in subscriptions {
         let tx = tx.clone();
         std::thread::spawn(move || {
             for change in subscription {
-                if tx.send(change).is_err() {
+                if tx.send(Seen::Change(change)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    for feed in feeds {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for event in feed {
+                if tx.send(Seen::Presence(event)).is_err() {
                     break;
                 }
             }
@@ -306,7 +333,11 @@ fn follow(cli: &Cli, subscriptions: Vec<Subscription>, sync: Option<&SyncHandle>
             reporter.report(&sync.status())?;
         }
         let change = match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(change) => change,
+            Ok(Seen::Change(change)) => change,
+            Ok(Seen::Presence(event)) => {
+                print_presence(cli, &event);
+                continue;
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         };
@@ -342,6 +373,38 @@ fn follow(cli: &Cli, subscriptions: Vec<Subscription>, sync: Option<&SyncHandle>
     Ok(())
 }
 
+/// A presence event in one line: `ROOM presence: KEY8#CLIENT joined
+/// (busy: "in a meeting")`.
+fn print_presence(cli: &Cli, event: &PresenceEvent) {
+    let kind = match event.kind {
+        PresenceKind::Joined => "joined",
+        PresenceKind::Updated => "updated",
+        PresenceKind::Left => "left",
+    };
+    let p = &event.peer;
+    print(
+        cli,
+        json!({
+            "room": event.room, "presence": kind, "peer": p.peer, "client": p.client,
+            "status": p.status.as_str(), "message": p.message, "data_bytes": p.data.len(),
+        }),
+        || {
+            format!(
+                "{} presence: {}#{} {kind} ({}{})",
+                event.room,
+                &p.peer[..8],
+                p.client,
+                p.status.as_str(),
+                if p.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {:?}", p.message)
+                }
+            )
+        },
+    );
+}
+
 /// A change in one line per field and text edit (the paths alone if it
 /// has neither): `ROOM ORIGIN: PATH FIELD: OLD -> NEW`.
 fn describe_change(change: &Change, origin: &str) -> String {
@@ -375,4 +438,23 @@ fn describe_change(change: &Change, origin: &str) -> String {
         lines.push(format!("{head} {}", change.paths.join(" ")));
     }
     lines.join("\n")
+}
+
+/// `syncline presence`: shows this replica in a room while it runs, and
+/// prints who else is there as they join, change and leave.
+pub(crate) fn presence(
+    cli: &Cli,
+    room: &str,
+    status: syncline::PresenceStatus,
+    message: &str,
+    servers: &[String],
+    token: Option<&str>,
+) -> Outcome {
+    let replica = open(cli)?;
+    let servers = crate::servers_or_remote(&replica, servers)?;
+    let shown = replica.room(room)?;
+    shown.set_presence(status, message, b"")?;
+    let feed = shown.presence_events();
+    let sync = replica.connect_with(options(&replica, &servers, token)?, &[room])?;
+    follow(cli, Vec::new(), vec![feed], Some(&sync))
 }

@@ -163,3 +163,43 @@ fn a_running_sync_uploads_other_processes_writes_and_is_the_only_one() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn presence_shows_who_is_here_and_who_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let url = server.url();
+    let watcher = Running::start(
+        &dir.path().join("watcher"),
+        &["watch", "team", "--server", &url],
+    );
+    let mut present = Running::start(
+        &dir.path().join("present"),
+        &[
+            "presence",
+            "team",
+            "--status",
+            "busy",
+            "--message",
+            "in a meeting",
+            "--server",
+            &url,
+        ],
+    );
+    let joined = watcher
+        .line_with("joined", WAIT)
+        .expect("watch prints the join");
+    assert!(joined.contains("busy: \"in a meeting\""), "{joined}");
+    let _ = present.child.kill();
+    let _ = present.child.wait();
+    let left = watcher
+        .line_with("left", WAIT)
+        .expect("watch prints the leave");
+    assert!(left.starts_with("team presence: "), "{left}");
+    let (code, _, err) = run(
+        &dir.path().join("present"),
+        &["presence", "team", "--status", "gone", "--server", &url],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+}

@@ -132,6 +132,12 @@ pub enum Error {
         /// How many there are.
         candidates: usize,
     },
+    /// A presence too large to show.
+    #[error("presence refused: {why}")]
+    Presence {
+        /// What is too large.
+        why: &'static str,
+    },
     /// A value that cannot be imported (see `Room::import`).
     #[error("cannot import: {why}")]
     Import {

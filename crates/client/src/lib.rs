@@ -35,6 +35,7 @@ mod error;
 mod history;
 mod import;
 mod lock;
+mod presence;
 mod replica;
 mod resolve;
 mod sync;
@@ -44,6 +45,7 @@ pub use changes::{
 };
 pub use history::NodeInfo;
 pub use import::Imported;
+pub use presence::{PRESENCE_QUEUE, Peer, PresenceEvent, PresenceFeed, PresenceKind};
 pub use replica::{Entry, Error, Origin, Replica, Room};
 pub use resolve::Pick;
 pub use sync::{Status, SyncHandle, SyncOptions, TokenSource, normalize_endpoint};
@@ -51,6 +53,7 @@ pub use sync::{Status, SyncHandle, SyncOptions, TokenSource, normalize_endpoint}
 /// (`auth::Capability::issue`), check them, delegate them.
 pub use syncline_core::auth;
 pub use syncline_core::doc::{Conflict, Edit, FieldWrite, PathError};
+pub use syncline_core::proto::message::PresenceStatus;
 pub use syncline_core::proto::scope::ScopeError;
 pub use syncline_core::room::TxnError;
 pub use syncline_core::{BlobRef, EntryId, EntryKind, NodeId, Transaction, Value, Vector};

@@ -20,6 +20,7 @@ use tracing::warn;
 use crate::changes::{Change, Listener, Subscription};
 pub use crate::error::Error;
 use crate::lock::{Locks, RoomLock};
+use crate::presence::RoomPresence;
 
 /// Where a change came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -353,6 +354,7 @@ impl Replica {
                     grant: self
                         .saved_token(name)?
                         .and_then(|t| Capability::from_token(&t).ok()),
+                    presence: RoomPresence::default(),
                 }),
                 listeners: Mutex::new(Vec::new()),
                 wake: Mutex::new(None),
@@ -432,6 +434,8 @@ pub(crate) struct RoomState {
     /// carries it, so that every replica of a locked room finds it in that
     /// node's history (`auth::governance`).
     pub(crate) grant: Option<Capability>,
+    /// Its own presence and the peers shown (while syncing).
+    pub(crate) presence: RoomPresence,
 }
 
 /// Metadata key of the servers a replica syncs with by default.
@@ -537,7 +541,7 @@ impl RoomShared {
     }
 
     /// Wakes the sync engine, if one runs here, to send what was queued.
-    fn wake_engine(&self) {
+    pub(crate) fn wake_engine(&self) {
         if let Some(wake) = self.wake.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             wake.notify_one();
         }

@@ -202,3 +202,51 @@ fn a_subscription_holds_a_bounded_number_of_bytes() {
     notes.transact(|tx| tx.set("/n", "v", value(0))).unwrap();
     assert_eq!(slow.try_recv().unwrap().missed, sent - received);
 }
+
+#[test]
+fn presence_is_shown_to_peers_updated_and_withdrawn_when_a_replica_leaves() {
+    use syncline::{PresenceKind, PresenceStatus};
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _runtime) = relay(&dir.path().join("relay"));
+    let a = Replica::in_memory().unwrap();
+    let b = Replica::in_memory().unwrap();
+    let (room_a, room_b) = (a.room("team").unwrap(), b.room("team").unwrap());
+    // Shown before connecting: sent once the session opens.
+    room_a
+        .set_presence(PresenceStatus::Online, "here", b"cursor 1")
+        .unwrap();
+    let events = room_b.presence_events();
+    let sync_b = b.connect(&[url.as_str()], &["team"]).unwrap();
+    sync_b.flush(WAIT).unwrap();
+    let sync_a = a.connect(&[url.as_str()], &["team"]).unwrap();
+    let joined = events.recv_timeout(WAIT).unwrap();
+    assert_eq!(joined.kind, PresenceKind::Joined);
+    assert_eq!(joined.peer.peer, a.author());
+    assert_eq!(
+        (
+            joined.peer.status,
+            joined.peer.message.as_str(),
+            &joined.peer.data[..]
+        ),
+        (PresenceStatus::Online, "here", &b"cursor 1"[..])
+    );
+    room_a
+        .set_presence(PresenceStatus::Busy, "in a meeting", b"")
+        .unwrap();
+    let updated = events.recv_timeout(WAIT).unwrap();
+    assert_eq!(
+        (updated.kind, updated.peer.status),
+        (PresenceKind::Updated, PresenceStatus::Busy)
+    );
+    assert_eq!(room_b.peers().len(), 1);
+    // Too large to show: refused before anything is sent.
+    assert!(matches!(
+        room_a.set_presence(PresenceStatus::Online, &"x".repeat(300), b""),
+        Err(syncline::Error::Presence { .. })
+    ));
+    // A leaves: B hears it, and shows no one.
+    sync_a.stop();
+    let left = events.recv_timeout(WAIT).unwrap();
+    assert_eq!(left.kind, PresenceKind::Left);
+    assert!(room_b.peers().is_empty());
+}

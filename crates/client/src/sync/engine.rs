@@ -69,7 +69,9 @@ pub(super) async fn run(shared: Arc<Shared>) {
                     let mut synced = Vec::new();
                     let result = connection(&shared, ws, &mut synced).await;
                     for s in &synced {
-                        s.room.shared.lock().session = None;
+                        let mut state = s.room.shared.lock();
+                        state.session = None;
+                        state.presence.disconnected(s.room.name());
                     }
                     // Sessions of removed rooms ended with the connection.
                     shared
@@ -394,8 +396,25 @@ fn deliver(synced: &[Synced], frames: &[impl AsRef<[u8]>]) -> Result<(), String>
             continue;
         };
         // A session this connection never opened (or closed) is ignored.
-        if let Ok(i) = synced.binary_search_by_key(&env.session, |s| s.session) {
-            by_room[i].push(env);
+        let Ok(i) = synced.binary_search_by_key(&env.session, |s| s.session) else {
+            continue;
+        };
+        match env.message {
+            // Ephemeral: the room's presence takes it, not its session.
+            Message::Presence {
+                peer,
+                client,
+                status,
+                message,
+                data,
+            } => {
+                let room = &synced[i].room;
+                room.shared
+                    .lock()
+                    .presence
+                    .heard(room.name(), peer, client, status, message, data);
+            }
+            _ => by_room[i].push(env),
         }
     }
     deliver_envelopes(synced, &mut by_room)
@@ -444,6 +463,7 @@ fn handle_events(shared: &Shared, s: &mut Synced) -> Result<Option<String>, Stri
         durable,
         session,
         send_vv,
+        presence,
         ..
     } = &mut *state;
     let Some(link) = session.as_mut() else {
@@ -457,6 +477,10 @@ fn handle_events(shared: &Shared, s: &mut Synced) -> Result<Option<String>, Stri
             Event::Connected => {
                 s.connected = true;
                 *send_vv = false;
+                // What this replica shows, shown again on this connection.
+                if let Some((status, message, data)) = &presence.own {
+                    link.send_presence(now, *status, message, data);
+                }
                 let mut status = shared.status();
                 status.refused = None;
                 status.fatal = None;

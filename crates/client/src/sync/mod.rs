@@ -489,7 +489,12 @@ impl SyncHandle {
         room.shared.set_wake(None);
         // Detached now, so that no later commit reaches it; the engine
         // sends what it queued before, and its close.
-        if let Some(link) = room.shared.lock().session.take() {
+        let taken = {
+            let mut state = room.shared.lock();
+            state.presence.disconnected(room.name());
+            state.session.take()
+        };
+        if let Some(link) = taken {
             self.shared
                 .closing
                 .lock()
