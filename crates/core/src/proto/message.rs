@@ -43,6 +43,14 @@ pub const MAX_BLOB_FIELD_BYTES: usize = 64 * 1024;
 pub const MAX_PRESENCE_MESSAGE: usize = 256;
 /// Most bytes of app data in one presence (a cursor, a selection).
 pub const MAX_PRESENCE_DATA: usize = 4096;
+/// Most group ranges in one `blob-need`.
+pub const MAX_BLOB_RANGES: usize = 1024;
+/// Largest outboard on the wire: a 4 GiB blob's (one chaining value per
+/// 64 KiB group); larger blobs go over direct URLs.
+pub const MAX_OUTBOARD_BYTES: usize = 8 + 32 * 65_536;
+/// The capability a client names in `hello` to move blob bytes over the
+/// session.
+pub const BLOB_CAPABILITY: &str = "blob/session@1";
 /// The capability a client names in `hello` to receive presence.
 pub const PRESENCE_CAPABILITY: &str = "presence@1";
 /// Deepest value a newer peer's unknown field may nest.
@@ -107,12 +115,14 @@ pub enum Reason {
     ShuttingDown,
     /// The client stopped syncing the room (the connection goes on).
     Left,
+    /// What was asked for (a blob) is not held, or not in this room.
+    NotFound,
     /// A reason from a newer peer.
     Other(String),
 }
 
 impl Reason {
-    const NAMES: [(Reason, &'static str); 15] = [
+    const NAMES: [(Reason, &'static str); 16] = [
         (Reason::VersionMismatch, "version_mismatch"),
         (Reason::Malformed, "malformed"),
         (Reason::Unauthorized, "unauthorized"),
@@ -128,6 +138,7 @@ impl Reason {
         (Reason::Timeout, "timeout"),
         (Reason::ShuttingDown, "shutting_down"),
         (Reason::Left, "left"),
+        (Reason::NotFound, "not_found"),
     ];
 
     /// The wire name.
@@ -383,6 +394,47 @@ pub enum Message {
         /// bytes.
         data: Vec<u8>,
     },
+    /// Asks for a blob's outboard, to fetch it (client to server); the
+    /// answer is `blob-info`, or `error{not_found}` naming this message.
+    BlobGet {
+        /// The blob.
+        hash: [u8; 32],
+    },
+    /// A blob's outboard (`syncline_core::blob::Outboard`, encoded), so
+    /// that every group can be checked as it arrives.
+    BlobInfo {
+        /// The blob.
+        hash: [u8; 32],
+        /// Its outboard.
+        outboard: Vec<u8>,
+    },
+    /// Offers a blob for the room (client to server, which answers
+    /// `blob-need`): the session must be allowed to write.
+    BlobPut {
+        /// The blob.
+        hash: [u8; 32],
+        /// Its outboard.
+        outboard: Vec<u8>,
+    },
+    /// Groups of a blob the sender asks for: a download's window (client
+    /// to server), or what the server still lacks of an upload (its
+    /// answer to `blob-put` and to each batch of chunks; empty: it holds
+    /// the whole blob).
+    BlobNeed {
+        /// The blob.
+        hash: [u8; 32],
+        /// Ranges of group indices, `start..end`.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// One group of a blob (64 KiB, the last one shorter).
+    BlobChunk {
+        /// The blob.
+        hash: [u8; 32],
+        /// Which group.
+        index: u64,
+        /// Its bytes.
+        bytes: Vec<u8>,
+    },
     /// An optional message type from a newer peer (ignored).
     Unknown(u64),
 }
@@ -423,6 +475,11 @@ impl Message {
             Message::Close { .. } => 17,
             Message::Challenge { .. } => 18,
             Message::Presence { .. } => 64,
+            Message::BlobGet { .. } => 65,
+            Message::BlobInfo { .. } => 66,
+            Message::BlobPut { .. } => 67,
+            Message::BlobNeed { .. } => 68,
+            Message::BlobChunk { .. } => 69,
             Message::Unknown(t) => *t,
         }
     }
@@ -785,6 +842,38 @@ fn encode_body(m: &Message, w: &mut Writer) {
             w.str("server");
             w.bin(&server.0);
         }
+        Message::BlobGet { hash } => {
+            w.map(1);
+            w.str("hash");
+            w.bin(hash);
+        }
+        Message::BlobInfo { hash, outboard } | Message::BlobPut { hash, outboard } => {
+            w.map(2);
+            w.str("hash");
+            w.bin(hash);
+            w.str("outboard");
+            w.bin(outboard);
+        }
+        Message::BlobNeed { hash, ranges } => {
+            w.map(2);
+            w.str("hash");
+            w.bin(hash);
+            w.str("ranges");
+            w.array(ranges.len() * 2);
+            for (start, end) in ranges {
+                w.uint(*start);
+                w.uint(*end);
+            }
+        }
+        Message::BlobChunk { hash, index, bytes } => {
+            w.map(3);
+            w.str("bytes");
+            w.bin(bytes);
+            w.str("hash");
+            w.bin(hash);
+            w.str("index");
+            w.uint(*index);
+        }
         Message::Presence {
             peer,
             client,
@@ -1067,6 +1156,41 @@ fn decode_body(kind: u64, r: &mut Reader<'_>) -> Result<Message, FrameError> {
             message: f.get("message")?.str(MAX_PRESENCE_MESSAGE)?.to_owned(),
             data: f.bytes("data", MAX_PRESENCE_DATA)?,
         },
+        65 => Message::BlobGet {
+            hash: f.get("hash")?.bin_array()?,
+        },
+        66 => Message::BlobInfo {
+            hash: f.get("hash")?.bin_array()?,
+            outboard: f.bytes("outboard", MAX_OUTBOARD_BYTES)?,
+        },
+        67 => Message::BlobPut {
+            hash: f.get("hash")?.bin_array()?,
+            outboard: f.bytes("outboard", MAX_OUTBOARD_BYTES)?,
+        },
+        68 => {
+            let mut r = f.get("ranges")?;
+            let n = r.array(MAX_BLOB_RANGES * 2)?;
+            if n % 2 != 0 {
+                return Err(FrameError::Invalid("blob ranges come in pairs"));
+            }
+            let mut ranges = Vec::with_capacity(n / 2);
+            for _ in 0..n / 2 {
+                let (start, end) = (r.uint()?, r.uint()?);
+                if start >= end {
+                    return Err(FrameError::Invalid("an empty blob range"));
+                }
+                ranges.push((start, end));
+            }
+            Message::BlobNeed {
+                hash: f.get("hash")?.bin_array()?,
+                ranges,
+            }
+        }
+        69 => Message::BlobChunk {
+            hash: f.get("hash")?.bin_array()?,
+            index: f.uint("index")?,
+            bytes: f.bytes("bytes", crate::blob::GROUP_BYTES)?,
+        },
         t if t >= FIRST_OPTIONAL_TYPE => Message::Unknown(t),
         t => return Err(FrameError::UnknownType(t)),
     })
@@ -1181,6 +1305,24 @@ mod tests {
             Message::Challenge {
                 nonce: [3; 32],
                 server: AuthorId([4; 32]),
+            },
+            Message::BlobGet { hash: [5; 32] },
+            Message::BlobInfo {
+                hash: [5; 32],
+                outboard: vec![0, 0, 0, 0, 0, 0, 0, 9],
+            },
+            Message::BlobPut {
+                hash: [6; 32],
+                outboard: vec![1; 40],
+            },
+            Message::BlobNeed {
+                hash: [6; 32],
+                ranges: vec![(0, 3), (7, 8)],
+            },
+            Message::BlobChunk {
+                hash: [6; 32],
+                index: 2,
+                bytes: vec![9; 100],
             },
             Message::Presence {
                 peer: AuthorId([1; 32]),

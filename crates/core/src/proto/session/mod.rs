@@ -805,9 +805,22 @@ impl Session {
                     by_peer: true,
                 });
             }
-            // Optional messages this version does not act on are ignored,
-            // as the versioning rule requires (presence is not relayed yet).
-            (_, _, Message::Heartbeat | Message::Unknown(_) | Message::Presence { .. }) => {}
+            // Optional messages are not the session's: presence and blob
+            // transfer are handled beside it (the hub, the SDK's engine),
+            // and unknown ones are ignored, as the versioning rule
+            // requires.
+            (
+                _,
+                _,
+                Message::Heartbeat
+                | Message::Unknown(_)
+                | Message::Presence { .. }
+                | Message::BlobGet { .. }
+                | Message::BlobInfo { .. }
+                | Message::BlobPut { .. }
+                | Message::BlobNeed { .. }
+                | Message::BlobChunk { .. },
+            ) => {}
             (
                 _,
                 _,

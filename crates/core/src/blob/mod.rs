@@ -12,6 +12,8 @@
 //! This module is sans-IO: it computes and checks; stores and transfers
 //! use it.
 
+pub mod transfer;
+
 use blake3::hazmat::{
     ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
 };
