@@ -645,6 +645,14 @@ struct ServeLimits {
     /// Bytes the server's store may take on disk [default: no limit].
     #[arg(long, value_name = "BYTES")]
     max_store_bytes: Option<u64>,
+    /// Bytes of blobs the relay keeps [default: 10 GiB].
+    #[arg(long, value_name = "BYTES")]
+    max_blob_bytes: Option<u64>,
+    /// A key to encrypt blobs with at rest, as ID=HEX (a number from 1 and
+    /// 64 hex digits); repeat to rotate: the last encrypts new blobs, the
+    /// others still read older ones.
+    #[arg(long = "blob-key", value_name = "ID=HEX")]
+    blob_keys: Vec<String>,
     /// Presence updates one session may send at once [default: 10].
     #[arg(long)]
     presence_burst: Option<u32>,
@@ -703,6 +711,10 @@ impl ServeLimits {
         set!(peer_nodes_per_sec, "peer-nodes-per-sec");
         set!(peer_burst_nodes, "peer-burst-nodes");
         set!(max_store_bytes, "max-store-bytes");
+        set!(max_blob_bytes, "max-blob-bytes");
+        for key in &self.blob_keys {
+            config.blob_keys.push(parse_blob_key(key)?);
+        }
         set!(presence_burst, "presence-burst");
         set!(presence_per_sec, "presence-per-sec");
         set!(upgrade_timeout, "upgrade-timeout", secs);
@@ -784,6 +796,20 @@ fn edit(
         None => "nothing changed".to_owned(),
     });
     Ok(())
+}
+
+/// A blob key as `--blob-key ID=HEX` gives it.
+fn parse_blob_key(given: &str) -> Result<syncline_relay::BlobKey, Failed> {
+    let bad = || {
+        Failed::new(
+            Exit::Usage,
+            "--blob-key takes ID=HEX: a number from 1, then 64 hex digits (e.g. 1=$(openssl rand -hex 32))",
+        )
+    };
+    let (id, hex) = given.split_once('=').ok_or_else(bad)?;
+    let id: u32 = id.trim().parse().ok().filter(|&i| i > 0).ok_or_else(bad)?;
+    let key = syncline_core::ids::from_hex::<32>(hex.trim()).ok_or_else(bad)?;
+    Ok(syncline_relay::BlobKey { id, key })
 }
 
 /// A presence status as `--status` takes it.

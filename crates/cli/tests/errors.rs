@@ -122,6 +122,11 @@ fn every_error_class_exits_with_its_code_and_says_what_to_do() {
             2,
             &["--max-rooms 0"],
         ),
+        case(
+            &["serve", "--data", data, "--blob-key", "0=zz"],
+            2,
+            &["--blob-key takes ID=HEX"],
+        ),
         // 4: the relay is not there, or is no relay.
         case(
             &["sync", "--server", &not_found_url, "room"],

@@ -15,11 +15,13 @@
 //! under its faults with a virtual clock: time is always an argument, in
 //! milliseconds, and nothing here reads a clock, a socket or the OS RNG.
 
+mod blobs;
 mod client;
 mod govern;
 mod presence;
 mod room;
 
+pub use blobs::MAX_GROUPS_PER_NEED;
 pub use client::ClientLink;
 pub use govern::govern;
 pub use room::{End, HubConfig, HubEvent, Input, RoomHub, SessionKey};

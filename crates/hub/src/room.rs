@@ -15,6 +15,7 @@
 //! answers a newcomer's `hello` while other sessions catch up.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use syncline_core::auth::Access;
 use syncline_core::proto::message::{Envelope, Message, PresenceStatus, Reason};
@@ -22,8 +23,9 @@ use syncline_core::proto::session::{
     Config as SessionConfig, EncodedPack, Event, Session, Strategy,
 };
 use syncline_core::{AuthorId, NodeIdx};
-use syncline_store::{DurableRoom, ReplicaError};
+use syncline_store::{BlobStore, DurableRoom, ReplicaError};
 
+use crate::blobs::RoomBlobs;
 use crate::presence::{Presence, Shown, refused_frame};
 
 /// A session on a server: the connection it came over, and its id there.
@@ -193,6 +195,8 @@ pub struct RoomHub {
     store_full: bool,
     /// The number the next session gets among the room's presences.
     next_client: u64,
+    /// The relay's blob store, as this room serves it (`None`: no blobs).
+    blobs: Option<RoomBlobs>,
 }
 
 impl std::fmt::Debug for RoomHub {
@@ -220,7 +224,14 @@ impl RoomHub {
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             next_client: 1,
+            blobs: None,
         }
+    }
+
+    /// Serves blob transfers from `store` (`docs/protocol.md` §5.9);
+    /// without one, blob messages are answered `not_found`.
+    pub fn set_blob_store(&mut self, store: Arc<BlobStore>) {
+        self.blobs = Some(RoomBlobs::new(store));
     }
 
     /// The room.
@@ -285,6 +296,7 @@ impl RoomHub {
         let mut brought: Vec<(SessionKey, Vec<NodeIdx>)> = Vec::new();
         let mut gone = Vec::new();
         let mut presence_in: Vec<(SessionKey, Shown)> = Vec::new();
+        let mut blob_in: Vec<(SessionKey, u64, Message)> = Vec::new();
         let next_client = &mut self.next_client;
         let presence_burst = self.config.presence_burst;
         let stepped = self.room.with_room(|r, _| {
@@ -373,6 +385,18 @@ impl RoomHub {
                     ));
                     continue;
                 }
+                if matches!(
+                    env.message,
+                    Message::BlobGet { .. }
+                        | Message::BlobInfo { .. }
+                        | Message::BlobPut { .. }
+                        | Message::BlobNeed { .. }
+                        | Message::BlobChunk { .. }
+                ) {
+                    // Beside the session too: the hub's blob store.
+                    blob_in.push((key, env.corr, env.message));
+                    continue;
+                }
                 let pack_bytes = match &env.message {
                     Message::Pack { pack, .. } => Some(pack.len() as u64),
                     _ => None,
@@ -415,6 +439,12 @@ impl RoomHub {
         }
         if !brought.is_empty() {
             self.relay(now, &brought);
+            if let Some(blobs) = &mut self.blobs {
+                blobs.room_changed();
+            }
+        }
+        if !blob_in.is_empty() {
+            self.blob_messages(blob_in);
         }
         for (key, shown) in presence_in {
             self.show(now, key, shown);
@@ -424,6 +454,39 @@ impl RoomHub {
         }
         self.after(now);
         Ok(())
+    }
+
+    /// Hands the batch's blob messages of open sessions to the room's
+    /// blob store.
+    fn blob_messages(&mut self, inputs: Vec<(SessionKey, u64, Message)>) {
+        let inputs: Vec<(SessionKey, bool, u64, Message)> = inputs
+            .into_iter()
+            .filter_map(|(key, corr, message)| {
+                let member = self.sessions.get(&key)?;
+                member
+                    .session
+                    .is_open()
+                    .then(|| (key, member.session.may_write(), corr, message))
+            })
+            .collect();
+        let Some(blobs) = &mut self.blobs else {
+            for (key, _, corr, _) in inputs {
+                let refusal = Envelope {
+                    version: syncline_core::proto::message::PROTOCOL_VERSION,
+                    session: key.session,
+                    corr: 0,
+                    message: Message::Error {
+                        code: Reason::NotFound,
+                        message: "this server keeps no blobs".into(),
+                        related: corr,
+                    },
+                };
+                self.transmit.push_back((key.conn, refusal.encode()));
+            }
+            return;
+        };
+        let out = blobs.handle(self.room.room(), inputs);
+        self.transmit.extend(out);
     }
 
     /// Records what session `key` shows now and tells the others (an

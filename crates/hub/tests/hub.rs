@@ -22,6 +22,10 @@ struct Client {
     events: Vec<Event>,
     /// Presence frames it received.
     presence: Vec<Message>,
+    /// Blob frames it received, with their `corr`.
+    blobs: Vec<(u64, Message)>,
+    /// Keep `error`s that name a message with the blob frames.
+    capture_errors: bool,
     /// What the driver admits its `hello` with.
     access: Access,
 }
@@ -53,6 +57,8 @@ impl Client {
             conn,
             events: Vec::new(),
             presence: Vec::new(),
+            blobs: Vec::new(),
+            capture_errors: false,
             access,
         }
     }
@@ -87,9 +93,21 @@ impl Client {
     /// the SDK's engine does: sessions ignore it).
     fn receive(&mut self, now: u64, frame: &[u8]) {
         let env = Envelope::decode(frame).unwrap();
-        if let Message::Presence { .. } = env.message {
-            self.presence.push(env.message);
-            return;
+        match env.message {
+            Message::Presence { .. } => {
+                self.presence.push(env.message);
+                return;
+            }
+            Message::BlobInfo { .. } | Message::BlobNeed { .. } | Message::BlobChunk { .. } => {
+                self.blobs.push((env.corr, env.message));
+                return;
+            }
+            // A blob test's refusals (the session never sees them).
+            Message::Error { related, .. } if self.capture_errors && related != 0 => {
+                self.blobs.push((env.corr, env.message));
+                return;
+            }
+            _ => {}
         }
         self.link.handle_frame(now, &mut self.room, frame).unwrap();
         while let Some(e) = self.link.poll_event(now, &mut self.room).unwrap() {
@@ -472,4 +490,179 @@ fn presence_is_relayed_shown_to_newcomers_limited_and_ends_with_its_session() {
     hub.handle_batch(0, [Input::Gone { conn: 20 }]).unwrap();
     settle(&mut hub, &mut clients);
     assert_eq!(shown(&clients[2]).len(), before);
+}
+
+/// Sends `message` on client `c`'s session with correlation id `corr`.
+fn send(hub: &mut RoomHub, c: &Client, corr: u64, message: Message) {
+    let env = Box::new(Envelope {
+        version: syncline_core::proto::message::PROTOCOL_VERSION,
+        session: 1,
+        corr,
+        message,
+    });
+    hub.handle_batch(0, [Input::Frame { conn: c.conn, env }])
+        .unwrap();
+}
+
+#[test]
+fn blobs_upload_checked_and_download_in_windows_within_room_rights() {
+    use syncline_core::blob::transfer::{Download, Upload};
+    use syncline_core::blob::{GROUP_BYTES, Outboard, group_range};
+    use syncline_store::{BlobStore, BlobStoreOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = Arc::new(BlobStore::open(dir.path(), BlobStoreOptions::default()).unwrap());
+    let mut hub = hub(Arc::new(MemoryStore::new()), HubConfig::default());
+    hub.set_blob_store(blobs.clone());
+    let read_only = Access {
+        write: None,
+        ..Access::full()
+    };
+    let mut clients = vec![
+        Client::connect(1, 10),
+        Client::with_access(2, 20, read_only),
+    ];
+    settle(&mut hub, &mut clients);
+    for c in &mut clients {
+        c.capture_errors = true;
+    }
+    let data: Vec<u8> = (0..10 * GROUP_BYTES + 5).map(|i| (i % 253) as u8).collect();
+    let (hash, outboard) = Outboard::of(&data);
+    let group = |i: u64| {
+        let r = group_range(data.len() as u64, i);
+        data[r.start as usize..r.end as usize].to_vec()
+    };
+    let need_of = |m: &Message| match m {
+        Message::BlobNeed { ranges, .. } => ranges.clone(),
+        other => panic!("not a blob-need: {other:?}"),
+    };
+    // Upload: a window at a time, each batch answered with what is lacking.
+    send(
+        &mut hub,
+        &clients[0],
+        0,
+        Message::BlobPut {
+            hash,
+            outboard: outboard.encode(),
+        },
+    );
+    settle_at(&mut hub, &mut clients);
+    let mut up = Upload::new(hash, &outboard, 4);
+    let (corr, first) = clients[0].blobs.pop().unwrap();
+    up.on_need(&need_of(&first), corr).unwrap();
+    // A corrupted group is refused, typed, and not taken.
+    let mut bad = group(0);
+    bad[1] ^= 1;
+    send(
+        &mut hub,
+        &clients[0],
+        900,
+        Message::BlobChunk {
+            hash,
+            index: 0,
+            bytes: bad,
+        },
+    );
+    settle_at(&mut hub, &mut clients);
+    assert!(matches!(
+        clients[0].blobs.pop(),
+        Some((
+            _,
+            Message::Error {
+                code: Reason::Malformed,
+                related: 900,
+                ..
+            }
+        ))
+    ));
+    while !up.is_done() {
+        let inputs: Vec<Input> = up
+            .next_groups()
+            .into_iter()
+            .map(|(index, seq)| Input::Frame {
+                conn: 10,
+                env: Box::new(Envelope {
+                    version: syncline_core::proto::message::PROTOCOL_VERSION,
+                    session: 1,
+                    corr: seq,
+                    message: Message::BlobChunk {
+                        hash,
+                        index,
+                        bytes: group(index),
+                    },
+                }),
+            })
+            .collect();
+        hub.handle_batch(0, inputs).unwrap();
+        settle_at(&mut hub, &mut clients);
+        let (corr, need) = clients[0]
+            .blobs
+            .pop()
+            .expect("a blob-need after each batch");
+        up.on_need(&need_of(&need), corr).unwrap();
+    }
+    assert!(matches!(
+        blobs.state(&hash).unwrap(),
+        syncline_store::BlobState::Complete { .. }
+    ));
+    // The read-only session may not upload, but may download what was
+    // uploaded through this room, a window at a time.
+    send(
+        &mut hub,
+        &clients[1],
+        7,
+        Message::BlobPut {
+            hash,
+            outboard: outboard.encode(),
+        },
+    );
+    settle_at(&mut hub, &mut clients);
+    assert!(matches!(
+        clients[1].blobs.pop(),
+        Some((
+            _,
+            Message::Error {
+                code: Reason::Unauthorized,
+                related: 7,
+                ..
+            }
+        ))
+    ));
+    send(&mut hub, &clients[1], 8, Message::BlobGet { hash });
+    settle_at(&mut hub, &mut clients);
+    let mut down = Download::new(hash, 3);
+    match clients[1].blobs.pop() {
+        Some((8, Message::BlobInfo { outboard, .. })) => down.on_info(&outboard, None).unwrap(),
+        other => panic!("{other:?}"),
+    }
+    let mut received = vec![0u8; data.len()];
+    while !down.is_complete() {
+        let ranges = down.next_request().expect("a window to ask for");
+        let ranges = ranges.into_iter().map(|r| (r.start, r.end)).collect();
+        send(&mut hub, &clients[1], 0, Message::BlobNeed { hash, ranges });
+        settle_at(&mut hub, &mut clients);
+        for (_, message) in std::mem::take(&mut clients[1].blobs) {
+            let Message::BlobChunk { index, bytes, .. } = message else {
+                panic!("{message:?}");
+            };
+            down.on_chunk(index, &bytes).unwrap();
+            let at = group_range(data.len() as u64, index).start as usize;
+            received[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
+    }
+    assert_eq!(received, data);
+    // A blob the room does not know is not found.
+    send(&mut hub, &clients[1], 9, Message::BlobGet { hash: [7; 32] });
+    settle_at(&mut hub, &mut clients);
+    assert!(matches!(
+        clients[1].blobs.pop(),
+        Some((
+            _,
+            Message::Error {
+                code: Reason::NotFound,
+                related: 9,
+                ..
+            }
+        ))
+    ));
 }

@@ -35,6 +35,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+/// A key blobs are encrypted with at rest (for [`Config::blob_keys`]).
+pub use syncline_store::BlobKey;
+
 mod admin;
 mod conn;
 mod limits;
@@ -106,6 +109,12 @@ pub struct Config {
     /// Bytes the store's files may take; past it, every room refuses packs
     /// with `quota_exceeded` (checked every second).
     pub max_store_bytes: u64,
+    /// Bytes of blobs the relay keeps (`data_dir/blobs`); past it, a
+    /// `blob-put` is refused `quota_exceeded`.
+    pub max_blob_bytes: u64,
+    /// Keys blobs are encrypted with at rest (none: stored in the clear);
+    /// the last is the one new blobs use, the others read older blobs.
+    pub blob_keys: Vec<BlobKey>,
     /// Presence updates one session may send at once...
     pub presence_burst: u32,
     /// ...and per second, sustained; past it, an update is dropped with
@@ -162,6 +171,8 @@ impl Default for Config {
             peer_burst_bytes: 64 << 20,
             shutdown_grace: Duration::from_millis(1500),
             max_room_bytes: 4 << 30,
+            max_blob_bytes: 10 << 30,
+            blob_keys: Vec::new(),
             presence_burst: 10,
             presence_per_sec: 5,
             open_rooms: vec![RoomPattern::parse("*").expect("* is a room pattern")],
@@ -221,6 +232,9 @@ pub enum RelayError {
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[from] syncline_store::StoreError),
+    /// The blob store could not be opened.
+    #[error("cannot open the blob store: {0}")]
+    Blobs(#[from] syncline_store::BlobStoreError),
     /// The relay identity could not be read or made.
     #[error("cannot open the relay identity: {0}")]
     Identity(#[from] syncline_store::ReplicaError),
@@ -293,7 +307,16 @@ impl Server {
         };
         telemetry::install();
         let server_key = key.author();
-        let rooms = Rooms::new(store, key, config.clone());
+        let blobs = Arc::new(syncline_store::BlobStore::open(
+            &dir.join("blobs"),
+            syncline_store::BlobStoreOptions {
+                max_bytes: config.max_blob_bytes,
+                keys: config.blob_keys.clone(),
+                current_key: config.blob_keys.last().map(|k| k.id),
+                ..syncline_store::BlobStoreOptions::default()
+            },
+        )?);
+        let rooms = Rooms::new(store, blobs, key, config.clone());
         Ok(Server {
             listener,
             store: sqlite,

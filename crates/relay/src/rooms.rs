@@ -28,7 +28,7 @@ use syncline_core::pack::inflated_len;
 use syncline_core::proto::message::{Envelope, Message, Reason};
 use syncline_core::{Keypair, RoomId};
 use syncline_hub::{End, HubConfig, HubEvent, Input, RoomHub, SessionKey};
-use syncline_store::{DurableRoom, Store};
+use syncline_store::{BlobStore, DurableRoom, Store};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -96,6 +96,8 @@ struct Loaded {
 /// The loaded rooms.
 pub(crate) struct Rooms {
     store: Arc<dyn Store>,
+    /// Blob bytes, shared by every room (each serves what it may see).
+    blobs: Arc<BlobStore>,
     key: Keypair,
     /// The keys whose capabilities the relay trusts (its own first): a
     /// locked room's policy roots.
@@ -129,11 +131,17 @@ impl std::fmt::Debug for Rooms {
 }
 
 impl Rooms {
-    pub(crate) fn new(store: Arc<dyn Store>, key: Keypair, config: Config) -> Arc<Rooms> {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        blobs: Arc<BlobStore>,
+        key: Keypair,
+        config: Config,
+    ) -> Arc<Rooms> {
         let mut roots = vec![key.author()];
         roots.extend(config.trusted_keys.iter().copied());
         Arc::new(Rooms {
             store,
+            blobs,
             key,
             roots,
             workers: Arc::new(Semaphore::new(config.room_workers.max(1))),
@@ -408,7 +416,9 @@ impl RoomTask {
         let mut hub = match loaded {
             Ok(Ok((room, bytes))) => {
                 info!(nodes = room.room().dag().len(), bytes, "room loaded");
-                Box::new(RoomHub::new(room, hub_config, bytes))
+                let mut hub = Box::new(RoomHub::new(room, hub_config, bytes));
+                hub.set_blob_store(rooms.blobs.clone());
+                hub
             }
             Ok(Err(e)) => return self.fail(&format!("cannot load the room: {e}")),
             Err(_) => return self.fail("loading the room panicked"),

@@ -311,6 +311,27 @@ impl BlobStore {
         }
     }
 
+    /// The groups of blob `hash` held: all of a complete blob, those
+    /// written of a partial one; `None` for a blob not begun.
+    pub fn held(&self, hash: &[u8; 32]) -> Result<Option<Bitfield>, BlobStoreError> {
+        if let Some(p) = self.lock_partial().get(hash) {
+            return Ok(Some(p.held.clone()));
+        }
+        let Some((_, outboard)) = self.meta(hash)? else {
+            return Ok(None);
+        };
+        let groups = outboard.groups();
+        match std::fs::read(self.path(hash, "part")) {
+            Ok(bits) => Ok(Some(Bitfield::decode(groups, &bits)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut all = Bitfield::new(groups);
+                (0..groups).for_each(|i| all.set(i));
+                Ok(Some(all))
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
     /// Blob `hash`'s outboard, if the store has begun or holds it.
     pub fn outboard(&self, hash: &[u8; 32]) -> Result<Option<Outboard>, BlobStoreError> {
         Ok(self.meta(hash)?.map(|(_, o)| o))

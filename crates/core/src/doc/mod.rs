@@ -705,6 +705,30 @@ impl Doc {
         self.fields.get(id)?.get(field)?.winner()?.value.as_ref()
     }
 
+    /// The blobs the fields in effect reference (anywhere in a value), by
+    /// hash, sorted and deduplicated.
+    pub fn blob_refs(&self) -> Vec<[u8; 32]> {
+        fn walk(v: &Value, out: &mut Vec<[u8; 32]>) {
+            match v {
+                Value::Blob(b) => out.push(b.hash),
+                Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+                Value::Map(m) => m.values().for_each(|i| walk(i, out)),
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        for fields in self.fields.values() {
+            for reg in fields.values() {
+                if let Some(v) = reg.winner().and_then(|w| w.value.as_ref()) {
+                    walk(v, &mut out);
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Whether `field` of entry `id` has concurrent writes still listed as
     /// a conflict.
     pub fn has_conflict(&self, id: &EntryId, field: &str) -> bool {
