@@ -62,6 +62,11 @@ impl From<Error> for Failed {
             Error::Token(_) | Error::NotHolder { .. } => Exit::Usage,
             Error::Thread(_) => Exit::Failure,
             Error::Store(_) | Error::Replica(_) | Error::Dir { .. } => Exit::Storage,
+            Error::NoBlobStore | Error::Blob(_) => Exit::Storage,
+            Error::BlobRefused { why } if why.starts_with("not_found") => Exit::NotFound,
+            Error::BlobRefused { why } if why.starts_with("quota_exceeded") => Exit::Storage,
+            Error::BlobRefused { .. } => Exit::Unauthorized,
+            Error::BlobTimeout { .. } => Exit::Sync,
             // The replica is in use in a way that excludes this command.
             Error::Locked { .. } | Error::SyncRunning { .. } => Exit::Storage,
         };

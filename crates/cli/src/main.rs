@@ -18,6 +18,7 @@ use syncline_core::ids::to_hex;
 use syncline_core::{EntryKind, Value};
 
 mod access;
+mod blob_cmd;
 mod demo;
 mod exit;
 mod history;
@@ -307,6 +308,12 @@ enum Command {
         #[arg(long, env = "SYNCLINE_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Files as blobs: their bytes beside the history, a reference in a
+    /// field, moved through the relay.
+    Blob {
+        #[command(subcommand)]
+        action: BlobAction,
+    },
     /// Print the replica's rooms, their sizes and unacknowledged nodes.
     Status {
         /// One room (default: all).
@@ -315,6 +322,46 @@ enum Command {
     /// Start a relay and three replicas in this process, edit one room
     /// concurrently offline, reconnect, and show that they converge.
     Demo,
+}
+
+#[derive(Debug, Subcommand)]
+enum BlobAction {
+    /// Store FILE as a blob and set the field to its reference (`sync`
+    /// uploads it).
+    Put {
+        /// Room name.
+        room: String,
+        /// Entry path.
+        path: String,
+        /// Field name.
+        field: String,
+        /// The file.
+        file: PathBuf,
+        /// Its media type.
+        #[arg(long, default_value = "application/octet-stream")]
+        mime: String,
+    },
+    /// Write the blob a field references to a file (or stdout), fetching
+    /// it from the relay unless it is held here.
+    Get {
+        /// Room name.
+        room: String,
+        /// Entry path.
+        path: String,
+        /// Field name.
+        field: String,
+        /// Where to write it (default: stdout).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Relay URL (default: the remembered remote).
+        #[arg(long, env = "SYNCLINE_SERVER")]
+        server: Vec<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// List the blobs this replica holds, whole or in part.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -578,6 +625,32 @@ fn run(cli: Cli) -> Outcome {
             token,
         } => sync_cmd::watch(&cli, room, pattern.as_deref(), server, token.as_deref()),
         Command::Status { room } => status(&cli, room.as_deref()),
+        Command::Blob { action } => match action {
+            BlobAction::Put {
+                room,
+                path,
+                field,
+                file,
+                mime,
+            } => blob_cmd::put(&cli, room, path, field, file, mime),
+            BlobAction::Get {
+                room,
+                path,
+                field,
+                output,
+                server,
+                timeout,
+            } => blob_cmd::get(
+                &cli,
+                room,
+                path,
+                field,
+                output.as_deref(),
+                server,
+                Duration::from_secs(*timeout),
+            ),
+            BlobAction::Status => blob_cmd::status(&cli),
+        },
         Command::Presence {
             room,
             status,

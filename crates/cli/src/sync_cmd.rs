@@ -20,7 +20,7 @@ use crate::{Cli, Exit, Failed, Outcome, open, print};
 /// The SDK's options for `servers`: presenting `token` for every room if
 /// given (checked here, so a mistyped token fails at once rather than at
 /// every connect), else each room's token kept by `syncline join`.
-fn options(
+pub(crate) fn options(
     replica: &Replica,
     servers: &[String],
     token: Option<&str>,
@@ -188,7 +188,11 @@ pub(crate) fn sync(
                 "connecting"
             });
         }
-        if status.connected && status.caught_up && status.unacknowledged == 0 {
+        if status.connected
+            && status.caught_up
+            && status.unacknowledged == 0
+            && status.blobs_uploading == 0
+        {
             break;
         }
         reporter.quiet = bar.is_some();
@@ -197,6 +201,15 @@ pub(crate) fn sync(
                 bar.finish_and_clear();
             }
             return Err(failed);
+        }
+        if let Some(why) = &status.blob_refused {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            return Err(Failed::new(
+                Exit::Storage,
+                format!("the relay refused a blob upload: {why}"),
+            ));
         }
         let refused = status.refused.clone().or_else(|| {
             (status.connected && status.caught_up && status.read_only).then(|| {

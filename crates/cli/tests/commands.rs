@@ -125,3 +125,53 @@ fn a_remembered_remote_is_the_default_server() {
     ok(&replica, &["remote", "clear"]);
     assert!(ok(&replica, &["remote", "show"]).starts_with("no remote"));
 }
+
+#[test]
+fn a_blob_put_on_one_replica_is_got_on_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), &[]);
+    let url = server.url();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let file = dir.path().join("photo.bin");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let said = ok(
+        &a,
+        &[
+            "blob",
+            "put",
+            "trip",
+            "/day1",
+            "photo",
+            file.to_str().unwrap(),
+            "--mime",
+            "image/x-test",
+        ],
+    );
+    assert!(said.contains("3000000 bytes"), "{said}");
+    // Uploaded by sync (a separate process from the put), then fetched.
+    ok(&a, &["sync", "--server", &url, "trip"]);
+    ok(&b, &["sync", "--server", &url, "trip"]);
+    let out = dir.path().join("got.bin");
+    ok(
+        &b,
+        &[
+            "blob",
+            "get",
+            "trip",
+            "/day1",
+            "photo",
+            "-o",
+            out.to_str().unwrap(),
+            "--server",
+            &url,
+        ],
+    );
+    assert!(std::fs::read(&out).unwrap() == data, "the bytes differ");
+    assert!(ok(&b, &["blob", "status"]).contains("3000000 bytes  all"));
+    assert_eq!(cli(&b, &["blob", "get", "trip", "/day1", "nothing"]).0, 3);
+    assert_eq!(
+        cli(&b, &["blob", "put", "trip", "/x", "f", "/no/such/file"]).0,
+        3
+    );
+}

@@ -132,6 +132,26 @@ pub enum Error {
         /// How many there are.
         candidates: usize,
     },
+    /// This replica keeps no blobs (an in-memory one).
+    #[error("this replica keeps no blobs (an in-memory replica has no blob store)")]
+    NoBlobStore,
+    /// The blob store failed or refused.
+    #[error(transparent)]
+    Blob(#[from] syncline_store::BlobStoreError),
+    /// The relay refused a blob transfer.
+    #[error("the relay refused the blob: {why}")]
+    BlobRefused {
+        /// Its reason and message.
+        why: String,
+    },
+    /// A blob did not arrive in time.
+    #[error("the blob did not arrive within {} s (held: {state:?})", waited.as_secs_f64())]
+    BlobTimeout {
+        /// How long the wait was.
+        waited: Duration,
+        /// What is held of it.
+        state: syncline_store::BlobState,
+    },
     /// A presence too large to show.
     #[error("presence refused: {why}")]
     Presence {

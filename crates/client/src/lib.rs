@@ -30,6 +30,7 @@
 //! # }
 //! ```
 
+mod blobs;
 mod changes;
 mod error;
 mod history;
@@ -57,4 +58,4 @@ pub use syncline_core::proto::message::PresenceStatus;
 pub use syncline_core::proto::scope::ScopeError;
 pub use syncline_core::room::TxnError;
 pub use syncline_core::{BlobRef, EntryId, EntryKind, NodeId, Transaction, Value, Vector};
-pub use syncline_store::{ReplicaError, StoreError};
+pub use syncline_store::{BlobReader, BlobState, BlobStoreError, ReplicaError, StoreError};

@@ -13,10 +13,14 @@ use syncline_core::dag::NodeIdx;
 use syncline_core::doc::{Conflict, PathError};
 use syncline_core::room::TxnError;
 use syncline_core::{AuthorId, EntryKind, RoomId, Transaction, Value};
-use syncline_store::{DurableRoom, MemoryStore, ReplicaError, SqliteOptions, SqliteStore, Store};
+use syncline_store::{
+    BlobStore, BlobStoreOptions, DurableRoom, MemoryStore, ReplicaError, SqliteOptions,
+    SqliteStore, Store,
+};
 use tokio::sync::Notify;
 use tracing::warn;
 
+use crate::blobs::Transfers;
 use crate::changes::{Change, Listener, Subscription};
 pub use crate::error::Error;
 use crate::lock::{Locks, RoomLock};
@@ -72,6 +76,8 @@ pub(crate) struct ReplicaInner {
     key: syncline_core::Keypair,
     rooms: Mutex<HashMap<RoomId, Room>>,
     pub(crate) locks: Arc<Locks>,
+    /// Blob bytes (`DIR/blobs`; none for an in-memory replica).
+    blobs: Option<Arc<BlobStore>>,
 }
 
 /// How often a replica looks for commits of other processes sharing its
@@ -166,12 +172,17 @@ impl Replica {
         let key = syncline_store::Replica::open_with_os_identity(store.clone())?
             .key()
             .clone();
+        let blobs = Arc::new(BlobStore::open(
+            &dir.join("blobs"),
+            BlobStoreOptions::default(),
+        )?);
         let inner = Arc::new(ReplicaInner {
             dir: Some(dir.clone()),
             store,
             key,
             rooms: Mutex::new(HashMap::new()),
             locks,
+            blobs: Some(blobs),
         });
         spawn_watcher(Arc::downgrade(&inner), seen).map_err(|source| Error::Dir { dir, source })?;
         Ok(Replica { inner })
@@ -201,6 +212,7 @@ impl Replica {
                 key,
                 rooms: Mutex::new(HashMap::new()),
                 locks: Arc::new(Locks::none()),
+                blobs: None,
             }),
         })
     }
@@ -319,6 +331,11 @@ impl Replica {
         &self.inner.locks
     }
 
+    /// The replica's blob store, if it keeps blobs.
+    pub(crate) fn blobs(&self) -> Option<&BlobStore> {
+        self.inner.blobs.as_deref()
+    }
+
     /// Rooms with any stored history.
     pub fn stored_rooms(&self) -> Result<Vec<String>, Error> {
         Ok(self
@@ -355,10 +372,12 @@ impl Replica {
                         .saved_token(name)?
                         .and_then(|t| Capability::from_token(&t).ok()),
                     presence: RoomPresence::default(),
+                    transfers: Transfers::default(),
                 }),
                 listeners: Mutex::new(Vec::new()),
                 wake: Mutex::new(None),
                 locks: self.inner.locks.clone(),
+                blobs: self.inner.blobs.clone(),
             }),
         };
         rooms.insert(id, room.clone());
@@ -386,6 +405,8 @@ pub(crate) struct RoomShared {
     pub(crate) wake: Mutex<Option<Arc<Notify>>>,
     /// The replica's locks across processes.
     locks: Arc<Locks>,
+    /// The replica's blob store, if it keeps blobs.
+    pub(crate) blobs: Option<Arc<BlobStore>>,
 }
 
 /// A room locked for a write: by this process (its state's mutex) and
@@ -436,6 +457,8 @@ pub(crate) struct RoomState {
     pub(crate) grant: Option<Capability>,
     /// Its own presence and the peers shown (while syncing).
     pub(crate) presence: RoomPresence,
+    /// Blob uploads and downloads, driven by the sync engine.
+    pub(crate) transfers: Transfers,
 }
 
 /// Metadata key of the servers a replica syncs with by default.

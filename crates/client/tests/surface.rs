@@ -250,3 +250,45 @@ fn presence_is_shown_to_peers_updated_and_withdrawn_when_a_replica_leaves() {
     assert_eq!(left.kind, PresenceKind::Left);
     assert!(room_b.peers().is_empty());
 }
+
+#[test]
+fn a_blob_put_by_one_replica_is_fetched_by_another_after_the_first_left() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _runtime) = relay(&dir.path().join("relay"));
+    let a = Replica::open(dir.path().join("a")).unwrap();
+    let b = Replica::open(dir.path().join("b")).unwrap();
+    let data: Vec<u8> = (0..5 * 1024 * 1024 + 77u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let blob = a
+        .room("files")
+        .unwrap()
+        .put_blob("/docs/report", "pdf", &data[..], "application/pdf")
+        .unwrap();
+    assert_eq!(blob.hash, *blake3::hash(&data).as_bytes());
+    let sync_a = a.connect(&[url.as_str()], &["files"]).unwrap();
+    sync_a.flush(WAIT).unwrap();
+    assert_eq!(sync_a.status().blobs_uploading, 0);
+    drop(sync_a);
+    drop(a);
+    // B syncs the room, finds the reference, and fetches the bytes.
+    let sync_b = b.connect(&[url.as_str()], &["files"]).unwrap();
+    sync_b.flush(WAIT).unwrap();
+    let files = b.room("files").unwrap();
+    let found = files.get("/docs/report", "pdf").unwrap().unwrap();
+    let reference = found.as_blob().unwrap();
+    assert_eq!(reference.size, data.len() as u64);
+    files.fetch_blob(&reference.hash, WAIT).unwrap();
+    let mut got = Vec::new();
+    b.blob_reader(&reference.hash)
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(got == data, "the fetched bytes differ");
+    // A blob the room does not know is refused, typed.
+    match files.fetch_blob(&[9; 32], WAIT) {
+        Err(syncline::Error::BlobRefused { why }) => assert!(why.contains("not_found"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -439,6 +439,7 @@ impl BlobStore {
     ) -> Result<Written, BlobStoreError> {
         let mut partial = self.lock_partial();
         let Some(p) = partial.get_mut(hash) else {
+            drop(partial);
             return match self.state(hash)? {
                 BlobState::Complete { .. } => Ok(Written {
                     held: group_count(self.outboard(hash)?.map_or(0, |o| o.size())),
@@ -575,7 +576,8 @@ impl BlobStore {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.dir).map_err(io)? {
             let entry = entry.map_err(io)?;
-            if entry.file_name() == "tmp" || !entry.path().is_dir() {
+            if entry.file_name() == "tmp" || entry.file_name() == "queues" || !entry.path().is_dir()
+            {
                 continue;
             }
             for file in std::fs::read_dir(entry.path()).map_err(io)? {
@@ -591,6 +593,43 @@ impl BlobStore {
         }
         out.sort_unstable_by_key(|(h, _)| *h);
         Ok(out)
+    }
+
+    /// Adds blob `hash` to the durable queue named `queue` (blobs an app
+    /// still has to upload, say): it stays there across restarts until
+    /// [`BlobStore::dequeue`].
+    pub fn enqueue(&self, queue: &str, hash: &[u8; 32]) -> Result<(), BlobStoreError> {
+        let path = self.queue_dir(queue).join(to_hex(hash));
+        std::fs::create_dir_all(path.parent().expect("a queue directory")).map_err(io)?;
+        write_synced(&path, b"")
+    }
+
+    /// Takes blob `hash` off queue `queue`.
+    pub fn dequeue(&self, queue: &str, hash: &[u8; 32]) -> Result<(), BlobStoreError> {
+        remove_synced(&self.queue_dir(queue).join(to_hex(hash)))
+    }
+
+    /// The blobs on queue `queue`.
+    pub fn queued(&self, queue: &str) -> Result<Vec<[u8; 32]>, BlobStoreError> {
+        let entries = match std::fs::read_dir(self.queue_dir(queue)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let name = entry.map_err(io)?.file_name();
+            if let Some(hash) = name.to_str().and_then(syncline_core::ids::from_hex::<32>) {
+                out.push(hash);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn queue_dir(&self, queue: &str) -> PathBuf {
+        let name = to_hex(&blake3::hash(queue.as_bytes()).as_bytes()[..8]);
+        self.dir.join("queues").join(name)
     }
 
     /// Removes blob `hash` (held or partial).

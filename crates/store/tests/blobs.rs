@@ -91,6 +91,9 @@ fn groups_arrive_in_any_order_bad_ones_are_refused_and_a_crash_resumes() {
         }
     );
     assert_eq!(read_all(&store, &hash), data);
+    // A group of a complete blob, written again, changes nothing.
+    let again = store.write_group(&hash, 0, &group(0)).unwrap();
+    assert!(again.complete);
     // A forged outboard is refused before anything is written.
     let (_, other) = Outboard::of(&random_bytes(40 * GROUP_BYTES + 123, 10));
     assert!(store.begin(&hash, &other).is_err());

@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, info};
 
 use super::Shared;
+use crate::blobs::BLOB_CORR_BASE;
 use crate::changes::Change;
 use crate::replica::{Origin, Room, RoomState, session_now};
 
@@ -72,6 +73,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
                         let mut state = s.room.shared.lock();
                         state.session = None;
                         state.presence.disconnected(s.room.name());
+                        state.transfers.disconnected();
                     }
                     // Sessions of removed rooms ended with the connection.
                     shared
@@ -232,8 +234,18 @@ async fn connection(shared: &Shared, ws: Ws, synced: &mut Vec<Synced>) -> Result
         }
         shared.publish();
         for s in synced.iter() {
-            if let Some(link) = s.room.shared.lock().session.as_mut() {
+            let mut state = s.room.shared.lock();
+            let RoomState {
+                session, transfers, ..
+            } = &mut *state;
+            if let Some(link) = session.as_mut() {
                 frames.extend(std::iter::from_fn(|| link.poll_transmit()));
+                // Blob transfers go beside the session once it is open.
+                if s.connected
+                    && let Some(store) = s.room.shared.blobs.as_deref()
+                {
+                    frames.extend(transfers.pump(store, s.session));
+                }
             }
         }
         for frame in frames {
@@ -336,6 +348,10 @@ fn reconcile(
 /// Opens room `room`'s session `id` on this connection.
 fn open_session(shared: &Shared, room: &Room, id: u64, challenge: [u8; 32]) -> Result<(), String> {
     let mut state = room.shared.lock();
+    // Blobs queued for upload by any process, uploaded on this session.
+    if let Some(store) = room.shared.blobs.as_deref() {
+        state.transfers.load_queue(store, room.name());
+    }
     let mut config = shared.options.session.clone();
     if state.send_vv {
         config.vv_inline_limit = usize::MAX;
@@ -413,6 +429,28 @@ fn deliver(synced: &[Synced], frames: &[impl AsRef<[u8]>]) -> Result<(), String>
                     .lock()
                     .presence
                     .heard(room.name(), peer, client, status, message, data);
+            }
+            // Beside the session too: the room's blob transfers.
+            Message::BlobInfo { .. } | Message::BlobNeed { .. } | Message::BlobChunk { .. } => {
+                let room = &synced[i].room;
+                if let Some(store) = room.shared.blobs.as_deref() {
+                    room.shared
+                        .lock()
+                        .transfers
+                        .heard(store, room.name(), env.corr, env.message);
+                }
+            }
+            Message::Error {
+                code,
+                message,
+                related,
+            } if related >= BLOB_CORR_BASE => {
+                synced[i]
+                    .room
+                    .shared
+                    .lock()
+                    .transfers
+                    .refused(related, format!("{} ({message})", code.as_str()));
             }
             _ => by_room[i].push(env),
         }

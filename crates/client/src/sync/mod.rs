@@ -145,6 +145,10 @@ pub struct Status {
     pub failures: u32,
     /// While waiting to try again: how long the wait is.
     pub retry_in: Option<Duration>,
+    /// Blobs of the synced rooms still to upload.
+    pub blobs_uploading: usize,
+    /// Why the relay last refused a blob upload (a quota, access).
+    pub blob_refused: Option<String>,
 }
 
 /// `url` as the engine dials it: `ws://` or `wss://`, a host, and a path
@@ -216,6 +220,13 @@ impl Shared {
         let mut status = self.status().clone();
         let rooms = self.rooms();
         status.unacknowledged = rooms.iter().map(|r| r.unacknowledged().unwrap_or(0)).sum();
+        for room in &rooms {
+            let state = room.shared.lock();
+            status.blobs_uploading += state.transfers.uploading();
+            if let Some(why) = &state.transfers.refused {
+                status.blob_refused = Some(why.clone());
+            }
+        }
         status.catching_up = rooms
             .iter()
             .filter_map(|r| {
@@ -332,7 +343,10 @@ impl Replica {
 
 /// Whether `status` says everything is synced.
 fn settled(status: &Status) -> bool {
-    status.connected && status.caught_up && status.unacknowledged == 0
+    status.connected
+        && status.caught_up
+        && status.unacknowledged == 0
+        && status.blobs_uploading == 0
 }
 
 impl SyncHandle {
@@ -376,7 +390,8 @@ impl SyncHandle {
     }
 
     /// Waits until every local node of the synced rooms is acknowledged as
-    /// durable by the server, and every room has caught up; fails with
+    /// durable by the server, every blob queued for upload is held by it,
+    /// and every room has caught up; fails with
     /// [`Error::Timeout`] after `timeout`.
     ///
     /// ```no_run
