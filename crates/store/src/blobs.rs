@@ -199,9 +199,22 @@ impl BlobStore {
         {
             return Err(BlobStoreError::NoCurrentKey(id));
         }
-        // What a crash left in tmp/ is of no use.
-        let _ = std::fs::remove_dir_all(dir.join("tmp"));
         std::fs::create_dir_all(dir.join("tmp")).map_err(io)?;
+        // What a crash left in tmp/ long ago is of no use (another process
+        // sharing the directory may be writing a newer one).
+        if let Ok(entries) = std::fs::read_dir(dir.join("tmp")) {
+            for entry in entries.flatten() {
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > Duration::from_secs(24 * 3600));
+                if stale {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         let store = BlobStore {
             dir: dir.to_path_buf(),
             options,
