@@ -21,14 +21,7 @@ pub(crate) fn put(
     file: &Path,
     mime: &str,
 ) -> Outcome {
-    let reader = std::fs::File::open(file).map_err(|e| {
-        let exit = if e.kind() == std::io::ErrorKind::NotFound {
-            Exit::NotFound
-        } else {
-            Exit::Failure
-        };
-        Failed::new(exit, format!("cannot read {}: {e}", file.display()))
-    })?;
+    let reader = std::fs::File::open(file).map_err(|e| crate::exit::unreadable(file, &e))?;
     let blob = open(cli)?.room(room)?.put_blob(path, field, reader, mime)?;
     print(
         cli,

@@ -89,3 +89,13 @@ impl From<Error> for Failed {
 }
 
 pub(crate) type Outcome = Result<(), Failed>;
+
+/// A file that could not be read: exit 3 if it is not there, 1 otherwise.
+pub(crate) fn unreadable(file: &std::path::Path, e: &std::io::Error) -> Failed {
+    let exit = if e.kind() == std::io::ErrorKind::NotFound {
+        Exit::NotFound
+    } else {
+        Exit::Failure
+    };
+    Failed::new(exit, format!("cannot read {}: {e}", file.display()))
+}

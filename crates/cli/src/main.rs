@@ -901,14 +901,7 @@ fn import(cli: &Cli, room: &str, file: &std::path::Path) -> Outcome {
     } else {
         std::fs::read_to_string(file)
     }
-    .map_err(|e| {
-        let exit = if e.kind() == std::io::ErrorKind::NotFound {
-            Exit::NotFound
-        } else {
-            Exit::Failure
-        };
-        Failed::new(exit, format!("cannot read {}: {e}", file.display()))
-    })?;
+    .map_err(|e| exit::unreadable(file, &e))?;
     let parsed: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Failed::new(Exit::Usage, format!("{} is not JSON: {e}", file.display())))?;
     let value = from_json(&parsed).map_err(|e| Failed::new(Exit::Usage, e))?;

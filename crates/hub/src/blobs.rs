@@ -162,12 +162,7 @@ impl RoomBlobs {
                     let outboard = match self.store.outboard(&hash) {
                         Ok(Some(o)) if complete && self.visible(room, &hash) => o,
                         _ => {
-                            out.push(error(
-                                key,
-                                corr,
-                                Reason::NotFound,
-                                "no such blob in this room",
-                            ));
+                            out.push(not_found(key, corr));
                             continue;
                         }
                     };
@@ -185,12 +180,7 @@ impl RoomBlobs {
                 }
                 Message::BlobNeed { hash, ranges } => {
                     if !self.visible(room, &hash) {
-                        out.push(error(
-                            key,
-                            corr,
-                            Reason::NotFound,
-                            "no such blob in this room",
-                        ));
+                        out.push(not_found(key, corr));
                         continue;
                     }
                     let groups = ranges
@@ -231,6 +221,11 @@ impl RoomBlobs {
         }
         out
     }
+}
+
+/// The `error` for a blob the room does not see.
+fn not_found(key: SessionKey, corr: u64) -> (u64, Vec<u8>) {
+    error(key, corr, Reason::NotFound, "no such blob in this room")
 }
 
 /// The `error` a store's refusal becomes.

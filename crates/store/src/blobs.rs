@@ -375,18 +375,7 @@ impl BlobStore {
                 .read(true)
                 .open(self.path(hash, "data"))
                 .map_err(io)?;
-            partial.insert(
-                *hash,
-                Partial {
-                    data,
-                    held: held.clone(),
-                    outboard: outboard.clone(),
-                    key: self.cipher(key_id)?,
-                    key_id,
-                    unsynced: 0,
-                },
-            );
-            return Ok(held);
+            return self.track(&mut partial, hash, data, held, outboard, key_id);
         }
         let size = outboard.size();
         {
@@ -427,6 +416,19 @@ impl BlobStore {
                 return Err(e);
             }
         };
+        self.track(&mut partial, hash, data, held, outboard, key_id)
+    }
+
+    /// Keeps blob `hash` among those being written; returns what it holds.
+    fn track(
+        &self,
+        partial: &mut HashMap<[u8; 32], Partial>,
+        hash: &[u8; 32],
+        data: File,
+        held: Bitfield,
+        outboard: &Outboard,
+        key_id: u32,
+    ) -> Result<Bitfield, BlobStoreError> {
         partial.insert(
             *hash,
             Partial {
