@@ -13,12 +13,29 @@ use std::time::{Duration, Instant};
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_syncline");
 pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
+/// A port nothing listens on, for a server to bind. Taken below Linux's
+/// ephemeral range (32768 and up), so that no outgoing connection of the
+/// tests takes it between now and the server's bind, and never handed out
+/// twice by one test binary (its tests run in parallel).
 pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Spread test binaries apart; each then counts up.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 2_000) as u16 * 5,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + (port - 20_000) % 12_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("0.0.0.0", port)).is_ok()
+        {
+            return port;
+        }
+    }
 }
 
 /// A `syncline serve` process.
