@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use syncline_core::blob::Outboard;
 use syncline_core::blob::transfer::{DEFAULT_WINDOW, Download, Landed, Upload};
-use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION};
+use syncline_core::proto::message::{Envelope, Message};
 use syncline_core::{BlobRef, Value};
 use syncline_store::{BlobReader, BlobState, BlobStore};
 
@@ -78,15 +78,7 @@ impl Transfers {
     /// The frames to send on session `session` now: offers, requests and
     /// groups within each transfer's window.
     pub(crate) fn pump(&mut self, store: &BlobStore, session: u64) -> Vec<Vec<u8>> {
-        let frame = |corr: u64, message: Message| {
-            Envelope {
-                version: PROTOCOL_VERSION,
-                session,
-                corr,
-                message,
-            }
-            .encode()
-        };
+        let frame = |corr: u64, message: Message| Envelope::frame(session, corr, message);
         let mut out = Vec::new();
         let hashes: Vec<[u8; 32]> = self.uploads.keys().copied().collect();
         for hash in hashes {

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use syncline_core::blob::{Bitfield, Outboard};
-use syncline_core::proto::message::{Envelope, MAX_BLOB_RANGES, Message, PROTOCOL_VERSION, Reason};
+use syncline_core::proto::message::{Envelope, MAX_BLOB_RANGES, Message, Reason};
 use syncline_core::room::Room;
 use syncline_store::{BlobState, BlobStore, BlobStoreError};
 
@@ -36,20 +36,10 @@ pub(crate) struct RoomBlobs {
 /// What handling blob messages queued: frames per connection.
 pub(crate) type Out = Vec<(u64, Vec<u8>)>;
 
-fn frame(to: u64, corr: u64, message: Message) -> Vec<u8> {
-    Envelope {
-        version: PROTOCOL_VERSION,
-        session: to,
-        corr,
-        message,
-    }
-    .encode()
-}
-
 fn error(key: SessionKey, related: u64, code: Reason, message: &str) -> (u64, Vec<u8>) {
     (
         key.conn,
-        frame(
+        Envelope::frame(
             key.session,
             0,
             Message::Error {
@@ -126,7 +116,7 @@ impl RoomBlobs {
                             self.uploaded.insert(hash);
                             out.push((
                                 key.conn,
-                                frame(
+                                Envelope::frame(
                                     key.session,
                                     0,
                                     Message::BlobNeed {
@@ -168,7 +158,7 @@ impl RoomBlobs {
                     };
                     out.push((
                         key.conn,
-                        frame(
+                        Envelope::frame(
                             key.session,
                             corr,
                             Message::BlobInfo {
@@ -191,7 +181,11 @@ impl RoomBlobs {
                         match self.store.read_group(&hash, index) {
                             Ok(bytes) => out.push((
                                 key.conn,
-                                frame(key.session, 0, Message::BlobChunk { hash, index, bytes }),
+                                Envelope::frame(
+                                    key.session,
+                                    0,
+                                    Message::BlobChunk { hash, index, bytes },
+                                ),
                             )),
                             Err(e) => {
                                 out.push(refusal(key, corr, &e));
@@ -208,7 +202,7 @@ impl RoomBlobs {
             if let Ok(Some(held)) = self.store.held(&hash) {
                 out.push((
                     key.conn,
-                    frame(
+                    Envelope::frame(
                         key.session,
                         corr,
                         Message::BlobNeed {

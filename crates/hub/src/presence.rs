@@ -11,7 +11,7 @@
 //! goes on.
 
 use syncline_core::AuthorId;
-use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION, PresenceStatus, Reason};
+use syncline_core::proto::message::{Envelope, Message, PresenceStatus, Reason};
 
 /// What a present session shows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,33 +66,29 @@ impl Presence {
             Some(s) => (s.status, s.message.clone(), s.data.clone()),
             None => (PresenceStatus::Offline, String::new(), Vec::new()),
         };
-        Envelope {
-            version: PROTOCOL_VERSION,
-            session: to,
-            corr: 0,
-            message: Message::Presence {
+        Envelope::frame(
+            to,
+            0,
+            Message::Presence {
                 peer: self.peer,
                 client: self.client,
                 status,
                 message,
                 data,
             },
-        }
-        .encode()
+        )
     }
 }
 
 /// The `error` refusing an update past the budget.
 pub(crate) fn refused_frame(to: u64, per_sec: u32) -> Vec<u8> {
-    Envelope {
-        version: PROTOCOL_VERSION,
-        session: to,
-        corr: 0,
-        message: Message::Error {
+    Envelope::frame(
+        to,
+        0,
+        Message::Error {
             code: Reason::RateLimited,
             message: format!("presence updates come faster than {per_sec} a second: dropped"),
             related: 0,
         },
-    }
-    .encode()
+    )
 }

@@ -471,17 +471,16 @@ impl RoomHub {
             .collect();
         let Some(blobs) = &mut self.blobs else {
             for (key, _, corr, _) in inputs {
-                let refusal = Envelope {
-                    version: syncline_core::proto::message::PROTOCOL_VERSION,
-                    session: key.session,
-                    corr: 0,
-                    message: Message::Error {
+                let refusal = Envelope::frame(
+                    key.session,
+                    0,
+                    Message::Error {
                         code: Reason::NotFound,
                         message: "this server keeps no blobs".into(),
                         related: corr,
                     },
-                };
-                self.transmit.push_back((key.conn, refusal.encode()));
+                );
+                self.transmit.push_back((key.conn, refusal));
             }
             return;
         };

@@ -550,19 +550,30 @@ fn put_vv(w: &mut Writer, vv: &VersionVector) {
 }
 
 impl Envelope {
-    /// A `close` frame for `session`, for a driver refusing a frame no
-    /// session state machine can take (one it cannot decode or route).
-    pub fn close_frame(session: u64, reason: Reason, message: impl Into<String>) -> Vec<u8> {
+    /// `message` as a frame of this version, on `session` with correlation
+    /// id `corr`: what drivers send beside the session state machines
+    /// (presence, blob transfer, refusals).
+    pub fn frame(session: u64, corr: u64, message: Message) -> Vec<u8> {
         Envelope {
             version: PROTOCOL_VERSION,
             session,
-            corr: 0,
-            message: Message::Close {
+            corr,
+            message,
+        }
+        .encode()
+    }
+
+    /// A `close` frame for `session`, for a driver refusing a frame no
+    /// session state machine can take (one it cannot decode or route).
+    pub fn close_frame(session: u64, reason: Reason, message: impl Into<String>) -> Vec<u8> {
+        Envelope::frame(
+            session,
+            0,
+            Message::Close {
                 reason,
                 message: message.into(),
             },
-        }
-        .encode()
+        )
     }
 
     /// A `reject` frame for `session`: its `hello` was refused.
