@@ -187,6 +187,9 @@ pub struct RoomHub {
     /// The last session a timer sweep served; the next starts after it.
     turn: Option<SessionKey>,
     transmit: VecDeque<(u64, Vec<u8>)>,
+    /// Blob answers: sent only when no `transmit` frame waits (see
+    /// [`RoomHub::poll_bulk`]).
+    bulk: VecDeque<(u64, Vec<u8>)>,
     events: VecDeque<HubEvent>,
     /// What the history holds, in bytes: stored when loaded, plus the packs
     /// that inserted nodes since.
@@ -222,6 +225,7 @@ impl RoomHub {
             all_dirty: false,
             turn: None,
             transmit: VecDeque::new(),
+            bulk: VecDeque::new(),
             events: VecDeque::new(),
             next_client: 1,
             blobs: None,
@@ -264,7 +268,9 @@ impl RoomHub {
     /// Whether every session is settled (nothing in flight either way) and
     /// no frame waits to be sent.
     pub fn is_settled(&self) -> bool {
-        self.transmit.is_empty() && self.sessions.values().all(|m| m.session.is_settled())
+        self.transmit.is_empty()
+            && self.bulk.is_empty()
+            && self.sessions.values().all(|m| m.session.is_settled())
     }
 
     /// Steps a batch of inputs, persists what they inserted in one write,
@@ -480,12 +486,12 @@ impl RoomHub {
                         related: corr,
                     },
                 );
-                self.transmit.push_back((key.conn, refusal));
+                self.bulk.push_back((key.conn, refusal));
             }
             return;
         };
         let out = blobs.handle(self.room.room(), inputs);
-        self.transmit.extend(out);
+        self.bulk.extend(out);
     }
 
     /// Records what session `key` shows now and tells the others (an
@@ -634,6 +640,15 @@ impl RoomHub {
     /// The next frame to send, and the connection it goes to.
     pub fn poll_transmit(&mut self) -> Option<(u64, Vec<u8>)> {
         self.transmit.pop_front()
+    }
+
+    /// The next blob frame to send, and the connection it goes to. Blob
+    /// bytes are bulk: a driver queues them apart from
+    /// [`RoomHub::poll_transmit`]'s frames and writes them only when no
+    /// sync frame waits, so a large transfer never delays history. Their
+    /// order among themselves is kept.
+    pub fn poll_bulk(&mut self) -> Option<(u64, Vec<u8>)> {
+        self.bulk.pop_front()
     }
 
     /// The next event for the driver.

@@ -149,7 +149,8 @@ fn settle(hub: &mut RoomHub, clients: &mut [Client]) -> Vec<HubEvent> {
                 c.link.handle_timeout(0, &mut c.room);
             }
         }
-        while let Some((conn, frame)) = hub.poll_transmit() {
+        // Sync frames first, then blob bytes, as a driver writes them.
+        while let Some((conn, frame)) = hub.poll_transmit().or_else(|| hub.poll_bulk()) {
             moved = true;
             let c = clients.iter_mut().find(|c| c.conn == conn).unwrap();
             c.receive(0, &frame);
@@ -402,7 +403,7 @@ fn a_hello_the_driver_did_not_admit_is_refused() {
 
 /// Hands the hub's pending frames to the clients.
 fn settle_at(hub: &mut RoomHub, clients: &mut [Client]) {
-    while let Some((conn, frame)) = hub.poll_transmit() {
+    while let Some((conn, frame)) = hub.poll_transmit().or_else(|| hub.poll_bulk()) {
         let c = clients.iter_mut().find(|c| c.conn == conn).unwrap();
         c.receive(5_000, &frame);
     }
@@ -629,6 +630,8 @@ fn blobs_upload_checked_and_download_in_windows_within_room_rights() {
         ))
     ));
     send(&mut hub, &clients[1], 8, Message::BlobGet { hash });
+    // Blob answers are bulk: they never queue among sync frames.
+    assert!(hub.poll_transmit().is_none());
     settle_at(&mut hub, &mut clients);
     let mut down = Download::new(hash, 3);
     match clients[1].blobs.pop() {

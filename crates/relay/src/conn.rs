@@ -1,7 +1,9 @@
 //! WebSocket connections: each carries the sessions of any number of
 //! rooms, one envelope per binary frame. The reader decodes each frame once
-//! and routes it by session id to its room's inbox; the writer drains a
-//! queue the rooms fill, bounded in bytes. A frame that does not decode
+//! and routes it by session id to its room's inbox; the writer drains two
+//! queues the rooms fill, each bounded in bytes: sync frames, and blob
+//! bytes, written only when no sync frame waits (so a large download never
+//! delays history). A frame that does not decode
 //! cannot be attributed to a session, so it closes the whole connection.
 //!
 //! Bounds, each closing only this connection with a typed reason: a peer
@@ -56,6 +58,8 @@ pub(crate) struct State {
     queued_total: Arc<AtomicUsize>,
     /// Every open connection's handle, to end them at shutdown.
     open: Mutex<HashMap<u64, ConnHandle>>,
+    /// Told each time a connection ends (shutdown waits for the last).
+    ended: tokio::sync::Notify,
 }
 
 impl State {
@@ -73,6 +77,7 @@ impl State {
             next_conn: AtomicU64::new(1),
             queued_total: Arc::new(AtomicUsize::new(0)),
             open: Mutex::new(HashMap::new()),
+            ended: tokio::sync::Notify::new(),
         }
     }
 
@@ -81,24 +86,61 @@ impl State {
         &self.rooms
     }
 
-    /// Ends every connection (after the rooms sent their `close` frames).
-    pub(crate) fn close_all(&self) {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        for handle in open.values() {
-            handle.kill(Reason::ShuttingDown);
+    /// Ends every connection (after the rooms sent their `close` frames)
+    /// and waits up to [`SHUTDOWN_DRAIN`] for them to write what was
+    /// queued and their close frames. (The WebSocket tasks are the
+    /// upgrade's, not the accept loop's: only this map knows them.)
+    pub(crate) async fn close_all(&self) {
+        let closed = async {
+            loop {
+                let ended = self.ended.notified();
+                {
+                    let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+                    if open.is_empty() {
+                        return;
+                    }
+                    for handle in open.values() {
+                        handle.kill(Reason::ShuttingDown);
+                    }
+                }
+                ended.await;
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_DRAIN, closed).await.is_err() {
+            debug!("connections still writing at shutdown: stopping without waiting");
         }
     }
 }
 
-/// How rooms reach a connection: a frame queue bounded in bytes, and a way
-/// to end it.
+/// One of a connection's outbound queues, with the bytes it holds.
 #[derive(Clone, Debug)]
-pub(crate) struct ConnHandle {
+struct Lane {
     frames: mpsc::UnboundedSender<Vec<u8>>,
     /// Bytes queued and not yet written.
     queued: Arc<AtomicUsize>,
+}
+
+impl Lane {
+    fn new() -> (Lane, mpsc::UnboundedReceiver<Vec<u8>>) {
+        let (frames, receiver) = mpsc::unbounded_channel();
+        let lane = Lane {
+            frames,
+            queued: Arc::new(AtomicUsize::new(0)),
+        };
+        (lane, receiver)
+    }
+}
+
+/// How rooms reach a connection: two frame queues, each bounded in bytes
+/// (sync frames, and blob bytes written only when no sync frame waits),
+/// and a way to end it.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnHandle {
+    sync: Lane,
+    bulk: Lane,
+    /// Each lane's bound.
     max_queued: usize,
-    /// The same, for all connections.
+    /// Bytes queued for all connections.
     queued_total: Arc<AtomicUsize>,
     max_queued_total: usize,
     /// `Some(reason)` once the connection is to end.
@@ -126,37 +168,47 @@ impl ConnHandle {
         }
     }
 
-    /// Queues a frame; `false` if the queue is full (the client lags): it
-    /// holds its bound already, or all queues together hold theirs. A queue
-    /// under its bound takes any frame, so it holds at most its bound plus
-    /// one frame (a pack may reach past the send window along an author's
-    /// chain to a signed node).
+    /// Queues a sync frame; `false` if the queue is full (the client
+    /// lags): it holds its bound already, or all queues together hold
+    /// theirs. A queue under its bound takes any frame, so it holds at most
+    /// its bound plus one frame (a pack may reach past the send window
+    /// along an author's chain to a signed node).
     pub(crate) fn send(&self, frame: Vec<u8>) -> bool {
+        self.push(&self.sync, frame)
+    }
+
+    /// Queues a blob frame, bounded like [`ConnHandle::send`] in a queue of
+    /// its own: it is written only when no sync frame waits.
+    pub(crate) fn send_bulk(&self, frame: Vec<u8>) -> bool {
+        self.push(&self.bulk, frame)
+    }
+
+    fn push(&self, lane: &Lane, frame: Vec<u8>) -> bool {
         let len = frame.len();
-        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        let before = lane.queued.fetch_add(len, Ordering::AcqRel);
         let total = self.queued_total.fetch_add(len, Ordering::AcqRel);
         if before >= self.max_queued || (before > 0 && total >= self.max_queued_total) {
-            self.unqueue(len);
+            self.unqueue(lane, len);
             if total >= self.max_queued_total {
                 metrics::counter!(telemetry::REFUSED, "why" => "outbound_total").increment(1);
             }
             return false;
         }
         // A closed queue: the connection is gone, its `Gone` on the way.
-        if self.frames.send(frame).is_err() {
-            self.unqueue(len);
+        if lane.frames.send(frame).is_err() {
+            self.unqueue(lane, len);
         }
         true
     }
 
-    /// Bytes queued and not yet written.
+    /// Bytes queued and not yet written, in both queues.
     pub(crate) fn queued(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        self.sync.queued.load(Ordering::Acquire) + self.bulk.queued.load(Ordering::Acquire)
     }
 
-    /// `len` bytes left the queue.
-    fn unqueue(&self, len: usize) {
-        self.queued.fetch_sub(len, Ordering::AcqRel);
+    /// `len` bytes left `lane`.
+    fn unqueue(&self, lane: &Lane, len: usize) {
+        lane.queued.fetch_sub(len, Ordering::AcqRel);
         self.queued_total.fetch_sub(len, Ordering::AcqRel);
     }
 
@@ -224,11 +276,12 @@ fn read_error_reason(error: axum::Error) -> Option<Reason> {
 
 async fn serve(socket: WebSocket, state: Arc<State>, conn: u64, slot: Arc<PeerSlot>) {
     let config = &state.config;
-    let (mut sink, mut stream) = socket.split();
-    let (frames, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (sink, mut stream) = socket.split();
+    let (sync, sync_queue) = Lane::new();
+    let (bulk, bulk_queue) = Lane::new();
     let handle = ConnHandle {
-        frames,
-        queued: Arc::new(AtomicUsize::new(0)),
+        sync,
+        bulk,
         max_queued: config.outbound_queue_bytes,
         queued_total: state.queued_total.clone(),
         max_queued_total: config.outbound_total_bytes,
@@ -247,70 +300,14 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64, slot: Arc<PeerSl
     metrics::gauge!(telemetry::CONNECTIONS).increment(1.0);
     metrics::counter!(telemetry::CONNECTIONS_TOTAL).increment(1);
 
-    let mut killed = handle.kill.subscribe();
-    let queued = handle.clone();
-    let write_timeout = config.write_timeout;
-    let writer_handle = handle.clone();
-    let writer = tokio::spawn(async move {
-        let write = async |sink: &mut futures_util::stream::SplitSink<WebSocket, WsMessage>,
-                           frame: Vec<u8>| {
-            let len = frame.len();
-            let fed = sink.feed(WsMessage::Binary(frame.into())).await;
-            queued.unqueue(len);
-            fed
-        };
-        loop {
-            tokio::select! {
-                frame = queue.recv() => {
-                    let Some(frame) = frame else { break };
-                    // Write everything queued, then flush once; a peer that
-                    // does not read within the timeout lags.
-                    let written = tokio::time::timeout(write_timeout, async {
-                        write(&mut sink, frame).await?;
-                        while let Ok(frame) = queue.try_recv() {
-                            write(&mut sink, frame).await?;
-                        }
-                        sink.flush().await
-                    })
-                    .await;
-                    match written {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => break,
-                        Err(_) => {
-                            writer_handle.kill(Reason::Lagging);
-                            metrics::counter!(telemetry::CONNECTIONS_CLOSED, "reason" => "lagging").increment(1);
-                            break;
-                        }
-                    }
-                }
-                _ = killed.changed() => {
-                    let reason = killed.borrow().clone().unwrap_or(Reason::ShuttingDown);
-                    // Flush what the rooms queued (their close frames),
-                    // unless the peer is not reading, then close the socket
-                    // with the reason; all within the write timeout.
-                    let _ = tokio::time::timeout(write_timeout, async {
-                        if reason != Reason::Lagging {
-                            while let Ok(frame) = queue.try_recv() {
-                                write(&mut sink, frame).await?;
-                            }
-                        }
-                        sink.send(WsMessage::Close(Some(CloseFrame {
-                            code: close_code(&reason),
-                            reason: reason.as_str().to_owned().into(),
-                        })))
-                        .await
-                    })
-                    .await;
-                    break;
-                }
-            }
-        }
-        // What was never written leaves the byte counts.
-        queue.close();
-        while let Ok(frame) = queue.try_recv() {
-            writer_handle.unqueue(frame.len());
-        }
-    });
+    let writer = tokio::spawn(write_loop(
+        sink,
+        handle.clone(),
+        handle.kill.subscribe(),
+        sync_queue,
+        bulk_queue,
+        config.write_timeout,
+    ));
 
     // Every hello on this connection signs this nonce.
     let mut challenge = [0u8; 32];
@@ -343,7 +340,101 @@ async fn serve(socket: WebSocket, state: Arc<State>, conn: u64, slot: Arc<PeerSl
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&conn);
+    state.ended.notify_waiters();
     metrics::gauge!(telemetry::CONNECTIONS).decrement(1.0);
+}
+
+type Sink = futures_util::stream::SplitSink<WebSocket, WsMessage>;
+
+/// At shutdown, how long a connection may take to write what its rooms
+/// queued (their `close` frames last) and its own close frame: the relay
+/// waits this long for connections to end.
+pub(crate) const SHUTDOWN_DRAIN: Duration = Duration::from_millis(300);
+
+/// Writes the queued frames, sync frames before blob bytes, until the
+/// connection is killed; then closes the socket with the reason. A peer
+/// that does not take a frame within `write_timeout` lags. A kill is seen
+/// between frames and during a write (a frame cut short stays in the
+/// WebSocket's buffer, ahead of the close frame), so a slow reader never
+/// holds back the end of the connection.
+async fn write_loop(
+    mut sink: Sink,
+    handle: ConnHandle,
+    mut killed: watch::Receiver<Option<Reason>>,
+    mut sync: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut bulk: mpsc::UnboundedReceiver<Vec<u8>>,
+    write_timeout: Duration,
+) {
+    let reason = loop {
+        let (lane, frame) = tokio::select! {
+            biased;
+            _ = killed.changed() => break killed.borrow().clone(),
+            frame = sync.recv() => (&handle.sync, frame),
+            frame = bulk.recv() => (&handle.bulk, frame),
+        };
+        // Every sender gone: the connection ended without a reason to give.
+        let Some(frame) = frame else { break None };
+        handle.unqueue(lane, frame.len());
+        let written = tokio::select! {
+            biased;
+            _ = killed.changed() => break killed.borrow().clone(),
+            written = tokio::time::timeout(write_timeout, async {
+                sink.feed(WsMessage::Binary(frame.into())).await?;
+                // Flush once the queues are empty, not per frame.
+                if sync.is_empty() && bulk.is_empty() {
+                    sink.flush().await
+                } else {
+                    Ok(())
+                }
+            }) => written,
+        };
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break None,
+            Err(_) => {
+                metrics::counter!(telemetry::CONNECTIONS_CLOSED, "reason" => "lagging")
+                    .increment(1);
+                handle.kill(Reason::Lagging);
+                break Some(Reason::Lagging);
+            }
+        }
+    };
+    if let Some(reason) = reason {
+        // Write the sync frames the rooms queued (their close frames),
+        // unless the peer is not reading; blob bytes are dropped (a client
+        // asks again). Then close the socket with the reason. At shutdown
+        // all of it fits in the relay's drain time.
+        let (flush, close) = if reason == Reason::ShuttingDown {
+            (SHUTDOWN_DRAIN / 2, SHUTDOWN_DRAIN / 4)
+        } else {
+            (write_timeout, write_timeout)
+        };
+        if reason != Reason::Lagging {
+            let _ = tokio::time::timeout(flush, async {
+                while let Ok(frame) = sync.try_recv() {
+                    handle.unqueue(&handle.sync, frame.len());
+                    sink.feed(WsMessage::Binary(frame.into())).await?;
+                }
+                Ok::<_, axum::Error>(())
+            })
+            .await;
+        }
+        let _ = tokio::time::timeout(
+            close,
+            sink.send(WsMessage::Close(Some(CloseFrame {
+                code: close_code(&reason),
+                reason: reason.as_str().to_owned().into(),
+            }))),
+        )
+        .await;
+    }
+    // What was never written leaves the byte counts.
+    for (lane, queue) in [(&handle.sync, &mut sync), (&handle.bulk, &mut bulk)] {
+        queue.close();
+        while let Ok(frame) = queue.try_recv() {
+            handle.unqueue(lane, frame.len());
+        }
+    }
 }
 
 /// A session as the connection routes it.
@@ -425,7 +516,7 @@ async fn read_loop(
                 auth::admit(&policy, challenge, presented, unix_ms())
             };
             match admitted {
-                Ok(a) => access = Some(a.on_clock(unix_ms(), state.rooms.now())),
+                Ok(a) => access = Some(Box::new(a.on_clock(unix_ms(), state.rooms.now()))),
                 Err(refusal) => {
                     debug!(reason = refusal.reason.as_str(), "hello refused");
                     metrics::counter!(telemetry::AUTH_REFUSED, "reason" => refusal.reason.as_str().to_owned())

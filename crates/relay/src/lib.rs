@@ -496,10 +496,11 @@ impl Server {
         // Rooms close their sessions (queueing `close` frames), then the
         // connections end, flushing them within their write timeout.
         self.rooms.shutdown(config.shutdown_grace).await;
-        state.close_all();
+        state.close_all().await;
         stop.send_replace(true);
+        // HTTP connections that never upgraded end gracefully.
         let drained = async { while connections.join_next().await.is_some() {} };
-        let _ = tokio::time::timeout(Duration::from_millis(300), drained).await;
+        let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
         Ok(())
     }
 }

@@ -54,7 +54,7 @@ pub(crate) enum RoomInput {
         env: Box<Envelope>,
         /// For a `hello`: what the connection admitted it with (its
         /// expiry on the rooms' clock).
-        access: Option<Access>,
+        access: Option<Box<Access>>,
         /// Its size on the wire.
         bytes: usize,
         out: ConnHandle,
@@ -588,7 +588,11 @@ impl RoomTask {
                     self.outs.entry(conn).or_insert(out);
                     received.push(at);
                     inputs.push(match access {
-                        Some(access) => Input::Hello { conn, env, access },
+                        Some(access) => Input::Hello {
+                            conn,
+                            env,
+                            access: *access,
+                        },
                         None => Input::Frame { conn, env },
                     });
                 }
@@ -632,13 +636,23 @@ impl RoomTask {
     fn dispatch(&mut self, hub: &mut RoomHub) {
         loop {
             let mut lagging = Vec::new();
-            while let Some((conn, frame)) = hub.poll_transmit() {
+            // Blob bytes go to each connection's bulk queue.
+            let next = |hub: &mut RoomHub| {
+                let sync = hub.poll_transmit().map(|(conn, f)| (conn, false, f));
+                sync.or_else(|| hub.poll_bulk().map(|(conn, f)| (conn, true, f)))
+            };
+            while let Some((conn, is_bulk, frame)) = next(hub) {
                 let Some(out) = self.outs.get(&conn) else {
                     continue; // Gone meanwhile.
                 };
                 metrics::counter!(telemetry::BYTES_OUT).increment(frame.len() as u64);
                 let len = frame.len();
-                if !out.send(frame) {
+                let queued = if is_bulk {
+                    out.send_bulk(frame)
+                } else {
+                    out.send(frame)
+                };
+                if !queued {
                     debug!(
                         conn,
                         frame = len,

@@ -1180,6 +1180,8 @@ impl World {
         };
         let mut frames = Vec::new();
         let mut ended = Vec::new();
+        // The simulated clients keep no blobs: there are no bulk frames.
+        debug_assert!(hub.poll_bulk().is_none());
         while let Some((conn, frame)) = hub.poll_transmit() {
             let Some(&client) = self.relay.conns.get(&conn) else {
                 continue;
