@@ -726,6 +726,12 @@ struct ServeLimits {
     /// others still read older ones.
     #[arg(long = "blob-key", value_name = "ID=HEX")]
     blob_keys: Vec<String>,
+    /// Seconds a direct blob URL stays valid [default: 60].
+    #[arg(long, value_name = "SECS", conflicts_with = "no_blob_urls")]
+    blob_url_ttl: Option<f64>,
+    /// Serve no direct blob URLs: blobs move over sessions only.
+    #[arg(long)]
+    no_blob_urls: bool,
     /// Presence updates one session may send at once [default: 10].
     #[arg(long)]
     presence_burst: Option<u32>,
@@ -793,6 +799,12 @@ impl ServeLimits {
         set!(upgrade_timeout, "upgrade-timeout", secs);
         set!(session_wait, "session-wait", secs);
         set!(write_timeout, "write-timeout", secs);
+        if let Some(v) = self.blob_url_ttl {
+            config.blob_url_ttl = Some(secs("blob-url-ttl", v)?);
+        }
+        if self.no_blob_urls {
+            config.blob_url_ttl = None;
+        }
         set!(room_idle, "room-idle", secs);
         Ok(())
     }

@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use syncline::{Origin, Replica, TextChange};
+use syncline::{Origin, Replica, SyncOptions, TextChange};
 
 mod common;
 
-use common::{WAIT, relay};
+use common::{WAIT, relay, relay_with};
 
 #[test]
 fn changes_carry_old_and_new_values_and_text_edits() {
@@ -251,11 +251,21 @@ fn presence_is_shown_to_peers_updated_and_withdrawn_when_a_replica_leaves() {
     assert!(room_b.peers().is_empty());
 }
 
-#[test]
-fn a_blob_put_by_one_replica_is_fetched_by_another_after_the_first_left() {
+/// One replica puts a 5 MiB blob and leaves; another fetches it. The
+/// bytes go over direct URLs if the relay serves them (`relay_urls`) and
+/// the SDK may use them (`sdk_urls`), else over the session.
+fn blob_put_then_fetched_after_the_first_left(relay_urls: bool, sdk_urls: bool) {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
-    let (url, _runtime) = relay(&dir.path().join("relay"));
+    let (url, _runtime) = relay_with(&dir.path().join("relay"), |c| {
+        if !relay_urls {
+            c.blob_url_ttl = None;
+        }
+    });
+    let options = || SyncOptions {
+        blob_urls: sdk_urls,
+        ..SyncOptions::new(&[url.as_str()])
+    };
     let a = Replica::open(dir.path().join("a")).unwrap();
     let b = Replica::open(dir.path().join("b")).unwrap();
     let data: Vec<u8> = (0..5 * 1024 * 1024 + 77u32)
@@ -267,13 +277,13 @@ fn a_blob_put_by_one_replica_is_fetched_by_another_after_the_first_left() {
         .put_blob("/docs/report", "pdf", &data[..], "application/pdf")
         .unwrap();
     assert_eq!(blob.hash, *blake3::hash(&data).as_bytes());
-    let sync_a = a.connect(&[url.as_str()], &["files"]).unwrap();
+    let sync_a = a.connect_with(options(), &["files"]).unwrap();
     sync_a.flush(WAIT).unwrap();
     assert_eq!(sync_a.status().blobs_uploading, 0);
     drop(sync_a);
     drop(a);
     // B syncs the room, finds the reference, and fetches the bytes.
-    let sync_b = b.connect(&[url.as_str()], &["files"]).unwrap();
+    let sync_b = b.connect_with(options(), &["files"]).unwrap();
     sync_b.flush(WAIT).unwrap();
     let files = b.room("files").unwrap();
     let found = files.get("/docs/report", "pdf").unwrap().unwrap();
@@ -291,4 +301,19 @@ fn a_blob_put_by_one_replica_is_fetched_by_another_after_the_first_left() {
         Err(syncline::Error::BlobRefused { why }) => assert!(why.contains("not_found"), "{why}"),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_blob_put_by_one_replica_is_fetched_by_another_over_direct_urls() {
+    blob_put_then_fetched_after_the_first_left(true, true);
+}
+
+#[test]
+fn a_blob_goes_over_the_session_when_the_relay_serves_no_urls() {
+    blob_put_then_fetched_after_the_first_left(false, true);
+}
+
+#[test]
+fn a_blob_goes_over_the_session_when_the_sdk_uses_no_urls() {
+    blob_put_then_fetched_after_the_first_left(true, false);
 }

@@ -8,12 +8,15 @@
 //! the last chunk taken). A session reads a blob with `blob-get` (the
 //! outboard) and `blob-need` (a window of groups, at most
 //! [`MAX_GROUPS_PER_NEED`] at once) if the room may see it: uploaded
-//! through this room, or referenced by the room's state. Anything else is
-//! refused with a typed `error`; the session goes on.
+//! through this room, or referenced by the room's state. With the same
+//! rights, `blob-grant` gets a direct HTTP URL (signed by the driver's
+//! [`BlobUrls`]) to read or upload the bytes outside the session. Anything
+//! else is refused with a typed `error`; the session goes on.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use syncline_core::RoomId;
 use syncline_core::blob::{Bitfield, Outboard};
 use syncline_core::proto::message::{Envelope, MAX_BLOB_RANGES, Message, Reason};
 use syncline_core::room::Room;
@@ -24,9 +27,21 @@ use crate::room::SessionKey;
 /// Groups one `blob-need` of a download may ask for: 4 MiB of frames.
 pub const MAX_GROUPS_PER_NEED: u64 = 64;
 
+/// Signs direct blob URLs for the driver's HTTP side, which serves them:
+/// the hub decides who may have one, the driver what it looks like and
+/// how long it lasts (it may read a clock; the hub does not).
+pub trait BlobUrls: Send + Sync + std::fmt::Debug {
+    /// The path and query (with its grant) to read blob `hash`, or to
+    /// upload it if `put`, in room `room`, and when the grant ends (Unix
+    /// milliseconds).
+    fn grant(&self, room: &RoomId, hash: &[u8; 32], put: bool) -> (String, u64);
+}
+
 /// A room's side of the relay's blob store.
 pub(crate) struct RoomBlobs {
     store: Arc<BlobStore>,
+    /// Direct URLs, if the driver serves them.
+    urls: Option<Arc<dyn BlobUrls>>,
     /// Blobs uploaded through this room: its sessions may read them.
     uploaded: HashSet<[u8; 32]>,
     /// Blobs the room's state references, rebuilt after it changed.
@@ -62,9 +77,10 @@ fn lacking(held: &Bitfield) -> Vec<(u64, u64)> {
 }
 
 impl RoomBlobs {
-    pub(crate) fn new(store: Arc<BlobStore>) -> RoomBlobs {
+    pub(crate) fn new(store: Arc<BlobStore>, urls: Option<Arc<dyn BlobUrls>>) -> RoomBlobs {
         RoomBlobs {
             store,
+            urls,
             uploaded: HashSet::new(),
             referenced: None,
         }
@@ -146,6 +162,9 @@ impl RoomBlobs {
                         Err(e) => out.push(refusal(key, corr, &e)),
                     }
                 }
+                Message::BlobGrant { hash, put } => {
+                    out.push(self.grant(room, key, writer, corr, hash, put));
+                }
                 Message::BlobGet { hash } => {
                     let complete =
                         matches!(self.store.state(&hash), Ok(BlobState::Complete { .. }));
@@ -214,6 +233,62 @@ impl RoomBlobs {
             }
         }
         out
+    }
+}
+
+impl RoomBlobs {
+    /// The answer to a `blob-grant`: a URL if the session may read (or
+    /// write) the blob here and the driver serves URLs.
+    fn grant(
+        &mut self,
+        room: &Room,
+        key: SessionKey,
+        writer: bool,
+        corr: u64,
+        hash: [u8; 32],
+        put: bool,
+    ) -> (u64, Vec<u8>) {
+        let Some(urls) = self.urls.clone() else {
+            return error(
+                key,
+                corr,
+                Reason::NotFound,
+                "this server serves no blob URLs",
+            );
+        };
+        let allowed = if put {
+            // The relay checks uploads against the outboard a `blob-put`
+            // brought.
+            writer && self.uploaded.contains(&hash)
+        } else {
+            matches!(self.store.state(&hash), Ok(BlobState::Complete { .. }))
+                && self.visible(room, &hash)
+        };
+        if !allowed {
+            return if put && !writer {
+                error(
+                    key,
+                    corr,
+                    Reason::Unauthorized,
+                    "this session may not write",
+                )
+            } else {
+                not_found(key, corr)
+            };
+        }
+        let (path, expires) = urls.grant(room.id(), &hash, put);
+        (
+            key.conn,
+            Envelope::frame(
+                key.session,
+                corr,
+                Message::BlobUrl {
+                    hash,
+                    path,
+                    expires,
+                },
+            ),
+        )
     }
 }
 

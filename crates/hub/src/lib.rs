@@ -21,7 +21,7 @@ mod govern;
 mod presence;
 mod room;
 
-pub use blobs::MAX_GROUPS_PER_NEED;
+pub use blobs::{BlobUrls, MAX_GROUPS_PER_NEED};
 pub use client::ClientLink;
 pub use govern::govern;
 pub use room::{End, HubConfig, HubEvent, Input, RoomHub, SessionKey};

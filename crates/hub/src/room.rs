@@ -25,7 +25,7 @@ use syncline_core::proto::session::{
 use syncline_core::{AuthorId, NodeIdx};
 use syncline_store::{BlobStore, DurableRoom, ReplicaError};
 
-use crate::blobs::RoomBlobs;
+use crate::blobs::{BlobUrls, RoomBlobs};
 use crate::presence::{Presence, Shown, refused_frame};
 
 /// A session on a server: the connection it came over, and its id there.
@@ -232,10 +232,11 @@ impl RoomHub {
         }
     }
 
-    /// Serves blob transfers from `store` (`docs/protocol.md` §5.9);
-    /// without one, blob messages are answered `not_found`.
-    pub fn set_blob_store(&mut self, store: Arc<BlobStore>) {
-        self.blobs = Some(RoomBlobs::new(store));
+    /// Serves blob transfers from `store` (`docs/protocol.md` §5.9), and
+    /// direct URLs signed by `urls` if given; without a store, blob
+    /// messages are answered `not_found`.
+    pub fn set_blob_store(&mut self, store: Arc<BlobStore>, urls: Option<Arc<dyn BlobUrls>>) {
+        self.blobs = Some(RoomBlobs::new(store, urls));
     }
 
     /// The room.
@@ -391,14 +392,7 @@ impl RoomHub {
                     ));
                     continue;
                 }
-                if matches!(
-                    env.message,
-                    Message::BlobGet { .. }
-                        | Message::BlobInfo { .. }
-                        | Message::BlobPut { .. }
-                        | Message::BlobNeed { .. }
-                        | Message::BlobChunk { .. }
-                ) {
+                if env.message.is_blob() {
                     // Beside the session too: the hub's blob store.
                     blob_in.push((key, env.corr, env.message));
                     continue;

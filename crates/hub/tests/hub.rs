@@ -514,7 +514,7 @@ fn blobs_upload_checked_and_download_in_windows_within_room_rights() {
     let dir = tempfile::tempdir().unwrap();
     let blobs = Arc::new(BlobStore::open(dir.path(), BlobStoreOptions::default()).unwrap());
     let mut hub = hub(Arc::new(MemoryStore::new()), HubConfig::default());
-    hub.set_blob_store(blobs.clone());
+    hub.set_blob_store(blobs.clone(), None);
     let read_only = Access {
         write: None,
         ..Access::full()

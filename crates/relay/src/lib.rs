@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 pub use syncline_store::BlobKey;
 
 mod admin;
+mod blob_http;
 mod conn;
 mod limits;
 mod rooms;
@@ -115,6 +116,9 @@ pub struct Config {
     /// Keys blobs are encrypted with at rest (none: stored in the clear);
     /// the last is the one new blobs use, the others read older blobs.
     pub blob_keys: Vec<BlobKey>,
+    /// How long a direct blob URL (`blob-grant`) may be used; `None`: the
+    /// relay serves no URLs (blobs move over sessions only).
+    pub blob_url_ttl: Option<Duration>,
     /// Presence updates one session may send at once...
     pub presence_burst: u32,
     /// ...and per second, sustained; past it, an update is dropped with
@@ -173,6 +177,7 @@ impl Default for Config {
             max_room_bytes: 4 << 30,
             max_blob_bytes: 10 << 30,
             blob_keys: Vec::new(),
+            blob_url_ttl: Some(Duration::from_secs(60)),
             presence_burst: 10,
             presence_per_sec: 5,
             open_rooms: vec![RoomPattern::parse("*").expect("* is a room pattern")],
@@ -316,7 +321,10 @@ impl Server {
                 ..syncline_store::BlobStoreOptions::default()
             },
         )?);
-        let rooms = Rooms::new(store, blobs, key, config.clone());
+        let grants = config
+            .blob_url_ttl
+            .map(|ttl| Arc::new(blob_http::Grants::new(&key.seed(), ttl)));
+        let rooms = Rooms::new(store, blobs, grants, key, config.clone());
         Ok(Server {
             listener,
             store: sqlite,
@@ -397,6 +405,14 @@ impl Server {
             .route("/admin/invites", axum::routing::post(admin::create_invite))
             .route("/invites/redeem", axum::routing::post(admin::redeem_invite))
             .with_state(state.clone());
+        let app = match self.rooms.blob_http(config.write_timeout) {
+            Some(blobs) => app.merge(
+                Router::new()
+                    .route("/blobs/{hash}", get(blob_http::get).put(blob_http::put))
+                    .with_state(blobs),
+            ),
+            None => app,
+        };
         let revocations =
             tokio::spawn(admin::watch_revoked(state.clone(), config.data_dir.clone()));
         let metrics_listener = match self.metrics_listener {

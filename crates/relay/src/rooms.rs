@@ -27,13 +27,14 @@ use syncline_core::auth::Access;
 use syncline_core::pack::inflated_len;
 use syncline_core::proto::message::{Envelope, Message, Reason};
 use syncline_core::{Keypair, RoomId};
-use syncline_hub::{End, HubConfig, HubEvent, Input, RoomHub, SessionKey};
+use syncline_hub::{BlobUrls, End, HubConfig, HubEvent, Input, RoomHub, SessionKey};
 use syncline_store::{BlobStore, DurableRoom, Store};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::Config;
+use crate::blob_http::{BlobHttp, Grants};
 use crate::conn::ConnHandle;
 use crate::telemetry;
 
@@ -98,6 +99,8 @@ pub(crate) struct Rooms {
     store: Arc<dyn Store>,
     /// Blob bytes, shared by every room (each serves what it may see).
     blobs: Arc<BlobStore>,
+    /// Signs direct blob URLs, if the relay serves them.
+    grants: Option<Arc<Grants>>,
     key: Keypair,
     /// The keys whose capabilities the relay trusts (its own first): a
     /// locked room's policy roots.
@@ -134,6 +137,7 @@ impl Rooms {
     pub(crate) fn new(
         store: Arc<dyn Store>,
         blobs: Arc<BlobStore>,
+        grants: Option<Arc<Grants>>,
         key: Keypair,
         config: Config,
     ) -> Arc<Rooms> {
@@ -142,6 +146,7 @@ impl Rooms {
         Arc::new(Rooms {
             store,
             blobs,
+            grants,
             key,
             roots,
             workers: Arc::new(Semaphore::new(config.room_workers.max(1))),
@@ -244,6 +249,16 @@ impl Rooms {
         if tokio::time::timeout(grace, all).await.is_err() {
             warn!("rooms still busy at shutdown: stopping without waiting");
         }
+    }
+
+    /// What the direct blob routes serve, if the relay serves them (a
+    /// request body may stall `idle`).
+    pub(crate) fn blob_http(&self, idle: Duration) -> Option<Arc<BlobHttp>> {
+        Some(Arc::new(BlobHttp {
+            grants: self.grants.clone()?,
+            store: self.blobs.clone(),
+            idle,
+        }))
     }
 
     /// The keys whose capabilities the relay trusts, its own first.
@@ -417,7 +432,8 @@ impl RoomTask {
             Ok(Ok((room, bytes))) => {
                 info!(nodes = room.room().dag().len(), bytes, "room loaded");
                 let mut hub = Box::new(RoomHub::new(room, hub_config, bytes));
-                hub.set_blob_store(rooms.blobs.clone());
+                let urls = rooms.grants.clone().map(|g| g as Arc<dyn BlobUrls>);
+                hub.set_blob_store(rooms.blobs.clone(), urls);
                 hub
             }
             Ok(Err(e)) => return self.fail(&format!("cannot load the room: {e}")),

@@ -43,6 +43,8 @@ pub(crate) const NODES_OUT: &str = "syncline_nodes_out_total";
 pub(crate) const BYTES_IN: &str = "syncline_bytes_in_total";
 /// Frame bytes sent (counter).
 pub(crate) const BYTES_OUT: &str = "syncline_bytes_out_total";
+/// Blob bytes over direct URLs, by `direction` (`in`, `out`).
+pub(crate) const BLOB_HTTP_BYTES: &str = "syncline_blob_http_bytes_total";
 /// Handshakes by difference strategy (counter, label `strategy`).
 pub(crate) const DIFF_STRATEGY: &str = "syncline_diff_strategy_total";
 /// Nodes sent in catch-up packs per session (histogram).
@@ -143,6 +145,12 @@ pub(crate) const METRICS: &[(&str, Kind, Unit, &str)] = &[
         "Frame bytes received.",
     ),
     (BYTES_OUT, Kind::Counter, Unit::Bytes, "Frame bytes sent."),
+    (
+        BLOB_HTTP_BYTES,
+        Kind::Counter,
+        Unit::Bytes,
+        "Blob bytes moved over direct URLs, by direction.",
+    ),
     (
         DIFF_STRATEGY,
         Kind::Counter,

@@ -29,7 +29,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -165,6 +165,23 @@ pub struct BlobStore {
     partial: Mutex<HashMap<[u8; 32], Partial>>,
     /// Bytes held (complete and partial blobs' sizes).
     used: Mutex<u64>,
+    /// Meta files read lately, each with what its file looked like: a
+    /// transfer reads a blob's outboard once, not once per group (reading
+    /// and checking a 1 GiB blob's 512 KiB outboard per 64 KiB group made
+    /// reading quadratic). Bounded by [`META_CACHE_BYTES`].
+    metas: Mutex<HashMap<[u8; 32], CachedMeta>>,
+}
+
+/// Outboard bytes [`BlobStore`] keeps cached (8 MiB: the outboards of
+/// 16 GiB of blobs).
+const META_CACHE_BYTES: usize = 8 << 20;
+
+/// A meta file as read: the key id and outboard, and the file's length
+/// and modification time when read (a blob removed and stored again by
+/// another process reads afresh).
+struct CachedMeta {
+    stamp: (u64, SystemTime),
+    meta: Arc<(u32, Outboard)>,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -220,6 +237,7 @@ impl BlobStore {
             options,
             partial: Mutex::new(HashMap::new()),
             used: Mutex::new(0),
+            metas: Mutex::new(HashMap::new()),
         };
         let used = store
             .list()?
@@ -272,7 +290,42 @@ impl BlobStore {
 
     /// The key id and outboard a blob was stored with, if its meta is
     /// there.
-    fn meta(&self, hash: &[u8; 32]) -> Result<Option<(u32, Outboard)>, BlobStoreError> {
+    fn meta(&self, hash: &[u8; 32]) -> Result<Option<Arc<(u32, Outboard)>>, BlobStoreError> {
+        let path = self.path(hash, "meta");
+        let stamp = match std::fs::metadata(&path) {
+            Ok(m) => (m.len(), m.modified().map_err(io)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        let metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cached) = metas.get(hash).filter(|c| c.stamp == stamp) {
+            return Ok(Some(cached.meta.clone()));
+        }
+        drop(metas);
+        let Some(meta) = self.read_meta(hash)? else {
+            return Ok(None);
+        };
+        let meta = Arc::new(meta);
+        let mut metas = self.metas.lock().unwrap_or_else(|p| p.into_inner());
+        let cached: usize = metas
+            .values()
+            .map(|c| c.meta.1.groups() as usize * 32)
+            .sum();
+        if cached + meta.1.groups() as usize * 32 > META_CACHE_BYTES {
+            metas.clear();
+        }
+        metas.insert(
+            *hash,
+            CachedMeta {
+                stamp,
+                meta: meta.clone(),
+            },
+        );
+        Ok(Some(meta))
+    }
+
+    /// Reads and checks blob `hash`'s meta file.
+    fn read_meta(&self, hash: &[u8; 32]) -> Result<Option<(u32, Outboard)>, BlobStoreError> {
         let bytes = match std::fs::read(self.path(hash, "meta")) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -300,9 +353,10 @@ impl BlobStore {
                 groups: p.outboard.groups(),
             });
         }
-        let Some((_, outboard)) = self.meta(hash)? else {
+        let Some(meta) = self.meta(hash)? else {
             return Ok(BlobState::Missing);
         };
+        let outboard = &meta.1;
         match std::fs::read(self.path(hash, "part")) {
             Ok(bits) => {
                 let held = Bitfield::decode(outboard.groups(), &bits).map_err(|e| {
@@ -330,10 +384,10 @@ impl BlobStore {
         if let Some(p) = self.lock_partial().get(hash) {
             return Ok(Some(p.held.clone()));
         }
-        let Some((_, outboard)) = self.meta(hash)? else {
+        let Some(meta) = self.meta(hash)? else {
             return Ok(None);
         };
-        let groups = outboard.groups();
+        let groups = meta.1.groups();
         match std::fs::read(self.path(hash, "part")) {
             Ok(bits) => Ok(Some(Bitfield::decode(groups, &bits)?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -347,7 +401,7 @@ impl BlobStore {
 
     /// Blob `hash`'s outboard, if the store has begun or holds it.
     pub fn outboard(&self, hash: &[u8; 32]) -> Result<Option<Outboard>, BlobStoreError> {
-        Ok(self.meta(hash)?.map(|(_, o)| o))
+        Ok(self.meta(hash)?.map(|meta| meta.1.clone()))
     }
 
     /// Starts (or resumes) receiving blob `hash` with `outboard`, checked
@@ -360,7 +414,7 @@ impl BlobStore {
             return Ok(p.held.clone());
         }
         let groups = outboard.groups();
-        if let Some((key_id, _)) = self.meta(hash)? {
+        if let Some(key_id) = self.meta(hash)?.map(|meta| meta.0) {
             let held = match std::fs::read(self.path(hash, "part")) {
                 Ok(bits) => Bitfield::decode(groups, &bits)?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -498,9 +552,10 @@ impl BlobStore {
 
     /// Group `index` of blob `hash`, decrypted and checked.
     pub fn read_group(&self, hash: &[u8; 32], index: u64) -> Result<Vec<u8>, BlobStoreError> {
-        let (key_id, outboard) = self
+        let meta = self
             .meta(hash)?
             .ok_or_else(|| BlobStoreError::Missing(to_hex(hash)))?;
+        let (key_id, outboard) = (meta.0, &meta.1);
         if let Some(p) = self.lock_partial().get(hash)
             && !p.held.has(index)
         {
@@ -651,6 +706,10 @@ impl BlobStore {
     pub fn remove(&self, hash: &[u8; 32]) -> Result<(), BlobStoreError> {
         let size = self.outboard(hash)?.map_or(0, |o| o.size());
         self.lock_partial().remove(hash);
+        self.metas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(hash);
         // The meta first: without it the rest is not a blob.
         for ext in ["meta", "part", "data"] {
             match std::fs::remove_file(self.path(hash, ext)) {

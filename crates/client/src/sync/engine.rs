@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, info};
 
 use super::Shared;
-use crate::blobs::BLOB_CORR_BASE;
+use crate::blobs::{self, BLOB_CORR_BASE, Direct};
 use crate::changes::Change;
 use crate::replica::{Origin, Room, RoomState, session_now};
 
@@ -242,7 +242,7 @@ async fn connection(shared: &Shared, ws: Ws, synced: &mut Vec<Synced>) -> Result
                 frames.extend(std::iter::from_fn(|| link.poll_transmit()));
                 // Blob transfers go beside the session once it is open.
                 if s.connected
-                    && let Some(store) = s.room.shared.blobs.as_deref()
+                    && let Some(store) = s.room.shared.blobs.as_ref()
                 {
                     frames.extend(transfers.pump(store, s.session));
                 }
@@ -347,11 +347,21 @@ fn reconcile(
 
 /// Opens room `room`'s session `id` on this connection.
 fn open_session(shared: &Shared, room: &Room, id: u64, challenge: [u8; 32]) -> Result<(), String> {
+    // Blob bytes may go over the relay's direct URLs, on its own origin.
+    let endpoint = shared.status().endpoint.clone();
+    let direct = endpoint
+        .filter(|_| shared.options.blob_urls)
+        .and_then(|e| blobs::origin_of(&e))
+        .map(|origin| Direct {
+            origin,
+            wake: shared.wake.clone(),
+        });
     let mut state = room.shared.lock();
     // Blobs queued for upload by any process, uploaded on this session.
     if let Some(store) = room.shared.blobs.as_deref() {
         state.transfers.load_queue(store, room.name());
     }
+    state.transfers.connected(direct);
     let mut config = shared.options.session.clone();
     if state.send_vv {
         config.vv_inline_limit = usize::MAX;
@@ -431,13 +441,13 @@ fn deliver(synced: &[Synced], frames: &[impl AsRef<[u8]>]) -> Result<(), String>
                     .heard(room.name(), peer, client, status, message, data);
             }
             // Beside the session too: the room's blob transfers.
-            Message::BlobInfo { .. } | Message::BlobNeed { .. } | Message::BlobChunk { .. } => {
+            message if message.is_blob() => {
                 let room = &synced[i].room;
-                if let Some(store) = room.shared.blobs.as_deref() {
+                if let Some(store) = room.shared.blobs.as_ref() {
                     room.shared
                         .lock()
                         .transfers
-                        .heard(store, room.name(), env.corr, env.message);
+                        .heard(store, room.name(), env.corr, message);
                 }
             }
             Message::Error {

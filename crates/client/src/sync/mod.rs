@@ -45,6 +45,11 @@ pub struct SyncOptions {
     /// `token_expired` reconnects with the next token, and the outbox
     /// resends whatever was not acknowledged.
     pub token: Option<TokenSource>,
+    /// Move blob bytes over the relay's direct HTTP URLs when it serves
+    /// them (faster for large blobs; every group is still checked), else
+    /// over the session. A transfer whose URL fails goes on over the
+    /// session.
+    pub blob_urls: bool,
 }
 
 /// Where a room's capability token comes from: one token (`sl1.…`) for
@@ -108,6 +113,7 @@ impl SyncOptions {
             connect_timeout: Duration::from_secs(10),
             session: SessionConfig::default(),
             token: None,
+            blob_urls: true,
         }
     }
 }

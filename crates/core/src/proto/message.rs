@@ -435,6 +435,29 @@ pub enum Message {
         /// Its bytes.
         bytes: Vec<u8>,
     },
+    /// Asks for a direct HTTP URL for a blob (client to server): to read
+    /// it (`put: false`: the blob must be complete and visible to the
+    /// room), or to upload it (`put: true`: after a `blob-put` in this
+    /// room, by a session that may write). The answer is `blob-url`, or a
+    /// typed `error` naming this message (`not_found` also from a server
+    /// that serves no URLs: the client goes on over the session).
+    BlobGrant {
+        /// The blob.
+        hash: [u8; 32],
+        /// Whether to upload rather than read.
+        put: bool,
+    },
+    /// A direct URL for a blob: `path`, its signed grant in the query, on
+    /// the server's HTTP origin (the one the WebSocket was opened on),
+    /// usable until `expires` (Unix milliseconds).
+    BlobUrl {
+        /// The blob.
+        hash: [u8; 32],
+        /// Path and query.
+        path: String,
+        /// When the grant ends.
+        expires: u64,
+    },
     /// An optional message type from a newer peer (ignored).
     Unknown(u64),
 }
@@ -480,8 +503,25 @@ impl Message {
             Message::BlobPut { .. } => 67,
             Message::BlobNeed { .. } => 68,
             Message::BlobChunk { .. } => 69,
+            Message::BlobGrant { .. } => 70,
+            Message::BlobUrl { .. } => 71,
             Message::Unknown(t) => *t,
         }
+    }
+
+    /// Whether this is a blob message (`blob-*`): it moves beside the
+    /// session, between a peer and a blob store, never through history.
+    pub fn is_blob(&self) -> bool {
+        matches!(
+            self,
+            Message::BlobGet { .. }
+                | Message::BlobInfo { .. }
+                | Message::BlobPut { .. }
+                | Message::BlobNeed { .. }
+                | Message::BlobChunk { .. }
+                | Message::BlobGrant { .. }
+                | Message::BlobUrl { .. }
+        )
     }
 }
 
@@ -876,6 +916,26 @@ fn encode_body(m: &Message, w: &mut Writer) {
                 w.uint(*end);
             }
         }
+        Message::BlobGrant { hash, put } => {
+            w.map(2);
+            w.str("hash");
+            w.bin(hash);
+            w.str("put");
+            w.bool(*put);
+        }
+        Message::BlobUrl {
+            hash,
+            path,
+            expires,
+        } => {
+            w.map(3);
+            w.str("expires");
+            w.uint(*expires);
+            w.str("hash");
+            w.bin(hash);
+            w.str("path");
+            w.str(path);
+        }
         Message::BlobChunk { hash, index, bytes } => {
             w.map(3);
             w.str("bytes");
@@ -1202,6 +1262,15 @@ fn decode_body(kind: u64, r: &mut Reader<'_>) -> Result<Message, FrameError> {
             index: f.uint("index")?,
             bytes: f.bytes("bytes", crate::blob::GROUP_BYTES)?,
         },
+        70 => Message::BlobGrant {
+            hash: f.get("hash")?.bin_array()?,
+            put: f.get("put")?.bool()?,
+        },
+        71 => Message::BlobUrl {
+            hash: f.get("hash")?.bin_array()?,
+            path: f.text("path")?,
+            expires: f.uint("expires")?,
+        },
         t if t >= FIRST_OPTIONAL_TYPE => Message::Unknown(t),
         t => return Err(FrameError::UnknownType(t)),
     })
@@ -1334,6 +1403,15 @@ mod tests {
                 hash: [6; 32],
                 index: 2,
                 bytes: vec![9; 100],
+            },
+            Message::BlobGrant {
+                hash: [6; 32],
+                put: true,
+            },
+            Message::BlobUrl {
+                hash: [6; 32],
+                path: "/blobs/notes/06?grant=1-w-ab".into(),
+                expires: 1_800_000_000_000,
             },
             Message::Presence {
                 peer: AuthorId([1; 32]),

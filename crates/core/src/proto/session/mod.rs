@@ -809,18 +809,8 @@ impl Session {
             // transfer are handled beside it (the hub, the SDK's engine),
             // and unknown ones are ignored, as the versioning rule
             // requires.
-            (
-                _,
-                _,
-                Message::Heartbeat
-                | Message::Unknown(_)
-                | Message::Presence { .. }
-                | Message::BlobGet { .. }
-                | Message::BlobInfo { .. }
-                | Message::BlobPut { .. }
-                | Message::BlobNeed { .. }
-                | Message::BlobChunk { .. },
-            ) => {}
+            (_, _, Message::Heartbeat | Message::Unknown(_) | Message::Presence { .. }) => {}
+            (_, _, m) if m.is_blob() => {}
             (
                 _,
                 _,
