@@ -121,20 +121,20 @@ pub(super) fn serve_reference(port: u16) -> Result<()> {
 
 /// Which relay a run measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Target {
+pub(crate) enum Target {
     /// `syncline serve`'s relay, with real sessions.
     Syncline,
     /// The bare broadcast relay.
     Reference,
 }
 
-struct ServerProcess {
-    child: Child,
-    port: u16,
+pub(crate) struct ServerProcess {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
 }
 
 impl ServerProcess {
-    fn start(target: Target, data: &Path) -> Result<ServerProcess> {
+    pub(crate) fn start(target: Target, data: &Path) -> Result<ServerProcess> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -165,7 +165,7 @@ impl ServerProcess {
 
 /// (CPU seconds used so far, resident bytes) of process `pid` ("self" for
 /// this one) from /proc.
-fn usage_of(pid: &str) -> Result<(f64, u64)> {
+pub(crate) fn usage_of(pid: &str) -> Result<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesized command name; utime and stime are
     // the 14th and 15th fields overall.

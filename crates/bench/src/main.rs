@@ -6,6 +6,7 @@
 //! cargo run --release -p syncline-bench -- trace
 //! cargo run --release -p syncline-bench -- import
 //! cargo run --release -p syncline-bench -- durable
+//! cargo run --release -p syncline-bench -- blobs
 //! cargo run --release -p syncline-bench -- all --json
 //! ```
 
@@ -26,6 +27,7 @@ use syncline_core::proto::session::{
 use syncline_core::{Keypair, Room};
 use syncline_store::{Batch, DurableRoom, Segment, SqliteOptions, SqliteStore, Store, conformance};
 
+mod blobs;
 mod catchup;
 mod challenge;
 mod fanout;
@@ -75,6 +77,9 @@ enum Bench {
     Catchup,
     /// One room, many WebSocket clients, some writing: latency, CPU, memory.
     Fanout,
+    /// Blob transfer: throughput of both paths against plain HTTP, memory
+    /// while 1 GiB moves, edit latency during a large download.
+    Blobs,
     /// Every benchmark above.
     All,
 }
@@ -399,6 +404,13 @@ fn main() -> Result<()> {
     {
         return fanout::serve_reference(port.parse()?);
     }
+    if let [_, cmd, file_flag, file, port_flag, port] = raw.as_slice()
+        && cmd == "blobs-reference"
+        && file_flag == "--file"
+        && port_flag == "--port"
+    {
+        return blobs::serve_reference(std::path::Path::new(file), port.parse()?);
+    }
     let args = Args::parse();
     let report = Report { json: args.json };
     match args.bench {
@@ -408,13 +420,15 @@ fn main() -> Result<()> {
         Bench::Recon => recon::bench_recon(&report),
         Bench::Fanout => fanout::bench_fanout(&report),
         Bench::Catchup => catchup::bench_catchup(&args, &report),
+        Bench::Blobs => blobs::bench_blobs(&report),
         Bench::All => {
             trace::run(&args, &report)?;
             bench_import(&args, &report)?;
             bench_durable(&args, &report)?;
             recon::bench_recon(&report)?;
             catchup::bench_catchup(&args, &report)?;
-            fanout::bench_fanout(&report)
+            fanout::bench_fanout(&report)?;
+            blobs::bench_blobs(&report)
         }
     }
 }

@@ -94,7 +94,7 @@ pub(crate) const METRICS: &[(&str, Kind, Unit, &str)] = &[
         REFUSED,
         Kind::Counter,
         Unit::Count,
-        "Work refused at a bound, by why (connections, connections_per_ip, accept, rooms, sessions, sessions_per_ip, inbox, outbound_total, presence_rate).",
+        "Work refused at a bound, by why (connections, connections_per_ip, accept, rooms, sessions, sessions_per_ip, inbox, outbound_total, presence_rate, blob_http).",
     ),
     (
         AUTH_REFUSED,

@@ -110,6 +110,8 @@ impl Room {
         self.shared.lock().transfers.fetch(*hash);
         self.shared.wake_engine();
         let deadline = Instant::now() + timeout;
+        // A small blob lands within milliseconds: look often at first.
+        let mut pause = Duration::from_millis(1);
         loop {
             let failed = self.shared.lock().transfers.take_failure(hash);
             if let Some(why) = failed {
@@ -124,7 +126,8 @@ impl Room {
                     state: store.state(hash)?,
                 });
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 }
