@@ -438,3 +438,74 @@ pub(crate) async fn put(
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_holds_only_for_its_room_blob_direction_and_time() {
+        let grants = Grants::new(&[7; 32], Duration::from_secs(60));
+        let room = RoomId::new("team/notes").unwrap();
+        let (path, expires) = grants.grant(&room, &[1; 32], false);
+        let uri: Uri = path.parse().unwrap();
+        let (named, grant) = query(&uri).unwrap();
+        assert_eq!(named, "team/notes");
+        let now = expires - 1;
+        assert_eq!(grants.check(&named, &[1; 32], false, &grant, now), Ok(()));
+        // Another blob, room, direction, key or time: refused.
+        assert!(grants.check(&named, &[2; 32], false, &grant, now).is_err());
+        assert!(
+            grants
+                .check("team/other", &[1; 32], false, &grant, now)
+                .is_err()
+        );
+        assert!(grants.check(&named, &[1; 32], true, &grant, now).is_err());
+        let other = Grants::new(&[8; 32], Duration::from_secs(60));
+        assert!(other.check(&named, &[1; 32], false, &grant, now).is_err());
+        assert!(
+            grants
+                .check(&named, &[1; 32], false, &grant, expires)
+                .is_err()
+        );
+        // A later expiry written in does not carry the MAC.
+        let stretched = grant.replacen(&expires.to_string(), &(expires + 1000).to_string(), 1);
+        assert!(
+            grants
+                .check(&named, &[1; 32], false, &stretched, now)
+                .is_err()
+        );
+        for garbage in ["", "1-r", "x-r-00", "1-r-zz"] {
+            assert!(grants.check(&named, &[1; 32], false, garbage, now).is_err());
+        }
+    }
+
+    #[test]
+    fn ranges_parse_as_rfc_9110_says() {
+        let range = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::RANGE, HeaderValue::from_str(v).unwrap());
+            byte_range(&headers, 1000)
+        };
+        assert_eq!(byte_range(&HeaderMap::new(), 1000), Ok(None));
+        assert_eq!(range("bytes=0-99"), Ok(Some((0, 100))));
+        assert_eq!(range("bytes=900-"), Ok(Some((900, 1000))));
+        assert_eq!(range("bytes=-10"), Ok(Some((990, 1000))));
+        assert_eq!(range("bytes=990-5000"), Ok(Some((990, 1000))));
+        // Several ranges: the whole blob.
+        assert_eq!(range("bytes=0-1,5-6"), Ok(None));
+        assert_eq!(range("bytes=1000-"), Err(()));
+        assert_eq!(range("bytes=5-4"), Err(()));
+        assert_eq!(range("bytes=a-b"), Err(()));
+        let upload = |v: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_RANGE, HeaderValue::from_str(v).unwrap());
+            upload_range(&headers, 200_000)
+        };
+        assert_eq!(upload_range(&HeaderMap::new(), 200_000), Ok((0, 200_000)));
+        assert_eq!(upload("bytes 65536-199999/200000"), Ok((65536, 200_000)));
+        assert!(upload("bytes 100-199999/200000").is_err(), "not at a group");
+        assert!(upload("bytes 0-199999/300000").is_err(), "another size");
+        assert!(upload("bytes 0-200000/200000").is_err(), "past the end");
+    }
+}
