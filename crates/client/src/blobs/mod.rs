@@ -110,8 +110,9 @@ impl Room {
         self.shared.lock().transfers.fetch(*hash);
         self.shared.wake_engine();
         let deadline = Instant::now() + timeout;
-        // A small blob lands within milliseconds: look often at first.
-        let mut pause = Duration::from_millis(1);
+        // A small blob lands within milliseconds: look every millisecond
+        // at first, then every 10.
+        let started = Instant::now();
         loop {
             let failed = self.shared.lock().transfers.take_failure(hash);
             if let Some(why) = failed {
@@ -126,8 +127,8 @@ impl Room {
                     state: store.state(hash)?,
                 });
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(20));
+            let often = started.elapsed() < Duration::from_millis(200);
+            std::thread::sleep(Duration::from_millis(if often { 1 } else { 10 }));
         }
     }
 }
