@@ -99,6 +99,8 @@ pub(crate) struct Transfers {
     next_corr: u64,
     /// Direct URLs on this connection, if the engine may use them.
     direct: Option<Direct>,
+    /// Writes the groups downloads receive over the session.
+    writer: Option<GroupWriter>,
     /// The last refusal of an upload, for the status.
     pub(crate) refused: Option<String>,
 }
@@ -145,6 +147,10 @@ impl Transfers {
 
     /// Why the download of `hash` failed, once (it is forgotten).
     pub(crate) fn take_failure(&mut self, hash: &[u8; 32]) -> Option<String> {
+        if let Some(failed) = self.writer.as_ref().and_then(|w| w.take_failure(hash)) {
+            self.downloads.remove(hash);
+            return Some(failed);
+        }
         let failed = self.downloads.get(hash)?.failed.clone()?;
         self.downloads.remove(hash);
         Some(failed)
@@ -372,8 +378,9 @@ impl Transfers {
                 };
                 match down.on_chunk(index, &bytes) {
                     Ok(Landed::New) => {
-                        if let Err(e) = store.write_group(&hash, index, &bytes) {
-                            *failed = Some(e.to_string());
+                        let writer = self.writer.get_or_insert_with(|| GroupWriter::new(store));
+                        if let Err(e) = writer.write(hash, index, bytes) {
+                            *failed = Some(e);
                         }
                     }
                     Ok(Landed::Duplicate) => {}
@@ -453,6 +460,55 @@ impl Transfers {
             }
             None => {}
         }
+    }
+}
+
+/// Groups [`GroupWriter`] may hold before the engine waits for it: 4 MiB.
+const WRITER_QUEUE: usize = 64;
+
+/// Writes downloaded groups to the store on a thread of its own, so the
+/// engine never waits for the disk: the store syncs a partial blob every
+/// few MiB, which took milliseconds that every frame behind it (an edit
+/// from another peer among them) waited. The queue is bounded: past
+/// [`WRITER_QUEUE`] groups the engine waits after all.
+#[derive(Debug)]
+struct GroupWriter {
+    queue: std::sync::mpsc::SyncSender<([u8; 32], u64, Vec<u8>)>,
+    /// Why writing a blob failed, by blob.
+    failed: Arc<std::sync::Mutex<BTreeMap<[u8; 32], String>>>,
+}
+
+impl GroupWriter {
+    fn new(store: &Arc<BlobStore>) -> GroupWriter {
+        let (queue, groups) =
+            std::sync::mpsc::sync_channel::<([u8; 32], u64, Vec<u8>)>(WRITER_QUEUE);
+        let failed = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let (store, failures) = (store.clone(), failed.clone());
+        // Ends when the queue's sender (the room's transfers) is dropped.
+        std::thread::spawn(move || {
+            for (hash, index, bytes) in groups {
+                if let Err(e) = store.write_group(&hash, index, &bytes) {
+                    failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(hash, e.to_string());
+                }
+            }
+        });
+        GroupWriter { queue, failed }
+    }
+
+    fn write(&self, hash: [u8; 32], index: u64, bytes: Vec<u8>) -> Result<(), String> {
+        self.queue
+            .send((hash, index, bytes))
+            .map_err(|_| "the blob writer stopped".to_owned())
+    }
+
+    fn take_failure(&self, hash: &[u8; 32]) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(hash)
     }
 }
 
