@@ -1,11 +1,14 @@
 //! `syncline blob put|get|status`: files as blobs in a room, their bytes
 //! beside the history, moved through the relay by `sync`.
 
+use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use syncline::{BlobState, Value};
+use syncline_core::blob::GROUP_BYTES;
 use syncline_core::ids::to_hex;
 
 use crate::sync_cmd::options;
@@ -60,7 +63,26 @@ pub(crate) fn get(
     if !matches!(replica.blob_state(&blob.hash)?, BlobState::Complete { .. }) {
         let servers = servers_or_remote(&replica, servers)?;
         let sync = replica.connect_with(options(&replica, &servers, None)?, &[room])?;
-        shown.fetch_blob(&blob.hash, timeout)?;
+        let bar = progress(blob.size);
+        // The bar follows what the store holds, as the fetch runs.
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let fetched = std::thread::scope(|scope| {
+            if let Some(bar) = &bar {
+                scope.spawn(|| {
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        bar.set_position(held_bytes(&replica, &blob.hash, blob.size));
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                });
+            }
+            let fetched = shown.fetch_blob(&blob.hash, timeout);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            fetched
+        });
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        fetched?;
         sync.stop();
     }
     let mut reader = replica.blob_reader(&blob.hash)?;
@@ -85,6 +107,30 @@ pub(crate) fn get(
         );
     }
     Ok(())
+}
+
+/// A bar of bytes fetched on a terminal, for a blob large enough to wait
+/// for (a megabyte and more).
+fn progress(size: u64) -> Option<ProgressBar> {
+    (std::io::stderr().is_terminal() && size >= 1 << 20).then(|| {
+        let bar = ProgressBar::new(size);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "fetching [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} [{elapsed}, {eta} left]",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    })
+}
+
+/// Bytes of blob `hash` (of `size` bytes) the replica holds.
+fn held_bytes(replica: &syncline::Replica, hash: &[u8; 32], size: u64) -> u64 {
+    match replica.blob_state(hash) {
+        Ok(BlobState::Complete { .. }) => size,
+        Ok(BlobState::Partial { held, .. }) => (held * GROUP_BYTES as u64).min(size),
+        _ => 0,
+    }
 }
 
 /// Lists the blobs this replica holds, whole or in part.

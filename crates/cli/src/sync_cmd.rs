@@ -182,10 +182,10 @@ pub(crate) fn sync(
             let done = received + uploaded;
             bar.set_length(done + status.catching_up + status.unacknowledged as u64);
             bar.set_position(done);
-            bar.set_message(if status.connected {
-                "syncing"
-            } else {
-                "connecting"
+            bar.set_message(match (status.connected, status.blobs_uploading) {
+                (false, _) => "connecting".to_owned(),
+                (true, 0) => "syncing".to_owned(),
+                (true, n) => format!("{n} blob(s) up"),
             });
         }
         if status.connected

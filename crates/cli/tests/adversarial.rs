@@ -1112,3 +1112,165 @@ fn at_the_room_cap_idle_rooms_make_way() {
         );
     });
 }
+
+/// One HTTP/1.1 request to the server (the connection closed after it):
+/// the status and the body.
+async fn http(
+    server: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(server.addr()).await.unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // The relay may answer (and close) before it read the whole body.
+    let _ = tcp.write_all(body).await;
+    let mut response = Vec::new();
+    let _ = timeout(Duration::from_secs(10), tcp.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let start = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |p| p + 4);
+    (status, response[start..].to_vec())
+}
+
+/// The next frame on `ws` that `pick` takes, skipping others.
+async fn next_where<T>(ws: &mut Ws, mut pick: impl FnMut(Envelope) -> Option<T>) -> T {
+    loop {
+        let frame = timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no frame within 10 s");
+        if let Some(Ok(WsMessage::Binary(bytes))) = frame {
+            if let Some(t) = pick(Envelope::decode(&bytes).unwrap()) {
+                return t;
+            }
+        } else {
+            panic!("the connection ended: {frame:?}");
+        }
+    }
+}
+
+#[test]
+fn blob_urls_refuse_forged_expired_and_other_direction_grants_and_bad_groups() {
+    use syncline_core::blob::Outboard;
+    run(async {
+        let server = Server::start_with(&["--blob-url-ttl", "2"]).await;
+        let (mut ws, challenge) = ws_from(&server, HONEST).await.unwrap();
+        ws.send(WsMessage::Binary(hello("media", 1, 150, &challenge).into()))
+            .await
+            .unwrap();
+        next_where(&mut ws, |e| {
+            matches!(e.message, Message::Welcome { .. }).then_some(())
+        })
+        .await;
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (hash, outboard) = Outboard::of(&data);
+        let send =
+            |corr: u64, message: Message| WsMessage::Binary(envelope(1, corr, message).into());
+        let url_for = |corr: u64| {
+            move |e: Envelope| match e.message {
+                Message::BlobUrl { path, .. } if e.corr == corr => Some(Ok(path)),
+                Message::Error { code, related, .. } if related == corr => Some(Err(code)),
+                _ => None,
+            }
+        };
+        // A URL to read a blob the room does not have: not_found.
+        ws.send(send(5, Message::BlobGrant { hash, put: false }))
+            .await
+            .unwrap();
+        let refused = next_where(&mut ws, url_for(5)).await;
+        assert_eq!(
+            refused,
+            Err(syncline_core::proto::message::Reason::NotFound)
+        );
+        // Offer it, then get a URL to upload it.
+        let outboard = outboard.encode();
+        ws.send(send(6, Message::BlobPut { hash, outboard }))
+            .await
+            .unwrap();
+        ws.send(send(7, Message::BlobGrant { hash, put: true }))
+            .await
+            .unwrap();
+        let put = next_where(&mut ws, url_for(7)).await.unwrap();
+        // A group that does not match the outboard: 422, nothing kept.
+        let mut bad = data.clone();
+        bad[70_000] ^= 1;
+        let range = "bytes 65536-199999/200000";
+        let (status, body) = http(
+            &server,
+            "PUT",
+            &put,
+            &[("Content-Range", range)],
+            &bad[65_536..],
+        )
+        .await;
+        assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
+        // Forged, or used for the other direction: 403.
+        let last = if put.ends_with('0') { "1" } else { "0" };
+        let forged = format!("{}{last}", &put[..put.len() - 1]);
+        assert_eq!(http(&server, "PUT", &forged, &[], &data).await.0, 403);
+        assert_eq!(http(&server, "GET", &put, &[], &[]).await.0, 403);
+        let other_blob = put.replacen(&syncline_core::ids::to_hex(&hash)[..4], "ffff", 1);
+        assert_eq!(http(&server, "PUT", &other_blob, &[], &data).await.0, 403);
+        // Not at a group boundary: 416. The right bytes: complete.
+        let (status, _) = http(
+            &server,
+            "PUT",
+            &put,
+            &[("Content-Range", "bytes 10-199999/200000")],
+            &data[10..],
+        )
+        .await;
+        assert_eq!(status, 416);
+        let (status, body) = http(&server, "PUT", &put, &[], &data).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        // Read it back, a range of it, and a range past its end.
+        ws.send(send(8, Message::BlobGrant { hash, put: false }))
+            .await
+            .unwrap();
+        let get = next_where(&mut ws, url_for(8)).await.unwrap();
+        let (status, body) = http(&server, "GET", &get, &[], &[]).await;
+        assert_eq!((status, body == data), (200, true));
+        let (status, body) = http(&server, "GET", &get, &[("Range", "bytes=100-199")], &[]).await;
+        assert_eq!((status, &body[..]), (206, &data[100..200]));
+        assert_eq!(
+            http(&server, "GET", &get, &[("Range", "bytes=200000-")], &[])
+                .await
+                .0,
+            416
+        );
+        assert_eq!(
+            http(
+                &server,
+                "GET",
+                "/blobs/zz?room=media&grant=1-r-00",
+                &[],
+                &[]
+            )
+            .await
+            .0,
+            404
+        );
+        // Two seconds later the grants have expired.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let (status, body) = http(&server, "GET", &get, &[], &[]).await;
+        assert_eq!(status, 403);
+        assert!(String::from_utf8_lossy(&body).contains("expired"));
+    });
+}
