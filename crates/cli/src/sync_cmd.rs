@@ -188,6 +188,22 @@ pub(crate) fn sync(
                 (true, n) => format!("{n} blob(s) up"),
             });
         }
+        // A refused blob leaves the upload queue: look before calling it done.
+        if let Some(why) = &status.blob_refused {
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            // `why` starts with the refusal's code.
+            let exit = if why.starts_with("unauthorized") {
+                Exit::Unauthorized
+            } else {
+                Exit::Storage
+            };
+            return Err(Failed::new(
+                exit,
+                format!("the relay refused a blob upload: {why}"),
+            ));
+        }
         if status.connected
             && status.caught_up
             && status.unacknowledged == 0
@@ -201,15 +217,6 @@ pub(crate) fn sync(
                 bar.finish_and_clear();
             }
             return Err(failed);
-        }
-        if let Some(why) = &status.blob_refused {
-            if let Some(bar) = &bar {
-                bar.finish_and_clear();
-            }
-            return Err(Failed::new(
-                Exit::Storage,
-                format!("the relay refused a blob upload: {why}"),
-            ));
         }
         let refused = status.refused.clone().or_else(|| {
             (status.connected && status.caught_up && status.read_only).then(|| {

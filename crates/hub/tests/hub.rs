@@ -493,6 +493,51 @@ fn presence_is_relayed_shown_to_newcomers_limited_and_ends_with_its_session() {
     assert_eq!(shown(&clients[2]).len(), before);
 }
 
+#[test]
+fn presence_ends_when_its_session_stops_sending_heartbeats() {
+    let mut hub = hub(Arc::new(MemoryStore::new()), HubConfig::default());
+    let mut clients = vec![Client::connect(1, 10), Client::connect(2, 20)];
+    settle(&mut hub, &mut clients);
+    clients[0]
+        .link
+        .send_presence(0, PresenceStatus::Away, "brb", &[]);
+    settle(&mut hub, &mut clients);
+    assert_eq!(shown(&clients[1]).len(), 1);
+    // A minute and more passes: only the second client's heartbeats go
+    // out (the first went silent without a goodbye).
+    let idle = syncline_core::proto::session::Config::default().idle_timeout_ms;
+    let mut ended = Vec::new();
+    for now in (1..=idle / 1000 + 5).map(|s| s * 1000) {
+        let c = &mut clients[1];
+        c.link.handle_timeout(now, &mut c.room);
+        let frames: Vec<Vec<u8>> = std::iter::from_fn(|| c.link.poll_transmit()).collect();
+        let inputs: Vec<Input> = frames.iter().map(|f| c.input(f)).collect();
+        hub.handle_batch(now, inputs).unwrap();
+        if hub.poll_timeout().is_some_and(|t| t <= now) {
+            hub.handle_timeout(now);
+        }
+        while let Some((conn, frame)) = hub.poll_transmit() {
+            let c = clients.iter_mut().find(|c| c.conn == conn).unwrap();
+            c.receive(now, &frame);
+        }
+        ended.extend(
+            std::iter::from_fn(|| hub.poll_event()).filter_map(|e| match e {
+                HubEvent::Ended { key, end, .. } => Some((key.conn, end)),
+                _ => None,
+            }),
+        );
+    }
+    assert_eq!(ended.len(), 1, "only the silent session ended: {ended:?}");
+    assert_eq!(ended[0].0, 10);
+    assert_eq!(
+        shown(&clients[1])
+            .last()
+            .map(|(who, status, _)| (*who, *status)),
+        Some((1, PresenceStatus::Offline)),
+        "the others hear it leave"
+    );
+}
+
 /// Sends `message` on client `c`'s session with correlation id `corr`.
 fn send(hub: &mut RoomHub, c: &Client, corr: u64, message: Message) {
     let env = Box::new(Envelope {
