@@ -732,6 +732,13 @@ struct ServeLimits {
     /// Serve no direct blob URLs: blobs move over sessions only.
     #[arg(long)]
     no_blob_urls: bool,
+    /// Seconds between removals of blobs no room references [default: 3600].
+    #[arg(long, value_name = "SECS")]
+    blob_gc_every: Option<f64>,
+    /// Seconds a blob no room references is kept (an upload whose node is
+    /// still to come) [default: 86400].
+    #[arg(long, value_name = "SECS")]
+    blob_gc_grace: Option<f64>,
     /// Presence updates one session may send at once [default: 10].
     #[arg(long)]
     presence_burst: Option<u32>,
@@ -806,6 +813,8 @@ impl ServeLimits {
             config.blob_url_ttl = None;
         }
         set!(room_idle, "room-idle", secs);
+        set!(blob_gc_every, "blob-gc-every", secs);
+        set!(blob_gc_grace, "blob-gc-grace", secs);
         Ok(())
     }
 }

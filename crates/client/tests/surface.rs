@@ -317,3 +317,41 @@ fn a_blob_goes_over_the_session_when_the_relay_serves_no_urls() {
 fn a_blob_goes_over_the_session_when_the_sdk_uses_no_urls() {
     blob_put_then_fetched_after_the_first_left(true, false);
 }
+
+#[test]
+fn the_relay_removes_blobs_no_room_references_and_keeps_the_rest() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let relay_dir = dir.path().join("relay");
+    let (url, _runtime) = relay_with(&relay_dir, |c| {
+        c.blob_gc_every = Duration::from_millis(200);
+        c.blob_gc_grace = Duration::from_millis(300);
+    });
+    let a = Replica::open(dir.path().join("a")).unwrap();
+    let room = a.room("files").unwrap();
+    // One blob referenced by a field (then replaced: history still names
+    // it), one uploaded that no node ever names.
+    let old = room
+        .put_blob("/doc", "file", &b"first draft"[..], "text/plain")
+        .unwrap();
+    let new = room
+        .put_blob("/doc", "file", &b"second draft"[..], "text/plain")
+        .unwrap();
+    let orphan = a.put_blob(&b"never referenced"[..], "text/plain").unwrap();
+    room.upload_blob(&orphan.hash).unwrap();
+    let sync = a.connect(&[url.as_str()], &["files"]).unwrap();
+    sync.flush(WAIT).unwrap();
+    assert_eq!(sync.status().blobs_uploading, 0);
+    let relay_blobs = syncline_store::BlobStore::open(
+        &relay_dir.join("blobs"),
+        syncline_store::BlobStoreOptions::default(),
+    )
+    .unwrap();
+    common::wait_until(|| relay_blobs.state(&orphan.hash).unwrap() == syncline::BlobState::Missing);
+    for kept in [old.hash, new.hash] {
+        assert!(matches!(
+            relay_blobs.state(&kept).unwrap(),
+            syncline::BlobState::Complete { .. }
+        ));
+    }
+}

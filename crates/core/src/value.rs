@@ -224,6 +224,17 @@ impl std::fmt::Display for Value {
 /// assert_eq!(Value::from(vec![Value::from(true)]).to_string(), "[true]");
 /// ```
 impl Value {
+    /// Pushes the hash of every blob this value references (at any
+    /// depth) onto `out`.
+    pub fn blob_hashes(&self, out: &mut Vec<[u8; 32]>) {
+        match self {
+            Value::Blob(b) => out.push(b.hash),
+            Value::Array(items) => items.iter().for_each(|i| i.blob_hashes(out)),
+            Value::Map(m) => m.values().for_each(|i| i.blob_hashes(out)),
+            _ => {}
+        }
+    }
+
     /// The string, if this is one.
     pub fn as_str(&self) -> Option<&str> {
         match self {

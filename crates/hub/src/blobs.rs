@@ -16,10 +16,10 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use syncline_core::RoomId;
 use syncline_core::blob::{Bitfield, Outboard};
 use syncline_core::proto::message::{Envelope, MAX_BLOB_RANGES, Message, Reason};
 use syncline_core::room::Room;
+use syncline_core::{NodeIdx, Op, RoomId};
 use syncline_store::{BlobState, BlobStore, BlobStoreError};
 
 use crate::room::SessionKey;
@@ -46,6 +46,9 @@ pub(crate) struct RoomBlobs {
     uploaded: HashSet<[u8; 32]>,
     /// Blobs the room's state references, rebuilt after it changed.
     referenced: Option<HashSet<[u8; 32]>>,
+    /// Blobs whose reference by this room is in the store's index (see
+    /// [`RoomBlobs::record_refs`]).
+    recorded: HashSet<[u8; 32]>,
 }
 
 /// What handling blob messages queued: frames per connection.
@@ -83,6 +86,7 @@ impl RoomBlobs {
             urls,
             uploaded: HashSet::new(),
             referenced: None,
+            recorded: HashSet::new(),
         }
     }
 
@@ -90,6 +94,30 @@ impl RoomBlobs {
     /// next needed.
     pub(crate) fn room_changed(&mut self) {
         self.referenced = None;
+    }
+
+    /// Records in the store's reference index the blobs `nodes` (durable,
+    /// not yet acknowledged) reference, so that garbage collection never
+    /// takes a blob a room names. A failure marks the index incomplete
+    /// (the store then collects nothing), so it is not the batch's: it is
+    /// returned for the driver to report.
+    pub(crate) fn record_refs(
+        &mut self,
+        room: &Room,
+        nodes: &[NodeIdx],
+    ) -> Result<(), BlobStoreError> {
+        let mut hashes = Vec::new();
+        for &idx in nodes {
+            room.dag().with_content(idx, |node| {
+                for op in &node.ops {
+                    if let Op::Set { value, .. } = op {
+                        value.blob_hashes(&mut hashes);
+                    }
+                }
+            });
+        }
+        hashes.retain(|h| self.recorded.insert(*h));
+        self.store.add_refs(room.id().as_str(), &hashes)
     }
 
     /// Whether the room may see blob `hash`.

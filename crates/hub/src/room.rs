@@ -164,6 +164,12 @@ pub enum HubEvent {
         /// Which session sent it.
         key: SessionKey,
     },
+    /// Blob references could not be recorded in the blob store's index:
+    /// it collects no garbage from now on (the batch stands).
+    BlobRefsFailed {
+        /// What failed.
+        error: String,
+    },
 }
 
 struct Member {
@@ -438,10 +444,19 @@ impl RoomHub {
             });
         }
         if !brought.is_empty() {
-            self.relay(now, &brought);
+            // Blob references go into the index before anything is
+            // acknowledged (relayed).
             if let Some(blobs) = &mut self.blobs {
+                for (_, nodes) in &brought {
+                    if let Err(e) = blobs.record_refs(self.room.room(), nodes) {
+                        self.events.push_back(HubEvent::BlobRefsFailed {
+                            error: e.to_string(),
+                        });
+                    }
+                }
                 blobs.room_changed();
             }
+            self.relay(now, &brought);
         }
         if !blob_in.is_empty() {
             self.blob_messages(blob_in);

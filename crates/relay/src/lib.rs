@@ -119,6 +119,11 @@ pub struct Config {
     /// How long a direct blob URL (`blob-grant`) may be used; `None`: the
     /// relay serves no URLs (blobs move over sessions only).
     pub blob_url_ttl: Option<Duration>,
+    /// How often the relay removes blobs no room ever referenced...
+    pub blob_gc_every: Duration,
+    /// ...once they are this old (an upload whose node is still to come
+    /// is kept this long).
+    pub blob_gc_grace: Duration,
     /// Presence updates one session may send at once...
     pub presence_burst: u32,
     /// ...and per second, sustained; past it, an update is dropped with
@@ -178,6 +183,8 @@ impl Default for Config {
             max_blob_bytes: 10 << 30,
             blob_keys: Vec::new(),
             blob_url_ttl: Some(Duration::from_secs(60)),
+            blob_gc_every: Duration::from_secs(3600),
+            blob_gc_grace: Duration::from_secs(24 * 3600),
             presence_burst: 10,
             presence_per_sec: 5,
             open_rooms: vec![RoomPattern::parse("*").expect("* is a room pattern")],
@@ -434,6 +441,11 @@ impl Server {
             config.max_sessions_per_ip,
         );
         let (stop, stopping) = watch::channel(false);
+        let blob_gc = tokio::spawn(collect_blob_garbage(
+            self.rooms.blobs(),
+            config.blob_gc_every,
+            config.blob_gc_grace,
+        ));
         let quota = tokio::spawn(watch_store_size(
             self.store.clone(),
             self.rooms.clone(),
@@ -504,6 +516,7 @@ impl Server {
             });
         }
         quota.abort();
+        blob_gc.abort();
         revocations.abort();
         if let Some(m) = metrics_listener {
             m.abort();
@@ -552,6 +565,38 @@ fn write_key_file(dir: &std::path::Path, key: &Keypair) -> Result<(), RelayError
 
 /// Checks every second whether the store's files passed `max` bytes, and
 /// tells the rooms.
+/// Every `every`, removes the blobs no room ever referenced that are
+/// older than `grace` (see `BlobStore::collect_unreferenced`).
+async fn collect_blob_garbage(
+    blobs: Arc<syncline_store::BlobStore>,
+    every: Duration,
+    grace: Duration,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        ticks.tick().await;
+        let store = blobs.clone();
+        let collected = tokio::task::spawn_blocking(move || {
+            store.collect_unreferenced(grace, std::time::SystemTime::now())
+        })
+        .await;
+        match collected {
+            Ok(Ok(removed)) => {
+                metrics::counter!(telemetry::BLOBS_COLLECTED).increment(removed.len() as u64);
+                if !removed.is_empty() {
+                    info!(blobs = removed.len(), "removed blobs no room references");
+                }
+            }
+            Ok(Err(e @ syncline_store::BlobStoreError::NoRefIndex)) => {
+                warn!(error = %e, "blob garbage collection is off");
+                return;
+            }
+            Ok(Err(e)) => warn!(error = %e, "blob garbage collection failed; trying again later"),
+            Err(e) => warn!(error = %e, "blob garbage collection panicked"),
+        }
+    }
+}
+
 async fn watch_store_size(store: Arc<SqliteStore>, rooms: Arc<Rooms>, max: u64) {
     loop {
         let s = store.clone();

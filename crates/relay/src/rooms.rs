@@ -251,6 +251,11 @@ impl Rooms {
         }
     }
 
+    /// The relay's blob store.
+    pub(crate) fn blobs(&self) -> Arc<BlobStore> {
+        self.blobs.clone()
+    }
+
     /// What the direct blob routes serve, if the relay serves them (a
     /// request body may stall `idle`).
     pub(crate) fn blob_http(&self, idle: Duration) -> Option<Arc<BlobHttp>> {
@@ -749,6 +754,12 @@ impl RoomTask {
                         session = key.session,
                         conn = key.conn,
                         "dropped a presence update past its budget"
+                    );
+                }
+                HubEvent::BlobRefsFailed { error } => {
+                    error!(
+                        error,
+                        "cannot record blob references: blob garbage collection stops"
                     );
                 }
                 HubEvent::Refused { key, message } => {

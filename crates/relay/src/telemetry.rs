@@ -43,6 +43,8 @@ pub(crate) const NODES_OUT: &str = "syncline_nodes_out_total";
 pub(crate) const BYTES_IN: &str = "syncline_bytes_in_total";
 /// Frame bytes sent (counter).
 pub(crate) const BYTES_OUT: &str = "syncline_bytes_out_total";
+/// Blobs removed by garbage collection.
+pub(crate) const BLOBS_COLLECTED: &str = "syncline_blobs_collected_total";
 /// Blob bytes over direct URLs, by `direction` (`in`, `out`).
 pub(crate) const BLOB_HTTP_BYTES: &str = "syncline_blob_http_bytes_total";
 /// Handshakes by difference strategy (counter, label `strategy`).
@@ -145,6 +147,12 @@ pub(crate) const METRICS: &[(&str, Kind, Unit, &str)] = &[
         "Frame bytes received.",
     ),
     (BYTES_OUT, Kind::Counter, Unit::Bytes, "Frame bytes sent."),
+    (
+        BLOBS_COLLECTED,
+        Kind::Counter,
+        Unit::Count,
+        "Blobs removed by garbage collection (no room ever referenced them).",
+    ),
     (
         BLOB_HTTP_BYTES,
         Kind::Counter,

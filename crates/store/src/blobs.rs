@@ -120,6 +120,12 @@ pub enum BlobStoreError {
     /// The blob, or the group asked for, is not held.
     #[error("blob {0} is not held")]
     Missing(String),
+    /// Garbage collection needs a complete reference index, and this
+    /// store held blobs before it kept one.
+    #[error(
+        "the blob store held blobs before it recorded references: it collects no garbage (remove refs/ and the blobs to start afresh, or keep them all)"
+    )]
+    NoRefIndex,
 }
 
 fn io(e: std::io::Error) -> BlobStoreError {
@@ -165,6 +171,10 @@ pub struct BlobStore {
     partial: Mutex<HashMap<[u8; 32], Partial>>,
     /// Bytes held (complete and partial blobs' sizes).
     used: Mutex<u64>,
+    /// Held while references are recorded, and through a garbage
+    /// collection pass: a blob referenced while the pass runs is either
+    /// seen referenced by it or recorded after it.
+    refs: Mutex<()>,
     /// Meta files read lately, each with what its file looked like: a
     /// transfer reads a blob's outboard once, not once per group (reading
     /// and checking a 1 GiB blob's 512 KiB outboard per 64 KiB group made
@@ -192,6 +202,9 @@ impl std::fmt::Debug for BlobStore {
             .finish_non_exhaustive()
     }
 }
+
+/// In `refs/`: the index holds every reference since the store began.
+const COMPLETE: &str = "complete";
 
 /// What the first bytes of a `.meta` file say.
 const MAGIC: &[u8; 4] = b"SLB1";
@@ -237,6 +250,7 @@ impl BlobStore {
             options,
             partial: Mutex::new(HashMap::new()),
             used: Mutex::new(0),
+            refs: Mutex::new(()),
             metas: Mutex::new(HashMap::new()),
         };
         let used = store
@@ -248,6 +262,15 @@ impl BlobStore {
             })
             .sum();
         *store.lock_used() = used;
+        // A store that starts empty records every reference from its
+        // first blob on: its index is complete.
+        let refs = dir.join("refs");
+        if !refs.exists() {
+            std::fs::create_dir_all(&refs).map_err(io)?;
+            if used == 0 && store.list()?.is_empty() {
+                write_synced(&refs.join(COMPLETE), b"")?;
+            }
+        }
         Ok(store)
     }
 
@@ -646,8 +669,8 @@ impl BlobStore {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.dir).map_err(io)? {
             let entry = entry.map_err(io)?;
-            if entry.file_name() == "tmp" || entry.file_name() == "queues" || !entry.path().is_dir()
-            {
+            let name = entry.file_name();
+            if name == "tmp" || name == "queues" || name == "refs" || !entry.path().is_dir() {
                 continue;
             }
             for file in std::fs::read_dir(entry.path()).map_err(io)? {
@@ -721,6 +744,76 @@ impl BlobStore {
         let mut used = self.lock_used();
         *used = used.saturating_sub(size);
         Ok(())
+    }
+
+    /// Records that `owner` (a room) references blobs `hashes`, durably,
+    /// before what references them is acknowledged: garbage collection
+    /// keeps every blob any owner ever recorded (old versions of a room
+    /// still name it). Appends only what is new to the owner's file.
+    ///
+    /// If recording fails, the index is marked incomplete (its `complete`
+    /// marker removed): from then on this store collects no garbage,
+    /// rather than remove a blob whose reference it missed.
+    pub fn add_refs(&self, owner: &str, hashes: &[[u8; 32]]) -> Result<(), BlobStoreError> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
+        let recorded = self.append_refs(owner, hashes);
+        if recorded.is_err() {
+            let _ = std::fs::remove_file(self.dir.join("refs").join(COMPLETE));
+        }
+        recorded
+    }
+
+    fn append_refs(&self, owner: &str, hashes: &[[u8; 32]]) -> Result<(), BlobStoreError> {
+        let name = to_hex(&blake3::hash(owner.as_bytes()).as_bytes()[..16]);
+        let path = self.dir.join("refs").join(name);
+        let known: std::collections::HashSet<[u8; 32]> = read_refs(&path)?.into_iter().collect();
+        let mut new: Vec<u8> = Vec::new();
+        for hash in hashes.iter().filter(|h| !known.contains(*h)) {
+            new.extend_from_slice(hash);
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut file = File::options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        // A record torn by a crash is cut off, or every later one would
+        // be read askew.
+        let len = file.metadata().map_err(io)?.len();
+        if len % 32 != 0 {
+            file.set_len(len - len % 32).map_err(io)?;
+        }
+        file.write_all(&new).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        sync_dir(&path)
+    }
+
+    /// Removes the blobs no owner ever referenced (see
+    /// [`BlobStore::add_refs`]) once they are older than `grace`: uploads
+    /// abandoned, blobs whose nodes never came. Returns what it removed.
+    pub fn collect_unreferenced(
+        &self,
+        grace: Duration,
+        now: SystemTime,
+    ) -> Result<Vec<[u8; 32]>, BlobStoreError> {
+        let _refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = self.dir.join("refs");
+        if !dir.join(COMPLETE).exists() {
+            return Err(BlobStoreError::NoRefIndex);
+        }
+        let mut referenced = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(&dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if path.file_name().is_some_and(|n| n != COMPLETE) {
+                referenced.extend(read_refs(&path)?);
+            }
+        }
+        self.collect_garbage(&|h| referenced.contains(h), grace, now)
     }
 
     /// Removes the blobs `referenced` says nothing references, once their
@@ -877,6 +970,20 @@ fn tempfile_in(dir: &Path) -> Result<TempFile, BlobStoreError> {
 
 /// Writes `bytes` to `path` durably: to a temporary file, synced, renamed
 /// over it, and the directory synced.
+/// The hashes an owner's references file lists (none if it has none; a
+/// torn last record is ignored).
+fn read_refs(path: &Path) -> Result<Vec<[u8; 32]>, BlobStoreError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(e)),
+    };
+    Ok(bytes
+        .chunks_exact(32)
+        .map(|c| c.try_into().expect("32 bytes"))
+        .collect())
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), BlobStoreError> {
     let tmp = path.with_extension("new");
     let mut file = File::create(&tmp).map_err(io)?;

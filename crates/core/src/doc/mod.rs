@@ -708,19 +708,11 @@ impl Doc {
     /// The blobs the fields in effect reference (anywhere in a value), by
     /// hash, sorted and deduplicated.
     pub fn blob_refs(&self) -> Vec<[u8; 32]> {
-        fn walk(v: &Value, out: &mut Vec<[u8; 32]>) {
-            match v {
-                Value::Blob(b) => out.push(b.hash),
-                Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
-                Value::Map(m) => m.values().for_each(|i| walk(i, out)),
-                _ => {}
-            }
-        }
         let mut out = Vec::new();
         for fields in self.fields.values() {
             for reg in fields.values() {
                 if let Some(v) = reg.winner().and_then(|w| w.value.as_ref()) {
-                    walk(v, &mut out);
+                    v.blob_hashes(&mut out);
                 }
             }
         }
