@@ -117,7 +117,7 @@ pub(crate) fn join(cli: &Cli, code: &str, room: Option<&str>, timeout: Duration)
         cap.claims.rights,
         syncline::auth::hex(&cap.claims.id)
     );
-    sync_cmd::sync(cli, &[code.url], None, &[room], false, timeout)
+    sync_cmd::sync(cli, &[code.url], None, &[room], false, timeout, None)
 }
 
 /// POSTs `body` to the HTTP side of the relay at `ws_url`; the answer's

@@ -275,6 +275,14 @@ enum Command {
         /// A capability token for locked rooms (`syncline token issue`).
         #[arg(long, env = "SYNCLINE_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Fetch the blobs referenced at paths matching this pattern
+        /// (`/photos/**`; repeat for more) as they appear, not only on
+        /// `blob get`; `sync --once` waits for them.
+        #[arg(long = "prefetch", value_name = "PATTERN")]
+        prefetch: Vec<String>,
+        /// The largest blob --prefetch fetches [default: 16 MiB].
+        #[arg(long, value_name = "BYTES", requires = "prefetch")]
+        prefetch_max: Option<u64>,
     },
     /// Print live changes of a room: local, from a relay, and from other
     /// processes on this replica; fields with old and new values, text edits.
@@ -609,6 +617,8 @@ fn run(cli: Cli) -> Outcome {
             watch,
             timeout,
             token,
+            prefetch,
+            prefetch_max,
             ..
         } => sync_cmd::sync(
             &cli,
@@ -617,6 +627,10 @@ fn run(cli: Cli) -> Outcome {
             rooms,
             *watch,
             Duration::from_secs(*timeout),
+            (!prefetch.is_empty()).then(|| syncline::Prefetch {
+                max_bytes: prefetch_max.unwrap_or(16 << 20),
+                paths: prefetch.clone(),
+            }),
         ),
         Command::Watch {
             room,

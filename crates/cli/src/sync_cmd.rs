@@ -124,6 +124,7 @@ pub(crate) fn sync(
     rooms: &[String],
     watch: bool,
     timeout: Duration,
+    prefetch: Option<syncline::Prefetch>,
 ) -> Outcome {
     let replica = open(cli)?;
     let servers = &crate::servers_or_remote(&replica, servers)?;
@@ -149,7 +150,14 @@ pub(crate) fn sync(
     } else {
         None
     };
-    let sync = replica.connect_with(options(&replica, servers, token)?, &names)?;
+    let waits_for_prefetch = prefetch.is_some();
+    let sync = replica.connect_with(
+        SyncOptions {
+            prefetch,
+            ..options(&replica, servers, token)?
+        },
+        &names,
+    )?;
     if let Some(subscriptions) = subscriptions {
         return follow(cli, subscriptions, Vec::new(), Some(&sync));
     }
@@ -208,6 +216,7 @@ pub(crate) fn sync(
             && status.caught_up
             && status.unacknowledged == 0
             && status.blobs_uploading == 0
+            && (!waits_for_prefetch || status.blobs_fetching == 0)
         {
             break;
         }

@@ -356,3 +356,69 @@ fn a_relay_with_a_key_never_stores_blob_bytes_in_the_clear() {
     );
     assert_ne!(code, 0, "served a blob without its key");
 }
+
+#[test]
+fn sync_with_prefetch_brings_the_blobs_under_its_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("relay"), &[]);
+    let (small, _) = file_of(dir.path(), "small.bin", 300_000, 4);
+    let (large, _) = file_of(dir.path(), "large.bin", 3 * MIB, 5);
+    let a = dir.path().join("a");
+    ok(
+        &a,
+        &[
+            "blob",
+            "put",
+            "media",
+            "/media/small",
+            "f",
+            small.to_str().unwrap(),
+        ],
+    );
+    ok(
+        &a,
+        &[
+            "blob",
+            "put",
+            "media",
+            "/media/large",
+            "f",
+            large.to_str().unwrap(),
+        ],
+    );
+    ok(
+        &a,
+        &[
+            "blob",
+            "put",
+            "media",
+            "/other/small",
+            "f",
+            small.to_str().unwrap(),
+        ],
+    );
+    ok(&a, &["sync", "--server", &server.url(), "media"]);
+    let b = dir.path().join("b");
+    ok(
+        &b,
+        &[
+            "sync",
+            "--server",
+            &server.url(),
+            "--prefetch",
+            "/media/**",
+            "--prefetch-max",
+            "1000000",
+            "media",
+        ],
+    );
+    // The small blob is held; the large one was left for `blob get`.
+    let status = ok(&b, &["blob", "status"]);
+    assert_eq!(status.lines().count(), 1, "{status}");
+    assert!(status.contains("300000 bytes  all"), "{status}");
+    assert_eq!(
+        cli(&b, &["sync", "--prefetch-max", "5", "media"]).0,
+        2,
+        "--prefetch-max needs --prefetch"
+    );
+}

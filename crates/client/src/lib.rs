@@ -49,7 +49,7 @@ pub use import::Imported;
 pub use presence::{PRESENCE_QUEUE, Peer, PresenceEvent, PresenceFeed, PresenceKind};
 pub use replica::{Entry, Error, Origin, Replica, Room};
 pub use resolve::Pick;
-pub use sync::{Status, SyncHandle, SyncOptions, TokenSource, normalize_endpoint};
+pub use sync::{Prefetch, Status, SyncHandle, SyncOptions, TokenSource, normalize_endpoint};
 /// Capabilities for locked rooms: mint them in an app backend
 /// (`auth::Capability::issue`), check them, delegate them.
 pub use syncline_core::auth;

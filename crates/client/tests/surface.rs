@@ -355,3 +355,61 @@ fn the_relay_removes_blobs_no_room_references_and_keeps_the_rest() {
         ));
     }
 }
+
+#[test]
+fn the_prefetch_policy_fetches_small_blobs_under_its_paths_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _runtime) = relay(&dir.path().join("relay"));
+    let a = Replica::open(dir.path().join("a")).unwrap();
+    let room = a.room("album").unwrap();
+    let small = room
+        .put_blob("/photos/beach", "jpg", &[1u8; 1000][..], "image/jpeg")
+        .unwrap();
+    let large = room
+        .put_blob("/photos/pano", "jpg", &vec![2u8; 2 << 20][..], "image/jpeg")
+        .unwrap();
+    let elsewhere = room
+        .put_blob("/docs/notes", "txt", &[3u8; 1000][..], "text/plain")
+        .unwrap();
+    let sync_a = a.connect(&[url.as_str()], &["album"]).unwrap();
+    sync_a.flush(WAIT).unwrap();
+    assert_eq!(sync_a.status().blobs_uploading, 0);
+
+    let b = Replica::open(dir.path().join("b")).unwrap();
+    let options = SyncOptions {
+        prefetch: Some(syncline::Prefetch {
+            max_bytes: 1 << 20,
+            paths: vec!["/photos/**".into()],
+        }),
+        ..SyncOptions::new(&[url.as_str()])
+    };
+    let sync_b = b.connect_with(options, &["album"]).unwrap();
+    sync_b.flush(WAIT).unwrap();
+    common::wait_until(|| {
+        matches!(
+            b.blob_state(&small.hash).unwrap(),
+            syncline::BlobState::Complete { .. }
+        )
+    });
+    // What the policy leaves out stays on the relay until asked for.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for skipped in [&large, &elsewhere] {
+        assert_eq!(
+            b.blob_state(&skipped.hash).unwrap(),
+            syncline::BlobState::Missing
+        );
+    }
+    // A bad pattern is refused when the engine starts.
+    let bad = SyncOptions {
+        prefetch: Some(syncline::Prefetch {
+            max_bytes: 1,
+            paths: vec!["photos".into()],
+        }),
+        ..SyncOptions::new(&[url.as_str()])
+    };
+    drop(sync_b);
+    assert!(matches!(
+        b.connect_with(bad, &["album"]),
+        Err(syncline::Error::Pattern { .. })
+    ));
+}

@@ -227,10 +227,15 @@ impl Value {
     /// Pushes the hash of every blob this value references (at any
     /// depth) onto `out`.
     pub fn blob_hashes(&self, out: &mut Vec<[u8; 32]>) {
+        self.for_each_blob(&mut |b| out.push(b.hash));
+    }
+
+    /// Calls `f` with every blob reference in this value, at any depth.
+    pub fn for_each_blob(&self, f: &mut impl FnMut(&BlobRef)) {
         match self {
-            Value::Blob(b) => out.push(b.hash),
-            Value::Array(items) => items.iter().for_each(|i| i.blob_hashes(out)),
-            Value::Map(m) => m.values().for_each(|i| i.blob_hashes(out)),
+            Value::Blob(b) => f(b),
+            Value::Array(items) => items.iter().for_each(|i| i.for_each_blob(f)),
+            Value::Map(m) => m.values().for_each(|i| i.for_each_blob(f)),
             _ => {}
         }
     }

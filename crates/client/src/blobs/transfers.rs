@@ -135,6 +135,14 @@ impl Transfers {
         self.uploads.len()
     }
 
+    /// Downloads under way (not failed).
+    pub(crate) fn fetching(&self) -> usize {
+        self.downloads
+            .values()
+            .filter(|f| f.failed.is_none())
+            .count()
+    }
+
     /// Queues an upload of `hash` (held whole here).
     pub(crate) fn upload(&mut self, hash: [u8; 32]) {
         self.uploads.entry(hash).or_default();
@@ -143,6 +151,17 @@ impl Transfers {
     /// Asks for blob `hash` (unless asked for already).
     pub(crate) fn fetch(&mut self, hash: [u8; 32]) {
         self.downloads.entry(hash).or_default();
+    }
+
+    /// Asks for blob `hash` for the prefetch policy: like
+    /// [`Transfers::fetch`], and one that failed (not yet uploaded, say) is
+    /// asked for again.
+    pub(crate) fn prefetch(&mut self, hash: [u8; 32]) {
+        let fetch = self.downloads.entry(hash).or_default();
+        if fetch.failed.take().is_some() {
+            fetch.asked = false;
+            fetch.download = None;
+        }
     }
 
     /// Why the download of `hash` failed, once (it is forgotten).

@@ -13,20 +13,22 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
+use syncline_core::Doc;
 use syncline_core::auth::Capability;
 use syncline_core::proto::message::{Envelope, Message, Reason};
 use syncline_core::proto::scope::Scope;
 use syncline_core::proto::session::{Credentials, Event, Strategy};
 use syncline_hub::ClientLink;
+use syncline_store::{BlobState, BlobStore};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, info};
 
-use super::Shared;
-use crate::blobs::{self, BLOB_CORR_BASE, Direct};
+use super::{Prefetch, Shared};
+use crate::blobs::{self, BLOB_CORR_BASE, Direct, Transfers};
 use crate::changes::Change;
 use crate::replica::{Origin, Room, RoomState, session_now};
 
@@ -161,6 +163,10 @@ pub(super) struct Synced {
     session: u64,
     connected: bool,
     caught_up: bool,
+    /// Remote nodes came since the prefetch policy last looked.
+    prefetch_due: bool,
+    /// When it last looked.
+    prefetched_at: Option<Instant>,
 }
 
 /// Runs one connection: a session per room (`synced`, kept in session id
@@ -339,6 +345,8 @@ fn reconcile(
             session: *next_session,
             connected: false,
             caught_up: false,
+            prefetch_due: false,
+            prefetched_at: None,
         });
         *next_session += 1;
     }
@@ -512,6 +520,7 @@ fn handle_events(shared: &Shared, s: &mut Synced) -> Result<Option<String>, Stri
         session,
         send_vv,
         presence,
+        transfers,
         ..
     } = &mut *state;
     let Some(link) = session.as_mut() else {
@@ -534,8 +543,11 @@ fn handle_events(shared: &Shared, s: &mut Synced) -> Result<Option<String>, Stri
                 status.fatal = None;
                 status.failures = 0;
             }
-            Event::CaughtUp => s.caught_up = true,
-            Event::Accepted { .. } => {}
+            Event::CaughtUp => {
+                s.caught_up = true;
+                s.prefetch_due = true;
+            }
+            Event::Accepted { .. } => s.prefetch_due = true,
             Event::Acknowledged { .. } | Event::ServerHolds { .. } => {
                 shared.status().last_ack = Some(SystemTime::now());
             }
@@ -571,5 +583,48 @@ fn handle_events(shared: &Shared, s: &mut Synced) -> Result<Option<String>, Stri
             Event::Subscribed { .. } | Event::PeerError { .. } | Event::Refused { .. } => {}
         }
     }
+    // The prefetch policy looks when remote nodes came (at most once a
+    // second), and every half minute for blobs not yet uploaded.
+    if let (Some(policy), Some(store)) = (&shared.options.prefetch, s.room.shared.blobs.as_ref())
+        && s.caught_up
+    {
+        let since = s.prefetched_at.map(|t| t.elapsed());
+        let look = match since {
+            None => true,
+            Some(since) => (s.prefetch_due && since >= PREFETCH_EVERY) || since >= PREFETCH_AGAIN,
+        };
+        if look {
+            s.prefetch_due = false;
+            s.prefetched_at = Some(Instant::now());
+            prefetch(policy, durable.room().doc(), store, transfers);
+        }
+    }
     Ok(None)
+}
+
+/// The prefetch policy looks at most this often while remote nodes come...
+const PREFETCH_EVERY: Duration = Duration::from_secs(1);
+/// ...and this often anyway (a referenced blob may be uploaded later).
+const PREFETCH_AGAIN: Duration = Duration::from_secs(30);
+
+/// Asks for the blobs `policy` wants that `doc` references and `store`
+/// lacks.
+fn prefetch(policy: &Prefetch, doc: &Doc, store: &BlobStore, transfers: &mut Transfers) {
+    let Ok(scope) = Scope::parse(&policy.paths) else {
+        return; // Checked when the engine started.
+    };
+    for (entry, blob) in doc.blob_fields() {
+        if blob.size > policy.max_bytes {
+            continue;
+        }
+        let Some(path) = doc.path_of(&entry) else {
+            continue;
+        };
+        let names: Vec<&str> = path.split('/').filter(|n| !n.is_empty()).collect();
+        if scope.matches(&names)
+            && !matches!(store.state(&blob.hash), Ok(BlobState::Complete { .. }))
+        {
+            transfers.prefetch(blob.hash);
+        }
+    }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::Stream;
 use syncline_core::auth::Capability;
+use syncline_core::proto::scope::Scope;
 use syncline_core::proto::session::Config as SessionConfig;
 use tokio::sync::{Notify, watch};
 
@@ -50,6 +51,22 @@ pub struct SyncOptions {
     /// over the session. A transfer whose URL fails goes on over the
     /// session.
     pub blob_urls: bool,
+    /// Referenced blobs to fetch without being asked (`None`: a blob is
+    /// fetched only by [`crate::Room::fetch_blob`]).
+    pub prefetch: Option<Prefetch>,
+}
+
+/// Which referenced blobs the engine fetches as soon as it sees them:
+/// those of at most `max_bytes` held by entries at paths matching one of
+/// `paths` (`/photos/**`; `*` matches within one name; no patterns: every
+/// path). Checked after each catch-up and as remote changes arrive (at
+/// most once a second per room).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prefetch {
+    /// The largest blob fetched.
+    pub max_bytes: u64,
+    /// Path patterns.
+    pub paths: Vec<String>,
 }
 
 /// Where a room's capability token comes from: one token (`sl1.…`) for
@@ -114,6 +131,7 @@ impl SyncOptions {
             session: SessionConfig::default(),
             token: None,
             blob_urls: true,
+            prefetch: None,
         }
     }
 }
@@ -153,6 +171,9 @@ pub struct Status {
     pub retry_in: Option<Duration>,
     /// Blobs of the synced rooms still to upload.
     pub blobs_uploading: usize,
+    /// Blobs being fetched (asked for, or wanted by the prefetch policy)
+    /// and not yet held whole.
+    pub blobs_fetching: usize,
     /// Why the relay last refused a blob upload (a quota, access).
     pub blob_refused: Option<String>,
 }
@@ -229,6 +250,7 @@ impl Shared {
         for room in &rooms {
             let state = room.shared.lock();
             status.blobs_uploading += state.transfers.uploading();
+            status.blobs_fetching += state.transfers.fetching();
             if let Some(why) = &state.transfers.refused {
                 status.blob_refused = Some(why.clone());
             }
@@ -300,6 +322,12 @@ impl Replica {
     pub fn connect_with(&self, options: SyncOptions, rooms: &[&str]) -> Result<SyncHandle, Error> {
         if options.endpoints.is_empty() {
             return Err(Error::NoEndpoint);
+        }
+        if let Some(prefetch) = &options.prefetch {
+            Scope::parse(&prefetch.paths).map_err(|source| Error::Pattern {
+                pattern: prefetch.paths.join(" "),
+                source,
+            })?;
         }
         let mut options = options;
         options.endpoints = options

@@ -721,6 +721,23 @@ impl Doc {
         out
     }
 
+    /// Every blob reference the fields in effect of live entries hold (at
+    /// any depth of a value), with the entry holding it.
+    pub fn blob_fields(&self) -> Vec<(EntryId, crate::BlobRef)> {
+        let mut out = Vec::new();
+        for (id, fields) in self.fields.iter() {
+            if !self.is_live(id) {
+                continue;
+            }
+            for reg in fields.values() {
+                if let Some(v) = reg.winner().and_then(|w| w.value.as_ref()) {
+                    v.for_each_blob(&mut |b| out.push((*id, b.clone())));
+                }
+            }
+        }
+        out
+    }
+
     /// Whether `field` of entry `id` has concurrent writes still listed as
     /// a conflict.
     pub fn has_conflict(&self, id: &EntryId, field: &str) -> bool {
