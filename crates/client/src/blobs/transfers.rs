@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use syncline_core::blob::Outboard;
@@ -49,8 +50,8 @@ enum Route {
     Session,
     /// A `blob-grant` is to be sent.
     WantUrl,
-    /// The `blob-grant` went out.
-    AwaitingUrl,
+    /// The `blob-grant` went out, then.
+    AwaitingUrl(Instant),
     /// An HTTP transfer runs.
     Direct(JoinHandle<Result<(), String>>),
 }
@@ -110,6 +111,15 @@ fn stop(route: &mut Route) {
     if let Route::Direct(task) = std::mem::take(route) {
         task.abort();
     }
+}
+
+/// How long a `blob-grant` may go unanswered before the transfer goes on
+/// over the session (a relay older than direct URLs ignores it).
+const URL_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether a `blob-grant` went unanswered for [`URL_WAIT`].
+fn unanswered(route: &Route) -> bool {
+    matches!(route, Route::AwaitingUrl(since) if since.elapsed() >= URL_WAIT)
 }
 
 /// The outcome of a finished HTTP transfer; `None` while it runs.
@@ -220,6 +230,10 @@ impl Transfers {
             let Some(sending) = self.uploads.get_mut(&hash) else {
                 continue;
             };
+            if unanswered(&sending.route) {
+                sending.route = Route::Session;
+                sending.no_direct = true;
+            }
             if let Some(outcome) = finished(&mut sending.route) {
                 // Offer it again: the relay's answer says what it lacks.
                 sending.upload = None;
@@ -229,7 +243,7 @@ impl Transfers {
                 }
             }
             if matches!(sending.route, Route::WantUrl) {
-                sending.route = Route::AwaitingUrl;
+                sending.route = Route::AwaitingUrl(Instant::now());
                 let corr = self.corr(hash, Asked::Url { put: true });
                 out.push(frame(corr, Message::BlobGrant { hash, put: true }));
                 continue;
@@ -278,6 +292,10 @@ impl Transfers {
             if fetch.failed.is_some() {
                 continue;
             }
+            if unanswered(&fetch.route) {
+                fetch.route = Route::Session;
+                fetch.no_direct = true;
+            }
             if let Some(outcome) = finished(&mut fetch.route) {
                 if let Err(why) = &outcome {
                     tracing::debug!(why, "direct download failed: going on over the session");
@@ -301,7 +319,7 @@ impl Transfers {
                 continue;
             }
             if matches!(fetch.route, Route::WantUrl) {
-                fetch.route = Route::AwaitingUrl;
+                fetch.route = Route::AwaitingUrl(Instant::now());
                 let corr = self.corr(hash, Asked::Url { put: false });
                 out.push(frame(corr, Message::BlobGrant { hash, put: false }));
                 continue;
