@@ -1,5 +1,5 @@
-//! `syncline blob put|get|status`: files as blobs in a room, their bytes
-//! beside the history, moved through the relay by `sync`.
+//! `syncline blob put|get|status|gc`: files as blobs in a room, their
+//! bytes beside the history, moved through the relay by `sync`.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -164,6 +164,23 @@ pub(crate) fn status(cli: &Cli) -> Outcome {
             })
             .collect::<Vec<_>>()
             .join("\n")
+    });
+    Ok(())
+}
+
+/// Removes the blobs nothing here references that are older than `grace`
+/// seconds.
+pub(crate) fn gc(cli: &Cli, grace: f64) -> Outcome {
+    let grace = Duration::try_from_secs_f64(grace).map_err(|_| {
+        Failed::new(
+            Exit::Usage,
+            format!("--grace {grace}: give a number of seconds, 0 or more"),
+        )
+    })?;
+    let removed = open(cli)?.collect_blob_garbage(grace)?;
+    let hashes: Vec<String> = removed.iter().map(|h| to_hex(h)).collect();
+    print(cli, json!({"removed": hashes}), || {
+        format!("removed {} blob(s) no room references", hashes.len())
     });
     Ok(())
 }

@@ -370,6 +370,13 @@ enum BlobAction {
     },
     /// List the blobs this replica holds, whole or in part.
     Status,
+    /// Remove the blobs no room references now and no upload waits for
+    /// (the relay keeps them: `blob get` fetches them again).
+    Gc {
+        /// Keep blobs younger than this many seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 3600.0)]
+        grace: f64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -664,6 +671,7 @@ fn run(cli: Cli) -> Outcome {
                 Duration::from_secs(*timeout),
             ),
             BlobAction::Status => blob_cmd::status(&cli),
+            BlobAction::Gc { grace } => blob_cmd::gc(&cli, *grace),
         },
         Command::Presence {
             room,

@@ -169,6 +169,17 @@ fn a_blob_put_on_one_replica_is_got_on_another() {
     );
     assert!(std::fs::read(&out).unwrap() == data, "the bytes differ");
     assert!(ok(&b, &["blob", "status"]).contains("3000000 bytes  all"));
+    // Referenced: kept. Once the field holds something else, removed.
+    assert!(ok(&b, &["blob", "gc", "--grace", "0"]).contains("removed 0 blob(s)"));
+    ok(&b, &["set", "trip", "/day1", "photo", "\"gone\""]);
+    assert!(ok(&b, &["blob", "gc", "--grace", "0"]).contains("removed 1 blob(s)"));
+    assert_eq!(ok(&b, &["blob", "status"]), "no blobs");
+    // A blob waiting to go up is kept too.
+    let c = dir.path().join("c");
+    ok(&c, &["blob", "put", "trip", "/x", "f", file.to_str().unwrap()]);
+    ok(&c, &["set", "trip", "/x", "f", "1"]);
+    assert!(ok(&c, &["blob", "gc", "--grace", "0"]).contains("removed 0 blob(s)"));
+    assert_eq!(cli(&c, &["blob", "gc", "--grace", "-1"]).0, 2);
     assert_eq!(cli(&b, &["blob", "get", "trip", "/day1", "nothing"]).0, 3);
     assert_eq!(
         cli(&b, &["blob", "put", "trip", "/x", "f", "/no/such/file"]).0,

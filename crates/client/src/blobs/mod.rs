@@ -44,6 +44,21 @@ impl Replica {
         Ok(self.blob_store()?.state(hash)?)
     }
 
+    /// Removes the blobs this replica holds that no room's state
+    /// references now and no upload waits for, once they are older than
+    /// `grace` (a blob put a moment ago, whose reference is still to be
+    /// set, is kept). They can be fetched again from the relay, which
+    /// keeps every blob a room ever referenced. Returns what it removed.
+    pub fn collect_blob_garbage(&self, grace: Duration) -> Result<Vec<[u8; 32]>, Error> {
+        let store = self.blob_store()?;
+        let mut keep = std::collections::HashSet::new();
+        for name in self.stored_rooms()? {
+            keep.extend(self.room(&name)?.shared.lock().durable.room().doc().blob_refs());
+            keep.extend(store.queued(&name)?);
+        }
+        Ok(store.collect_garbage(&|h| keep.contains(h), grace, std::time::SystemTime::now())?)
+    }
+
     /// A reader of blob `hash`, held whole here (each group checked as it
     /// is read).
     pub fn blob_reader(&self, hash: &[u8; 32]) -> Result<BlobReader<'_>, Error> {
