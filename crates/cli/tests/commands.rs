@@ -176,7 +176,10 @@ fn a_blob_put_on_one_replica_is_got_on_another() {
     assert_eq!(ok(&b, &["blob", "status"]), "no blobs");
     // A blob waiting to go up is kept too.
     let c = dir.path().join("c");
-    ok(&c, &["blob", "put", "trip", "/x", "f", file.to_str().unwrap()]);
+    ok(
+        &c,
+        &["blob", "put", "trip", "/x", "f", file.to_str().unwrap()],
+    );
     ok(&c, &["set", "trip", "/x", "f", "1"]);
     assert!(ok(&c, &["blob", "gc", "--grace", "0"]).contains("removed 0 blob(s)"));
     assert_eq!(cli(&c, &["blob", "gc", "--grace", "-1"]).0, 2);

@@ -53,7 +53,15 @@ impl Replica {
         let store = self.blob_store()?;
         let mut keep = std::collections::HashSet::new();
         for name in self.stored_rooms()? {
-            keep.extend(self.room(&name)?.shared.lock().durable.room().doc().blob_refs());
+            keep.extend(
+                self.room(&name)?
+                    .shared
+                    .lock()
+                    .durable
+                    .room()
+                    .doc()
+                    .blob_refs(),
+            );
             keep.extend(store.queued(&name)?);
         }
         Ok(store.collect_garbage(&|h| keep.contains(h), grace, std::time::SystemTime::now())?)

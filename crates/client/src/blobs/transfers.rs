@@ -102,6 +102,8 @@ pub(crate) struct Transfers {
     direct: Option<Direct>,
     /// Writes the groups downloads receive over the session.
     writer: Option<GroupWriter>,
+    /// Wakes the engine (the writer, when it caught up).
+    wake: Option<Arc<Notify>>,
     /// The last refusal of an upload, for the status.
     pub(crate) refused: Option<String>,
 }
@@ -193,8 +195,9 @@ impl Transfers {
     }
 
     /// A connection is open: direct URLs go to `direct` if given.
-    pub(crate) fn connected(&mut self, direct: Option<Direct>) {
+    pub(crate) fn connected(&mut self, direct: Option<Direct>, wake: Arc<Notify>) {
         self.direct = direct;
+        self.wake = Some(wake);
     }
 
     /// The connection ended: transfers start again on the next one, from
@@ -284,6 +287,7 @@ impl Transfers {
 
     fn pump_downloads(&mut self, store: &Arc<BlobStore>, session: u64, out: &mut Vec<Vec<u8>>) {
         let frame = |corr: u64, message: Message| Envelope::frame(session, corr, message);
+        let behind = self.writer.as_ref().is_some_and(GroupWriter::behind);
         let hashes: Vec<[u8; 32]> = self.downloads.keys().copied().collect();
         for hash in hashes {
             let Some(fetch) = self.downloads.get_mut(&hash) else {
@@ -324,7 +328,7 @@ impl Transfers {
                 out.push(frame(corr, Message::BlobGrant { hash, put: false }));
                 continue;
             }
-            if let (Some(down), Route::Session) = (&mut fetch.download, &fetch.route)
+            if let (Some(down), Route::Session, false) = (&mut fetch.download, &fetch.route, behind)
                 && let Some(ranges) = down.next_request()
             {
                 out.push(frame(
@@ -415,7 +419,10 @@ impl Transfers {
                 };
                 match down.on_chunk(index, &bytes) {
                     Ok(Landed::New) => {
-                        let writer = self.writer.get_or_insert_with(|| GroupWriter::new(store));
+                        let wake = self.wake.clone();
+                        let writer = self
+                            .writer
+                            .get_or_insert_with(|| GroupWriter::new(store, wake));
                         if let Err(e) = writer.write(hash, index, bytes) {
                             *failed = Some(e);
                         }
@@ -500,27 +507,33 @@ impl Transfers {
     }
 }
 
-/// Groups [`GroupWriter`] may hold before the engine waits for it: 4 MiB.
+/// Groups [`GroupWriter`] may hold before downloads stop asking for
+/// more: 4 MiB.
 const WRITER_QUEUE: usize = 64;
 
 /// Writes downloaded groups to the store on a thread of its own, so the
 /// engine never waits for the disk: the store syncs a partial blob every
-/// few MiB, which took milliseconds that every frame behind it (an edit
-/// from another peer among them) waited. The queue is bounded: past
-/// [`WRITER_QUEUE`] groups the engine waits after all.
+/// few MiB, which can take tens of milliseconds that every frame behind it
+/// (an edit from another peer among them) would wait. Bounded without
+/// blocking: while [`WRITER_QUEUE`] groups wait, downloads ask for no more
+/// (see [`GroupWriter::behind`]), and the thread wakes the engine when it
+/// has caught up.
 #[derive(Debug)]
 struct GroupWriter {
-    queue: std::sync::mpsc::SyncSender<([u8; 32], u64, Vec<u8>)>,
+    queue: std::sync::mpsc::Sender<([u8; 32], u64, Vec<u8>)>,
+    /// Groups queued and not yet written.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
     /// Why writing a blob failed, by blob.
     failed: Arc<std::sync::Mutex<BTreeMap<[u8; 32], String>>>,
 }
 
 impl GroupWriter {
-    fn new(store: &Arc<BlobStore>) -> GroupWriter {
-        let (queue, groups) =
-            std::sync::mpsc::sync_channel::<([u8; 32], u64, Vec<u8>)>(WRITER_QUEUE);
+    fn new(store: &Arc<BlobStore>, wake: Option<Arc<Notify>>) -> GroupWriter {
+        use std::sync::atomic::Ordering;
+        let (queue, groups) = std::sync::mpsc::channel::<([u8; 32], u64, Vec<u8>)>();
         let failed = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
-        let (store, failures) = (store.clone(), failed.clone());
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (store, failures, left) = (store.clone(), failed.clone(), pending.clone());
         // Ends when the queue's sender (the room's transfers) is dropped.
         std::thread::spawn(move || {
             for (hash, index, bytes) in groups {
@@ -530,15 +543,32 @@ impl GroupWriter {
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(hash, e.to_string());
                 }
+                // Caught up from a full queue: downloads may ask again.
+                if left.fetch_sub(1, Ordering::AcqRel) == WRITER_QUEUE
+                    && let Some(wake) = &wake
+                {
+                    wake.notify_one();
+                }
             }
         });
-        GroupWriter { queue, failed }
+        GroupWriter {
+            queue,
+            pending,
+            failed,
+        }
     }
 
     fn write(&self, hash: [u8; 32], index: u64, bytes: Vec<u8>) -> Result<(), String> {
+        self.pending
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.queue
             .send((hash, index, bytes))
             .map_err(|_| "the blob writer stopped".to_owned())
+    }
+
+    /// Whether downloads should wait for the disk before asking for more.
+    fn behind(&self) -> bool {
+        self.pending.load(std::sync::atomic::Ordering::Acquire) >= WRITER_QUEUE
     }
 
     fn take_failure(&self, hash: &[u8; 32]) -> Option<String> {

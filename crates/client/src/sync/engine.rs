@@ -369,7 +369,7 @@ fn open_session(shared: &Shared, room: &Room, id: u64, challenge: [u8; 32]) -> R
     if let Some(store) = room.shared.blobs.as_deref() {
         state.transfers.load_queue(store, room.name());
     }
-    state.transfers.connected(direct);
+    state.transfers.connected(direct, shared.wake.clone());
     let mut config = shared.options.session.clone();
     if state.send_vv {
         config.vv_inline_limit = usize::MAX;
@@ -411,6 +411,10 @@ fn open_session(shared: &Shared, room: &Room, id: u64, challenge: [u8; 32]) -> R
 /// connection) if a room cannot be locked for writing.
 fn deliver(synced: &[Synced], frames: &[impl AsRef<[u8]>]) -> Result<(), String> {
     let mut by_room: Vec<Vec<Envelope>> = vec![Vec::new(); synced.len()];
+    // Blob frames wait until the batch's sync frames are handled: an edit
+    // that arrived among a window of chunks is not held behind checking
+    // them.
+    let mut blob_frames: Vec<(usize, u64, Message)> = Vec::new();
     for bytes in frames {
         let bytes = bytes.as_ref();
         let Ok(env) = Envelope::decode(bytes) else {
@@ -449,31 +453,34 @@ fn deliver(synced: &[Synced], frames: &[impl AsRef<[u8]>]) -> Result<(), String>
                     .heard(room.name(), peer, client, status, message, data);
             }
             // Beside the session too: the room's blob transfers.
-            message if message.is_blob() => {
-                let room = &synced[i].room;
-                if let Some(store) = room.shared.blobs.as_ref() {
-                    room.shared
-                        .lock()
-                        .transfers
-                        .heard(store, room.name(), env.corr, message);
-                }
-            }
-            Message::Error {
-                code,
-                message,
-                related,
-            } if related >= BLOB_CORR_BASE => {
-                synced[i]
-                    .room
-                    .shared
-                    .lock()
-                    .transfers
-                    .refused(related, format!("{} ({message})", code.as_str()));
+            message if message.is_blob() => blob_frames.push((i, env.corr, message)),
+            // A refusal of a blob request: with the blob frames, in order.
+            message @ Message::Error { related, .. } if related >= BLOB_CORR_BASE => {
+                blob_frames.push((i, env.corr, message));
             }
             _ => by_room[i].push(env),
         }
     }
-    deliver_envelopes(synced, &mut by_room)
+    deliver_envelopes(synced, &mut by_room)?;
+    for (i, corr, message) in blob_frames {
+        let room = &synced[i].room;
+        let mut state = room.shared.lock();
+        match (message, room.shared.blobs.as_ref()) {
+            (
+                Message::Error {
+                    code,
+                    message,
+                    related,
+                },
+                _,
+            ) => state
+                .transfers
+                .refused(related, format!("{} ({message})", code.as_str())),
+            (message, Some(store)) => state.transfers.heard(store, room.name(), corr, message),
+            (_, None) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Hands each room its envelopes (taking them) and persists what they
