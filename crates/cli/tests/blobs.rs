@@ -40,21 +40,27 @@ fn direct_bytes(server: &Server, direction: &str) -> f64 {
     ))
 }
 
+/// `blob put media /media big FILE` on `replica`.
+fn put(replica: &Path, file: &Path) {
+    let file = file.to_str().unwrap();
+    ok(replica, &["blob", "put", "media", "/media", "big", file]);
+}
+
+/// `sync --server URL --timeout 20 media [extra...]` on `replica`: (exit
+/// code, stderr).
+fn sync(replica: &Path, server: &Server, extra: &[&str]) -> (i32, String) {
+    let url = server.url();
+    let mut args = vec!["sync", "--server", &url, "--timeout", "20", "media"];
+    args.extend_from_slice(extra);
+    let (code, _, err) = run(replica, &args, &[]);
+    (code, err)
+}
+
 /// Puts `file` at `/media big` of room `media` on a fresh replica and
 /// syncs it up; returns the replica.
 fn put_and_upload(dir: &Path, name: &str, server: &Server, file: &Path) -> PathBuf {
     let replica = dir.join(name);
-    ok(
-        &replica,
-        &[
-            "blob",
-            "put",
-            "media",
-            "/media",
-            "big",
-            file.to_str().unwrap(),
-        ],
-    );
+    put(&replica, file);
     ok(
         &replica,
         &[
@@ -69,25 +75,19 @@ fn put_and_upload(dir: &Path, name: &str, server: &Server, file: &Path) -> PathB
     replica
 }
 
+/// `blob get media /media big -o OUT --server URL` on `replica`.
+fn get(replica: &Path, server: &Server, out: &Path) {
+    let (out, url) = (out.to_str().unwrap(), server.url());
+    let args = [
+        "blob", "get", "media", "/media", "big", "-o", out, "--server", &url,
+    ];
+    ok(replica, &args);
+}
+
 /// `blob get` of `/media big` into `out` on `replica` (synced first).
 fn sync_and_get(replica: &Path, server: &Server, out: &Path) {
     ok(replica, &["sync", "--server", &server.url(), "media"]);
-    ok(
-        replica,
-        &[
-            "blob",
-            "get",
-            "media",
-            "/media",
-            "big",
-            "-o",
-            out.to_str().unwrap(),
-            "--server",
-            &server.url(),
-            "--timeout",
-            "120",
-        ],
-    );
+    get(replica, server, out);
 }
 
 #[test]
@@ -187,20 +187,7 @@ fn an_interrupted_fetch_resumes_from_what_it_holds() {
     // Again: only what is lacking moves.
     let before = direct_bytes(&server, "out");
     let out = dir.path().join("got.bin");
-    ok(
-        &b,
-        &[
-            "blob",
-            "get",
-            "media",
-            "/media",
-            "big",
-            "-o",
-            out.to_str().unwrap(),
-            "--server",
-            &server.url(),
-        ],
-    );
+    get(&b, &server, &out);
     assert_eq!(hash_of(&out), hash);
     let moved = direct_bytes(&server, "out") - before;
     let lacking = ((of - kept) * 65_536) as f64;
@@ -215,29 +202,8 @@ fn uploads_past_the_quota_or_without_the_right_are_refused() {
     // The relay keeps 1 MB of blobs.
     let server = Server::start(&dir.path().join("relay"), &["--max-blob-bytes", "1000000"]);
     let a = dir.path().join("a");
-    ok(
-        &a,
-        &[
-            "blob",
-            "put",
-            "media",
-            "/media",
-            "big",
-            file.to_str().unwrap(),
-        ],
-    );
-    let (code, _, err) = run(
-        &a,
-        &[
-            "sync",
-            "--server",
-            &server.url(),
-            "--timeout",
-            "20",
-            "media",
-        ],
-        &[],
-    );
+    put(&a, &file);
+    let (code, err) = sync(&a, &server, &[]);
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("quota_exceeded"), "{err}");
     drop(server);
@@ -266,31 +232,8 @@ fn uploads_past_the_quota_or_without_the_right_are_refused() {
             "read",
         ],
     );
-    ok(
-        &reader,
-        &[
-            "blob",
-            "put",
-            "media",
-            "/media",
-            "big",
-            file.to_str().unwrap(),
-        ],
-    );
-    let (code, _, err) = run(
-        &reader,
-        &[
-            "sync",
-            "--server",
-            &server.url(),
-            "--timeout",
-            "20",
-            "--token",
-            &token,
-            "media",
-        ],
-        &[],
-    );
+    put(&reader, &file);
+    let (code, err) = sync(&reader, &server, &["--token", &token]);
     assert_eq!(code, 6, "{err}");
     assert!(
         err.contains("unauthorized") || err.contains("reading only"),

@@ -70,38 +70,48 @@ async fn refused(response: hyper::Response<hyper::body::Incoming>) -> String {
     format!("HTTP {status}: {said}")
 }
 
+/// The bytes `start..end` that groups `groups` of a blob of `size` bytes
+/// span.
+fn byte_span(size: u64, groups: &Range<u64>) -> (u64, u64) {
+    (
+        group_range(size, groups.start).start,
+        group_range(size, groups.end - 1).end,
+    )
+}
+
 /// Downloads the runs of groups `ranges` of blob `hash` (begun in
 /// `store`) from `origin` + `path` into the store, one request per run on
 /// one connection.
-pub(crate) async fn download(
-    origin: String,
-    path: String,
-    store: Arc<BlobStore>,
-    hash: [u8; 32],
-    size: u64,
-    ranges: Vec<Range<u64>>,
-) -> Result<(), String> {
-    let mut sender = connect::<Empty<Bytes>>(&origin).await?;
+pub(crate) async fn download(blob: Target, ranges: Vec<Range<u64>>) -> Result<(), String> {
+    let mut sender = connect::<Empty<Bytes>>(&blob.origin).await?;
     for groups in ranges {
         sender.ready().await.map_err(|e| e.to_string())?;
-        download_run(&mut sender, &origin, &path, &store, hash, size, groups).await?;
+        download_run(&mut sender, &blob, groups).await?;
     }
     Ok(())
 }
 
+/// A blob to move over a direct URL, and where.
+#[derive(Debug)]
+pub(crate) struct Target {
+    /// The relay's `host:port`.
+    pub(crate) origin: String,
+    /// Path and query, its grant included.
+    pub(crate) path: String,
+    pub(crate) store: Arc<BlobStore>,
+    pub(crate) hash: [u8; 32],
+    pub(crate) size: u64,
+}
+
 async fn download_run(
     sender: &mut Sender<Empty<Bytes>>,
-    origin: &str,
-    path: &str,
-    store: &Arc<BlobStore>,
-    hash: [u8; 32],
-    size: u64,
+    blob: &Target,
     groups: Range<u64>,
 ) -> Result<(), String> {
-    let start = group_range(size, groups.start).start;
-    let end = group_range(size, groups.end - 1).end;
-    let request = Request::get(path)
-        .header(header::HOST, origin)
+    let (hash, size) = (blob.hash, blob.size);
+    let (start, end) = byte_span(size, &groups);
+    let request = Request::get(blob.path.as_str())
+        .header(header::HOST, blob.origin.as_str())
         .header(header::RANGE, format!("bytes={start}-{}", end - 1))
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
@@ -144,7 +154,7 @@ async fn download_run(
             }
         }
         if ready.len() as u64 >= GROUPS_PER_STEP || (ended && !ready.is_empty()) {
-            let store = store.clone();
+            let store = blob.store.clone();
             let batch = std::mem::take(&mut ready);
             tokio::task::spawn_blocking(move || {
                 batch
@@ -171,34 +181,20 @@ async fn download_run(
 /// Uploads the runs of groups `ranges` of blob `hash` (complete in
 /// `store`) to `origin` + `path`, which a `blob-put` began on the relay:
 /// one request per run.
-pub(crate) async fn upload(
-    origin: String,
-    path: String,
-    store: Arc<BlobStore>,
-    hash: [u8; 32],
-    size: u64,
-    ranges: Vec<Range<u64>>,
-) -> Result<(), String> {
+pub(crate) async fn upload(blob: Target, ranges: Vec<Range<u64>>) -> Result<(), String> {
     for groups in ranges {
-        upload_run(&origin, &path, &store, hash, size, groups).await?;
+        upload_run(&blob, groups).await?;
     }
     Ok(())
 }
 
-async fn upload_run(
-    origin: &str,
-    path: &str,
-    store: &Arc<BlobStore>,
-    hash: [u8; 32],
-    size: u64,
-    groups: Range<u64>,
-) -> Result<(), String> {
-    let start = group_range(size, groups.start).start;
-    let end = group_range(size, groups.end - 1).end;
+async fn upload_run(blob: &Target, groups: Range<u64>) -> Result<(), String> {
+    let (hash, size) = (blob.hash, blob.size);
+    let (start, end) = byte_span(size, &groups);
     // Groups are read a step at a time on the blocking pool and handed to
     // the body through a queue of two steps.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(2);
-    let store = store.clone();
+    let store = blob.store.clone();
     let reader = tokio::spawn(async move {
         let mut index = groups.start;
         while index < groups.end {
@@ -226,9 +222,9 @@ async fn upload_run(
             .map(|step| step.map(|read| read.map(Frame::data)))
     }));
     let result = async {
-        let mut sender = connect::<StreamBody<_>>(origin).await?;
-        let request = Request::put(path)
-            .header(header::HOST, origin)
+        let mut sender = connect::<StreamBody<_>>(&blob.origin).await?;
+        let request = Request::put(blob.path.as_str())
+            .header(header::HOST, blob.origin.as_str())
             .header(header::CONTENT_LENGTH, end - start)
             .header(
                 header::CONTENT_RANGE,

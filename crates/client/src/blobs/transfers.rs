@@ -451,16 +451,19 @@ impl Transfers {
         let Ok(Some(outboard)) = store.outboard(&hash) else {
             return;
         };
-        let size = outboard.size();
-        let store = store.clone();
+        let blob = http::Target {
+            origin: direct.origin.clone(),
+            path,
+            store: store.clone(),
+            hash,
+            size: outboard.size(),
+        };
         if put {
             let Some(sending) = self.uploads.get_mut(&hash) else {
                 return;
             };
             let ranges = std::mem::take(&mut sending.lacking);
-            sending.route = Route::Direct(spawn(direct, move |origin| {
-                http::upload(origin, path, store, hash, size, ranges)
-            }));
+            sending.route = Route::Direct(spawn(direct, http::upload(blob, ranges)));
         } else {
             let Some(fetch) = self.downloads.get_mut(&hash) else {
                 return;
@@ -468,10 +471,7 @@ impl Transfers {
             let Ok(Some(held)) = store.held(&hash) else {
                 return;
             };
-            let ranges = held.missing();
-            fetch.route = Route::Direct(spawn(direct, move |origin| {
-                http::download(origin, path, store, hash, size, ranges)
-            }));
+            fetch.route = Route::Direct(spawn(direct, http::download(blob, held.missing())));
         }
     }
 
@@ -580,15 +580,13 @@ impl GroupWriter {
 }
 
 /// Runs an HTTP transfer beside the engine, waking it when done.
-fn spawn<F>(direct: Direct, transfer: impl FnOnce(String) -> F) -> JoinHandle<Result<(), String>>
-where
-    F: Future<Output = Result<(), String>> + Send + 'static,
-{
-    let Direct { origin, wake } = direct;
-    let transfer = transfer(origin);
+fn spawn(
+    direct: Direct,
+    transfer: impl Future<Output = Result<(), String>> + Send + 'static,
+) -> JoinHandle<Result<(), String>> {
     tokio::spawn(async move {
         let outcome = transfer.await;
-        wake.notify_one();
+        direct.wake.notify_one();
         outcome
     })
 }
