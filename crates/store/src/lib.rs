@@ -36,7 +36,7 @@ pub use blobs::{
     BlobKey, BlobReader, BlobState, BlobStore, BlobStoreError, BlobStoreOptions, Written,
 };
 pub use faulty::{FaultPlan, FaultyStore};
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, appended, check_expected};
 pub use merge::merge_segments;
 pub use replica::{CHECKPOINT_MIN_NODES, DurableRoom, Opened, Replica, ReplicaError};
 pub use sqlite::{SqliteOptions, SqliteStats, SqliteStore};

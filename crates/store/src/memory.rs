@@ -98,7 +98,7 @@ impl RoomData {
 /// Which of `segments` append to a history of `stored` nodes (the others
 /// hold only nodes stored already), or why they cannot apply: the rule
 /// every backend follows.
-pub(crate) fn appended(stored: u64, segments: &[Segment]) -> Result<Vec<&Segment>, StoreError> {
+pub fn appended(stored: u64, segments: &[Segment]) -> Result<Vec<&Segment>, StoreError> {
     let mut count = stored;
     let mut out = Vec::new();
     for segment in segments {
@@ -123,7 +123,7 @@ pub(crate) fn appended(stored: u64, segments: &[Segment]) -> Result<Vec<&Segment
 
 /// Refuses a batch written for a history of `expected` nodes when `stored`
 /// are stored: the rule every backend follows for [`Batch::expect_nodes`].
-pub(crate) fn check_expected(stored: u64, expected: Option<u64>) -> Result<(), StoreError> {
+pub fn check_expected(stored: u64, expected: Option<u64>) -> Result<(), StoreError> {
     match expected {
         Some(expected) if expected != stored => Err(StoreError::Invalid(format!(
             "the batch was written for a history of {expected} nodes, and {stored} are stored \

@@ -1,0 +1,494 @@
+//! [`PgStore`]: the [`Store`] on PostgreSQL, for a fleet of relays that
+//! share rooms (`syncline serve --postgres URL`).
+//!
+//! The history format is the SQLite store's: a room is its segments
+//! (consecutive nodes as one pack, stored as bytes), the signatures beside
+//! them, the outbox and the last checkpoint; the conformance suite of
+//! `syncline-store` is the one definition of the rules both follow.
+//!
+//! **Any relay may append to any room.** A commit takes the room's row
+//! lock (`INSERT … ON CONFLICT DO UPDATE` on `syncline_rooms`) for its
+//! transaction, reads the node count under it, and applies the batch by
+//! the shared rules ([`appended`], [`check_expected`]): a replay of nodes
+//! stored already is skipped (inserts are idempotent), a segment that
+//! would leave a gap or overlap is refused, and a batch written for a
+//! history another relay has since extended is refused (`expect_nodes`),
+//! so its writer reloads the tail and applies what it missed first.
+//!
+//! **Durable before acknowledged.** A commit returns once PostgreSQL has
+//! committed it (`synchronous_commit` as the server has it: on by
+//! default, which flushes the WAL).
+//!
+//! Connections come from a small pool ([`PgOptions::connections`]); one
+//! that fails is dropped, and the next call opens another. Every call
+//! runs on the caller's thread (the relay calls stores on its blocking
+//! pool), and every query has a statement timeout.
+
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use postgres::{Client, NoTls, Transaction};
+use syncline_core::{RoomId, Signature};
+use syncline_store::{
+    Batch, RoomBytes, Segment, Store, StoreError, StoredRoom, StoredTail, appended, check_expected,
+};
+
+/// The schema this version writes; older ones are migrated on open.
+const SCHEMA: i32 = 1;
+
+/// Schema 1. Names are prefixed so that the tables can live in a database
+/// shared with others.
+const MIGRATION_1: &str = "
+CREATE TABLE syncline_rooms (
+    key BIGSERIAL PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    node_count BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE syncline_segments (
+    room BIGINT NOT NULL REFERENCES syncline_rooms (key),
+    start BIGINT NOT NULL,
+    count BIGINT NOT NULL,
+    pack BYTEA NOT NULL,
+    PRIMARY KEY (room, start)
+);
+CREATE TABLE syncline_signatures (
+    room BIGINT NOT NULL REFERENCES syncline_rooms (key),
+    node BIGINT NOT NULL,
+    sig BYTEA NOT NULL,
+    PRIMARY KEY (room, node)
+);
+CREATE TABLE syncline_outbox (
+    room BIGINT NOT NULL REFERENCES syncline_rooms (key),
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (room, seq)
+);
+CREATE TABLE syncline_checkpoints (
+    room BIGINT PRIMARY KEY REFERENCES syncline_rooms (key),
+    bytes BYTEA NOT NULL
+);
+CREATE TABLE syncline_meta (
+    key TEXT PRIMARY KEY,
+    value BYTEA NOT NULL
+);
+";
+
+/// How a [`PgStore`] connects.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// Connections the store opens at most; callers beyond wait.
+    pub connections: usize,
+    /// How long one statement may run before PostgreSQL cancels it.
+    pub statement_timeout: Duration,
+    /// How long opening a connection may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> PgOptions {
+        PgOptions {
+            connections: 8,
+            statement_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The [`Store`] on a PostgreSQL database (see the module docs).
+pub struct PgStore {
+    config: postgres::Config,
+    options: PgOptions,
+    /// Idle connections, and how many are open in all.
+    pool: Mutex<(Vec<Client>, usize)>,
+    returned: Condvar,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("hosts", &self.config.get_hosts())
+            .field("dbname", &self.config.get_dbname())
+            .finish_non_exhaustive()
+    }
+}
+
+fn sql(e: postgres::Error) -> StoreError {
+    StoreError::Io(format!("postgres: {e}"))
+}
+
+/// A room's number as stored (`BIGINT`).
+fn int(n: u64) -> i64 {
+    i64::try_from(n).expect("counts fit in a BIGINT")
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`)
+    /// and creates or migrates Syncline's tables.
+    pub fn open(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Io(format!("postgres URL {url:?}: {e}")))?;
+        config
+            .connect_timeout(options.connect_timeout)
+            .options(&format!(
+                "-c statement_timeout={}",
+                options.statement_timeout.as_millis()
+            ))
+            .application_name("syncline");
+        let store = PgStore {
+            config,
+            options,
+            pool: Mutex::new((Vec::new(), 0)),
+            returned: Condvar::new(),
+        };
+        store.with(migrate)?;
+        Ok(store)
+    }
+
+    /// Runs `f` on a pooled connection; a connection that failed is not
+    /// pooled again.
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut client = self.take()?;
+        let result = f(&mut client);
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if client.is_closed() {
+            pool.1 -= 1;
+        } else {
+            pool.0.push(client);
+        }
+        self.returned.notify_one();
+        result
+    }
+
+    fn take(&self) -> Result<Client, StoreError> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(client) = pool.0.pop() {
+                return Ok(client);
+            }
+            if pool.1 < self.options.connections.max(1) {
+                pool.1 += 1;
+                drop(pool);
+                let opened = self.config.connect(NoTls).map_err(sql);
+                if opened.is_err() {
+                    self.pool.lock().unwrap_or_else(|p| p.into_inner()).1 -= 1;
+                }
+                return opened;
+            }
+            pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Runs `f` in a transaction that reads one snapshot.
+    fn read<R>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.with(|client| {
+            let mut tx = client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(sql)?;
+            let out = f(&mut tx)?;
+            tx.commit().map_err(sql)?;
+            Ok(out)
+        })
+    }
+}
+
+/// Creates the tables, or migrates older ones, once: relays starting
+/// together take an advisory lock.
+fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let mut tx = client.transaction().map_err(sql)?;
+    // "SYNC" as a number: the lock is Syncline's.
+    tx.execute("SELECT pg_advisory_xact_lock(1398361667)", &[])
+        .map_err(sql)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS syncline_schema (version INT NOT NULL)")
+        .map_err(sql)?;
+    let version: Option<i32> = tx
+        .query_opt("SELECT version FROM syncline_schema", &[])
+        .map_err(sql)?
+        .map(|row| row.get(0));
+    match version {
+        None => {
+            tx.batch_execute(MIGRATION_1).map_err(sql)?;
+            tx.execute(
+                "INSERT INTO syncline_schema (version) VALUES ($1)",
+                &[&SCHEMA],
+            )
+            .map_err(sql)?;
+        }
+        Some(SCHEMA) => {}
+        Some(v) => {
+            return Err(StoreError::Corrupt(format!(
+                "the database holds Syncline schema {v}; this version reads {SCHEMA}"
+            )));
+        }
+    }
+    tx.commit().map_err(sql)
+}
+
+/// The room's key and node count, if it is stored.
+fn room_row(tx: &mut Transaction<'_>, room: &RoomId) -> Result<Option<(i64, u64)>, StoreError> {
+    Ok(tx
+        .query_opt(
+            "SELECT key, node_count FROM syncline_rooms WHERE name = $1",
+            &[&room.as_str()],
+        )
+        .map_err(sql)?
+        .map(|row| (row.get(0), row.get::<_, i64>(1) as u64)))
+}
+
+fn segments_from(
+    tx: &mut Transaction<'_>,
+    key: i64,
+    from: u64,
+) -> Result<Vec<Segment>, StoreError> {
+    tx.query(
+        "SELECT start, count, pack FROM syncline_segments \
+         WHERE room = $1 AND start + count > $2 ORDER BY start",
+        &[&key, &int(from)],
+    )
+    .map_err(sql)?
+    .iter()
+    .map(|row| {
+        let (start, count): (i64, i64) = (row.get(0), row.get(1));
+        let pack: Vec<u8> = row.get(2);
+        Ok(Segment {
+            start: u32::try_from(start).map_err(|_| corrupt("segment start"))?,
+            len: u32::try_from(count).map_err(|_| corrupt("segment length"))?,
+            pack: pack.into_boxed_slice(),
+        })
+    })
+    .collect()
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what} out of range"))
+}
+
+fn signatures_from(
+    tx: &mut Transaction<'_>,
+    key: i64,
+    from: u64,
+) -> Result<Vec<(u32, Signature)>, StoreError> {
+    tx.query(
+        "SELECT node, sig FROM syncline_signatures WHERE room = $1 AND node >= $2 ORDER BY node",
+        &[&key, &int(from)],
+    )
+    .map_err(sql)?
+    .iter()
+    .map(|row| {
+        let node = u32::try_from(row.get::<_, i64>(0)).map_err(|_| corrupt("node number"))?;
+        let sig: Vec<u8> = row.get(1);
+        let sig = <[u8; 64]>::try_from(sig.as_slice())
+            .map_err(|_| StoreError::Corrupt(format!("signature of {} bytes", sig.len())))?;
+        Ok((node, Signature(sig)))
+    })
+    .collect()
+}
+
+fn outbox(tx: &mut Transaction<'_>, key: i64) -> Result<Vec<u64>, StoreError> {
+    Ok(tx
+        .query(
+            "SELECT seq FROM syncline_outbox WHERE room = $1 ORDER BY seq",
+            &[&key],
+        )
+        .map_err(sql)?
+        .iter()
+        .map(|row| row.get::<_, i64>(0) as u64)
+        .collect())
+}
+
+fn checkpoint(tx: &mut Transaction<'_>, key: i64) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(tx
+        .query_opt(
+            "SELECT bytes FROM syncline_checkpoints WHERE room = $1",
+            &[&key],
+        )
+        .map_err(sql)?
+        .map(|row| row.get(0)))
+}
+
+impl Store for PgStore {
+    fn commit(&self, room: &RoomId, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.with(|client| {
+            let mut tx = client.transaction().map_err(sql)?;
+            // The room's row, locked until the commit: one writer per room
+            // at a time, whichever relay it runs on.
+            let row = tx
+                .query_one(
+                    "INSERT INTO syncline_rooms (name) VALUES ($1) \
+                     ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name \
+                     RETURNING key, node_count",
+                    &[&room.as_str()],
+                )
+                .map_err(sql)?;
+            let (key, stored): (i64, i64) = (row.get(0), row.get(1));
+            let stored = stored as u64;
+            check_expected(stored, batch.expect_nodes)?;
+            let mut count = stored;
+            for segment in appended(stored, &batch.segments)? {
+                tx.execute(
+                    "INSERT INTO syncline_segments (room, start, count, pack) VALUES ($1, $2, $3, $4)",
+                    &[
+                        &key,
+                        &i64::from(segment.start),
+                        &i64::from(segment.len),
+                        &&segment.pack[..],
+                    ],
+                )
+                .map_err(sql)?;
+                count = u64::from(segment.start + segment.len);
+            }
+            if count != stored {
+                tx.execute(
+                    "UPDATE syncline_rooms SET node_count = $2 WHERE key = $1",
+                    &[&key, &int(count)],
+                )
+                .map_err(sql)?;
+            }
+            for (node, sig) in &batch.signatures {
+                if u64::from(*node) < count {
+                    tx.execute(
+                        "INSERT INTO syncline_signatures (room, node, sig) VALUES ($1, $2, $3) \
+                         ON CONFLICT DO NOTHING",
+                        &[&key, &i64::from(*node), &&sig.0[..]],
+                    )
+                    .map_err(sql)?;
+                }
+            }
+            for seq in &batch.outbox_add {
+                tx.execute(
+                    "INSERT INTO syncline_outbox (room, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    &[&key, &int(*seq)],
+                )
+                .map_err(sql)?;
+            }
+            for seq in &batch.outbox_remove {
+                tx.execute(
+                    "DELETE FROM syncline_outbox WHERE room = $1 AND seq = $2",
+                    &[&key, &int(*seq)],
+                )
+                .map_err(sql)?;
+            }
+            if let Some(checkpoint) = &batch.checkpoint {
+                tx.execute(
+                    "INSERT INTO syncline_checkpoints (room, bytes) VALUES ($1, $2) \
+                     ON CONFLICT (room) DO UPDATE SET bytes = EXCLUDED.bytes",
+                    &[&key, checkpoint],
+                )
+                .map_err(sql)?;
+            }
+            tx.commit().map_err(sql)
+        })
+    }
+
+    fn load(&self, room: &RoomId) -> Result<StoredRoom, StoreError> {
+        self.read(|tx| {
+            let Some((key, _)) = room_row(tx, room)? else {
+                return Ok(StoredRoom::default());
+            };
+            Ok(StoredRoom {
+                segments: segments_from(tx, key, 0)?,
+                signatures: signatures_from(tx, key, 0)?,
+                checkpoint: checkpoint(tx, key)?,
+                outbox: outbox(tx, key)?,
+            })
+        })
+    }
+
+    fn load_tail(&self, room: &RoomId, from: u64) -> Result<StoredTail, StoreError> {
+        self.read(|tx| {
+            let Some((key, _)) = room_row(tx, room)? else {
+                return Ok(StoredTail::default());
+            };
+            let checkpointed = checkpoint(tx, key)?
+                .as_deref()
+                .and_then(|c| syncline_core::checkpoint::header(c).ok())
+                .map_or(0, |h| h.nodes);
+            Ok(StoredTail {
+                segments: segments_from(tx, key, from)?,
+                signatures: signatures_from(tx, key, from)?,
+                outbox: outbox(tx, key)?,
+                checkpointed,
+            })
+        })
+    }
+
+    fn node_count(&self, room: &RoomId) -> Result<u64, StoreError> {
+        self.read(|tx| Ok(room_row(tx, room)?.map_or(0, |(_, n)| n)))
+    }
+
+    fn room_bytes(&self, room: &RoomId) -> Result<RoomBytes, StoreError> {
+        self.read(|tx| {
+            let Some((key, _)) = room_row(tx, room)? else {
+                return Ok(RoomBytes::default());
+            };
+            let row = tx
+                .query_one(
+                    "SELECT \
+                       (SELECT count(*) FROM syncline_segments WHERE room = $1), \
+                       (SELECT coalesce(sum(length(pack)), 0)::BIGINT FROM syncline_segments WHERE room = $1), \
+                       (SELECT coalesce(sum(length(sig)), 0)::BIGINT FROM syncline_signatures WHERE room = $1), \
+                       (SELECT coalesce(sum(length(bytes)), 0)::BIGINT FROM syncline_checkpoints WHERE room = $1)",
+                    &[&key],
+                )
+                .map_err(sql)?;
+            let (segments, history, signatures, checkpoint): (i64, i64, i64, i64) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            Ok(RoomBytes {
+                history: (history + signatures) as u64,
+                checkpoint: checkpoint as u64,
+                segments: segments as u64,
+            })
+        })
+    }
+
+    fn rooms(&self) -> Result<Vec<RoomId>, StoreError> {
+        self.read(|tx| {
+            // Byte order, as `RoomId` sorts (not the database's collation).
+            tx.query(
+                "SELECT name FROM syncline_rooms WHERE node_count > 0 ORDER BY name COLLATE \"C\"",
+                &[],
+            )
+            .map_err(sql)?
+            .iter()
+            .map(|row| {
+                let name: String = row.get(0);
+                RoomId::new(&name)
+                    .map_err(|e| StoreError::Corrupt(format!("room name {name:?}: {e}")))
+            })
+            .collect()
+        })
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|tx| {
+            Ok(tx
+                .query_opt("SELECT value FROM syncline_meta WHERE key = $1", &[&key])
+                .map_err(sql)?
+                .map(|row| row.get(0)))
+        })
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.with(|client| {
+            client
+                .execute(
+                    "INSERT INTO syncline_meta (key, value) VALUES ($1, $2) \
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&key, &value],
+                )
+                .map_err(sql)?;
+            Ok(())
+        })
+    }
+}

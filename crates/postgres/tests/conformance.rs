@@ -1,0 +1,102 @@
+//! The store conformance suite against a real PostgreSQL server: the one
+//! `scripts/services.sh start` runs (its URL in `SYNCLINE_TEST_POSTGRES`;
+//! `.ci/run` starts it). Each test gets a database of its own.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use syncline_core::RoomId;
+use syncline_postgres::{PgOptions, PgStore};
+use syncline_store::{Batch, Store, StoreError, conformance};
+
+/// A fresh database on the test server; `None` (the test is skipped, and
+/// says so) when no server was started outside CI.
+fn fresh_database() -> Option<String> {
+    let Ok(url) = std::env::var("SYNCLINE_TEST_POSTGRES") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs this with PostgreSQL: start it with scripts/services.sh"
+        );
+        eprintln!(
+            "no SYNCLINE_TEST_POSTGRES: skipped (eval \"$(bash scripts/services.sh start DIR)\")"
+        );
+        return None;
+    };
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "syncline_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    let (base, _) = url.rsplit_once('/').unwrap();
+    Some(format!("{base}/{name}"))
+}
+
+#[test]
+fn postgres_passes_the_store_conformance_suite() {
+    let Some(url) = fresh_database() else { return };
+    let store = PgStore::open(&url, PgOptions::default()).unwrap();
+    conformance::run_all(&store);
+}
+
+#[test]
+fn postgres_keeps_everything_across_reopening() {
+    let Some(url) = fresh_database() else { return };
+    conformance::run_reopen(&mut || Box::new(PgStore::open(&url, PgOptions::default()).unwrap()));
+}
+
+#[test]
+fn two_relays_on_one_database_append_in_turn_and_refuse_a_stale_batch() {
+    let Some(url) = fresh_database() else { return };
+    let (a, b) = (
+        PgStore::open(&url, PgOptions::default()).unwrap(),
+        PgStore::open(&url, PgOptions::default()).unwrap(),
+    );
+    let room = RoomId::new("shared/room").unwrap();
+    let segment = |start, count| conformance::test_segment(&room, 7, start, count);
+    a.commit(
+        &room,
+        Batch {
+            segments: vec![segment(0, 10)],
+            expect_nodes: Some(0),
+            ..Batch::default()
+        },
+    )
+    .unwrap();
+    // B's view is stale (it saw nothing): refused, nothing written.
+    let stale = b.commit(
+        &room,
+        Batch {
+            segments: vec![segment(0, 5)],
+            expect_nodes: Some(0),
+            ..Batch::default()
+        },
+    );
+    assert!(matches!(stale, Err(StoreError::Invalid(_))), "{stale:?}");
+    // Caught up from the tail, B appends after A's nodes.
+    let tail = b.load_tail(&room, 0).unwrap();
+    assert_eq!(tail.segments.len(), 1);
+    b.commit(
+        &room,
+        Batch {
+            segments: vec![segment(10, 5)],
+            expect_nodes: Some(10),
+            ..Batch::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(a.node_count(&room).unwrap(), 15);
+    // A replay of stored nodes is skipped: any relay may accept any node.
+    a.commit(
+        &room,
+        Batch {
+            segments: vec![segment(10, 5)],
+            ..Batch::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(b.load(&room).unwrap().node_count(), 15);
+}
