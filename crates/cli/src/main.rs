@@ -66,11 +66,20 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the relay server (embedded SQLite store).
+    /// Run the relay server (embedded SQLite store, or PostgreSQL).
     Serve {
         /// Where the server keeps its data.
         #[arg(long, default_value = "./syncline-data")]
         data: PathBuf,
+        /// Keep rooms in this PostgreSQL database
+        /// (postgres://user@host:port/db) instead of DATA/relay.db.
+        #[arg(
+            long,
+            env = "SYNCLINE_POSTGRES",
+            value_name = "URL",
+            hide_env_values = true
+        )]
+        postgres: Option<String>,
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:7700")]
         listen: std::net::SocketAddr,
@@ -454,6 +463,7 @@ fn run(cli: Cli) -> Outcome {
     match &cli.command {
         Command::Serve {
             data,
+            postgres,
             listen,
             max_pack_nodes,
             metrics_listen,
@@ -462,6 +472,7 @@ fn run(cli: Cli) -> Outcome {
         } => serve(
             syncline_relay::Config {
                 data_dir: data.clone(),
+                postgres: postgres.clone(),
                 listen: *listen,
                 metrics_listen: *metrics_listen,
                 ..syncline_relay::Config::default()

@@ -112,7 +112,12 @@ impl std::fmt::Debug for PgStore {
 }
 
 fn sql(e: postgres::Error) -> StoreError {
-    StoreError::Io(format!("postgres: {e}"))
+    // The server's own words say what is wrong ("database … does not
+    // exist"); the error's Display alone says only "db error".
+    match e.as_db_error() {
+        Some(db) => StoreError::Io(format!("postgres: {} ({})", db.message(), db.code().code())),
+        None => StoreError::Io(format!("postgres: {e}")),
+    }
 }
 
 /// A room's number as stored (`BIGINT`).
@@ -181,6 +186,31 @@ impl PgStore {
         }
     }
 
+    /// Bytes the database takes on disk (`pg_database_size`).
+    pub fn database_bytes(&self) -> Result<u64, StoreError> {
+        self.with(|client| {
+            let bytes: i64 = client
+                .query_one("SELECT pg_database_size(current_database())", &[])
+                .map_err(sql)?
+                .get(0);
+            Ok(bytes as u64)
+        })
+    }
+
+    /// Claims the database for one relay: `Ok(None)` if another holds it.
+    /// The claim (a session advisory lock on a connection of its own)
+    /// lasts as long as the returned [`Claim`] and ends with its process.
+    pub fn claim(&self) -> Result<Option<Claim>, StoreError> {
+        let mut client = self.config.connect(NoTls).map_err(sql)?;
+        let held: bool = client
+            .query_one("SELECT pg_try_advisory_lock(1398361668)", &[])
+            .map_err(sql)?
+            .get(0);
+        Ok(held.then_some(Claim {
+            client: Some(client),
+        }))
+    }
+
     /// Runs `f` in a transaction that reads one snapshot.
     fn read<R>(
         &self,
@@ -197,6 +227,38 @@ impl PgStore {
             tx.commit().map_err(sql)?;
             Ok(out)
         })
+    }
+}
+
+/// One relay's hold on a database ([`PgStore::claim`]): released when
+/// dropped.
+pub struct Claim {
+    client: Option<Client>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        off_thread(self.client.take());
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        off_thread(std::mem::take(&mut pool.0));
+    }
+}
+
+/// Drops `value` (connections, each with the runtime of the blocking
+/// client) on a thread of its own: dropping a runtime inside an async
+/// task panics, and a relay drops its store from one.
+fn off_thread<T: Send + 'static>(value: T) {
+    std::thread::spawn(move || drop(value));
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim").finish_non_exhaustive()
     }
 }
 

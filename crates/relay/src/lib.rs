@@ -28,6 +28,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use syncline_core::auth::{Policy, RoomPattern};
 use syncline_core::proto::session::Config as SessionConfig;
 use syncline_core::{AuthorId, Keypair};
+use syncline_postgres::{PgOptions, PgStore};
 use syncline_store::{Replica, SqliteOptions, SqliteStore, Store};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -116,6 +117,10 @@ pub struct Config {
     /// Keys blobs are encrypted with at rest (none: stored in the clear);
     /// the last is the one new blobs use, the others read older blobs.
     pub blob_keys: Vec<BlobKey>,
+    /// Keep rooms in this PostgreSQL database
+    /// (`postgres://user@host:port/db`) instead of `data_dir/relay.db`
+    /// (the data directory still holds blobs and the key file).
+    pub postgres: Option<String>,
     /// How long a direct blob URL (`blob-grant`) may be used; `None`: the
     /// relay serves no URLs (blobs move over sessions only).
     pub blob_url_ttl: Option<Duration>,
@@ -182,6 +187,7 @@ impl Default for Config {
             max_room_bytes: 4 << 30,
             max_blob_bytes: 10 << 30,
             blob_keys: Vec::new(),
+            postgres: None,
             blob_url_ttl: Some(Duration::from_secs(60)),
             blob_gc_every: Duration::from_secs(3600),
             blob_gc_grace: Duration::from_secs(24 * 3600),
@@ -216,6 +222,13 @@ pub enum RelayError {
         /// The open room patterns.
         rooms: String,
     },
+    /// Another relay serves the PostgreSQL database.
+    #[error(
+        "another relay serves this PostgreSQL database: one relay per database for now \
+         (relays that share rooms through one database are still to come); give this one \
+         a database of its own"
+    )]
+    DatabaseTaken,
     /// The data directory could not be created.
     #[error("cannot use data directory {dir}: {source}")]
     DataDir {
@@ -264,7 +277,10 @@ pub enum RelayError {
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
-    store: Arc<SqliteStore>,
+    /// What the store takes on disk, for `max_store_bytes`.
+    store: StoreSize,
+    /// The database, held for this relay (PostgreSQL).
+    _claim: Option<syncline_postgres::Claim>,
     rooms: Arc<Rooms>,
     config: Config,
     server_key: AuthorId,
@@ -295,12 +311,17 @@ impl Server {
             dir: dir.clone(),
             source,
         })?;
-        let sqlite = Arc::new(SqliteStore::open(
-            &dir.join("relay.db"),
-            SqliteOptions::default(),
-        )?);
-        let store: Arc<dyn Store> = sqlite.clone();
-        let key = Replica::open_with_os_identity(store.clone())?.key().clone();
+        // Stores block: opened on a blocking thread.
+        let (postgres, db_dir) = (config.postgres.clone(), dir.clone());
+        let opened = tokio::task::spawn_blocking(move || open_store(postgres.as_deref(), &db_dir))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let Opened {
+            store,
+            size,
+            claim,
+            key,
+        } = opened?;
         write_key_file(&dir, &key)?;
         let listener =
             TcpListener::bind(config.listen)
@@ -334,7 +355,8 @@ impl Server {
         let rooms = Rooms::new(store, blobs, grants, key, config.clone());
         Ok(Server {
             listener,
-            store: sqlite,
+            store: size,
+            _claim: claim,
             rooms,
             config,
             server_key,
@@ -597,10 +619,62 @@ async fn collect_blob_garbage(
     }
 }
 
-async fn watch_store_size(store: Arc<SqliteStore>, rooms: Arc<Rooms>, max: u64) {
+/// What [`open_store`] opened.
+struct Opened {
+    store: Arc<dyn Store>,
+    size: StoreSize,
+    claim: Option<syncline_postgres::Claim>,
+    key: Keypair,
+}
+
+/// The relay's store (PostgreSQL at `postgres`, else SQLite in `dir`),
+/// where its size is read, its claim on a database, and the relay's key.
+fn open_store(postgres: Option<&str>, dir: &std::path::Path) -> Result<Opened, RelayError> {
+    let (store, size, claim): (Arc<dyn Store>, StoreSize, _) = match postgres {
+        None => {
+            let sqlite = Arc::new(SqliteStore::open(
+                &dir.join("relay.db"),
+                SqliteOptions::default(),
+            )?);
+            (sqlite.clone(), StoreSize::Sqlite(sqlite), None)
+        }
+        Some(url) => {
+            let pg = Arc::new(PgStore::open(url, PgOptions::default())?);
+            // One relay per database until relays share rooms.
+            let claim = pg.claim()?.ok_or(RelayError::DatabaseTaken)?;
+            (pg.clone(), StoreSize::Postgres(pg), Some(claim))
+        }
+    };
+    let key = Replica::open_with_os_identity(store.clone())?.key().clone();
+    Ok(Opened {
+        store,
+        size,
+        claim,
+        key,
+    })
+}
+
+/// Where the store's size on disk is read.
+#[derive(Clone, Debug)]
+enum StoreSize {
+    Sqlite(Arc<SqliteStore>),
+    Postgres(Arc<PgStore>),
+}
+
+impl StoreSize {
+    fn bytes(&self) -> u64 {
+        match self {
+            StoreSize::Sqlite(s) => s.file_bytes(),
+            // An unreadable size counts as none: the next look may read it.
+            StoreSize::Postgres(p) => p.database_bytes().unwrap_or(0),
+        }
+    }
+}
+
+async fn watch_store_size(store: StoreSize, rooms: Arc<Rooms>, max: u64) {
     loop {
         let s = store.clone();
-        let bytes = tokio::task::spawn_blocking(move || s.file_bytes())
+        let bytes = tokio::task::spawn_blocking(move || s.bytes())
             .await
             .unwrap_or(0);
         metrics::gauge!(telemetry::STORE_BYTES).set(bytes as f64);
