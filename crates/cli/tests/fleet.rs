@@ -37,6 +37,40 @@ fn fresh_database() -> Option<String> {
     Some(format!("{base}/{name}"))
 }
 
+/// Restarts the test server (`scripts/services.sh` says where it is).
+fn restart_postgres() {
+    let bin = std::env::var("SYNCLINE_TEST_PG_BIN").unwrap();
+    let data = std::env::var("SYNCLINE_TEST_PG_DATA").unwrap();
+    let pg_ctl = format!("{bin}/pg_ctl");
+    // Its log to a file: a server holding the test's output open would
+    // keep the test harness waiting after the test ends.
+    let log = format!("{data}/../server.log");
+    let args = ["-D", &data, "-l", &log, "-m", "fast", "-w", "restart"];
+    // PostgreSQL runs as `postgres` when the tests run as root.
+    let status = if nix_root() {
+        Command::new("runuser")
+            .args(["-u", "postgres", "--", &pg_ctl])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+    } else {
+        Command::new(&pg_ctl)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+    };
+    assert!(status.unwrap().success(), "pg_ctl restart failed");
+}
+
+fn nix_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
 #[test]
 fn a_relay_on_postgres_keeps_rooms_in_the_database() {
     let Some(url) = fresh_database() else { return };
@@ -52,24 +86,35 @@ fn a_relay_on_postgres_keeps_rooms_in_the_database() {
     ok(&b, &["sync", "--server", &server.url(), "notes"]);
     assert_eq!(ok(&b, &["get", "notes", "/todo/1", "title"]), "milk");
     // One relay per database for now: a second one says so and exits.
-    let (code, _, err) = run(
-        dir.path(),
-        &[
+    let second = || {
+        let data = dir.path().join("relay-3");
+        let args = [
             "serve",
             "--data",
-            dir.path().join("relay-3").to_str().unwrap(),
+            data.to_str().unwrap(),
             "--postgres",
             &url,
             "--listen",
             "127.0.0.1:0",
-        ],
-        &[],
-    );
-    assert_eq!(code, 5, "{err}");
-    assert!(
-        err.contains("another relay serves this PostgreSQL database"),
-        "{err}"
-    );
+        ];
+        let (code, _, err) = run(dir.path(), &args, &[]);
+        assert_eq!(code, 5, "{err}");
+        assert!(
+            err.contains("another relay serves this PostgreSQL database"),
+            "{err}"
+        );
+    };
+    second();
+    // PostgreSQL restarts under the running relay: the next writes go
+    // through on new connections, and the relay holds its database again
+    // within a second.
+    restart_postgres();
+    ok(&b, &["set", "notes", "/todo/2", "title", "\"bread\""]);
+    ok(&b, &["sync", "--server", &server.url(), "notes"]);
+    ok(&a, &["sync", "--server", &server.url(), "notes"]);
+    assert_eq!(ok(&a, &["get", "notes", "/todo/2", "title"]), "bread");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    second();
     server.kill9();
     // A database that is not there: a clear error, exit 5.
     let (base, _) = url.rsplit_once('/').unwrap();

@@ -201,14 +201,11 @@ impl PgStore {
     /// The claim (a session advisory lock on a connection of its own)
     /// lasts as long as the returned [`Claim`] and ends with its process.
     pub fn claim(&self) -> Result<Option<Claim>, StoreError> {
-        let mut client = self.config.connect(NoTls).map_err(sql)?;
-        let held: bool = client
-            .query_one("SELECT pg_try_advisory_lock(1398361668)", &[])
-            .map_err(sql)?
-            .get(0);
-        Ok(held.then_some(Claim {
-            client: Some(client),
-        }))
+        let mut claim = Claim {
+            config: self.config.clone(),
+            client: None,
+        };
+        Ok(claim.renew()?.then_some(claim))
     }
 
     /// Runs `f` in a transaction that reads one snapshot.
@@ -231,9 +228,36 @@ impl PgStore {
 }
 
 /// One relay's hold on a database ([`PgStore::claim`]): released when
-/// dropped.
+/// dropped, or when its connection ends (PostgreSQL restarted): see
+/// [`Claim::renew`].
 pub struct Claim {
+    config: postgres::Config,
     client: Option<Client>,
+}
+
+impl Claim {
+    /// Checks that the claim still holds, taking it again on a new
+    /// connection if its connection ended: `Ok(false)` if another relay
+    /// took the database meanwhile (this one must stop serving it).
+    pub fn renew(&mut self) -> Result<bool, StoreError> {
+        if let Some(client) = &mut self.client
+            && client.simple_query("SELECT 1").is_ok()
+        {
+            return Ok(true);
+        }
+        off_thread(self.client.take());
+        let mut client = self.config.connect(NoTls).map_err(sql)?;
+        let held: bool = client
+            .query_one("SELECT pg_try_advisory_lock(1398361668)", &[])
+            .map_err(sql)?
+            .get(0);
+        if held {
+            self.client = Some(client);
+        } else {
+            off_thread(client);
+        }
+        Ok(held)
+    }
 }
 
 impl Drop for Claim {

@@ -280,7 +280,7 @@ pub struct Server {
     /// What the store takes on disk, for `max_store_bytes`.
     store: StoreSize,
     /// The database, held for this relay (PostgreSQL).
-    _claim: Option<syncline_postgres::Claim>,
+    claim: Option<syncline_postgres::Claim>,
     rooms: Arc<Rooms>,
     config: Config,
     server_key: AuthorId,
@@ -356,7 +356,7 @@ impl Server {
         Ok(Server {
             listener,
             store: size,
-            _claim: claim,
+            claim,
             rooms,
             config,
             server_key,
@@ -474,10 +474,16 @@ impl Server {
             config.max_store_bytes,
         ));
         let mut connections = JoinSet::new();
+        // A relay that lost its database to another stops serving it.
+        let (lost, mut database_lost) = watch::channel(false);
+        let claim = self
+            .claim
+            .map(|claim| tokio::spawn(keep_claim(claim, lost)));
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
                 () = &mut shutdown => break,
+                () = stopped(&mut database_lost) => break,
                 accepted = self.listener.accept() => accepted,
             };
             while connections.try_join_next().is_some() {}
@@ -539,6 +545,9 @@ impl Server {
         }
         quota.abort();
         blob_gc.abort();
+        if let Some(claim) = claim {
+            claim.abort();
+        }
         revocations.abort();
         if let Some(m) = metrics_listener {
             m.abort();
@@ -552,6 +561,9 @@ impl Server {
         // HTTP connections that never upgraded end gracefully.
         let drained = async { while connections.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
+        if *database_lost.borrow() {
+            return Err(RelayError::DatabaseTaken);
+        }
         Ok(())
     }
 }
@@ -615,6 +627,38 @@ async fn collect_blob_garbage(
             }
             Ok(Err(e)) => warn!(error = %e, "blob garbage collection failed; trying again later"),
             Err(e) => warn!(error = %e, "blob garbage collection panicked"),
+        }
+    }
+}
+
+/// Every second, checks that this relay still holds its database (a
+/// PostgreSQL restart ends the claim's connection: it is taken again);
+/// says `lost` if another relay took it meanwhile.
+async fn keep_claim(claim: syncline_postgres::Claim, lost: watch::Sender<bool>) {
+    let mut claim = Some(claim);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(mut held) = claim.take() else { return };
+        let renewed = tokio::task::spawn_blocking(move || {
+            let renewed = held.renew();
+            (held, renewed)
+        })
+        .await;
+        match renewed {
+            Ok((held, Ok(true))) => claim = Some(held),
+            Ok((_, Ok(false))) => {
+                tracing::error!(
+                    "another relay took this PostgreSQL database: stopping (one relay per database)"
+                );
+                lost.send_replace(true);
+                return;
+            }
+            // PostgreSQL unreachable: try again (writes fail meanwhile).
+            Ok((held, Err(e))) => {
+                warn!(error = %e, "cannot check this relay's hold on its database");
+                claim = Some(held);
+            }
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
 }
