@@ -475,10 +475,13 @@ impl Server {
         ));
         let mut connections = JoinSet::new();
         // A relay that lost its database to another stops serving it.
+        // (Without a claim the sender is kept here: a dropped sender would
+        // read as a lost database.)
         let (lost, mut database_lost) = watch::channel(false);
-        let claim = self
-            .claim
-            .map(|claim| tokio::spawn(keep_claim(claim, lost)));
+        let (claim, _no_claim) = match self.claim {
+            Some(claim) => (Some(tokio::spawn(keep_claim(claim, lost))), None),
+            None => (None, Some(lost)),
+        };
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
