@@ -30,6 +30,7 @@ use syncline_store::{Batch, DurableRoom, Segment, SqliteOptions, SqliteStore, St
 mod blobs;
 mod catchup;
 mod challenge;
+mod durable_pg;
 mod fanout;
 mod recon;
 mod trace;
@@ -61,6 +62,12 @@ struct Args {
     /// Repetitions of timed sections (the best is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// A PostgreSQL server for `durable-postgres`
+    /// (postgres://user@host:port/db; a database per round is created
+    /// there; default: `SYNCLINE_TEST_POSTGRES`, which
+    /// `scripts/services.sh start` prints).
+    #[arg(long)]
+    postgres: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -77,6 +84,8 @@ enum Bench {
     Catchup,
     /// One room, many WebSocket clients, some writing: latency, CPU, memory.
     Fanout,
+    /// Durable commits to PostgreSQL against raw inserts of the same bytes.
+    DurablePostgres,
     /// Blob transfer: throughput of both paths against plain HTTP, memory
     /// while 1 GiB moves, edit latency during a large download.
     Blobs,
@@ -421,6 +430,7 @@ fn main() -> Result<()> {
         Bench::Fanout => fanout::bench_fanout(&report),
         Bench::Catchup => catchup::bench_catchup(&args, &report),
         Bench::Blobs => blobs::bench_blobs(&report),
+        Bench::DurablePostgres => durable_pg::bench(&args, &report),
         Bench::All => {
             trace::run(&args, &report)?;
             bench_import(&args, &report)?;

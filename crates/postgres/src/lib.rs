@@ -24,10 +24,11 @@
 //! runs on the caller's thread (the relay calls stores on its blocking
 //! pool), and every query has a statement timeout.
 
+use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use postgres::{Client, NoTls, Transaction};
+use postgres::{Client, NoTls, Statement, Transaction};
 use syncline_core::{RoomId, Signature};
 use syncline_store::{
     Batch, RoomBytes, Segment, Store, StoreError, StoredRoom, StoredTail, appended, check_expected,
@@ -72,6 +73,40 @@ CREATE TABLE syncline_meta (
 );
 ";
 
+/// Creates a room's row if need be and locks it; its key and node count.
+const LOCK_ROOM: &str = "INSERT INTO syncline_rooms (name) VALUES ($1) \
+    ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING key, node_count";
+
+/// Appends segments (starts, lengths, packs as arrays) and sets the room's
+/// node count.
+const APPEND: &str = "WITH appended AS ( \
+        INSERT INTO syncline_segments (room, start, count, pack) \
+        SELECT $1, * FROM unnest($2::BIGINT[], $3::BIGINT[], $4::BYTEA[])) \
+    UPDATE syncline_rooms SET node_count = $5 WHERE key = $1";
+
+/// [`APPEND`] in one statement of its own, if the room still holds `$2`
+/// nodes: 1 if it did (and the segments went in), 0 if not (nothing did).
+const FAST_APPEND: &str = "WITH moved AS ( \
+        UPDATE syncline_rooms SET node_count = $3 WHERE key = $1 AND node_count = $2 \
+        RETURNING key), \
+    appended AS ( \
+        INSERT INTO syncline_segments (room, start, count, pack) \
+        SELECT $1, * FROM unnest($4::BIGINT[], $5::BIGINT[], $6::BYTEA[]) \
+        WHERE EXISTS (SELECT 1 FROM moved)) \
+    SELECT count(*) FROM moved";
+
+/// Adds signatures (the first held for a node stays).
+const SIGN: &str = "INSERT INTO syncline_signatures (room, node, sig) \
+    SELECT $1, * FROM unnest($2::BIGINT[], $3::BYTEA[]) ON CONFLICT DO NOTHING";
+
+const OUTBOX_ADD: &str = "INSERT INTO syncline_outbox (room, seq) \
+    SELECT $1, unnest($2::BIGINT[]) ON CONFLICT DO NOTHING";
+
+const OUTBOX_REMOVE: &str = "DELETE FROM syncline_outbox WHERE room = $1 AND seq = ANY($2)";
+
+const PUT_CHECKPOINT: &str = "INSERT INTO syncline_checkpoints (room, bytes) VALUES ($1, $2) \
+    ON CONFLICT (room) DO UPDATE SET bytes = EXCLUDED.bytes";
+
 /// How a [`PgStore`] connects.
 #[derive(Clone, Debug)]
 pub struct PgOptions {
@@ -93,12 +128,34 @@ impl Default for PgOptions {
     }
 }
 
+/// A pooled connection, with the statements prepared on it (a statement
+/// prepared once is a round trip saved on every commit).
+struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    fn prepared(&mut self, query: &'static str) -> Result<Statement, StoreError> {
+        if let Some(statement) = self.statements.get(query) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(query).map_err(sql)?;
+        self.statements.insert(query, statement.clone());
+        Ok(statement)
+    }
+}
+
 /// The [`Store`] on a PostgreSQL database (see the module docs).
 pub struct PgStore {
     config: postgres::Config,
     options: PgOptions,
     /// Idle connections, and how many are open in all.
-    pool: Mutex<(Vec<Client>, usize)>,
+    pool: Mutex<(Vec<Conn>, usize)>,
+    /// Each room's key and node count as this store last committed it:
+    /// the next append to it goes in one round trip if no other writer
+    /// moved it on ([`PgStore::fast_append`]).
+    seen: Mutex<HashMap<RoomId, (i64, u64)>>,
     returned: Condvar,
 }
 
@@ -143,35 +200,35 @@ impl PgStore {
             config,
             options,
             pool: Mutex::new((Vec::new(), 0)),
+            seen: Mutex::new(HashMap::new()),
             returned: Condvar::new(),
         };
-        store.with(migrate)?;
+        store.with(|conn| migrate(&mut conn.client))?;
         Ok(store)
     }
 
     /// Runs `f` on a pooled connection; a connection that failed is not
-    /// pooled again.
-    fn with<R>(
-        &self,
-        f: impl FnOnce(&mut Client) -> Result<R, StoreError>,
-    ) -> Result<R, StoreError> {
-        let mut client = self.take()?;
-        let result = f(&mut client);
+    /// pooled again. Calls block: from async code, call them on a blocking
+    /// thread (`spawn_blocking`).
+    fn with<R>(&self, f: impl FnOnce(&mut Conn) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        let mut conn = self.take()?;
+        let result = f(&mut conn);
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if client.is_closed() {
+        if conn.client.is_closed() {
             pool.1 -= 1;
+            off_thread(conn);
         } else {
-            pool.0.push(client);
+            pool.0.push(conn);
         }
         self.returned.notify_one();
         result
     }
 
-    fn take(&self) -> Result<Client, StoreError> {
+    fn take(&self) -> Result<Conn, StoreError> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(client) = pool.0.pop() {
-                return Ok(client);
+            if let Some(conn) = pool.0.pop() {
+                return Ok(conn);
             }
             if pool.1 < self.options.connections.max(1) {
                 pool.1 += 1;
@@ -180,7 +237,10 @@ impl PgStore {
                 if opened.is_err() {
                     self.pool.lock().unwrap_or_else(|p| p.into_inner()).1 -= 1;
                 }
-                return opened;
+                return opened.map(|client| Conn {
+                    client,
+                    statements: HashMap::new(),
+                });
             }
             pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
         }
@@ -188,8 +248,9 @@ impl PgStore {
 
     /// Bytes the database takes on disk (`pg_database_size`).
     pub fn database_bytes(&self) -> Result<u64, StoreError> {
-        self.with(|client| {
-            let bytes: i64 = client
+        self.with(|conn| {
+            let bytes: i64 = conn
+                .client
                 .query_one("SELECT pg_database_size(current_database())", &[])
                 .map_err(sql)?
                 .get(0);
@@ -213,8 +274,9 @@ impl PgStore {
         &self,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        self.with(|client| {
-            let mut tx = client
+        self.with(|conn| {
+            let mut tx = conn
+                .client
                 .build_transaction()
                 .isolation_level(postgres::IsolationLevel::RepeatableRead)
                 .read_only(true)
@@ -400,80 +462,129 @@ fn checkpoint(tx: &mut Transaction<'_>, key: i64) -> Result<Option<Vec<u8>>, Sto
         .map(|row| row.get(0)))
 }
 
+impl PgStore {
+    /// A batch of segments only, continuing the history this store last
+    /// saw the room at, in one statement (one round trip, its own
+    /// transaction): the room's count is moved on only if it is still what
+    /// was seen, and the segments go in only if it was. `None` when the
+    /// batch or the room is not for this path (or another writer moved the
+    /// room on): the caller takes the general one.
+    fn fast_append(
+        &self,
+        room: &RoomId,
+        batch: &Batch,
+    ) -> Result<Option<Result<(), StoreError>>, StoreError> {
+        let only_segments = batch.signatures.is_empty()
+            && batch.outbox_add.is_empty()
+            && batch.outbox_remove.is_empty()
+            && batch.checkpoint.is_none()
+            && !batch.segments.is_empty();
+        if !only_segments {
+            return Ok(None);
+        }
+        let Some(&(key, seen)) = self.seen_lock().get(room) else {
+            return Ok(None);
+        };
+        if batch.expect_nodes.is_some_and(|e| e != seen) {
+            return Ok(None);
+        }
+        // The general rules decide what continues `seen`; anything else
+        // (a replay, a gap) takes the general path.
+        let Ok(new) = appended(seen, &batch.segments) else {
+            return Ok(None);
+        };
+        if new.len() != batch.segments.len() {
+            return Ok(None);
+        }
+        let count = new.last().map_or(seen, |s| u64::from(s.start + s.len));
+        let starts: Vec<i64> = new.iter().map(|s| i64::from(s.start)).collect();
+        let lens: Vec<i64> = new.iter().map(|s| i64::from(s.len)).collect();
+        let packs: Vec<&[u8]> = new.iter().map(|s| &s.pack[..]).collect();
+        let moved: i64 = self.with(|conn| {
+            let statement = conn.prepared(FAST_APPEND)?;
+            Ok(conn
+                .client
+                .query_one(
+                    &statement,
+                    &[&key, &int(seen), &int(count), &starts, &lens, &packs],
+                )
+                .map_err(sql)?
+                .get(0))
+        })?;
+        if moved == 1 {
+            self.saw(room, key, count);
+            Ok(Some(Ok(())))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn seen_lock(&self) -> std::sync::MutexGuard<'_, HashMap<RoomId, (i64, u64)>> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This store saw `room` (key `key`) hold `count` nodes.
+    fn saw(&self, room: &RoomId, key: i64, count: u64) {
+        self.seen_lock().insert(room.clone(), (key, count));
+    }
+}
+
 impl Store for PgStore {
     fn commit(&self, room: &RoomId, batch: Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.with(|client| {
-            let mut tx = client.transaction().map_err(sql)?;
+        if let Some(done) = self.fast_append(room, &batch)? {
+            return done;
+        }
+        self.with(|conn| {
+            let lock_room = conn.prepared(LOCK_ROOM)?;
+            let append = conn.prepared(APPEND)?;
+            let sign = conn.prepared(SIGN)?;
+            let outbox_add = conn.prepared(OUTBOX_ADD)?;
+            let outbox_remove = conn.prepared(OUTBOX_REMOVE)?;
+            let put_checkpoint = conn.prepared(PUT_CHECKPOINT)?;
+            let mut tx = conn.client.transaction().map_err(sql)?;
             // The room's row, locked until the commit: one writer per room
             // at a time, whichever relay it runs on.
-            let row = tx
-                .query_one(
-                    "INSERT INTO syncline_rooms (name) VALUES ($1) \
-                     ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name \
-                     RETURNING key, node_count",
-                    &[&room.as_str()],
-                )
-                .map_err(sql)?;
+            let row = tx.query_one(&lock_room, &[&room.as_str()]).map_err(sql)?;
             let (key, stored): (i64, i64) = (row.get(0), row.get(1));
             let stored = stored as u64;
             check_expected(stored, batch.expect_nodes)?;
-            let mut count = stored;
-            for segment in appended(stored, &batch.segments)? {
-                tx.execute(
-                    "INSERT INTO syncline_segments (room, start, count, pack) VALUES ($1, $2, $3, $4)",
-                    &[
-                        &key,
-                        &i64::from(segment.start),
-                        &i64::from(segment.len),
-                        &&segment.pack[..],
-                    ],
-                )
-                .map_err(sql)?;
-                count = u64::from(segment.start + segment.len);
-            }
-            if count != stored {
-                tx.execute(
-                    "UPDATE syncline_rooms SET node_count = $2 WHERE key = $1",
-                    &[&key, &int(count)],
-                )
-                .map_err(sql)?;
-            }
-            for (node, sig) in &batch.signatures {
-                if u64::from(*node) < count {
-                    tx.execute(
-                        "INSERT INTO syncline_signatures (room, node, sig) VALUES ($1, $2, $3) \
-                         ON CONFLICT DO NOTHING",
-                        &[&key, &i64::from(*node), &&sig.0[..]],
-                    )
+            let new = appended(stored, &batch.segments)?;
+            let count = new.last().map_or(stored, |s| u64::from(s.start + s.len));
+            if !new.is_empty() {
+                // Every new segment and the room's count, in one statement.
+                let starts: Vec<i64> = new.iter().map(|s| i64::from(s.start)).collect();
+                let lens: Vec<i64> = new.iter().map(|s| i64::from(s.len)).collect();
+                let packs: Vec<&[u8]> = new.iter().map(|s| &s.pack[..]).collect();
+                tx.execute(&append, &[&key, &starts, &lens, &packs, &int(count)])
                     .map_err(sql)?;
-                }
             }
-            for seq in &batch.outbox_add {
-                tx.execute(
-                    "INSERT INTO syncline_outbox (room, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                    &[&key, &int(*seq)],
-                )
-                .map_err(sql)?;
+            let (nodes, sigs): (Vec<i64>, Vec<&[u8]>) = batch
+                .signatures
+                .iter()
+                .filter(|(node, _)| u64::from(*node) < count)
+                .map(|(node, sig)| (i64::from(*node), &sig.0[..]))
+                .unzip();
+            if !nodes.is_empty() {
+                tx.execute(&sign, &[&key, &nodes, &sigs]).map_err(sql)?;
             }
-            for seq in &batch.outbox_remove {
-                tx.execute(
-                    "DELETE FROM syncline_outbox WHERE room = $1 AND seq = $2",
-                    &[&key, &int(*seq)],
-                )
-                .map_err(sql)?;
+            if !batch.outbox_add.is_empty() {
+                let seqs: Vec<i64> = batch.outbox_add.iter().map(|s| int(*s)).collect();
+                tx.execute(&outbox_add, &[&key, &seqs]).map_err(sql)?;
+            }
+            if !batch.outbox_remove.is_empty() {
+                let seqs: Vec<i64> = batch.outbox_remove.iter().map(|s| int(*s)).collect();
+                tx.execute(&outbox_remove, &[&key, &seqs]).map_err(sql)?;
             }
             if let Some(checkpoint) = &batch.checkpoint {
-                tx.execute(
-                    "INSERT INTO syncline_checkpoints (room, bytes) VALUES ($1, $2) \
-                     ON CONFLICT (room) DO UPDATE SET bytes = EXCLUDED.bytes",
-                    &[&key, checkpoint],
-                )
-                .map_err(sql)?;
+                tx.execute(&put_checkpoint, &[&key, checkpoint])
+                    .map_err(sql)?;
             }
-            tx.commit().map_err(sql)
+            tx.commit().map_err(sql)?;
+            self.saw(room, key, count);
+            Ok(())
         })
     }
 
@@ -566,8 +677,8 @@ impl Store for PgStore {
     }
 
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.with(|client| {
-            client
+        self.with(|conn| {
+            conn.client
                 .execute(
                     "INSERT INTO syncline_meta (key, value) VALUES ($1, $2) \
                      ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",

@@ -1,0 +1,92 @@
+//! `durable-postgres`: commits through [`PgStore`] (what a relay on
+//! PostgreSQL does per batch) against the cheapest durable insert of the
+//! same bytes with the plain `postgres` client: one prepared `INSERT` per
+//! commit in its own implicit transaction (one round trip), one row in a
+//! table with no index but its key. Both run against the same server, each
+//! round in a fresh database, alternating.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use syncline_postgres::{PgOptions, PgStore};
+use syncline_store::{Batch, Store};
+
+use crate::{Args, Report, median, segments, trace};
+
+/// A fresh database on the server at `url`; its URL.
+fn fresh(url: &str, tag: &str) -> Result<String> {
+    let mut admin = postgres::Client::connect(url, postgres::NoTls)?;
+    let name = format!("bench_{tag}_{}", std::process::id());
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))?;
+    admin.batch_execute(&format!("CREATE DATABASE {name}"))?;
+    let (base, _) = url.rsplit_once('/').context("a URL ends in /DATABASE")?;
+    Ok(format!("{base}/{name}"))
+}
+
+fn store_round(url: &str, batch: usize, commits: usize) -> Result<f64> {
+    let store = PgStore::open(&fresh(url, "store")?, PgOptions::default())?;
+    let room = trace::room_id();
+    let segments = segments(batch, commits);
+    let start = Instant::now();
+    for segment in segments {
+        store.commit(
+            &room,
+            Batch {
+                segments: vec![segment],
+                ..Batch::default()
+            },
+        )?;
+    }
+    Ok((commits * batch) as f64 / start.elapsed().as_secs_f64())
+}
+
+fn raw_round(url: &str, batch: usize, commits: usize) -> Result<f64> {
+    let mut client = postgres::Client::connect(&fresh(url, "raw")?, postgres::NoTls)?;
+    client.batch_execute(
+        "CREATE TABLE segments (room BIGINT NOT NULL, start BIGINT NOT NULL, pack BYTEA NOT NULL, \
+         PRIMARY KEY (room, start))",
+    )?;
+    let insert = client.prepare("INSERT INTO segments (room, start, pack) VALUES (1, $1, $2)")?;
+    let segments = segments(batch, commits);
+    let start = Instant::now();
+    // One prepared statement per commit, committed on its own (no
+    // explicit transaction: a round trip each).
+    for segment in segments {
+        client.execute(&insert, &[&i64::from(segment.start), &&segment.pack[..]])?;
+    }
+    Ok((commits * batch) as f64 / start.elapsed().as_secs_f64())
+}
+
+pub(super) fn bench(args: &Args, report: &Report) -> Result<()> {
+    let url = args
+        .postgres
+        .clone()
+        .or_else(|| std::env::var("SYNCLINE_TEST_POSTGRES").ok());
+    let url = url.as_deref().context(
+        "durable-postgres needs a server: --postgres URL (eval \"$(bash scripts/services.sh start DIR)\" sets SYNCLINE_TEST_POSTGRES)",
+    )?;
+    for batch in [1usize, 10, 100, 1000] {
+        let commits = (20_000 / batch).clamp(100, 400);
+        let (mut ours, mut raw, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.runs.max(3) {
+            let o = store_round(url, batch, commits)?;
+            let r = raw_round(url, batch, commits)?;
+            ours.push(o);
+            raw.push(r);
+            ratios.push(o / r);
+        }
+        let (ours, raw, ratio) = (median(ours), median(raw), median(ratios));
+        report.emit(
+            "durable-postgres",
+            &[
+                ("batch size", batch.to_string()),
+                ("syncline on PostgreSQL nodes/s", format!("{ours:.0}")),
+                ("raw PostgreSQL inserts nodes/s", format!("{raw:.0}")),
+                ("ratio, median (target >= 0.8 at 100)", format!("{ratio:.2}")),
+            ],
+            json!({"batch": batch, "commits": commits, "syncline_nodes_per_s": ours, "raw_nodes_per_s": raw, "ratio": ratio}),
+        );
+    }
+    Ok(())
+}
