@@ -8,11 +8,9 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde_json::json;
 use syncline_postgres::{PgOptions, PgStore};
-use syncline_store::{Batch, Store};
 
-use crate::{Args, Report, median, segments, trace};
+use crate::{Args, Report, segments};
 
 /// A fresh database on the server at `url`; its URL.
 fn fresh(url: &str, tag: &str) -> Result<String> {
@@ -26,19 +24,7 @@ fn fresh(url: &str, tag: &str) -> Result<String> {
 
 fn store_round(url: &str, batch: usize, commits: usize) -> Result<f64> {
     let store = PgStore::open(&fresh(url, "store")?, PgOptions::default())?;
-    let room = trace::room_id();
-    let segments = segments(batch, commits);
-    let start = Instant::now();
-    for segment in segments {
-        store.commit(
-            &room,
-            Batch {
-                segments: vec![segment],
-                ..Batch::default()
-            },
-        )?;
-    }
-    Ok((commits * batch) as f64 / start.elapsed().as_secs_f64())
+    crate::commit_segments(&store, batch, commits)
 }
 
 fn raw_round(url: &str, batch: usize, commits: usize) -> Result<f64> {
@@ -66,27 +52,15 @@ pub(super) fn bench(args: &Args, report: &Report) -> Result<()> {
     let url = url.as_deref().context(
         "durable-postgres needs a server: --postgres URL (eval \"$(bash scripts/services.sh start DIR)\" sets SYNCLINE_TEST_POSTGRES)",
     )?;
-    for batch in [1usize, 10, 100, 1000] {
-        let commits = (20_000 / batch).clamp(100, 400);
-        let (mut ours, mut raw, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..args.runs.max(3) {
-            let o = store_round(url, batch, commits)?;
-            let r = raw_round(url, batch, commits)?;
-            ours.push(o);
-            raw.push(r);
-            ratios.push(o / r);
-        }
-        let (ours, raw, ratio) = (median(ours), median(raw), median(ratios));
-        report.emit(
+    crate::durable_series(
+        args,
+        report,
+        (
             "durable-postgres",
-            &[
-                ("batch size", batch.to_string()),
-                ("syncline on PostgreSQL nodes/s", format!("{ours:.0}")),
-                ("raw PostgreSQL inserts nodes/s", format!("{raw:.0}")),
-                ("ratio, median (target >= 0.8 at 100)", format!("{ratio:.2}")),
-            ],
-            json!({"batch": batch, "commits": commits, "syncline_nodes_per_s": ours, "raw_nodes_per_s": raw, "ratio": ratio}),
-        );
-    }
-    Ok(())
+            "syncline on PostgreSQL nodes/s",
+            "raw PostgreSQL inserts nodes/s",
+        ),
+        |batch, commits| store_round(url, batch, commits),
+        |batch, commits| raw_round(url, batch, commits),
+    )
 }

@@ -191,6 +191,12 @@ fn segments(batch: usize, commits: usize) -> Vec<Segment> {
 fn durable_store_round(batch: usize, commits: usize) -> Result<f64> {
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(&dir.path().join("store.db"), SqliteOptions::default())?;
+    commit_segments(&store, batch, commits)
+}
+
+/// Durable nodes/s of `commits` commits of `batch` nodes each, one
+/// segment per commit, through `store`.
+fn commit_segments(store: &dyn Store, batch: usize, commits: usize) -> Result<f64> {
     let room = trace::room_id();
     let segments = segments(batch, commits);
     let start = Instant::now();
@@ -232,28 +238,51 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn bench_durable(args: &Args, report: &Report) -> Result<()> {
+    durable_series(
+        args,
+        report,
+        (
+            "durable",
+            "syncline durable nodes/s",
+            "raw rusqlite nodes/s",
+        ),
+        durable_store_round,
+        durable_raw_round,
+    )
+}
+
+/// Durable nodes/s through the store (`ours`) and through the raw
+/// reference at batch sizes 1 to 1,000, rounds alternating so drift in the
+/// disk's fsync latency hits both alike; reports medians and the median
+/// ratio under `labels` (benchmark, ours, reference).
+fn durable_series(
+    args: &Args,
+    report: &Report,
+    labels: (&str, &str, &str),
+    ours: impl Fn(usize, usize) -> Result<f64>,
+    raw: impl Fn(usize, usize) -> Result<f64>,
+) -> Result<()> {
+    let (bench, ours_label, raw_label) = labels;
     for batch in [1usize, 10, 100, 1000] {
         let commits = (20_000 / batch).clamp(100, 400);
-        // Alternate store and raw rounds so drift in the disk's fsync
-        // latency hits both alike; report medians and the median ratio.
-        let (mut ours, mut raw, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut o_runs, mut r_runs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.runs.max(3) {
-            let o = durable_store_round(batch, commits)?;
-            let r = durable_raw_round(batch, commits)?;
-            ours.push(o);
-            raw.push(r);
+            let o = ours(batch, commits)?;
+            let r = raw(batch, commits)?;
+            o_runs.push(o);
+            r_runs.push(r);
             ratios.push(o / r);
         }
-        let (ours, raw, ratio) = (median(ours), median(raw), median(ratios));
+        let (o, r, ratio) = (median(o_runs), median(r_runs), median(ratios));
         report.emit(
-            "durable",
+            bench,
             &[
                 ("batch size", batch.to_string()),
-                ("syncline durable nodes/s", format!("{ours:.0}")),
-                ("raw rusqlite nodes/s", format!("{raw:.0}")),
+                (ours_label, format!("{o:.0}")),
+                (raw_label, format!("{r:.0}")),
                 ("ratio, median (target >= 0.8)", format!("{ratio:.2}")),
             ],
-            json!({"batch": batch, "commits": commits, "syncline_nodes_per_s": ours, "raw_nodes_per_s": raw, "ratio": ratio}),
+            json!({"batch": batch, "commits": commits, "syncline_nodes_per_s": o, "raw_nodes_per_s": r, "ratio": ratio}),
         );
     }
     Ok(())
