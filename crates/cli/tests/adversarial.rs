@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use syncline_core::auth;
-use syncline_core::proto::message::{Envelope, Message, PROTOCOL_VERSION, Phase};
+use syncline_core::proto::message::{Envelope, Message, Phase};
 use syncline_core::proto::scope::Scope;
 use syncline_core::proto::session::{Config as SessionConfig, Credentials, Event};
 use syncline_core::{Keypair, RoomId, Value};
@@ -548,16 +548,6 @@ async fn under_attack<T>(
     (peak, out)
 }
 
-fn envelope(session: u64, corr: u64, message: Message) -> Vec<u8> {
-    Envelope {
-        version: PROTOCOL_VERSION,
-        session,
-        corr,
-        message,
-    }
-    .encode()
-}
-
 /// What a client presents on a connection with `challenge` (open rooms).
 fn credentials(challenge: [u8; 32]) -> Credentials {
     Credentials {
@@ -624,7 +614,7 @@ fn garbage_protocol_violations_and_oversized_frames_close_only_their_connection(
                     2 => WsMessage::Binary(vec![0; 5 << 20].into()),
                     // A pack for a session never opened, then garbage.
                     _ => WsMessage::Binary(
-                        envelope(
+                        Envelope::frame(
                             9,
                             1,
                             Message::Pack {
@@ -707,7 +697,7 @@ fn compression_bombs_are_refused_without_inflating() {
                             ))
                             .await;
                         for corr in 1..=10 {
-                            let frame = envelope(
+                            let frame = Envelope::frame(
                                 session,
                                 corr,
                                 Message::Pack {
@@ -948,7 +938,7 @@ fn a_flood_is_rate_limited() {
                 let hello = hello("flooded", 1, 90, &challenge);
                 let _ = ws.send(WsMessage::Binary(hello.into())).await;
                 for (corr, pack) in packs.iter().enumerate() {
-                    let frame = envelope(
+                    let frame = Envelope::frame(
                         1,
                         corr as u64 + 1,
                         Message::Pack {
@@ -1181,8 +1171,9 @@ fn blob_urls_refuse_forged_expired_and_other_direction_grants_and_bad_groups() {
         .await;
         let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let (hash, outboard) = Outboard::of(&data);
-        let send =
-            |corr: u64, message: Message| WsMessage::Binary(envelope(1, corr, message).into());
+        let send = |corr: u64, message: Message| {
+            WsMessage::Binary(Envelope::frame(1, corr, message).into())
+        };
         let url_for = |corr: u64| {
             move |e: Envelope| match e.message {
                 Message::BlobUrl { path, .. } if e.corr == corr => Some(Ok(path)),
