@@ -16,7 +16,7 @@ use syncline_store::{BlobReader, BlobState, BlobStore};
 use crate::replica::{Error, Replica, Room};
 
 pub(crate) use http::origin_of;
-pub(crate) use transfers::{BLOB_CORR_BASE, Direct, Transfers};
+pub(crate) use transfers::{BLOB_CORR_BASE, Transfers};
 
 impl Replica {
     fn blob_store(&self) -> Result<&BlobStore, Error> {

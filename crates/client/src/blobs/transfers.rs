@@ -33,15 +33,6 @@ pub(crate) const BLOB_CORR_BASE: u64 = 1 << 62;
 /// See [`BLOB_CORR_BASE`].
 const CHUNK_CORR_BASE: u64 = 3 << 61;
 
-/// Where direct URLs go on this connection, and how a finished HTTP
-/// transfer wakes the engine.
-#[derive(Clone, Debug)]
-pub(crate) struct Direct {
-    /// The relay's `host:port`.
-    pub(crate) origin: String,
-    pub(crate) wake: Arc<Notify>,
-}
-
 /// How a transfer's bytes move now.
 #[derive(Debug, Default)]
 enum Route {
@@ -98,11 +89,13 @@ pub(crate) struct Transfers {
     /// Requests sent, by correlation id: which blob, and what.
     asked: BTreeMap<u64, ([u8; 32], Asked)>,
     next_corr: u64,
-    /// Direct URLs on this connection, if the engine may use them.
-    direct: Option<Direct>,
+    /// The relay's `host:port`, where direct URLs go on this connection,
+    /// if the engine may use them.
+    direct: Option<String>,
     /// Writes the groups downloads receive over the session.
     writer: Option<GroupWriter>,
-    /// Wakes the engine (the writer, when it caught up).
+    /// Wakes the engine (the writer when it caught up, an HTTP transfer
+    /// when it ended).
     wake: Option<Arc<Notify>>,
     /// The last refusal of an upload, for the status.
     pub(crate) refused: Option<String>,
@@ -194,9 +187,9 @@ impl Transfers {
         corr
     }
 
-    /// A connection is open: direct URLs go to `direct` if given.
-    pub(crate) fn connected(&mut self, direct: Option<Direct>, wake: Arc<Notify>) {
-        self.direct = direct;
+    /// A connection is open: direct URLs go to relay `origin` if given.
+    pub(crate) fn connected(&mut self, origin: Option<String>, wake: Arc<Notify>) {
+        self.direct = origin;
         self.wake = Some(wake);
     }
 
@@ -442,7 +435,7 @@ impl Transfers {
 
     /// A URL came for the request `corr`: the transfer goes over HTTP.
     fn start_direct(&mut self, store: &Arc<BlobStore>, corr: u64, hash: [u8; 32], path: String) {
-        let (Some(&(_, Asked::Url { put })), Some(direct)) =
+        let (Some(&(_, Asked::Url { put })), Some(origin)) =
             (self.asked.get(&corr), self.direct.clone())
         else {
             return;
@@ -452,7 +445,7 @@ impl Transfers {
             return;
         };
         let blob = http::Target {
-            origin: direct.origin.clone(),
+            origin,
             path,
             store: store.clone(),
             hash,
@@ -463,7 +456,7 @@ impl Transfers {
                 return;
             };
             let ranges = std::mem::take(&mut sending.lacking);
-            sending.route = Route::Direct(spawn(direct, http::upload(blob, ranges)));
+            sending.route = Route::Direct(spawn(self.wake.clone(), http::upload(blob, ranges)));
         } else {
             let Some(fetch) = self.downloads.get_mut(&hash) else {
                 return;
@@ -471,7 +464,8 @@ impl Transfers {
             let Ok(Some(held)) = store.held(&hash) else {
                 return;
             };
-            fetch.route = Route::Direct(spawn(direct, http::download(blob, held.missing())));
+            let wake = self.wake.clone();
+            fetch.route = Route::Direct(spawn(wake, http::download(blob, held.missing())));
         }
     }
 
@@ -581,12 +575,14 @@ impl GroupWriter {
 
 /// Runs an HTTP transfer beside the engine, waking it when done.
 fn spawn(
-    direct: Direct,
+    wake: Option<Arc<Notify>>,
     transfer: impl Future<Output = Result<(), String>> + Send + 'static,
 ) -> JoinHandle<Result<(), String>> {
     tokio::spawn(async move {
         let outcome = transfer.await;
-        direct.wake.notify_one();
+        if let Some(wake) = wake {
+            wake.notify_one();
+        }
         outcome
     })
 }

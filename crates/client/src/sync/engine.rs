@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, info};
 
 use super::{Prefetch, Shared};
-use crate::blobs::{self, BLOB_CORR_BASE, Direct, Transfers};
+use crate::blobs::{self, BLOB_CORR_BASE, Transfers};
 use crate::changes::Change;
 use crate::replica::{Origin, Room, RoomState, session_now};
 
@@ -357,19 +357,15 @@ fn reconcile(
 fn open_session(shared: &Shared, room: &Room, id: u64, challenge: [u8; 32]) -> Result<(), String> {
     // Blob bytes may go over the relay's direct URLs, on its own origin.
     let endpoint = shared.status().endpoint.clone();
-    let direct = endpoint
+    let origin = endpoint
         .filter(|_| shared.options.blob_urls)
-        .and_then(|e| blobs::origin_of(&e))
-        .map(|origin| Direct {
-            origin,
-            wake: shared.wake.clone(),
-        });
+        .and_then(|e| blobs::origin_of(&e));
     let mut state = room.shared.lock();
     // Blobs queued for upload by any process, uploaded on this session.
     if let Some(store) = room.shared.blobs.as_deref() {
         state.transfers.load_queue(store, room.name());
     }
-    state.transfers.connected(direct, shared.wake.clone());
+    state.transfers.connected(origin, shared.wake.clone());
     let mut config = shared.options.session.clone();
     if state.send_vv {
         config.vv_inline_limit = usize::MAX;
