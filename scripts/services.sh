@@ -3,14 +3,15 @@
 # from Debian's packages (installed if missing).
 #
 #   eval "$(bash scripts/services.sh start DIR)"   # exports SYNCLINE_TEST_POSTGRES, SYNCLINE_TEST_NATS
+#   bash scripts/services.sh restart-nats DIR      # the fleet tests' NATS outage
 #   bash scripts/services.sh stop DIR
 #
 # DIR holds the cluster, the NATS store and their logs; `stop` stops both
 # and removes it. Ports are free ones above 40000 (printed in the URLs).
 set -euo pipefail
 
-command=${1:?usage: services.sh start|stop DIR}
-dir=${2:?usage: services.sh start|stop DIR}
+command=${1:?usage: services.sh start|restart-nats|stop DIR}
+dir=${2:?usage: services.sh start|restart-nats|stop DIR}
 
 pg_bin() {
     local bin
@@ -56,12 +57,27 @@ as_owner() {
     fi
 }
 
+# Starts nats-server on the port saved in DIR/nats/port; waits until it
+# accepts connections.
+start_nats() {
+    local dir=$1 port
+    port=$(cat "$dir/nats/port")
+    nohup "$(nats_bin)" -a 127.0.0.1 -p "$port" -l "$dir/nats/server.log" >/dev/null 2>&1 &
+    echo $! >"$dir/nats/pid"
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "services.sh: nats-server did not start on $port (see $dir/nats/server.log)" >&2
+    return 1
+}
+
 case "$command" in
 start)
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
     bin=$(pg_bin)
-    nats=$(nats_bin)
+    nats_bin >/dev/null
     pg_port=$(free_port)
     mkdir -p "$dir/pg"
     [[ $(id -u) == 0 ]] && chown postgres "$dir/pg" && chmod 755 "$dir"
@@ -73,15 +89,18 @@ start)
     # A second free port for NATS: the first may have been taken by now.
     while [[ "$nats_port" == "$pg_port" ]]; do nats_port=$((nats_port + 1)); done
     mkdir -p "$dir/nats"
-    nohup "$nats" -a 127.0.0.1 -p "$nats_port" -l "$dir/nats/server.log" >/dev/null 2>&1 &
-    echo $! >"$dir/nats/pid"
-    for _ in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
-        sleep 0.1
-    done
+    echo "$nats_port" >"$dir/nats/port"
+    start_nats "$dir"
     echo "export SYNCLINE_TEST_POSTGRES='postgres://syncline@127.0.0.1:$pg_port/syncline_test'"
     echo "export SYNCLINE_TEST_NATS='nats://127.0.0.1:$nats_port'"
     echo "export SYNCLINE_TEST_PG_BIN='$bin' SYNCLINE_TEST_PG_DATA='$dir/pg/data'"
+    echo "export SYNCLINE_TEST_SERVICES='$dir'"
+    ;;
+restart-nats)
+    pid=$(cat "$dir/nats/pid")
+    kill "$pid"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    start_nats "$dir"
     ;;
 stop)
     [[ -d "$dir" ]] || exit 0
@@ -94,7 +113,7 @@ stop)
     rm -rf "$dir"
     ;;
 *)
-    echo "usage: services.sh start|stop DIR" >&2
+    echo "usage: services.sh start|restart-nats|stop DIR" >&2
     exit 2
     ;;
 esac

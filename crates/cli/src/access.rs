@@ -304,7 +304,7 @@ pub(crate) fn parse_key(text: &str) -> Result<AuthorId, String> {
     AuthorId::from_hex(text.trim()).ok_or_else(|| "not a key: 64 hex digits".to_owned())
 }
 
-/// `90s`, `10m`, `12h`, `7d` (a bare number is seconds).
+/// `250ms`, `90s`, `10m`, `12h`, `7d` (a bare number is seconds).
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -314,16 +314,19 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| "give a number and a unit: 90s, 10m, 12h, 7d".to_owned())?;
+    if n == 0 {
+        return Err("a duration of 0 would expire at once".into());
+    }
+    if unit == "ms" {
+        return Ok(Duration::from_millis(n));
+    }
     let secs = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("unknown unit {unit:?}: use s, m, h or d")),
+        _ => return Err(format!("unknown unit {unit:?}: use ms, s, m, h or d")),
     };
-    if n == 0 {
-        return Err("a duration of 0 would expire at once".into());
-    }
     n.checked_mul(secs)
         .map(Duration::from_secs)
         .ok_or_else(|| "too long".to_owned())
@@ -355,6 +358,7 @@ mod tests {
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         for bad in ["", "m", "0s", "10x", "-5m", "1.5h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }

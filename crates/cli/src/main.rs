@@ -80,6 +80,20 @@ enum Command {
             hide_env_values = true
         )]
         postgres: Option<String>,
+        /// With --postgres: the NATS server relays sharing the database
+        /// tell one another of their writes through (nats://host:4222).
+        /// Without it they find each other's writes every --fleet-poll.
+        #[arg(long, env = "SYNCLINE_NATS", value_name = "URL", requires = "postgres")]
+        nats: Option<String>,
+        /// Subject prefix of the fleet's notices on NATS (fleets sharing a
+        /// NATS server need prefixes of their own).
+        #[arg(long, default_value = "syncline", value_name = "PREFIX")]
+        nats_prefix: String,
+        /// With --postgres: how often to check the loaded rooms against
+        /// the database for writes of other relays whose notice was
+        /// missed (250ms, 1s, ...).
+        #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = access::parse_duration)]
+        fleet_poll: Duration,
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:7700")]
         listen: std::net::SocketAddr,
@@ -464,6 +478,9 @@ fn run(cli: Cli) -> Outcome {
         Command::Serve {
             data,
             postgres,
+            nats,
+            nats_prefix,
+            fleet_poll,
             listen,
             max_pack_nodes,
             metrics_listen,
@@ -473,6 +490,9 @@ fn run(cli: Cli) -> Outcome {
             syncline_relay::Config {
                 data_dir: data.clone(),
                 postgres: postgres.clone(),
+                nats: nats.clone(),
+                nats_prefix: nats_prefix.clone(),
+                fleet_poll: *fleet_poll,
                 listen: *listen,
                 metrics_listen: *metrics_listen,
                 ..syncline_relay::Config::default()
@@ -881,7 +901,14 @@ fn serve(
                 }
                 syncline_relay::RelayError::Listen { .. }
                 | syncline_relay::RelayError::OpenOnNetwork { .. }
-                | syncline_relay::RelayError::MetricsOnNetwork(_) => (Exit::Usage, ""),
+                | syncline_relay::RelayError::MetricsOnNetwork(_)
+                | syncline_relay::RelayError::NatsWithoutPostgres
+                | syncline_relay::RelayError::Bus(syncline_relay::BusError::Prefix(_)) => {
+                    (Exit::Usage, "")
+                }
+                syncline_relay::RelayError::Bus(syncline_relay::BusError::Connect { .. }) => {
+                    (Exit::Sync, "")
+                }
                 _ => (Exit::Storage, ""),
             };
             Failed::new(exit, format!("{e}{hint}"))

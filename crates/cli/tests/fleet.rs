@@ -1,14 +1,18 @@
-//! Relays on PostgreSQL (`syncline serve --postgres URL`) through real
-//! processes, against the server `scripts/services.sh start` runs (its URL
-//! in `SYNCLINE_TEST_POSTGRES`; `.ci/run` starts it). Each test gets a
-//! database of its own.
+//! Relays on PostgreSQL (`syncline serve --postgres URL`), alone and as a
+//! fleet of three sharing rooms through one database and NATS, through
+//! real processes, against the servers `scripts/services.sh start` runs
+//! (their URLs in `SYNCLINE_TEST_POSTGRES` and `SYNCLINE_TEST_NATS`;
+//! `.ci/run` starts them). Each test gets a database of its own, and each
+//! fleet a NATS subject prefix of its own.
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
-use common::{BIN, Server, ok, run};
+use common::{BIN, Running, Server, WAIT, ok, run};
 
 /// A fresh database on the test server; `None` (skipped, and said) when
 /// none was started outside CI.
@@ -85,36 +89,13 @@ fn a_relay_on_postgres_keeps_rooms_in_the_database() {
     let mut server = Server::start(&dir.path().join("relay-2"), &["--postgres", &url]);
     ok(&b, &["sync", "--server", &server.url(), "notes"]);
     assert_eq!(ok(&b, &["get", "notes", "/todo/1", "title"]), "milk");
-    // One relay per database for now: a second one says so and exits.
-    let second = || {
-        let data = dir.path().join("relay-3");
-        let args = [
-            "serve",
-            "--data",
-            data.to_str().unwrap(),
-            "--postgres",
-            &url,
-            "--listen",
-            "127.0.0.1:0",
-        ];
-        let (code, _, err) = run(dir.path(), &args, &[]);
-        assert_eq!(code, 5, "{err}");
-        assert!(
-            err.contains("another relay serves this PostgreSQL database"),
-            "{err}"
-        );
-    };
-    second();
     // PostgreSQL restarts under the running relay: the next writes go
-    // through on new connections, and the relay holds its database again
-    // within a second.
+    // through on new connections.
     restart_postgres();
     ok(&b, &["set", "notes", "/todo/2", "title", "\"bread\""]);
     ok(&b, &["sync", "--server", &server.url(), "notes"]);
     ok(&a, &["sync", "--server", &server.url(), "notes"]);
     assert_eq!(ok(&a, &["get", "notes", "/todo/2", "title"]), "bread");
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    second();
     server.kill9();
     // A database that is not there: a clear error, exit 5.
     let (base, _) = url.rsplit_once('/').unwrap();
@@ -132,4 +113,235 @@ fn a_relay_on_postgres_keeps_rooms_in_the_database() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(err.contains("no_such_database"), "{err}");
+}
+
+/// The test's NATS server (`scripts/services.sh start` runs it beside
+/// PostgreSQL).
+fn nats_url() -> String {
+    std::env::var("SYNCLINE_TEST_NATS")
+        .expect("scripts/services.sh starts NATS beside PostgreSQL: SYNCLINE_TEST_NATS")
+}
+
+/// Stops the test's NATS server and starts it again on its port.
+fn restart_nats() {
+    let services = std::env::var("SYNCLINE_TEST_SERVICES").unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/services.sh");
+    let status = Command::new("bash")
+        .args([script, "restart-nats", &services])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "services.sh restart-nats failed");
+}
+
+/// Waits until `done`, at most [`WAIT`].
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sets `/todo/N n` to `value` on `replica` and syncs it through `url`;
+/// how long `watcher` then took to print it (it must, within [`WAIT`]).
+fn write_and_see(replica: &Path, url: &str, value: u32, watcher: &Running) -> Duration {
+    ok(
+        replica,
+        &["set", "notes", "/todo/1", "n", &value.to_string()],
+    );
+    let synced = Instant::now();
+    ok(
+        replica,
+        &["sync", "--server", url, "--timeout", "20", "notes"],
+    );
+    let line = watcher
+        .line_with(&format!("-> {value}"), WAIT)
+        .unwrap_or_else(|| panic!("the watcher never printed {value}"));
+    assert!(line.contains("/todo/1"), "{line}");
+    synced.elapsed()
+}
+
+#[test]
+fn three_relays_share_rooms_through_postgres_and_nats_and_outlive_each_part() {
+    let Some(db) = fresh_database() else { return };
+    let nats = nats_url();
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("fleet{}", std::process::id());
+    // Three relays start at once on a fresh database: one schema, one
+    // identity. Room `notes` is open; every other room is locked.
+    let relays: Vec<Server> = std::thread::scope(|scope| {
+        let started: Vec<_> = (1..=3)
+            .map(|i| {
+                let (dir, db, nats, prefix) = (dir.path(), &db, &nats, &prefix);
+                scope.spawn(move || {
+                    Server::start(
+                        &dir.join(format!("relay{i}")),
+                        &[
+                            "--postgres",
+                            db,
+                            "--nats",
+                            nats,
+                            "--nats-prefix",
+                            prefix,
+                            "--fleet-poll",
+                            "500ms",
+                            "--open-room",
+                            "notes",
+                        ],
+                    )
+                })
+            })
+            .collect();
+        started.into_iter().map(|s| s.join().unwrap()).collect()
+    });
+    let mut relays = relays;
+    let key = |s: &Server| std::fs::read_to_string(s.data.join("relay.key")).unwrap();
+    assert!(
+        relays.iter().all(|r| key(r) == key(&relays[0])),
+        "the relays share one identity"
+    );
+    let url: Vec<String> = relays.iter().map(Server::url).collect();
+
+    // Watchers: one on relay 2; one listing relays 1 and 3 (on 1 first).
+    let on_2 = Running::start(
+        &dir.path().join("w2"),
+        &["watch", "notes", "--server", &url[1]],
+    );
+    let moving = Running::start(
+        &dir.path().join("w13"),
+        &["watch", "notes", "--server", &url[0], "--server", &url[2]],
+    );
+    let sessions = |r: &Server| r.metric("syncline_sessions_open");
+    wait_until("both watchers connected", || {
+        sessions(&relays[0]) >= 1.0 && sessions(&relays[1]) >= 1.0
+    });
+
+    // An edit through relay 1 reaches the watcher on relay 2 (through
+    // NATS and PostgreSQL) and the one on relay 1.
+    let a = dir.path().join("a");
+    let took = write_and_see(&a, &url[0], 1, &on_2);
+    moving
+        .line_with("-> 1", WAIT)
+        .expect("relay 1's own watcher");
+    eprintln!("relay 1 -> relay 2 watcher: {took:?}");
+    let heard = r#"syncline_fleet_notices_total{way="heard"}"#;
+    assert!(
+        relays[1].metric(heard) >= 1.0,
+        "relay 2 heard relay 1's notice"
+    );
+    assert!(relays[1].metric("syncline_fleet_nodes_learned_total") >= 1.0);
+
+    // A client of relay 3 gets it, writes, and the others see that.
+    let b = dir.path().join("b");
+    ok(&b, &["sync", "--server", &url[2], "notes"]);
+    assert_eq!(ok(&b, &["get", "notes", "/todo/1", "n"]), "1");
+    write_and_see(&b, &url[2], 2, &on_2);
+    moving
+        .line_with("-> 2", WAIT)
+        .expect("relay 1's watcher sees relay 3's write");
+
+    // SIGKILL relay 1: its watcher moves to relay 3; what relay 1
+    // acknowledged is in the database.
+    ok(&a, &["set", "notes", "/todo/9", "n", "9"]);
+    ok(&a, &["sync", "--server", &url[0], "notes"]);
+    relays[0].kill9();
+    let c = dir.path().join("c");
+    ok(&c, &["sync", "--server", &url[1], "notes"]);
+    assert_eq!(
+        ok(&c, &["get", "notes", "/todo/9", "n"]),
+        "9",
+        "acknowledged, kept"
+    );
+    wait_until("the watcher moved to relay 3", || {
+        sessions(&relays[2]) >= 1.0
+    });
+    write_and_see(&c, &url[1], 3, &moving);
+    on_2.line_with("-> 3", WAIT).expect("relay 2's watcher");
+
+    // NATS restarts: the relays learn of writes made meanwhile from
+    // PostgreSQL, then hear notices again.
+    restart_nats();
+    write_and_see(&b, &url[2], 4, &on_2);
+    wait_until("relays 2 and 3 back on NATS", || {
+        relays[1..]
+            .iter()
+            .all(|r| r.metric("syncline_fleet_bus_connected") == 1.0)
+    });
+    let heard_before = relays[1].metric(heard);
+    write_and_see(&b, &url[2], 5, &on_2);
+    assert!(
+        relays[1].metric(heard) > heard_before,
+        "notices flow again after NATS came back"
+    );
+
+    // PostgreSQL restarts under the fleet: writes go on.
+    restart_postgres();
+    write_and_see(&c, &url[1], 6, &moving);
+
+    // Authority holds across relays: a token signed by relay 1's key
+    // works on relay 2; a read-only one reads through relay 3 and cannot
+    // write; no token, no access.
+    let (reader, writer) = (dir.path().join("reader"), dir.path().join("writer"));
+    let author = |replica: &Path| {
+        let out = ok(replica, &["--json", "init"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["author"].as_str().unwrap().to_owned()
+    };
+    let issue = |replica: &Path, rights: &str| {
+        let data = relays[0].data.to_str().unwrap().to_owned();
+        let subject = author(replica);
+        ok(
+            Path::new("/nonexistent-replica"),
+            &[
+                "token",
+                "issue",
+                "--data",
+                &data,
+                "--subject",
+                &subject,
+                "--room",
+                "secret",
+                "--rights",
+                rights,
+            ],
+        )
+    };
+    let (read_token, write_token) = (issue(&reader, "read"), issue(&writer, "write"));
+    let sync = |replica: &Path, url: &str, token: &str| {
+        run(
+            replica,
+            &[
+                "sync",
+                "--server",
+                url,
+                "--timeout",
+                "20",
+                "--token",
+                token,
+                "secret",
+            ],
+            &[],
+        )
+    };
+    // The writer joins through relay 2 (its capability goes into the
+    // room's history), then writes.
+    let (code, _, err) = sync(&writer, &url[1], &write_token);
+    assert_eq!(code, 0, "a relay 1 token on relay 2: {err}");
+    ok(&writer, &["set", "secret", "/plan", "v", "1"]);
+    let (code, _, err) = sync(&writer, &url[1], &write_token);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = sync(&reader, &url[2], &read_token);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ok(&reader, &["get", "secret", "/plan", "v"]), "1");
+    // The room's history, as relay 3 served it, says the reader may not
+    // write: refused before it commits.
+    let (code, _, err) = run(&reader, &["set", "secret", "/plan", "v", "2"], &[]);
+    assert_eq!(code, 6, "a read-only token cannot write: {err}");
+    let (code, _, err) = run(
+        &c,
+        &["sync", "--server", &url[1], "--timeout", "20", "secret"],
+        &[],
+    );
+    assert_eq!(code, 6, "no token, locked room: {err}");
 }

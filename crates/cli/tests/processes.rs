@@ -4,64 +4,12 @@
 //! other processes write while a second sync engine is refused with a
 //! clear message.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{BIN, Server, WAIT, cli, ok, run};
-
-/// A long-running `syncline` process whose stdout lines arrive on a
-/// channel; killed when dropped.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(replica: &std::path::Path, args: &[&str]) -> Running {
-        let mut child = Command::new(BIN)
-            .arg("--replica")
-            .arg(replica)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Running { child, lines }
-    }
-
-    /// The first line holding `words`, within `wait`.
-    fn line_with(&self, words: &str, wait: Duration) -> Option<String> {
-        let deadline = Instant::now() + wait;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(words) => return Some(line),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{BIN, Running, Server, WAIT, cli, ok, run};
 
 #[test]
 fn watch_sees_another_terminals_set() {

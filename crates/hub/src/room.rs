@@ -9,6 +9,14 @@
 //! state unknown, the room reloaded from disk, and the sessions' view of it
 //! is stale; nothing the batch inserted is acknowledged.
 //!
+//! **Servers sharing a store** (a fleet on one PostgreSQL database): a
+//! batch that may insert takes the room's lock across servers
+//! (`Store::lock`), catches up with what the others stored (relayed to
+//! the sessions as any insert is), and only then steps, so its write is
+//! never refused as stale; [`RoomHub::catch_up`] does the same between
+//! batches when the driver hears that another server wrote. On a store
+//! without other writers there is no lock and nothing to catch up with.
+//!
 //! Timers are served in slices: one call of [`RoomHub::handle_timeout`]
 //! stops once its frames pass [`HubConfig::slice_bytes`], resuming with the
 //! next session in turn, so a driver that checks its inbox between calls
@@ -36,6 +44,13 @@ pub struct SessionKey {
     /// The session id the client chose.
     pub session: u64,
 }
+
+/// The sender of nodes another server stored: no session's key (a
+/// driver's connection numbers stop short of it).
+const ELSEWHERE: SessionKey = SessionKey {
+    conn: u64::MAX,
+    session: u64::MAX,
+};
 
 /// What a hub is fed.
 #[derive(Debug)]
@@ -164,6 +179,12 @@ pub enum HubEvent {
         /// Which session sent it.
         key: SessionKey,
     },
+    /// Nodes other servers sharing the store stored in this room were
+    /// caught up with and relayed to the room's sessions.
+    Learned {
+        /// How many.
+        nodes: usize,
+    },
     /// Blob references could not be recorded in the blob store's index:
     /// it collects no garbage from now on (the batch stands).
     BlobRefsFailed {
@@ -289,6 +310,26 @@ impl RoomHub {
         now: u64,
         inputs: impl IntoIterator<Item = Input>,
     ) -> Result<(), ReplicaError> {
+        let inputs: Vec<Input> = inputs.into_iter().collect();
+        let may_insert = inputs.iter().any(|input| {
+            matches!(input, Input::Frame { env, .. } if matches!(env.message, Message::Pack { .. }))
+        });
+        // Held until the batch is stored: no other server appends between
+        // the catch-up and this batch's write.
+        let store = self.room.store().clone();
+        let locked = match may_insert {
+            true => match store.lock(self.room.room().id().as_str()) {
+                Ok(locked) => locked,
+                Err(e) => {
+                    self.close_all(now, Reason::Overloaded, "storage failed; reconnect");
+                    return Err(e.into());
+                }
+            },
+            false => None,
+        };
+        if locked.is_some() {
+            self.catch_up(now)?;
+        }
         let config = &self.config.session;
         let room_id = self.room.room().id().clone();
         let sessions = &mut self.sessions;
@@ -469,6 +510,43 @@ impl RoomHub {
         }
         self.after(now);
         Ok(())
+    }
+
+    /// Catches up with what other servers sharing the store stored in this
+    /// room since it was loaded or last caught up, and relays it to every
+    /// session; returns how many nodes that was. On a storage failure every
+    /// session is closed with `overloaded` and the error returned (as from
+    /// [`RoomHub::handle_batch`]).
+    pub fn catch_up(&mut self, now: u64) -> Result<usize, ReplicaError> {
+        let appended = match self.room.refresh() {
+            Ok(appended) => appended,
+            Err(e) => {
+                self.close_all(now, Reason::Overloaded, "storage failed; reconnect");
+                return Err(e);
+            }
+        };
+        let nodes: Vec<NodeIdx> = appended.collect();
+        if nodes.is_empty() {
+            return Ok(0);
+        }
+        let dag = self.room.room().dag();
+        self.room_bytes += nodes
+            .iter()
+            .map(|&n| dag.content_size(n) as u64)
+            .sum::<u64>();
+        if let Some(blobs) = &mut self.blobs {
+            if let Err(e) = blobs.record_refs(self.room.room(), &nodes) {
+                self.events.push_back(HubEvent::BlobRefsFailed {
+                    error: e.to_string(),
+                });
+            }
+            blobs.room_changed();
+        }
+        let learned = nodes.len();
+        self.events.push_back(HubEvent::Learned { nodes: learned });
+        self.relay(now, &[(ELSEWHERE, nodes)]);
+        self.after(now);
+        Ok(learned)
     }
 
     /// Hands the batch's blob messages of open sessions to the room's

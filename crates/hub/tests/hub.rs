@@ -9,7 +9,7 @@ use syncline_core::proto::scope::Scope;
 use syncline_core::proto::session::{Config, Credentials, Event};
 use syncline_core::{Keypair, RoomId, Value};
 use syncline_hub::{ClientLink, End, HubConfig, HubEvent, Input, RoomHub, SessionKey};
-use syncline_store::{DurableRoom, FaultPlan, FaultyStore, MemoryStore};
+use syncline_store::{DurableRoom, FaultPlan, FaultyStore, MemoryStore, Store};
 
 fn room_id() -> RoomId {
     RoomId::new("hub-test").unwrap()
@@ -213,6 +213,50 @@ fn a_hub_relays_persists_and_acknowledges() {
         }
     )));
     assert_eq!(hub.session_count(), 1);
+}
+
+#[test]
+fn hubs_sharing_a_store_catch_up_with_each_other_and_relay_what_they_learn() {
+    // Two servers of a fleet: one store, a hub each, a client on each.
+    let store = Arc::new(MemoryStore::new());
+    let (mut a, mut b) = (
+        hub(store.clone(), HubConfig::default()),
+        hub(store.clone(), HubConfig::default()),
+    );
+    let mut on_a = vec![Client::connect(1, 10)];
+    let mut on_b = vec![Client::connect(2, 20)];
+    settle(&mut a, &mut on_a);
+    settle(&mut b, &mut on_b);
+    on_a[0].commit(1);
+    on_a[0].commit(2);
+    settle(&mut a, &mut on_a);
+    assert_eq!(on_a[0].room.outbox_len(), 0, "A stored and acknowledged");
+    assert_eq!(
+        b.catch_up(0).unwrap(),
+        2,
+        "B learns A's nodes from the store"
+    );
+    assert!(
+        std::iter::from_fn(|| b.poll_event()).any(|e| matches!(e, HubEvent::Learned { nodes: 2 }))
+    );
+    settle(&mut b, &mut on_b);
+    assert_eq!(
+        on_b[0].room.room().state_hash(),
+        on_a[0].room.room().state_hash(),
+        "B relayed them to its session"
+    );
+    assert_eq!(b.catch_up(0).unwrap(), 0, "nothing new");
+    // And back: B appends after what it learned; A catches up.
+    on_b[0].commit(3);
+    settle(&mut b, &mut on_b);
+    assert_eq!(on_b[0].room.outbox_len(), 0, "B stored and acknowledged");
+    assert_eq!(a.catch_up(0).unwrap(), 1);
+    settle(&mut a, &mut on_a);
+    assert_eq!(
+        on_a[0].room.room().state_hash(),
+        on_b[0].room.room().state_hash()
+    );
+    assert_eq!(store.node_count(&room_id()).unwrap(), 3);
 }
 
 #[test]

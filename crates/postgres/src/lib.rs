@@ -19,10 +19,21 @@
 //! committed it (`synchronous_commit` as the server has it: on by
 //! default, which flushes the WAL).
 //!
+//! **Locks across relays.** [`Store::lock`] is a PostgreSQL advisory lock
+//! on the name (a session lock, on a connection of a pool of its own, so a
+//! lock holder's commit never waits for a connection a lock holder has):
+//! a relay about to append to a room takes the room's lock, catches up
+//! with the tail other relays stored, then commits, so its batch is never
+//! refused as stale. The lock ends with its connection, so a relay that
+//! dies (or loses the database) releases what it held; connections ask
+//! the server to probe them with TCP keepalives, so a relay cut off by a
+//! partition releases its locks within about half a minute.
+//!
 //! Connections come from a small pool ([`PgOptions::connections`]); one
 //! that fails is dropped, and the next call opens another. Every call
 //! runs on the caller's thread (the relay calls stores on its blocking
-//! pool), and every query has a statement timeout.
+//! pool), every query has a statement timeout, and waiting for a pooled
+//! connection has one too.
 
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
@@ -31,11 +42,12 @@ use std::time::Duration;
 use postgres::{Client, NoTls, Statement, Transaction};
 use syncline_core::{RoomId, Signature};
 use syncline_store::{
-    Batch, RoomBytes, Segment, Store, StoreError, StoredRoom, StoredTail, appended, check_expected,
+    Batch, RoomBytes, Segment, Store, StoreError, StoreLock, StoredRoom, StoredTail, appended,
+    check_expected,
 };
 
 /// The schema this version writes; older ones are migrated on open.
-const SCHEMA: i32 = 1;
+const SCHEMA: i32 = 2;
 
 /// Schema 1. Names are prefixed so that the tables can live in a database
 /// shared with others.
@@ -73,6 +85,19 @@ CREATE TABLE syncline_meta (
 );
 ";
 
+/// Schema 2: the nodes a checkpoint covers, beside it (a catch-up reads
+/// it without the checkpoint's bytes); filled for stored checkpoints by
+/// [`migrate`].
+const MIGRATION_2: &str = "ALTER TABLE syncline_checkpoints ADD COLUMN nodes BIGINT";
+
+/// The advisory lock space of [`Store::lock`] ("SYNE": the lock's name
+/// hashed is the other half of the key).
+const LOCK_SPACE: i32 = 1398361669;
+
+/// Where a room stands: its key, node count, the nodes its checkpoint
+/// covers, and its outbox (one statement: one snapshot).
+const ROOM_HEAD: &str = "SELECT r.key, r.node_count,         coalesce((SELECT c.nodes FROM syncline_checkpoints c WHERE c.room = r.key), 0),         ARRAY(SELECT o.seq FROM syncline_outbox o WHERE o.room = r.key ORDER BY o.seq)     FROM syncline_rooms r WHERE r.name = $1";
+
 /// Creates a room's row if need be and locks it; its key and node count.
 const LOCK_ROOM: &str = "INSERT INTO syncline_rooms (name) VALUES ($1) \
     ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING key, node_count";
@@ -104,8 +129,14 @@ const OUTBOX_ADD: &str = "INSERT INTO syncline_outbox (room, seq) \
 
 const OUTBOX_REMOVE: &str = "DELETE FROM syncline_outbox WHERE room = $1 AND seq = ANY($2)";
 
-const PUT_CHECKPOINT: &str = "INSERT INTO syncline_checkpoints (room, bytes) VALUES ($1, $2) \
-    ON CONFLICT (room) DO UPDATE SET bytes = EXCLUDED.bytes";
+const PUT_CHECKPOINT: &str = "INSERT INTO syncline_checkpoints (room, bytes, nodes) \
+    VALUES ($1, $2, $3) \
+    ON CONFLICT (room) DO UPDATE SET bytes = EXCLUDED.bytes, nodes = EXCLUDED.nodes";
+
+/// Rooms a store remembers the last count of ([`PgStore::fast_append`]);
+/// past it the memory starts afresh (a forgotten room's next append takes
+/// the general path once).
+const SEEN_ROOMS: usize = 65_536;
 
 /// How a [`PgStore`] connects.
 #[derive(Clone, Debug)]
@@ -114,8 +145,12 @@ pub struct PgOptions {
     pub connections: usize,
     /// How long one statement may run before PostgreSQL cancels it.
     pub statement_timeout: Duration,
-    /// How long opening a connection may take.
+    /// How long opening a connection, or waiting for a pooled one, may
+    /// take.
     pub connect_timeout: Duration,
+    /// Connections held by [`Store::lock`] at most (a relay holds one per
+    /// room step running: its `room_workers`); lockers beyond wait.
+    pub lock_connections: usize,
 }
 
 impl Default for PgOptions {
@@ -124,6 +159,7 @@ impl Default for PgOptions {
             connections: 8,
             statement_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            lock_connections: 8,
         }
     }
 }
@@ -146,17 +182,99 @@ impl Conn {
     }
 }
 
+/// Connections to one database, opened as needed up to a bound.
+struct Pool {
+    /// Idle connections, and how many are open in all.
+    conns: Mutex<(Vec<Conn>, usize)>,
+    returned: Condvar,
+    most: usize,
+}
+
+impl Pool {
+    fn new(most: usize) -> Pool {
+        Pool {
+            conns: Mutex::new((Vec::new(), 0)),
+            returned: Condvar::new(),
+            most: most.max(1),
+        }
+    }
+
+    /// An idle connection, a new one if fewer than the bound are open,
+    /// else the first returned within `config`'s connect timeout.
+    fn take(&self, config: &postgres::Config) -> Result<Conn, StoreError> {
+        let wait = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::MAX);
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(conn) = conns.0.pop() {
+                return Ok(conn);
+            }
+            if conns.1 < self.most {
+                conns.1 += 1;
+                drop(conns);
+                let opened = config.connect(NoTls).map_err(sql);
+                if opened.is_err() {
+                    self.conns.lock().unwrap_or_else(|p| p.into_inner()).1 -= 1;
+                }
+                return opened.map(|client| Conn {
+                    client,
+                    statements: HashMap::new(),
+                });
+            }
+            let (next, waited) = self
+                .returned
+                .wait_timeout(conns, wait)
+                .unwrap_or_else(|p| p.into_inner());
+            conns = next;
+            if waited.timed_out() && conns.0.is_empty() {
+                return Err(StoreError::Io(format!(
+                    "postgres: all {} connections stayed busy for {wait:?}",
+                    self.most
+                )));
+            }
+        }
+    }
+
+    /// Gives `conn` back (closing it instead if it failed).
+    fn give(&self, conn: Conn) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if conn.client.is_closed() {
+            conns.1 -= 1;
+            off_thread(conn);
+        } else {
+            conns.0.push(conn);
+        }
+        self.returned.notify_one();
+    }
+
+    /// Closes a connection taken from the pool instead of giving it back.
+    fn discard(&self, conn: Conn) {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).1 -= 1;
+        off_thread(conn);
+        self.returned.notify_one();
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        off_thread(std::mem::take(&mut conns.0));
+    }
+}
+
 /// The [`Store`] on a PostgreSQL database (see the module docs).
 pub struct PgStore {
     config: postgres::Config,
-    options: PgOptions,
-    /// Idle connections, and how many are open in all.
-    pool: Mutex<(Vec<Conn>, usize)>,
-    /// Each room's key and node count as this store last committed it:
-    /// the next append to it goes in one round trip if no other writer
-    /// moved it on ([`PgStore::fast_append`]).
+    pool: Pool,
+    /// Connections holding (or about to hold) [`Store::lock`]s.
+    lockers: Pool,
+    /// Each room's key and node count as this store last committed or
+    /// read it: the next append to it goes in one round trip if no other
+    /// writer moved it on ([`PgStore::fast_append`]). At most
+    /// [`SEEN_ROOMS`] rooms.
     seen: Mutex<HashMap<RoomId, (i64, u64)>>,
-    returned: Condvar,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -189,19 +307,21 @@ impl PgStore {
         let mut config: postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Io(format!("postgres URL {url:?}: {e}")))?;
+        // The server probes an idle connection after 10 s, every 5 s,
+        // three times: the locks of a relay cut off end within ~25 s.
         config
             .connect_timeout(options.connect_timeout)
             .options(&format!(
-                "-c statement_timeout={}",
+                "-c statement_timeout={} -c tcp_keepalives_idle=10 \
+                 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
                 options.statement_timeout.as_millis()
             ))
             .application_name("syncline");
         let store = PgStore {
             config,
-            options,
-            pool: Mutex::new((Vec::new(), 0)),
+            pool: Pool::new(options.connections),
+            lockers: Pool::new(options.lock_connections),
             seen: Mutex::new(HashMap::new()),
-            returned: Condvar::new(),
         };
         store.with(|conn| migrate(&mut conn.client))?;
         Ok(store)
@@ -211,39 +331,10 @@ impl PgStore {
     /// pooled again. Calls block: from async code, call them on a blocking
     /// thread (`spawn_blocking`).
     fn with<R>(&self, f: impl FnOnce(&mut Conn) -> Result<R, StoreError>) -> Result<R, StoreError> {
-        let mut conn = self.take()?;
+        let mut conn = self.pool.take(&self.config)?;
         let result = f(&mut conn);
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if conn.client.is_closed() {
-            pool.1 -= 1;
-            off_thread(conn);
-        } else {
-            pool.0.push(conn);
-        }
-        self.returned.notify_one();
+        self.pool.give(conn);
         result
-    }
-
-    fn take(&self) -> Result<Conn, StoreError> {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(conn) = pool.0.pop() {
-                return Ok(conn);
-            }
-            if pool.1 < self.options.connections.max(1) {
-                pool.1 += 1;
-                drop(pool);
-                let opened = self.config.connect(NoTls).map_err(sql);
-                if opened.is_err() {
-                    self.pool.lock().unwrap_or_else(|p| p.into_inner()).1 -= 1;
-                }
-                return opened.map(|client| Conn {
-                    client,
-                    statements: HashMap::new(),
-                });
-            }
-            pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
-        }
     }
 
     /// Bytes the database takes on disk (`pg_database_size`).
@@ -258,15 +349,31 @@ impl PgStore {
         })
     }
 
-    /// Claims the database for one relay: `Ok(None)` if another holds it.
-    /// The claim (a session advisory lock on a connection of its own)
-    /// lasts as long as the returned [`Claim`] and ends with its process.
-    pub fn claim(&self) -> Result<Option<Claim>, StoreError> {
-        let mut claim = Claim {
-            config: self.config.clone(),
-            client: None,
-        };
-        Ok(claim.renew()?.then_some(claim))
+    /// The node counts of those of `rooms` that are stored, in one query
+    /// per 10,000 rooms: a relay of a fleet checks its loaded rooms
+    /// against what the others stored.
+    pub fn node_counts(&self, rooms: &[RoomId]) -> Result<Vec<(RoomId, u64)>, StoreError> {
+        let mut counts = Vec::with_capacity(rooms.len());
+        for chunk in rooms.chunks(10_000) {
+            let names: Vec<&str> = chunk.iter().map(RoomId::as_str).collect();
+            let rows = self.with(|conn| {
+                conn.client
+                    .query(
+                        "SELECT name, node_count FROM syncline_rooms WHERE name = ANY($1)",
+                        &[&names],
+                    )
+                    .map_err(sql)
+            })?;
+            for row in rows {
+                let name: String = row.get(0);
+                let room = RoomId::new(&name)
+                    .map_err(|e| StoreError::Corrupt(format!("room name {name:?}: {e}")))?;
+                let nodes =
+                    u64::try_from(row.get::<_, i64>(1)).map_err(|_| corrupt("node count"))?;
+                counts.push((room, nodes));
+            }
+        }
+        Ok(counts)
     }
 
     /// Runs `f` in a transaction that reads one snapshot.
@@ -289,49 +396,28 @@ impl PgStore {
     }
 }
 
-/// One relay's hold on a database ([`PgStore::claim`]): released when
-/// dropped, or when its connection ends (PostgreSQL restarted): see
-/// [`Claim::renew`].
-pub struct Claim {
-    config: postgres::Config,
-    client: Option<Client>,
+/// A held [`Store::lock`]: its connection, given back once unlocked.
+struct Held<'a> {
+    store: &'a PgStore,
+    conn: Option<Conn>,
+    name: String,
 }
 
-impl Claim {
-    /// Checks that the claim still holds, taking it again on a new
-    /// connection if its connection ended: `Ok(false)` if another relay
-    /// took the database meanwhile (this one must stop serving it).
-    pub fn renew(&mut self) -> Result<bool, StoreError> {
-        if let Some(client) = &mut self.client
-            && client.simple_query("SELECT 1").is_ok()
-        {
-            return Ok(true);
-        }
-        off_thread(self.client.take());
-        let mut client = self.config.connect(NoTls).map_err(sql)?;
-        let held: bool = client
-            .query_one("SELECT pg_try_advisory_lock(1398361668)", &[])
-            .map_err(sql)?
-            .get(0);
-        if held {
-            self.client = Some(client);
-        } else {
-            off_thread(client);
-        }
-        Ok(held)
-    }
-}
-
-impl Drop for Claim {
+impl Drop for Held<'_> {
     fn drop(&mut self) {
-        off_thread(self.client.take());
-    }
-}
-
-impl Drop for PgStore {
-    fn drop(&mut self) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        off_thread(std::mem::take(&mut pool.0));
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let unlocked = conn.client.query_one(
+            "SELECT pg_advisory_unlock($1, hashtext($2))",
+            &[&LOCK_SPACE, &self.name],
+        );
+        match unlocked {
+            Ok(row) if row.get::<_, bool>(0) => self.store.lockers.give(conn),
+            // Not held after all, or the connection failed: closing it
+            // releases whatever it holds.
+            _ => self.store.lockers.discard(conn),
+        }
     }
 }
 
@@ -340,12 +426,6 @@ impl Drop for PgStore {
 /// task panics, and a relay drops its store from one.
 fn off_thread<T: Send + 'static>(value: T) {
     std::thread::spawn(move || drop(value));
-}
-
-impl std::fmt::Debug for Claim {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Claim").finish_non_exhaustive()
-    }
 }
 
 /// Creates the tables, or migrates older ones, once: relays starting
@@ -361,23 +441,77 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
         .query_opt("SELECT version FROM syncline_schema", &[])
         .map_err(sql)?
         .map(|row| row.get(0));
-    match version {
+    let mut at = match version {
         None => {
             tx.batch_execute(MIGRATION_1).map_err(sql)?;
-            tx.execute(
-                "INSERT INTO syncline_schema (version) VALUES ($1)",
-                &[&SCHEMA],
-            )
-            .map_err(sql)?;
+            tx.execute("INSERT INTO syncline_schema (version) VALUES (1)", &[])
+                .map_err(sql)?;
+            1
         }
-        Some(SCHEMA) => {}
-        Some(v) => {
+        Some(v) if v > SCHEMA => {
             return Err(StoreError::Corrupt(format!(
                 "the database holds Syncline schema {v}; this version reads {SCHEMA}"
             )));
         }
+        Some(v) => v,
+    };
+    if at == 1 {
+        tx.batch_execute(MIGRATION_2).map_err(sql)?;
+        for row in tx
+            .query("SELECT room, bytes FROM syncline_checkpoints", &[])
+            .map_err(sql)?
+        {
+            let (room, bytes): (i64, Vec<u8>) = (row.get(0), row.get(1));
+            tx.execute(
+                "UPDATE syncline_checkpoints SET nodes = $2 WHERE room = $1",
+                &[&room, &checkpoint_nodes(&bytes)],
+            )
+            .map_err(sql)?;
+        }
+        at = 2;
     }
+    debug_assert_eq!(at, SCHEMA, "every migration ran");
+    tx.execute("UPDATE syncline_schema SET version = $1", &[&at])
+        .map_err(sql)?;
     tx.commit().map_err(sql)
+}
+
+/// The nodes a checkpoint covers (0 for one that does not read: a room
+/// loading it replays its history instead).
+fn checkpoint_nodes(bytes: &[u8]) -> i64 {
+    syncline_core::checkpoint::header(bytes).map_or(0, |h| int(h.nodes))
+}
+
+/// Where a room stands ([`ROOM_HEAD`]).
+struct Head {
+    key: i64,
+    nodes: u64,
+    checkpointed: u64,
+    outbox: Vec<u64>,
+}
+
+impl Head {
+    fn of(row: &postgres::Row) -> Result<Head, StoreError> {
+        let count = |n: i64| u64::try_from(n).map_err(|_| corrupt("node count"));
+        Ok(Head {
+            key: row.get(0),
+            nodes: count(row.get(1))?,
+            checkpointed: count(row.get(2))?,
+            outbox: row
+                .get::<_, Vec<i64>>(3)
+                .into_iter()
+                .map(count)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// [`ROOM_HEAD`] in a transaction.
+fn read_head(tx: &mut Transaction<'_>, room: &RoomId) -> Result<Option<Head>, StoreError> {
+    tx.query_opt(ROOM_HEAD, &[&room.as_str()])
+        .map_err(sql)?
+        .map(|row| Head::of(&row))
+        .transpose()
 }
 
 /// The room's key and node count, if it is stored.
@@ -525,7 +659,23 @@ impl PgStore {
 
     /// This store saw `room` (key `key`) hold `count` nodes.
     fn saw(&self, room: &RoomId, key: i64, count: u64) {
-        self.seen_lock().insert(room.clone(), (key, count));
+        let mut seen = self.seen_lock();
+        if seen.len() >= SEEN_ROOMS && !seen.contains_key(room) {
+            seen.clear();
+        }
+        seen.insert(room.clone(), (key, count));
+    }
+
+    /// Where `room` stands, in one statement (`None`: never written).
+    fn head(&self, room: &RoomId) -> Result<Option<Head>, StoreError> {
+        self.with(|conn| {
+            let statement = conn.prepared(ROOM_HEAD)?;
+            conn.client
+                .query_opt(&statement, &[&room.as_str()])
+                .map_err(sql)?
+                .map(|row| Head::of(&row))
+                .transpose()
+        })
     }
 }
 
@@ -579,8 +729,11 @@ impl Store for PgStore {
                 tx.execute(&outbox_remove, &[&key, &seqs]).map_err(sql)?;
             }
             if let Some(checkpoint) = &batch.checkpoint {
-                tx.execute(&put_checkpoint, &[&key, checkpoint])
-                    .map_err(sql)?;
+                tx.execute(
+                    &put_checkpoint,
+                    &[&key, checkpoint, &checkpoint_nodes(checkpoint)],
+                )
+                .map_err(sql)?;
             }
             tx.commit().map_err(sql)?;
             self.saw(room, key, count);
@@ -603,25 +756,56 @@ impl Store for PgStore {
     }
 
     fn load_tail(&self, room: &RoomId, from: u64) -> Result<StoredTail, StoreError> {
-        self.read(|tx| {
-            let Some((key, _)) = room_row(tx, room)? else {
-                return Ok(StoredTail::default());
-            };
-            let checkpointed = checkpoint(tx, key)?
-                .as_deref()
-                .and_then(|c| syncline_core::checkpoint::header(c).ok())
-                .map_or(0, |h| h.nodes);
-            Ok(StoredTail {
-                segments: segments_from(tx, key, from)?,
-                signatures: signatures_from(tx, key, from)?,
-                outbox: outbox(tx, key)?,
-                checkpointed,
-            })
+        // Most calls find nothing new: one statement says so.
+        let Some(head) = self.head(room)? else {
+            return Ok(StoredTail::default());
+        };
+        let head = if head.nodes > from {
+            // The tail and the head it continues, from one snapshot.
+            self.read(|tx| {
+                let Some(head) = read_head(tx, room)? else {
+                    return Ok(None);
+                };
+                let segments = segments_from(tx, head.key, from)?;
+                let signatures = signatures_from(tx, head.key, from)?;
+                Ok(Some((head, segments, signatures)))
+            })?
+        } else {
+            Some((head, Vec::new(), Vec::new()))
+        };
+        let Some((head, segments, signatures)) = head else {
+            return Ok(StoredTail::default());
+        };
+        self.saw(room, head.key, head.nodes);
+        Ok(StoredTail {
+            segments,
+            signatures,
+            outbox: head.outbox,
+            checkpointed: head.checkpointed,
         })
     }
 
     fn node_count(&self, room: &RoomId) -> Result<u64, StoreError> {
-        self.read(|tx| Ok(room_row(tx, room)?.map_or(0, |(_, n)| n)))
+        Ok(self.head(room)?.map_or(0, |h| h.nodes))
+    }
+
+    fn lock(&self, name: &str) -> Result<Option<StoreLock<'_>>, StoreError> {
+        let mut conn = self.lockers.take(&self.config)?;
+        let taken = conn.client.execute(
+            "SELECT pg_advisory_lock($1, hashtext($2))",
+            &[&LOCK_SPACE, &name],
+        );
+        match taken {
+            Ok(_) => Ok(Some(Box::new(Held {
+                store: self,
+                conn: Some(conn),
+                name: name.to_owned(),
+            }))),
+            Err(e) => {
+                self.lockers.give(conn);
+                Err(sql(e))
+            }
+        }
     }
 
     fn room_bytes(&self, room: &RoomId) -> Result<RoomBytes, StoreError> {

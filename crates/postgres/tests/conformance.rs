@@ -100,3 +100,29 @@ fn two_relays_on_one_database_append_in_turn_and_refuse_a_stale_batch() {
     .unwrap();
     assert_eq!(b.load(&room).unwrap().node_count(), 15);
 }
+
+#[test]
+fn a_lock_held_by_one_relay_makes_another_wait_until_it_is_released() {
+    let Some(url) = fresh_database() else { return };
+    let (a, b) = (
+        PgStore::open(&url, PgOptions::default()).unwrap(),
+        PgStore::open(&url, PgOptions::default()).unwrap(),
+    );
+    let held = a.lock("shared/room").unwrap().expect("PostgreSQL locks");
+    let (taken_tx, taken) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let lock = b.lock("shared/room").unwrap();
+            taken_tx.send(()).unwrap();
+            drop(lock);
+        });
+        let waited = taken.recv_timeout(std::time::Duration::from_millis(300));
+        assert!(waited.is_err(), "B took a lock A holds");
+        // Other names are not held up.
+        assert!(b.lock("another/room").unwrap().is_some());
+        drop(held);
+        taken
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("B takes the lock once A releases it");
+    });
+}

@@ -235,6 +235,9 @@ pub(crate) fn redeem(
         )
     };
     let gone = |why: &str| (StatusCode::GONE, why.to_owned());
+    // One redemption at a time across a fleet's relays too (a name no
+    // room has: room names hold no spaces).
+    let _fleet_wide = store.lock("syncline invites").map_err(unavailable)?;
     let stored = store.get_meta(&key).map_err(unavailable)?;
     let Some(bytes) = stored else {
         return Err((StatusCode::NOT_FOUND, "no such invite".into()));

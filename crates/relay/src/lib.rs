@@ -39,9 +39,12 @@ use tracing::{debug, info, warn};
 /// A key blobs are encrypted with at rest (for [`Config::blob_keys`]).
 pub use syncline_store::BlobKey;
 
+pub use fleet::BusError;
+
 mod admin;
 mod blob_http;
 mod conn;
+mod fleet;
 mod limits;
 mod rooms;
 mod telemetry;
@@ -119,8 +122,20 @@ pub struct Config {
     pub blob_keys: Vec<BlobKey>,
     /// Keep rooms in this PostgreSQL database
     /// (`postgres://user@host:port/db`) instead of `data_dir/relay.db`
-    /// (the data directory still holds blobs and the key file).
+    /// (the data directory still holds blobs and the key file). Any
+    /// number of relays may share one database and its rooms: a fleet.
     pub postgres: Option<String>,
+    /// With `postgres`: the NATS server (`nats://host:4222`) relays of the
+    /// fleet tell one another of their commits through (`None`: they
+    /// learn of them by [`Config::fleet_poll`] alone).
+    pub nats: Option<String>,
+    /// The subject prefix of the fleet's notices (fleets sharing a NATS
+    /// server use prefixes of their own).
+    pub nats_prefix: String,
+    /// With `postgres`: how often the relay checks its loaded rooms
+    /// against the database, catching up with writes whose notice it
+    /// missed (or every write, without NATS).
+    pub fleet_poll: Duration,
     /// How long a direct blob URL (`blob-grant`) may be used; `None`: the
     /// relay serves no URLs (blobs move over sessions only).
     pub blob_url_ttl: Option<Duration>,
@@ -188,6 +203,9 @@ impl Default for Config {
             max_blob_bytes: 10 << 30,
             blob_keys: Vec::new(),
             postgres: None,
+            nats: None,
+            nats_prefix: "syncline".to_owned(),
+            fleet_poll: Duration::from_secs(1),
             blob_url_ttl: Some(Duration::from_secs(60)),
             blob_gc_every: Duration::from_secs(3600),
             blob_gc_grace: Duration::from_secs(24 * 3600),
@@ -222,13 +240,16 @@ pub enum RelayError {
         /// The open room patterns.
         rooms: String,
     },
-    /// Another relay serves the PostgreSQL database.
+    /// `nats` without `postgres`: a fleet shares its rooms through one
+    /// database.
     #[error(
-        "another relay serves this PostgreSQL database: one relay per database for now \
-         (relays that share rooms through one database are still to come); give this one \
-         a database of its own"
+        "--nats needs --postgres: relays of a fleet share their rooms through one PostgreSQL \
+         database, and NATS only tells them when it changed"
     )]
-    DatabaseTaken,
+    NatsWithoutPostgres,
+    /// The fleet's bus could not start.
+    #[error(transparent)]
+    Bus(#[from] fleet::BusError),
     /// The data directory could not be created.
     #[error("cannot use data directory {dir}: {source}")]
     DataDir {
@@ -279,8 +300,8 @@ pub struct Server {
     listener: TcpListener,
     /// What the store takes on disk, for `max_store_bytes`.
     store: StoreSize,
-    /// The database, held for this relay (PostgreSQL).
-    claim: Option<syncline_postgres::Claim>,
+    /// The fleet's bus (with `nats`).
+    bus: Option<fleet::Bus>,
     rooms: Arc<Rooms>,
     config: Config,
     server_key: AuthorId,
@@ -306,6 +327,9 @@ impl Server {
         {
             return Err(RelayError::MetricsOnNetwork(addr));
         }
+        if config.nats.is_some() && config.postgres.is_none() {
+            return Err(RelayError::NatsWithoutPostgres);
+        }
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|source| RelayError::DataDir {
             dir: dir.clone(),
@@ -316,12 +340,14 @@ impl Server {
         let opened = tokio::task::spawn_blocking(move || open_store(postgres.as_deref(), &db_dir))
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        let Opened {
-            store,
-            size,
-            claim,
-            key,
-        } = opened?;
+        let Opened { store, size, key } = opened?;
+        let (fleet, bus) = match &config.nats {
+            Some(url) => {
+                let (fleet, bus) = fleet::connect(url, &config.nats_prefix).await?;
+                (fleet, Some(bus))
+            }
+            None => (fleet::Fleet::alone(), None),
+        };
         write_key_file(&dir, &key)?;
         let listener =
             TcpListener::bind(config.listen)
@@ -352,11 +378,11 @@ impl Server {
         let grants = config
             .blob_url_ttl
             .map(|ttl| Arc::new(blob_http::Grants::new(&key.seed(), ttl)));
-        let rooms = Rooms::new(store, blobs, grants, key, config.clone());
+        let rooms = Rooms::new(store, blobs, grants, key, config.clone(), fleet);
         Ok(Server {
             listener,
             store: size,
-            claim,
+            bus,
             rooms,
             config,
             server_key,
@@ -473,20 +499,20 @@ impl Server {
             self.rooms.clone(),
             config.max_store_bytes,
         ));
-        let mut connections = JoinSet::new();
-        // A relay that lost its database to another stops serving it.
-        // (Without a claim the sender is kept here: a dropped sender would
-        // read as a lost database.)
-        let (lost, mut database_lost) = watch::channel(false);
-        let (claim, _no_claim) = match self.claim {
-            Some(claim) => (Some(tokio::spawn(keep_claim(claim, lost))), None),
-            None => (None, Some(lost)),
+        let fleet = match &self.store {
+            StoreSize::Postgres(pg) => Some(tokio::spawn(fleet::run(
+                self.rooms.clone(),
+                pg.clone(),
+                self.bus,
+                config.fleet_poll,
+            ))),
+            StoreSize::Sqlite(_) => None,
         };
+        let mut connections = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             let accepted = tokio::select! {
                 () = &mut shutdown => break,
-                () = stopped(&mut database_lost) => break,
                 accepted = self.listener.accept() => accepted,
             };
             while connections.try_join_next().is_some() {}
@@ -548,8 +574,8 @@ impl Server {
         }
         quota.abort();
         blob_gc.abort();
-        if let Some(claim) = claim {
-            claim.abort();
+        if let Some(fleet) = fleet {
+            fleet.abort();
         }
         revocations.abort();
         if let Some(m) = metrics_listener {
@@ -564,9 +590,6 @@ impl Server {
         // HTTP connections that never upgraded end gracefully.
         let drained = async { while connections.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
-        if *database_lost.borrow() {
-            return Err(RelayError::DatabaseTaken);
-        }
         Ok(())
     }
 }
@@ -634,71 +657,37 @@ async fn collect_blob_garbage(
     }
 }
 
-/// Every second, checks that this relay still holds its database (a
-/// PostgreSQL restart ends the claim's connection: it is taken again);
-/// says `lost` if another relay took it meanwhile.
-async fn keep_claim(claim: syncline_postgres::Claim, lost: watch::Sender<bool>) {
-    let mut claim = Some(claim);
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let Some(mut held) = claim.take() else { return };
-        let renewed = tokio::task::spawn_blocking(move || {
-            let renewed = held.renew();
-            (held, renewed)
-        })
-        .await;
-        match renewed {
-            Ok((held, Ok(true))) => claim = Some(held),
-            Ok((_, Ok(false))) => {
-                tracing::error!(
-                    "another relay took this PostgreSQL database: stopping (one relay per database)"
-                );
-                lost.send_replace(true);
-                return;
-            }
-            // PostgreSQL unreachable: try again (writes fail meanwhile).
-            Ok((held, Err(e))) => {
-                warn!(error = %e, "cannot check this relay's hold on its database");
-                claim = Some(held);
-            }
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
-    }
-}
-
 /// What [`open_store`] opened.
 struct Opened {
     store: Arc<dyn Store>,
     size: StoreSize,
-    claim: Option<syncline_postgres::Claim>,
     key: Keypair,
 }
 
 /// The relay's store (PostgreSQL at `postgres`, else SQLite in `dir`),
-/// where its size is read, its claim on a database, and the relay's key.
+/// where its size is read, and the relay's key (a fleet's, shared by its
+/// relays: the first to start makes it).
 fn open_store(postgres: Option<&str>, dir: &std::path::Path) -> Result<Opened, RelayError> {
-    let (store, size, claim): (Arc<dyn Store>, StoreSize, _) = match postgres {
+    let (store, size): (Arc<dyn Store>, StoreSize) = match postgres {
         None => {
             let sqlite = Arc::new(SqliteStore::open(
                 &dir.join("relay.db"),
                 SqliteOptions::default(),
             )?);
-            (sqlite.clone(), StoreSize::Sqlite(sqlite), None)
+            (sqlite.clone(), StoreSize::Sqlite(sqlite))
         }
         Some(url) => {
             let pg = Arc::new(PgStore::open(url, PgOptions::default())?);
-            // One relay per database until relays share rooms.
-            let claim = pg.claim()?.ok_or(RelayError::DatabaseTaken)?;
-            (pg.clone(), StoreSize::Postgres(pg), Some(claim))
+            (pg.clone(), StoreSize::Postgres(pg))
         }
     };
-    let key = Replica::open_with_os_identity(store.clone())?.key().clone();
-    Ok(Opened {
-        store,
-        size,
-        claim,
-        key,
-    })
+    // Relays starting together make one identity, not one each (the
+    // lock's name is no room's: room names hold no spaces).
+    let key = {
+        let _one_at_a_time = store.lock("syncline identity")?;
+        Replica::open_with_os_identity(store.clone())?.key().clone()
+    };
+    Ok(Opened { store, size, key })
 }
 
 /// Where the store's size on disk is read.

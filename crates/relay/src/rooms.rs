@@ -19,7 +19,7 @@
 //! for that room only.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::Config;
 use crate::blob_http::{BlobHttp, Grants};
 use crate::conn::ConnHandle;
+use crate::fleet::Fleet;
 use crate::telemetry;
 
 /// Most inputs a room steps (and persists) together.
@@ -92,6 +93,10 @@ struct Loaded {
     sessions: Arc<AtomicUsize>,
     /// Asks an idle room to unload now.
     evict: Arc<Notify>,
+    /// The nodes it holds (as of its last step).
+    nodes: Arc<AtomicU64>,
+    /// Asks it to catch up with what other relays stored.
+    behind: Arc<Notify>,
 }
 
 /// The loaded rooms.
@@ -125,6 +130,8 @@ pub(crate) struct Rooms {
     revoked: watch::Sender<Arc<std::collections::HashSet<[u8; 16]>>>,
     tasks: Mutex<JoinSet<()>>,
     epoch: Instant,
+    /// Where commits are told to the other relays of a fleet.
+    fleet: Fleet,
 }
 
 impl std::fmt::Debug for Rooms {
@@ -140,6 +147,7 @@ impl Rooms {
         grants: Option<Arc<Grants>>,
         key: Keypair,
         config: Config,
+        fleet: Fleet,
     ) -> Arc<Rooms> {
         let mut roots = vec![key.author()];
         roots.extend(config.trusted_keys.iter().copied());
@@ -160,6 +168,7 @@ impl Rooms {
             write_failed: Mutex::new(std::collections::HashSet::new()),
             tasks: Mutex::new(JoinSet::new()),
             epoch: Instant::now(),
+            fleet,
         })
     }
 
@@ -210,16 +219,21 @@ impl Rooms {
         };
         let sessions = Arc::new(AtomicUsize::new(0));
         let evict = Arc::new(Notify::new());
+        let nodes = Arc::new(AtomicU64::new(0));
+        let behind = Arc::new(Notify::new());
         let task = RoomTask {
             rooms: self.clone(),
             id: room.clone(),
             inbox: rx,
             sessions: sessions.clone(),
             evict: evict.clone(),
+            nodes: nodes.clone(),
+            behind: behind.clone(),
             outs: HashMap::new(),
             open: BTreeSet::new(),
             pending: BTreeMap::new(),
             next_conn: 0,
+            inserted: false,
         };
         // Its own root span: the connection that loaded it is not its
         // parent.
@@ -234,6 +248,8 @@ impl Rooms {
                 inbox: inbox.clone(),
                 sessions,
                 evict,
+                nodes,
+                behind,
             },
         );
         metrics::gauge!(telemetry::ROOMS_LOADED).set(loaded.len() as f64);
@@ -249,6 +265,25 @@ impl Rooms {
         if tokio::time::timeout(grace, all).await.is_err() {
             warn!("rooms still busy at shutdown: stopping without waiting");
         }
+    }
+
+    /// Another relay of the fleet stored `room` up to `nodes` nodes: if
+    /// it is loaded here with fewer, it catches up. Whether it was behind.
+    pub(crate) fn stored_elsewhere(&self, room: &RoomId, nodes: u64) -> bool {
+        let loaded = self.lock();
+        let Some(l) = loaded.get(room) else {
+            return false;
+        };
+        let behind = l.nodes.load(Ordering::Relaxed) < nodes;
+        if behind {
+            l.behind.notify_one();
+        }
+        behind
+    }
+
+    /// The rooms loaded now.
+    pub(crate) fn loaded_rooms(&self) -> Vec<RoomId> {
+        self.lock().keys().cloned().collect()
     }
 
     /// The relay's blob store.
@@ -361,6 +396,10 @@ struct RoomTask {
     inbox: mpsc::Receiver<RoomInput>,
     sessions: Arc<AtomicUsize>,
     evict: Arc<Notify>,
+    /// What it holds, for the registry ([`Loaded::nodes`]).
+    nodes: Arc<AtomicU64>,
+    /// Notified when another relay stored more of it.
+    behind: Arc<Notify>,
     /// The connections with sessions here.
     outs: HashMap<u64, ConnHandle>,
     /// The open sessions (to close them if the hub is lost).
@@ -372,6 +411,8 @@ struct RoomTask {
     pending: BTreeMap<u64, VecDeque<RoomInput>>,
     /// The connection the next batch starts with.
     next_conn: u64,
+    /// The last step inserted sessions' nodes.
+    inserted: bool,
 }
 
 /// What a room does next.
@@ -382,6 +423,8 @@ enum Work {
     Timers,
     /// Close the sessions resting on revoked capabilities.
     Revoked,
+    /// Catch up with what other relays stored.
+    CatchUp,
     /// Nothing due.
     Idle,
 }
@@ -413,6 +456,9 @@ impl RoomTask {
         let loaded = {
             let _permit = rooms.workers.acquire().await;
             tokio::task::spawn_blocking(move || {
+                // Relays of a fleet load (and declare a fresh room's
+                // policy) one at a time.
+                let _locked = store.lock(id.as_str())?;
                 let mut room = if after_failure {
                     DurableRoom::load_after_failure(store.clone(), key, &id)?
                 } else {
@@ -436,6 +482,8 @@ impl RoomTask {
         let mut hub = match loaded {
             Ok(Ok((room, bytes))) => {
                 info!(nodes = room.room().dag().len(), bytes, "room loaded");
+                self.nodes
+                    .store(u64::from(room.stored()), Ordering::Relaxed);
                 let mut hub = Box::new(RoomHub::new(room, hub_config, bytes));
                 let urls = rooms.grants.clone().map(|g| g as Arc<dyn BlobUrls>);
                 hub.set_blob_store(rooms.blobs.clone(), urls);
@@ -478,6 +526,7 @@ impl RoomTask {
                         None => break,
                     },
                     Ok(()) = revoked.changed() => Work::Revoked,
+                    () = self.behind.notified() => Work::CatchUp,
                     () = self.evict.notified() => {
                         if hub.session_count() == 0 {
                             idle_since = Some(Instant::now() - rooms.config.room_idle);
@@ -515,6 +564,19 @@ impl RoomTask {
                     }
                     Some((hub, true))
                 }
+                Work::CatchUp => {
+                    let now = rooms.now();
+                    rooms
+                        .step(hub, move |h| {
+                            let learned = h.catch_up(now);
+                            let ok = learned.is_ok();
+                            if let Err(e) = learned {
+                                warn!(error = %e, "cannot catch up with the other relays");
+                            }
+                            ok
+                        })
+                        .await
+                }
                 Work::Idle if idle_since.is_some_and(|t| t.elapsed() >= rooms.config.room_idle) => {
                     return self.unload(hub).await;
                 }
@@ -525,6 +587,12 @@ impl RoomTask {
             };
             hub = stepped;
             self.dispatch(&mut hub);
+            let held = u64::from(hub.room().stored());
+            if self.nodes.swap(held, Ordering::Relaxed) < held && self.inserted {
+                // Ours (and perhaps others' caught up with): the fleet hears.
+                rooms.fleet.stored(&self.id, held);
+            }
+            self.inserted = false;
             if !stored {
                 warn!("storage failed: closed the room's sessions; it reloads when next needed");
                 self.rooms.lock_write_failed().insert(self.id.clone());
@@ -740,10 +808,15 @@ impl RoomTask {
                     metrics::counter!(telemetry::SESSIONS_CLOSED, "reason" => reason).increment(1);
                 }
                 HubEvent::Inserted { key, nodes } => {
+                    self.inserted = true;
                     metrics::counter!(telemetry::NODES_IN).increment(nodes as u64);
                     if let Some(out) = self.outs.get(&key.conn) {
                         out.inserted(nodes);
                     }
+                }
+                HubEvent::Learned { nodes } => {
+                    metrics::counter!(telemetry::FLEET_NODES_LEARNED).increment(nodes as u64);
+                    debug!(nodes, "caught up with other relays");
                 }
                 HubEvent::Sent { nodes } => {
                     metrics::counter!(telemetry::NODES_OUT).increment(nodes);

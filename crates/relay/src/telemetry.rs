@@ -57,6 +57,18 @@ pub(crate) const SESSIONS_CLOSED: &str = "syncline_sessions_closed_total";
 /// queued for sending (histogram, seconds).
 pub(crate) const RELAY_SECONDS: &str = "syncline_relay_seconds";
 
+/// Nodes other relays of the fleet stored, caught up with from the
+/// database and relayed to this relay's sessions.
+pub(crate) const FLEET_NODES_LEARNED: &str = "syncline_fleet_nodes_learned_total";
+/// Notices of commits, by `way`: `sent` or `heard` over NATS, or
+/// `dropped` (the bus lagged; the others poll).
+pub(crate) const FLEET_NOTICES: &str = "syncline_fleet_notices_total";
+/// Loaded rooms found behind the database by the periodic check (a
+/// notice missed: NATS restarted, or none configured).
+pub(crate) const FLEET_BEHIND: &str = "syncline_fleet_rooms_behind_total";
+/// 1 while the relay is connected to NATS, else 0.
+pub(crate) const FLEET_BUS_CONNECTED: &str = "syncline_fleet_bus_connected";
+
 /// What a metric counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -176,6 +188,30 @@ pub(crate) const METRICS: &[(&str, Kind, Unit, &str)] = &[
         Kind::Counter,
         Unit::Count,
         "Sessions ended, by reason.",
+    ),
+    (
+        FLEET_NODES_LEARNED,
+        Kind::Counter,
+        Unit::Count,
+        "Nodes other relays stored, caught up with from the database and relayed here.",
+    ),
+    (
+        FLEET_NOTICES,
+        Kind::Counter,
+        Unit::Count,
+        "Notices of commits, by way (sent, heard, dropped).",
+    ),
+    (
+        FLEET_BEHIND,
+        Kind::Counter,
+        Unit::Count,
+        "Loaded rooms the periodic check found behind the database.",
+    ),
+    (
+        FLEET_BUS_CONNECTED,
+        Kind::Gauge,
+        Unit::Count,
+        "1 while connected to NATS.",
     ),
     (
         RELAY_SECONDS,

@@ -224,6 +224,7 @@ pub fn run_all(store: &dyn Store) {
     concurrent_commits(store);
     tails_hold_what_follows(store);
     stale_batches_refuse(store);
+    locks_let_their_holders_commit(store);
 }
 
 /// A fresh store holds nothing, and reading an unknown room is not an error.
@@ -863,6 +864,29 @@ pub fn tails_hold_what_follows(store: &dyn Store) {
         end.segments.is_empty() && end.signatures.is_empty(),
         "nothing follows the end: {end:?}"
     );
+}
+
+/// A store shared with other writers hands out [`Store::lock`] guards; its
+/// holder commits while holding one (a lock never waits for itself), the
+/// same name is taken again once released, and two names are held at
+/// once. A store without other writers answers `None` every time.
+pub fn locks_let_their_holders_commit(store: &dyn Store) {
+    let r = room("conf-lock");
+    let lock = |name: &str| {
+        store
+            .lock(name)
+            .unwrap_or_else(|e| panic!("lock({name}) failed: {e}"))
+    };
+    let held = lock(r.as_str());
+    let shared = held.is_some();
+    append(store, &r, 3, 2);
+    let other = lock("conf-lock-other");
+    assert_eq!(other.is_some(), shared, "every name is locked alike");
+    drop(held);
+    let again = lock(r.as_str());
+    assert_eq!(again.is_some(), shared, "a released lock is taken again");
+    append(store, &r, 4, 1);
+    assert_eq!(count_of(store, &r), 3);
 }
 
 /// A batch expecting another history length is refused whole; one

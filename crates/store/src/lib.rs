@@ -226,4 +226,20 @@ pub trait Store: Send + Sync {
     fn foreign_version(&self) -> Result<u64, StoreError> {
         Ok(0)
     }
+
+    /// Takes the lock called `name` across every process sharing the
+    /// store, waiting for it (within the backend's timeout), held until
+    /// the returned guard drops. Rooms are locked by their names: a writer
+    /// that holds a room's lock, catches up with what others stored
+    /// ([`DurableRoom::refresh`]) and then appends cannot have its batch
+    /// refused as stale. `Ok(None)`: the store has no other writers (the
+    /// default), so there is nothing to lock or catch up with.
+    fn lock(&self, name: &str) -> Result<Option<StoreLock<'_>>, StoreError> {
+        let _ = name;
+        Ok(None)
+    }
 }
+
+/// A lock across the processes sharing a store ([`Store::lock`]),
+/// released when dropped.
+pub type StoreLock<'a> = Box<dyn Send + 'a>;

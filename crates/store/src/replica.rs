@@ -273,6 +273,11 @@ impl DurableRoom {
         &self.room
     }
 
+    /// The store the room lives in.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     /// How the room was opened.
     pub fn opened(&self) -> &Opened {
         &self.opened
