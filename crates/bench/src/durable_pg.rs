@@ -13,7 +13,7 @@ use syncline_postgres::{PgOptions, PgStore};
 use crate::{Args, Report, segments};
 
 /// A fresh database on the server at `url`; its URL.
-fn fresh(url: &str, tag: &str) -> Result<String> {
+pub(crate) fn fresh(url: &str, tag: &str) -> Result<String> {
     let mut admin = postgres::Client::connect(url, postgres::NoTls)?;
     let name = format!("bench_{tag}_{}", std::process::id());
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))?;
@@ -44,14 +44,23 @@ fn raw_round(url: &str, batch: usize, commits: usize) -> Result<f64> {
     Ok((commits * batch) as f64 / start.elapsed().as_secs_f64())
 }
 
-pub(super) fn bench(args: &Args, report: &Report) -> Result<()> {
-    let url = args
-        .postgres
+/// The PostgreSQL server `bench` runs against: `--postgres`, else
+/// `SYNCLINE_TEST_POSTGRES`.
+pub(crate) fn server_url(args: &Args, bench: &str) -> Result<String> {
+    args.postgres
         .clone()
-        .or_else(|| std::env::var("SYNCLINE_TEST_POSTGRES").ok());
-    let url = url.as_deref().context(
-        "durable-postgres needs a server: --postgres URL (eval \"$(bash scripts/services.sh start DIR)\" sets SYNCLINE_TEST_POSTGRES)",
-    )?;
+        .or_else(|| std::env::var("SYNCLINE_TEST_POSTGRES").ok())
+        .with_context(|| {
+            format!(
+                "{bench} needs a PostgreSQL server: --postgres URL \
+                 (eval \"$(bash scripts/services.sh start DIR)\" sets SYNCLINE_TEST_POSTGRES)"
+            )
+        })
+}
+
+pub(super) fn bench(args: &Args, report: &Report) -> Result<()> {
+    let url = server_url(args, "durable-postgres")?;
+    let url = url.as_str();
     crate::durable_series(
         args,
         report,

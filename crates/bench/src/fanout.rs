@@ -51,17 +51,66 @@ const GRACE: Duration = Duration::from_secs(2);
 /// Clients that verify, apply and time every relayed edit.
 const PROBES: usize = 8;
 
+/// Where a benchmark relay keeps its rooms: its data directory's SQLite
+/// (no `postgres`), or a PostgreSQL database, shared with the rest of a
+/// fleet told of commits through NATS at `nats`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Backing {
+    pub(crate) postgres: Option<String>,
+    pub(crate) nats: Option<String>,
+    pub(crate) nats_prefix: Option<String>,
+}
+
+impl Backing {
+    /// The child process's arguments for it.
+    fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for (flag, value) in [
+            ("--postgres", &self.postgres),
+            ("--nats", &self.nats),
+            ("--nats-prefix", &self.nats_prefix),
+        ] {
+            if let Some(value) = value {
+                args.extend([flag.to_owned(), value.clone()]);
+            }
+        }
+        args
+    }
+
+    /// Parses what [`Backing::args`] made.
+    pub(crate) fn parse(args: &[String]) -> Result<Backing> {
+        let mut backing = Backing::default();
+        for pair in args.chunks(2) {
+            let [flag, value] = pair else {
+                anyhow::bail!("a flag without a value: {pair:?}");
+            };
+            let slot = match flag.as_str() {
+                "--postgres" => &mut backing.postgres,
+                "--nats" => &mut backing.nats,
+                "--nats-prefix" => &mut backing.nats_prefix,
+                other => anyhow::bail!("unknown flag {other}"),
+            };
+            *slot = Some(value.clone());
+        }
+        Ok(backing)
+    }
+}
+
 /// Runs the relay for the benchmark (the child process's entry point).
-pub(super) fn serve(data: &Path, port: u16) -> Result<()> {
+pub(super) fn serve(data: &Path, port: u16, backing: Backing) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        let defaults = syncline_relay::Config::default();
         let config = syncline_relay::Config {
             data_dir: data.to_path_buf(),
             listen: format!("127.0.0.1:{port}").parse()?,
             // A thousand clients from one address.
             max_connections_per_ip: 10_000,
             max_sessions_per_ip: 10_000,
-            ..syncline_relay::Config::default()
+            postgres: backing.postgres,
+            nats: backing.nats,
+            nats_prefix: backing.nats_prefix.unwrap_or(defaults.nats_prefix.clone()),
+            ..defaults
         };
         let server = syncline_relay::Server::bind(config).await?;
         server.run(syncline_relay::shutdown_signal()).await?;
@@ -135,6 +184,15 @@ pub(crate) struct ServerProcess {
 
 impl ServerProcess {
     pub(crate) fn start(target: Target, data: &Path) -> Result<ServerProcess> {
+        ServerProcess::start_on(target, data, &Backing::default())
+    }
+
+    /// A relay on `backing` (a [`Target::Syncline`] one).
+    pub(crate) fn start_on(
+        target: Target,
+        data: &Path,
+        backing: &Backing,
+    ) -> Result<ServerProcess> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -146,6 +204,7 @@ impl ServerProcess {
         let child = command
             .arg("--port")
             .arg(port.to_string())
+            .args(backing.args())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
@@ -482,9 +541,32 @@ struct Measured {
 fn measure(target: Target, clients: usize, writers: usize) -> Result<Measured> {
     let dir = tempfile::tempdir()?;
     let server = ServerProcess::start(target, dir.path())?;
+    measure_on(target, &[server], clients, writers)
+}
+
+/// Measures with the relays `servers` (each client, writers and probes
+/// among them, on relay `i % servers.len()`); CPU and memory are theirs
+/// summed.
+fn measure_on(
+    target: Target,
+    servers: &[ServerProcess],
+    clients: usize,
+    writers: usize,
+) -> Result<Measured> {
+    let usage = || -> Result<(f64, u64)> {
+        let mut sum = (0.0, 0);
+        for server in servers {
+            let (cpu, rss) = server.usage()?;
+            sum = (sum.0 + cpu, sum.1 + rss);
+        }
+        Ok(sum)
+    };
     std::thread::sleep(Duration::from_millis(300));
-    let (_, rss_empty) = server.usage()?;
-    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let (_, rss_empty) = usage()?;
+    let urls: Vec<String> = servers
+        .iter()
+        .map(|s| format!("ws://127.0.0.1:{}/ws", s.port))
+        .collect();
     let shared = Arc::new(Shared {
         target,
         epoch: Instant::now(),
@@ -509,7 +591,7 @@ fn measure(target: Target, clients: usize, writers: usize) -> Result<Measured> {
                 Role::Listener
             };
             runtime.spawn(client(
-                url.clone(),
+                urls[i % urls.len()].clone(),
                 i,
                 role,
                 shared.clone(),
@@ -521,18 +603,18 @@ fn measure(target: Target, clients: usize, writers: usize) -> Result<Measured> {
     runtime.block_on(ready.wait());
     // Idle: every client connected, nobody writes until `go`.
     std::thread::sleep(Duration::from_millis(500));
-    let (_, rss_idle) = server.usage()?;
+    let (_, rss_idle) = usage()?;
     let per_idle_session = rss_idle.saturating_sub(rss_empty) as f64 / clients as f64;
     let from = shared.micros() + WARMUP.as_micros() as i64;
     *shared.window.lock().unwrap_or_else(|p| p.into_inner()) =
         (from, from + MEASURE.as_micros() as i64);
     runtime.block_on(go.wait());
     std::thread::sleep(WARMUP);
-    let (cpu0, _) = server.usage()?;
+    let (cpu0, _) = usage()?;
     let (gen0, _) = usage_of("self")?;
     let start = Instant::now();
     std::thread::sleep(MEASURE);
-    let (cpu1, _) = server.usage()?;
+    let (cpu1, _) = usage()?;
     let (gen1, _) = usage_of("self")?;
     let wall = start.elapsed().as_secs_f64();
     // Writers go on through the grace period, so the window's last edits
@@ -615,5 +697,101 @@ pub(super) fn bench_fanout(report: &Report) -> Result<()> {
                    "reference_bytes_per_idle_session": floor.per_idle_session}),
         );
     }
+    Ok(())
+}
+
+/// `fanout-fleet`: [`bench_fanout`]'s measurement at 1,000 clients / 50
+/// writers (`SYNCLINE_FANOUT=C/W` for others) with the relays on
+/// PostgreSQL: one relay, then three sharing one database with NATS
+/// fan-out, every client, writer and probe on relay `i % 3` (so two of
+/// three deliveries cross relays: commit, notice, catch-up read). Both in
+/// the same run, on the same servers.
+pub(super) fn bench_fanout_fleet(args: &crate::Args, report: &Report) -> Result<()> {
+    let postgres = crate::durable_pg::server_url(args, "fanout-fleet")?;
+    let nats = args
+        .nats
+        .clone()
+        .or_else(|| std::env::var("SYNCLINE_TEST_NATS").ok())
+        .context(
+            "fanout-fleet needs a NATS server: --nats URL (eval \"$(bash scripts/services.sh start DIR)\" sets SYNCLINE_TEST_NATS)",
+        )?;
+    let (clients, writers) = std::env::var("SYNCLINE_FANOUT")
+        .ok()
+        .and_then(|v| {
+            let (c, w) = v.split_once('/')?;
+            Some((c.parse().ok()?, w.parse().ok()?))
+        })
+        .unwrap_or((1_000, 50));
+    let dir = tempfile::tempdir()?;
+    let one = {
+        let backing = Backing {
+            postgres: Some(crate::durable_pg::fresh(&postgres, "fanout_one")?),
+            ..Backing::default()
+        };
+        let relay = ServerProcess::start_on(Target::Syncline, &dir.path().join("one"), &backing)?;
+        measure_on(Target::Syncline, &[relay], clients, writers)?
+    };
+    let fleet = {
+        let backing = Backing {
+            postgres: Some(crate::durable_pg::fresh(&postgres, "fanout_fleet")?),
+            nats: Some(nats),
+            nats_prefix: Some(format!("bench{}", std::process::id())),
+        };
+        let relays = (0..3)
+            .map(|i| {
+                ServerProcess::start_on(
+                    Target::Syncline,
+                    &dir.path().join(format!("fleet{i}")),
+                    &backing,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        measure_on(Target::Syncline, &relays, clients, writers)?
+    };
+    report.emit(
+        "fanout-fleet",
+        &[
+            (
+                "clients / writers",
+                format!("{clients} / {writers} (6 edits/s each, on a schedule)"),
+            ),
+            (
+                "deliveries expected at probes",
+                format!(
+                    "{} (lost: one relay {}, three relays {})",
+                    one.expected, one.lost, fleet.lost
+                ),
+            ),
+            (
+                "one relay on PostgreSQL p50 / p99",
+                format!("{:.2} / {:.2} ms", one.p50, one.p99),
+            ),
+            (
+                "three relays (PostgreSQL + NATS) p50 / p99",
+                format!("{:.2} / {:.2} ms", fleet.p50, fleet.p99),
+            ),
+            (
+                "p99 ratio, three relays to one",
+                format!("{:.2} x", fleet.p99 / one.p99),
+            ),
+            (
+                "relays' CPU (one / three, summed)",
+                format!("{:.0} / {:.0} % of one core", one.cpu, fleet.cpu),
+            ),
+            (
+                "load generator CPU",
+                format!(
+                    "{:.0} / {:.0} % of one core",
+                    one.generator, fleet.generator
+                ),
+            ),
+        ],
+        json!({"clients": clients, "writers": writers, "expected": one.expected,
+               "one_lost": one.lost, "fleet_lost": fleet.lost,
+               "one_p50_ms": one.p50, "one_p99_ms": one.p99,
+               "fleet_p50_ms": fleet.p50, "fleet_p99_ms": fleet.p99,
+               "p99_ratio": fleet.p99 / one.p99,
+               "one_cpu_pct": one.cpu, "fleet_cpu_pct": fleet.cpu}),
+    );
     Ok(())
 }

@@ -62,12 +62,15 @@ struct Args {
     /// Repetitions of timed sections (the best is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// A PostgreSQL server for `durable-postgres`
+    /// A PostgreSQL server for `durable-postgres` and `fanout-fleet`
     /// (postgres://user@host:port/db; a database per round is created
     /// there; default: `SYNCLINE_TEST_POSTGRES`, which
     /// `scripts/services.sh start` prints).
     #[arg(long)]
     postgres: Option<String>,
+    /// A NATS server for `fanout-fleet` (default: `SYNCLINE_TEST_NATS`).
+    #[arg(long)]
+    nats: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -86,6 +89,9 @@ enum Bench {
     Fanout,
     /// Durable commits to PostgreSQL against raw inserts of the same bytes.
     DurablePostgres,
+    /// `fanout` at 1,000 clients on one relay on PostgreSQL, then spread
+    /// over three relays sharing that database (NATS fan-out).
+    FanoutFleet,
     /// Blob transfer: throughput of both paths against plain HTTP, memory
     /// while 1 GiB moves, edit latency during a large download.
     Blobs,
@@ -429,12 +435,13 @@ fn run_session(
 fn main() -> Result<()> {
     // `fanout` re-executes this binary as its relay processes.
     let raw: Vec<String> = std::env::args().collect();
-    if let [_, cmd, data_flag, data, port_flag, port] = raw.as_slice()
+    if let [_, cmd, data_flag, data, port_flag, port, backing @ ..] = raw.as_slice()
         && cmd == "fanout-server"
         && data_flag == "--data"
         && port_flag == "--port"
     {
-        return fanout::serve(std::path::Path::new(data), port.parse()?);
+        let backing = fanout::Backing::parse(backing)?;
+        return fanout::serve(std::path::Path::new(data), port.parse()?, backing);
     }
     if let [_, cmd, port_flag, port] = raw.as_slice()
         && cmd == "fanout-reference"
@@ -460,6 +467,7 @@ fn main() -> Result<()> {
         Bench::Catchup => catchup::bench_catchup(&args, &report),
         Bench::Blobs => blobs::bench_blobs(&report),
         Bench::DurablePostgres => durable_pg::bench(&args, &report),
+        Bench::FanoutFleet => fanout::bench_fanout_fleet(&args, &report),
         Bench::All => {
             trace::run(&args, &report)?;
             bench_import(&args, &report)?;
