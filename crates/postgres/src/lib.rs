@@ -6,14 +6,19 @@
 //! them, the outbox and the last checkpoint; the conformance suite of
 //! `syncline-store` is the one definition of the rules both follow.
 //!
-//! **Any relay may append to any room.** A commit takes the room's row
-//! lock (`INSERT … ON CONFLICT DO UPDATE` on `syncline_rooms`) for its
-//! transaction, reads the node count under it, and applies the batch by
-//! the shared rules ([`appended`], [`check_expected`]): a replay of nodes
-//! stored already is skipped (inserts are idempotent), a segment that
-//! would leave a gap or overlap is refused, and a batch written for a
-//! history another relay has since extended is refused (`expect_nodes`),
-//! so its writer reloads the tail and applies what it missed first.
+//! **Any relay may append to any room.** A room's node count is where its
+//! last segment ends (segments are consecutive and never merged here), so
+//! an append is an insert: a batch of segments continuing the count this
+//! store last saw goes in one statement, inserted only if the room still
+//! holds that count; two writers appending at one start collide on the
+//! segments' key and the later is refused, nothing of it written. Any
+//! other batch reads the count in its transaction and applies the batch
+//! by the shared rules
+//! ([`appended`], [`check_expected`]): a replay of nodes stored already is
+//! skipped (inserts are idempotent), a segment that would leave a gap or
+//! overlap is refused, and a batch written for a history another relay
+//! has since extended is refused (`expect_nodes`), so its writer reloads
+//! the tail and applies what it missed first.
 //!
 //! **Durable before acknowledged.** A commit returns once PostgreSQL has
 //! committed it (`synchronous_commit` as the server has it: on by
@@ -47,7 +52,7 @@ use syncline_store::{
 };
 
 /// The schema this version writes; older ones are migrated on open.
-const SCHEMA: i32 = 2;
+const SCHEMA: i32 = 3;
 
 /// Schema 1. Names are prefixed so that the tables can live in a database
 /// shared with others.
@@ -90,35 +95,73 @@ CREATE TABLE syncline_meta (
 /// [`migrate`].
 const MIGRATION_2: &str = "ALTER TABLE syncline_checkpoints ADD COLUMN nodes BIGINT";
 
+/// Schema 3: a room's node count is read from its last segment (an index
+/// probe) instead of kept in its row, and the tables appended to on every
+/// commit lose their foreign keys (a check locks the room's row, a write
+/// of its own per append; the store creates a room's row before anything
+/// refers to it, and never deletes one), so an append is one insert, as
+/// cheap as an insert gets.
+const MIGRATION_3: &str = "ALTER TABLE syncline_rooms DROP COLUMN node_count; \
+    ALTER TABLE syncline_segments DROP CONSTRAINT syncline_segments_room_fkey; \
+    ALTER TABLE syncline_signatures DROP CONSTRAINT syncline_signatures_room_fkey";
+
 /// The advisory lock space of [`Store::lock`] ("SYNE": the lock's name
 /// hashed is the other half of the key).
 const LOCK_SPACE: i32 = 1398361669;
 
+/// The nodes room `r` holds: where its last segment ends (segments are
+/// consecutive from node 0 and never merged here), NULL without any.
+macro_rules! count_of {
+    ($room:literal) => {
+        concat!(
+            "(SELECT s.start + s.count FROM syncline_segments s WHERE s.room = ",
+            $room,
+            " ORDER BY s.start DESC LIMIT 1)"
+        )
+    };
+}
+
 /// Where a room stands: its key, node count, the nodes its checkpoint
 /// covers, and its outbox (one statement: one snapshot).
-const ROOM_HEAD: &str = "SELECT r.key, r.node_count,         coalesce((SELECT c.nodes FROM syncline_checkpoints c WHERE c.room = r.key), 0),         ARRAY(SELECT o.seq FROM syncline_outbox o WHERE o.room = r.key ORDER BY o.seq)     FROM syncline_rooms r WHERE r.name = $1";
+const ROOM_HEAD: &str = concat!(
+    "SELECT r.key, coalesce(",
+    count_of!("r.key"),
+    ", 0), \
+     coalesce((SELECT c.nodes FROM syncline_checkpoints c WHERE c.room = r.key), 0), \
+     ARRAY(SELECT o.seq FROM syncline_outbox o WHERE o.room = r.key ORDER BY o.seq) \
+     FROM syncline_rooms r WHERE r.name = $1"
+);
 
-/// Creates a room's row if need be and locks it; its key and node count.
-const LOCK_ROOM: &str = "INSERT INTO syncline_rooms (name) VALUES ($1) \
-    ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING key, node_count";
+/// Creates a room's row if need be; its key. No row lock: appends are
+/// ordered by the segments' key alone (a row lock here would deadlock
+/// with the foreign-key check of a fast append waiting on it). Empty only
+/// while another writer's first commit to the room is in flight.
+const ROOM_KEY: &str = "WITH made AS ( \
+        INSERT INTO syncline_rooms (name) VALUES ($1) ON CONFLICT (name) DO NOTHING \
+        RETURNING key) \
+    SELECT key FROM made UNION ALL SELECT key FROM syncline_rooms WHERE name = $1 LIMIT 1";
 
-/// Appends segments (starts, lengths, packs as arrays) and sets the room's
-/// node count.
-const APPEND: &str = "WITH appended AS ( \
-        INSERT INTO syncline_segments (room, start, count, pack) \
-        SELECT $1, * FROM unnest($2::BIGINT[], $3::BIGINT[], $4::BYTEA[])) \
-    UPDATE syncline_rooms SET node_count = $5 WHERE key = $1";
+/// The room's node count (`$1`: its key).
+const COUNT: &str = concat!("SELECT coalesce(", count_of!("$1"), ", 0)");
+
+/// Appends segments (starts, lengths, packs as arrays). Two writers
+/// appending at one start collide on the key: the later fails
+/// (`unique_violation`), nothing of its statement written.
+const APPEND: &str = "INSERT INTO syncline_segments (room, start, count, pack) \
+    SELECT $1, * FROM unnest($2::BIGINT[], $3::BIGINT[], $4::BYTEA[])";
 
 /// [`APPEND`] in one statement of its own, if the room still holds `$2`
-/// nodes: 1 if it did (and the segments went in), 0 if not (nothing did).
-const FAST_APPEND: &str = "WITH moved AS ( \
-        UPDATE syncline_rooms SET node_count = $3 WHERE key = $1 AND node_count = $2 \
-        RETURNING key), \
-    appended AS ( \
-        INSERT INTO syncline_segments (room, start, count, pack) \
-        SELECT $1, * FROM unnest($4::BIGINT[], $5::BIGINT[], $6::BYTEA[]) \
-        WHERE EXISTS (SELECT 1 FROM moved)) \
-    SELECT count(*) FROM moved";
+/// nodes: as many rows as segments if it did, none if not.
+const FAST_APPEND: &str = concat!(
+    "INSERT INTO syncline_segments (room, start, count, pack) \
+     SELECT $1, * FROM unnest($3::BIGINT[], $4::BIGINT[], $5::BYTEA[]) \
+     WHERE coalesce(",
+    count_of!("$1"),
+    ", 0) = $2"
+);
+
+/// `unique_violation`: another writer appended at the same start first.
+const UNIQUE_VIOLATION: &str = "23505";
 
 /// Adds signatures (the first held for a node stays).
 const SIGN: &str = "INSERT INTO syncline_signatures (room, node, sig) \
@@ -295,6 +338,10 @@ fn sql(e: postgres::Error) -> StoreError {
     }
 }
 
+fn is_unique_violation(e: &postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code() == UNIQUE_VIOLATION)
+}
+
 /// A room's number as stored (`BIGINT`).
 fn int(n: u64) -> i64 {
     i64::try_from(n).expect("counts fit in a BIGINT")
@@ -359,7 +406,11 @@ impl PgStore {
             let rows = self.with(|conn| {
                 conn.client
                     .query(
-                        "SELECT name, node_count FROM syncline_rooms WHERE name = ANY($1)",
+                        concat!(
+                            "SELECT r.name, coalesce(",
+                            count_of!("r.key"),
+                            ", 0) FROM syncline_rooms r WHERE r.name = ANY($1)"
+                        ),
                         &[&names],
                     )
                     .map_err(sql)
@@ -470,6 +521,10 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
         }
         at = 2;
     }
+    if at == 2 {
+        tx.batch_execute(MIGRATION_3).map_err(sql)?;
+        at = 3;
+    }
     debug_assert_eq!(at, SCHEMA, "every migration ran");
     tx.execute("UPDATE syncline_schema SET version = $1", &[&at])
         .map_err(sql)?;
@@ -514,15 +569,15 @@ fn read_head(tx: &mut Transaction<'_>, room: &RoomId) -> Result<Option<Head>, St
         .transpose()
 }
 
-/// The room's key and node count, if it is stored.
-fn room_row(tx: &mut Transaction<'_>, room: &RoomId) -> Result<Option<(i64, u64)>, StoreError> {
+/// The room's key, if it is stored.
+fn room_key(tx: &mut Transaction<'_>, room: &RoomId) -> Result<Option<i64>, StoreError> {
     Ok(tx
         .query_opt(
-            "SELECT key, node_count FROM syncline_rooms WHERE name = $1",
+            "SELECT key FROM syncline_rooms WHERE name = $1",
             &[&room.as_str()],
         )
         .map_err(sql)?
-        .map(|row| (row.get(0), row.get::<_, i64>(1) as u64)))
+        .map(|row| row.get(0)))
 }
 
 fn segments_from(
@@ -634,21 +689,24 @@ impl PgStore {
         let starts: Vec<i64> = new.iter().map(|s| i64::from(s.start)).collect();
         let lens: Vec<i64> = new.iter().map(|s| i64::from(s.len)).collect();
         let packs: Vec<&[u8]> = new.iter().map(|s| &s.pack[..]).collect();
-        let moved: i64 = self.with(|conn| {
+        let inserted = self.with(|conn| {
             let statement = conn.prepared(FAST_APPEND)?;
-            Ok(conn
+            match conn
                 .client
-                .query_one(
-                    &statement,
-                    &[&key, &int(seen), &int(count), &starts, &lens, &packs],
-                )
-                .map_err(sql)?
-                .get(0))
+                .execute(&statement, &[&key, &int(seen), &starts, &lens, &packs])
+            {
+                Ok(rows) => Ok(rows),
+                // Another writer appended first: the general path says
+                // what of this batch is a replay and what is stale.
+                Err(e) if is_unique_violation(&e) => Ok(0),
+                Err(e) => Err(sql(e)),
+            }
         })?;
-        if moved == 1 {
+        if inserted == new.len() as u64 {
             self.saw(room, key, count);
             Ok(Some(Ok(())))
         } else {
+            debug_assert_eq!(inserted, 0, "all of a batch's segments or none");
             Ok(None)
         }
     }
@@ -688,28 +746,43 @@ impl Store for PgStore {
             return done;
         }
         self.with(|conn| {
-            let lock_room = conn.prepared(LOCK_ROOM)?;
+            let room_key = conn.prepared(ROOM_KEY)?;
+            let count_nodes = conn.prepared(COUNT)?;
             let append = conn.prepared(APPEND)?;
             let sign = conn.prepared(SIGN)?;
             let outbox_add = conn.prepared(OUTBOX_ADD)?;
             let outbox_remove = conn.prepared(OUTBOX_REMOVE)?;
             let put_checkpoint = conn.prepared(PUT_CHECKPOINT)?;
             let mut tx = conn.client.transaction().map_err(sql)?;
-            // The room's row, locked until the commit: one writer per room
-            // at a time, whichever relay it runs on.
-            let row = tx.query_one(&lock_room, &[&room.as_str()]).map_err(sql)?;
-            let (key, stored): (i64, i64) = (row.get(0), row.get(1));
-            let stored = stored as u64;
+            let key: i64 = match tx.query_opt(&room_key, &[&room.as_str()]).map_err(sql)? {
+                Some(row) => row.get(0),
+                None => {
+                    return Err(StoreError::Invalid(format!(
+                        "another writer is creating {room}: try again"
+                    )));
+                }
+            };
+            let stored: i64 = tx.query_one(&count_nodes, &[&key]).map_err(sql)?.get(0);
+            let stored = u64::try_from(stored).map_err(|_| corrupt("node count"))?;
             check_expected(stored, batch.expect_nodes)?;
             let new = appended(stored, &batch.segments)?;
             let count = new.last().map_or(stored, |s| u64::from(s.start + s.len));
             if !new.is_empty() {
-                // Every new segment and the room's count, in one statement.
+                // Every new segment in one statement.
                 let starts: Vec<i64> = new.iter().map(|s| i64::from(s.start)).collect();
                 let lens: Vec<i64> = new.iter().map(|s| i64::from(s.len)).collect();
                 let packs: Vec<&[u8]> = new.iter().map(|s| &s.pack[..]).collect();
-                tx.execute(&append, &[&key, &starts, &lens, &packs, &int(count)])
-                    .map_err(sql)?;
+                match tx.execute(&append, &[&key, &starts, &lens, &packs]) {
+                    Ok(_) => {}
+                    // Another writer appended at this start first: this
+                    // batch was written for a stale history.
+                    Err(e) if is_unique_violation(&e) => {
+                        return Err(StoreError::Invalid(format!(
+                            "another writer appended to {room} at node {stored} meanwhile"
+                        )));
+                    }
+                    Err(e) => return Err(sql(e)),
+                }
             }
             let (nodes, sigs): (Vec<i64>, Vec<&[u8]>) = batch
                 .signatures
@@ -743,7 +816,7 @@ impl Store for PgStore {
 
     fn load(&self, room: &RoomId) -> Result<StoredRoom, StoreError> {
         self.read(|tx| {
-            let Some((key, _)) = room_row(tx, room)? else {
+            let Some(key) = room_key(tx, room)? else {
                 return Ok(StoredRoom::default());
             };
             Ok(StoredRoom {
@@ -810,7 +883,7 @@ impl Store for PgStore {
 
     fn room_bytes(&self, room: &RoomId) -> Result<RoomBytes, StoreError> {
         self.read(|tx| {
-            let Some((key, _)) = room_row(tx, room)? else {
+            let Some(key) = room_key(tx, room)? else {
                 return Ok(RoomBytes::default());
             };
             let row = tx
@@ -837,7 +910,9 @@ impl Store for PgStore {
         self.read(|tx| {
             // Byte order, as `RoomId` sorts (not the database's collation).
             tx.query(
-                "SELECT name FROM syncline_rooms WHERE node_count > 0 ORDER BY name COLLATE \"C\"",
+                "SELECT r.name FROM syncline_rooms r \
+                 WHERE EXISTS (SELECT 1 FROM syncline_segments s WHERE s.room = r.key) \
+                 ORDER BY r.name COLLATE \"C\"",
                 &[],
             )
             .map_err(sql)?
