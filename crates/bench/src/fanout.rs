@@ -700,8 +700,9 @@ pub(super) fn bench_fanout(report: &Report) -> Result<()> {
     Ok(())
 }
 
-/// `fanout-fleet`: [`bench_fanout`]'s measurement at 1,000 clients / 50
-/// writers (`SYNCLINE_FANOUT=C/W` for others) with the relays on
+/// `fanout-fleet`: [`bench_fanout`]'s measurement at 100 clients / 10
+/// writers and 1,000 / 50 (`SYNCLINE_FANOUT=C/W` for one other) with the
+/// relays on
 /// PostgreSQL: one relay, then three sharing one database with NATS
 /// fan-out, every client, writer and probe on relay `i % 3` (so two of
 /// three deliveries cross relays: commit, notice, catch-up read). Both in
@@ -715,17 +716,32 @@ pub(super) fn bench_fanout_fleet(args: &crate::Args, report: &Report) -> Result<
         .context(
             "fanout-fleet needs a NATS server: --nats URL (eval \"$(bash scripts/services.sh start DIR)\" sets SYNCLINE_TEST_NATS)",
         )?;
-    let (clients, writers) = std::env::var("SYNCLINE_FANOUT")
-        .ok()
-        .and_then(|v| {
-            let (c, w) = v.split_once('/')?;
-            Some((c.parse().ok()?, w.parse().ok()?))
-        })
-        .unwrap_or((1_000, 50));
+    let only: Option<(usize, usize)> = std::env::var("SYNCLINE_FANOUT").ok().and_then(|v| {
+        let (c, w) = v.split_once('/')?;
+        Some((c.parse().ok()?, w.parse().ok()?))
+    });
+    let configs = match only {
+        Some(one) => vec![one],
+        None => vec![(100usize, 10usize), (1_000, 50)],
+    };
+    for (clients, writers) in configs {
+        fleet_round(&postgres, &nats, clients, writers, report)?;
+    }
+    Ok(())
+}
+
+/// One configuration of [`bench_fanout_fleet`].
+fn fleet_round(
+    postgres: &str,
+    nats: &str,
+    clients: usize,
+    writers: usize,
+    report: &Report,
+) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let one = {
         let backing = Backing {
-            postgres: Some(crate::durable_pg::fresh(&postgres, "fanout_one")?),
+            postgres: Some(crate::durable_pg::fresh(postgres, "fanout_one")?),
             ..Backing::default()
         };
         let relay = ServerProcess::start_on(Target::Syncline, &dir.path().join("one"), &backing)?;
@@ -733,8 +749,8 @@ pub(super) fn bench_fanout_fleet(args: &crate::Args, report: &Report) -> Result<
     };
     let fleet = {
         let backing = Backing {
-            postgres: Some(crate::durable_pg::fresh(&postgres, "fanout_fleet")?),
-            nats: Some(nats),
+            postgres: Some(crate::durable_pg::fresh(postgres, "fanout_fleet")?),
+            nats: Some(nats.to_owned()),
             nats_prefix: Some(format!("bench{}", std::process::id())),
         };
         let relays = (0..3)

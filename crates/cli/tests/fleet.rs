@@ -226,11 +226,14 @@ fn three_relays_share_rooms_through_postgres_and_nats_and_outlive_each_part() {
         .expect("relay 1's own watcher");
     eprintln!("relay 1 -> relay 2 watcher: {took:?}");
     let heard = r#"syncline_fleet_notices_total{way="heard"}"#;
-    assert!(
-        relays[1].metric(heard) >= 1.0,
-        "relay 2 heard relay 1's notice"
+    // (Counted once the frames are out: wait for the counters.)
+    wait_until(
+        "relay 2 heard relay 1's notice and learned its node",
+        || {
+            relays[1].metric(heard) >= 1.0
+                && relays[1].metric("syncline_fleet_nodes_learned_total") >= 1.0
+        },
     );
-    assert!(relays[1].metric("syncline_fleet_nodes_learned_total") >= 1.0);
 
     // A client of relay 3 gets it, writes, and the others see that.
     let b = dir.path().join("b");
@@ -270,10 +273,9 @@ fn three_relays_share_rooms_through_postgres_and_nats_and_outlive_each_part() {
     });
     let heard_before = relays[1].metric(heard);
     write_and_see(&b, &url[2], 5, &on_2);
-    assert!(
-        relays[1].metric(heard) > heard_before,
-        "notices flow again after NATS came back"
-    );
+    wait_until("notices flow again after NATS came back", || {
+        relays[1].metric(heard) > heard_before
+    });
 
     // PostgreSQL restarts under the fleet: writes go on.
     restart_postgres();

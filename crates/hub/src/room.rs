@@ -314,8 +314,9 @@ impl RoomHub {
         let may_insert = inputs.iter().any(|input| {
             matches!(input, Input::Frame { env, .. } if matches!(env.message, Message::Pack { .. }))
         });
-        // Held until the batch is stored: no other server appends between
-        // the catch-up and this batch's write.
+        // Held until the batch is stored (not while it is acknowledged and
+        // relayed): no other server appends between the catch-up and this
+        // batch's write.
         let store = self.room.store().clone();
         let locked = match may_insert {
             true => match store.lock(self.room.room().id().as_str()) {
@@ -468,6 +469,9 @@ impl RoomHub {
                 dirty.insert(key);
             }
         });
+        // Stored: other servers may append again while this one
+        // acknowledges and relays.
+        drop(locked);
         if let Err(e) = stepped {
             self.close_all(now, Reason::Overloaded, "storage failed; reconnect");
             return Err(e);

@@ -47,8 +47,8 @@ use std::time::Duration;
 use postgres::{Client, NoTls, Statement, Transaction};
 use syncline_core::{RoomId, Signature};
 use syncline_store::{
-    Batch, RoomBytes, Segment, Store, StoreError, StoreLock, StoredRoom, StoredTail, appended,
-    check_expected,
+    Batch, MAX_SEGMENT_NODES, RoomBytes, Segment, Store, StoreError, StoreLock, StoredRoom,
+    StoredTail, appended, check_expected,
 };
 
 /// The schema this version writes; older ones are migrated on open.
@@ -121,15 +121,33 @@ macro_rules! count_of {
     };
 }
 
-/// Where a room stands: its key, node count, the nodes its checkpoint
-/// covers, and its outbox (one statement: one snapshot).
-const ROOM_HEAD: &str = concat!(
+/// A room's key and node count.
+const ROOM_COUNT: &str = concat!(
     "SELECT r.key, coalesce(",
     count_of!("r.key"),
-    ", 0), \
-     coalesce((SELECT c.nodes FROM syncline_checkpoints c WHERE c.room = r.key), 0), \
-     ARRAY(SELECT o.seq FROM syncline_outbox o WHERE o.room = r.key ORDER BY o.seq) \
-     FROM syncline_rooms r WHERE r.name = $1"
+    ", 0) FROM syncline_rooms r WHERE r.name = $1"
+);
+
+/// What is stored of room `$1` from node `$2` on, in one statement (one
+/// snapshot, one round trip), as rows of (kind, a, b, bytes): 0 a segment
+/// (start, count, pack) holding node `$2` or later, 1 a signature (node,
+/// -, sig) of node `$2` or later, 2 an outbox seq, 3 the nodes the
+/// checkpoint covers, 4 the room's key and node count. The segment holding
+/// node `$2` starts at most [`MAX_SEGMENT_NODES`] before it (the store
+/// refuses longer ones), which bounds the index range read.
+const TAIL: &str = concat!(
+    "WITH r AS (SELECT key FROM syncline_rooms WHERE name = $1) \
+     SELECT 0, s.start, s.count, s.pack FROM syncline_segments s, r \
+         WHERE s.room = r.key AND s.start > $2::BIGINT - $3::BIGINT AND s.start + s.count > $2 \
+     UNION ALL SELECT 1, g.node, 0::BIGINT, g.sig FROM syncline_signatures g, r \
+         WHERE g.room = r.key AND g.node >= $2 \
+     UNION ALL SELECT 2, o.seq, 0::BIGINT, NULL::BYTEA FROM syncline_outbox o, r \
+         WHERE o.room = r.key \
+     UNION ALL SELECT 3, coalesce(c.nodes, 0), 0::BIGINT, NULL::BYTEA \
+         FROM syncline_checkpoints c, r WHERE c.room = r.key \
+     UNION ALL SELECT 4, r.key, coalesce(",
+    count_of!("r.key"),
+    ", 0), NULL::BYTEA FROM r"
 );
 
 /// Creates a room's row if need be; its key. No row lock: appends are
@@ -537,38 +555,6 @@ fn checkpoint_nodes(bytes: &[u8]) -> i64 {
     syncline_core::checkpoint::header(bytes).map_or(0, |h| int(h.nodes))
 }
 
-/// Where a room stands ([`ROOM_HEAD`]).
-struct Head {
-    key: i64,
-    nodes: u64,
-    checkpointed: u64,
-    outbox: Vec<u64>,
-}
-
-impl Head {
-    fn of(row: &postgres::Row) -> Result<Head, StoreError> {
-        let count = |n: i64| u64::try_from(n).map_err(|_| corrupt("node count"));
-        Ok(Head {
-            key: row.get(0),
-            nodes: count(row.get(1))?,
-            checkpointed: count(row.get(2))?,
-            outbox: row
-                .get::<_, Vec<i64>>(3)
-                .into_iter()
-                .map(count)
-                .collect::<Result<_, _>>()?,
-        })
-    }
-}
-
-/// [`ROOM_HEAD`] in a transaction.
-fn read_head(tx: &mut Transaction<'_>, room: &RoomId) -> Result<Option<Head>, StoreError> {
-    tx.query_opt(ROOM_HEAD, &[&room.as_str()])
-        .map_err(sql)?
-        .map(|row| Head::of(&row))
-        .transpose()
-}
-
 /// The room's key, if it is stored.
 fn room_key(tx: &mut Transaction<'_>, room: &RoomId) -> Result<Option<i64>, StoreError> {
     Ok(tx
@@ -621,12 +607,15 @@ fn signatures_from(
     .iter()
     .map(|row| {
         let node = u32::try_from(row.get::<_, i64>(0)).map_err(|_| corrupt("node number"))?;
-        let sig: Vec<u8> = row.get(1);
-        let sig = <[u8; 64]>::try_from(sig.as_slice())
-            .map_err(|_| StoreError::Corrupt(format!("signature of {} bytes", sig.len())))?;
-        Ok((node, Signature(sig)))
+        Ok((node, signature(row.get(1))?))
     })
     .collect()
+}
+
+fn signature(bytes: Vec<u8>) -> Result<Signature, StoreError> {
+    <[u8; 64]>::try_from(bytes.as_slice())
+        .map(Signature)
+        .map_err(|_| StoreError::Corrupt(format!("signature of {} bytes", bytes.len())))
 }
 
 fn outbox(tx: &mut Transaction<'_>, key: i64) -> Result<Vec<u64>, StoreError> {
@@ -724,14 +713,18 @@ impl PgStore {
         seen.insert(room.clone(), (key, count));
     }
 
-    /// Where `room` stands, in one statement (`None`: never written).
-    fn head(&self, room: &RoomId) -> Result<Option<Head>, StoreError> {
+    /// `room`'s key and node count (`None`: never written).
+    fn key_and_count(&self, room: &RoomId) -> Result<Option<(i64, u64)>, StoreError> {
         self.with(|conn| {
-            let statement = conn.prepared(ROOM_HEAD)?;
+            let statement = conn.prepared(ROOM_COUNT)?;
             conn.client
                 .query_opt(&statement, &[&room.as_str()])
                 .map_err(sql)?
-                .map(|row| Head::of(&row))
+                .map(|row| {
+                    let nodes =
+                        u64::try_from(row.get::<_, i64>(1)).map_err(|_| corrupt("node count"))?;
+                    Ok((row.get(0), nodes))
+                })
                 .transpose()
         })
     }
@@ -741,6 +734,13 @@ impl Store for PgStore {
     fn commit(&self, room: &RoomId, batch: Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
+        }
+        // A tail read finds a node's segment within this reach (`TAIL`).
+        if let Some(long) = batch.segments.iter().find(|s| s.len > MAX_SEGMENT_NODES) {
+            return Err(StoreError::Invalid(format!(
+                "a segment of {} nodes: at most {MAX_SEGMENT_NODES}",
+                long.len
+            )));
         }
         if let Some(done) = self.fast_append(room, &batch)? {
             return done;
@@ -829,37 +829,40 @@ impl Store for PgStore {
     }
 
     fn load_tail(&self, room: &RoomId, from: u64) -> Result<StoredTail, StoreError> {
-        // Most calls find nothing new: one statement says so.
-        let Some(head) = self.head(room)? else {
-            return Ok(StoredTail::default());
-        };
-        let head = if head.nodes > from {
-            // The tail and the head it continues, from one snapshot.
-            self.read(|tx| {
-                let Some(head) = read_head(tx, room)? else {
-                    return Ok(None);
-                };
-                let segments = segments_from(tx, head.key, from)?;
-                let signatures = signatures_from(tx, head.key, from)?;
-                Ok(Some((head, segments, signatures)))
-            })?
-        } else {
-            Some((head, Vec::new(), Vec::new()))
-        };
-        let Some((head, segments, signatures)) = head else {
-            return Ok(StoredTail::default());
-        };
-        self.saw(room, head.key, head.nodes);
-        Ok(StoredTail {
-            segments,
-            signatures,
-            outbox: head.outbox,
-            checkpointed: head.checkpointed,
-        })
+        let rows = self.with(|conn| {
+            let statement = conn.prepared(TAIL)?;
+            let reach = i64::from(MAX_SEGMENT_NODES);
+            conn.client
+                .query(&statement, &[&room.as_str(), &int(from), &reach])
+                .map_err(sql)
+        })?;
+        let mut tail = StoredTail::default();
+        let count = |n: i64, what: &str| u64::try_from(n).map_err(|_| corrupt(what));
+        for row in rows {
+            let (kind, a, b): (i32, i64, i64) = (row.get(0), row.get(1), row.get(2));
+            match kind {
+                0 => tail.segments.push(Segment {
+                    start: u32::try_from(a).map_err(|_| corrupt("segment start"))?,
+                    len: u32::try_from(b).map_err(|_| corrupt("segment length"))?,
+                    pack: row.get::<_, Vec<u8>>(3).into_boxed_slice(),
+                }),
+                1 => {
+                    let node = u32::try_from(a).map_err(|_| corrupt("node number"))?;
+                    tail.signatures.push((node, signature(row.get(3))?));
+                }
+                2 => tail.outbox.push(count(a, "outbox seq")?),
+                3 => tail.checkpointed = count(a, "checkpoint coverage")?,
+                _ => self.saw(room, a, count(b, "node count")?),
+            }
+        }
+        tail.segments.sort_unstable_by_key(|s| s.start);
+        tail.signatures.sort_unstable_by_key(|(node, _)| *node);
+        tail.outbox.sort_unstable();
+        Ok(tail)
     }
 
     fn node_count(&self, room: &RoomId) -> Result<u64, StoreError> {
-        Ok(self.head(room)?.map_or(0, |h| h.nodes))
+        Ok(self.key_and_count(room)?.map_or(0, |(_, nodes)| nodes))
     }
 
     fn lock(&self, name: &str) -> Result<Option<StoreLock<'_>>, StoreError> {

@@ -96,7 +96,28 @@ struct Loaded {
     /// The nodes it holds (as of its last step).
     nodes: Arc<AtomicU64>,
     /// Asks it to catch up with what other relays stored.
-    behind: Arc<Notify>,
+    behind: Arc<Behind>,
+}
+
+/// Whether a room should catch up with what other relays stored: checked
+/// before every step (a busy room never waits for it), and a wake for an
+/// idle one.
+#[derive(Debug, Default)]
+struct Behind {
+    due: std::sync::atomic::AtomicBool,
+    wake: Notify,
+}
+
+impl Behind {
+    fn mark(&self) {
+        self.due.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Whether a catch-up is due (and now taken).
+    fn take(&self) -> bool {
+        self.due.swap(false, Ordering::AcqRel)
+    }
 }
 
 /// The loaded rooms.
@@ -220,7 +241,7 @@ impl Rooms {
         let sessions = Arc::new(AtomicUsize::new(0));
         let evict = Arc::new(Notify::new());
         let nodes = Arc::new(AtomicU64::new(0));
-        let behind = Arc::new(Notify::new());
+        let behind = Arc::new(Behind::default());
         let task = RoomTask {
             rooms: self.clone(),
             id: room.clone(),
@@ -276,7 +297,7 @@ impl Rooms {
         };
         let behind = l.nodes.load(Ordering::Relaxed) < nodes;
         if behind {
-            l.behind.notify_one();
+            l.behind.mark();
         }
         behind
     }
@@ -398,8 +419,8 @@ struct RoomTask {
     evict: Arc<Notify>,
     /// What it holds, for the registry ([`Loaded::nodes`]).
     nodes: Arc<AtomicU64>,
-    /// Notified when another relay stored more of it.
-    behind: Arc<Notify>,
+    /// Marked when another relay stored more of it.
+    behind: Arc<Behind>,
     /// The connections with sessions here.
     outs: HashMap<u64, ConnHandle>,
     /// The open sessions (to close them if the hub is lost).
@@ -507,7 +528,11 @@ impl RoomTask {
             // thousands).
             let next_timer = hub.poll_timeout();
             let timers_due = next_timer.is_some_and(|t| t <= rooms.now());
-            let work = if timers_due && (timers_first || self.pending.is_empty()) {
+            // Other relays' writes first: their delivery has waited a
+            // database round trip and a notice already.
+            let work = if self.behind.take() {
+                Work::CatchUp
+            } else if timers_due && (timers_first || self.pending.is_empty()) {
                 Work::Timers
             } else if !self.pending.is_empty() {
                 Work::Batch
@@ -526,7 +551,7 @@ impl RoomTask {
                         None => break,
                     },
                     Ok(()) = revoked.changed() => Work::Revoked,
-                    () = self.behind.notified() => Work::CatchUp,
+                    () = self.behind.wake.notified() => continue,
                     () = self.evict.notified() => {
                         if hub.session_count() == 0 {
                             idle_since = Some(Instant::now() - rooms.config.room_idle);
