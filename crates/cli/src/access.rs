@@ -108,9 +108,22 @@ pub(crate) enum TokenAction {
         /// The token's id (32 hex digits, as `token issue --json` and
         /// `token show` print it), or the token.
         id: String,
-        /// The relay's data directory.
-        #[arg(long)]
-        data: PathBuf,
+        /// The relay's data directory (that relay alone).
+        #[arg(
+            long,
+            required_unless_present = "postgres",
+            conflicts_with = "postgres"
+        )]
+        data: Option<PathBuf>,
+        /// A fleet's PostgreSQL database: every relay on it refuses the
+        /// token within a second.
+        #[arg(
+            long,
+            env = "SYNCLINE_POSTGRES",
+            value_name = "URL",
+            hide_env_values = true
+        )]
+        postgres: Option<String>,
     },
     /// Print what a token claims; with --data, check it against that
     /// relay's key.
@@ -177,7 +190,7 @@ pub(crate) fn token(cli: &Cli, action: &TokenAction) -> Outcome {
             );
             Ok(())
         }
-        TokenAction::Revoke { id, data } => {
+        TokenAction::Revoke { id, data, postgres } => {
             let id =
                 match syncline_core::ids::from_hex::<16>(id.trim()) {
                     Some(id) => id,
@@ -193,12 +206,17 @@ pub(crate) fn token(cli: &Cli, action: &TokenAction) -> Outcome {
                         .claims
                         .id,
                 };
-            syncline_relay::Server::revoke_in(data, &id).map_err(|e| {
-                Failed::new(
-                    Exit::Usage,
-                    format!("cannot revoke at {}: {e}", data.display()),
-                )
-            })?;
+            match (data, postgres) {
+                (Some(data), _) => syncline_relay::Server::revoke_in(data, &id).map_err(|e| {
+                    Failed::new(
+                        Exit::Usage,
+                        format!("cannot revoke at {}: {e}", data.display()),
+                    )
+                })?,
+                (None, Some(url)) => syncline_relay::Server::revoke_in_database(url, &id)
+                    .map_err(|e| Failed::new(Exit::Storage, format!("cannot revoke: {e}")))?,
+                (None, None) => unreachable!("clap requires --data or --postgres"),
+            }
             print(cli, json!({"revoked": hex(&id)}), || {
                 format!(
                     "revoked {} (a running relay applies it within a second)",

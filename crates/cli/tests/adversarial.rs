@@ -31,6 +31,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_syncline");
 /// Resident memory the server may reach during any attack.
 const RSS_BOUND: u64 = 400 << 20;
@@ -598,8 +600,11 @@ async fn close_reason(ws: &mut Ws) -> Option<(CloseCode, String)> {
 
 #[test]
 fn garbage_protocol_violations_and_oversized_frames_close_only_their_connection() {
-    run(async {
-        let mut server = Server::start().await;
+    run(async { garbage(Server::start().await).await });
+}
+
+async fn garbage(mut server: Server) {
+    {
         let mut honest = Honest::measure(&server, &["quiet-room"]).await;
         let attack = async {
             let mut reasons = Vec::new();
@@ -666,7 +671,7 @@ fn garbage_protocol_violations_and_oversized_frames_close_only_their_connection(
                 >= 10.0
         );
         after_attack(&mut server, &honest, peak, "garbage").await;
-    });
+    }
 }
 
 #[test]
@@ -919,8 +924,11 @@ fn repeated_hellos_for_a_large_room_do_not_starve_a_newcomer() {
 
 #[test]
 fn a_flood_is_rate_limited() {
-    run(async {
-        let mut server = Server::start().await;
+    run(async { flood(Server::start().await).await });
+}
+
+async fn flood(mut server: Server) {
+    {
         let mut honest = Honest::measure(&server, &["quiet-room", "flooded"]).await;
         // Signed, valid nodes: 40 packs of 1 MB, sent as fast as possible.
         let mut flooder = Replica::new("flooded", 90);
@@ -965,6 +973,25 @@ fn a_flood_is_rate_limited() {
             "the flood was not closed rate_limited: {closed:?}"
         );
         after_attack(&mut server, &honest, peak, "flood").await;
+    }
+}
+
+/// A relay of a fleet (PostgreSQL and NATS, another relay sharing its
+/// database) holds the same limits: garbage closes only its connection,
+/// a flood of valid nodes is rate limited, honest clients go on, and
+/// nothing acknowledged is lost.
+#[test]
+fn a_fleet_relay_holds_its_limits() {
+    let Some(db) = common::fresh_database() else {
+        return;
+    };
+    let nats = common::nats_url();
+    let prefix = format!("attack{}", std::process::id());
+    let fleet = ["--postgres", &db, "--nats", &nats, "--nats-prefix", &prefix];
+    run(async {
+        let _peer = Server::start_with(&fleet).await;
+        garbage(Server::start_with(&fleet).await).await;
+        flood(Server::start_with(&fleet).await).await;
     });
 }
 

@@ -9,37 +9,13 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Running, Server, WAIT, ok, run};
+use common::{BIN, Running, Server, WAIT, fresh_database, nats_url, ok, run};
 
-/// A fresh database on the test server; `None` (skipped, and said) when
-/// none was started outside CI.
-fn fresh_database() -> Option<String> {
-    let Ok(url) = std::env::var("SYNCLINE_TEST_POSTGRES") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs this with PostgreSQL: start it with scripts/services.sh"
-        );
-        eprintln!("no SYNCLINE_TEST_POSTGRES: skipped");
-        return None;
-    };
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let name = format!(
-        "fleet_{}_{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    );
-    let created = Command::new("psql")
-        .arg(&url)
-        .args(["-q", "-c", &format!("CREATE DATABASE {name}")])
-        .status()
-        .unwrap();
-    assert!(created.success(), "psql could not create {name}");
-    let (base, _) = url.rsplit_once('/').unwrap();
-    Some(format!("{base}/{name}"))
-}
+/// The tests restart PostgreSQL and NATS under their relays: one at a
+/// time, or one's restart breaks the other.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Restarts the test server (`scripts/services.sh` says where it is).
 fn restart_postgres() {
@@ -77,6 +53,7 @@ fn nix_root() -> bool {
 
 #[test]
 fn a_relay_on_postgres_keeps_rooms_in_the_database() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let Some(url) = fresh_database() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(&dir.path().join("relay"), &["--postgres", &url]);
@@ -113,13 +90,6 @@ fn a_relay_on_postgres_keeps_rooms_in_the_database() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(err.contains("no_such_database"), "{err}");
-}
-
-/// The test's NATS server (`scripts/services.sh start` runs it beside
-/// PostgreSQL).
-fn nats_url() -> String {
-    std::env::var("SYNCLINE_TEST_NATS")
-        .expect("scripts/services.sh starts NATS beside PostgreSQL: SYNCLINE_TEST_NATS")
 }
 
 /// Stops the test's NATS server and starts it again on its port.
@@ -164,6 +134,7 @@ fn write_and_see(replica: &Path, url: &str, value: u32, watcher: &Running) -> Du
 
 #[test]
 fn three_relays_share_rooms_through_postgres_and_nats_and_outlive_each_part() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let Some(db) = fresh_database() else { return };
     let nats = nats_url();
     let dir = tempfile::tempdir().unwrap();
@@ -346,4 +317,19 @@ fn three_relays_share_rooms_through_postgres_and_nats_and_outlive_each_part() {
         &[],
     );
     assert_eq!(code, 6, "no token, locked room: {err}");
+
+    // A revocation through the database reaches every relay: the writer's
+    // token, good on relay 3 a moment ago, is refused there within
+    // seconds.
+    let (code, _, err) = sync(&writer, &url[2], &write_token);
+    assert_eq!(code, 0, "{err}");
+    let token_id = {
+        let out = ok(&writer, &["--json", "token", "show", &write_token]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["id"].as_str().unwrap().to_owned()
+    };
+    ok(&writer, &["token", "revoke", &token_id, "--postgres", &db]);
+    wait_until("relay 3 refuses the revoked token", || {
+        sync(&writer, &url[2], &write_token).0 == 6
+    });
 }

@@ -14,10 +14,12 @@
 //! key, signed with the relay's key (`syncline_core::auth::invite`).
 //!
 //! Revocation: the file `revoked` in the data directory lists capability
-//! ids (hex, one per line; `syncline token revoke` appends). The relay
-//! reads it at start and every second after: a listed id refuses every
-//! `hello` whose capability chain holds it, and closes, with
-//! `unauthorized`, the open sessions that rest on it.
+//! ids (hex, one per line; `syncline token revoke --data` appends), and so
+//! does the store's metadata (`revoked`: ids of 16 bytes; a fleet's,
+//! written by `syncline token revoke --postgres`, so every relay sharing
+//! the database sees it). The relay reads both at start and every second
+//! after: a listed id refuses every `hello` whose capability chain holds
+//! it, and closes, with `unauthorized`, the open sessions that rest on it.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -270,11 +272,43 @@ fn refuse(status: StatusCode, why: &str) -> Response {
     (status, format!("{why}\n")).into_response()
 }
 
+/// The store metadata holding revocations made through the store.
+const REVOKED_META: &str = "revoked";
+
+/// Adds `id` to the revocations in `store` (every relay sharing it applies
+/// it within a second).
+pub(crate) fn revoke_in_store(
+    store: &dyn syncline_store::Store,
+    id: &[u8; 16],
+) -> Result<(), syncline_store::StoreError> {
+    // One writer of the list at a time (a name no room has).
+    let _one_at_a_time = store.lock("syncline revocations")?;
+    let mut listed = store.get_meta(REVOKED_META)?.unwrap_or_default();
+    if !listed.chunks(16).any(|listed| listed == id) {
+        listed.extend_from_slice(id);
+        store.put_meta(REVOKED_META, &listed)?;
+    }
+    Ok(())
+}
+
+/// The revocations in `store`.
+pub(crate) fn stored_revoked(
+    store: &dyn syncline_store::Store,
+) -> Result<HashSet<[u8; 16]>, syncline_store::StoreError> {
+    let listed = store.get_meta(REVOKED_META)?.unwrap_or_default();
+    Ok(listed
+        .chunks_exact(16)
+        .filter_map(|id| <[u8; 16]>::try_from(id).ok())
+        .collect())
+}
+
 /// Appends `id` to the revocation list of `data_dir`; a running relay
 /// applies it within a second.
 pub(crate) fn append_revoked(data_dir: &Path, id: &[u8; 16]) -> std::io::Result<()> {
     use std::io::Write as _;
-    if !data_dir.join("relay.db").exists() {
+    // Every relay's data directory holds its key file (one on PostgreSQL
+    // has no relay.db).
+    if !data_dir.join(crate::KEY_FILE).exists() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::NotFound,
             "no relay data here (see --data)",
@@ -314,21 +348,33 @@ pub(crate) fn read_revoked(data_dir: &Path) -> HashSet<[u8; 16]> {
     ids
 }
 
-/// Rereads the revocation list every second; newly listed ids go into the
-/// policy and close the sessions that rest on them.
+/// Rereads the revocation lists (the file and the store's) every second;
+/// newly listed ids go into the policy and close the sessions that rest on
+/// them.
 pub(crate) async fn watch_revoked(state: Arc<State>, data_dir: PathBuf) {
-    let mut seen: Option<std::time::SystemTime> = None;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let path = data_dir.join(REVOKED_FILE);
-        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        if modified.is_none() || modified == seen {
-            continue;
-        }
-        seen = modified;
-        let listed = read_revoked(&data_dir);
+        let store = state.rooms().store();
+        let dir = data_dir.clone();
+        let listed = tokio::task::spawn_blocking(move || {
+            let mut listed = read_revoked(&dir);
+            listed.extend(stored_revoked(store.as_ref())?);
+            Ok::<_, syncline_store::StoreError>(listed)
+        })
+        .await;
+        let listed = match listed {
+            Ok(Ok(listed)) => listed,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read the revocations in the store; trying again");
+                continue;
+            }
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
         let fresh: Vec<[u8; 16]> = {
             let mut policy = state.policy.write().unwrap_or_else(|p| p.into_inner());
+            if policy.revoked == listed {
+                continue;
+            }
             let fresh = listed
                 .iter()
                 .filter(|id| !policy.revoked.contains(*id))

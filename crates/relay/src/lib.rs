@@ -412,8 +412,18 @@ impl Server {
     /// Revokes capability `id` at the relay whose data directory is
     /// `data_dir` (appends it to the `revoked` list there): a running relay
     /// refuses it and closes the sessions resting on it within a second.
+    /// (For a fleet, [`Server::revoke_in_database`] reaches every relay.)
     pub fn revoke_in(data_dir: &std::path::Path, id: &[u8; 16]) -> std::io::Result<()> {
         admin::append_revoked(data_dir, id)
+    }
+
+    /// Revokes capability `id` for every relay on the PostgreSQL database
+    /// at `url` (a fleet): each refuses it, and closes the sessions
+    /// resting on it, within a second. Blocks: call it from a thread, not
+    /// from async code.
+    pub fn revoke_in_database(url: &str, id: &[u8; 16]) -> Result<(), RelayError> {
+        let store = PgStore::open(url, PgOptions::default())?;
+        Ok(admin::revoke_in_store(&store, id)?)
     }
 
     /// The relay's public key: capabilities it issues (and that name it as
@@ -442,10 +452,17 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RelayError> {
         let config = self.config;
+        let store = self.rooms.store();
+        let mut revoked = admin::read_revoked(&config.data_dir);
+        revoked.extend(
+            tokio::task::spawn_blocking(move || admin::stored_revoked(store.as_ref()))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?,
+        );
         let policy = Policy {
             open: config.open_rooms.clone(),
             roots: self.rooms.roots().to_vec(),
-            revoked: admin::read_revoked(&config.data_dir),
+            revoked,
         };
         let state = Arc::new(conn::State::new(
             self.rooms.clone(),
@@ -596,7 +613,7 @@ impl Server {
 
 /// The file beside the store holding the relay's key seed (hex), readable
 /// by its owner only.
-const KEY_FILE: &str = "relay.key";
+pub(crate) const KEY_FILE: &str = "relay.key";
 
 /// Writes the relay's key to [`KEY_FILE`] unless it is there: tools that
 /// sign for the relay read it there while the store is locked by the

@@ -77,7 +77,18 @@ impl Server {
             ])
             .args(&self.extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // SYNCLINE_TEST_LOG_DIR=DIR keeps each server's log there
+            // (PORT.log), to see why a test failed.
+            .stderr(match std::env::var_os("SYNCLINE_TEST_LOG_DIR") {
+                Some(dir) => Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(Path::new(&dir).join(format!("{}.log", self.port)))
+                        .unwrap(),
+                ),
+                None => Stdio::null(),
+            })
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -228,4 +239,38 @@ pub(crate) fn http_get(port: u16, path: &str, bearer: Option<&str>) -> Option<(u
     let status = response.split(' ').nth(1)?.parse().ok()?;
     let body = response.split("\r\n\r\n").nth(1)?;
     Some((status, body.trim().to_owned()))
+}
+
+/// A fresh database on the test server; `None` (skipped, and said) when
+/// none was started outside CI.
+pub(crate) fn fresh_database() -> Option<String> {
+    let Ok(url) = std::env::var("SYNCLINE_TEST_POSTGRES") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs this with PostgreSQL: start it with scripts/services.sh"
+        );
+        eprintln!("no SYNCLINE_TEST_POSTGRES: skipped");
+        return None;
+    };
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "fleet_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let created = Command::new("psql")
+        .arg(&url)
+        .args(["-q", "-c", &format!("CREATE DATABASE {name}")])
+        .status()
+        .unwrap();
+    assert!(created.success(), "psql could not create {name}");
+    let (base, _) = url.rsplit_once('/').unwrap();
+    Some(format!("{base}/{name}"))
+}
+
+/// The test's NATS server (`scripts/services.sh start` runs it beside
+/// PostgreSQL).
+pub(crate) fn nats_url() -> String {
+    std::env::var("SYNCLINE_TEST_NATS")
+        .expect("scripts/services.sh starts NATS beside PostgreSQL: SYNCLINE_TEST_NATS")
 }
