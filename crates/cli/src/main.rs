@@ -43,7 +43,8 @@ use remote::servers_or_remote;
 found; 4 the server could not be reached, is no relay, or did not acknowledge in time; 5 local \
 storage failed or the replica is in use; 6 the relay refused access.\n\
 Environment: SYNCLINE_REPLICA (--replica), SYNCLINE_SERVER (--server), SYNCLINE_TOKEN \
-(--token), SYNCLINE_LOG (log filter, e.g. debug).\n\
+(--token), SYNCLINE_POSTGRES and SYNCLINE_NATS (serve's --postgres and --nats), SYNCLINE_LOG \
+(log filter, e.g. debug).\n\
 Server URLs: ws://HOST:PORT/ws (the path defaults to /ws)."
 )]
 struct Cli {
@@ -903,9 +904,9 @@ fn serve(
                 | syncline_relay::RelayError::OpenOnNetwork { .. }
                 | syncline_relay::RelayError::MetricsOnNetwork(_)
                 | syncline_relay::RelayError::NatsWithoutPostgres
-                | syncline_relay::RelayError::Bus(syncline_relay::BusError::Prefix(_)) => {
-                    (Exit::Usage, "")
-                }
+                | syncline_relay::RelayError::Bus(
+                    syncline_relay::BusError::Prefix(_) | syncline_relay::BusError::Url { .. },
+                ) => (Exit::Usage, ""),
                 syncline_relay::RelayError::Bus(syncline_relay::BusError::Connect { .. }) => {
                     (Exit::Sync, "")
                 }

@@ -352,7 +352,12 @@ fn sql(e: postgres::Error) -> StoreError {
     // exist"); the error's Display alone says only "db error".
     match e.as_db_error() {
         Some(db) => StoreError::Io(format!("postgres: {} ({})", db.message(), db.code().code())),
-        None => StoreError::Io(format!("postgres: {e}")),
+        // "error connecting to server" alone hides why ("Connection
+        // refused"): the source says.
+        None => match std::error::Error::source(&e) {
+            Some(why) => StoreError::Io(format!("postgres: {e}: {why}")),
+            None => StoreError::Io(format!("postgres: {e}")),
+        },
     }
 }
 

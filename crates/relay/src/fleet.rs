@@ -88,6 +88,14 @@ pub enum BusError {
          (like syncline or acme.sync)"
     )]
     Prefix(String),
+    /// The URL is not a NATS server's.
+    #[error("--nats {url:?} is not a NATS URL ({why}): use nats://HOST:PORT")]
+    Url {
+        /// The URL.
+        url: String,
+        /// Why.
+        why: String,
+    },
     /// The first connection failed.
     #[error("cannot connect to NATS at {url}: {why} (is nats-server running there?)")]
     Connect {
@@ -138,9 +146,15 @@ pub(crate) async fn connect(url: &str, prefix: &str) -> Result<(Fleet, Bus), Bus
             url: url.to_owned(),
             why: format!("no answer within {NATS_CONNECT:?}"),
         })?
-        .map_err(|e| BusError::Connect {
-            url: url.to_owned(),
-            why: e.to_string(),
+        .map_err(|e| match e.kind() {
+            async_nats::ConnectErrorKind::ServerParse => BusError::Url {
+                url: url.to_owned(),
+                why: e.to_string(),
+            },
+            _ => BusError::Connect {
+                url: url.to_owned(),
+                why: e.to_string(),
+            },
         })?;
     metrics::gauge!(telemetry::FLEET_BUS_CONNECTED).set(1.0);
     let (tx, notices) = mpsc::channel(NOTICE_QUEUE);
