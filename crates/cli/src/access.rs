@@ -109,11 +109,7 @@ pub(crate) enum TokenAction {
         /// `token show` print it), or the token.
         id: String,
         /// The relay's data directory (that relay alone).
-        #[arg(
-            long,
-            required_unless_present = "postgres",
-            conflicts_with = "postgres"
-        )]
+        #[arg(long, required_unless_present = "postgres")]
         data: Option<PathBuf>,
         /// A fleet's PostgreSQL database: every relay on it refuses the
         /// token within a second.

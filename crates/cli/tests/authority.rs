@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 mod common;
 
-use common::{Server, free_port, http_get, ok, run};
+use common::{Server, author, free_port, http_get, issue_token, ok, run};
 
 /// Exit code of a refused access.
 const UNAUTHORIZED: i32 = 6;
@@ -37,18 +37,9 @@ const ADMIN_OF_DOCS: &[&str] = &[
     "/docs/**",
 ];
 
-fn author(replica: &Path) -> String {
-    let out = ok(replica, &["--json", "init"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["author"].as_str().unwrap().to_owned()
-}
-
 /// `syncline token issue` signed with the relay's key.
 fn issue(server: &Server, subject: &str, extra: &[&str]) -> String {
-    let data = server.data.to_str().unwrap().to_owned();
-    let mut args = vec!["token", "issue", "--data", &data, "--subject", subject];
-    args.extend_from_slice(extra);
-    ok(Path::new("/nonexistent-replica"), &args)
+    issue_token(&server.data, subject, extra)
 }
 
 /// `syncline sync --once` of `room` with `token`: (exit code, stderr).

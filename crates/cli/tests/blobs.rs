@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Server, cli, ok, run};
+use common::{BIN, Server, author, cli, issue_token, ok, run};
 
 const MIB: usize = 1 << 20;
 
@@ -211,26 +211,10 @@ fn uploads_past_the_quota_or_without_the_right_are_refused() {
     // A locked room, a reader's token: its blob does not go up.
     let server = Server::start(&dir.path().join("locked"), &["--locked"]);
     let reader = dir.path().join("reader");
-    let author = {
-        let out = ok(&reader, &["--json", "init"]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["author"].as_str().unwrap().to_owned()
-    };
-    let data = server.data.to_str().unwrap().to_owned();
-    let token = ok(
-        Path::new("/nonexistent-replica"),
-        &[
-            "token",
-            "issue",
-            "--data",
-            &data,
-            "--subject",
-            &author,
-            "--room",
-            "media",
-            "--rights",
-            "read",
-        ],
+    let token = issue_token(
+        &server.data,
+        &author(&reader),
+        &["--room", "media", "--rights", "read"],
     );
     put(&reader, &file);
     let (code, err) = sync(&reader, &server, &["--token", &token]);

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BIN, Running, Server, WAIT, fresh_database, nats_url, ok, run};
+use common::{BIN, Running, Server, WAIT, author, fresh_database, issue_token, nats_url, ok, run};
 
 /// The tests restart PostgreSQL and NATS under their relays: one at a
 /// time, or one's restart breaks the other.
@@ -256,28 +256,11 @@ fn three_relays_share_rooms_through_postgres_and_nats_and_outlive_each_part() {
     // works on relay 2; a read-only one reads through relay 3 and cannot
     // write; no token, no access.
     let (reader, writer) = (dir.path().join("reader"), dir.path().join("writer"));
-    let author = |replica: &Path| {
-        let out = ok(replica, &["--json", "init"]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["author"].as_str().unwrap().to_owned()
-    };
     let issue = |replica: &Path, rights: &str| {
-        let data = relays[0].data.to_str().unwrap().to_owned();
-        let subject = author(replica);
-        ok(
-            Path::new("/nonexistent-replica"),
-            &[
-                "token",
-                "issue",
-                "--data",
-                &data,
-                "--subject",
-                &subject,
-                "--room",
-                "secret",
-                "--rights",
-                rights,
-            ],
+        issue_token(
+            &relays[0].data,
+            &author(replica),
+            &["--room", "secret", "--rights", rights],
         )
     };
     let (read_token, write_token) = (issue(&reader, "read"), issue(&writer, "write"));

@@ -190,9 +190,12 @@ const OUTBOX_ADD: &str = "INSERT INTO syncline_outbox (room, seq) \
 
 const OUTBOX_REMOVE: &str = "DELETE FROM syncline_outbox WHERE room = $1 AND seq = ANY($2)";
 
+/// Stores a checkpoint unless the stored one covers more nodes (relays of
+/// a fleet unloading a room write what each holds; the fullest stays).
 const PUT_CHECKPOINT: &str = "INSERT INTO syncline_checkpoints (room, bytes, nodes) \
     VALUES ($1, $2, $3) \
-    ON CONFLICT (room) DO UPDATE SET bytes = EXCLUDED.bytes, nodes = EXCLUDED.nodes";
+    ON CONFLICT (room) DO UPDATE SET bytes = EXCLUDED.bytes, nodes = EXCLUDED.nodes \
+    WHERE coalesce(syncline_checkpoints.nodes, 0) <= EXCLUDED.nodes";
 
 /// Rooms a store remembers the last count of ([`PgStore::fast_append`]);
 /// past it the memory starts afresh (a forgotten room's next append takes

@@ -67,7 +67,9 @@ pub struct Batch {
     pub outbox_add: Vec<u64>,
     /// Outbox entries the server acknowledged.
     pub outbox_remove: Vec<u64>,
-    /// A new checkpoint of the room, replacing the stored one.
+    /// A new checkpoint of the room, replacing the stored one (a store
+    /// shared by several writers may keep a stored one that covers more
+    /// nodes: a checkpoint is a cache, and the fullest saves the most).
     pub checkpoint: Option<Vec<u8>>,
     /// The history must hold exactly this many nodes before the batch
     /// applies, or the batch is refused with [`StoreError::Invalid`]: a

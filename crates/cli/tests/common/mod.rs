@@ -274,3 +274,19 @@ pub(crate) fn nats_url() -> String {
     std::env::var("SYNCLINE_TEST_NATS")
         .expect("scripts/services.sh starts NATS beside PostgreSQL: SYNCLINE_TEST_NATS")
 }
+
+/// The author key of `replica` (made on first use).
+pub(crate) fn author(replica: &Path) -> String {
+    let out = ok(replica, &["--json", "init"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["author"].as_str().unwrap().to_owned()
+}
+
+/// `syncline token issue --subject SUBJECT EXTRA...`, signed with the key
+/// of the relay whose data directory is `data`.
+pub(crate) fn issue_token(data: &Path, subject: &str, extra: &[&str]) -> String {
+    let data = data.to_str().unwrap().to_owned();
+    let mut args = vec!["token", "issue", "--data", &data, "--subject", subject];
+    args.extend_from_slice(extra);
+    ok(Path::new("/nonexistent-replica"), &args)
+}
