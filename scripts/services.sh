@@ -99,7 +99,8 @@ start)
 restart-nats)
     pid=$(cat "$dir/nats/pid")
     kill "$pid"
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    kill -9 "$pid" 2>/dev/null || true
     start_nats "$dir"
     ;;
 stop)

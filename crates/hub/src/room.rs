@@ -328,9 +328,12 @@ impl RoomHub {
             },
             false => None,
         };
-        if locked.is_some() {
-            self.catch_up(now)?;
-        }
+        // What other servers stored, caught up with under the lock; relayed
+        // with the batch's nodes once the lock is released.
+        let learned = match locked {
+            Some(_) => self.learn(now)?,
+            None => Vec::new(),
+        };
         let config = &self.config.session;
         let room_id = self.room.room().id().clone();
         let sessions = &mut self.sessions;
@@ -488,20 +491,12 @@ impl RoomHub {
                 nodes: nodes.len(),
             });
         }
-        if !brought.is_empty() {
-            // Blob references go into the index before anything is
-            // acknowledged (relayed).
-            if let Some(blobs) = &mut self.blobs {
-                for (_, nodes) in &brought {
-                    if let Err(e) = blobs.record_refs(self.room.room(), nodes) {
-                        self.events.push_back(HubEvent::BlobRefsFailed {
-                            error: e.to_string(),
-                        });
-                    }
-                }
-                blobs.room_changed();
-            }
-            self.relay(now, &brought);
+        let mut relayed = brought;
+        if !learned.is_empty() {
+            relayed.insert(0, (ELSEWHERE, learned));
+        }
+        if !relayed.is_empty() {
+            self.index_and_relay(now, &relayed);
         }
         if !blob_in.is_empty() {
             self.blob_messages(blob_in);
@@ -522,6 +517,19 @@ impl RoomHub {
     /// session is closed with `overloaded` and the error returned (as from
     /// [`RoomHub::handle_batch`]).
     pub fn catch_up(&mut self, now: u64) -> Result<usize, ReplicaError> {
+        let nodes = self.learn(now)?;
+        let learned = nodes.len();
+        if learned > 0 {
+            self.index_and_relay(now, &[(ELSEWHERE, nodes)]);
+            self.after(now);
+        }
+        Ok(learned)
+    }
+
+    /// Appends what other servers stored since the last look (counted in
+    /// the room's bytes, reported as [`HubEvent::Learned`]); the caller
+    /// relays it. On a storage failure every session is closed.
+    fn learn(&mut self, now: u64) -> Result<Vec<NodeIdx>, ReplicaError> {
         let appended = match self.room.refresh() {
             Ok(appended) => appended,
             Err(e) => {
@@ -530,27 +538,33 @@ impl RoomHub {
             }
         };
         let nodes: Vec<NodeIdx> = appended.collect();
-        if nodes.is_empty() {
-            return Ok(0);
+        if !nodes.is_empty() {
+            let dag = self.room.room().dag();
+            self.room_bytes += nodes
+                .iter()
+                .map(|&n| dag.content_size(n) as u64)
+                .sum::<u64>();
+            self.events
+                .push_back(HubEvent::Learned { nodes: nodes.len() });
         }
-        let dag = self.room.room().dag();
-        self.room_bytes += nodes
-            .iter()
-            .map(|&n| dag.content_size(n) as u64)
-            .sum::<u64>();
+        Ok(nodes)
+    }
+
+    /// Records the blobs `stored` nodes reference in the index, then
+    /// relays them to the room's sessions (each gets those it did not
+    /// send): references are indexed before anything is acknowledged.
+    fn index_and_relay(&mut self, now: u64, stored: &[(SessionKey, Vec<NodeIdx>)]) {
         if let Some(blobs) = &mut self.blobs {
-            if let Err(e) = blobs.record_refs(self.room.room(), &nodes) {
-                self.events.push_back(HubEvent::BlobRefsFailed {
-                    error: e.to_string(),
-                });
+            for (_, nodes) in stored {
+                if let Err(e) = blobs.record_refs(self.room.room(), nodes) {
+                    self.events.push_back(HubEvent::BlobRefsFailed {
+                        error: e.to_string(),
+                    });
+                }
             }
             blobs.room_changed();
         }
-        let learned = nodes.len();
-        self.events.push_back(HubEvent::Learned { nodes: learned });
-        self.relay(now, &[(ELSEWHERE, nodes)]);
-        self.after(now);
-        Ok(learned)
+        self.relay(now, stored);
     }
 
     /// Hands the batch's blob messages of open sessions to the room's

@@ -31,8 +31,10 @@
 //! with the tail other relays stored, then commits, so its batch is never
 //! refused as stale. The lock ends with its connection, so a relay that
 //! dies (or loses the database) releases what it held; connections ask
-//! the server to probe them with TCP keepalives, so a relay cut off by a
-//! partition releases its locks within about half a minute.
+//! the server to probe them (TCP keepalives, and `tcp_user_timeout` for
+//! data left unacknowledged), so a relay cut off by a partition releases
+//! its locks within about half a minute. Waiting for a lock times out
+//! ([`PgOptions::lock_timeout`]).
 //!
 //! Connections come from a small pool ([`PgOptions::connections`]); one
 //! that fails is dropped, and the next call opens another. Every call
@@ -109,6 +111,10 @@ const MIGRATION_3: &str = "ALTER TABLE syncline_rooms DROP COLUMN node_count; \
 /// hashed is the other half of the key).
 const LOCK_SPACE: i32 = 1398361669;
 
+/// [`Store::lock`], and its release.
+const LOCK: &str = "SELECT pg_advisory_lock($1, hashtext($2))";
+const UNLOCK: &str = "SELECT pg_advisory_unlock($1, hashtext($2))";
+
 /// The nodes room `r` holds: where its last segment ends (segments are
 /// consecutive from node 0 and never merged here), NULL without any.
 macro_rules! count_of {
@@ -151,9 +157,10 @@ const TAIL: &str = concat!(
 );
 
 /// Creates a room's row if need be; its key. No row lock: appends are
-/// ordered by the segments' key alone (a row lock here would deadlock
-/// with the foreign-key check of a fast append waiting on it). Empty only
-/// while another writer's first commit to the room is in flight.
+/// ordered by the segments' primary key alone (a row lock would cost a
+/// write per commit, and take turns with fast appends for nothing). Empty
+/// when another writer's first commit to the room made the row after this
+/// statement's snapshot: asked again, it is there.
 const ROOM_KEY: &str = "WITH made AS ( \
         INSERT INTO syncline_rooms (name) VALUES ($1) ON CONFLICT (name) DO NOTHING \
         RETURNING key) \
@@ -215,6 +222,10 @@ pub struct PgOptions {
     /// Connections held by [`Store::lock`] at most (a relay holds one per
     /// room step running: its `room_workers`); lockers beyond wait.
     pub lock_connections: usize,
+    /// How long taking a lock may wait (a [`Store::lock`] held elsewhere,
+    /// a row): past it the call fails, and a relay's room closes its
+    /// sessions `overloaded` rather than hold a worker.
+    pub lock_timeout: Duration,
 }
 
 impl Default for PgOptions {
@@ -224,6 +235,7 @@ impl Default for PgOptions {
             statement_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             lock_connections: 8,
+            lock_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -269,7 +281,8 @@ impl Pool {
         let wait = config
             .get_connect_timeout()
             .copied()
-            .unwrap_or(Duration::MAX);
+            .unwrap_or(Duration::from_secs(10));
+        let deadline = std::time::Instant::now() + wait;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(conn) = conns.0.pop() {
@@ -281,23 +294,26 @@ impl Pool {
                 let opened = config.connect(NoTls).map_err(sql);
                 if opened.is_err() {
                     self.conns.lock().unwrap_or_else(|p| p.into_inner()).1 -= 1;
+                    // A slot is free again: a waiter may open it.
+                    self.returned.notify_one();
                 }
                 return opened.map(|client| Conn {
                     client,
                     statements: HashMap::new(),
                 });
             }
-            let (next, waited) = self
-                .returned
-                .wait_timeout(conns, wait)
-                .unwrap_or_else(|p| p.into_inner());
-            conns = next;
-            if waited.timed_out() && conns.0.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
                 return Err(StoreError::Io(format!(
                     "postgres: all {} connections stayed busy for {wait:?}",
                     self.most
                 )));
             }
+            conns = self
+                .returned
+                .wait_timeout(conns, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -377,17 +393,27 @@ impl PgStore {
     /// Connects to the database at `url` (`postgres://user@host:port/db`)
     /// and creates or migrates Syncline's tables.
     pub fn open(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
+        let store = PgStore::connect(url, options)?;
+        store.with(|conn| migrate(&mut conn.client))?;
+        Ok(store)
+    }
+
+    /// A store on the database at `url`, its tables as they are.
+    fn connect(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
         let mut config: postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Io(format!("postgres URL {url:?}: {e}")))?;
         // The server probes an idle connection after 10 s, every 5 s,
-        // three times: the locks of a relay cut off end within ~25 s.
+        // three times, and gives up on one whose data stays unacknowledged
+        // for 25 s: the locks of a relay cut off end within ~25 s.
         config
             .connect_timeout(options.connect_timeout)
             .options(&format!(
-                "-c statement_timeout={} -c tcp_keepalives_idle=10 \
-                 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
-                options.statement_timeout.as_millis()
+                "-c statement_timeout={} -c lock_timeout={} -c tcp_keepalives_idle=10 \
+                 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
+                 -c tcp_user_timeout=25000",
+                options.statement_timeout.as_millis(),
+                options.lock_timeout.as_millis()
             ))
             .application_name("syncline");
         let store = PgStore {
@@ -396,8 +422,40 @@ impl PgStore {
             lockers: Pool::new(options.lock_connections),
             seen: Mutex::new(HashMap::new()),
         };
-        store.with(|conn| migrate(&mut conn.client))?;
         Ok(store)
+    }
+
+    /// Connects to a database a relay of this version already set up, and
+    /// creates or migrates nothing: an error if it holds no Syncline
+    /// tables or another schema (tools pointed at the wrong database must
+    /// not set one up).
+    pub fn open_existing(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
+        let store = PgStore::connect(url, options)?;
+        let version: Option<i32> = store.with(|conn| {
+            let exists: bool = conn
+                .client
+                .query_one("SELECT to_regclass('syncline_schema') IS NOT NULL", &[])
+                .map_err(sql)?
+                .get(0);
+            if !exists {
+                return Ok(None);
+            }
+            Ok(conn
+                .client
+                .query_opt("SELECT version FROM syncline_schema", &[])
+                .map_err(sql)?
+                .map(|row| row.get(0)))
+        })?;
+        match version {
+            Some(SCHEMA) => Ok(store),
+            Some(v) => Err(StoreError::Corrupt(format!(
+                "the database holds Syncline schema {v}; this version reads {SCHEMA} \
+                 (start a relay of this version on it first)"
+            ))),
+            None => Err(StoreError::Corrupt(
+                "no Syncline tables in this database (is it the relays' database?)".into(),
+            )),
+        }
     }
 
     /// Runs `f` on a pooled connection; a connection that failed is not
@@ -485,10 +543,11 @@ impl Drop for Held<'_> {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        let unlocked = conn.client.query_one(
-            "SELECT pg_advisory_unlock($1, hashtext($2))",
-            &[&LOCK_SPACE, &self.name],
-        );
+        let unlocked = conn.prepared(UNLOCK).and_then(|unlock| {
+            conn.client
+                .query_one(&unlock, &[&LOCK_SPACE, &self.name])
+                .map_err(sql)
+        });
         match unlocked {
             Ok(row) if row.get::<_, bool>(0) => self.store.lockers.give(conn),
             // Not held after all, or the connection failed: closing it
@@ -509,6 +568,10 @@ fn off_thread<T: Send + 'static>(value: T) {
 /// together take an advisory lock.
 fn migrate(client: &mut Client) -> Result<(), StoreError> {
     let mut tx = client.transaction().map_err(sql)?;
+    // Another relay migrating holds the lock as long as it takes (each
+    // statement within the statement timeout).
+    tx.batch_execute("SET LOCAL lock_timeout = 0")
+        .map_err(sql)?;
     // "SYNC" as a number: the lock is Syncline's.
     tx.execute("SELECT pg_advisory_xact_lock(1398361667)", &[])
         .map_err(sql)?;
@@ -532,18 +595,42 @@ fn migrate(client: &mut Client) -> Result<(), StoreError> {
         }
         Some(v) => v,
     };
+    if at < SCHEMA {
+        // Relays of versions before fleets held the database with this
+        // lock; one still running would fail every write once migrated.
+        let older_running = !tx
+            .query_one("SELECT pg_try_advisory_xact_lock(1398361668)", &[])
+            .map_err(sql)?
+            .get::<_, bool>(0);
+        if older_running {
+            return Err(StoreError::Io(format!(
+                "a relay of an older version (schema {at}) is serving this database: \
+                 stop it before starting this version, which migrates the schema to {SCHEMA}"
+            )));
+        }
+    }
     if at == 1 {
         tx.batch_execute(MIGRATION_2).map_err(sql)?;
-        for row in tx
-            .query("SELECT room, bytes FROM syncline_checkpoints", &[])
-            .map_err(sql)?
-        {
-            let (room, bytes): (i64, Vec<u8>) = (row.get(0), row.get(1));
-            tx.execute(
-                "UPDATE syncline_checkpoints SET nodes = $2 WHERE room = $1",
-                &[&room, &checkpoint_nodes(&bytes)],
-            )
-            .map_err(sql)?;
+        // A hundred checkpoints at a time: memory stays bounded.
+        loop {
+            let rows = tx
+                .query(
+                    "SELECT room, bytes FROM syncline_checkpoints WHERE nodes IS NULL \
+                     ORDER BY room LIMIT 100",
+                    &[],
+                )
+                .map_err(sql)?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in rows {
+                let (room, bytes): (i64, Vec<u8>) = (row.get(0), row.get(1));
+                tx.execute(
+                    "UPDATE syncline_checkpoints SET nodes = $2 WHERE room = $1",
+                    &[&room, &checkpoint_nodes(&bytes)],
+                )
+                .map_err(sql)?;
+            }
         }
         at = 2;
     }
@@ -651,10 +738,10 @@ fn checkpoint(tx: &mut Transaction<'_>, key: i64) -> Result<Option<Vec<u8>>, Sto
 impl PgStore {
     /// A batch of segments only, continuing the history this store last
     /// saw the room at, in one statement (one round trip, its own
-    /// transaction): the room's count is moved on only if it is still what
-    /// was seen, and the segments go in only if it was. `None` when the
-    /// batch or the room is not for this path (or another writer moved the
-    /// room on): the caller takes the general one.
+    /// transaction): inserted only if the room's last segment still ends
+    /// where it was seen to, all of it or nothing. `None` when the batch or
+    /// the room is not for this path, or another writer appended first: the
+    /// caller takes the general one.
     fn fast_append(
         &self,
         room: &RoomId,
@@ -762,14 +849,16 @@ impl Store for PgStore {
             let outbox_remove = conn.prepared(OUTBOX_REMOVE)?;
             let put_checkpoint = conn.prepared(PUT_CHECKPOINT)?;
             let mut tx = conn.client.transaction().map_err(sql)?;
-            let key: i64 = match tx.query_opt(&room_key, &[&room.as_str()]).map_err(sql)? {
-                Some(row) => row.get(0),
-                None => {
-                    return Err(StoreError::Invalid(format!(
-                        "another writer is creating {room}: try again"
-                    )));
+            let mut key = None;
+            for _ in 0..2 {
+                if let Some(row) = tx.query_opt(&room_key, &[&room.as_str()]).map_err(sql)? {
+                    key = Some(row.get::<_, i64>(0));
+                    break;
                 }
-            };
+            }
+            let key = key.ok_or_else(|| {
+                StoreError::Invalid(format!("another writer is creating {room}: try again"))
+            })?;
             let stored: i64 = tx.query_one(&count_nodes, &[&key]).map_err(sql)?.get(0);
             let stored = u64::try_from(stored).map_err(|_| corrupt("node count"))?;
             check_expected(stored, batch.expect_nodes)?;
@@ -860,7 +949,8 @@ impl Store for PgStore {
                 }
                 2 => tail.outbox.push(count(a, "outbox seq")?),
                 3 => tail.checkpointed = count(a, "checkpoint coverage")?,
-                _ => self.saw(room, a, count(b, "node count")?),
+                4 => self.saw(room, a, count(b, "node count")?),
+                other => return Err(StoreError::Corrupt(format!("tail row of kind {other}"))),
             }
         }
         tail.segments.sort_unstable_by_key(|s| s.start);
@@ -875,10 +965,11 @@ impl Store for PgStore {
 
     fn lock(&self, name: &str) -> Result<Option<StoreLock<'_>>, StoreError> {
         let mut conn = self.lockers.take(&self.config)?;
-        let taken = conn.client.execute(
-            "SELECT pg_advisory_lock($1, hashtext($2))",
-            &[&LOCK_SPACE, &name],
-        );
+        let taken = conn.prepared(LOCK).and_then(|lock| {
+            conn.client
+                .execute(&lock, &[&LOCK_SPACE, &name])
+                .map_err(sql)
+        });
         match taken {
             Ok(_) => Ok(Some(Box::new(Held {
                 store: self,
@@ -887,7 +978,7 @@ impl Store for PgStore {
             }))),
             Err(e) => {
                 self.lockers.give(conn);
-                Err(sql(e))
+                Err(e)
             }
         }
     }

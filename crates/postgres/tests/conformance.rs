@@ -217,3 +217,36 @@ fn a_schema_1_database_is_migrated_with_its_rooms() {
         .get(0);
     assert_eq!(version, 3);
 }
+
+#[test]
+fn waiting_for_a_lock_held_elsewhere_times_out() {
+    let Some(url) = fresh_database() else { return };
+    let a = PgStore::open(&url, PgOptions::default()).unwrap();
+    let b = PgStore::open(
+        &url,
+        PgOptions {
+            lock_timeout: std::time::Duration::from_millis(300),
+            ..PgOptions::default()
+        },
+    )
+    .unwrap();
+    let _held = a.lock("busy/room").unwrap();
+    let started = std::time::Instant::now();
+    let waited = b.lock("busy/room");
+    assert!(waited.is_err(), "B waited past its lock timeout");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // B's lock connection is usable again afterwards.
+    assert!(b.lock("other/room").unwrap().is_some());
+}
+
+#[test]
+fn tools_open_only_a_database_relays_set_up() {
+    let Some(url) = fresh_database() else { return };
+    let refused = PgStore::open_existing(&url, PgOptions::default());
+    assert!(
+        matches!(&refused, Err(StoreError::Corrupt(why)) if why.contains("no Syncline tables")),
+        "{refused:?}"
+    );
+    drop(PgStore::open(&url, PgOptions::default()).unwrap());
+    PgStore::open_existing(&url, PgOptions::default()).unwrap();
+}

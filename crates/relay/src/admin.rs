@@ -352,12 +352,23 @@ pub(crate) fn read_revoked(data_dir: &Path) -> HashSet<[u8; 16]> {
 /// newly listed ids go into the policy and close the sessions that rest on
 /// them.
 pub(crate) async fn watch_revoked(state: Arc<State>, data_dir: PathBuf) {
+    // The file is read again only when it changed (its warnings, once).
+    let modified = || {
+        std::fs::metadata(data_dir.join(REVOKED_FILE))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    let mut file = (modified(), read_revoked(&data_dir));
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        let modified = modified();
+        if modified != file.0 {
+            file = (modified, read_revoked(&data_dir));
+        }
         let store = state.rooms().store();
-        let dir = data_dir.clone();
+        let from_file = file.1.clone();
         let listed = tokio::task::spawn_blocking(move || {
-            let mut listed = read_revoked(&dir);
+            let mut listed = from_file;
             listed.extend(stored_revoked(store.as_ref())?);
             Ok::<_, syncline_store::StoreError>(listed)
         })

@@ -195,7 +195,14 @@ pub(crate) async fn run(rooms: Arc<Rooms>, pg: Arc<PgStore>, bus: Option<Bus>, p
         });
     }
     tasks.spawn(check_behind(rooms, pg, poll, check_now));
-    while tasks.join_next().await.is_some() {}
+    // The tasks run until the relay stops; one that ends early is a bug
+    // the log must show (the others, and the poll, go on).
+    while let Some(ended) = tasks.join_next().await {
+        match ended {
+            Ok(()) => warn!("a fleet task ended early"),
+            Err(e) => tracing::error!(error = %e, "a fleet task failed"),
+        }
+    }
 }
 
 /// Publishes notices in the order the rooms stored them.
@@ -226,11 +233,13 @@ async fn publish(
 
 /// Hears the other relays' notices: a loaded room behind catches up.
 async fn hear(client: async_nats::Client, prefix: String, id: [u8; 16], rooms: Arc<Rooms>) {
-    let mut notices = match client.subscribe(format!("{prefix}.room.*")).await {
-        Ok(subscriber) => subscriber,
-        Err(e) => {
-            warn!(error = %e, "cannot subscribe to NATS: relays learn of writes by polling");
-            return;
+    let mut notices = loop {
+        match client.subscribe(format!("{prefix}.room.*")).await {
+            Ok(subscriber) => break subscriber,
+            Err(e) => {
+                warn!(error = %e, "cannot subscribe to NATS yet: polling meanwhile");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     };
     while let Some(message) = notices.next().await {
@@ -271,7 +280,9 @@ async fn check_behind(rooms: Arc<Rooms>, pg: Arc<PgStore>, every: Duration, now:
                 }
             }
             Ok(Err(e)) => warn!(error = %e, "cannot check the rooms against the database"),
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => {
+                tracing::error!(error = %e, "checking the rooms against the database panicked")
+            }
         }
     }
 }

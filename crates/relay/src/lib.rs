@@ -336,10 +336,12 @@ impl Server {
             source,
         })?;
         // Stores block: opened on a blocking thread.
-        let (postgres, db_dir) = (config.postgres.clone(), dir.clone());
-        let opened = tokio::task::spawn_blocking(move || open_store(postgres.as_deref(), &db_dir))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let (postgres, db_dir, workers) =
+            (config.postgres.clone(), dir.clone(), config.room_workers);
+        let opened =
+            tokio::task::spawn_blocking(move || open_store(postgres.as_deref(), &db_dir, workers))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let Opened { store, size, key } = opened?;
         let (fleet, bus) = match &config.nats {
             Some(url) => {
@@ -422,7 +424,7 @@ impl Server {
     /// resting on it, within a second. Blocks: call it from a thread, not
     /// from async code.
     pub fn revoke_in_database(url: &str, id: &[u8; 16]) -> Result<(), RelayError> {
-        let store = PgStore::open(url, PgOptions::default())?;
+        let store = PgStore::open_existing(url, PgOptions::default())?;
         Ok(admin::revoke_in_store(&store, id)?)
     }
 
@@ -517,12 +519,16 @@ impl Server {
             config.max_store_bytes,
         ));
         let fleet = match &self.store {
-            StoreSize::Postgres(pg) => Some(tokio::spawn(fleet::run(
-                self.rooms.clone(),
-                pg.clone(),
-                self.bus,
-                config.fleet_poll,
-            ))),
+            StoreSize::Postgres(pg) => Some(tokio::spawn({
+                info!(
+                    notices = config.nats.as_ref().map_or("none (polling alone)".to_owned(), |_| {
+                        format!("NATS, subjects {}.room.*", config.nats_prefix)
+                    }),
+                    poll = ?config.fleet_poll,
+                    "rooms shared with every relay on this PostgreSQL database"
+                );
+                fleet::run(self.rooms.clone(), pg.clone(), self.bus, config.fleet_poll)
+            })),
             StoreSize::Sqlite(_) => None,
         };
         let mut connections = JoinSet::new();
@@ -684,7 +690,11 @@ struct Opened {
 /// The relay's store (PostgreSQL at `postgres`, else SQLite in `dir`),
 /// where its size is read, and the relay's key (a fleet's, shared by its
 /// relays: the first to start makes it).
-fn open_store(postgres: Option<&str>, dir: &std::path::Path) -> Result<Opened, RelayError> {
+fn open_store(
+    postgres: Option<&str>,
+    dir: &std::path::Path,
+    workers: usize,
+) -> Result<Opened, RelayError> {
     let (store, size): (Arc<dyn Store>, StoreSize) = match postgres {
         None => {
             let sqlite = Arc::new(SqliteStore::open(
@@ -694,7 +704,14 @@ fn open_store(postgres: Option<&str>, dir: &std::path::Path) -> Result<Opened, R
             (sqlite.clone(), StoreSize::Sqlite(sqlite))
         }
         Some(url) => {
-            let pg = Arc::new(PgStore::open(url, PgOptions::default())?);
+            // A connection per room step running, for its lock and for its
+            // queries, and a few for everything else.
+            let options = PgOptions {
+                connections: workers + 4,
+                lock_connections: workers + 4,
+                ..PgOptions::default()
+            };
+            let pg = Arc::new(PgStore::open(url, options)?);
             (pg.clone(), StoreSize::Postgres(pg))
         }
     };

@@ -477,15 +477,18 @@ impl RoomTask {
         let loaded = {
             let _permit = rooms.workers.acquire().await;
             tokio::task::spawn_blocking(move || {
-                // Relays of a fleet load (and declare a fresh room's
-                // policy) one at a time.
-                let _locked = store.lock(id.as_str())?;
                 let mut room = if after_failure {
                     DurableRoom::load_after_failure(store.clone(), key, &id)?
                 } else {
                     DurableRoom::load(store.clone(), key, &id)?
                 };
                 if let Some(roots) = governed_by {
+                    // Declaring a fresh room's policy appends: relays of a
+                    // fleet take turns, and see each other's declarations.
+                    let locked = store.lock(id.as_str())?;
+                    if locked.is_some() {
+                        room.refresh()?;
+                    }
                     let fresh = room.room().dag().is_empty();
                     syncline_hub::govern(&mut room, roots, crate::conn::unix_ms())?;
                     if fresh {
@@ -528,14 +531,14 @@ impl RoomTask {
             // thousands).
             let next_timer = hub.poll_timeout();
             let timers_due = next_timer.is_some_and(|t| t <= rooms.now());
-            // Other relays' writes first: their delivery has waited a
-            // database round trip and a notice already.
-            let work = if self.behind.take() {
-                Work::CatchUp
-            } else if timers_due && (timers_first || self.pending.is_empty()) {
+            // A batch catches up with other relays' writes first (see
+            // `handle_batch`); with no batch to step, a catch-up of its own.
+            let work = if timers_due && (timers_first || self.pending.is_empty()) {
                 Work::Timers
             } else if !self.pending.is_empty() {
                 Work::Batch
+            } else if self.behind.take() {
+                Work::CatchUp
             } else {
                 let wake = next_timer.map_or(Duration::from_secs(1), |t| {
                     Duration::from_millis(t.saturating_sub(rooms.now()))
@@ -725,9 +728,15 @@ impl RoomTask {
         };
         let now = self.rooms.now();
         let store_full = self.rooms.store_full.load(Ordering::Relaxed);
+        // Other relays' writes go out first: their delivery has waited a
+        // commit and a notice already.
+        let behind = self.behind.take();
         let (hub, stored) = self
             .rooms
             .step(hub, move |h| {
+                if behind {
+                    h.catch_up(now)?;
+                }
                 h.set_store_full(store_full);
                 h.handle_batch(now, inputs)
             })
