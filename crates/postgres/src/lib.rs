@@ -185,6 +185,14 @@ const FAST_APPEND: &str = concat!(
     ", 0) = $2"
 );
 
+/// [`FAST_APPEND`] of one segment (most commits), without the arrays.
+const FAST_APPEND_ONE: &str = concat!(
+    "INSERT INTO syncline_segments (room, start, count, pack) \
+     SELECT $1, $3, $4, $5 WHERE coalesce(",
+    count_of!("$1"),
+    ", 0) = $2"
+);
+
 /// `unique_violation`: another writer appended at the same start first.
 const UNIQUE_VIOLATION: &str = "23505";
 
@@ -774,11 +782,22 @@ impl PgStore {
         let lens: Vec<i64> = new.iter().map(|s| i64::from(s.len)).collect();
         let packs: Vec<&[u8]> = new.iter().map(|s| &s.pack[..]).collect();
         let inserted = self.with(|conn| {
-            let statement = conn.prepared(FAST_APPEND)?;
-            match conn
-                .client
-                .execute(&statement, &[&key, &int(seen), &starts, &lens, &packs])
-            {
+            let executed = match &new[..] {
+                [one] => {
+                    let statement = conn.prepared(FAST_APPEND_ONE)?;
+                    let (start, len) = (i64::from(one.start), i64::from(one.len));
+                    conn.client.execute(
+                        &statement,
+                        &[&key, &int(seen), &start, &len, &&one.pack[..]],
+                    )
+                }
+                _ => {
+                    let statement = conn.prepared(FAST_APPEND)?;
+                    conn.client
+                        .execute(&statement, &[&key, &int(seen), &starts, &lens, &packs])
+                }
+            };
+            match executed {
                 Ok(rows) => Ok(rows),
                 // Another writer appended first: the general path says
                 // what of this batch is a replay and what is stale.
