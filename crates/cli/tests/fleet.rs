@@ -252,6 +252,46 @@ fn three_relays_share_rooms_through_postgres_and_nats_and_outlive_each_part() {
     restart_postgres();
     write_and_see(&c, &url[1], 6, &moving);
 
+    // Writers on both live relays at once: their appends to the room take
+    // turns, and every replica ends with the same state.
+    let d = dir.path().join("d");
+    let writers = [(&b, &url[2]), (&c, &url[1]), (&d, &url[2]), (&a, &url[1])];
+    for (i, (replica, _)) in writers.iter().enumerate() {
+        for n in 0..20 {
+            let path = format!("/concurrent/w{i}/{n}");
+            ok(replica, &["set", "notes", &path, "n", &n.to_string()]);
+        }
+    }
+    let syncing: Vec<std::process::Child> = writers
+        .iter()
+        .map(|(replica, url)| {
+            Command::new(BIN)
+                .arg("--replica")
+                .arg(replica)
+                .args(["sync", "--server", url, "--timeout", "30", "notes"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in syncing {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "a concurrent sync failed");
+    }
+    let hashes: Vec<String> = writers
+        .iter()
+        .map(|(replica, url)| {
+            ok(replica, &["sync", "--server", url, "notes"]);
+            ok(replica, &["hash", "notes"])
+        })
+        .collect();
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    let e = dir.path().join("e");
+    ok(&e, &["sync", "--server", &url[2], "notes"]);
+    assert_eq!(ok(&e, &["hash", "notes"]), hashes[0]);
+    assert_eq!(ok(&e, &["ls", "notes", "/concurrent"]).lines().count(), 4);
+
     // Authority holds across relays: a token signed by relay 1's key
     // works on relay 2; a read-only one reads through relay 3 and cannot
     // write; no token, no access.
