@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::{Bytes, Frame};
 use hyper_util::rt::TokioIo;
@@ -219,13 +219,7 @@ fn heap_sampler(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<usize> {
 
 /// The relay's peak resident set so far, from /proc.
 fn peak_rss(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmHWM")?;
-    Ok(kb * 1024)
+    crate::fanout::status_bytes(&pid.to_string(), "VmHWM")
 }
 
 fn mb_per_s(bytes: u64, took: Duration) -> f64 {

@@ -231,14 +231,19 @@ pub(crate) fn usage_of(pid: &str) -> Result<(f64, u64)> {
     let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")?;
     // Clock ticks are 100 per second on Linux.
-    Ok((ticks / 100.0, rss_kb * 1024))
+    Ok((ticks / 100.0, status_bytes(pid, "VmRSS")?))
+}
+
+/// A size in process `pid`'s /proc status (`VmRSS`, `VmHWM`, …), in bytes.
+pub(crate) fn status_bytes(pid: &str, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    Ok(kb * 1024)
 }
 
 impl Drop for ServerProcess {

@@ -127,11 +127,11 @@ macro_rules! count_of {
     };
 }
 
-/// A room's key and node count.
-const ROOM_COUNT: &str = concat!(
-    "SELECT r.key, coalesce(",
+/// The names and node counts of the stored rooms among names `$1`.
+const ROOM_COUNTS: &str = concat!(
+    "SELECT r.name, coalesce(",
     count_of!("r.key"),
-    ", 0) FROM syncline_rooms r WHERE r.name = $1"
+    ", 0) FROM syncline_rooms r WHERE r.name = ANY($1)"
 );
 
 /// What is stored of room `$1` from node `$2` on, in one statement (one
@@ -388,6 +388,16 @@ fn sql(e: postgres::Error) -> StoreError {
     }
 }
 
+/// Segments as the arrays [`APPEND`] and [`FAST_APPEND`] take: starts,
+/// lengths, packs.
+fn columns<'a>(segments: &[&'a Segment]) -> (Vec<i64>, Vec<i64>, Vec<&'a [u8]>) {
+    (
+        segments.iter().map(|s| i64::from(s.start)).collect(),
+        segments.iter().map(|s| i64::from(s.len)).collect(),
+        segments.iter().map(|s| &s.pack[..]).collect(),
+    )
+}
+
 fn is_unique_violation(e: &postgres::Error) -> bool {
     e.code().is_some_and(|c| c.code() == UNIQUE_VIOLATION)
 }
@@ -496,16 +506,8 @@ impl PgStore {
         for chunk in rooms.chunks(10_000) {
             let names: Vec<&str> = chunk.iter().map(RoomId::as_str).collect();
             let rows = self.with(|conn| {
-                conn.client
-                    .query(
-                        concat!(
-                            "SELECT r.name, coalesce(",
-                            count_of!("r.key"),
-                            ", 0) FROM syncline_rooms r WHERE r.name = ANY($1)"
-                        ),
-                        &[&names],
-                    )
-                    .map_err(sql)
+                let statement = conn.prepared(ROOM_COUNTS)?;
+                conn.client.query(&statement, &[&names]).map_err(sql)
             })?;
             for row in rows {
                 let name: String = row.get(0);
@@ -669,42 +671,36 @@ fn room_key(tx: &mut Transaction<'_>, room: &RoomId) -> Result<Option<i64>, Stor
         .map(|row| row.get(0)))
 }
 
-fn segments_from(
-    tx: &mut Transaction<'_>,
-    key: i64,
-    from: u64,
-) -> Result<Vec<Segment>, StoreError> {
+/// Every segment of room `key`, in order.
+fn segments(tx: &mut Transaction<'_>, key: i64) -> Result<Vec<Segment>, StoreError> {
     tx.query(
-        "SELECT start, count, pack FROM syncline_segments \
-         WHERE room = $1 AND start + count > $2 ORDER BY start",
-        &[&key, &int(from)],
+        "SELECT start, count, pack FROM syncline_segments WHERE room = $1 ORDER BY start",
+        &[&key],
     )
     .map_err(sql)?
     .iter()
-    .map(|row| {
-        let (start, count): (i64, i64) = (row.get(0), row.get(1));
-        let pack: Vec<u8> = row.get(2);
-        Ok(Segment {
-            start: u32::try_from(start).map_err(|_| corrupt("segment start"))?,
-            len: u32::try_from(count).map_err(|_| corrupt("segment length"))?,
-            pack: pack.into_boxed_slice(),
-        })
-    })
+    .map(|row| segment(row.get(0), row.get(1), row.get(2)))
     .collect()
+}
+
+/// A segment as its row stores it.
+fn segment(start: i64, len: i64, pack: Vec<u8>) -> Result<Segment, StoreError> {
+    Ok(Segment {
+        start: u32::try_from(start).map_err(|_| corrupt("segment start"))?,
+        len: u32::try_from(len).map_err(|_| corrupt("segment length"))?,
+        pack: pack.into_boxed_slice(),
+    })
 }
 
 fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(format!("{what} out of range"))
 }
 
-fn signatures_from(
-    tx: &mut Transaction<'_>,
-    key: i64,
-    from: u64,
-) -> Result<Vec<(u32, Signature)>, StoreError> {
+/// Every signature stored beside room `key`'s segments, by node.
+fn signatures(tx: &mut Transaction<'_>, key: i64) -> Result<Vec<(u32, Signature)>, StoreError> {
     tx.query(
-        "SELECT node, sig FROM syncline_signatures WHERE room = $1 AND node >= $2 ORDER BY node",
-        &[&key, &int(from)],
+        "SELECT node, sig FROM syncline_signatures WHERE room = $1 ORDER BY node",
+        &[&key],
     )
     .map_err(sql)?
     .iter()
@@ -778,9 +774,6 @@ impl PgStore {
             return Ok(None);
         }
         let count = new.last().map_or(seen, |s| u64::from(s.start + s.len));
-        let starts: Vec<i64> = new.iter().map(|s| i64::from(s.start)).collect();
-        let lens: Vec<i64> = new.iter().map(|s| i64::from(s.len)).collect();
-        let packs: Vec<&[u8]> = new.iter().map(|s| &s.pack[..]).collect();
         let inserted = self.with(|conn| {
             let executed = match &new[..] {
                 [one] => {
@@ -793,6 +786,7 @@ impl PgStore {
                 }
                 _ => {
                     let statement = conn.prepared(FAST_APPEND)?;
+                    let (starts, lens, packs) = columns(&new);
                     conn.client
                         .execute(&statement, &[&key, &int(seen), &starts, &lens, &packs])
                 }
@@ -825,22 +819,6 @@ impl PgStore {
             seen.clear();
         }
         seen.insert(room.clone(), (key, count));
-    }
-
-    /// `room`'s key and node count (`None`: never written).
-    fn key_and_count(&self, room: &RoomId) -> Result<Option<(i64, u64)>, StoreError> {
-        self.with(|conn| {
-            let statement = conn.prepared(ROOM_COUNT)?;
-            conn.client
-                .query_opt(&statement, &[&room.as_str()])
-                .map_err(sql)?
-                .map(|row| {
-                    let nodes =
-                        u64::try_from(row.get::<_, i64>(1)).map_err(|_| corrupt("node count"))?;
-                    Ok((row.get(0), nodes))
-                })
-                .transpose()
-        })
     }
 }
 
@@ -885,9 +863,7 @@ impl Store for PgStore {
             let count = new.last().map_or(stored, |s| u64::from(s.start + s.len));
             if !new.is_empty() {
                 // Every new segment in one statement.
-                let starts: Vec<i64> = new.iter().map(|s| i64::from(s.start)).collect();
-                let lens: Vec<i64> = new.iter().map(|s| i64::from(s.len)).collect();
-                let packs: Vec<&[u8]> = new.iter().map(|s| &s.pack[..]).collect();
+                let (starts, lens, packs) = columns(&new);
                 match tx.execute(&append, &[&key, &starts, &lens, &packs]) {
                     Ok(_) => {}
                     // Another writer appended at this start first: this
@@ -936,8 +912,8 @@ impl Store for PgStore {
                 return Ok(StoredRoom::default());
             };
             Ok(StoredRoom {
-                segments: segments_from(tx, key, 0)?,
-                signatures: signatures_from(tx, key, 0)?,
+                segments: segments(tx, key)?,
+                signatures: signatures(tx, key)?,
                 checkpoint: checkpoint(tx, key)?,
                 outbox: outbox(tx, key)?,
             })
@@ -957,11 +933,7 @@ impl Store for PgStore {
         for row in rows {
             let (kind, a, b): (i32, i64, i64) = (row.get(0), row.get(1), row.get(2));
             match kind {
-                0 => tail.segments.push(Segment {
-                    start: u32::try_from(a).map_err(|_| corrupt("segment start"))?,
-                    len: u32::try_from(b).map_err(|_| corrupt("segment length"))?,
-                    pack: row.get::<_, Vec<u8>>(3).into_boxed_slice(),
-                }),
+                0 => tail.segments.push(segment(a, b, row.get(3))?),
                 1 => {
                     let node = u32::try_from(a).map_err(|_| corrupt("node number"))?;
                     tail.signatures.push((node, signature(row.get(3))?));
@@ -979,7 +951,8 @@ impl Store for PgStore {
     }
 
     fn node_count(&self, room: &RoomId) -> Result<u64, StoreError> {
-        Ok(self.key_and_count(room)?.map_or(0, |(_, nodes)| nodes))
+        let counts = self.node_counts(std::slice::from_ref(room))?;
+        Ok(counts.first().map_or(0, |(_, nodes)| *nodes))
     }
 
     fn lock(&self, name: &str) -> Result<Option<StoreLock<'_>>, StoreError> {
