@@ -13,8 +13,9 @@
 //! batch that may insert takes the room's lock across servers
 //! (`Store::lock`), catches up with what the others stored (relayed to
 //! the sessions as any insert is), and only then steps, so its write is
-//! never refused as stale; [`RoomHub::catch_up`] does the same between
-//! batches when the driver hears that another server wrote. On a store
+//! never refused as stale; when the driver hears that another server
+//! wrote, [`RoomHub::catch_up`] does the same between batches, or
+//! [`RoomHub::mark_behind`] has the next batch catch up first. On a store
 //! without other writers there is no lock and nothing to catch up with.
 //!
 //! Timers are served in slices: one call of [`RoomHub::handle_timeout`]
@@ -227,6 +228,8 @@ pub struct RoomHub {
     next_client: u64,
     /// The relay's blob store, as this room serves it (`None`: no blobs).
     blobs: Option<RoomBlobs>,
+    /// Other servers wrote: the next batch catches up first.
+    behind: bool,
 }
 
 impl std::fmt::Debug for RoomHub {
@@ -256,6 +259,7 @@ impl RoomHub {
             events: VecDeque::new(),
             next_client: 1,
             blobs: None,
+            behind: false,
         }
     }
 
@@ -328,11 +332,12 @@ impl RoomHub {
             },
             false => None,
         };
-        // What other servers stored, caught up with under the lock; relayed
-        // with the batch's nodes once the lock is released.
-        let learned = match locked {
-            Some(_) => self.learn(now)?,
-            None => Vec::new(),
+        // What other servers stored, caught up with (under the lock if the
+        // batch may insert) before the batch steps; relayed with the
+        // batch's nodes once the lock is released.
+        let learned = match (locked.is_some(), std::mem::take(&mut self.behind)) {
+            (false, false) => Vec::new(),
+            _ => self.learn(now)?,
         };
         let config = &self.config.session;
         let room_id = self.room.room().id().clone();
@@ -509,6 +514,12 @@ impl RoomHub {
         }
         self.after(now);
         Ok(())
+    }
+
+    /// Says that other servers sharing the store wrote to this room: the
+    /// next batch catches up before it steps (whether or not it inserts).
+    pub fn mark_behind(&mut self) {
+        self.behind = true;
     }
 
     /// Catches up with what other servers sharing the store stored in this

@@ -257,6 +257,16 @@ fn hubs_sharing_a_store_catch_up_with_each_other_and_relay_what_they_learn() {
         on_b[0].room.room().state_hash()
     );
     assert_eq!(store.node_count(&room_id()).unwrap(), 3);
+    // Marked behind, a hub's next batch catches up before it steps: its
+    // own append then continues what the other stored.
+    on_b[0].commit(4);
+    settle(&mut b, &mut on_b);
+    a.mark_behind();
+    on_a[0].commit(5);
+    settle(&mut a, &mut on_a);
+    assert_eq!(on_a[0].room.outbox_len(), 0, "A stored and acknowledged");
+    assert_eq!(store.node_count(&room_id()).unwrap(), 5);
+    assert_eq!(a.room().stored(), 5);
 }
 
 #[test]

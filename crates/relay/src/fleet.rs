@@ -174,26 +174,22 @@ pub(crate) async fn connect(url: &str, prefix: &str) -> Result<(Fleet, Bus), Bus
 /// (with a bus), hears the others', and checks every `poll` that no loaded
 /// room is behind the database.
 pub(crate) async fn run(rooms: Arc<Rooms>, pg: Arc<PgStore>, bus: Option<Bus>, poll: Duration) {
-    let check_now = Arc::new(Notify::new());
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(bus) = bus {
-        let Bus {
+    // A reconnection to NATS (notices were missed) checks at once.
+    let check_now = match bus {
+        Some(Bus {
             client,
             prefix,
             id,
             notices,
             reconnected,
-        } = bus;
-        tasks.spawn(publish(client.clone(), prefix.clone(), id, notices));
-        tasks.spawn(hear(client, prefix, id, rooms.clone()));
-        let check = check_now.clone();
-        tasks.spawn(async move {
-            loop {
-                reconnected.notified().await;
-                check.notify_one();
-            }
-        });
-    }
+        }) => {
+            tasks.spawn(publish(client.clone(), prefix.clone(), id, notices));
+            tasks.spawn(hear(client, prefix, id, rooms.clone()));
+            reconnected
+        }
+        None => Arc::new(Notify::new()),
+    };
     tasks.spawn(check_behind(rooms, pg, poll, check_now));
     // The tasks run until the relay stops; one that ends early is a bug
     // the log must show (the others, and the poll, go on).

@@ -646,8 +646,6 @@ fn write_key_file(dir: &std::path::Path, key: &Keypair) -> Result<(), RelayError
     .map_err(failed)
 }
 
-/// Checks every second whether the store's files passed `max` bytes, and
-/// tells the rooms.
 /// Every `every`, removes the blobs no room ever referenced that are
 /// older than `grace` (see `BlobStore::collect_unreferenced`).
 async fn collect_blob_garbage(
@@ -741,6 +739,8 @@ impl StoreSize {
     }
 }
 
+/// Checks every second whether the store passed `max` bytes on disk, and
+/// tells the rooms.
 async fn watch_store_size(store: StoreSize, rooms: Arc<Rooms>, max: u64) {
     loop {
         let s = store.clone();

@@ -99,9 +99,9 @@ struct Loaded {
     behind: Arc<Behind>,
 }
 
-/// Whether a room should catch up with what other relays stored: checked
-/// before every step (a busy room never waits for it), and a wake for an
-/// idle one.
+/// Whether a room should catch up with what other relays stored: taken
+/// by its next batch (which catches up first), or on its own when the
+/// room has nothing else to do, and a wake for an idle one.
 #[derive(Debug, Default)]
 struct Behind {
     due: std::sync::atomic::AtomicBool,
@@ -595,13 +595,12 @@ impl RoomTask {
                 Work::CatchUp => {
                     let now = rooms.now();
                     rooms
-                        .step(hub, move |h| {
-                            let learned = h.catch_up(now);
-                            let ok = learned.is_ok();
-                            if let Err(e) = learned {
+                        .step(hub, move |h| match h.catch_up(now) {
+                            Ok(_) => true,
+                            Err(e) => {
                                 warn!(error = %e, "cannot catch up with the other relays");
+                                false
                             }
-                            ok
                         })
                         .await
                 }
@@ -735,7 +734,7 @@ impl RoomTask {
             .rooms
             .step(hub, move |h| {
                 if behind {
-                    h.catch_up(now)?;
+                    h.mark_behind();
                 }
                 h.set_store_full(store_full);
                 h.handle_batch(now, inputs)
